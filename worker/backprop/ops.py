@@ -1,0 +1,712 @@
+"""The op table: every differentiable primitive, its NumPy forward and its backward rules.
+
+Each entry is `Op(name, forward, vjps)`: `vjps[i](g, ans, *inputs, **params)` is the
+vector-Jacobian product for input i, the chain rule's local step (the formula is on the line
+above it). A rule is written with operators, methods and the dual helpers below, which act on
+ndarrays in an ordinary backward pass and on Tensors when `backward(create_graph=True)` asks for
+a differentiable gradient (second order: Hessian-vector products).
+
+The public functions at the bottom (`add`, `tanh`, `linear`, `cross_entropy`, ...) are what
+Tensor methods, `nn` and users call.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from worker.backprop import tensor as _tensor
+from worker.backprop.tensor import Node, Op, Tensor, unbroadcast
+
+# --- applying an op ------------------------------------------------------------------------
+
+
+def apply(op: Op, *args: Any, **params: Any) -> Tensor:
+    """Run `op` forward and, when any input requires gradients, record it for backward."""
+    if op.variadic:
+        (items,) = args
+        parents = [x if isinstance(x, Tensor) else None for x in items]
+        inputs = [x.data if isinstance(x, Tensor) else np.asarray(x) for x in items]
+        ans = op.forward(inputs, **params)
+    else:
+        parents = [x if isinstance(x, Tensor) else None for x in args]
+        inputs = [x.data if isinstance(x, Tensor) else x for x in args]
+        ans = op.forward(*inputs, **params)
+    out = Tensor.__new__(Tensor)
+    out.data = ans
+    out.grad = None
+    out._node = None
+    out.requires_grad = False
+    if _tensor._grad_enabled:
+        for parent in parents:
+            if parent is not None and parent.requires_grad:
+                out.requires_grad = True
+                out._node = Node(op, parents, inputs, ans, params)
+                break
+    return out
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, Tensor)
+
+
+# --- dual helpers: NumPy on arrays, recorded ops on Tensors ----------------------------------
+
+
+def _exp(x):
+    return exp(x) if _is_tensor(x) else np.exp(x)
+
+
+def _log(x):
+    return log(x) if _is_tensor(x) else np.log(x)
+
+
+def _sign(x):
+    return Tensor(np.sign(x.data)) if _is_tensor(x) else np.sign(x)
+
+
+def _where(condition, x, y):
+    return where(condition, x, y) if _is_tensor(x) or _is_tensor(y) else np.where(condition, x, y)
+
+
+def _broadcast_to(x, shape):
+    return broadcast_to(x, shape) if _is_tensor(x) else np.broadcast_to(x, shape)
+
+
+def _swap_last_axes(x):
+    if _is_tensor(x):
+        axes = list(range(x.ndim))
+        axes[-1], axes[-2] = axes[-2], axes[-1]
+        return transpose(x, tuple(axes))
+    return x.swapaxes(-1, -2)
+
+
+def _mask(x) -> np.ndarray:
+    """Constant data of x: masks (relu, max, clip) carry no gradient of their own."""
+    return x.data if _is_tensor(x) else x
+
+
+def _cast(x, dtype):
+    return cast(x, dtype) if _is_tensor(x) else x.astype(dtype, copy=False)
+
+
+def _normal_cdf(x):
+    return normal_cdf(x) if _is_tensor(x) else _ndtr(x)
+
+
+def _tanh(x):
+    return tanh(x) if _is_tensor(x) else np.tanh(x)
+
+
+def _sigmoid(x):
+    return sigmoid(x) if _is_tensor(x) else _sigmoid_forward(x)
+
+
+def _softmax(x, axis):
+    return softmax(x, axis) if _is_tensor(x) else _softmax_forward(x, axis)
+
+
+def _to_keepdims(g, shape, axis, keepdims):
+    """Reshape a reduction's gradient so it broadcasts against the reduced input."""
+    if axis is None or keepdims:
+        return g if keepdims or g.ndim == len(shape) else g.reshape((1,) * len(shape))
+    axes = (axis,) if isinstance(axis, int) else axis
+    axes = {a % len(shape) for a in axes}
+    return g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
+
+
+def _reduced_count(shape, axis) -> int:
+    if axis is None:
+        return math.prod(shape)
+    axes = (axis,) if isinstance(axis, int) else axis
+    return math.prod(shape[a] for a in axes)
+
+
+# --- elementwise arithmetic ------------------------------------------------------------------
+
+ADD = Op("add", np.add, (
+    lambda g, ans, x, y: g,  # d(x+y)/dx = 1
+    lambda g, ans, x, y: g,
+), broadcasts=True)
+
+SUB = Op("sub", np.subtract, (
+    lambda g, ans, x, y: g,
+    lambda g, ans, x, y: -g,  # d(x-y)/dy = -1
+), broadcasts=True)
+
+MUL = Op("mul", np.multiply, (
+    lambda g, ans, x, y: g * y,  # d(xy)/dx = y
+    lambda g, ans, x, y: g * x,
+), broadcasts=True)
+
+DIV = Op("div", np.true_divide, (
+    lambda g, ans, x, y: g / y,  # d(x/y)/dx = 1/y
+    lambda g, ans, x, y: -g * ans / y,  # d(x/y)/dy = -x/y^2 = -ans/y
+), broadcasts=True)
+
+POWER = Op("power", np.power, (
+    lambda g, ans, x, y: g * y * x ** (y - 1),  # d(x^y)/dx = y x^(y-1)
+    lambda g, ans, x, y: g * ans * _log(x),  # d(x^y)/dy = x^y log x
+), broadcasts=True)
+
+NEG = Op("neg", np.negative, (lambda g, ans, x: -g,))
+
+MAXIMUM = Op("maximum", np.maximum, (
+    lambda g, ans, x, y: g * (_mask(x) >= _mask(y)),  # ties send the gradient to x, like torch
+    lambda g, ans, x, y: g * (_mask(x) < _mask(y)),
+), broadcasts=True)
+
+# --- matrix products -------------------------------------------------------------------------
+
+
+def _matmul_vjp_a(g, ans, a, b):
+    # C = A B  =>  dA = G B^T; a 1-D operand is treated as a row (A) or a column (B).
+    if b.ndim == 1:
+        ga = g.reshape(g.shape + (1,)) * b  # outer product over the last axis
+        return ga if a.ndim > 1 else ga.reshape(ga.shape[:-2] + ga.shape[-1:])
+    if a.ndim == 1:
+        g = g.reshape(g.shape[:-1] + (1,) + g.shape[-1:])
+        ga = g @ _swap_last_axes(b)
+        return ga.reshape(ga.shape[:-2] + ga.shape[-1:])
+    return g @ _swap_last_axes(b)
+
+
+def _matmul_vjp_b(g, ans, a, b):
+    # C = A B  =>  dB = A^T G
+    if a.ndim == 1 and b.ndim == 1:
+        return g * a  # a dot product
+    if a.ndim == 1:
+        return a.reshape(a.shape + (1,)) * g.reshape(g.shape[:-1] + (1,) + g.shape[-1:])
+    if b.ndim == 1:
+        gb = _swap_last_axes(a) @ g.reshape(g.shape + (1,))
+        return gb.reshape(gb.shape[:-1])
+    return _swap_last_axes(a) @ g
+
+
+MATMUL = Op("matmul", np.matmul, (_matmul_vjp_a, _matmul_vjp_b), broadcasts=True)
+
+
+def _linear_forward(x, weight, bias=None):
+    out = x @ weight.T
+    if bias is not None:
+        out += bias  # in place: the product is a fresh array, no second allocation
+    return out
+
+
+def _linear_vjp_x(g, ans, x, weight, bias=None):
+    return g @ weight  # y = x W^T + b  =>  dx = G W
+
+
+def _linear_vjp_weight(g, ans, x, weight, bias=None):
+    if g.ndim > 2:  # (batch..., out): flatten the batch axes into one
+        g = g.reshape((-1, g.shape[-1]))
+        x = x.reshape((-1, x.shape[-1]))
+    return _swap_last_axes(g) @ x  # dW = G^T x
+
+
+def _linear_vjp_bias(g, ans, x, weight, bias=None):
+    return g.sum(axis=tuple(range(g.ndim - 1)))  # db = sum of G over the batch
+
+
+LINEAR = Op("linear", _linear_forward, (_linear_vjp_x, _linear_vjp_weight, _linear_vjp_bias))
+
+# --- reductions --------------------------------------------------------------------------
+
+
+def _sum_vjp(g, ans, x, axis=None, keepdims=False):
+    return _broadcast_to(_to_keepdims(g, x.shape, axis, keepdims), x.shape)
+
+
+def _mean_vjp(g, ans, x, axis=None, keepdims=False):
+    return _sum_vjp(g / _reduced_count(x.shape, axis), ans, x, axis, keepdims)
+
+
+def _max_vjp(g, ans, x, axis=None, keepdims=False):
+    # The gradient goes to the maximal entries, split evenly between ties (like torch.amax).
+    top = _mask(x) == _to_keepdims(_mask(ans), x.shape, axis, keepdims)
+    share = top / top.sum(axis=axis, keepdims=True)
+    return _to_keepdims(g, x.shape, axis, keepdims) * share.astype(_mask(x).dtype)
+
+
+SUM = Op("sum", lambda x, axis=None, keepdims=False: np.sum(x, axis=axis, keepdims=keepdims),
+         (_sum_vjp,))
+MEAN = Op("mean", lambda x, axis=None, keepdims=False: np.mean(x, axis=axis, keepdims=keepdims),
+          (_mean_vjp,))
+MAX = Op("max", lambda x, axis=None, keepdims=False: np.max(x, axis=axis, keepdims=keepdims),
+         (_max_vjp,))
+
+BROADCAST_TO = Op(
+    "broadcast_to",
+    lambda x, shape: np.broadcast_to(x, shape),
+    (lambda g, ans, x, shape: unbroadcast(g, x.shape),),  # broadcasting's adjoint is a sum
+)
+
+# --- shape and indexing --------------------------------------------------------------------
+
+RESHAPE = Op("reshape", lambda x, shape: np.reshape(x, shape),
+             (lambda g, ans, x, shape: g.reshape(x.shape),))
+
+
+def _inverse_axes(axes, ndim):
+    return None if axes is None else tuple(np.argsort([a % ndim for a in axes]))
+
+
+TRANSPOSE = Op(
+    "transpose",
+    lambda x, axes=None: np.transpose(x, axes),
+    (lambda g, ans, x, axes=None: g.transpose(_inverse_axes(axes, x.ndim)),),
+)
+
+
+def _is_basic_index(index) -> bool:
+    """Slices, integers, None and Ellipsis never repeat an element, so a plain assignment
+    scatters their gradient; arrays of indices may repeat, so they need np.add.at."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, np.integer, slice, type(None), type(Ellipsis))) for i in items)
+
+
+def _scatter_add_forward(g, index, shape):
+    out = np.zeros(shape, dtype=g.dtype)
+    if _is_basic_index(index):
+        out[index] = g
+    else:
+        np.add.at(out, index, g)
+    return out
+
+
+GETITEM = Op("getitem", lambda x, index: x[index],
+             (lambda g, ans, x, index: scatter_add(g, index, x.shape) if _is_tensor(g)
+              else _scatter_add_forward(g, index, x.shape),))
+
+# The adjoint of indexing: the gradient of a scatter is a gather at the same places.
+SCATTER_ADD = Op("scatter_add", _scatter_add_forward,
+                 (lambda g, ans, x, index, shape: g[index],))
+
+
+def _concatenate_vjp(g, ans, inputs, axis=0, index=0):
+    axis = axis % ans.ndim
+    start = builtins.sum(inputs[i].shape[axis] for i in range(index))
+    where_ = (slice(None),) * axis + (slice(start, start + inputs[index].shape[axis]),)
+    return g[where_]
+
+
+def _stack_vjp(g, ans, inputs, axis=0, index=0):
+    return g[(slice(None),) * (axis % ans.ndim) + (index,)]
+
+
+CONCATENATE = Op("concatenate", lambda xs, axis=0: np.concatenate(xs, axis=axis),
+                 (_concatenate_vjp,), variadic=True)
+STACK = Op("stack", lambda xs, axis=0: np.stack(xs, axis=axis), (_stack_vjp,), variadic=True)
+
+CAST = Op("cast", lambda x, dtype: x.astype(dtype),
+          (lambda g, ans, x, dtype: _cast(g, x.dtype),))
+
+# --- elementwise functions ----------------------------------------------------------------
+
+EXP = Op("exp", np.exp, (lambda g, ans, x: g * ans,))  # d e^x = e^x
+LOG = Op("log", np.log, (lambda g, ans, x: g / x,))  # d log x = 1/x
+LOG1P = Op("log1p", np.log1p, (lambda g, ans, x: g / (1 + x),))
+SQRT = Op("sqrt", np.sqrt, (lambda g, ans, x: g / (2 * ans),))  # d sqrt x = 1/(2 sqrt x)
+ABS = Op("abs", np.abs, (lambda g, ans, x: g * _sign(x),))
+
+
+def _clip_forward(x, lo=None, hi=None):
+    return np.clip(x, lo, hi)
+
+
+def _clip_vjp(g, ans, x, lo=None, hi=None):
+    # The gradient passes where lo <= x <= hi (bounds included, as torch.clamp does).
+    keep = np.ones(x.shape, dtype=bool)
+    if lo is not None:
+        keep &= _mask(x) >= lo
+    if hi is not None:
+        keep &= _mask(x) <= hi
+    return g * keep
+
+
+CLIP = Op("clip", _clip_forward, (_clip_vjp,))
+
+WHERE = Op("where", np.where, (
+    None,  # the condition is not differentiable
+    lambda g, ans, c, x, y: _where(_mask(c), g, 0.0),
+    lambda g, ans, c, x, y: _where(_mask(c), 0.0, g),
+), broadcasts=True)
+
+TANH = Op("tanh", np.tanh, (lambda g, ans, x: g * (1 - ans * ans),))  # tanh' = 1 - tanh^2
+
+
+def _sigmoid_forward(x):
+    # exp of a negative number only, so large |x| neither overflows nor loses the tail.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+SIGMOID = Op("sigmoid", _sigmoid_forward, (lambda g, ans, x: g * ans * (1 - ans),))
+
+
+def _relu_vjp(g, ans, x):
+    if _is_tensor(g):
+        return g * (_mask(ans) > 0)
+    return np.where(ans > 0, g, 0)  # relu' = [x > 0]; one pass, no float mask
+
+
+RELU = Op("relu", lambda x: np.maximum(x, 0), (_relu_vjp,))
+
+
+def _leaky_relu_forward(x, negative_slope=0.01):
+    return np.where(x > 0, x, x * negative_slope)
+
+
+LEAKY_RELU = Op("leaky_relu", _leaky_relu_forward, (
+    lambda g, ans, x, negative_slope=0.01: _where(_mask(x) > 0, g, g * negative_slope),
+))
+
+
+def _silu_forward(x):
+    return x * _sigmoid_forward(x)
+
+
+def _silu_vjp(g, ans, x):
+    s = _sigmoid(x)
+    return g * (s * (1 + x * (1 - s)))  # (x s)' = s + x s (1 - s)
+
+
+SILU = Op("silu", _silu_forward, (_silu_vjp,))
+
+# GELU. NumPy has no erf, and the engine imports nothing but NumPy, so the normal CDF is
+# computed from the series erf(z) = 2/sqrt(pi) e^{-z^2} sum_n (2z^2)^n z / (1*3*...*(2n+1)),
+# whose terms are all positive (no cancellation); it reaches float64 round-off for |z| <= 6,
+# and beyond that erf(z) = +-1 to double precision.
+
+_SQRT_2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    z64 = np.clip(np.asarray(z, dtype=np.float64), -6.0, 6.0)
+    two_z2 = 2.0 * z64 * z64
+    term = z64.copy()
+    total = z64.copy()
+    for n in range(1, 400):
+        term *= two_z2 / (2 * n + 1)
+        total += term
+        if n > two_z2.max(initial=0.0) and np.all(np.abs(term) <= 1e-17 * np.abs(total)):
+            break
+    return (2.0 / math.sqrt(math.pi)) * np.exp(-z64 * z64) * total
+
+
+def _ndtr(x: np.ndarray) -> np.ndarray:
+    """Standard normal CDF, in the dtype of x."""
+    x = np.asarray(x)
+    return (0.5 * (1.0 + _erf(x / _SQRT_2))).astype(x.dtype, copy=False)
+
+
+NORMAL_CDF = Op("normal_cdf", _ndtr, (
+    lambda g, ans, x: g * (_exp(-0.5 * x * x) * _INV_SQRT_2PI),  # Phi' = phi
+))
+
+
+def _gelu_forward(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+    return x * _ndtr(x)
+
+
+def _gelu_vjp(g, ans, x, approximate="none"):
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+        t = _tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner)
+    # (x Phi(x))' = Phi(x) + x phi(x)
+    return g * (_normal_cdf(x) + x * (_exp(-0.5 * x * x) * _INV_SQRT_2PI))
+
+
+GELU = Op("gelu", _gelu_forward, (_gelu_vjp,))
+
+
+def _softmax_forward(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax_forward(x, axis=-1):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
+
+
+SOFTMAX = Op("softmax", _softmax_forward, (
+    # ds = s * (g - <g, s>)
+    lambda g, ans, x, axis=-1: ans * (g - (g * ans).sum(axis=axis, keepdims=True)),
+))
+LOG_SOFTMAX = Op("log_softmax", _log_softmax_forward, (
+    # d log_softmax = g - softmax * sum(g)
+    lambda g, ans, x, axis=-1: g - _exp(ans) * g.sum(axis=axis, keepdims=True),
+))
+
+# --- losses fused for speed: one op instead of five, the same gradient ----------------------
+
+
+def _cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0):
+    log_p = _log_softmax_forward(logits, axis=-1)
+    rows = np.arange(len(target))
+    picked = -log_p[rows, target]
+    if label_smoothing:
+        picked = (1 - label_smoothing) * picked - label_smoothing * log_p.mean(axis=-1)
+    if reduction == "mean":
+        return np.asarray(picked.mean(), dtype=logits.dtype)
+    if reduction == "sum":
+        return np.asarray(picked.sum(), dtype=logits.dtype)
+    return picked
+
+
+def _cross_entropy_vjp(g, ans, logits, target, reduction="mean", label_smoothing=0.0):
+    # d/dz of -log softmax(z)[t] = softmax(z) - onehot(t)
+    n, classes = _mask(logits).shape
+    goal = np.zeros((n, classes), dtype=_mask(logits).dtype)
+    goal[np.arange(n), _mask(target)] = 1 - label_smoothing
+    if label_smoothing:
+        goal += label_smoothing / classes
+    if reduction == "mean":
+        g = g / n
+    if reduction == "none":
+        g = g.reshape((n, 1))
+    return (_softmax(logits, -1) - goal) * g
+
+
+CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp, None))
+
+# --- the public functions --------------------------------------------------------------------
+
+Operand = Tensor | np.ndarray | float | int
+
+
+def add(x: Operand, y: Operand) -> Tensor:
+    return apply(ADD, x, y)
+
+
+def sub(x: Operand, y: Operand) -> Tensor:
+    return apply(SUB, x, y)
+
+
+def mul(x: Operand, y: Operand) -> Tensor:
+    return apply(MUL, x, y)
+
+
+def div(x: Operand, y: Operand) -> Tensor:
+    return apply(DIV, x, y)
+
+
+def power(x: Operand, y: Operand) -> Tensor:
+    return apply(POWER, x, y)
+
+
+def neg(x: Tensor) -> Tensor:
+    return apply(NEG, x)
+
+
+def maximum(x: Operand, y: Operand) -> Tensor:
+    return apply(MAXIMUM, x, y)
+
+
+def matmul(a: Operand, b: Operand) -> Tensor:
+    a_shape, b_shape = np.shape(_mask(a)), np.shape(_mask(b))
+    if not a_shape or not b_shape or a_shape[-1] != b_shape[-2 if len(b_shape) > 1 else 0]:
+        raise ValueError(f"matmul: shapes {a_shape} and {b_shape} do not align")
+    return apply(MATMUL, a, b)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b, with PyTorch's weight layout (out_features, in_features)."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input has {x.shape[-1]} features (shape {x.shape}) but the weight expects "
+            f"{weight.shape[1]} (weight shape {weight.shape})"
+        )
+    return apply(LINEAR, x, weight, bias)
+
+
+def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy's name
+    return apply(SUM, x, axis=axis, keepdims=keepdims)
+
+
+def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return apply(MEAN, x, axis=axis, keepdims=keepdims)
+
+
+def max(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return apply(MAX, x, axis=axis, keepdims=keepdims)
+
+
+def var(x: Tensor, axis=None, keepdims: bool = False, correction: int = 0) -> Tensor:
+    """Variance; correction=0 is the biased estimate the norm layers use."""
+    centered = x - mean(x, axis, keepdims=True)
+    count = _reduced_count(x.shape, axis) - correction
+    return sum(centered * centered, axis, keepdims) / count
+
+
+def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return apply(BROADCAST_TO, x, shape=tuple(shape))
+
+
+def reshape(x: Tensor, shape: Any) -> Tensor:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    known = math.prod(n for n in shape if n != -1)
+    fits = x.size % known == 0 if -1 in shape and known else known == x.size
+    if not fits or shape.count(-1) > 1:
+        raise ValueError(f"reshape: cannot reshape {x.shape} ({x.size} values) into {shape}")
+    return apply(RESHAPE, x, shape=shape)
+
+
+def transpose(x: Tensor, axes: Sequence[int] | None = None) -> Tensor:
+    return apply(TRANSPOSE, x, axes=None if axes is None else tuple(axes))
+
+
+def getitem(x: Tensor, index: Any) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    elif isinstance(index, list):
+        index = np.asarray(index)
+    return apply(GETITEM, x, index=index)
+
+
+def scatter_add(g: Tensor, index: Any, shape: Sequence[int]) -> Tensor:
+    return apply(SCATTER_ADD, g, index=index, shape=tuple(shape))
+
+
+def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    _check_same_shapes("concatenate", tensors, skip_axis=axis)
+    return apply(CONCATENATE, list(tensors), axis=axis)
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    _check_same_shapes("stack", tensors, skip_axis=None)
+    return apply(STACK, list(tensors), axis=axis)
+
+
+def _check_same_shapes(name: str, tensors: Sequence[Any], skip_axis: int | None) -> None:
+    shapes = [np.shape(_mask(t)) for t in tensors]
+    if not shapes:
+        raise ValueError(f"{name}: needs at least one tensor")
+    first = shapes[0]
+    for shape in shapes[1:]:
+        same = len(shape) == len(first) and all(
+            a == b for i, (a, b) in enumerate(zip(shape, first))
+            if skip_axis is None or i != skip_axis % len(first)
+        )
+        if not same:
+            raise ValueError(f"{name}: shapes {first} and {shape} do not match")
+
+
+def cast(x: Tensor, dtype: Any) -> Tensor:
+    return apply(CAST, x, dtype=np.dtype(dtype))
+
+
+def exp(x: Tensor) -> Tensor:
+    return apply(EXP, x)
+
+
+def log(x: Tensor) -> Tensor:
+    return apply(LOG, x)
+
+
+def log1p(x: Tensor) -> Tensor:
+    return apply(LOG1P, x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    return apply(SQRT, x)
+
+
+def abs(x: Tensor) -> Tensor:  # noqa: A001
+    return apply(ABS, x)
+
+
+def clip(x: Tensor, min: float | None = None, max: float | None = None) -> Tensor:  # noqa: A002
+    return apply(CLIP, x, lo=min, hi=max)
+
+
+def where(condition: Any, x: Operand, y: Operand) -> Tensor:
+    return apply(WHERE, np.asarray(_mask(condition), dtype=bool), x, y)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return apply(TANH, x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return apply(SIGMOID, x)
+
+
+def relu(x: Tensor) -> Tensor:
+    return apply(RELU, x)
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    return apply(LEAKY_RELU, x, negative_slope=negative_slope)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return apply(GELU, x, approximate=approximate)
+
+
+def normal_cdf(x: Tensor) -> Tensor:
+    return apply(NORMAL_CDF, x)
+
+
+def silu(x: Tensor) -> Tensor:
+    return apply(SILU, x)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply(SOFTMAX, x, axis=axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply(LOG_SOFTMAX, x, axis=axis)
+
+
+def cross_entropy(
+    logits: Tensor, target: Any, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
+    """Softmax cross-entropy from raw scores and integer class targets, numerically stable."""
+    target = np.asarray(_mask(target))
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (batch, classes), got {logits.shape}")
+    if target.shape != (logits.shape[0],) or target.dtype.kind not in "iu":
+        raise ValueError(
+            f"cross_entropy: target must be integer class indices of shape ({logits.shape[0]},), "
+            f"got {target.dtype} {target.shape}"
+        )
+    if target.size and (target.min() < 0 or target.max() >= logits.shape[1]):
+        raise ValueError(
+            f"cross_entropy: target classes must lie in [0, {logits.shape[1]}), "
+            f"got {target.min()}..{target.max()}"
+        )
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be mean, sum or none, got {reduction!r}")
+    return apply(CROSS_ENTROPY, logits, target, reduction=reduction,
+                 label_smoothing=label_smoothing)
+
+
+# Every op, by name: the table the gradient tests walk.
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        ADD, SUB, MUL, DIV, POWER, NEG, MAXIMUM, MATMUL, LINEAR, SUM, MEAN, MAX, BROADCAST_TO,
+        RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
+        SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
+        LOG_SOFTMAX, CROSS_ENTROPY,
+    )
+}
