@@ -1,0 +1,28 @@
+"""Layers, losses and initialisers with torch.nn's names, shapes and state_dict keys."""
+
+from worker.backprop.nn import functional, init
+from worker.backprop.nn.layers import (
+    GELU,
+    Dropout,
+    Embedding,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    LogSoftmax,
+    ReLU,
+    Residual,
+    Sequential,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
+from worker.backprop.nn.module import Module, Parameter
+from worker.backprop.nn.norm import BatchNorm1d, LayerNorm
+
+__all__ = [
+    "GELU", "BatchNorm1d", "Dropout", "Embedding", "Flatten", "Identity", "LayerNorm",
+    "LeakyReLU", "Linear", "LogSoftmax", "Module", "Parameter", "ReLU", "Residual",
+    "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "functional", "init",
+]

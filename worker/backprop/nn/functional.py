@@ -1,0 +1,158 @@
+"""Stateless layer functions and losses, as in torch.nn.functional.
+
+Activations and softmax are the ops themselves; the rest are compositions of ops, so their
+gradients (and second derivatives) come from the op table with nothing new to get wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from worker.backprop import ops
+from worker.backprop.nn import init
+from worker.backprop.tensor import Tensor
+
+linear = ops.linear
+relu = ops.relu
+tanh = ops.tanh
+sigmoid = ops.sigmoid
+gelu = ops.gelu
+silu = ops.silu
+leaky_relu = ops.leaky_relu
+softmax = ops.softmax
+log_softmax = ops.log_softmax
+cross_entropy = ops.cross_entropy
+
+
+def _reduce(loss: Tensor, reduction: str, name: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_same_shape(name: str, input: Tensor, target: Any) -> None:
+    if tuple(input.shape) != tuple(np.shape(getattr(target, "data", target))):
+        raise ValueError(
+            f"{name}: input shape {input.shape} and target shape "
+            f"{np.shape(getattr(target, 'data', target))} differ"
+        )
+
+
+def mse_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    """Mean squared error, (input - target)^2 averaged."""
+    _check_same_shape("mse_loss", input, target)
+    diff = input - target
+    return _reduce(diff * diff, reduction, "mse_loss")
+
+
+def l1_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    _check_same_shape("l1_loss", input, target)
+    return _reduce(ops.abs(input - target), reduction, "l1_loss")
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor, target: Any, reduction: str = "mean", pos_weight: Any = None
+) -> Tensor:
+    """-[p y log s(x) + (1 - y) log(1 - s(x))] computed from logits without overflow:
+    log(1 + e^-|x|) + max(-x, 0) is -log s(x) for any x."""
+    _check_same_shape("binary_cross_entropy_with_logits", input, target)
+    log_sigmoid_neg = ops.log1p(ops.exp(-ops.abs(input))) + ops.relu(-input)  # -log s(x)
+    if pos_weight is None:
+        loss = (1 - target) * input + log_sigmoid_neg
+    else:
+        loss = (1 - target) * input + (1 + (pos_weight - 1) * target) * log_sigmoid_neg
+    return _reduce(loss, reduction, "binary_cross_entropy_with_logits")
+
+
+def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    target = np.asarray(getattr(target, "data", target))
+    picked = -log_probs[np.arange(len(target)), target]
+    return _reduce(picked, reduction, "nll_loss")
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True,
+            rng: np.random.Generator | None = None) -> Tensor:
+    """Zero each value with probability p and scale the rest by 1/(1-p) (inverted dropout),
+    so evaluation needs no rescaling."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * np.zeros(x.shape, dtype=x.dtype)
+    rng = rng if rng is not None else init.default_generator()
+    keep = rng.random(x.shape, dtype=np.float64) >= p
+    return x * (keep * (1.0 / (1.0 - p))).astype(x.dtype)
+
+
+def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalise over the last len(normalized_shape) axes of each sample."""
+    normalized_shape = tuple(normalized_shape)
+    if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"layer_norm: input shape {x.shape} does not end in {normalized_shape}")
+    axes = tuple(range(-len(normalized_shape), 0))
+    centered = x - x.mean(axes, keepdims=True)
+    variance = (centered * centered).mean(axes, keepdims=True)
+    out = centered / ops.sqrt(variance + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def batch_norm(x: Tensor, running_mean: np.ndarray | None, running_var: np.ndarray | None,
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalise each feature (axis 1) over the batch (and length) axes.
+
+    Training uses the batch's statistics and updates the running ones in place (the variance
+    unbiased, as PyTorch does); evaluation uses the running statistics.
+    """
+    if x.ndim not in (2, 3):
+        raise ValueError(f"batch_norm: expected (N, C) or (N, C, L) input, got shape {x.shape}")
+    axes = (0,) if x.ndim == 2 else (0, 2)
+    shape = (1, x.shape[1]) + ((1,) if x.ndim == 3 else ())
+    if training:
+        count = x.size // x.shape[1]
+        if count < 2:
+            raise ValueError(
+                f"batch_norm: training needs more than 1 value per channel, got shape {x.shape}"
+            )
+        mean = x.mean(axes, keepdims=True)
+        centered = x - mean
+        variance = (centered * centered).mean(axes, keepdims=True)
+        if running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean.data.reshape(-1)
+            running_var *= 1 - momentum
+            running_var += momentum * variance.data.reshape(-1) * (count / (count - 1))
+        out = centered / ops.sqrt(variance + eps)
+    else:
+        out = (x - running_mean.reshape(shape)) / np.sqrt(running_var.reshape(shape) + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def embedding(indices: Any, weight: Tensor) -> Tensor:
+    """Rows of `weight` picked by integer indices; repeated indices accumulate gradient."""
+    indices = np.asarray(getattr(indices, "data", indices))
+    if indices.dtype.kind not in "iu":
+        raise ValueError(f"embedding: indices must be integers, got {indices.dtype}")
+    if indices.size and (indices.min() < 0 or indices.max() >= weight.shape[0]):
+        raise ValueError(
+            f"embedding: indices must lie in [0, {weight.shape[0]}), "
+            f"got {indices.min()}..{indices.max()}"
+        )
+    return weight[indices]
