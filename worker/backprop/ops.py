@@ -483,6 +483,13 @@ def _cross_entropy_vjp(g, ans, logits, target, reduction="mean", label_smoothing
 
 CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp, None))
 
+# --- non-differentiable functions given a surrogate gradient -------------------------------
+
+# The straight-through estimator (Bengio et al., 2013): the forward applies a step function
+# (round, sign, quantise), whose true derivative is zero almost everywhere; the backward
+# pretends it was the identity so that training can pass through it.
+STRAIGHT_THROUGH = Op("straight_through", lambda x, fn: fn(x), (lambda g, ans, x, fn: g,))
+
 # --- the public functions --------------------------------------------------------------------
 
 Operand = Tensor | np.ndarray | float | int
@@ -700,6 +707,11 @@ def cross_entropy(
                  label_smoothing=label_smoothing)
 
 
+def straight_through(x: Tensor, fn: Any = np.round) -> Tensor:
+    """fn(x) forward (any NumPy function of one array), identity gradient backward."""
+    return apply(STRAIGHT_THROUGH, x, fn=fn)
+
+
 # Every op, by name: the table the gradient tests walk.
 OPS: dict[str, Op] = {
     op.name: op
@@ -707,6 +719,6 @@ OPS: dict[str, Op] = {
         ADD, SUB, MUL, DIV, POWER, NEG, MAXIMUM, MATMUL, LINEAR, SUM, MEAN, MAX, BROADCAST_TO,
         RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
         SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
-        LOG_SOFTMAX, CROSS_ENTROPY,
+        LOG_SOFTMAX, CROSS_ENTROPY, STRAIGHT_THROUGH,
     )
 }
