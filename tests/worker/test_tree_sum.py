@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from worker.tree_sum import TreeAccumulator, tree_sum_into
+
+
+def gradients(count, size=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(size).astype(np.float32) * 10 ** rng.uniform(-3, 3)
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_blocks_summed_by_any_power_of_two_worker_count_give_bitwise_the_same_total(workers):
+    leaves = gradients(8)
+    reference = tree_sum_into(np.empty(1000, np.float32), [g.copy() for g in leaves])
+    block_sums = []
+    per_block = len(leaves) // workers
+    for b in range(workers):
+        accumulator = TreeAccumulator()
+        for leaf in leaves[b * per_block:(b + 1) * per_block]:
+            accumulator.push([leaf.copy()])
+        block_sums.append(accumulator.total()[0])
+    total = tree_sum_into(np.empty(1000, np.float32), block_sums)
+    assert np.array_equal(total, reference)
+
+
+def test_the_tree_order_differs_from_a_left_to_right_sum_in_the_last_bits():
+    # Why the order is fixed: float addition is not associative.
+    leaves = gradients(8, seed=3)
+    tree = tree_sum_into(np.empty(1000, np.float32), [g.copy() for g in leaves])
+    running = leaves[0].copy()
+    for leaf in leaves[1:]:
+        running += leaf
+    assert not np.array_equal(tree, running)
+    np.testing.assert_allclose(tree, running, rtol=1e-4, atol=1e-3)
+
+
+def test_accumulator_handles_counts_that_are_not_powers_of_two():
+    leaves = gradients(5)
+    accumulator = TreeAccumulator()
+    for leaf in leaves:
+        accumulator.push([leaf.copy(), leaf[:10].copy()])
+    total = accumulator.total()
+    np.testing.assert_allclose(total[0], np.sum(leaves, axis=0), rtol=1e-5, atol=1e-3)
+    assert total[1].shape == (10,)
+
+
+def test_empty_inputs():
+    assert TreeAccumulator().total() is None
+    out = np.ones(3)
+    assert np.array_equal(tree_sum_into(out, []), np.zeros(3))
