@@ -110,20 +110,25 @@ def _softmax(x, axis):
     return softmax(x, axis) if _is_tensor(x) else _softmax_forward(x, axis)
 
 
+def _axes(axis) -> tuple[int, ...]:
+    """An axis argument (int, NumPy integer or sequence) as a tuple of ints."""
+    if isinstance(axis, (int, np.integer)):
+        return (int(axis),)
+    return tuple(int(a) for a in axis)
+
+
 def _to_keepdims(g, shape, axis, keepdims):
     """Reshape a reduction's gradient so it broadcasts against the reduced input."""
     if axis is None or keepdims:
         return g if keepdims or g.ndim == len(shape) else g.reshape((1,) * len(shape))
-    axes = (axis,) if isinstance(axis, int) else axis
-    axes = {a % len(shape) for a in axes}
+    axes = {a % len(shape) for a in _axes(axis)}
     return g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
 
 
 def _reduced_count(shape, axis) -> int:
     if axis is None:
         return math.prod(shape)
-    axes = (axis,) if isinstance(axis, int) else axis
-    return math.prod(shape[a] for a in axes)
+    return math.prod(shape[a] for a in _axes(axis))
 
 
 # --- elementwise arithmetic ------------------------------------------------------------------
@@ -148,16 +153,31 @@ DIV = Op("div", np.true_divide, (
     lambda g, ans, x, y: -g * ans / y,  # d(x/y)/dy = -x/y^2 = -ans/y
 ), broadcasts=True)
 
+def _power_vjp_exponent(g, ans, x, y):
+    # d(x^y)/dy = x^y log x; where x = 0 (and y >= 0) x^y is flat in y, so 0, as torch says.
+    if isinstance(x, (int, float)):
+        return g * ans * math.log(x)  # a Python base keeps the gradient in g's dtype
+    at_zero = (_mask(x) == 0) & (np.asarray(_mask(y)) >= 0)
+    if not at_zero.any():
+        return g * ans * _log(x)
+    return g * ans * _log(_where(at_zero, 1.0, x))
+
+
 POWER = Op("power", np.power, (
     lambda g, ans, x, y: g * y * x ** (y - 1),  # d(x^y)/dx = y x^(y-1)
-    lambda g, ans, x, y: g * ans * _log(x),  # d(x^y)/dy = x^y log x
+    _power_vjp_exponent,
 ), broadcasts=True)
 
 NEG = Op("neg", np.negative, (lambda g, ans, x: -g,))
 
+def _share_of_maximum(x, y):
+    # The larger input takes the gradient; a tie splits it in half, as torch.maximum does.
+    return (_mask(x) > _mask(y)) + 0.5 * (_mask(x) == _mask(y))
+
+
 MAXIMUM = Op("maximum", np.maximum, (
-    lambda g, ans, x, y: g * (_mask(x) >= _mask(y)),  # ties send the gradient to x, like torch
-    lambda g, ans, x, y: g * (_mask(x) < _mask(y)),
+    lambda g, ans, x, y: g * _share_of_maximum(x, y).astype(_mask(g).dtype),
+    lambda g, ans, x, y: g * _share_of_maximum(y, x).astype(_mask(g).dtype),
 ), broadcasts=True)
 
 # --- matrix products -------------------------------------------------------------------------
@@ -202,6 +222,8 @@ def _linear_vjp_x(g, ans, x, weight, bias=None):
 
 
 def _linear_vjp_weight(g, ans, x, weight, bias=None):
+    if g.ndim == 1:  # a single unbatched sample: dW is the outer product g x^T
+        return g.reshape((g.shape[0], 1)) * x.reshape((1, x.shape[0]))
     if g.ndim > 2:  # (batch..., out): flatten the batch axes into one
         g = g.reshape((-1, g.shape[-1]))
         x = x.reshape((-1, x.shape[-1]))
@@ -372,33 +394,46 @@ def _silu_vjp(g, ans, x):
 
 SILU = Op("silu", _silu_forward, (_silu_vjp,))
 
-# GELU. NumPy has no erf, and the engine imports nothing but NumPy, so the normal CDF is
-# computed from the series erf(z) = 2/sqrt(pi) e^{-z^2} sum_n (2z^2)^n z / (1*3*...*(2n+1)),
-# whose terms are all positive (no cancellation); it reaches float64 round-off for |z| <= 6,
-# and beyond that erf(z) = +-1 to double precision.
+# GELU. NumPy has no erf, and the engine imports nothing but NumPy, so the normal CDF is built
+# from two expansions, each used where it has no cancellation:
+#   |z| < 2: erf(z) = 2/sqrt(pi) e^{-z^2} sum_n (2z^2)^n z / (1*3*...*(2n+1)), all terms positive;
+#   z >= 2:  erfc(z) = e^{-z^2} / (sqrt(pi) (z + (1/2)/(z + 1/(z + (3/2)/(z + ...))))),
+#            a continued fraction, so the far left tail Phi(x) = erfc(-x/sqrt 2)/2 keeps its
+#            relative precision instead of being 1 + erf(z) with erf(z) ~ -1.
 
 _SQRT_2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SERIES_LIMIT = 2.0
 
 
-def _erf(z: np.ndarray) -> np.ndarray:
-    z64 = np.clip(np.asarray(z, dtype=np.float64), -6.0, 6.0)
-    two_z2 = 2.0 * z64 * z64
-    term = z64.copy()
-    total = z64.copy()
-    for n in range(1, 400):
+def _erf_series(z: np.ndarray) -> np.ndarray:
+    two_z2 = 2.0 * z * z
+    term, total = z.copy(), z.copy()
+    for n in range(1, 80):  # |z| < 2: the terms fall below 1e-17 of the sum well before n = 80
         term *= two_z2 / (2 * n + 1)
         total += term
-        if n > two_z2.max(initial=0.0) and np.all(np.abs(term) <= 1e-17 * np.abs(total)):
-            break
-    return (2.0 / math.sqrt(math.pi)) * np.exp(-z64 * z64) * total
+    return (2.0 / math.sqrt(math.pi)) * np.exp(-z * z) * total
+
+
+def _erfc_continued_fraction(z: np.ndarray) -> np.ndarray:
+    denominator = z.copy()
+    for k in range(120, 0, -1):  # converged to round-off for z >= 2
+        denominator = z + (k / 2) / denominator
+    return np.exp(-z * z) / (math.sqrt(math.pi) * denominator)
 
 
 def _ndtr(x: np.ndarray) -> np.ndarray:
-    """Standard normal CDF, in the dtype of x."""
+    """Standard normal CDF, in the dtype of x, to float64 round-off (relative, in both tails)."""
     x = np.asarray(x)
-    return (0.5 * (1.0 + _erf(x / _SQRT_2))).astype(x.dtype, copy=False)
+    z = np.asarray(x, dtype=np.float64) / _SQRT_2
+    out = np.empty_like(z)
+    middle = np.abs(z) < _SERIES_LIMIT
+    out[middle] = 0.5 * (1.0 + _erf_series(z[middle]))
+    low, high = z <= -_SERIES_LIMIT, z >= _SERIES_LIMIT
+    out[low] = 0.5 * _erfc_continued_fraction(-z[low])
+    out[high] = 1.0 - 0.5 * _erfc_continued_fraction(z[high])
+    return out.astype(x.dtype, copy=False)
 
 
 NORMAL_CDF = Op("normal_cdf", _ndtr, (
@@ -520,7 +555,14 @@ def maximum(x: Operand, y: Operand) -> Tensor:
 
 def matmul(a: Operand, b: Operand) -> Tensor:
     a_shape, b_shape = np.shape(_mask(a)), np.shape(_mask(b))
-    if not a_shape or not b_shape or a_shape[-1] != b_shape[-2 if len(b_shape) > 1 else 0]:
+    aligned = bool(a_shape) and bool(b_shape) and (
+        a_shape[-1] == b_shape[-2 if len(b_shape) > 1 else 0])
+    if aligned:
+        try:
+            np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+        except ValueError:
+            aligned = False
+    if not aligned:
         raise ValueError(f"matmul: shapes {a_shape} and {b_shape} do not align")
     return apply(MATMUL, a, b)
 
@@ -698,6 +740,8 @@ def cross_entropy(
         )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be mean, sum or none, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     return apply(CROSS_ENTROPY, logits, target, reduction=reduction,
                  label_smoothing=label_smoothing)
 

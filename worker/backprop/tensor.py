@@ -37,6 +37,17 @@ def no_grad() -> Iterator[None]:
         _grad_enabled = previous
 
 
+@contextmanager
+def enable_grad() -> Iterator[None]:
+    """Record operations again inside a no_grad region (checkpointing's recompute)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
 def is_grad_enabled() -> bool:
     return _grad_enabled
 
@@ -184,7 +195,8 @@ class Tensor:
                 )
             grad = np.ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else np.asarray(grad, self.dtype)
+            # A copy: the leaves may keep this array as their .grad and scale it in place.
+            grad = np.array(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ValueError(
                     f"backward(): grad has shape {grad.shape} but the tensor has {self.shape}"
@@ -399,10 +411,13 @@ def _vjp(node: Node, index: int, g: Any, create_graph: bool) -> Any:
         result = rule(g, node.ans, node.inputs, **params)
     else:
         result = rule(g, node.ans, *node.inputs, **params)
-    if op.broadcasts:
-        shape = node.parents[index].shape
-        if result.shape != shape:
-            result = unbroadcast(result, shape)
+    parent = node.parents[index]
+    if op.broadcasts and result.shape != parent.shape:
+        result = unbroadcast(result, parent.shape)
+    if not create_graph and result.dtype != parent.dtype:
+        # A gradient has its input's dtype (as in torch), so a float16 branch of a mixed graph
+        # is backpropagated in float16 and a float32 model never drifts into float64.
+        result = result.astype(parent.dtype)
     return result
 
 
@@ -410,6 +425,8 @@ def _accumulate_into_leaf(leaf: Tensor, g: Any, given: set[int], create_graph: b
     if create_graph:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
         return
+    if not isinstance(g, np.ndarray):  # arithmetic on 0-d arrays returns NumPy scalars
+        g = np.array(g)
     if g.dtype != leaf.dtype:
         g = g.astype(leaf.dtype)
     if leaf.grad is None:
@@ -420,7 +437,7 @@ def _accumulate_into_leaf(leaf: Tensor, g: Any, given: set[int], create_graph: b
         given.add(id(g))
         leaf.grad = g
     else:
-        leaf.grad = leaf.grad + g
+        leaf.grad = np.asarray(leaf.grad + g)
 
 
 def unbroadcast(grad: Any, shape: Sequence[int]) -> Any:

@@ -20,9 +20,11 @@ from worker.backprop.nn.layers import (
 )
 from worker.backprop.nn.module import Module, Parameter
 from worker.backprop.nn.norm import BatchNorm1d, LayerNorm
+from worker.backprop.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, detach_state
 
 __all__ = [
     "GELU", "BatchNorm1d", "Dropout", "Embedding", "Flatten", "Identity", "LayerNorm",
     "LeakyReLU", "Linear", "LogSoftmax", "Module", "Parameter", "ReLU", "Residual",
     "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "functional", "init",
+    "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "detach_state",
 ]

@@ -72,7 +72,19 @@ def binary_cross_entropy_with_logits(
 
 
 def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    """-log_probs[i, target[i]], from log-probabilities (N, C) and integer classes (N,)."""
     target = np.asarray(getattr(target, "data", target))
+    if log_probs.ndim != 2:
+        raise ValueError(f"nll_loss: log_probs must be (batch, classes), got {log_probs.shape}")
+    n, classes = log_probs.shape
+    if target.shape != (n,) or target.dtype.kind not in "iu":
+        raise ValueError(
+            f"nll_loss: target must be integer classes of shape ({n},) for log_probs of shape "
+            f"{log_probs.shape}, got {target.dtype} {target.shape}"
+        )
+    if target.size and (target.min() < 0 or target.max() >= classes):
+        raise ValueError(f"nll_loss: target classes must lie in [0, {classes}), "
+                         f"got {target.min()}..{target.max()}")
     picked = -log_probs[np.arange(len(target)), target]
     return _reduce(picked, reduction, "nll_loss")
 

@@ -72,9 +72,18 @@ class Module:
     # --- walking the tree ------------------------------------------------------------------
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """Each module once, under the first name it is reached by (as torch does)."""
+        seen: set[int] = set()
+        for name, module in self._walk(prefix):
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield name, module
+
+    def _walk(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """Every path to every module, a shared module once per path (state_dict's view)."""
         yield prefix, self
         for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child._walk(f"{prefix}.{name}" if prefix else name)
 
     def modules(self) -> Iterator[Module]:
         for _, module in self.named_modules():
@@ -122,12 +131,13 @@ class Module:
         """Convert every floating-point parameter and buffer to `dtype`, in place."""
         dtype = np.dtype(dtype)
         for parameter in self.parameters():
-            parameter.data = parameter.data.astype(dtype)
-            parameter.grad = None
+            if parameter.dtype != dtype:  # same dtype: keep the array (and any view onto it)
+                parameter.data = parameter.data.astype(dtype)
+                parameter.grad = None
         for module in self.modules():
             for name in module._buffers:
                 value = getattr(module, name)
-                if value.dtype.kind == "f":
+                if value.dtype.kind == "f" and value.dtype != dtype:
                     object.__setattr__(module, name, value.astype(dtype))
         return self
 
@@ -146,7 +156,7 @@ class Module:
         before training on if a snapshot is wanted.
         """
         state: OrderedDict[str, np.ndarray] = OrderedDict()
-        for module_name, module in self.named_modules():
+        for module_name, module in self._walk():
             prefix = f"{module_name}." if module_name else ""
             for name, parameter in module._parameters.items():
                 state[prefix + name] = parameter.data
