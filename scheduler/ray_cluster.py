@@ -1,0 +1,32 @@
+"""Where jobs run: an embedded Ray instance on this machine, or an existing cluster by address.
+
+Token authentication stays on (Ray's default for local instances); joining an existing cluster
+needs RAY_AUTH_MODE=token in the environment, as the cluster's own processes have.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start embedded Ray (address None) or join the cluster at `address`; idempotent."""
+    if ray.is_initialized():
+        return
+    options = {"include_dashboard": False, "log_to_driver": False,
+               "configure_logging": True, "logging_level": "WARNING"}
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]

@@ -1,0 +1,59 @@
+"""What the runner reports: one record per optimizer step and per evaluation, as plain data.
+
+These are what the metrics exporter, the progress display and the gRPC WatchJob stream read;
+they carry no Ray or protobuf types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Where one step's wall time went, in seconds."""
+
+    compute: float  # slowest block's forward + backward + local tree sum
+    reduce: float  # slowest shard's sum of the blocks (the reduce-scatter's arithmetic)
+    apply: float  # slowest shard's optimizer step
+    gather: float  # moving updated parameters back to the replicas (0 with shared memory)
+    wait: float  # the rest: call latency and synchronisation
+    wall: float
+    straggler_spread: float  # slowest block's compute minus the median block's
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int  # optimizer steps completed, 1-based
+    total_steps: int
+    epoch: int
+    samples: int  # samples in this step
+    loss: float  # mean training loss over the step's samples
+    train_correct: int
+    learning_rate: float
+    gradient_norm: float  # global L2 norm of the reduced gradient, before clipping
+    parameter_gradient_norms: dict[str, float]  # per named parameter (vanishing / exploding)
+    timings: StepTimings
+    bytes_sent_per_worker: int
+    bytes_received_per_worker: int
+    workers: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.timings.wall if self.timings.wall > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    step: int
+    epoch: int
+    loss: float
+    accuracy: float | None  # classification only
+    samples: int
+
+
+@dataclass
+class TrainingHistory:
+    steps: list[StepRecord] = field(default_factory=list)
+    evaluations: list[EvaluationRecord] = field(default_factory=list)
+    worker_failures: int = 0

@@ -1,0 +1,131 @@
+"""How a parameter-server shard turns the workers' gradient blocks into updated parameters.
+
+Shard k owns the contiguous slice [lo, hi) of the flat parameter vector and the optimizer state
+of that slice (ZeRO-1 / BytePS style: optimizer memory is spread over the shards). One step:
+
+1. `reduce`: add the N gradient blocks' slices in the fixed tree order (worker count never
+   changes the sum's bits), and report the slice's squared norm, overall and per parameter.
+2. `apply`: scale for global-norm clipping (the coefficient comes from all shards' norms),
+   clip by value, and run the optimizer's functional core on the slice, in place.
+
+Blocks and parameters live in shared memory, so the reduce reads the workers' gradients where
+they wrote them, and the updated slice is visible to every replica without a copy: the
+all-gather costs nothing on one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.backprop.optim import RULES
+from worker.backprop.optim.clip import squared_norm
+from worker.flat_parameters import ParameterLayout
+from worker.shared_memory import SharedArraySpec, host_identity
+from worker.tree_sum import tree_sum_into
+
+
+@dataclass(frozen=True)
+class ShardSetup:
+    index: int
+    bounds: tuple[int, int]
+    layout: ParameterLayout
+    parameters: SharedArraySpec
+    gradient_blocks: tuple[SharedArraySpec, ...]
+    optimizer: str  # a key of worker.backprop.optim.RULES
+    hyper: object  # the rule's hyperparameter dataclass
+    clip_value: float | None = None
+
+
+@dataclass(frozen=True)
+class ReduceResult:
+    squared_norm: float
+    parameter_squared_norms: dict[str, float]  # the parts of named parameters in this slice
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    seconds: float
+
+
+class ParameterServerShard:
+    def __init__(self, setup: ShardSetup):
+        self.setup = setup
+        self.lo, self.hi = setup.bounds
+        self.parameters = setup.parameters.attach()[self.lo:self.hi]
+        self.blocks = [spec.attach()[self.lo:self.hi] for spec in setup.gradient_blocks]
+        self.rule = RULES[setup.optimizer]
+        self.steps_taken = 0
+        # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
+        # the shard's bounds are then aligned to parameter boundaries by the runner.
+        self.pieces = self._pieces()
+        self.states = [self._init_state(view, shape) for view, _, shape in self.pieces]
+
+    def _pieces(self) -> list[tuple[np.ndarray, slice, tuple[int, ...] | None]]:
+        if self.rule.elementwise:
+            return [(self.parameters, slice(0, self.hi - self.lo), None)]
+        pieces = []
+        for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi):
+            whole = lo == slot.offset and hi == slot.offset + slot.size
+            local = slice(lo - self.lo, hi - self.lo)
+            pieces.append((self.parameters[local], local, slot.shape if whole else None))
+        return pieces
+
+    def _init_state(self, view: np.ndarray, shape: tuple[int, ...] | None) -> dict:
+        if shape is None:
+            return self.rule.init_state(view, self.setup.hyper)
+        return self.rule.init_state(view, self.setup.hyper, shape=shape)
+
+    def host(self) -> str:
+        return host_identity()
+
+    # --- one step ------------------------------------------------------------------------
+
+    def reduce(self, active_blocks: int) -> ReduceResult:
+        """Sum the first `active_blocks` gradient blocks into block 0's slice."""
+        start = time.perf_counter()
+        gradient = tree_sum_into(self.blocks[0], self.blocks[:active_blocks])
+        per_parameter = {
+            slot.name: squared_norm(gradient[lo - self.lo:hi - self.lo])
+            for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi)
+        }
+        total = sum(per_parameter.values())
+        return ReduceResult(total, per_parameter, time.perf_counter() - start)
+
+    def apply(self, lr: float, clip_coefficient: float = 1.0) -> ApplyResult:
+        """One optimizer step on the slice with the reduced gradient in block 0."""
+        start = time.perf_counter()
+        gradient = self.blocks[0]
+        if clip_coefficient < 1.0:
+            gradient *= clip_coefficient
+        if self.setup.clip_value is not None:
+            np.clip(gradient, -self.setup.clip_value, self.setup.clip_value, out=gradient)
+        self.steps_taken += 1
+        hyper = dataclasses.replace(self.setup.hyper, lr=lr)
+        for (view, local, shape), state in zip(self.pieces, self.states):
+            kwargs = {} if shape is None else {"shape": shape}
+            self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
+        return ApplyResult(time.perf_counter() - start)
+
+    def reduce_and_apply(self, active_blocks: int, lr: float) -> tuple[ReduceResult, ApplyResult]:
+        """Both halves in one call, when no global norm is needed between them (no norm
+        clipping)."""
+        return self.reduce(active_blocks), self.apply(lr)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """This shard's optimizer state, for checkpoints (plain arrays, no pickle needed)."""
+        return {"steps_taken": self.steps_taken,
+                "states": [{key: np.array(value) for key, value in state.items()}
+                           for state in self.states]}
+
+    def load_state(self, saved: dict) -> None:
+        self.steps_taken = int(saved["steps_taken"])
+        for state, loaded in zip(self.states, saved["states"]):
+            for key, value in loaded.items():
+                np.copyto(state[key], value)
