@@ -65,6 +65,7 @@ class TrainingResult:
     final_evaluation: EvaluationRecord | None
     steps: int
     stopped_early: bool
+    actor_nodes: dict[str, list[str]]  # Ray node ids of the workers and of the shards
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,11 @@ class JobRunner:
                 clip_value))
             for k in range(settings.shards)
         ]
-        hosts = ray.get([a.host.remote() for a in self.replicas + self.shards],
-                        timeout=settings.step_timeout_seconds)
-        if set(hosts) != {host_identity()}:
+        locations = ray.get([a.location.remote() for a in self.replicas + self.shards],
+                            timeout=settings.step_timeout_seconds)
+        self.actor_nodes = {"workers": [node for _, node in locations[:settings.workers]],
+                            "shards": [node for _, node in locations[settings.workers:]]}
+        if {host for host, _ in locations} != {host_identity()}:
             raise NotImplementedError(
                 "workers on other hosts than the runner: the shared-memory transport needs "
                 "every actor of a job on the runner's host"
@@ -208,7 +211,8 @@ class JobRunner:
             if stopped:
                 break
         final = self._evaluate(step, epoch) if self.dataset.x_val is not None else None
-        return TrainingResult(self._state_dict(), self.history, final, step, stopped)
+        return TrainingResult(self._state_dict(), self.history, final, step, stopped,
+                              self.actor_nodes)
 
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
@@ -257,8 +261,9 @@ class JobRunner:
             gradient_norm=math.sqrt(sum(r.squared_norm for r in reduced)),
             parameter_gradient_norms={k: math.sqrt(v) for k, v in per_parameter.items()},
             timings=timings,
-            bytes_sent_per_worker=self.layout.nbytes,  # its gradient block
-            bytes_received_per_worker=self.layout.nbytes,  # the updated parameter vector
+            bytes_sent_per_worker=max(r.bytes_written for r in results),
+            bytes_received_per_worker=sum(a.bytes_updated for a in applied),
+            parameter_bytes=self.layout.nbytes,
             workers=len(self.alive),
         )
 

@@ -34,8 +34,9 @@ class StepRecord:
     gradient_norm: float  # global L2 norm of the reduced gradient, before clipping
     parameter_gradient_norms: dict[str, float]  # per named parameter (vanishing / exploding)
     timings: StepTimings
-    bytes_sent_per_worker: int
-    bytes_received_per_worker: int
+    bytes_sent_per_worker: int  # counted where written: the gradient block
+    bytes_received_per_worker: int  # counted where written: the updated parameter slices
+    parameter_bytes: int  # the model's parameter vector, for scale
     workers: int
 
     @property

@@ -50,6 +50,7 @@ class ReduceResult:
 @dataclass(frozen=True)
 class ApplyResult:
     seconds: float
+    bytes_updated: int  # parameter bytes written, which every replica then reads
 
 
 class ParameterServerShard:
@@ -80,8 +81,10 @@ class ParameterServerShard:
             return self.rule.init_state(view, self.setup.hyper)
         return self.rule.init_state(view, self.setup.hyper, shape=shape)
 
-    def host(self) -> str:
-        return host_identity()
+    def location(self) -> tuple[str, str]:
+        from worker.replica import _ray_node_id
+
+        return host_identity(), _ray_node_id()
 
     # --- one step ------------------------------------------------------------------------
 
@@ -109,7 +112,7 @@ class ParameterServerShard:
         for (view, local, shape), state in zip(self.pieces, self.states):
             kwargs = {} if shape is None else {"shape": shape}
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
-        return ApplyResult(time.perf_counter() - start)
+        return ApplyResult(time.perf_counter() - start, self.parameters.nbytes)
 
     def reduce_and_apply(self, active_blocks: int, lr: float) -> tuple[ReduceResult, ApplyResult]:
         """Both halves in one call, when no global norm is needed between them (no norm

@@ -44,6 +44,7 @@ class BlockResult:
     samples: int
     correct: int  # classification hits, for training accuracy (0 for regression)
     seconds: float
+    bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
     buffers: list[dict[str, np.ndarray]] | None  # per micro-shard (BatchNorm running stats)
 
 
@@ -77,9 +78,9 @@ class ModelReplica:
         self.buffer_names = [name for name, value in self.model.named_buffers()
                              if value.dtype.kind == "f"]
 
-    def host(self) -> str:
-        """Which host this replica runs on (replicas on the runner's host share memory)."""
-        return host_identity()
+    def location(self) -> tuple[str, str]:
+        """(host, Ray node id): replicas on the runner's host share its memory."""
+        return host_identity(), _ray_node_id()
 
     def compute(self, block: int, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
                 batch_size: int, buffers: dict[str, np.ndarray] | None = None) -> BlockResult:
@@ -106,10 +107,12 @@ class ModelReplica:
                 per_shard_buffers.append(self.buffer_values())
         total = accumulator.total()
         destination = self.blocks[block]
+        written = 0
         for slot, gradient in zip(self.layout.slots, total):
             np.copyto(destination[slot.name], gradient)
+            written += destination[slot.name].nbytes
         return BlockResult(block, loss_sum, samples, correct, time.perf_counter() - start,
-                           per_shard_buffers)
+                           written, per_shard_buffers)
 
     def _micro_shard_gradient(self, indices: np.ndarray, batch_size: int):
         for parameter in self.parameters:
@@ -150,3 +153,12 @@ class ModelReplica:
             loss = float(self.loss(output, y).data)
         correct = int((output.data.argmax(axis=-1) == y).sum()) if self.classification else 0
         return loss, len(y), correct
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (the runner's own evaluation replica)
+        return ""

@@ -1,0 +1,166 @@
+"""The runtime's invariants, on a real embedded Ray instance (see BRIEF.md, "Invariants")."""
+
+import numpy as np
+import pytest
+import ray
+
+from chainrule.spec_file import load_job_spec
+from scheduler.datasets import load_builtin, split_and_standardize
+from scheduler.job_runner import JobRunner
+from scheduler.sampler import EpochSampler
+from worker.backprop import Tensor, optim
+from worker.backprop.nn import functional as F
+from worker.model_builder import build_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+SPEC = """
+name: invariants
+model: {layers: [{linear: {out_features: 32}}, {tanh: {}}, {linear: {out_features: 10}}]}
+loss: cross_entropy
+optimizer: {adamw: {lr: 0.003, weight_decay: 0.01}}
+data: {dataset: "sklearn:digits", batch_size: 96, epochs: 3, validation_fraction: 0.2,
+       micro_shards: 4}
+seed: 5
+"""
+
+
+def spec_with(**changes):
+    spec = load_job_spec(SPEC)
+    for path, value in changes.items():
+        target = spec
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    return spec
+
+
+def digits(spec):
+    return split_and_standardize(load_builtin(spec.data.dataset, spec.seed),
+                                 spec.data.validation_fraction, True, spec.seed)
+
+
+def train(spec, workers, shards, **options):
+    return JobRunner(spec, digits(spec), workers=workers, parameter_servers=shards,
+                     **options).run()
+
+
+@pytest.fixture(scope="module")
+def one_worker_float32(local_ray):
+    return train(spec_with(), 1, 1)
+
+
+@pytest.mark.parametrize("workers, shards", [(2, 1), (4, 3), (2, 2), (1, 3)])
+def test_any_power_of_two_worker_count_and_any_shard_count_give_bitwise_the_same_weights(
+        one_worker_float32, workers, shards):
+    result = train(spec_with(), workers, shards)
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def test_three_workers_on_four_micro_shards_agree_to_float32_round_off(one_worker_float32):
+    # 4 micro-shards over 3 workers are not aligned subtrees of the reduction tree: the sum's
+    # association differs, so only round-off agreement is possible (and expected).
+    result = train(spec_with(), 3, 2)
+    for key, value in one_worker_float32.state_dict.items():
+        np.testing.assert_allclose(result.state_dict[key], value, rtol=1e-6, atol=1e-6)
+
+
+def single_process_reference(spec, dataset):
+    """The same training written directly with the engine: full batches, no Ray."""
+    model = build_model(spec.model, dataset.feature_shape, np.float64, seed=spec.seed)
+    adamw = optim.AdamW(model.parameters(), lr=spec.optimizer.adamw.lr,
+                        weight_decay=spec.optimizer.adamw.weight_decay)
+    sampler = EpochSampler(len(dataset.x), spec.data.batch_size, spec.data.micro_shards,
+                           spec.seed)
+    x = dataset.x.astype(np.float64)
+    for epoch in range(spec.data.epochs):
+        for step in sampler.epoch(epoch):
+            batch = np.concatenate(step.micro_shards)
+            adamw.zero_grad()
+            F.cross_entropy(model(Tensor(x[batch])), dataset.y[batch]).backward()
+            adamw.step()
+    return model.state_dict()
+
+
+def test_float64_distributed_run_equals_a_single_process_engine_run_to_1e12(local_ray):
+    spec = spec_with(dtype="float64")
+    result = train(spec, 2, 2)
+    reference = single_process_reference(spec, digits(spec))
+    for key, value in reference.items():
+        np.testing.assert_allclose(result.state_dict[key], value, rtol=1e-12, atol=1e-14)
+
+
+def test_every_training_sample_is_used_exactly_once_per_epoch(local_ray):
+    spec = spec_with()
+    dataset = digits(spec)
+    result = JobRunner(spec, dataset, workers=2, parameter_servers=2).run()
+    per_epoch = {}
+    for record in result.history.steps:
+        per_epoch[record.epoch] = per_epoch.get(record.epoch, 0) + record.samples
+    assert per_epoch == {epoch: len(dataset.x) for epoch in range(spec.data.epochs)}
+
+
+def test_each_worker_sends_and_receives_at_most_2_05_times_the_parameter_bytes(local_ray):
+    result = train(spec_with(), 2, 3)
+    for record in result.history.steps:
+        moved = record.bytes_sent_per_worker + record.bytes_received_per_worker
+        assert 0 < moved <= 2.05 * record.parameter_bytes
+
+
+def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_weights(
+        one_worker_float32):
+    spec = spec_with()
+    runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
+                       step_timeout_seconds=30)
+
+    def kill_worker_one(record):
+        if record.step == 5:
+            ray.kill(runner.replicas[1])
+
+    runner.on_step = kill_worker_one
+    result = runner.run()
+    assert result.history.worker_failures == 1
+    assert result.history.steps[-1].workers == 1
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch_in_float64(local_ray):
+    full = train(spec_with(dtype="float64"), 2, 1)
+    halves = train(spec_with(dtype="float64", gradient_accumulation_steps=2,
+                             **{"data.batch_size": 48, "data.micro_shards": 2}), 2, 1)
+    # The same samples in the same steps: batch 96 = two consecutive batches of 48 of the
+    # same permutation, cut into the same four micro-shards.
+    for key, value in full.state_dict.items():
+        np.testing.assert_allclose(halves.state_dict[key], value, rtol=1e-12, atol=1e-14)
+
+
+def test_global_norm_clipping_matches_the_engine_clip_grad_norm(local_ray):
+    spec = spec_with(dtype="float64")
+    spec.clipping.max_norm = 0.05
+    result = train(spec, 2, 3)
+    dataset = digits(spec)
+    model = build_model(spec.model, dataset.feature_shape, np.float64, seed=spec.seed)
+    adamw = optim.AdamW(model.parameters(), lr=0.003, weight_decay=0.01)
+    sampler = EpochSampler(len(dataset.x), 96, 4, spec.seed)
+    for epoch in range(3):
+        for step in sampler.epoch(epoch):
+            batch = np.concatenate(step.micro_shards)
+            adamw.zero_grad()
+            F.cross_entropy(model(Tensor(dataset.x[batch].astype(np.float64))),
+                            dataset.y[batch]).backward()
+            optim.clip_grad_norm_(model.parameters(), 0.05)
+            adamw.step()
+    assert all(record.gradient_norm > 0.05 for record in result.history.steps[:3])
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(result.state_dict[key], value, rtol=1e-10, atol=1e-13)
+
+
+def test_the_trained_model_is_evaluated_on_the_validation_split(local_ray):
+    spec = spec_with(**{"data.epochs": 5})
+    result = train(spec, 2, 2)
+    assert result.final_evaluation.samples == len(digits(spec).x_val) == 359
+    assert result.final_evaluation.accuracy > 0.9
+    assert result.history.steps[-1].loss < result.history.steps[0].loss
