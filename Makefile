@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench proto clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m services.demo
+	$(BIN)/chainrule train services/specs/digits-mlp.yaml -o data/digits-mlp.safetensors
 
 test: install
 	$(BIN)/ruff check .
@@ -26,7 +26,14 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/distributed.py
+
+# Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/chainrule/v1/*.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

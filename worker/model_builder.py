@@ -1,0 +1,610 @@
+"""How a job spec becomes engine objects: the model, the loss, the optimizer rule with its
+hyperparameters, the learning-rate schedule and the clipping settings.
+
+The model spec lists layers by their output sizes only; every input size is inferred from the
+previous layer's output, starting from the data's per-sample feature shape (as PyTorch's Lazy
+modules do). One walk over the layers does that inference, checks each layer against what
+flows into it, and counts parameters; building the modules is an optional last step of the
+same walk, so validating or counting a 20M-parameter spec allocates nothing.
+
+Every inconsistency is a `SpecError` whose path names the field as the user wrote it
+("model.layers[2].residual", "optimizer.adamw.lr"); the service returns it as INVALID_ARGUMENT
+before anything is scheduled.
+
+Shapes here are per sample, without the batch axis: (features,) for a vector, (time, features)
+for a sequence, (time,) for a sequence of integer tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chainrule.spec_file import SpecError
+from chainrule.v1 import job_pb2
+from worker.backprop import nn
+from worker.backprop.nn import functional as F
+from worker.backprop.nn.recurrent import GRU, LSTM, RNN
+from worker.backprop.optim import (
+    RULES,
+    AdamHyper,
+    Constant,
+    CosineWithWarmup,
+    Exponential,
+    LinearWarmup,
+    Schedule,
+    StepDecay,
+)
+from worker.backprop.tensor import Tensor
+
+LOSSES = ("cross_entropy", "mse", "l1", "binary_cross_entropy_with_logits")
+DTYPES = {"": np.float32, "float32": np.float32, "float64": np.float64}
+
+
+# --- modules that only a spec needs -----------------------------------------------------------
+
+
+class _OutputSequence:
+    """A recurrent layer that returns only its output sequence (every time step), dropping the
+    final state, so it can sit in a Sequential. Parameter names stay torch's (weight_ih_l0)."""
+
+    def forward(self, input: Tensor, hx: Any = None) -> Tensor:
+        output, _ = super().forward(input, hx)  # type: ignore[misc]
+        return output
+
+
+class SequenceLSTM(_OutputSequence, LSTM):
+    pass
+
+
+class SequenceGRU(_OutputSequence, GRU):
+    pass
+
+
+class SequenceRNN(_OutputSequence, RNN):
+    pass
+
+
+class LastStep(nn.Module):
+    """(batch, time, features) -> (batch, features): the last time step of a sequence."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, -1]
+
+
+# --- shape inference and construction, one walk --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """What flows from one layer into the next, per sample."""
+
+    shape: tuple[int, ...]
+    integer: bool | None  # integer tokens; None when the caller did not say (input_dtype)
+
+    def describe(self) -> str:
+        kind = {True: "integer ", False: "float ", None: ""}[self.integer]
+        return f"{kind}input of shape {self.shape}"
+
+
+@dataclass(frozen=True)
+class _Context:
+    dtype: Any
+    rng: np.random.Generator | None
+    build: bool
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One layer checked against its input: its output, parameter count and how to build it."""
+
+    output: _Signal
+    parameters: int
+    make: Callable[[], nn.Module]
+
+
+def _positive(value: int, path: str) -> int:
+    if value < 1:
+        raise SpecError(path, f"must be >= 1, got {value}")
+    return value
+
+
+def _in_range(value: float, path: str, low: float, high: float, *, high_open: bool) -> float:
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        raise SpecError(path, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}, "
+                              f"got {value:g}")
+    return value
+
+
+def _require_float(signal: _Signal, path: str, kind: str) -> None:
+    if signal.integer:
+        raise SpecError(path, f"{kind} needs float features, but its input is integer tokens "
+                              f"of shape {signal.shape}; start with an embedding layer")
+
+
+def _require_features(signal: _Signal, path: str, kind: str) -> int:
+    if not signal.shape:
+        raise SpecError(path, f"{kind} needs a feature axis, got {signal.describe()}")
+    return signal.shape[-1]
+
+
+def _plan_linear(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "linear")
+    fan_in = _require_features(signal, path, "linear")
+    out = _positive(cfg.out_features, f"{path}.out_features")
+    bias = cfg.bias if cfg.HasField("bias") else True
+    return _Planned(_Signal(signal.shape[:-1] + (out,), False), out * fan_in + (out if bias else 0),
+                    lambda: nn.Linear(fan_in, out, bias, dtype=ctx.dtype, rng=ctx.rng))
+
+
+def _activation(module: type[nn.Module], kind: str) -> Callable[..., _Planned]:
+    def plan(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+        _require_float(signal, path, kind)
+        return _Planned(signal, 0, module)
+
+    return plan
+
+
+def _plan_gelu(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "gelu")
+    approximate = cfg.approximate or "none"
+    if approximate not in ("none", "tanh"):
+        raise SpecError(f"{path}.approximate", f"must be 'none' or 'tanh', got {approximate!r}")
+    return _Planned(signal, 0, lambda: nn.GELU(approximate))
+
+
+def _plan_leaky_relu(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "leaky_relu")
+    slope = cfg.negative_slope if cfg.HasField("negative_slope") else 0.01
+    return _Planned(signal, 0, lambda: nn.LeakyReLU(slope))
+
+
+def _plan_dropout(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "dropout")
+    p = _in_range(cfg.p if cfg.HasField("p") else 0.5, f"{path}.p", 0.0, 1.0, high_open=True)
+    # No generator of its own: masks come from the engine's generator, which the runtime
+    # seeds per (step, micro-shard), so they do not depend on which worker runs them.
+    return _Planned(signal, 0, lambda: nn.Dropout(p))
+
+
+def _plan_batch_norm(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "batch_norm")
+    if len(signal.shape) != 1:
+        raise SpecError(path, f"batch_norm needs (features,) inputs, got {signal.describe()}; "
+                              f"for sequences use layer_norm")
+    features = signal.shape[0]
+    eps = cfg.eps if cfg.HasField("eps") else 1e-5
+    if not eps > 0:
+        raise SpecError(f"{path}.eps", f"must be > 0, got {eps:g}")
+    momentum = _in_range(cfg.momentum if cfg.HasField("momentum") else 0.1, f"{path}.momentum",
+                         0.0, 1.0, high_open=False)
+    return _Planned(signal, 2 * features,
+                    lambda: nn.BatchNorm1d(features, eps, momentum, dtype=ctx.dtype))
+
+
+def _plan_layer_norm(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _require_float(signal, path, "layer_norm")
+    features = _require_features(signal, path, "layer_norm")
+    eps = cfg.eps if cfg.HasField("eps") else 1e-5
+    if not eps > 0:
+        raise SpecError(f"{path}.eps", f"must be > 0, got {eps:g}")
+    return _Planned(signal, 2 * features, lambda: nn.LayerNorm(features, eps, dtype=ctx.dtype))
+
+
+def _plan_embedding(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    if signal.integer is False:
+        raise SpecError(path, f"embedding looks up integer tokens, but its input is "
+                              f"{signal.describe()}")
+    count = _positive(cfg.num_embeddings, f"{path}.num_embeddings")
+    dim = _positive(cfg.embedding_dim, f"{path}.embedding_dim")
+    return _Planned(_Signal(signal.shape + (dim,), False), count * dim,
+                    lambda: nn.Embedding(count, dim, dtype=ctx.dtype, rng=ctx.rng))
+
+
+def _plan_residual(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    if not cfg.layers:
+        raise SpecError(f"{path}.layers", "a residual block needs at least one layer")
+    output, parameters, modules = _walk(cfg.layers, signal, f"{path}.layers", ctx)
+    changed_type = signal.integer is not None and output.integer != signal.integer
+    if output.shape != signal.shape or changed_type:
+        raise SpecError(path, f"a residual block must keep its input's shape: it maps "
+                              f"{_width(signal)} to {_width(output)}")
+    return _Planned(signal, parameters, lambda: nn.Residual(nn.Sequential(*modules)))
+
+
+def _width(signal: _Signal) -> str:
+    if len(signal.shape) == 1 and not signal.integer:
+        return f"width {signal.shape[0]}"
+    return signal.describe()
+
+
+def _recurrent(kind: str, module: type[nn.Module], gates: int) -> Callable[..., _Planned]:
+    def plan(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+        _require_float(signal, path, kind)
+        if len(signal.shape) != 2:
+            raise SpecError(path, f"{kind} needs a sequence (time, features), got "
+                                  f"{signal.describe()}")
+        steps, features = signal.shape
+        hidden = _positive(cfg.hidden_size, f"{path}.hidden_size")
+        layers = max(cfg.num_layers, 1)
+        dropout = cfg.dropout if cfg.HasField("dropout") else 0.0
+        _in_range(dropout, f"{path}.dropout", 0.0, 1.0, high_open=True)
+        if dropout and layers == 1:
+            raise SpecError(f"{path}.dropout", "dropout applies between stacked layers; with "
+                                               "num_layers 1 there is none (add num_layers)")
+        options: dict[str, Any] = {}
+        if kind == "rnn":
+            options["nonlinearity"] = cfg.nonlinearity or "tanh"
+            if options["nonlinearity"] not in ("tanh", "relu"):
+                raise SpecError(f"{path}.nonlinearity",
+                                f"must be 'tanh' or 'relu', got {cfg.nonlinearity!r}")
+        elif cfg.nonlinearity:
+            raise SpecError(f"{path}.nonlinearity", f"only rnn has a nonlinearity; {kind} "
+                                                    f"uses its own gates")
+        directions = 2 if cfg.bidirectional else 1
+        rows = gates * hidden
+        parameters = 0
+        for layer in range(layers):
+            layer_input = features if layer == 0 else hidden * directions
+            parameters += directions * (rows * (layer_input + hidden) + 2 * rows)
+
+        def make() -> nn.Module:
+            recurrent = module(features, hidden, layers, batch_first=True, dropout=dropout,
+                               bidirectional=bool(cfg.bidirectional), dtype=ctx.dtype,
+                               rng=ctx.rng, **options)
+            # The init generator must not drive the dropout between layers: that comes from
+            # the engine's generator, seeded per (step, micro-shard) by the runtime.
+            recurrent.rng = None
+            return recurrent
+
+        return _Planned(_Signal((steps, hidden * directions), False), parameters, make)
+
+    return plan
+
+
+def _plan_last_step(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    if len(signal.shape) < 2:
+        raise SpecError(path, f"last_step takes the last step of a sequence (time, features), "
+                              f"got {signal.describe()}")
+    return _Planned(_Signal(signal.shape[1:], signal.integer), 0, LastStep)
+
+
+def _plan_flatten(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    return _Planned(_Signal((math.prod(signal.shape),), signal.integer), 0, nn.Flatten)
+
+
+_LAYER_PLANS: dict[str, Callable[..., _Planned]] = {
+    "linear": _plan_linear,
+    "relu": _activation(nn.ReLU, "relu"),
+    "tanh": _activation(nn.Tanh, "tanh"),
+    "sigmoid": _activation(nn.Sigmoid, "sigmoid"),
+    "gelu": _plan_gelu,
+    "silu": _activation(nn.SiLU, "silu"),
+    "leaky_relu": _plan_leaky_relu,
+    "dropout": _plan_dropout,
+    "batch_norm": _plan_batch_norm,
+    "layer_norm": _plan_layer_norm,
+    "embedding": _plan_embedding,
+    "residual": _plan_residual,
+    "lstm": _recurrent("lstm", SequenceLSTM, 4),
+    "gru": _recurrent("gru", SequenceGRU, 3),
+    "rnn": _recurrent("rnn", SequenceRNN, 1),
+    "last_step": _plan_last_step,
+    "flatten": _plan_flatten,
+}
+LAYER_KINDS: tuple[str, ...] = tuple(_LAYER_PLANS)
+
+
+def _walk(layers: Any, signal: _Signal, path: str,
+          ctx: _Context) -> tuple[_Signal, int, list[nn.Module]]:
+    """(output signal, parameter count, modules if ctx.build) of a list of layers."""
+    parameters, modules = 0, []
+    for index, layer in enumerate(layers):
+        layer_path = f"{path}[{index}]"
+        kind = layer.WhichOneof("kind")
+        if kind is None:
+            raise SpecError(layer_path, f"empty layer: set exactly one of "
+                                        f"{', '.join(LAYER_KINDS)}")
+        plan = _LAYER_PLANS.get(kind)
+        if plan is None:
+            raise SpecError(layer_path, f"layer kind {kind!r} is not supported by this worker")
+        planned = plan(getattr(layer, kind), signal, f"{layer_path}.{kind}", ctx)
+        if ctx.build:
+            modules.append(planned.make())
+        parameters += planned.parameters
+        signal = planned.output
+    return signal, parameters, modules
+
+
+def _plan_model(model_spec: job_pb2.ModelSpec, input_shape: Any, input_dtype: Any, path: str,
+                ctx: _Context) -> tuple[_Signal, int, list[nn.Module]]:
+    shape = tuple(int(n) for n in input_shape)
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"input_shape must be one sample's non-empty shape, got {input_shape}")
+    integer = None
+    if input_dtype is not None:
+        kind = np.dtype(input_dtype).kind
+        if kind not in "iuf":
+            raise ValueError(f"input_dtype must be an integer or float type, got {input_dtype}")
+        integer = kind in "iu"
+    if not model_spec.layers:
+        raise SpecError(f"{path}.layers", "a model needs at least one layer")
+    return _walk(model_spec.layers, _Signal(shape, integer), f"{path}.layers", ctx)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+def build_model(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...],
+                dtype: Any = np.float32, *, seed: int | None = None, input_dtype: Any = None,
+                path: str = "model") -> nn.Sequential:
+    """The engine model for `model_spec`, given one sample's `input_shape` (e.g. (64,)).
+
+    Children are named "0", "1", ... (state_dict keys "0.weight", "0.bias", as
+    torch.nn.Sequential), recurrent layers run batch first. `seed` fixes the initial weights
+    (None: the engine's global generator, as torch's default); dropout masks always come from
+    the engine's generator. `input_dtype` is the data's feature type: an integer type says the
+    features are tokens (for embedding); None means not known, which skips the checks that
+    depend on it.
+    """
+    rng = np.random.default_rng(seed) if seed is not None else None
+    ctx = _Context(dtype=np.dtype(dtype), rng=rng, build=True)
+    _, _, modules = _plan_model(model_spec, input_shape, input_dtype, path, ctx)
+    return nn.Sequential(*modules)
+
+
+def output_shape(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...],
+                 input_dtype: Any = None, path: str = "model") -> tuple[int, ...]:
+    """One sample's output shape, without building anything."""
+    ctx = _Context(dtype=np.float32, rng=None, build=False)
+    return _plan_model(model_spec, input_shape, input_dtype, path, ctx)[0].shape
+
+
+def output_features(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...],
+                    input_dtype: Any = None, path: str = "model") -> int:
+    """The width of the model's output vector; a SpecError when the output is not one vector
+    per sample (a sequence needs last_step or flatten before the losses)."""
+    shape = output_shape(model_spec, input_shape, input_dtype, path)
+    if len(shape) != 1:
+        raise SpecError(f"{path}.layers", f"the model outputs shape {shape} per sample; the "
+                                          f"losses need one vector per sample (end a sequence "
+                                          f"with last_step or flatten)")
+    return shape[0]
+
+
+def count_parameters(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...],
+                     input_dtype: Any = None) -> int:
+    """Trainable parameters of the model, counted without allocating them."""
+    ctx = _Context(dtype=np.float32, rng=None, build=False)
+    return _plan_model(model_spec, input_shape, input_dtype, "model", ctx)[1]
+
+
+def check_model_fits_data(spec: job_pb2.JobSpec, input_shape: tuple[int, ...], *, task: str,
+                          num_classes: int = 0, target_shape: tuple[int, ...] = (),
+                          input_dtype: Any = None) -> None:
+    """SpecError unless the model's output, the loss and the data's targets agree.
+
+    `task` is "classification" (integer labels 0..num_classes-1) or "regression" (float
+    targets of `target_shape`, e.g. (1,)).
+    """
+    loss = _loss_name(spec)
+    width = output_features(spec.model, input_shape, input_dtype)
+    last = f"model.layers[{len(spec.model.layers) - 1}]"
+    if loss == "cross_entropy":
+        if task != "classification":
+            raise SpecError("loss", f"cross_entropy needs class labels, but the data set is "
+                                    f"{task}; use mse or l1")
+        if width != num_classes:
+            raise SpecError(last, f"the model outputs {width} values per sample but the data "
+                                  f"set has {num_classes} classes; the output must be "
+                                  f"{num_classes} wide")
+        return
+    if loss == "binary_cross_entropy_with_logits" and task == "classification":
+        if num_classes > 2 or width != 1:
+            raise SpecError(last if num_classes <= 2 else "loss",
+                            f"binary_cross_entropy_with_logits on class labels needs 2 classes "
+                            f"and 1 output; got {num_classes} classes and {width} outputs")
+        return
+    if task != "regression":
+        raise SpecError("loss", f"{loss} needs float targets, but the data set has class labels; "
+                                f"use cross_entropy")
+    expected = math.prod(target_shape) if target_shape else 1
+    if width != expected:
+        raise SpecError(last, f"the model outputs {width} values per sample but the targets "
+                              f"have {expected}")
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def _loss_name(spec: job_pb2.JobSpec) -> str:
+    if not spec.loss:
+        raise SpecError("loss", f"required: one of {', '.join(LOSSES)}")
+    if spec.loss not in LOSSES:
+        raise SpecError("loss", f"unknown loss {spec.loss!r}; one of {', '.join(LOSSES)}")
+    return spec.loss
+
+
+@dataclass(frozen=True)
+class Loss:
+    """loss(output, target) -> scalar Tensor.
+
+    reduction "mean" is PyTorch's. reduction "sum" adds the per-sample losses (each sample's
+    elements averaged, so with k outputs a sample weighs as in "mean"): summed over a batch's
+    micro-shards and divided by the GLOBAL batch size, it equals the "mean" loss of the whole
+    batch, and so do its gradients, however the batch was cut.
+    """
+
+    name: str
+    reduction: str
+    label_smoothing: float = 0.0
+
+    def __call__(self, output: Tensor, target: Any) -> Tensor:
+        if self.name == "cross_entropy":
+            return F.cross_entropy(output, target, self.reduction, self.label_smoothing)
+        elementwise = {"mse": F.mse_loss, "l1": F.l1_loss,
+                       "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits}
+        function = elementwise[self.name]
+        target = _float_target(output, target)
+        if self.reduction == "mean":
+            return function(output, target, reduction="mean")
+        per_element = function(output, target, reduction="none")
+        if per_element.ndim > 1 and per_element.size > len(per_element):
+            per_element = per_element.mean(axis=tuple(range(1, per_element.ndim)))
+        return per_element.sum()
+
+
+def _float_target(output: Tensor, target: Any) -> np.ndarray:
+    """Targets in the output's dtype; integer labels (n,) against an (n, 1) output (binary
+    classification) become an (n, 1) column."""
+    target = np.asarray(getattr(target, "data", target))
+    if target.ndim == 1 and output.ndim == 2 and output.shape[1] == 1:
+        target = target.reshape(-1, 1)
+    return target.astype(output.dtype, copy=False)
+
+
+def build_loss(spec: job_pb2.JobSpec, reduction: str = "mean") -> Loss:
+    """The spec's loss as a callable (output, target) -> Tensor; see `Loss` for "sum"."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    name = _loss_name(spec)
+    smoothing = spec.label_smoothing
+    if smoothing and name != "cross_entropy":
+        raise SpecError("label_smoothing", f"only applies to cross_entropy, not {name}")
+    _in_range(smoothing, "label_smoothing", 0.0, 1.0, high_open=False)
+    return Loss(name, reduction, smoothing)
+
+
+# --- optimizer, schedule, clipping, dtype ------------------------------------------------------
+
+
+def _field_path(prefix: str, error: ValueError, renames: dict[str, str] | None = None) -> SpecError:
+    """A hyperparameter dataclass's "AdamHyper.betas[0] must be ..." as a SpecError on
+    prefix.betas[0]."""
+    text = str(error)
+    match = re.match(r"^\w+\.(\w+(?:\[\d+\])?) (.*)$", text, re.DOTALL)
+    if match is None:
+        return SpecError(prefix, text)
+    field = (renames or {}).get(match.group(1), match.group(1))
+    return SpecError(f"{prefix}.{field}", match.group(2))
+
+
+def build_optimizer(spec: job_pb2.JobSpec | job_pb2.OptimizerSpec) -> tuple[str, Any]:
+    """(rule name in worker.backprop.optim.RULES, its hyperparameter dataclass).
+
+    Fields left unset take PyTorch's defaults (the dataclasses' defaults); an unset optimizer
+    is Adam with its defaults.
+    """
+    optimizer = spec.optimizer if isinstance(spec, job_pb2.JobSpec) else spec
+    kind = optimizer.WhichOneof("rule")
+    if kind is None:
+        return "adam", AdamHyper()
+    path = f"optimizer.{kind}"
+    rule = RULES.get(kind)
+    if rule is None:
+        raise SpecError("optimizer", f"optimizer {kind!r} is not supported by this worker")
+    message = getattr(optimizer, kind)
+    values: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.has_presence:
+            if message.HasField(field.name):
+                values[field.name] = value
+        elif field.type == field.TYPE_BOOL:
+            if value:
+                values[field.name] = True
+        elif len(value):  # repeated: betas
+            if len(value) != 2:
+                raise SpecError(f"{path}.{field.name}", f"needs exactly 2 numbers, got "
+                                                        f"{len(value)}")
+            values[field.name] = tuple(value)
+    renames = {}
+    if kind == "adafactor":  # PyTorch's eps is the pair (eps1 or None, eps2)
+        default_eps = _default(rule.hyper_type, "eps")
+        if "eps1" in values or "eps2" in values:
+            values["eps"] = (values.pop("eps1", default_eps[0]),
+                             values.pop("eps2", default_eps[1]))
+        renames = {"eps[0]": "eps1", "eps[1]": "eps2"}
+    lr = values.get("lr", _default(rule.hyper_type, "lr"))
+    if not lr > 0:
+        raise SpecError(f"{path}.lr", f"must be > 0, got {lr:g}")
+    known = {field.name for field in dataclasses.fields(rule.hyper_type)}
+    for name in values:
+        if name not in known:
+            raise SpecError(f"{path}.{name}", f"not supported by this worker's {kind}")
+    try:
+        return kind, rule.hyper_type(**values)
+    except ValueError as error:
+        raise _field_path(path, error, renames) from error
+
+
+def _default(hyper_type: type, name: str) -> Any:
+    return next(field.default for field in dataclasses.fields(hyper_type) if field.name == name)
+
+
+def build_schedule(spec: job_pb2.JobSpec, total_steps: int) -> Schedule:
+    """The learning rate as a function of the step, from the optimizer's lr as base rate.
+
+    `total_steps` is the job's number of optimizer steps, the cosine's default length.
+    """
+    _, hyper = build_optimizer(spec)
+    base_lr = hyper.lr
+    kind = spec.schedule.WhichOneof("schedule")
+    if kind is None or kind == "constant":
+        return Constant(base_lr)
+    cfg = getattr(spec.schedule, kind)
+    path = f"schedule.{kind}"
+    try:
+        if kind == "step_decay":
+            gamma = cfg.gamma if cfg.HasField("gamma") else 0.1
+            return StepDecay(base_lr, cfg.step_size, gamma)
+        if kind == "exponential":
+            return Exponential(base_lr, cfg.gamma)
+        if kind == "linear_warmup":
+            return LinearWarmup(base_lr, cfg.warmup_steps, cfg.start_factor)
+        if kind == "cosine_with_warmup":
+            total = cfg.total_steps or total_steps
+            if not cfg.total_steps and total <= cfg.warmup_steps:
+                raise SpecError(f"{path}.warmup_steps",
+                                f"must be less than the job's {total} optimizer steps, got "
+                                f"{cfg.warmup_steps}")
+            return CosineWithWarmup(base_lr, cfg.warmup_steps, total, cfg.min_lr_ratio,
+                                    cfg.start_factor)
+    except SpecError:
+        raise
+    except ValueError as error:
+        raise _field_path(path, error) from error
+    raise SpecError("schedule", f"schedule {kind!r} is not supported by this worker")
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """Global gradient clipping: None means off."""
+
+    max_norm: float | None = None
+    max_value: float | None = None
+
+
+def build_clipping(spec: job_pb2.JobSpec) -> Clipping:
+    values = {}
+    for name in ("max_norm", "max_value"):
+        if spec.clipping.HasField(name):
+            value = getattr(spec.clipping, name)
+            if not value > 0:
+                raise SpecError(f"clipping.{name}", f"must be > 0, got {value:g}")
+            values[name] = value
+    return Clipping(**values)
+
+
+def resolve_dtype(spec: job_pb2.JobSpec) -> np.dtype:
+    """The spec's float type: float32 unless it says "float64"."""
+    if spec.dtype not in DTYPES:
+        raise SpecError("dtype", f"must be 'float32' or 'float64', got {spec.dtype!r}")
+    return np.dtype(DTYPES[spec.dtype])
