@@ -222,10 +222,15 @@ class JobRunner:
         blocks = [list(block) for block in _split_evenly(micro_shards, settings.workers)]
         lr = self.schedule.lr_at(step - 1)
         buffers = self._master_buffers()
-        results = self._compute_blocks(step, blocks, samples, buffers)
-        if self.max_norm is None:
+        outcomes = None
+        if self.max_norm is None and len(self.alive) == len(blocks):
+            results, outcomes = self._chained_step(step, blocks, samples, buffers, lr)
+        else:
+            results = self._compute_blocks(step, blocks, samples, buffers)
+        if outcomes is None and self.max_norm is None:
             outcomes = ray.get([shard.reduce_and_apply.remote(settings.workers, lr)
                                 for shard in self.shards], timeout=settings.step_timeout_seconds)
+        if outcomes is not None:
             reduced = [r for r, _ in outcomes]
             applied = [a for _, a in outcomes]
         else:
@@ -266,6 +271,24 @@ class JobRunner:
             parameter_bytes=self.layout.nbytes,
             workers=len(self.alive),
         )
+
+    def _chained_step(self, step: int, blocks: list[list], samples: int, buffers: dict | None,
+                      lr: float) -> tuple[list[BlockResult], list | None]:
+        """The fast path: workers and shards submitted together, the shards waiting on the
+        workers' refs inside Ray. If a worker fails, the shards' calls fail before touching
+        anything (a dependency is missing), and the step is redone on the recovering path."""
+        timeout = self.settings.step_timeout_seconds
+        calls = [self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
+                 for b, w in enumerate(self.alive)]
+        shard_calls = [shard.reduce_and_apply.remote(self.settings.workers, lr, *calls)
+                       for shard in self.shards]
+        try:
+            return ray.get(calls, timeout=timeout), ray.get(shard_calls, timeout=timeout)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                ray.exceptions.RayTaskError):
+            for call in shard_calls:
+                ray.cancel(call)
+            return self._compute_blocks(step, blocks, samples, buffers), None
 
     def _compute_blocks(self, step: int, blocks: list[list], samples: int,
                         buffers: dict | None) -> list[BlockResult]:

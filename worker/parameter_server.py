@@ -114,9 +114,11 @@ class ParameterServerShard:
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
         return ApplyResult(time.perf_counter() - start, self.parameters.nbytes)
 
-    def reduce_and_apply(self, active_blocks: int, lr: float) -> tuple[ReduceResult, ApplyResult]:
+    def reduce_and_apply(self, active_blocks: int, lr: float,
+                         *_workers_done: object) -> tuple[ReduceResult, ApplyResult]:
         """Both halves in one call, when no global norm is needed between them (no norm
-        clipping)."""
+        clipping). The runner passes the workers' result refs as `_workers_done`, so Ray starts
+        this call the moment the blocks are written, with no round trip through the runner."""
         return self.reduce(active_blocks), self.apply(lr)
 
     # --- checkpoints ---------------------------------------------------------------------
