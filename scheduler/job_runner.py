@@ -31,6 +31,7 @@ import numpy as np
 import ray
 
 from chainrule.v1 import job_pb2
+from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset
 from scheduler.placement import Placement, reserve
 from scheduler.records import (
@@ -110,8 +111,12 @@ class JobRunner:
         on_step: Callable[[StepRecord], None] | None = None,
         on_evaluation: Callable[[EvaluationRecord], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
+        resume_from: Checkpoint | None = None,
     ):
         self.spec, self.dataset = spec, dataset
+        self.on_checkpoint = on_checkpoint
+        self.resume_from = resume_from
         self.settings = RunSettings.of(spec, workers, parameter_servers, step_timeout_seconds)
         self.on_step = on_step or (lambda record: None)
         self.on_evaluation = on_evaluation or (lambda record: None)
@@ -121,8 +126,11 @@ class JobRunner:
         self.sampler = EpochSampler(len(dataset.x), self.settings.batch_size,
                                     self.settings.micro_shards, spec.seed, spec.data.shuffle
                                     if spec.data.HasField("shuffle") else True)
-        steps_per_epoch = math.ceil(self.sampler.steps_per_epoch / self.settings.accumulation)
-        self.total_steps = steps_per_epoch * self.settings.epochs
+        self.groups_per_epoch = math.ceil(self.sampler.steps_per_epoch
+                                          / self.settings.accumulation)
+        self.total_steps = self.groups_per_epoch * self.settings.epochs
+        # 0: a checkpoint at the end of each epoch (only when someone takes checkpoints)
+        self.checkpoint_interval = spec.checkpoint.interval_steps or self.groups_per_epoch
         self.schedule = build_schedule(spec, self.total_steps)
         self.max_norm = spec.clipping.max_norm if spec.clipping.HasField("max_norm") else None
 
@@ -154,6 +162,8 @@ class JobRunner:
                                 self.spec.resources.cpus_per_worker,
                                 self.spec.resources.placement_strategy)
             self._start_actors(placement, replica_setup, parameters, blocks)
+            if self.resume_from is not None:
+                self._restore(self.resume_from)
             return self._train()
         finally:
             for actor in self.replicas + self.shards:
@@ -194,25 +204,59 @@ class JobRunner:
 
     def _train(self) -> TrainingResult:
         settings = self.settings
-        step, stopped = 0, False
-        for epoch in range(settings.epochs):
-            batches = self.sampler.epoch(epoch)
-            for first in range(0, len(batches), settings.accumulation):
-                if self.should_stop():
-                    stopped = True
-                    break
-                group = batches[first:first + settings.accumulation]
-                step += 1
-                record = self._step(step, epoch, group)
-                self.history.steps.append(record)
-                self.on_step(record)
-                if settings.evaluation_interval and step % settings.evaluation_interval == 0:
-                    self._evaluate(step, epoch)
-            if stopped:
+        step = self.resume_from.step if self.resume_from is not None else 0
+        epoch, stopped = step // self.groups_per_epoch, False
+        while step < self.total_steps:
+            epoch = step // self.groups_per_epoch
+            if self.should_stop():
+                stopped = True
                 break
-        final = self._evaluate(step, epoch) if self.dataset.x_val is not None else None
+            batches = self.sampler.epoch(epoch)  # cheap: a permutation of the sample indices
+            first = (step % self.groups_per_epoch) * settings.accumulation
+            group = batches[first:first + settings.accumulation]
+            step += 1
+            record = self._step(step, epoch, group)
+            self.history.steps.append(record)
+            self.on_step(record)
+            if settings.evaluation_interval and step % settings.evaluation_interval == 0:
+                self._evaluate(step, epoch)
+            if self.on_checkpoint is not None and step % self.checkpoint_interval == 0:
+                self.on_checkpoint(self.checkpoint(step))
+        if stopped and self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint(step))
+        final = None
+        if self.dataset.x_val is not None and not stopped:
+            final = self._evaluate(step, epoch)
         return TrainingResult(self._state_dict(), self.history, final, step, stopped,
                               self.actor_nodes)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        """The job's state now (between steps): parameters, buffers, whole optimizer state."""
+        timeout = self.settings.step_timeout_seconds
+        shard_states = ray.get([shard.state.remote() for shard in self.shards], timeout=timeout)
+        optimizer_steps = shard_states[0][0]
+        if _is_elementwise(self.rule_name):
+            keys = shard_states[0][1].keys()
+            state = {key: np.concatenate([part[key] for _, part in shard_states])
+                     for key in keys}
+        else:
+            state = {key: value for _, part in shard_states for key, value in part.items()}
+        return Checkpoint(step, np.array(self.parameters), optimizer_steps, state,
+                          self.evaluator.buffer_values() if self.evaluator.buffer_names else {})
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.parameters.shape != self.parameters.shape:
+            raise ValueError(
+                f"checkpoint has {checkpoint.parameters.size} parameters, the model "
+                f"{self.parameters.size}: it belongs to another model"
+            )
+        self.parameters[:] = checkpoint.parameters
+        ray.get([shard.load_state.remote(checkpoint.optimizer_steps, checkpoint.optimizer_state)
+                 for shard in self.shards], timeout=self.settings.step_timeout_seconds)
+        if checkpoint.buffers:
+            self.evaluator.load_buffers(checkpoint.buffers)
 
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
@@ -275,49 +319,66 @@ class JobRunner:
     def _chained_step(self, step: int, blocks: list[list], samples: int, buffers: dict | None,
                       lr: float) -> tuple[list[BlockResult], list | None]:
         """The fast path: workers and shards submitted together, the shards waiting on the
-        workers' refs inside Ray. If a worker fails, the shards' calls fail before touching
-        anything (a dependency is missing), and the step is redone on the recovering path."""
+        workers' refs inside Ray. If a worker fails, the shards' calls fail on the missing
+        result before touching anything; the missing blocks are then recomputed by survivors
+        and the caller runs the shards again."""
         timeout = self.settings.step_timeout_seconds
+        owners = list(self.alive)
         calls = [self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
-                 for b, w in enumerate(self.alive)]
+                 for b, w in enumerate(owners)]
         shard_calls = [shard.reduce_and_apply.remote(self.settings.workers, lr, *calls)
                        for shard in self.shards]
-        try:
-            return ray.get(calls, timeout=timeout), ray.get(shard_calls, timeout=timeout)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                ray.exceptions.RayTaskError):
-            for call in shard_calls:
-                ray.cancel(call)
-            return self._compute_blocks(step, blocks, samples, buffers), None
+        done, failed = self._collect(calls, owners, timeout)
+        if not failed:
+            return [done[b] for b in range(len(blocks))], ray.get(shard_calls, timeout=timeout)
+        self._drop_workers(failed)
+        # The shard calls now fail on the missing result; wait for that before going on, so
+        # none of them can run later.
+        ray.wait(shard_calls, num_returns=len(shard_calls), timeout=timeout)
+        return self._compute_blocks(step, blocks, samples, buffers, done), None
 
     def _compute_blocks(self, step: int, blocks: list[list], samples: int,
-                        buffers: dict | None) -> list[BlockResult]:
-        """Every block's gradient, recomputing the blocks of workers that fail or time out."""
-        pending = {b: self.alive[b % len(self.alive)] for b in range(len(blocks))}
-        results: dict[int, BlockResult] = {}
-        while pending:
-            calls = {b: self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
-                     for b, w in pending.items()}
-            ready, _ = ray.wait(list(calls.values()), num_returns=len(calls),
-                                timeout=self.settings.step_timeout_seconds)
-            failed = set()
-            for b, ref in calls.items():
-                if ref not in ready:
-                    failed.add(pending[b])
-                    continue
-                try:
-                    results[b] = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    failed.add(pending[b])
-            for worker in failed:
-                ray.kill(self.replicas[worker])
+                        buffers: dict | None,
+                        done: dict[int, BlockResult] | None = None) -> list[BlockResult]:
+        """Every block's gradient (those not `done` yet), recomputing the blocks of workers
+        that fail or miss the deadline on the survivors."""
+        results = dict(done or {})
+        while len(results) < len(blocks):
+            if not self.alive:
+                raise WorkerLost("every worker of the job failed")
+            missing = [b for b in range(len(blocks)) if b not in results]
+            owners = [self.alive[i % len(self.alive)] for i in range(len(missing))]
+            calls = [self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
+                     for b, w in zip(missing, owners)]
+            finished, failed = self._collect(calls, owners, self.settings.step_timeout_seconds,
+                                             blocks=missing)
+            results.update(finished)
+            self._drop_workers(failed)
+        return [results[b] for b in range(len(blocks))]
+
+    def _collect(self, calls: list, owners: list[int], timeout: float,
+                 blocks: list[int] | None = None) -> tuple[dict[int, BlockResult], set[int]]:
+        """The block results that arrived by the deadline, and the workers that failed."""
+        blocks = blocks if blocks is not None else list(range(len(calls)))
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+        ready = set(ready)
+        done, failed = {}, set()
+        for block, owner, call in zip(blocks, owners, calls):
+            if call not in ready:
+                failed.add(owner)  # silent past the deadline: a failed peer (no hang)
+                continue
+            try:
+                done[block] = ray.get(call)
+            except ray.exceptions.RayActorError:
+                failed.add(owner)
+        return done, failed
+
+    def _drop_workers(self, workers: set[int]) -> None:
+        for worker in workers:
+            ray.kill(self.replicas[worker])  # a late worker must not write its block later
+            if worker in self.alive:
                 self.alive.remove(worker)
                 self.history.worker_failures += 1
-            if failed and not self.alive:
-                raise WorkerLost("every worker of the job failed")
-            pending = {b: self.alive[i % len(self.alive)]
-                       for i, b in enumerate(b for b in range(len(blocks)) if b not in results)}
-        return [results[b] for b in range(len(blocks))]
 
     # --- buffers (BatchNorm running statistics) ----------------------------------------------
 

@@ -123,14 +123,29 @@ class ParameterServerShard:
 
     # --- checkpoints ---------------------------------------------------------------------
 
-    def state(self) -> dict:
-        """This shard's optimizer state, for checkpoints (plain arrays, no pickle needed)."""
-        return {"steps_taken": self.steps_taken,
-                "states": [{key: np.array(value) for key, value in state.items()}
-                           for state in self.states]}
+    def state(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(optimizer steps, state) with keys that do not depend on how the vector is sharded:
+        elementwise rules give their slice of each state array under the array's name (the
+        runner concatenates the shards' slices); others give "parameter/key" per parameter."""
+        if self.rule.elementwise:
+            return self.steps_taken, {key: np.array(value)
+                                      for key, value in self.states[0].items()}
+        named = {}
+        for (_, local, _), state in zip(self.pieces, self.states):
+            (slot, _, _), = self.setup.layout.slots_within(self.lo + local.start,
+                                                          self.lo + local.stop)
+            named.update({f"{slot.name}/{key}": np.array(value) for key, value in state.items()})
+        return self.steps_taken, named
 
-    def load_state(self, saved: dict) -> None:
-        self.steps_taken = int(saved["steps_taken"])
-        for state, loaded in zip(self.states, saved["states"]):
-            for key, value in loaded.items():
-                np.copyto(state[key], value)
+    def load_state(self, steps_taken: int, state: dict[str, np.ndarray]) -> None:
+        """Take this shard's part of a whole-model optimizer state (see `state`)."""
+        self.steps_taken = steps_taken
+        if self.rule.elementwise:
+            for key, value in self.states[0].items():
+                np.copyto(value, state[key][self.lo:self.hi])
+            return
+        for (_, local, _), own in zip(self.pieces, self.states):
+            (slot, _, _), = self.setup.layout.slots_within(self.lo + local.start,
+                                                          self.lo + local.stop)
+            for key, value in own.items():
+                np.copyto(value, state[f"{slot.name}/{key}"])

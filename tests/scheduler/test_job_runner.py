@@ -164,3 +164,26 @@ def test_the_trained_model_is_evaluated_on_the_validation_split(local_ray):
     assert result.final_evaluation.samples == len(digits(spec).x_val) == 359
     assert result.final_evaluation.accuracy > 0.9
     assert result.history.steps[-1].loss < result.history.steps[0].loss
+
+
+def test_a_stopped_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_weights(
+        one_worker_float32, tmp_path):
+    from scheduler.checkpoint import load_checkpoint, save_checkpoint
+
+    spec = spec_with()
+    saved = []
+    stop_after = 7
+    first = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
+                      on_checkpoint=lambda c: saved.append(save_checkpoint(
+                          tmp_path / f"step-{c.step}.npz", c)))
+    first.should_stop = lambda: len(first.history.steps) >= stop_after
+    stopped = first.run()
+    assert stopped.stopped_early and stopped.steps == stop_after
+    checkpoint = load_checkpoint(saved[-1])
+    assert checkpoint.step == stop_after
+    # Resumed with another worker and shard count: the state does not depend on them.
+    resumed = JobRunner(spec, digits(spec), workers=1, parameter_servers=3,
+                        resume_from=checkpoint).run()
+    assert resumed.steps == stopped.steps + len(resumed.history.steps)
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(resumed.state_dict[key], value), key
