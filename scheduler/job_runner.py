@@ -113,7 +113,14 @@ class JobRunner:
         should_stop: Callable[[], bool] | None = None,
         on_checkpoint: Callable[[Checkpoint], None] | None = None,
         resume_from: Checkpoint | None = None,
+        cpus_per_worker: float | None = None,
+        placement_timeout_seconds: float = 60.0,
     ):
+        """`cpus_per_worker` overrides the spec's (the service divides the cluster between
+        concurrent jobs); `placement_timeout_seconds` bounds the wait for room on the cluster."""
+        self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
+                                else spec.resources.cpus_per_worker)
+        self.placement_timeout_seconds = placement_timeout_seconds
         self.spec, self.dataset = spec, dataset
         self.on_checkpoint = on_checkpoint
         self.resume_from = resume_from
@@ -158,9 +165,9 @@ class JobRunner:
             # copy of the buffers (BatchNorm statistics); it computes no training gradients.
             self.evaluator = ModelReplica(replica_setup, self.dataset.x[:1], self.dataset.y[:1],
                                           limit_threads=False)
-            placement = reserve(settings.workers, settings.shards,
-                                self.spec.resources.cpus_per_worker,
-                                self.spec.resources.placement_strategy)
+            placement = reserve(settings.workers, settings.shards, self.cpus_per_worker,
+                                self.spec.resources.placement_strategy,
+                                self.placement_timeout_seconds)
             self._start_actors(placement, replica_setup, parameters, blocks)
             if self.resume_from is not None:
                 self._restore(self.resume_from)
@@ -314,6 +321,7 @@ class JobRunner:
             bytes_received_per_worker=sum(a.bytes_updated for a in applied),
             parameter_bytes=self.layout.nbytes,
             workers=len(self.alive),
+            worker_failures=self.history.worker_failures,
         )
 
     def _chained_step(self, step: int, blocks: list[list], samples: int, buffers: dict | None,

@@ -37,7 +37,8 @@ class StepRecord:
     bytes_sent_per_worker: int  # counted where written: the gradient block
     bytes_received_per_worker: int  # counted where written: the updated parameter slices
     parameter_bytes: int  # the model's parameter vector, for scale
-    workers: int
+    workers: int  # workers alive at the end of the step
+    worker_failures: int  # workers lost since the job started (cumulative)
 
     @property
     def samples_per_second(self) -> float:
