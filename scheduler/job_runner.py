@@ -45,8 +45,24 @@ from worker.backprop.optim.clip import clip_coefficient
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_model, build_optimizer, build_schedule
 from worker.parameter_server import ParameterServerShard, ShardSetup
-from worker.replica import BlockResult, ModelReplica, ReplicaSetup
+from worker.replica import ModelReplica, ReplicaSetup, StepPlanSpec
 from worker.shared_memory import SharedArrayGroup, host_identity
+from worker.step_channel import (
+    APPLY,
+    COMPUTE,
+    REDUCE_AND_APPLY,
+    REDUCE_THEN_WAIT,
+    SHARD_APPLIED,
+    SHARD_REDUCED,
+    STOP,
+    WORKER_REPORT,
+    Channel,
+    ChannelPaths,
+    ChannelTimeout,
+    Report,
+    ShardCommand,
+    WorkerCommand,
+)
 
 DEFAULT_MICRO_SHARDS = 4  # fixed by the spec, never by the worker count (see BRIEF invariant 1)
 
@@ -57,6 +73,14 @@ RemoteShard = ray.remote(ParameterServerShard)
 
 class WorkerLost(RuntimeError):
     """Every worker of the job failed."""
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on: an error in its computation, or a lost parameter-server shard."""
+
+
+# How often the runner, waiting for a step's reports, checks whether a peer has died.
+LIVENESS_CHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -171,27 +195,66 @@ class JobRunner:
             self._start_actors(placement, replica_setup, parameters, blocks)
             if self.resume_from is not None:
                 self._restore(self.resume_from)
+            self._start_step_loops()
             return self._train()
         finally:
+            self._stop_step_loops()
             for actor in self.replicas + self.shards:
                 ray.kill(actor)
             if placement is not None:
                 placement.release()
             self.shared.remove()
 
+    def _start_step_loops(self) -> None:
+        """Shared step plan, norm table and pipes; then every actor's step loop."""
+        settings = self.settings
+        micro_count = settings.micro_shards * settings.accumulation
+        create = self.shared.create
+        buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
+        plan = StepPlanSpec(
+            create("plan-indices", (settings.batch_size * settings.accumulation,), "int64"),
+            create("plan-offsets", (micro_count + 1,), "int64"),
+            create("master-buffers", (buffer_size,), settings.dtype) if buffer_size else None,
+            create("micro-shard-buffers", (micro_count, buffer_size), settings.dtype)
+            if buffer_size else None,
+        )
+        norms = create("parameter-norms", (settings.shards, len(self.layout.slots)), "float64")
+        self.plan_indices, self.plan_offsets = plan.indices.attach(), plan.offsets.attach()
+        self.master_buffers = plan.master_buffers.attach() if buffer_size else None
+        self.micro_shard_buffers = plan.micro_shard_buffers.attach() if buffer_size else None
+        self.norm_table = norms.attach()
+        self.channels = ChannelPaths(str(self.shared.directory), settings.workers,
+                                     settings.shards)
+        self.channels.create_all()
+        self.inbox = Channel(self.channels.runner())
+        self.worker_inboxes = [Channel(self.channels.worker(w)) for w in range(settings.workers)]
+        self.shard_inboxes = [Channel(self.channels.shard_commands(k))
+                              for k in range(settings.shards)]
+        self.worker_loops = [replica.serve.remote(self.channels, w, plan)
+                             for w, replica in enumerate(self.replicas)]
+        self.shard_loops = [shard.serve.remote(self.channels, norms) for shard in self.shards]
+
+    def _stop_step_loops(self) -> None:
+        for inbox in getattr(self, "worker_inboxes", []):
+            inbox.send(WorkerCommand(STOP, 0, 0, 0, 0, 0))
+        for inbox in getattr(self, "shard_inboxes", []):
+            inbox.send(ShardCommand(STOP, 0, 0, 0.0, 0.0))
+
     def _start_actors(self, placement: Placement, replica_setup: ReplicaSetup, parameters,
                       blocks) -> None:
         settings = self.settings
         x_ref, y_ref = ray.put(self.dataset.x), ray.put(self.dataset.y)
         worker_setup = dataclasses.replace(replica_setup, blas_threads=placement.blas_threads)
-        self.replicas = [RemoteReplica.options(**placement.worker_options(w))
+        # max_concurrency 2: the step loop runs in one thread, the runner's occasional calls
+        # (location, checkpoint state, last error) in the other, between steps.
+        self.replicas = [RemoteReplica.options(**placement.worker_options(w), max_concurrency=2)
                          .remote(worker_setup, x_ref, y_ref) for w in range(settings.workers)]
         align = not _is_elementwise(self.rule_name)
         bounds = self.layout.shard_bounds(settings.shards, align_to_parameters=align)
         clip_value = (self.spec.clipping.max_value
                       if self.spec.clipping.HasField("max_value") else None)
         self.shards = [
-            RemoteShard.options(**placement.shard_options(k)).remote(ShardSetup(
+            RemoteShard.options(**placement.shard_options(k), max_concurrency=2).remote(ShardSetup(
                 k, bounds[k], self.layout, parameters, blocks, self.rule_name, self.hyper,
                 clip_value))
             for k in range(settings.shards)
@@ -269,144 +332,141 @@ class JobRunner:
         start = time.perf_counter()
         settings = self.settings
         micro_shards = _micro_shards_in_tree_order(group)
-        samples = sum(len(indices) for _, indices in micro_shards)
-        blocks = [list(block) for block in _split_evenly(micro_shards, settings.workers)]
+        samples = self._write_plan(micro_shards)
         lr = self.schedule.lr_at(step - 1)
-        buffers = self._master_buffers()
-        outcomes = None
-        if self.max_norm is None and len(self.alive) == len(blocks):
-            results, outcomes = self._chained_step(step, blocks, samples, buffers, lr)
-        else:
-            results = self._compute_blocks(step, blocks, samples, buffers)
-        if outcomes is None and self.max_norm is None:
-            outcomes = ray.get([shard.reduce_and_apply.remote(settings.workers, lr)
-                                for shard in self.shards], timeout=settings.step_timeout_seconds)
-        if outcomes is not None:
-            reduced = [r for r, _ in outcomes]
-            applied = [a for _, a in outcomes]
-        else:
-            reduced = ray.get([shard.reduce.remote(settings.workers) for shard in self.shards],
-                              timeout=settings.step_timeout_seconds)
-            total_norm = math.sqrt(sum(r.squared_norm for r in reduced))
-            coefficient = clip_coefficient(total_norm, self.max_norm)
-            applied = ray.get([shard.apply.remote(lr, coefficient) for shard in self.shards],
-                              timeout=settings.step_timeout_seconds)
-        self._average_buffers(results)
+        if self.master_buffers is not None:
+            self.master_buffers[:] = self.evaluator.flatten_buffers(
+                self.evaluator.buffer_values())
+        blocks = _split_evenly(list(range(len(micro_shards))), settings.workers)
+        self.block_ranges = [(b[0], b[-1] + 1) if b else (0, 0) for b in blocks]
+        self.owners = {}
+        for block in range(settings.workers):
+            self._send_block(step, block, self.alive[block % len(self.alive)], samples)
+        clipping = self.max_norm is not None
+        for inbox in self.shard_inboxes:
+            inbox.send(ShardCommand(REDUCE_THEN_WAIT if clipping else REDUCE_AND_APPLY, step,
+                                    settings.workers, lr, 1.0))
+        block_reports, applied = self._await_step(step, samples, lr)
+        if self.micro_shard_buffers is not None:
+            self._average_buffers(len(micro_shards))
         wall = time.perf_counter() - start
-        computes = [r.seconds for r in results]
+        computes = [r.d for r in block_reports]
+        compute, apply_ = max(computes), max(r.c for r in applied)
+        # The reduce-scatter: the workers writing their blocks, then the shards summing them.
+        reduce_ = max(r.f for r in block_reports) + max(r.b for r in applied)
         timings = StepTimings(
-            compute=max(computes),
-            reduce=max(r.seconds for r in reduced),
-            apply=max(a.seconds for a in applied),
+            compute=compute, reduce=reduce_, apply=apply_,
             gather=0.0,  # the replicas read the updated parameters in place
-            wait=0.0,
-            wall=wall,
-            straggler_spread=max(computes) - statistics.median(computes),
+            wait=max(0.0, wall - compute - reduce_ - apply_), wall=wall,
+            straggler_spread=compute - statistics.median(computes),
         )
-        busy = timings.compute + timings.reduce + timings.apply
-        timings = StepTimings(**{**timings.__dict__, "wait": max(0.0, wall - busy)})
-        per_parameter: dict[str, float] = {}
-        for r in reduced:
-            for name, value in r.parameter_squared_norms.items():
-                per_parameter[name] = per_parameter.get(name, 0.0) + value
+        squared_norms = self.norm_table.sum(axis=0)
         return StepRecord(
             step=step, total_steps=self.total_steps, epoch=epoch, samples=samples,
-            loss=sum(r.loss_sum for r in results) / max(samples, 1),
-            train_correct=sum(r.correct for r in results),
+            loss=sum(r.a for r in block_reports) / max(samples, 1),
+            train_correct=int(sum(r.c for r in block_reports)),
             learning_rate=lr,
-            gradient_norm=math.sqrt(sum(r.squared_norm for r in reduced)),
-            parameter_gradient_norms={k: math.sqrt(v) for k, v in per_parameter.items()},
+            gradient_norm=math.sqrt(sum(r.a for r in applied)),
+            parameter_gradient_norms={slot.name: math.sqrt(value)
+                                      for slot, value in zip(self.layout.slots, squared_norms)},
             timings=timings,
-            bytes_sent_per_worker=max(r.bytes_written for r in results),
-            bytes_received_per_worker=sum(a.bytes_updated for a in applied),
+            bytes_sent_per_worker=int(max(r.e for r in block_reports)),
+            bytes_received_per_worker=int(sum(r.d for r in applied)),
             parameter_bytes=self.layout.nbytes,
             workers=len(self.alive),
             worker_failures=self.history.worker_failures,
         )
 
-    def _chained_step(self, step: int, blocks: list[list], samples: int, buffers: dict | None,
-                      lr: float) -> tuple[list[BlockResult], list | None]:
-        """The fast path: workers and shards submitted together, the shards waiting on the
-        workers' refs inside Ray. If a worker fails, the shards' calls fail on the missing
-        result before touching anything; the missing blocks are then recomputed by survivors
-        and the caller runs the shards again."""
-        timeout = self.settings.step_timeout_seconds
-        owners = list(self.alive)
-        calls = [self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
-                 for b, w in enumerate(owners)]
-        shard_calls = [shard.reduce_and_apply.remote(self.settings.workers, lr, *calls)
-                       for shard in self.shards]
-        done, failed = self._collect(calls, owners, timeout)
-        if not failed:
-            return [done[b] for b in range(len(blocks))], ray.get(shard_calls, timeout=timeout)
-        self._drop_workers(failed)
-        # The shard calls now fail on the missing result; wait for that before going on, so
-        # none of them can run later.
-        ray.wait(shard_calls, num_returns=len(shard_calls), timeout=timeout)
-        return self._compute_blocks(step, blocks, samples, buffers, done), None
+    def _write_plan(self, micro_shards: list[tuple[int, np.ndarray]]) -> int:
+        offset = 0
+        self.plan_offsets[0] = 0
+        for m, (_, indices) in enumerate(micro_shards):
+            self.plan_indices[offset:offset + len(indices)] = indices
+            offset += len(indices)
+            self.plan_offsets[m + 1] = offset
+        return offset
 
-    def _compute_blocks(self, step: int, blocks: list[list], samples: int,
-                        buffers: dict | None,
-                        done: dict[int, BlockResult] | None = None) -> list[BlockResult]:
-        """Every block's gradient (those not `done` yet), recomputing the blocks of workers
-        that fail or miss the deadline on the survivors."""
-        results = dict(done or {})
-        while len(results) < len(blocks):
-            if not self.alive:
-                raise WorkerLost("every worker of the job failed")
-            missing = [b for b in range(len(blocks)) if b not in results]
-            owners = [self.alive[i % len(self.alive)] for i in range(len(missing))]
-            calls = [self.replicas[w].compute.remote(b, blocks[b], step, samples, buffers)
-                     for b, w in zip(missing, owners)]
-            finished, failed = self._collect(calls, owners, self.settings.step_timeout_seconds,
-                                             blocks=missing)
-            results.update(finished)
-            self._drop_workers(failed)
-        return [results[b] for b in range(len(blocks))]
+    def _send_block(self, step: int, block: int, worker: int, samples: int) -> None:
+        lo, hi = self.block_ranges[block]
+        self.owners[block] = worker
+        self.worker_inboxes[worker].send(WorkerCommand(COMPUTE, step, block, lo, hi, samples))
 
-    def _collect(self, calls: list, owners: list[int], timeout: float,
-                 blocks: list[int] | None = None) -> tuple[dict[int, BlockResult], set[int]]:
-        """The block results that arrived by the deadline, and the workers that failed."""
-        blocks = blocks if blocks is not None else list(range(len(calls)))
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout)
-        ready = set(ready)
-        done, failed = {}, set()
-        for block, owner, call in zip(blocks, owners, calls):
-            if call not in ready:
-                failed.add(owner)  # silent past the deadline: a failed peer (no hang)
-                continue
+    def _await_step(self, step: int, samples: int, lr: float) -> tuple[list, list]:
+        """Collect every block's and every shard's report for `step`. A worker that dies or
+        misses the deadline is dropped and its block sent to a survivor; the shards keep
+        waiting for that block, so the step completes with the same bits."""
+        settings = self.settings
+        blocks: dict[int, Report] = {}
+        reduced: dict[int, Report] = {}
+        applied: dict[int, Report] = {}
+        deadline = time.monotonic() + settings.step_timeout_seconds
+        while len(blocks) < settings.workers or len(applied) < settings.shards:
             try:
-                done[block] = ray.get(call)
-            except ray.exceptions.RayActorError:
-                failed.add(owner)
-        return done, failed
+                report = self.inbox.receive(Report, timeout=LIVENESS_CHECK_SECONDS)
+            except ChannelTimeout:
+                deadline = self._handle_silence(step, samples, blocks, deadline)
+                continue
+            if report.step != step:
+                continue  # a late duplicate from a recomputed block of an earlier step
+            if report.kind == WORKER_REPORT:
+                if not report.ok:
+                    worker = self.owners[report.index]
+                    message = ray.get(self.replicas[worker].last_error_message.remote(),
+                                      timeout=settings.step_timeout_seconds)
+                    raise JobFailed(f"worker {worker} failed on step {step}: {message}")
+                blocks[report.index] = report
+            elif report.kind == SHARD_REDUCED:
+                reduced[report.index] = report
+                if len(reduced) == settings.shards:
+                    total_norm = math.sqrt(sum(r.a for r in reduced.values()))
+                    coefficient = clip_coefficient(total_norm, self.max_norm)
+                    for inbox in self.shard_inboxes:
+                        inbox.send(ShardCommand(APPLY, step, settings.workers, lr, coefficient))
+            elif report.kind == SHARD_APPLIED:
+                if report.index in reduced:  # clipping: the norm came with SHARD_REDUCED
+                    first = reduced[report.index]
+                    report = Report(SHARD_APPLIED, report.index, step, 1, first.a, first.b,
+                                    report.c, report.d)
+                applied[report.index] = report
+        return [blocks[b] for b in range(settings.workers)], list(applied.values())
 
-    def _drop_workers(self, workers: set[int]) -> None:
-        for worker in workers:
+    def _handle_silence(self, step: int, samples: int, blocks: dict, deadline: float) -> float:
+        """No report for a while: find dead (or, past the deadline, silent) peers."""
+        finished, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops), timeout=0)
+        if finished:
+            ray.get(finished)  # raises the shard's death as an error: the job fails
+            raise JobFailed("a parameter-server shard stopped; resume from the last checkpoint")
+        loops = [self.worker_loops[w] for w in self.alive]
+        dead, _ = ray.wait(loops, num_returns=len(loops), timeout=0)
+        lost = {w for w in self.alive if self.worker_loops[w] in dead}
+        if time.monotonic() > deadline:
+            lost |= {self.owners[b] for b in range(self.settings.workers) if b not in blocks}
+            deadline = time.monotonic() + self.settings.step_timeout_seconds
+        if not lost:
+            return deadline
+        for worker in lost:
             ray.kill(self.replicas[worker])  # a late worker must not write its block later
-            if worker in self.alive:
-                self.alive.remove(worker)
-                self.history.worker_failures += 1
+            self.alive.remove(worker)
+            self.history.worker_failures += 1
+        if not self.alive:
+            raise WorkerLost("every worker of the job failed")
+        missing = [b for b in range(self.settings.workers)
+                   if b not in blocks and self.owners[b] in lost]
+        for i, block in enumerate(missing):
+            self._send_block(step, block, self.alive[i % len(self.alive)], samples)
+        return deadline
 
     # --- buffers (BatchNorm running statistics) ----------------------------------------------
 
-    def _master_buffers(self) -> dict[str, np.ndarray] | None:
-        return self.evaluator.buffer_values() if self.evaluator.buffer_names else None
-
-    def _average_buffers(self, results: list[BlockResult]) -> None:
+    def _average_buffers(self, micro_count: int) -> None:
         """Each micro-shard updated the running statistics from the step's starting values;
-        the step's new values are their mean, taken in micro-shard order (so any worker count
+        the step's new values are their mean, summed in micro-shard order (so any worker count
         gives the same bits). With one micro-shard this is exactly PyTorch's update."""
-        if not self.evaluator.buffer_names:
-            return
-        per_shard = [values for r in results for values in r.buffers]
-        averaged = {}
-        for name in self.evaluator.buffer_names:
-            total = per_shard[0][name].copy()
-            for values in per_shard[1:]:
-                total += values[name]
-            averaged[name] = total / len(per_shard)
-        self.evaluator.load_buffers(averaged)
+        rows = self.micro_shard_buffers
+        total = rows[0].copy()
+        for m in range(1, micro_count):
+            total += rows[m]
+        self.evaluator.load_buffers(self.evaluator.unflatten_buffers(total / micro_count))
         self.evaluator.count_batch()
 
     # --- evaluation and results ----------------------------------------------------------------

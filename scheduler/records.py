@@ -14,7 +14,7 @@ class StepTimings:
     """Where one step's wall time went, in seconds."""
 
     compute: float  # slowest block's forward + backward + local tree sum
-    reduce: float  # slowest shard's sum of the blocks (the reduce-scatter's arithmetic)
+    reduce: float  # the reduce-scatter: slowest block write plus slowest shard's sum
     apply: float  # slowest shard's optimizer step
     gather: float  # moving updated parameters back to the replicas (0 with shared memory)
     wait: float  # the rest: call latency and synchronisation

@@ -25,6 +25,18 @@ from worker.backprop.optim import RULES
 from worker.backprop.optim.clip import squared_norm
 from worker.flat_parameters import ParameterLayout
 from worker.shared_memory import SharedArraySpec, host_identity
+from worker.step_channel import (
+    APPLY,
+    REDUCE_THEN_WAIT,
+    SHARD_APPLIED,
+    SHARD_REDUCED,
+    STOP,
+    BlockWritten,
+    Channel,
+    ChannelPaths,
+    Report,
+    ShardCommand,
+)
 from worker.tree_sum import tree_sum_into
 
 
@@ -54,7 +66,13 @@ class ApplyResult:
 
 
 class ParameterServerShard:
-    def __init__(self, setup: ShardSetup):
+    def __init__(self, setup: ShardSetup, limit_threads: bool = True):
+        if limit_threads:
+            from threadpoolctl import threadpool_limits
+
+            # One BLAS thread: the shard works while the workers wait, and its norms are then
+            # the same in every run.
+            self._thread_limit = threadpool_limits(1, user_api="blas")
         self.setup = setup
         self.lo, self.hi = setup.bounds
         self.parameters = setup.parameters.attach()[self.lo:self.hi]
@@ -114,12 +132,41 @@ class ParameterServerShard:
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
         return ApplyResult(time.perf_counter() - start, self.parameters.nbytes)
 
-    def reduce_and_apply(self, active_blocks: int, lr: float,
-                         *_workers_done: object) -> tuple[ReduceResult, ApplyResult]:
-        """Both halves in one call, when no global norm is needed between them (no norm
-        clipping). The runner passes the workers' result refs as `_workers_done`, so Ray starts
-        this call the moment the blocks are written, with no round trip through the runner."""
-        return self.reduce(active_blocks), self.apply(lr)
+    def serve(self, channels: ChannelPaths, norms: SharedArraySpec) -> None:
+        """The step loop: take the runner's command, wait until every block of the step is
+        written, reduce, apply (or report the norm and wait for the clipping coefficient),
+        report. Per-parameter squared norms go to row `index` of the shared `norms` table."""
+        index = self.setup.index
+        commands = Channel(channels.shard_commands(index))
+        blocks_written = Channel(channels.shard_blocks(index))
+        runner = Channel(channels.runner())
+        norm_row = norms.attach()[index]
+        slot_index = {slot.name: i for i, slot in enumerate(self.setup.layout.slots)}
+        while True:
+            command = commands.receive(ShardCommand)
+            if command.op == STOP:
+                return
+            if command.op == APPLY:
+                applied = self.apply(command.lr, command.coefficient)
+                runner.send(Report(SHARD_APPLIED, index, command.step, 1, 0.0, 0.0,
+                                   applied.seconds, applied.bytes_updated))
+                continue
+            written: set[int] = set()
+            while len(written) < command.blocks:
+                message = blocks_written.receive(BlockWritten)
+                if message.step == command.step:  # earlier steps' duplicates are stale
+                    written.add(message.block)
+            reduced = self.reduce(command.blocks)
+            norm_row[:] = 0.0
+            for name, value in reduced.parameter_squared_norms.items():
+                norm_row[slot_index[name]] = value
+            if command.op == REDUCE_THEN_WAIT:
+                runner.send(Report(SHARD_REDUCED, index, command.step, 1,
+                                   reduced.squared_norm, reduced.seconds))
+                continue
+            applied = self.apply(command.lr)
+            runner.send(Report(SHARD_APPLIED, index, command.step, 1, reduced.squared_norm,
+                               reduced.seconds, applied.seconds, applied.bytes_updated))
 
     # --- checkpoints ---------------------------------------------------------------------
 

@@ -24,6 +24,15 @@ from worker.backprop.tensor import Tensor, no_grad
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_loss, build_model
 from worker.shared_memory import SharedArraySpec, host_identity
+from worker.step_channel import (
+    STOP,
+    WORKER_REPORT,
+    BlockWritten,
+    Channel,
+    ChannelPaths,
+    Report,
+    WorkerCommand,
+)
 from worker.tree_sum import TreeAccumulator
 
 
@@ -43,9 +52,23 @@ class BlockResult:
     loss_sum: float  # the summed (not averaged) loss of the block's samples
     samples: int
     correct: int  # classification hits, for training accuracy (0 for regression)
-    seconds: float
+    seconds: float  # forward, backward and the block's local tree sum
     bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
+    write_seconds: float  # writing them: the worker's half of the reduce-scatter
     buffers: list[dict[str, np.ndarray]] | None  # per micro-shard (BatchNorm running stats)
+
+
+@dataclass(frozen=True)
+class StepPlanSpec:
+    """Where a step's plan lives in shared memory, written by the runner before each step:
+    the sample indices of every micro-shard back to back, and their offsets (micro-shard m is
+    indices[offsets[m]:offsets[m + 1]]). Buffers (BatchNorm statistics) travel the same way:
+    the step's starting values, and each micro-shard's values after its forward pass."""
+
+    indices: SharedArraySpec
+    offsets: SharedArraySpec
+    master_buffers: SharedArraySpec | None
+    micro_shard_buffers: SharedArraySpec | None  # one row per micro-shard
 
 
 def micro_shard_seed(seed: int, step: int, micro_shard: int) -> int:
@@ -82,6 +105,57 @@ class ModelReplica:
         """(host, Ray node id): replicas on the runner's host share its memory."""
         return host_identity(), _ray_node_id()
 
+    def serve(self, channels: ChannelPaths, worker: int, plan: StepPlanSpec) -> None:
+        """The step loop: wait for a command, compute the block, tell every shard and the
+        runner. Runs until a STOP command (or until Ray kills the actor)."""
+        inbox = Channel(channels.worker(worker))
+        runner = Channel(channels.runner())
+        shards = [Channel(channels.shard_blocks(k)) for k in range(channels.shards)]
+        indices, offsets = plan.indices.attach(), plan.offsets.attach()
+        master = plan.master_buffers.attach() if plan.master_buffers else None
+        per_shard = plan.micro_shard_buffers.attach() if plan.micro_shard_buffers else None
+        while True:
+            command = inbox.receive(WorkerCommand)
+            if command.op == STOP:
+                return
+            micro_shards = [(m, indices[offsets[m]:offsets[m + 1]])
+                            for m in range(command.micro_lo, command.micro_hi)]
+            try:
+                buffers = self.unflatten_buffers(master) if master is not None else None
+                result = self.compute(command.block, micro_shards, command.step,
+                                      command.samples, buffers)
+            except Exception as error:  # a job error (bad data, NaN...), not a lost worker
+                self.last_error = f"{type(error).__name__}: {error}"
+                runner.send(Report(WORKER_REPORT, command.block, command.step, 0))
+                continue
+            if per_shard is not None:
+                for (m, _), values in zip(micro_shards, result.buffers):
+                    per_shard[m] = self.flatten_buffers(values)
+            for shard in shards:
+                shard.send(BlockWritten(command.step, command.block))
+            runner.send(Report(WORKER_REPORT, command.block, command.step, 1, result.loss_sum,
+                               result.samples, result.correct, result.seconds,
+                               result.bytes_written, result.write_seconds))
+
+    def last_error_message(self) -> str:
+        return getattr(self, "last_error", "")
+
+    def buffer_size(self) -> int:
+        values = self.buffer_values()
+        return sum(v.size for v in values.values())
+
+    def flatten_buffers(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([values[name].reshape(-1) for name in self.buffer_names])
+
+    def unflatten_buffers(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        own = dict(self.model.named_buffers())
+        values, offset = {}, 0
+        for name in self.buffer_names:
+            size = own[name].size
+            values[name] = flat[offset:offset + size].reshape(own[name].shape)
+            offset += size
+        return values
+
     def compute(self, block: int, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
                 batch_size: int, buffers: dict[str, np.ndarray] | None = None) -> BlockResult:
         """Gradient of this block's micro-shards (index, sample indices) into gradient block
@@ -106,13 +180,17 @@ class ModelReplica:
             if per_shard_buffers is not None:
                 per_shard_buffers.append(self.buffer_values())
         total = accumulator.total()
+        computed = time.perf_counter()
         destination = self.blocks[block]
         written = 0
-        for slot, gradient in zip(self.layout.slots, total):
-            np.copyto(destination[slot.name], gradient)
+        for index, slot in enumerate(self.layout.slots):
+            if total is None:  # more workers than micro-shards: this block adds nothing
+                destination[slot.name][...] = 0
+            else:
+                np.copyto(destination[slot.name], total[index])
             written += destination[slot.name].nbytes
-        return BlockResult(block, loss_sum, samples, correct, time.perf_counter() - start,
-                           written, per_shard_buffers)
+        return BlockResult(block, loss_sum, samples, correct, computed - start, written,
+                           time.perf_counter() - computed, per_shard_buffers)
 
     def _micro_shard_gradient(self, indices: np.ndarray, batch_size: int):
         for parameter in self.parameters:
