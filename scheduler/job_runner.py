@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +38,9 @@ import ray
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset
+from scheduler.object_store_transport import ObjectStoreTransport
 from scheduler.placement import Placement, reserve
+from scheduler.ray_cluster import alive_nodes
 from scheduler.records import (
     EvaluationRecord,
     StepRecord,
@@ -45,46 +48,25 @@ from scheduler.records import (
     TrainingHistory,
 )
 from scheduler.sampler import EpochSampler, StepSamples
-from worker.backprop.optim.clip import clip_coefficient
+from scheduler.shared_memory_transport import SharedMemoryTransport
+from scheduler.step_transport import (  # noqa: F401 - JobFailed/WorkerLost re-exported
+    JobFailed,
+    StepOutcome,
+    StepWork,
+    WorkerLost,
+    WorkerPool,
+)
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_model, build_optimizer, build_schedule
 from worker.parameter_server import ParameterServerShard, ShardSetup
-from worker.replica import ModelReplica, ReplicaSetup, StepPlanSpec
+from worker.replica import ModelReplica, ReplicaSetup
 from worker.shared_memory import SharedArrayGroup, host_identity
-from worker.step_channel import (
-    APPLY,
-    COMPUTE,
-    REDUCE_AND_APPLY,
-    REDUCE_THEN_WAIT,
-    SHARD_APPLIED,
-    SHARD_REDUCED,
-    STOP,
-    WORKER_REPORT,
-    Channel,
-    ChannelPaths,
-    ChannelTimeout,
-    Report,
-    ShardCommand,
-    WorkerCommand,
-)
 
 DEFAULT_MICRO_SHARDS = 4  # fixed by the spec, never by the worker count (see BRIEF invariant 1)
 
 # The actor classes are plain Python classes; this is the one place they become Ray actors.
 RemoteReplica = ray.remote(ModelReplica)
 RemoteShard = ray.remote(ParameterServerShard)
-
-
-class WorkerLost(RuntimeError):
-    """Every worker of the job failed."""
-
-
-class JobFailed(RuntimeError):
-    """The job cannot go on: an error in its computation, or a lost parameter-server shard."""
-
-
-# How often the runner, waiting for a step's reports, checks whether a peer has died.
-LIVENESS_CHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -143,9 +125,16 @@ class JobRunner:
         resume_from: Checkpoint | None = None,
         cpus_per_worker: float | None = None,
         placement_timeout_seconds: float = 60.0,
+        transport: str = "auto",
     ):
         """`cpus_per_worker` overrides the spec's (the service divides the cluster between
-        concurrent jobs); `placement_timeout_seconds` bounds the wait for room on the cluster."""
+        concurrent jobs); `placement_timeout_seconds` bounds the wait for room on the cluster;
+        `transport` is "shared_memory", "object_store", or "auto": shared memory when every
+        node of the cluster is on the runner's host."""
+        if transport not in ("auto", "shared_memory", "object_store"):
+            raise ValueError(f"transport must be auto, shared_memory or object_store, "
+                             f"got {transport!r}")
+        self.transport_name = transport
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
                                 else spec.resources.cpus_per_worker)
         self.placement_timeout_seconds = placement_timeout_seconds
@@ -177,79 +166,52 @@ class JobRunner:
                             seed=self.spec.seed, input_dtype=self.dataset.x.dtype)
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.spec.name or "job")
-        placement = None
+        shared_memory = _use_shared_memory(self.transport_name)
+        placement, self.transport = None, None
         self.replicas, self.shards = [], []
         try:
-            parameters = self.shared.create("parameters", (self.layout.size,), settings.dtype)
-            blocks = tuple(self.shared.create(f"gradient-block-{b}", (self.layout.size,),
-                                              settings.dtype)
-                           for b in range(settings.workers))
-            self.parameters = parameters.attach()
-            self.parameters[:] = self.layout.flatten(model)
+            parameters, blocks = None, ()
+            if shared_memory:
+                parameters = self.shared.create("parameters", (self.layout.size,),
+                                                settings.dtype)
+                blocks = tuple(self.shared.create(f"gradient-block-{b}", (self.layout.size,),
+                                                  settings.dtype)
+                               for b in range(settings.workers))
             replica_setup = ReplicaSetup(self.spec.SerializeToString(),
                                          tuple(self.dataset.feature_shape),
                                          self.dataset.x.dtype.name, parameters, blocks)
             # The runner's own replica evaluates on the validation split and holds the master
-            # copy of the buffers (BatchNorm statistics); it computes no training gradients.
+            # copy of the parameters (shared, or gathered from the shards) and of the buffers
+            # (BatchNorm statistics); it computes no training gradients.
             self.evaluator = ModelReplica(replica_setup, self.dataset.x[:1], self.dataset.y[:1],
                                           limit_threads=False)
+            self.parameters = self.evaluator.flat
+            self.parameters[:] = self.layout.flatten(model)
+            if self.resume_from is not None:
+                self._restore_locally(self.resume_from)
             placement = reserve(settings.workers, settings.shards, self.cpus_per_worker,
                                 self.spec.resources.placement_strategy,
                                 self.placement_timeout_seconds)
-            self._start_actors(placement, replica_setup, parameters, blocks)
+            self._start_actors(placement, replica_setup, parameters, blocks, shared_memory)
             if self.resume_from is not None:
-                self._restore(self.resume_from)
-            self._start_step_loops()
+                self._restore_shards(self.resume_from)
+            self.transport.start()
             return self._train()
         finally:
-            self._stop_step_loops()
+            if self.transport is not None:
+                self.transport.stop()
             for actor in self.replicas + self.shards:
                 ray.kill(actor)
             if placement is not None:
                 placement.release()
             self.shared.remove()
 
-    def _start_step_loops(self) -> None:
-        """Shared step plan, norm table and pipes; then every actor's step loop."""
-        settings = self.settings
-        micro_count = settings.micro_shards * settings.accumulation
-        create = self.shared.create
-        buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
-        plan = StepPlanSpec(
-            create("plan-indices", (settings.batch_size * settings.accumulation,), "int64"),
-            create("plan-offsets", (micro_count + 1,), "int64"),
-            create("master-buffers", (buffer_size,), settings.dtype) if buffer_size else None,
-            create("micro-shard-buffers", (micro_count, buffer_size), settings.dtype)
-            if buffer_size else None,
-        )
-        norms = create("parameter-norms", (settings.shards, len(self.layout.slots)), "float64")
-        self.plan_indices, self.plan_offsets = plan.indices.attach(), plan.offsets.attach()
-        self.master_buffers = plan.master_buffers.attach() if buffer_size else None
-        self.micro_shard_buffers = plan.micro_shard_buffers.attach() if buffer_size else None
-        self.norm_table = norms.attach()
-        self.channels = ChannelPaths(str(self.shared.directory), settings.workers,
-                                     settings.shards)
-        self.channels.create_all()
-        self.inbox = Channel(self.channels.runner())
-        self.worker_inboxes = [Channel(self.channels.worker(w)) for w in range(settings.workers)]
-        self.shard_inboxes = [Channel(self.channels.shard_commands(k))
-                              for k in range(settings.shards)]
-        self.worker_loops = [replica.serve.remote(self.channels, w, plan)
-                             for w, replica in enumerate(self.replicas)]
-        self.shard_loops = [shard.serve.remote(self.channels, norms) for shard in self.shards]
-
-    def _stop_step_loops(self) -> None:
-        for inbox in getattr(self, "worker_inboxes", []):
-            inbox.send(WorkerCommand(STOP, 0, 0, 0, 0, 0))
-        for inbox in getattr(self, "shard_inboxes", []):
-            inbox.send(ShardCommand(STOP, 0, 0, 0.0, 0.0))
-
     def _start_actors(self, placement: Placement, replica_setup: ReplicaSetup, parameters,
-                      blocks) -> None:
+                      blocks, shared_memory: bool) -> None:
         settings = self.settings
         x_ref, y_ref = ray.put(self.dataset.x), ray.put(self.dataset.y)
         worker_setup = dataclasses.replace(replica_setup, blas_threads=placement.blas_threads)
-        # max_concurrency 2: the step loop runs in one thread, the runner's occasional calls
+        # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
         # (location, checkpoint state, last error) in the other, between steps.
         self.replicas = [RemoteReplica.options(**placement.worker_options(w), max_concurrency=2)
                          .remote(worker_setup, x_ref, y_ref) for w in range(settings.workers)]
@@ -258,21 +220,35 @@ class JobRunner:
         clip_value = (self.spec.clipping.max_value
                       if self.spec.clipping.HasField("max_value") else None)
         self.shards = [
-            RemoteShard.options(**placement.shard_options(k), max_concurrency=2).remote(ShardSetup(
-                k, bounds[k], self.layout, parameters, blocks, self.rule_name, self.hyper,
-                clip_value))
+            RemoteShard.options(**placement.shard_options(k), max_concurrency=2).remote(
+                ShardSetup(k, bounds[k], self.layout, parameters, blocks, self.rule_name,
+                           self.hyper, clip_value))
             for k in range(settings.shards)
         ]
         locations = ray.get([a.location.remote() for a in self.replicas + self.shards],
                             timeout=settings.step_timeout_seconds)
         self.actor_nodes = {"workers": [node for _, node in locations[:settings.workers]],
                             "shards": [node for _, node in locations[settings.workers:]]}
-        if {host for host, _ in locations} != {host_identity()}:
-            raise NotImplementedError(
-                "workers on other hosts than the runner: the shared-memory transport needs "
-                "every actor of a job on the runner's host"
+        if shared_memory and {host for host, _ in locations} != {host_identity()}:
+            raise RuntimeError(
+                "an actor landed on another host than the runner although every node looked "
+                "local; run with transport='object_store'"
             )
-        self.alive = list(range(settings.workers))
+        self.pool = WorkerPool(list(range(settings.workers)))
+        if shared_memory:
+            buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
+            micro_count = settings.micro_shards * settings.accumulation
+            self.transport = SharedMemoryTransport(
+                self.shared, self.replicas, self.shards, self.pool,
+                slots=len(self.layout.slots),
+                max_samples=settings.batch_size * settings.accumulation,
+                max_micro_shards=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
+                timeout_seconds=settings.step_timeout_seconds)
+        else:
+            self.transport = ObjectStoreTransport(
+                self.replicas, self.shards, self.pool, self.parameters, bounds,
+                list(self.layout.slots), self.evaluator.flatten_buffers,
+                timeout_seconds=settings.step_timeout_seconds)
 
     # --- the step loop ---------------------------------------------------------------------
 
@@ -309,6 +285,7 @@ class JobRunner:
     def checkpoint(self, step: int) -> Checkpoint:
         """The job's state now (between steps): parameters, buffers, whole optimizer state."""
         timeout = self.settings.step_timeout_seconds
+        self.transport.sync_parameters()
         shard_states = ray.get([shard.state.remote() for shard in self.shards], timeout=timeout)
         optimizer_steps = shard_states[0][0]
         if _is_elementwise(self.rule_name):
@@ -320,157 +297,77 @@ class JobRunner:
         return Checkpoint(step, np.array(self.parameters), optimizer_steps, state,
                           self.evaluator.buffer_values() if self.evaluator.buffer_names else {})
 
-    def _restore(self, checkpoint: Checkpoint) -> None:
+    def _restore_locally(self, checkpoint: Checkpoint) -> None:
         if checkpoint.parameters.shape != self.parameters.shape:
             raise ValueError(
                 f"checkpoint has {checkpoint.parameters.size} parameters, the model "
                 f"{self.parameters.size}: it belongs to another model"
             )
         self.parameters[:] = checkpoint.parameters
-        ray.get([shard.load_state.remote(checkpoint.optimizer_steps, checkpoint.optimizer_state)
-                 for shard in self.shards], timeout=self.settings.step_timeout_seconds)
         if checkpoint.buffers:
             self.evaluator.load_buffers(checkpoint.buffers)
 
+    def _restore_shards(self, checkpoint: Checkpoint) -> None:
+        ray.get([shard.load_state.remote(checkpoint.optimizer_steps, checkpoint.optimizer_state)
+                 for shard in self.shards], timeout=self.settings.step_timeout_seconds)
+
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
-        settings = self.settings
         micro_shards = _micro_shards_in_tree_order(group)
-        samples = self._write_plan(micro_shards)
-        lr = self.schedule.lr_at(step - 1)
-        if self.master_buffers is not None:
-            self.master_buffers[:] = self.evaluator.flatten_buffers(
-                self.evaluator.buffer_values())
-        blocks = _split_evenly(list(range(len(micro_shards))), settings.workers)
-        self.block_ranges = [(b[0], b[-1] + 1) if b else (0, 0) for b in blocks]
-        self.owners = {}
-        for block in range(settings.workers):
-            self._send_block(step, block, self.alive[block % len(self.alive)], samples)
-        clipping = self.max_norm is not None
-        for inbox in self.shard_inboxes:
-            inbox.send(ShardCommand(REDUCE_THEN_WAIT if clipping else REDUCE_AND_APPLY, step,
-                                    settings.workers, lr, 1.0))
-        block_reports, applied = self._await_step(step, samples, lr)
-        if self.micro_shard_buffers is not None:
-            self._average_buffers(len(micro_shards))
-        wall = time.perf_counter() - start
-        computes = [r.d for r in block_reports]
-        compute, apply_ = max(computes), max(r.c for r in applied)
+        blocks = _split_evenly(list(range(len(micro_shards))), self.settings.workers)
+        master_buffers = None
+        if self.evaluator.buffer_names:
+            master_buffers = self.evaluator.flatten_buffers(self.evaluator.buffer_values())
+        work = StepWork(
+            step=step, micro_shards=micro_shards,
+            block_ranges=[(b[0], b[-1] + 1) if b else (0, 0) for b in blocks],
+            samples=sum(len(indices) for _, indices in micro_shards),
+            lr=self.schedule.lr_at(step - 1), max_norm=self.max_norm,
+            master_buffers=master_buffers,
+        )
+        outcome = self.transport.run_step(work)
+        self.history.worker_failures = self.pool.failures
+        if outcome.micro_shard_buffers is not None:
+            self._average_buffers(outcome.micro_shard_buffers)
+        return self._record(step, epoch, work, outcome, time.perf_counter() - start)
+
+    def _record(self, step: int, epoch: int, work: StepWork, outcome: StepOutcome,
+                wall: float) -> StepRecord:
+        computes = [b.compute_seconds for b in outcome.blocks]
+        compute = max(computes)
         # The reduce-scatter: the workers writing their blocks, then the shards summing them.
-        reduce_ = max(r.f for r in block_reports) + max(r.b for r in applied)
-        timings = StepTimings(
-            compute=compute, reduce=reduce_, apply=apply_,
-            gather=0.0,  # the replicas read the updated parameters in place
-            wait=max(0.0, wall - compute - reduce_ - apply_), wall=wall,
-            straggler_spread=compute - statistics.median(computes),
-        )
-        squared_norms = self.norm_table.sum(axis=0)
+        reduce_ = (max(b.write_seconds for b in outcome.blocks)
+                   + max(s.reduce_seconds for s in outcome.shards))
+        apply_ = max(s.apply_seconds for s in outcome.shards)
+        busy = compute + reduce_ + apply_ + outcome.gather_seconds
+        timings = StepTimings(compute=compute, reduce=reduce_, apply=apply_,
+                              gather=outcome.gather_seconds, wait=max(0.0, wall - busy),
+                              wall=wall, straggler_spread=compute - statistics.median(computes))
         return StepRecord(
-            step=step, total_steps=self.total_steps, epoch=epoch, samples=samples,
-            loss=sum(r.a for r in block_reports) / max(samples, 1),
-            train_correct=int(sum(r.c for r in block_reports)),
-            learning_rate=lr,
-            gradient_norm=math.sqrt(sum(r.a for r in applied)),
-            parameter_gradient_norms={slot.name: math.sqrt(value)
-                                      for slot, value in zip(self.layout.slots, squared_norms)},
+            step=step, total_steps=self.total_steps, epoch=epoch, samples=work.samples,
+            loss=sum(b.loss_sum for b in outcome.blocks) / max(work.samples, 1),
+            train_correct=sum(b.correct for b in outcome.blocks),
+            learning_rate=work.lr,
+            gradient_norm=math.sqrt(sum(s.squared_norm for s in outcome.shards)),
+            parameter_gradient_norms={
+                slot.name: math.sqrt(value)
+                for slot, value in zip(self.layout.slots, outcome.parameter_squared_norms)},
             timings=timings,
-            bytes_sent_per_worker=int(max(r.e for r in block_reports)),
-            bytes_received_per_worker=int(sum(r.d for r in applied)),
+            bytes_sent_per_worker=max(b.bytes_sent for b in outcome.blocks),
+            bytes_received_per_worker=sum(s.bytes_updated for s in outcome.shards),
             parameter_bytes=self.layout.nbytes,
-            workers=len(self.alive),
-            worker_failures=self.history.worker_failures,
+            workers=len(self.pool.alive),
+            worker_failures=self.pool.failures,
         )
 
-    def _write_plan(self, micro_shards: list[tuple[int, np.ndarray]]) -> int:
-        offset = 0
-        self.plan_offsets[0] = 0
-        for m, (_, indices) in enumerate(micro_shards):
-            self.plan_indices[offset:offset + len(indices)] = indices
-            offset += len(indices)
-            self.plan_offsets[m + 1] = offset
-        return offset
-
-    def _send_block(self, step: int, block: int, worker: int, samples: int) -> None:
-        lo, hi = self.block_ranges[block]
-        self.owners[block] = worker
-        self.worker_inboxes[worker].send(WorkerCommand(COMPUTE, step, block, lo, hi, samples))
-
-    def _await_step(self, step: int, samples: int, lr: float) -> tuple[list, list]:
-        """Collect every block's and every shard's report for `step`. A worker that dies or
-        misses the deadline is dropped and its block sent to a survivor; the shards keep
-        waiting for that block, so the step completes with the same bits."""
-        settings = self.settings
-        blocks: dict[int, Report] = {}
-        reduced: dict[int, Report] = {}
-        applied: dict[int, Report] = {}
-        deadline = time.monotonic() + settings.step_timeout_seconds
-        while len(blocks) < settings.workers or len(applied) < settings.shards:
-            try:
-                report = self.inbox.receive(Report, timeout=LIVENESS_CHECK_SECONDS)
-            except ChannelTimeout:
-                deadline = self._handle_silence(step, samples, blocks, deadline)
-                continue
-            if report.step != step:
-                continue  # a late duplicate from a recomputed block of an earlier step
-            if report.kind == WORKER_REPORT:
-                if not report.ok:
-                    worker = self.owners[report.index]
-                    message = ray.get(self.replicas[worker].last_error_message.remote(),
-                                      timeout=settings.step_timeout_seconds)
-                    raise JobFailed(f"worker {worker} failed on step {step}: {message}")
-                blocks[report.index] = report
-            elif report.kind == SHARD_REDUCED:
-                reduced[report.index] = report
-                if len(reduced) == settings.shards:
-                    total_norm = math.sqrt(sum(r.a for r in reduced.values()))
-                    coefficient = clip_coefficient(total_norm, self.max_norm)
-                    for inbox in self.shard_inboxes:
-                        inbox.send(ShardCommand(APPLY, step, settings.workers, lr, coefficient))
-            elif report.kind == SHARD_APPLIED:
-                if report.index in reduced:  # clipping: the norm came with SHARD_REDUCED
-                    first = reduced[report.index]
-                    report = Report(SHARD_APPLIED, report.index, step, 1, first.a, first.b,
-                                    report.c, report.d)
-                applied[report.index] = report
-        return [blocks[b] for b in range(settings.workers)], list(applied.values())
-
-    def _handle_silence(self, step: int, samples: int, blocks: dict, deadline: float) -> float:
-        """No report for a while: find dead (or, past the deadline, silent) peers."""
-        finished, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops), timeout=0)
-        if finished:
-            ray.get(finished)  # raises the shard's death as an error: the job fails
-            raise JobFailed("a parameter-server shard stopped; resume from the last checkpoint")
-        loops = [self.worker_loops[w] for w in self.alive]
-        dead, _ = ray.wait(loops, num_returns=len(loops), timeout=0)
-        lost = {w for w in self.alive if self.worker_loops[w] in dead}
-        if time.monotonic() > deadline:
-            lost |= {self.owners[b] for b in range(self.settings.workers) if b not in blocks}
-            deadline = time.monotonic() + self.settings.step_timeout_seconds
-        if not lost:
-            return deadline
-        for worker in lost:
-            ray.kill(self.replicas[worker])  # a late worker must not write its block later
-            self.alive.remove(worker)
-            self.history.worker_failures += 1
-        if not self.alive:
-            raise WorkerLost("every worker of the job failed")
-        missing = [b for b in range(self.settings.workers)
-                   if b not in blocks and self.owners[b] in lost]
-        for i, block in enumerate(missing):
-            self._send_block(step, block, self.alive[i % len(self.alive)], samples)
-        return deadline
-
-    # --- buffers (BatchNorm running statistics) ----------------------------------------------
-
-    def _average_buffers(self, micro_count: int) -> None:
+    def _average_buffers(self, rows: list[np.ndarray]) -> None:
         """Each micro-shard updated the running statistics from the step's starting values;
         the step's new values are their mean, summed in micro-shard order (so any worker count
         gives the same bits). With one micro-shard this is exactly PyTorch's update."""
-        rows = self.micro_shard_buffers
-        total = rows[0].copy()
-        for m in range(1, micro_count):
-            total += rows[m]
-        self.evaluator.load_buffers(self.evaluator.unflatten_buffers(total / micro_count))
+        total = np.array(rows[0])
+        for row in rows[1:]:
+            total += row
+        self.evaluator.load_buffers(self.evaluator.unflatten_buffers(total / len(rows)))
         self.evaluator.count_batch()
 
     # --- evaluation and results ----------------------------------------------------------------
@@ -478,6 +375,7 @@ class JobRunner:
     def _evaluate(self, step: int, epoch: int) -> EvaluationRecord | None:
         if self.dataset.x_val is None:
             return None
+        self.transport.sync_parameters()
         loss_sum, samples, correct = self.evaluator.evaluate(self.dataset.x_val,
                                                              self.dataset.y_val)
         record = EvaluationRecord(
@@ -490,6 +388,7 @@ class JobRunner:
         return record
 
     def _state_dict(self) -> dict[str, np.ndarray]:
+        self.transport.sync_parameters()
         return {key: np.array(value) for key, value in self.evaluator.model.state_dict().items()}
 
 
@@ -511,3 +410,12 @@ def _is_elementwise(rule_name: str) -> bool:
     from worker.backprop.optim import RULES
 
     return RULES[rule_name].elementwise
+
+
+def _use_shared_memory(transport: str) -> bool:
+    """Shared memory needs every node on the runner's host (one machine, or several raylets
+    on it as in ray.cluster_utils.Cluster); otherwise the object store carries the step."""
+    if transport != "auto":
+        return transport == "shared_memory"
+    hostname = os.uname().nodename
+    return all(node.get("NodeManagerHostname") == hostname for node in alive_nodes())

@@ -45,7 +45,9 @@ class ShardSetup:
     index: int
     bounds: tuple[int, int]
     layout: ParameterLayout
-    parameters: SharedArraySpec
+    # Shared memory, or None for the object-store transport: the shard then keeps its own
+    # slice (set by load_parameters) and receives gradient chunks as call arguments.
+    parameters: SharedArraySpec | None
     gradient_blocks: tuple[SharedArraySpec, ...]
     optimizer: str  # a key of worker.backprop.optim.RULES
     hyper: object  # the rule's hyperparameter dataclass
@@ -75,8 +77,14 @@ class ParameterServerShard:
             self._thread_limit = threadpool_limits(1, user_api="blas")
         self.setup = setup
         self.lo, self.hi = setup.bounds
-        self.parameters = setup.parameters.attach()[self.lo:self.hi]
-        self.blocks = [spec.attach()[self.lo:self.hi] for spec in setup.gradient_blocks]
+        if setup.parameters is not None:
+            self.parameters = setup.parameters.attach()[self.lo:self.hi]
+            self.blocks = [spec.attach()[self.lo:self.hi] for spec in setup.gradient_blocks]
+            self.gradient = self.blocks[0]  # the blocks are summed into the first one
+        else:
+            self.parameters = np.zeros(self.hi - self.lo, dtype=setup.layout.dtype)
+            self.blocks = []
+            self.gradient = np.empty_like(self.parameters)
         self.rule = RULES[setup.optimizer]
         self.steps_taken = 0
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
@@ -108,8 +116,12 @@ class ParameterServerShard:
 
     def reduce(self, active_blocks: int) -> ReduceResult:
         """Sum the first `active_blocks` gradient blocks into block 0's slice."""
+        return self.reduce_parts(self.blocks[:active_blocks])
+
+    def reduce_parts(self, parts: list[np.ndarray]) -> ReduceResult:
+        """Sum the blocks' slices (in block order, by the fixed tree) into self.gradient."""
         start = time.perf_counter()
-        gradient = tree_sum_into(self.blocks[0], self.blocks[:active_blocks])
+        gradient = tree_sum_into(self.gradient, parts)
         per_parameter = {
             slot.name: squared_norm(gradient[lo - self.lo:hi - self.lo])
             for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi)
@@ -120,7 +132,7 @@ class ParameterServerShard:
     def apply(self, lr: float, clip_coefficient: float = 1.0) -> ApplyResult:
         """One optimizer step on the slice with the reduced gradient in block 0."""
         start = time.perf_counter()
-        gradient = self.blocks[0]
+        gradient = self.gradient
         if clip_coefficient < 1.0:
             gradient *= clip_coefficient
         if self.setup.clip_value is not None:
@@ -131,6 +143,21 @@ class ParameterServerShard:
             kwargs = {} if shape is None else {"shape": shape}
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
         return ApplyResult(time.perf_counter() - start, self.parameters.nbytes)
+
+    # --- the object-store transport: chunks in, the updated slice out ----------------------
+
+    def load_parameters(self, values: np.ndarray) -> None:
+        self.parameters[:] = values
+
+    def reduce_chunks(self, *chunks: np.ndarray) -> ReduceResult:
+        return self.reduce_parts(list(chunks))
+
+    def apply_and_return(self, lr: float, coefficient: float = 1.0) -> tuple:
+        """Apply, and return the updated slice for the replicas (the all-gather)."""
+        return self.apply(lr, coefficient), self.parameters
+
+    def reduce_apply_chunks(self, lr: float, *chunks: np.ndarray) -> tuple:
+        return (self.reduce_chunks(*chunks), *self.apply_and_return(lr))
 
     def serve(self, channels: ChannelPaths, norms: SharedArraySpec) -> None:
         """The step loop: take the runner's command, wait until every block of the step is

@@ -13,6 +13,7 @@ worker computed them. Dropout masks are seeded by (seed, step, micro-shard), nev
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,7 +42,9 @@ class ReplicaSetup:
     spec: bytes  # a serialized JobSpec: declarative, nothing user-written is unpickled
     input_shape: tuple[int, ...]
     input_dtype: str  # the data's feature dtype (integers are tokens for an embedding)
-    parameters: SharedArraySpec
+    # Shared memory (all actors on the runner's host), or None: the replica keeps its own
+    # parameter vector and gradient block and exchanges them through the object store.
+    parameters: SharedArraySpec | None
     gradient_blocks: tuple[SharedArraySpec, ...]
     blas_threads: int = 1
 
@@ -89,9 +92,14 @@ class ModelReplica:
         self.model = build_model(self.spec.model, setup.input_shape, dtype, seed=self.spec.seed,
                                  input_dtype=setup.input_dtype)
         self.layout = ParameterLayout.of(self.model)
-        self.layout.bind(self.model, setup.parameters.attach())
+        if setup.parameters is not None:
+            self.flat = setup.parameters.attach()
+            self.blocks = [self.layout.views(spec.attach()) for spec in setup.gradient_blocks]
+        else:  # object-store transport: the same seed gives the runner's initial values
+            self.flat = self.layout.flatten(self.model)
+            self.blocks = []  # compute_chunks gives each call its own block
+        self.layout.bind(self.model, self.flat)
         self.parameters = list(self.model.parameters())
-        self.blocks = [self.layout.views(spec.attach()) for spec in setup.gradient_blocks]
         self.loss = build_loss(self.spec, reduction="sum")
         self.x = x if x.dtype.kind != "f" or x.dtype == dtype else x.astype(dtype)
         self.classification = y.dtype.kind in "iu"
@@ -100,6 +108,9 @@ class ModelReplica:
         self.y = y if self.classification or y.dtype == dtype else y.astype(dtype)
         self.buffer_names = [name for name, value in self.model.named_buffers()
                              if value.dtype.kind == "f"]
+        # The actor runs two threads (calls beside the step loop), but one model computes one
+        # block at a time: the engine's graph-recording switch is process-wide.
+        self._compute_lock = threading.Lock()
 
     def location(self) -> tuple[str, str]:
         """(host, Ray node id): replicas on the runner's host share its memory."""
@@ -137,6 +148,23 @@ class ModelReplica:
                                result.samples, result.correct, result.seconds,
                                result.bytes_written, result.write_seconds))
 
+    def compute_chunks(self, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
+                       batch_size: int, master_buffers: np.ndarray | None,
+                       bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
+        """The object-store transport's step: take the shards' updated slices (the
+        all-gather), compute the block, return it cut into one chunk per shard (the
+        reduce-scatter) followed by the block's statistics."""
+        with self._compute_lock:
+            for (lo, hi), values in zip(bounds, slices):
+                self.flat[lo:hi] = values
+            buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
+            # A fresh block each call: Ray copies the returned chunks after this method exits,
+            # when another call may already be computing.
+            block = np.empty_like(self.flat)
+            self.blocks = [self.layout.views(block)]
+            result = self._compute(0, micro_shards, global_step, batch_size, buffers)
+        return (*(block[lo:hi] for lo, hi in bounds), result)
+
     def last_error_message(self) -> str:
         return getattr(self, "last_error", "")
 
@@ -160,6 +188,12 @@ class ModelReplica:
                 batch_size: int, buffers: dict[str, np.ndarray] | None = None) -> BlockResult:
         """Gradient of this block's micro-shards (index, sample indices) into gradient block
         `block`; `batch_size` is the whole step's sample count (the loss's divisor)."""
+        with self._compute_lock:
+            return self._compute(block, micro_shards, global_step, batch_size, buffers)
+
+    def _compute(self, block: int, micro_shards: list[tuple[int, np.ndarray]],
+                 global_step: int, batch_size: int,
+                 buffers: dict[str, np.ndarray] | None) -> BlockResult:
         start = time.perf_counter()
         if buffers is not None:
             self.load_buffers(buffers)

@@ -23,11 +23,12 @@ seed: 3
 """
 
 
-def train(workers: int, shards: int):
+def train(workers: int, shards: int, transport: str = "auto"):
     spec = load_job_spec(SPEC)
     dataset = split_and_standardize(load_builtin(spec.data.dataset, spec.seed),
                                     spec.data.validation_fraction, True, spec.seed)
-    return JobRunner(spec, dataset, workers=workers, parameter_servers=shards).run()
+    return JobRunner(spec, dataset, workers=workers, parameter_servers=shards,
+                     transport=transport).run()
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,13 @@ def three_nodes(one_node_result):
     cluster.shutdown()
 
 
+@pytest.mark.parametrize("transport", ["auto", "object_store"])
 def test_workers_and_shards_spread_over_three_nodes_give_the_one_node_weights(
-        one_node_result, three_nodes):
+        one_node_result, three_nodes, transport):
+    # "auto" finds every node on this host and uses shared memory; "object_store" is the
+    # path actors on separate machines take.
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
-    result = train(2, 1)
+    result = train(2, 1, transport)
     nodes = result.actor_nodes["workers"] + result.actor_nodes["shards"]
     assert len(set(nodes)) == 3, nodes  # every actor on its own node
     for key, value in one_node_result.state_dict.items():
