@@ -256,12 +256,15 @@ class JobRunner:
         settings = self.settings
         step = self.resume_from.step if self.resume_from is not None else 0
         epoch, stopped = step // self.groups_per_epoch, False
+        batches_of_epoch: tuple[int, list[StepSamples]] = (-1, [])
         while step < self.total_steps:
             epoch = step // self.groups_per_epoch
             if self.should_stop():
                 stopped = True
                 break
-            batches = self.sampler.epoch(epoch)  # cheap: a permutation of the sample indices
+            if batches_of_epoch[0] != epoch:  # one permutation per epoch, not per step
+                batches_of_epoch = (epoch, self.sampler.epoch(epoch))
+            batches = batches_of_epoch[1]
             first = (step % self.groups_per_epoch) * settings.accumulation
             group = batches[first:first + settings.accumulation]
             step += 1
