@@ -75,8 +75,9 @@ class TrainingResult:
     history: TrainingHistory
     final_evaluation: EvaluationRecord | None
     steps: int
-    stopped_early: bool
+    stopped_early: bool  # should_stop() interrupted the job (cancel, shutdown): resumable
     actor_nodes: dict[str, list[str]]  # Ray node ids of the workers and of the shards
+    early_stopping_triggered: bool = False  # the validation loss stopped improving
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class JobRunner:
         self.checkpoint_interval = spec.checkpoint.interval_steps or self.groups_per_epoch
         self.schedule = build_schedule(spec, self.total_steps)
         self.max_norm = spec.clipping.max_norm if spec.clipping.HasField("max_norm") else None
+        self.early_stopping = EarlyStopping.of(spec) if dataset.x_val is not None else None
 
     # --- set-up and tear-down --------------------------------------------------------------
 
@@ -271,17 +273,41 @@ class JobRunner:
             record = self._step(step, epoch, group)
             self.history.steps.append(record)
             self.on_step(record)
-            if settings.evaluation_interval and step % settings.evaluation_interval == 0:
-                self._evaluate(step, epoch)
+            interval = settings.evaluation_interval or self.groups_per_epoch
+            if step % interval == 0 and self._evaluate(step, epoch) and self._converged():
+                break
             if self.on_checkpoint is not None and step % self.checkpoint_interval == 0:
                 self.on_checkpoint(self.checkpoint(step))
         if stopped and self.on_checkpoint is not None:
             self.on_checkpoint(self.checkpoint(step))
+        triggered = self.early_stopping is not None and self.early_stopping.triggered
+        if triggered and self.early_stopping.best_state is not None:
+            self._restore_best(self.early_stopping.best_state)
         final = None
         if self.dataset.x_val is not None and not stopped:
-            final = self._evaluate(step, epoch)
+            evaluations = self.history.evaluations
+            already = evaluations and evaluations[-1].step == step and not triggered
+            final = evaluations[-1] if already else self._evaluate(step, epoch)
         return TrainingResult(self._state_dict(), self.history, final, step, stopped,
-                              self.actor_nodes)
+                              self.actor_nodes, triggered)
+
+    # --- early stopping ------------------------------------------------------------------------
+
+    def _converged(self) -> bool:
+        """Whether early stopping ends the job after the evaluation just recorded."""
+        if self.early_stopping is None:
+            return False
+        snapshot = None
+        if self.early_stopping.restore_best:
+            snapshot = (np.array(self.parameters), self.evaluator.buffer_values())
+        return self.early_stopping.observe(self.history.evaluations[-1].loss, snapshot)
+
+    def _restore_best(self, state: tuple) -> None:
+        parameters, buffers = state
+        self.parameters[:] = parameters
+        if buffers:
+            self.evaluator.load_buffers(buffers)
+        self.transport.push_parameters()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -393,6 +419,37 @@ class JobRunner:
     def _state_dict(self) -> dict[str, np.ndarray]:
         self.transport.sync_parameters()
         return {key: np.array(value) for key, value in self.evaluator.model.state_dict().items()}
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on the validation loss (the article's early stopping)."""
+
+    patience: int
+    min_delta: float
+    restore_best: bool
+    best: float = math.inf
+    since_best: int = 0
+    best_state: tuple | None = None
+    triggered: bool = False
+
+    @classmethod
+    def of(cls, spec: job_pb2.JobSpec) -> EarlyStopping | None:
+        if not spec.HasField("early_stopping"):
+            return None
+        rule = spec.early_stopping
+        return cls(max(1, rule.patience), rule.min_delta, rule.restore_best)
+
+    def observe(self, loss: float, snapshot: tuple | None) -> bool:
+        """Record an evaluation's loss; True once `patience` of them brought no improvement."""
+        if loss < self.best - self.min_delta:
+            self.best, self.since_best = loss, 0
+            if snapshot is not None:
+                self.best_state = snapshot
+        else:
+            self.since_best += 1
+        self.triggered = self.since_best >= self.patience
+        return self.triggered
 
 
 def _micro_shards_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:

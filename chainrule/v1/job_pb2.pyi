@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "loss", "label_smoothing", "optimizer", "schedule", "clipping", "data", "gradient_accumulation_steps", "eval_interval_steps", "resources", "seed", "dtype", "checkpoint", "priority")
+    __slots__ = ("name", "model", "loss", "label_smoothing", "optimizer", "schedule", "clipping", "data", "gradient_accumulation_steps", "eval_interval_steps", "resources", "seed", "dtype", "checkpoint", "priority", "early_stopping")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class JobSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     loss: str
@@ -38,7 +39,18 @@ class JobSpec(_message.Message):
     dtype: str
     checkpoint: CheckpointSpec
     priority: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., loss: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., clipping: _Optional[_Union[ClippingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., gradient_accumulation_steps: _Optional[int] = ..., eval_interval_steps: _Optional[int] = ..., resources: _Optional[_Union[ResourceSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    early_stopping: EarlyStoppingSpec
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., loss: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., clipping: _Optional[_Union[ClippingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., gradient_accumulation_steps: _Optional[int] = ..., eval_interval_steps: _Optional[int] = ..., resources: _Optional[_Union[ResourceSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., priority: _Optional[int] = ..., early_stopping: _Optional[_Union[EarlyStoppingSpec, _Mapping]] = ...) -> None: ...
+
+class EarlyStoppingSpec(_message.Message):
+    __slots__ = ("patience", "min_delta", "restore_best")
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_BEST_FIELD_NUMBER: _ClassVar[int]
+    patience: int
+    min_delta: float
+    restore_best: bool
+    def __init__(self, patience: _Optional[int] = ..., min_delta: _Optional[float] = ..., restore_best: _Optional[bool] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("layers",)

@@ -224,3 +224,24 @@ def test_object_store_transport_recomputes_a_killed_workers_block(one_worker_flo
     assert result.history.worker_failures == 1
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
+
+
+def test_early_stopping_ends_a_job_whose_validation_loss_stalls_and_keeps_the_best_weights(
+        local_ray):
+    spec = spec_with(**{"data.epochs": 40, "optimizer.adamw.lr": 0.05})
+    spec.early_stopping.patience = 2
+    spec.early_stopping.restore_best = True
+    result = train(spec, 2, 2)
+    losses = [e.loss for e in result.history.evaluations[:-1]]
+    assert result.early_stopping_triggered and not result.stopped_early
+    assert result.steps < result.history.steps[0].total_steps
+    best = losses.index(min(losses))
+    assert len(losses) == best + 1 + 2  # two evaluations without improvement, then stop
+    assert result.final_evaluation.loss == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_without_an_interval_the_model_is_evaluated_at_every_epoch_end(local_ray):
+    result = train(spec_with(), 2, 2)
+    per_epoch = result.history.steps[0].total_steps // 3
+    assert [e.step for e in result.history.evaluations] == [per_epoch, 2 * per_epoch,
+                                                            3 * per_epoch]
