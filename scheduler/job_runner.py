@@ -24,6 +24,7 @@ or a stop can be checkpointed; a checkpoint resumes by deterministic replay.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -51,6 +52,7 @@ from scheduler.sampler import EpochSampler, StepSamples
 from scheduler.shared_memory_transport import SharedMemoryTransport
 from scheduler.step_transport import (  # noqa: F401 - JobFailed/WorkerLost re-exported
     JobFailed,
+    ShardLost,
     StepOutcome,
     StepWork,
     WorkerLost,
@@ -63,6 +65,7 @@ from worker.replica import ModelReplica, ReplicaSetup
 from worker.shared_memory import SharedArrayGroup, host_identity
 
 DEFAULT_MICRO_SHARDS = 4  # fixed by the spec, never by the worker count (see BRIEF invariant 1)
+MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
 
 # The actor classes are plain Python classes; this is the one place they become Ray actors.
 RemoteReplica = ray.remote(ModelReplica)
@@ -163,6 +166,26 @@ class JobRunner:
     # --- set-up and tear-down --------------------------------------------------------------
 
     def run(self) -> TrainingResult:
+        """Train to the end (or until should_stop / early stopping). A lost parameter-server
+        shard restarts the job's actors from the last checkpoint and replays: the sampler and
+        every seed are functions of the step, so the weights come out the same."""
+        while True:
+            try:
+                return self._run_once()
+            except ShardLost:
+                if self.history.shard_failures >= MAX_SHARD_RESTARTS:
+                    raise
+                self.history.shard_failures += 1
+                self._rewind_to(self.last_checkpoint)
+
+    def _rewind_to(self, checkpoint: Checkpoint) -> None:
+        self.resume_from = checkpoint
+        self.history.steps = [r for r in self.history.steps if r.step <= checkpoint.step]
+        self.history.evaluations = [e for e in self.history.evaluations
+                                    if e.step <= checkpoint.step]
+        self.early_stopping = copy.deepcopy(self.early_stopping_at_checkpoint)
+
+    def _run_once(self) -> TrainingResult:
         settings = self.settings
         model = build_model(self.spec.model, self.dataset.feature_shape, settings.dtype,
                             seed=self.spec.seed, input_dtype=self.dataset.x.dtype)
@@ -236,7 +259,8 @@ class JobRunner:
                 "an actor landed on another host than the runner although every node looked "
                 "local; run with transport='object_store'"
             )
-        self.pool = WorkerPool(list(range(settings.workers)))
+        self.pool = WorkerPool(list(range(settings.workers)),
+                               failures=self.history.worker_failures)  # across restarts
         if shared_memory:
             buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
             micro_count = settings.micro_shards * settings.accumulation
@@ -257,6 +281,7 @@ class JobRunner:
     def _train(self) -> TrainingResult:
         settings = self.settings
         step = self.resume_from.step if self.resume_from is not None else 0
+        self._take_checkpoint(step, notify=False)  # where a lost shard would restart from
         epoch, stopped = step // self.groups_per_epoch, False
         batches_of_epoch: tuple[int, list[StepSamples]] = (-1, [])
         while step < self.total_steps:
@@ -276,8 +301,8 @@ class JobRunner:
             interval = settings.evaluation_interval or self.groups_per_epoch
             if step % interval == 0 and self._evaluate(step, epoch) and self._converged():
                 break
-            if self.on_checkpoint is not None and step % self.checkpoint_interval == 0:
-                self.on_checkpoint(self.checkpoint(step))
+            if step % self.checkpoint_interval == 0:
+                self._take_checkpoint(step, notify=True)
         if stopped and self.on_checkpoint is not None:
             self.on_checkpoint(self.checkpoint(step))
         triggered = self.early_stopping is not None and self.early_stopping.triggered
@@ -310,6 +335,13 @@ class JobRunner:
         self.transport.push_parameters()
 
     # --- checkpoints ---------------------------------------------------------------------------
+
+    def _take_checkpoint(self, step: int, notify: bool) -> None:
+        """Keep the state in memory for shard recovery; hand it to on_checkpoint too."""
+        self.last_checkpoint = self.checkpoint(step)
+        self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
+        if notify and self.on_checkpoint is not None:
+            self.on_checkpoint(self.last_checkpoint)
 
     def checkpoint(self, step: int) -> Checkpoint:
         """The job's state now (between steps): parameters, buffers, whole optimizer state."""

@@ -20,6 +20,7 @@ import ray
 
 from scheduler.step_transport import (
     BlockStats,
+    ShardLost,
     ShardStats,
     StepOutcome,
     StepWork,
@@ -59,6 +60,12 @@ class ObjectStoreTransport:
 
     def run_step(self, work: StepWork) -> StepOutcome:
         chunk_refs, results = self._compute_blocks(work)
+        try:
+            return self._reduce_and_apply(work, chunk_refs, results)
+        except ray.exceptions.RayActorError as error:
+            raise ShardLost(f"a parameter-server shard died during step {work.step}") from error
+
+    def _reduce_and_apply(self, work: StepWork, chunk_refs: dict, results: list) -> StepOutcome:
         chunks_of_shard = [[chunk_refs[b][k] for b in range(len(work.block_ranges))]
                            for k in range(len(self.shards))]
         if work.max_norm is None:

@@ -21,7 +21,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+        # "local": always a new instance of our own; a bare ray.init() would join whatever
+        # cluster a `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **options)
 
 
 def cluster_cpus() -> float:

@@ -59,3 +59,4 @@ class TrainingHistory:
     steps: list[StepRecord] = field(default_factory=list)
     evaluations: list[EvaluationRecord] = field(default_factory=list)
     worker_failures: int = 0
+    shard_failures: int = 0  # each one restarted the job from its last checkpoint

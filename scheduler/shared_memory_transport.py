@@ -18,6 +18,7 @@ import ray
 from scheduler.step_transport import (
     BlockStats,
     JobFailed,
+    ShardLost,
     ShardStats,
     StepOutcome,
     StepWork,
@@ -167,8 +168,8 @@ class SharedMemoryTransport:
         """No report for a while: find dead (or, past the deadline, silent) peers."""
         finished, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops), timeout=0)
         if finished:
-            ray.get(finished)  # raises the shard's death as an error
-            raise JobFailed("a parameter-server shard stopped; resume from the last checkpoint")
+            raise ShardLost(f"parameter-server shard {self.shard_loops.index(finished[0])} "
+                            f"stopped during step {work.step}")
         loops = [self.worker_loops[w] for w in self.pool.alive]
         dead, _ = ray.wait(loops, num_returns=len(loops), timeout=0)
         lost = {w for w in self.pool.alive if self.worker_loops[w] in dead}

@@ -74,7 +74,12 @@ class WorkerLost(RuntimeError):
 
 
 class JobFailed(RuntimeError):
-    """The job cannot go on: an error in its computation, or a lost parameter-server shard."""
+    """The job cannot go on: an error in its computation."""
+
+
+class ShardLost(RuntimeError):
+    """A parameter-server shard died: its optimizer state is gone, so the runner restarts the
+    job's actors from the last checkpoint and replays."""
 
 
 class StepTransport(Protocol):

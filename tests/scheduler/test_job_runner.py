@@ -245,3 +245,24 @@ def test_without_an_interval_the_model_is_evaluated_at_every_epoch_end(local_ray
     per_epoch = result.history.steps[0].total_steps // 3
     assert [e.step for e in result.history.evaluations] == [per_epoch, 2 * per_epoch,
                                                             3 * per_epoch]
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+def test_a_lost_parameter_server_shard_is_recovered_from_the_checkpoint_with_the_same_weights(
+        one_worker_float32, transport):
+    spec = spec_with()
+    runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
+                       step_timeout_seconds=30, transport=transport)
+    killed = []
+
+    def kill_shard_one(record):
+        if record.step == 20 and not killed:  # mid second epoch; the checkpoint is at 15
+            killed.append(record.step)
+            ray.kill(runner.shards[1])
+
+    runner.on_step = kill_shard_one
+    result = runner.run()
+    assert result.history.shard_failures == 1
+    assert [r.step for r in result.history.steps] == list(range(1, result.steps + 1))
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key

@@ -35,7 +35,7 @@ def train(workers: int, shards: int, transport: str = "auto"):
 def one_node_result():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     result = train(2, 1)
     ray.shutdown()
     return result
