@@ -109,11 +109,12 @@ def test_each_worker_sends_and_receives_at_most_2_05_times_the_parameter_bytes(l
         assert 0 < moved <= 2.05 * record.parameter_bytes
 
 
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
 def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_weights(
-        one_worker_float32):
+        one_worker_float32, transport):
     spec = spec_with()
     runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
-                       step_timeout_seconds=30)
+                       step_timeout_seconds=30, transport=transport)
 
     def kill_worker_one(record):
         if record.step == 5:
@@ -208,22 +209,6 @@ def test_object_store_transport_clips_and_tracks_batch_norm_like_shared_memory(l
     assert "1.running_mean" in shared.state_dict
     for key, value in shared.state_dict.items():
         assert np.array_equal(store.state_dict[key], value), key
-
-
-def test_object_store_transport_recomputes_a_killed_workers_block(one_worker_float32):
-    spec = spec_with()
-    runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
-                       step_timeout_seconds=30, transport="object_store")
-
-    def kill_worker_one(record):
-        if record.step == 5:
-            ray.kill(runner.replicas[1])
-
-    runner.on_step = kill_worker_one
-    result = runner.run()
-    assert result.history.worker_failures == 1
-    for key, value in one_worker_float32.state_dict.items():
-        assert np.array_equal(result.state_dict[key], value), key
 
 
 def test_early_stopping_ends_a_job_whose_validation_loss_stalls_and_keeps_the_best_weights(
