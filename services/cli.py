@@ -1,4 +1,4 @@
-"""The `chainrule` command: train a spec locally now; serve, submit and watch over gRPC."""
+"""The `chainrule` command: train a spec locally; serve, submit and watch jobs over gRPC."""
 
 from __future__ import annotations
 
@@ -33,6 +33,166 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the service ---------------------------------------------------------------------------------
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from services.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = serve(args.address, args.data_dir, ray_address=args.ray_address,
+                   metrics_port=args.metrics_port, max_concurrent_jobs=args.max_concurrent_jobs,
+                   tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    # After serve(): ray.init installs its own SIGTERM handler, which would kill us uncleanly.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"chainrule: serving gRPC on {server.address} (data in {server.data_dir})", flush=True)
+    print(f"chainrule: metrics at {server.metrics_url or 'off'}", flush=True)
+    stop.wait()
+    print("chainrule: stopping; running jobs are checkpointed and requeued", flush=True)
+    server.stop()
+    print("chainrule: stopped", flush=True)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    import os
+
+    from chainrule.client import Client
+
+    return Client(args.server, token=args.token or os.environ.get("CHAINRULE_TOKEN"),
+                  timeout=args.timeout)
+
+
+def _print(args: argparse.Namespace, message, text: str) -> None:
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    else:
+        print(text)
+
+
+def _job_line(job) -> str:
+    from chainrule.client import state_name
+
+    line = f"{job.id}  {state_name(job.state):<9}  {job.name or '-'}"
+    if job.progress.total_steps:
+        line += f"  step {job.progress.step}/{job.progress.total_steps}"
+    if job.HasField("final_validation"):
+        line += f"  val loss {job.final_validation.loss:.4f}"
+        if job.final_validation.HasField("accuracy"):
+            line += f" acc {job.final_validation.accuracy:.4f}"
+    if job.error:
+        line += f"  error: {job.error}"
+    return line
+
+
+def _submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.submit(args.spec, request_id=args.request_id)
+        _print(args, job, f"submitted {job.id}")
+        if args.watch:
+            return _follow(args, client, job.id)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from chainrule.v1 import training_service_pb2 as pb
+
+    with _client(args) as client:
+        states = [s.upper() for s in args.state or []]
+        jobs = list(client.jobs(states))
+        _print(args, pb.ListJobsResponse(jobs=jobs),
+               "\n".join(_job_line(job) for job in jobs) or "no jobs")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get(args.job)
+        _print(args, job, _job_line(job))
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _follow(args, client, args.job)
+
+
+def _follow(args: argparse.Namespace, client, job_id: str) -> int:
+    """Watch a job to its end (a live bar, or one JSON event per line); exit 0 on success."""
+    from chainrule.client import state_name
+    from services.progress import TrainingProgress
+
+    if getattr(args, "json", False):
+        from google.protobuf import json_format
+
+        for event in client.watch(job_id):
+            print(json_format.MessageToJson(event, indent=None), flush=True)
+    else:
+        job = client.get(job_id)
+        with TrainingProgress(job.name or job_id, total_steps=0) as progress:
+            for event in client.watch(job_id):
+                kind = event.WhichOneof("kind")
+                if kind == "progress":
+                    p = event.progress
+                    progress.step(p.step, p.total_steps, p.epoch, p.loss, p.samples_per_second)
+                elif kind == "validation":
+                    v = event.validation
+                    progress.evaluation(v.loss, v.accuracy if v.HasField("accuracy") else None)
+        job = client.get(job_id)
+        print(_job_line(job))
+    job = client.get(job_id)
+    return 0 if state_name(job.state) == "SUCCEEDED" else 1
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job)
+        _print(args, job, _job_line(job))
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.upload(args.file, args.name, label_column=args.label_column)
+        _print(args, info, f"uploaded {info.name}: {info.samples} samples, features "
+                           f"{tuple(info.feature_shape)}, {info.task}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.datasets()
+        lines = [f"{d.name}  {d.format}  {d.samples} samples  {tuple(d.feature_shape)}  "
+                 f"{d.task}" for d in listing.datasets]
+        lines += [f"{name}  (built-in)" for name in listing.builtin]
+        _print(args, listing, "\n".join(lines))
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        header = client.download(args.job, args.output)
+        _print(args, header, f"wrote {args.output} ({header.size_bytes} bytes) and "
+                             f"{args.output}.json")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(args.spec, metrics_port=args.metrics_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chainrule", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +204,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
     train.add_argument("-o", "--output", help="write weights here (.safetensors or .npz)")
     train.set_defaults(run=_train)
+
+    serve = commands.add_parser("serve", help="run the gRPC training service")
+    serve.add_argument("--address", default=DEFAULT_SERVER, help="host:port to bind")
+    serve.add_argument("--data-dir", default="data", help="the job store, uploads, models")
+    serve.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
+    serve.add_argument("--metrics-port", type=int, default=9464,
+                       help="Prometheus /metrics port on loopback (0: any free port)")
+    serve.add_argument("--max-concurrent-jobs", type=int, default=1)
+    serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
+    serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.set_defaults(run=_serve)
+
+    def client_command(name: str, help: str, run) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help)
+        command.add_argument("--server", default=DEFAULT_SERVER, help="the service's host:port")
+        command.add_argument("--token", help="bearer token (default: $CHAINRULE_TOKEN)")
+        command.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        command.set_defaults(run=run)
+        return command
+
+    submit = client_command("submit", "submit a job spec to the service", _submit)
+    submit.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
+    submit.add_argument("--watch", action="store_true", help="follow the job to its end")
+    submit.add_argument("--request-id", help="idempotency key: a retry returns the same job")
+    jobs = client_command("jobs", "list jobs, newest first", _jobs)
+    jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    client_command("status", "one job's state and progress", _status).add_argument("job")
+    client_command("watch", "follow a job with a live progress bar", _watch).add_argument("job")
+    client_command("cancel", "cancel a job", _cancel).add_argument("job")
+    upload = client_command("upload", "upload a data set (.npz or .csv)", _upload)
+    upload.add_argument("file")
+    upload.add_argument("--name", required=True, help="the name specs refer to")
+    upload.add_argument("--label-column", help="CSV: the target column")
+    client_command("datasets", "list uploaded and built-in data sets", _datasets)
+    download = client_command("download", "download a finished job's weights", _download)
+    download.add_argument("job")
+    download.add_argument("-o", "--output", required=True,
+                          help="weights file (.safetensors or .npz)")
+
+    demo = commands.add_parser("demo", help="serve, train the digits MLP over gRPC, shut down")
+    demo.add_argument("--spec", default=None, help="job spec (default: the digits MLP)")
+    demo.add_argument("--metrics-port", type=int, default=0)
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -56,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # SpecError is a ValueError: name the field, no trace
         print(f"chainrule: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        import grpc
+
+        if isinstance(error, grpc.RpcError):  # the server's status and message, no trace
+            print(f"chainrule: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,216 @@
+"""The Python client of the training service.
+
+    from chainrule import Client
+
+    with Client("127.0.0.1:50051") as client:
+        job = client.submit("digits.yaml", request_id="digits-1")
+        for event in client.watch(job.id):
+            ...
+        client.download(job.id, "digits.safetensors")
+
+Every call has a deadline (`timeout` seconds, per call), so a dead or silent server is an
+error, never a hang. `watch` is a long stream: instead of one deadline it fails when nothing
+arrives for `idle_timeout` seconds (the server repeats the job's state every 15 s of silence),
+or when the whole watch exceeds `timeout` if given. Errors are `grpc.RpcError`s with the
+server's status code and message (`data.batch_size: must be ...`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+
+from chainrule.spec_file import load_job_spec
+from chainrule.v1 import job_pb2
+from chainrule.v1 import training_service_pb2 as pb
+from chainrule.v1 import training_service_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1024 * 1024
+MESSAGE_BYTES = 8 * 1024 * 1024
+TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED,
+                             pb.JOB_STATE_CANCELLED})
+
+
+class WatchTimeout(grpc.RpcError):
+    """No event within the idle timeout: the server or the connection is silent."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._message
+
+
+def state_name(state: int) -> str:
+    """"SUCCEEDED" for JOB_STATE_SUCCEEDED."""
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, *,
+                 timeout: float = 30.0, root_certificates: bytes | None = None):
+        """`root_certificates` (PEM) switches to TLS; `token` is sent as a bearer token."""
+        self.address, self.timeout = address, timeout
+        options = [("grpc.max_receive_message_length", MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MESSAGE_BYTES),
+                   ("grpc.keepalive_time_ms", 30_000)]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.TrainingServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def submit(self, spec: job_pb2.JobSpec | str | Path, request_id: str | None = None,
+               watch: bool = False) -> pb.Job:
+        """Submit a spec (a JobSpec, a .yaml/.json path or YAML text). With `watch`, block
+        until the job ends and return its final state."""
+        if not isinstance(spec, job_pb2.JobSpec):
+            spec = load_job_spec(spec)
+        job = self._call(self.stub.SubmitJob,
+                         pb.SubmitJobRequest(spec=spec, request_id=request_id or ""))
+        if watch:
+            for _ in self.watch(job.id):
+                pass
+            job = self.get(job.id)
+        return job
+
+    def get(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def list(self, states: Iterable[int | str] = (), page_size: int = 0,
+             page_token: str = "") -> pb.ListJobsResponse:
+        """One page of jobs, newest first; states as JobState values or names ("RUNNING")."""
+        values = [pb.JobState.Value(f"JOB_STATE_{s}") if isinstance(s, str) else s
+                  for s in states]
+        return self._call(self.stub.ListJobs, pb.ListJobsRequest(
+            states=values, page_size=page_size, page_token=page_token))
+
+    def jobs(self, states: Iterable[int | str] = ()) -> Iterator[pb.Job]:
+        """Every job, following the page tokens."""
+        states, token = list(states), ""
+        while True:
+            page = self.list(states, page_token=token)
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
+
+    def watch(self, job_id: str, *, min_progress_interval: float = 0.0,
+              idle_timeout: float = 60.0,
+              timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """The job's events until it ends: its current state first, then every change.
+
+        `idle_timeout` bounds the silence between events (the server sends one at least
+        every 15 s), `timeout` (None: no limit) the whole watch."""
+        call = self.stub.WatchJob(
+            pb.WatchJobRequest(job_id=job_id,
+                               min_progress_interval_ms=int(min_progress_interval * 1000)),
+            timeout=timeout, metadata=self.metadata)
+        # grpc's stream iterator has no per-message timeout: read it in a thread, wait here.
+        events: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            try:
+                for event in call:
+                    events.put(event)
+                events.put(None)
+            except grpc.RpcError as error:
+                events.put(error)
+
+        threading.Thread(target=read, name=f"watch-{job_id}", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = events.get(timeout=idle_timeout)
+                except queue.Empty:
+                    raise WatchTimeout(f"no event from {self.address} for {idle_timeout:g} s "
+                                       f"while watching {job_id}") from None
+                if item is None:
+                    return
+                if isinstance(item, grpc.RpcError):
+                    if item.code() == grpc.StatusCode.CANCELLED:
+                        return
+                    raise item
+                yield item
+        finally:
+            call.cancel()
+
+    # --- data sets -----------------------------------------------------------------------------
+
+    def upload(self, path: str | Path, name: str, label_column: str | None = None,
+               format: str | None = None) -> pb.DatasetInfo:
+        """Upload an .npz or .csv file (format from the suffix unless given)."""
+        path = Path(path)
+        data = path.read_bytes()
+        format = format or path.suffix.lower().lstrip(".")
+        header = pb.DatasetHeader(name=name, format=format, label_column=label_column or "",
+                                  size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        return self.upload_stream(header, (data[i:i + CHUNK_BYTES]
+                                           for i in range(0, len(data), CHUNK_BYTES)))
+
+    def upload_stream(self, header: pb.DatasetHeader,
+                      chunks: Iterable[bytes]) -> pb.DatasetInfo:
+        """The raw stream: a header, then chunks (for callers that produce bytes lazily)."""
+        def requests() -> Iterator[pb.UploadDatasetRequest]:
+            yield pb.UploadDatasetRequest(header=header)
+            for chunk in chunks:
+                yield pb.UploadDatasetRequest(chunk=chunk)
+
+        return self._call(self.stub.UploadDataset, requests())
+
+    def datasets(self) -> pb.ListDatasetsResponse:
+        return self._call(self.stub.ListDatasets, pb.ListDatasetsRequest())
+
+    def delete_dataset(self, name: str) -> None:
+        self._call(self.stub.DeleteDataset, pb.DeleteDatasetRequest(name=name))
+
+    # --- models --------------------------------------------------------------------------------
+
+    def download(self, job_id: str, path: str | Path, format: str | None = None) -> pb.ModelHeader:
+        """Write the job's weights to `path` (format from its suffix: .safetensors or .npz) and
+        the manifest beside it as `<path>.json`; returns the header."""
+        path = Path(path)
+        format = format or ("npz" if path.suffix == ".npz" else "safetensors")
+        header, data = None, bytearray()
+        for message in self._call(self.stub.DownloadModel,
+                                  pb.DownloadModelRequest(job_id=job_id, format=format)):
+            if message.HasField("header"):
+                header = message.header
+            else:
+                data += message.chunk
+        if header is None or len(data) != header.size_bytes:
+            raise OSError(f"download of {job_id} incomplete: {len(data)} bytes")
+        if hashlib.sha256(data).hexdigest() != header.sha256:
+            raise OSError(f"download of {job_id}: SHA-256 mismatch")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(data))
+        Path(f"{path}.json").write_text(header.manifest_json)
+        return header

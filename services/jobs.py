@@ -1,0 +1,381 @@
+"""The service's domain: what each API operation does, in terms of the store, the job queue,
+the uploads and the live event hub. No protobuf service types and no gRPC here: the servicer
+adapts requests to these calls and these results back to messages.
+
+Everything a tenant names (a job id, a data set) is looked up within that tenant; another
+tenant's job is simply not found.
+
+This object is also the queue's `JobHost` (durable transitions, checkpoints, loading a job's
+data) and one of its observers (progress for GetJob and WatchJob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from chainrule.v1 import job_pb2
+from scheduler.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scheduler.datasets import BUILTIN_DATASETS, Dataset
+from scheduler.job_queue import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    JobOutcome,
+    JobQueue,
+    QueuedJob,
+)
+from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.training import prepare_dataset, weights_manifest
+from services import uploads
+from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.events import EventHub, JobEvent
+from services.store import (
+    DatasetRecord,
+    JobRecord,
+    ProgressSummary,
+    Store,
+    ValidationSummary,
+    parse_page_token,
+)
+from services.validation import DataShape, Limits, builtin_shape, upload_name, validate_spec
+from worker.weights_file import load_weights, manifest_path, save_weights, weights_bytes
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+WATCH_HEARTBEAT_SECONDS = 15.0  # a quiet watch repeats the state: the client sees we live
+PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to the store, per job
+MODEL_FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
+
+
+@dataclass(frozen=True)
+class ModelDownload:
+    format: str
+    data: bytes
+    sha256: str
+    model_spec_json: str
+    manifest_json: str
+
+
+@dataclass
+class _LiveJob:
+    """A running job's bookkeeping for progress: when this run started, and its first step."""
+
+    started: float
+    epochs: int = 0
+    first_step: int | None = None
+    last_write: float = 0.0
+    validation: ValidationSummary | None = None
+    feature_mean: list | None = None
+    feature_std: list | None = None
+
+
+class JobService:
+    def __init__(self, store: Store, data_dir: str | Path, *, limits: Limits | None = None,
+                 max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES):
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.limits = limits or Limits()
+        self.max_upload_bytes = max_upload_bytes
+        self.events = EventHub()
+        self.queue: JobQueue | None = None
+        self._live: dict[str, _LiveJob] = {}
+        self._lock = threading.Lock()
+
+    def attach_queue(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def resume_queued_jobs(self) -> int:
+        """At start-up: jobs left QUEUED (or RUNNING, when the last process was killed) run
+        again, in queue order, each from its last checkpoint."""
+        jobs = self.store.jobs_in_states([QUEUED, RUNNING])
+        for job in jobs:
+            if job.state == RUNNING:
+                self.store.set_state(job.id, QUEUED)
+        assert self.queue is not None
+        self.queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in jobs)
+        return len(jobs)
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def submit(self, tenant: str, spec: job_pb2.JobSpec, request_id: str = "") -> JobRecord:
+        if len(request_id) > 128:
+            raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
+        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits)
+        record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
+                           state=QUEUED, created_at=time.time(), request_id=request_id)
+        digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+        job, created = self.store.create_job(record, digest)
+        if created:
+            assert self.queue is not None
+            self.queue.submit(QueuedJob(job.id, spec, tenant))
+        return job
+
+    def get(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id, tenant)
+        if job is None:
+            raise NotFound(f"job_id: no job {job_id!r}")
+        if job.state == RUNNING:  # fresher than the store's throttled copy
+            job.progress = self.events.latest_progress(job_id) or job.progress
+        return job
+
+    def list(self, tenant: str, states: Iterable[str] = (), page_size: int = 0,
+             page_token: str = "") -> tuple[list[JobRecord], str]:
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be at most {MAX_PAGE_SIZE}, got "
+                                               f"{page_size}")
+        jobs, cursor = self.store.list_jobs(tenant, list(states), page_size or DEFAULT_PAGE_SIZE,
+                                            parse_page_token(page_token))
+        return jobs, "" if cursor is None else str(cursor)
+
+    def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.get(tenant, job_id)
+        if job.state in TERMINAL_STATES:
+            return job
+        assert self.queue is not None
+        if not self.queue.cancel(job_id):  # not held by the queue (the server is stopping)
+            self.store.set_state(job_id, CANCELLED, finished=True)
+            self.events.publish(JobEvent(job_id, time.time(), "state", state=CANCELLED))
+        return self.get(tenant, job_id)
+
+    def watch(self, tenant: str, job_id: str, min_progress_interval: float = 0.0,
+              poll_seconds: float = 1.0) -> Iterator[JobEvent]:
+        """The job's current state (and latest progress), then its events until it ends, or
+        until the server stops. The caller stops iterating when its client goes away."""
+        with self.events.subscribe(job_id) as subscription:  # before reading: miss nothing
+            job = self.get(tenant, job_id)
+            now = time.time()
+            yield JobEvent(job_id, now, "state", state=job.state, error=job.error)
+            if job.progress is not None:
+                yield JobEvent(job_id, now, "progress", progress=job.progress)
+            if job.state in TERMINAL_STATES:
+                return
+            last_progress, last_sent = 0.0, time.monotonic()
+            while not self.events.closed.is_set():
+                event = subscription.get(timeout=poll_seconds)
+                if event is None:
+                    if time.monotonic() - last_sent >= WATCH_HEARTBEAT_SECONDS:
+                        job = self.get(tenant, job_id)
+                        event = JobEvent(job_id, time.time(), "state", state=job.state,
+                                         error=job.error)
+                    else:
+                        continue
+                if event.kind == "progress":
+                    if event.time - last_progress < min_progress_interval:
+                        continue
+                    last_progress = event.time
+                last_sent = time.monotonic()
+                yield event
+                if event.kind == "state" and event.state in TERMINAL_STATES:
+                    return
+
+    # --- data sets -----------------------------------------------------------------------------
+
+    def upload(self, tenant: str, header: uploads.UploadHeader | None,
+               chunks: Iterable[bytes]) -> DatasetRecord:
+        header = uploads.check_header(header, self.max_upload_bytes)
+        if self.store.get_dataset(tenant, header.name) is not None:
+            raise AlreadyExists(f"header.name: a data set named {header.name!r} already "
+                                f"exists; delete it first")
+        received = uploads.receive(header, chunks, self.data_dir / "tmp")
+        stored: Path | None = None
+        try:
+            arrays = uploads.parse(header, received)
+            folder = self.data_dir / "datasets" / _tenant_folder(tenant)
+            unique = f"{header.name}-{uuid.uuid4().hex[:8]}"
+            stored = uploads.store_arrays(arrays, folder, unique)
+            record = uploads.record_for(tenant, header, stored, arrays)
+            self.store.add_dataset(record)
+            return record
+        except BaseException:
+            if stored is not None:
+                stored.unlink(missing_ok=True)
+            raise
+        finally:
+            received.unlink(missing_ok=True)
+
+    def datasets(self, tenant: str) -> tuple[list[DatasetRecord], tuple[str, ...]]:
+        return self.store.list_datasets(tenant), BUILTIN_DATASETS
+
+    def delete_dataset(self, tenant: str, name: str) -> None:
+        if self.store.get_dataset(tenant, name) is None:
+            raise NotFound(f"name: no uploaded data set {name!r}")
+        users = self.store.active_jobs_using(tenant, [name, f"upload:{name}"])
+        if users:
+            raise FailedPrecondition(f"name: data set {name!r} is used by queued or running "
+                                     f"job(s) {', '.join(users)}")
+        record = self.store.delete_dataset(tenant, name)
+        if record is not None:
+            Path(record.path).unlink(missing_ok=True)
+
+    # --- models --------------------------------------------------------------------------------
+
+    def download(self, tenant: str, job_id: str, format: str = "") -> ModelDownload:
+        format = format or "safetensors"
+        if format not in MODEL_FORMATS:
+            raise InvalidArgument("format", f"must be 'safetensors' or 'npz', got {format!r}")
+        job = self.get(tenant, job_id)
+        if job.state != SUCCEEDED or not job.weights_path:
+            raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; only a SUCCEEDED "
+                                     f"job has a model")
+        path = Path(job.weights_path)
+        if MODEL_FORMATS[format] == path.suffix:
+            data = path.read_bytes()
+        else:
+            data = weights_bytes(load_weights(path), MODEL_FORMATS[format])
+        manifest = manifest_path(path)
+        return ModelDownload(
+            format=format, data=data, sha256=hashlib.sha256(data).hexdigest(),
+            model_spec_json=json_format.MessageToJson(job.spec.model,
+                                                      preserving_proto_field_name=True),
+            manifest_json=manifest.read_text() if manifest.exists() else "{}",
+        )
+
+    # --- the queue's JobHost -------------------------------------------------------------------
+
+    def load_dataset(self, job: QueuedJob) -> Dataset:
+        name = upload_name(job.spec.data.dataset)
+        loaded = None
+        if name is not None:
+            record = self.store.get_dataset(job.tenant, name)
+            if record is None:
+                raise FileNotFoundError(f"data set {name!r} was deleted")
+            loaded = uploads.to_dataset(uploads.load_arrays(record.path), name=name)
+        dataset = prepare_dataset(job.spec, loaded)
+        with self._lock:
+            live = self._live.setdefault(job.job_id, _LiveJob(time.monotonic()))
+            for attribute in ("feature_mean", "feature_std"):
+                value = getattr(dataset, attribute)
+                setattr(live, attribute, None if value is None else value.tolist())
+        return dataset
+
+    def _checkpoint_path(self, job_id: str) -> Path:
+        return self.data_dir / "checkpoints" / f"{job_id}.npz"
+
+    def load_checkpoint(self, job_id: str) -> Checkpoint | None:
+        path = self._checkpoint_path(job_id)
+        if not path.exists():
+            return None
+        checkpoint = load_checkpoint(path)
+        self.store.add_event(job_id, "resumed", {"step": checkpoint.step})
+        return checkpoint
+
+    def save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
+        save_checkpoint(self._checkpoint_path(job_id), checkpoint)
+
+    def job_started(self, job_id: str) -> None:
+        job = self.store.get_job(job_id)
+        epochs = job.spec.data.epochs if job is not None else 0
+        with self._lock:
+            self._live[job_id] = _LiveJob(time.monotonic(), epochs)
+        self.store.set_state(job_id, RUNNING, started=True)
+
+    def job_requeued(self, job_id: str) -> None:
+        self._flush_progress(job_id)
+        self.store.set_state(job_id, QUEUED)
+
+    def job_finished(self, job_id: str, outcome: JobOutcome) -> None:
+        self._flush_progress(job_id)
+        final, weights = None, ""
+        result = outcome.result
+        if outcome.state == SUCCEEDED and result is not None:
+            job = self.store.get_job(job_id)
+            assert job is not None
+            if result.final_evaluation is not None:
+                final = _validation(result.final_evaluation)
+            manifest = weights_manifest(job.spec, result)
+            live = self._live.get(job_id)
+            manifest["feature_mean"] = live.feature_mean if live else None
+            manifest["feature_std"] = live.feature_std if live else None
+            manifest["job_id"] = job_id
+            path = self.data_dir / "models" / f"{job_id}.safetensors"
+            save_weights(path, result.state_dict, manifest=manifest)
+            weights = str(path)
+            self._checkpoint_path(job_id).unlink(missing_ok=True)  # the model supersedes it
+        self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
+                             final_validation=final, weights_path=weights)
+        with self._lock:
+            self._live.pop(job_id, None)
+        self.events.forget(job_id)
+
+    # --- the queue's observer ------------------------------------------------------------------
+
+    def job_state_changed(self, job_id: str, state: str) -> None:
+        job = self.store.get_job(job_id)
+        self.events.publish(JobEvent(job_id, time.time(), "state", state=state,
+                                     error=job.error if job is not None else ""))
+
+    def job_step(self, job_id: str, record: StepRecord) -> None:
+        now = time.monotonic()
+        with self._lock:
+            live = self._live.setdefault(job_id, _LiveJob(now))
+            if live.first_step is None:
+                live.first_step, live.started = record.step - 1, now - record.timings.wall
+            done = record.step - live.first_step
+            eta = (now - live.started) / done * (record.total_steps - record.step)
+            validation, epochs = live.validation, live.epochs
+            write = now - live.last_write >= PROGRESS_WRITE_INTERVAL
+            if write:
+                live.last_write = now
+        progress = ProgressSummary(record.step, record.total_steps, record.epoch, epochs,
+                                   record.loss, record.samples_per_second, eta, validation)
+        self.events.publish(JobEvent(job_id, time.time(), "progress", progress=progress))
+        if write:
+            self.store.set_progress(job_id, progress)
+
+    def job_evaluation(self, job_id: str, record: EvaluationRecord) -> None:
+        validation = _validation(record)
+        with self._lock:
+            if job_id in self._live:
+                self._live[job_id].validation = validation
+        self.store.add_event(job_id, "validation", validation.__dict__)
+        self.events.publish(JobEvent(job_id, time.time(), "validation", validation=validation))
+
+    def _flush_progress(self, job_id: str) -> None:
+        """The latest progress into the store (writes are throttled while running)."""
+        progress = self.events.latest_progress(job_id)
+        if progress is not None:
+            with self._lock:
+                live = self._live.get(job_id)
+                if live is not None and live.validation is not None:
+                    progress = ProgressSummary(**{**progress.__dict__,
+                                                  "validation": live.validation})
+            self.store.set_progress(job_id, progress)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _data_shape(self, tenant: str, dataset: str) -> DataShape | None:
+        name = upload_name(dataset)
+        if name is None:
+            return builtin_shape(dataset) if dataset else None
+        record = self.store.get_dataset(tenant, name)
+        if record is None:
+            return None
+        target_shape = () if record.task == "classification" else (1,)
+        if record.task != "classification":
+            arrays = uploads.load_arrays(record.path)  # the target width is in the file
+            target_shape = tuple(arrays["y"].shape[1:]) or (1,)
+        return DataShape(record.samples, record.validation_samples, record.feature_shape,
+                         record.integer_features, record.task, record.num_classes, target_shape)
+
+
+def _validation(record: EvaluationRecord) -> ValidationSummary:
+    return ValidationSummary(record.step, record.loss, record.accuracy, record.samples)
+
+
+def _tenant_folder(tenant: str) -> str:
+    # Tenant names come from the token file; never let one become a path.
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
+

@@ -1,0 +1,172 @@
+"""Start-up and shut-down of the API process: store, queue, gRPC server, health, reflection,
+metrics.
+
+    server = serve("127.0.0.1:50051", data_dir="data")   # returns once it is serving
+    server.wait_for_termination()                          # or server.stop()
+
+Stopping (SIGTERM in `chainrule serve`): health turns NOT_SERVING, the queue stops taking jobs,
+running jobs stop at their next step boundary with a checkpoint and go back to QUEUED, then
+the gRPC server closes. The next start runs every QUEUED job again, each resuming from its
+checkpoint by deterministic replay.
+
+Secure by default: without a token file every caller is the tenant "default", so the server
+refuses any address but loopback; a non-loopback bind needs tokens and TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chainrule.v1 import training_service_pb2 as pb
+from chainrule.v1 import training_service_pb2_grpc as pb_grpc
+from scheduler import ray_cluster
+from scheduler.job_queue import JobQueue
+from services.auth import Authenticator, load_tokens
+from services.jobs import JobService
+from services.servicer import TrainingServicer
+from services.store import Store
+from services.uploads import DEFAULT_MAX_UPLOAD_BYTES
+from services.validation import Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+MESSAGE_BYTES = 8 * 1024 * 1024  # upload/download chunks are 1 MiB; specs are small
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+@dataclass
+class RunningServer:
+    address: str  # host:port actually bound (the port resolved when 0 was asked)
+    port: int
+    data_dir: Path
+    metrics_url: str
+    service: JobService
+    queue: JobQueue
+    _grpc: grpc.Server
+    _health: health.HealthServicer
+    _store: Store
+    _owns_ray: bool
+    _metrics_server: Any = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
+        """Checkpoint and requeue running jobs, then close the server (idempotent)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._health.enter_graceful_shutdown()
+        if not self.queue.shutdown(timeout=job_timeout):
+            log.warning("jobs still running after %.0f s; they resume from their last "
+                        "checkpoint on the next start", job_timeout)
+        self.service.events.close()
+        self._grpc.stop(grace).wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self._store.close()
+        if self._owns_ray:
+            ray.shutdown()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._grpc.wait_for_termination(timeout)
+
+
+def serve(
+    address: str = "127.0.0.1:50051",
+    data_dir: str | Path = "data",
+    *,
+    ray_address: str | None = None,
+    ray_cpus: int | None = None,
+    metrics_port: int | None = None,
+    max_concurrent_jobs: int = 1,
+    tokens_file: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    limits: Limits | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_rpc_threads: int = 64,
+) -> RunningServer:
+    """Start serving and return once the port is bound and queued jobs are resumed.
+    `metrics_port` None: no metrics endpoint; 0: any free port."""
+    tokens = load_tokens(tokens_file) if tokens_file else {}
+    host = address.rsplit(":", 1)[0]
+    if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
+        raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
+                         f"--tokens and TLS (--tls-cert, --tls-key)")
+    # Job threads share the GIL with the RPC threads. Python hands the GIL over every 5 ms by
+    # default, so under request load a runner thread waking from a Ray call could wait that
+    # long each time, several times per step; 0.5 ms keeps steps near their unloaded time.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir / "chainrule.db")
+    owns_ray = not ray.is_initialized()
+    ray_cluster.connect(ray_address, num_cpus=ray_cpus)
+
+    service = JobService(store, data_dir, limits=limits, max_upload_bytes=max_upload_bytes)
+    metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port)
+    queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
+                     cluster_cpus=ray_cluster.cluster_cpus,
+                     observers=[service] + ([metrics] if metrics is not None else []))
+    service.attach_queue(queue)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_rpc_threads, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MESSAGE_BYTES)])
+    pb_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(service, Authenticator(tokens)), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if tls_cert and tls_key:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        store.close()
+        raise OSError(f"cannot bind {address!r} (in use?)")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(f"{host}:{port}", port, data_dir, metrics_url, service, queue,
+                            server, health_servicer, store, owns_ray, metrics_server)
+    resumed = service.resume_queued_jobs()
+    if resumed:
+        log.info("resumed %d queued job(s)", resumed)
+    return running
+
+
+def _start_metrics(port: int | None) -> tuple[Any, Any, str, list]:
+    """The metrics observer, its HTTP server, its URL and gRPC interceptors; nothing when
+    metrics are off or the exporter is not installed."""
+    if port is None:
+        return None, None, "", []
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from services.metrics import TrainingMetrics, start_metrics_server
+    except ImportError:
+        return None, None, "", []
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry)
+    http_server, bound = start_metrics_server(port, registry)
+    return (metrics, http_server, f"http://127.0.0.1:{bound}/metrics",
+            [metrics.grpc_interceptor()])
+

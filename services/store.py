@@ -1,0 +1,411 @@
+"""The service's durable state: jobs, their events, uploaded data sets and idempotency keys, in
+one SQLite file (WAL) under the data directory.
+
+Every write is one transaction, so a failed request never leaves half a record: a job row and
+its idempotency key are written together or not at all, as are a state change and its event.
+WAL lets the many reader threads of the gRPC server (GetJob, ListJobs) run while a job thread
+writes. Each thread gets its own connection (sqlite3 connections are not shared across threads).
+
+The records here are plain dataclasses; protobuf conversion lives in `services/convert.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chainrule.v1 import job_pb2
+from services.errors import AlreadyExists, InvalidArgument
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    dataset TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress TEXT,
+    final_validation TEXT,
+    weights_path TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, state);
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS datasets (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    validation_samples INTEGER NOT NULL,
+    feature_shape TEXT NOT NULL,
+    integer_features INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    num_classes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    spec_digest TEXT NOT NULL,
+    PRIMARY KEY (tenant, request_id)
+);
+"""
+
+
+ENDED_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+ENDED_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    step: int
+    loss: float
+    accuracy: float | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class ProgressSummary:
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    loss: float
+    samples_per_second: float
+    eta_seconds: float
+    validation: ValidationSummary | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> ProgressSummary | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        validation = data.pop("validation", None)
+        return cls(**data, validation=ValidationSummary(**validation) if validation else None)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    tenant: str
+    spec: job_pb2.JobSpec
+    state: str
+    created_at: float
+    request_id: str = ""
+    error: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: ProgressSummary | None = None
+    final_validation: ValidationSummary | None = None
+    weights_path: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    tenant: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    path: str
+    samples: int
+    validation_samples: int
+    feature_shape: tuple[int, ...]
+    integer_features: bool  # token ids (for an embedding) rather than float features
+    task: str
+    num_classes: int
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    seq: int
+    job_id: str
+    time: float
+    kind: str  # "state", "validation" or "resumed" (from a checkpoint, at payload["step"])
+    payload: dict
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # Ended jobs never change again: keep their records, so GetJob and ListJobs (the
+        # hottest calls) skip parsing the spec and the JSON columns. Bounded, oldest out.
+        self._ended: OrderedDict[str, JobRecord] = OrderedDict()
+        self._ended_lock = threading.Lock()
+        self._connection().executescript(SCHEMA)  # idempotent; executescript commits itself
+
+    # --- connections and transactions ----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            # isolation_level=None: we issue BEGIN ourselves, so a transaction is exactly the
+            # `with self._transaction()` block.
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints
+            connection.execute("PRAGMA foreign_keys=ON")
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def create_job(self, job: JobRecord, spec_digest: str) -> tuple[JobRecord, bool]:
+        """Insert a job (and its idempotency key), or return the job an earlier request with
+        the same request_id created: (job, created)."""
+        with self._transaction() as db:
+            if job.request_id:
+                row = db.execute("SELECT job_id, spec_digest FROM idempotency_keys WHERE "
+                                 "tenant = ? AND request_id = ?",
+                                 (job.tenant, job.request_id)).fetchone()
+                if row is not None:
+                    if row["spec_digest"] != spec_digest:
+                        raise AlreadyExists(
+                            f"request_id {job.request_id!r} was already used for job "
+                            f"{row['job_id']} with a different spec")
+                    existing = self._job_row(db, row["job_id"], job.tenant)
+                    assert existing is not None
+                    return existing, False
+            db.execute(
+                "INSERT INTO jobs (id, tenant, name, state, priority, dataset, spec, request_id, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.tenant, job.spec.name, job.state, job.spec.priority,
+                 job.spec.data.dataset, job.spec.SerializeToString(), job.request_id,
+                 job.created_at))
+            self._add_event(db, job.id, "state", {"state": job.state, "error": ""}, job.created_at)
+            if job.request_id:
+                db.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?)",
+                           (job.tenant, job.request_id, job.id, spec_digest))
+        return job, True
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The job, or None when it does not exist or belongs to another tenant."""
+        return self._job_row(self._connection(), job_id, tenant)
+
+    def list_jobs(self, tenant: str, states: Sequence[str] = (), limit: int = 50,
+                  before: int | None = None) -> tuple[list[JobRecord], int | None]:
+        """The tenant's jobs newest first, at most `limit`, starting below the row `before`;
+        and the cursor of the next page (None on the last one)."""
+        query = "SELECT rowid, * FROM jobs WHERE tenant = ?"
+        arguments: list = [tenant]
+        if states:
+            query += f" AND state IN ({', '.join('?' * len(states))})"
+            arguments += list(states)
+        if before is not None:
+            query += " AND rowid < ?"
+            arguments.append(before)
+        query += " ORDER BY rowid DESC LIMIT ?"
+        arguments.append(limit + 1)
+        rows = self._connection().execute(query, arguments).fetchall()
+        cursor = rows[limit - 1]["rowid"] if len(rows) > limit else None
+        return [self._record(row) for row in rows[:limit]], cursor
+
+    def jobs_in_states(self, states: Sequence[str]) -> list[JobRecord]:
+        """Every tenant's jobs in these states, in queue order (priority, then arrival)."""
+        rows = self._connection().execute(
+            f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))}) "
+            "ORDER BY priority DESC, rowid ASC", list(states)).fetchall()
+        return [_job(row) for row in rows]
+
+    def active_jobs_using(self, tenant: str, dataset_names: Sequence[str]) -> list[str]:
+        rows = self._connection().execute(
+            f"SELECT id FROM jobs WHERE tenant = ? AND state IN ('QUEUED', 'RUNNING') AND "
+            f"dataset IN ({', '.join('?' * len(dataset_names))})",
+            [tenant, *dataset_names]).fetchall()
+        return [row["id"] for row in rows]
+
+    def set_state(self, job_id: str, state: str, *, error: str = "", started: bool = False,
+                  finished: bool = False, final_validation: ValidationSummary | None = None,
+                  weights_path: str = "") -> None:
+        """A state change and its event, in one transaction."""
+        self._forget(job_id)
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, "
+                "started_at = CASE WHEN ? THEN coalesce(started_at, ?) ELSE started_at END, "
+                "finished_at = CASE WHEN ? THEN ? ELSE NULL END, "
+                "final_validation = coalesce(?, final_validation), "
+                "weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END WHERE id = ?",
+                (state, error, started, now, finished, now,
+                 json.dumps(asdict(final_validation)) if final_validation else None,
+                 weights_path, weights_path, job_id))
+            self._add_event(db, job_id, "state", {"state": state, "error": error}, now)
+
+    def set_progress(self, job_id: str, progress: ProgressSummary) -> None:
+        self._forget(job_id)
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress.to_json(), job_id))
+
+    def add_event(self, job_id: str, kind: str, payload: dict) -> None:
+        with self._transaction() as db:
+            self._add_event(db, job_id, kind, payload, time.time())
+
+    def events(self, job_id: str) -> list[EventRecord]:
+        rows = self._connection().execute(
+            "SELECT * FROM job_events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        return [EventRecord(row["seq"], row["job_id"], row["time"], row["kind"],
+                            json.loads(row["payload"])) for row in rows]
+
+    @staticmethod
+    def _add_event(db: sqlite3.Connection, job_id: str, kind: str, payload: dict,
+                   now: float) -> None:
+        db.execute("INSERT INTO job_events (job_id, time, kind, payload) VALUES (?, ?, ?, ?)",
+                   (job_id, now, kind, json.dumps(payload)))
+
+    def _job_row(self, db: sqlite3.Connection, job_id: str,
+                 tenant: str | None) -> JobRecord | None:
+        with self._ended_lock:
+            ended = self._ended.get(job_id)
+        if ended is not None:
+            return ended if tenant is None or ended.tenant == tenant else None
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            return None
+        return self._record(row)
+
+    def _forget(self, job_id: str) -> None:
+        with self._ended_lock:
+            self._ended.pop(job_id, None)
+
+    def _record(self, row: sqlite3.Row) -> JobRecord:
+        """The row's JobRecord; an ended job's from (or into) the cache. Callers must not
+        modify a returned record."""
+        if row["state"] not in ENDED_STATES:
+            return _job(row)
+        with self._ended_lock:
+            record = self._ended.get(row["id"])
+        if record is None:
+            record = _job(row)
+            with self._ended_lock:
+                self._ended[record.id] = record
+                while len(self._ended) > ENDED_CACHE_SIZE:
+                    self._ended.popitem(last=False)
+        return record
+
+    # --- data sets -----------------------------------------------------------------------------
+
+    def add_dataset(self, record: DatasetRecord) -> None:
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.tenant, record.name, record.format, record.size_bytes,
+                     record.sha256, record.path, record.samples, record.validation_samples,
+                     json.dumps(list(record.feature_shape)), record.integer_features,
+                     record.task, record.num_classes,
+                     record.created_at))
+        except sqlite3.IntegrityError as error:
+            raise AlreadyExists(f"header.name: a data set named {record.name!r} already "
+                                f"exists; delete it first") from error
+
+    def get_dataset(self, tenant: str, name: str) -> DatasetRecord | None:
+        row = self._connection().execute(
+            "SELECT * FROM datasets WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
+        return _dataset(row) if row is not None else None
+
+    def list_datasets(self, tenant: str) -> list[DatasetRecord]:
+        rows = self._connection().execute(
+            "SELECT * FROM datasets WHERE tenant = ? ORDER BY name", (tenant,)).fetchall()
+        return [_dataset(row) for row in rows]
+
+    def delete_dataset(self, tenant: str, name: str) -> DatasetRecord | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM datasets WHERE tenant = ? AND name = ?",
+                             (tenant, name)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM datasets WHERE tenant = ? AND name = ?", (tenant, name))
+        return _dataset(row)
+
+    # --- for tests and diagnostics -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, list[tuple]]:
+        """Every row of every table, to compare the store before and after a request."""
+        db = self._connection()
+        return {table: [tuple(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY 1")]
+                for table in ("jobs", "job_events", "datasets", "idempotency_keys")}
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    final = json.loads(row["final_validation"]) if row["final_validation"] else None
+    return JobRecord(
+        id=row["id"], tenant=row["tenant"], spec=job_pb2.JobSpec.FromString(row["spec"]),
+        state=row["state"], created_at=row["created_at"], request_id=row["request_id"],
+        error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"],
+        progress=ProgressSummary.from_json(row["progress"]),
+        final_validation=ValidationSummary(**final) if final else None,
+        weights_path=row["weights_path"],
+    )
+
+
+def _dataset(row: sqlite3.Row) -> DatasetRecord:
+    return DatasetRecord(
+        tenant=row["tenant"], name=row["name"], format=row["format"],
+        size_bytes=row["size_bytes"], sha256=row["sha256"], path=row["path"],
+        samples=row["samples"], validation_samples=row["validation_samples"],
+        feature_shape=tuple(json.loads(row["feature_shape"])),
+        integer_features=bool(row["integer_features"]), task=row["task"],
+        num_classes=row["num_classes"], created_at=row["created_at"],
+    )
+
+
+def parse_page_token(token: str) -> int | None:
+    if not token:
+        return None
+    if not token.isdigit():
+        raise InvalidArgument("page_token", f"not a token this server issued: {token!r}")
+    return int(token)

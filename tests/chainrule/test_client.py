@@ -1,0 +1,150 @@
+"""`from chainrule import Client` against a real server on a loopback port (real embedded Ray):
+uploads, data sets, jobs on uploaded data, downloads, deadlines; and the CLI commands built on
+the client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from chainrule import Client
+from chainrule.client import WatchTimeout, state_name
+from services import cli
+from tests.services.conftest import local_ray, server  # noqa: F401  (module fixtures)
+from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.fixture
+def client(server):  # noqa: F811
+    with Client(server.address, timeout=30) as c:
+        yield c
+
+
+def _blobs(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.integers(0, 2, n)
+    return rng.normal(size=(n, 3)) + 3.0 * y[:, None], y
+
+
+@pytest.mark.slow
+def test_an_uploaded_npz_trains_and_the_model_downloads_as_npz(client, tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = _blobs(rng, 200)
+    x_val, y_val = _blobs(rng, 50)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x=x, y=y, x_val=x_val, y_val=y_val)
+    info = client.upload(path, "blobs")
+    assert (info.samples, info.validation_samples, tuple(info.feature_shape)) == (200, 50, (3,))
+    assert info.task == "classification" and info.num_classes == 2
+    listing = client.datasets()
+    assert [d.name for d in listing.datasets] == ["blobs"]
+    assert "sklearn:digits" in listing.builtin
+
+    spec = iris_spec(epochs=3, data={"dataset": "blobs", "batch_size": 20, "epochs": 3})
+    spec.model.layers[-1].linear.out_features = 2
+    job = client.submit(spec, watch=True)
+    assert state_name(job.state) == "SUCCEEDED", job.error
+    assert job.final_validation.samples == 50 and job.final_validation.accuracy > 0.9
+
+    header = client.download(job.id, tmp_path / "model.npz")
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as weights:
+        assert sorted(weights.files) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+        assert weights["0.weight"].shape == (8, 3)
+    assert header.format == "npz"
+    assert json.loads((tmp_path / "model.npz.json").read_text())["job_id"] == job.id
+
+    client.delete_dataset("blobs")
+    assert list(client.datasets().datasets) == []
+    error = rpc_error(lambda: client.delete_dataset("blobs"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_data_set_in_use_by_a_queued_job_cannot_be_deleted(client, tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{-i},{i % 2}\n" for i in range(30)))
+    client.upload(path, "table", label_column="label")
+    spec = load_long_spec("upload:table")
+    job = client.submit(spec)
+    error = rpc_error(lambda: client.delete_dataset("table"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and job.id in error.details()
+    client.cancel(job.id)
+    for _ in client.watch(job.id, timeout=60):
+        pass
+    client.delete_dataset("table")
+
+
+def load_long_spec(dataset: str):
+    spec = iris_spec(data={"dataset": dataset, "batch_size": 4, "epochs": 500})
+    spec.model.layers[-1].linear.out_features = 2
+    return spec
+
+
+def test_every_call_has_a_deadline_against_a_silent_server():
+    # A socket that accepts connections and never says a word: the worst kind of peer.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with Client(address, timeout=1.0) as client:
+            for call in (lambda: client.get("job-1"), lambda: client.list(),
+                         lambda: client.submit(iris_spec()), lambda: client.datasets()):
+                started = time.monotonic()
+                error = rpc_error(call)
+                assert error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        grpc.StatusCode.UNAVAILABLE)
+                assert time.monotonic() - started < 5
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError):
+                list(client.watch("job-1", idle_timeout=1.0))
+            assert time.monotonic() - started < 5
+
+
+def test_watch_timeout_is_a_deadline_error():
+    assert WatchTimeout("x").code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- the CLI, through the same client ---------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_submit_watch_status_jobs_download(server, capsys, tmp_path):  # noqa: F811
+    spec_path = tmp_path / "iris.yaml"
+    spec_path.write_text(DIGITS_SPEC.read_text().replace("sklearn:digits", "sklearn:iris")
+                         .replace("out_features: 10}", "out_features: 3}")
+                         .replace("epochs: 20", "epochs: 2").replace("batch_size: 128",
+                                                                     "batch_size: 32"))
+    where = ("--server", server.address)
+    code, out = _cli(capsys, "submit", str(spec_path), "--watch", *where)
+    assert code == 0 and "submitted job-" in out and "SUCCEEDED" in out
+    job_id = out.split("submitted ")[1].split()[0]
+    code, out = _cli(capsys, "status", job_id, "--json", *where)
+    assert code == 0 and json.loads(out)["state"] == "JOB_STATE_SUCCEEDED"
+    code, out = _cli(capsys, "jobs", "--state", "succeeded", *where)
+    assert job_id in out
+    code, out = _cli(capsys, "watch", job_id, "--json", *where)
+    assert json.loads(out.splitlines()[0])["state"]["state"] == "JOB_STATE_SUCCEEDED"
+    code, out = _cli(capsys, "download", job_id, "-o", str(tmp_path / "w.safetensors"), *where)
+    assert code == 0 and (tmp_path / "w.safetensors").stat().st_size > 0
+    code, out = _cli(capsys, "datasets", *where)
+    assert "sklearn:iris  (built-in)" in out
+    code, out = _cli(capsys, "cancel", job_id, *where)
+    assert "SUCCEEDED" in out  # cancelling a finished job changes nothing
+
+
+def test_cli_reports_a_bad_spec_with_its_field_and_no_trace(server, capsys, tmp_path):  # noqa: F811
+    spec_path = tmp_path / "bad.yaml"
+    spec_path.write_text(DIGITS_SPEC.read_text().replace("lr: 0.001", "lr: -1"))
+    code = cli.main(["submit", str(spec_path), "--server", server.address])
+    assert code == 1
+    assert "INVALID_ARGUMENT: optimizer.adamw.lr: must be > 0" in capsys.readouterr().err

@@ -1,0 +1,31 @@
+"""The service tests run against a real server on a free loopback port, with real embedded Ray
+(one Ray per test module, as in tests/scheduler)."""
+
+import pytest
+import ray
+
+from chainrule.client import Client
+from scheduler import ray_cluster
+from services.server import serve
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_cluster.connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, tmp_path_factory):
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), max_concurrent_jobs=2)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, timeout=30) as c:
+        yield c

@@ -1,0 +1,93 @@
+"""The job store: idempotency keys, one transaction per write, paging (SQLite, no Ray)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from services.errors import AlreadyExists, InvalidArgument
+from services.store import (
+    DatasetRecord,
+    JobRecord,
+    ProgressSummary,
+    Store,
+    ValidationSummary,
+    parse_page_token,
+)
+from tests.services.helpers import iris_spec
+
+
+def _job(job_id: str, tenant: str = "default", request_id: str = "") -> JobRecord:
+    return JobRecord(job_id, tenant, iris_spec(), "QUEUED", time.time(), request_id=request_id)
+
+
+def test_a_request_id_maps_to_one_job_per_tenant(tmp_path):
+    store = Store(tmp_path / "db")
+    first, created = store.create_job(_job("job-1", request_id="r"), "digest")
+    assert created
+    again, created = store.create_job(_job("job-2", request_id="r"), "digest")
+    assert not created and again.id == "job-1"
+    other_tenant, created = store.create_job(_job("job-3", "acme", request_id="r"), "digest")
+    assert created and other_tenant.id == "job-3"
+    with pytest.raises(AlreadyExists, match="request_id 'r'"):
+        store.create_job(_job("job-4", request_id="r"), "another digest")
+    assert store.get_job("job-4") is None and store.get_job("job-2") is None
+
+
+def test_a_failed_write_leaves_no_row(tmp_path):
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    before = store.snapshot()
+    with pytest.raises(sqlite3.IntegrityError):
+        store.create_job(_job("job-1"), "d")  # the id exists: the whole transaction rolls back
+    assert store.snapshot() == before
+
+
+def test_a_state_change_and_its_event_are_written_together(tmp_path):
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    store.set_state("job-1", "RUNNING", started=True)
+    store.set_state("job-1", "SUCCEEDED", finished=True,
+                    final_validation=ValidationSummary(3, 0.5, 0.9, 30))
+    job = store.get_job("job-1")
+    assert job.state == "SUCCEEDED" and job.started_at and job.finished_at
+    assert job.final_validation.accuracy == 0.9
+    assert [e.payload["state"] for e in store.events("job-1")] == ["QUEUED", "RUNNING",
+                                                                   "SUCCEEDED"]
+
+
+def test_progress_round_trips(tmp_path):
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    progress = ProgressSummary(2, 10, 0, 5, 0.7, 1000.0, 4.0, ValidationSummary(2, 0.6, None, 9))
+    store.set_progress("job-1", progress)
+    assert store.get_job("job-1").progress == progress
+
+
+def test_jobs_page_newest_first_within_a_tenant(tmp_path):
+    store = Store(tmp_path / "db")
+    for i in range(5):
+        store.create_job(_job(f"job-{i}"), "d")
+    store.create_job(_job("job-x", "acme"), "d")
+    page, cursor = store.list_jobs("default", limit=3)
+    assert [j.id for j in page] == ["job-4", "job-3", "job-2"]
+    page, cursor = store.list_jobs("default", limit=3, before=cursor)
+    assert [j.id for j in page] == ["job-1", "job-0"] and cursor is None
+    assert store.get_job("job-x", "default") is None
+    with pytest.raises(InvalidArgument, match="page_token"):
+        parse_page_token("abc")
+
+
+def test_a_data_set_name_is_unique_per_tenant(tmp_path):
+    store = Store(tmp_path / "db")
+    record = DatasetRecord("default", "d", "npz", 10, "0" * 64, "/x", 4, 0, (2,), False,
+                           "classification", 2)
+    store.add_dataset(record)
+    with pytest.raises(AlreadyExists, match="header.name"):
+        store.add_dataset(record)
+    store.add_dataset(DatasetRecord(**{**record.__dict__, "tenant": "acme"}))
+    assert [d.name for d in store.list_datasets("acme")] == ["d"]
+    assert store.delete_dataset("default", "d") is not None
+    assert store.list_datasets("default") == []
