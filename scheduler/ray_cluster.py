@@ -6,6 +6,7 @@ needs RAY_AUTH_MODE=token in the environment, as the cluster's own processes hav
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -15,6 +16,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start embedded Ray (address None) or join the cluster at `address`; idempotent."""
     if ray.is_initialized():
         return
+    # Ray warns on every start that token authentication is on: it is on because we want it
+    # on (see the module docstring), so the warning would only alarm users.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     options = {"include_dashboard": False, "log_to_driver": False,
                "configure_logging": True, "logging_level": "WARNING"}
     if address:
