@@ -66,6 +66,7 @@ from worker.shared_memory import SharedArrayGroup, host_identity
 
 DEFAULT_MICRO_SHARDS = 4  # fixed by the spec, never by the worker count (see BRIEF invariant 1)
 MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
+MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has left
 
 # The actor classes are plain Python classes; this is the one place they become Ray actors.
 RemoteReplica = ray.remote(ModelReplica)
@@ -236,6 +237,9 @@ class JobRunner:
         settings = self.settings
         x_ref, y_ref = ray.put(self.dataset.x), ray.put(self.dataset.y)
         worker_setup = dataclasses.replace(replica_setup, blas_threads=placement.blas_threads)
+        self.new_replica = lambda w: RemoteReplica.options(
+            **placement.worker_options(w), max_concurrency=2).remote(worker_setup, x_ref, y_ref)
+        self.replacements: dict[int, ray.ObjectRef] = {}  # worker slot -> its readiness
         # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
         # (location, checkpoint state, last error) in the other, between steps.
         self.replicas = [RemoteReplica.options(**placement.worker_options(w), max_concurrency=2)
@@ -347,7 +351,12 @@ class JobRunner:
         """The job's state now (between steps): parameters, buffers, whole optimizer state."""
         timeout = self.settings.step_timeout_seconds
         self.transport.sync_parameters()
-        shard_states = ray.get([shard.state.remote() for shard in self.shards], timeout=timeout)
+        try:
+            shard_states = ray.get([shard.state.remote() for shard in self.shards],
+                                   timeout=timeout)
+        except ray.exceptions.RayActorError as error:  # found dead between steps
+            raise ShardLost(f"a parameter-server shard died before step {step}'s "
+                            f"checkpoint") from error
         optimizer_steps = shard_states[0][0]
         if _is_elementwise(self.rule_name):
             keys = shard_states[0][1].keys()
@@ -388,9 +397,32 @@ class JobRunner:
         )
         outcome = self.transport.run_step(work)
         self.history.worker_failures = self.pool.failures
+        self._replace_lost_workers()
         if outcome.micro_shard_buffers is not None:
             self._average_buffers(outcome.micro_shard_buffers)
         return self._record(step, epoch, work, outcome, time.perf_counter() - start)
+
+    def _replace_lost_workers(self) -> None:
+        """Elasticity: a lost worker's placement bundle is free again, so a new replica starts
+        there; it joins at the first step boundary after it is ready (the step loop never waits
+        for it). Its blocks are the same blocks, so the weights do not change."""
+        for worker, ready in list(self.replacements.items()):
+            if ray.wait([ready], timeout=0)[0]:
+                del self.replacements[worker]
+                try:
+                    ray.get(ready)
+                except ray.exceptions.RayActorError:
+                    continue  # it died starting up; the next boundary tries again
+                self.transport.worker_replaced(worker)
+                self.pool.rejoin(worker)
+        lost = [w for w in range(self.settings.workers)
+                if w not in self.pool.alive and w not in self.replacements]
+        for worker in lost:
+            if self.pool.replacements >= MAX_WORKER_REPLACEMENTS:
+                return
+            self.pool.replacements += 1
+            self.replicas[worker] = self.new_replica(worker)
+            self.replacements[worker] = self.replicas[worker].location.remote()
 
     def _record(self, step: int, epoch: int, work: StepWork, outcome: StepOutcome,
                 wall: float) -> StepRecord:
@@ -419,6 +451,7 @@ class JobRunner:
             parameter_bytes=self.layout.nbytes,
             workers=len(self.pool.alive),
             worker_failures=self.pool.failures,
+            shard_failures=self.history.shard_failures,
         )
 
     def _average_buffers(self, rows: list[np.ndarray]) -> None:

@@ -55,6 +55,9 @@ class ObjectStoreTransport:
                                     ray.get(self.slices, timeout=self.timeout_seconds)):
             self.parameters[lo:hi] = values
 
+    def worker_replaced(self, worker: int) -> None:
+        pass  # a replica is stateless here: each call brings the parameters it needs
+
     def stop(self) -> None:
         pass
 

@@ -39,6 +39,7 @@ class StepRecord:
     parameter_bytes: int  # the model's parameter vector, for scale
     workers: int  # workers alive at the end of the step
     worker_failures: int  # workers lost since the job started (cumulative)
+    shard_failures: int = 0  # parameter-server shards lost, each recovered by a replay
 
     @property
     def samples_per_second(self) -> float:

@@ -11,6 +11,8 @@ survivor; the shards keep waiting for that block, so the step completes with the
 from __future__ import annotations
 
 import math
+import os
+import select
 import time
 
 import ray
@@ -87,6 +89,15 @@ class SharedMemoryTransport:
 
     def push_parameters(self) -> None:
         pass
+
+    def worker_replaced(self, worker: int) -> None:
+        """Start the new replica's step loop on the slot's inbox, emptied first: commands sent
+        to the dead replica must not reach its successor."""
+        inbox = self.worker_inboxes[worker]
+        while select.select([inbox.fd], [], [], 0)[0]:
+            os.read(inbox.fd, WorkerCommand.layout.size)
+        self.worker_loops[worker] = self.replicas[worker].serve.remote(self.channels, worker,
+                                                                       self.plan)
 
     def stop(self) -> None:
         for inbox in getattr(self, "worker_inboxes", []):

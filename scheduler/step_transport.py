@@ -59,11 +59,17 @@ class WorkerPool:
     alive: list[int]
     failures: int = 0
     owners: dict[int, int] = field(default_factory=dict)  # block -> worker computing it
+    replacements: int = 0  # replicas started in place of lost ones
 
     def drop(self, worker: int) -> None:
         if worker in self.alive:
             self.alive.remove(worker)
             self.failures += 1
+
+    def rejoin(self, worker: int) -> None:
+        """A replacement replica takes its slot back (slots stay sorted: block b goes to
+        alive[b % len(alive)], the same worker as before the loss)."""
+        self.alive = sorted({*self.alive, worker})
 
     def owner_for(self, position: int) -> int:
         return self.alive[position % len(self.alive)]
@@ -89,4 +95,6 @@ class StepTransport(Protocol):
         """Make the runner's parameter vector current (before evaluation or a checkpoint)."""
     def push_parameters(self) -> None:
         """Send the runner's parameter vector to every actor (after restoring a checkpoint)."""
+    def worker_replaced(self, worker: int) -> None:
+        """A new replica took slot `worker`: connect it before its first block."""
     def stop(self) -> None: ...
