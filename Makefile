@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench proto clean
+.PHONY: install demo test lint bench proto clean prometheus
 
 install: $(STAMP)
 
@@ -15,20 +15,26 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/chainrule train services/specs/digits-mlp.yaml -o data/digits-mlp.safetensors
+	$(BIN)/chainrule demo
 
-test: install
+test: install prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# promtool and the Prometheus server for the deploy tests. Debian's package only; its service
+# is not started here (the tests run their own server on a free loopback port).
+prometheus:
+	command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/distributed.py
+	$(BIN)/python bench/service.py
+	$(BIN)/python bench/metrics.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install
