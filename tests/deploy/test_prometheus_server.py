@@ -15,12 +15,10 @@ import urllib.request
 
 import grpc
 import pytest
-import ray
 import yaml
 
 from chainrule.client import Client, state_name
 from chainrule.spec_file import job_spec_from_dict
-from scheduler import ray_cluster
 from services.server import serve
 from tests.deploy.conftest import DEPLOY, free_port
 
@@ -63,11 +61,8 @@ def get_json(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live_service(tmp_path_factory):
+def live_service(local_ray, tmp_path_factory):
     """The service on loopback with metrics on, training one job with a second one queued."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_cluster.connect(num_cpus=2)
     server = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), metrics_port=0,
                    max_concurrent_jobs=1)
     client = Client(server.address, timeout=30)
@@ -89,7 +84,6 @@ def live_service(tmp_path_factory):
                 client.cancel(job.id)
         client.close()
         server.stop(grace=1.0, job_timeout=60.0)
-        ray.shutdown()
 
 
 def _api_traffic(client: Client, job_id: str, stop: threading.Event) -> None:

@@ -2,20 +2,9 @@
 (one Ray per test module, as in tests/scheduler)."""
 
 import pytest
-import ray
 
 from chainrule.client import Client
-from scheduler import ray_cluster
 from services.server import serve
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_cluster.connect(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

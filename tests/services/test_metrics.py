@@ -11,12 +11,10 @@ from concurrent import futures
 
 import grpc
 import pytest
-import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from chainrule.spec_file import load_job_spec
-from scheduler import ray_cluster
 from scheduler.job_runner import JobRunner
 from scheduler.records import EvaluationRecord, StepRecord
 from scheduler.training import prepare_dataset
@@ -37,11 +35,8 @@ SCRAPE_AT_STEP = 5
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(local_ray):
     """A real job trained with the exporter as its observer, its /metrics scraped mid-job."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_cluster.connect(num_cpus=2)
     registry = CollectorRegistry()
     metrics = TrainingMetrics(registry)
     server, port = start_metrics_server(0, registry)
@@ -76,7 +71,6 @@ def trained():
     finally:
         server.shutdown()
         server.server_close()
-        ray.shutdown()
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

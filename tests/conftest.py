@@ -1,4 +1,4 @@
-"""Ray for the runtime tests: one embedded instance per test module, started for real."""
+"""Fixtures shared by every test folder."""
 
 import pytest
 import ray
@@ -8,6 +8,8 @@ from scheduler import ray_cluster
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """Real embedded Ray, one instance per test module (modules that need a cluster of their
+    own, e.g. ray.cluster_utils.Cluster, shut it down first)."""
     if ray.is_initialized():
         ray.shutdown()
     ray_cluster.connect(num_cpus=2)
