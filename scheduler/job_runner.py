@@ -158,7 +158,8 @@ class JobRunner:
         self.groups_per_epoch = math.ceil(self.sampler.steps_per_epoch
                                           / self.settings.accumulation)
         self.total_steps = self.groups_per_epoch * self.settings.epochs
-        # 0: a checkpoint at the end of each epoch (only when someone takes checkpoints)
+        # 0: at the end of each epoch. Always kept in memory (a lost shard restarts from it)
+        # and handed to on_checkpoint when one is given.
         self.checkpoint_interval = spec.checkpoint.interval_steps or self.groups_per_epoch
         self.schedule = build_schedule(spec, self.total_steps)
         self.max_norm = spec.clipping.max_norm if spec.clipping.HasField("max_norm") else None
