@@ -15,7 +15,7 @@ import pytest
 from chainrule import Client
 from chainrule.client import WatchTimeout, state_name
 from services import cli
-from tests.services.conftest import local_ray, server  # noqa: F401  (module fixtures)
+from tests.services.conftest import server  # noqa: F401  (a module fixture)
 from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error
 
 pytestmark = [pytest.mark.distributed]
