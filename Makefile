@@ -23,8 +23,9 @@ test: install prometheus
 
 # promtool and the Prometheus server for the deploy tests. Debian's package only; its service
 # is not started here (the tests run their own server on a free loopback port).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 prometheus:
-	command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+	command -v promtool >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
 lint: install
 	$(BIN)/ruff check .
