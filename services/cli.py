@@ -148,9 +148,9 @@ def _follow(args: argparse.Namespace, client, job_id: str) -> int:
                 elif kind == "validation":
                     v = event.validation
                     progress.evaluation(v.loss, v.accuracy if v.HasField("accuracy") else None)
-        job = client.get(job_id)
-        print(_job_line(job))
     job = client.get(job_id)
+    if not getattr(args, "json", False):
+        print(_job_line(job))
     return 0 if state_name(job.state) == "SUCCEEDED" else 1
 
 
