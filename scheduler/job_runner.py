@@ -54,6 +54,7 @@ from scheduler.step_transport import (  # noqa: F401 - JobFailed/WorkerLost re-e
     JobFailed,
     ShardLost,
     StepOutcome,
+    StepTransport,
     StepWork,
     WorkerLost,
     WorkerPool,
@@ -194,7 +195,8 @@ class JobRunner:
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.spec.name or "job")
         shared_memory = _use_shared_memory(self.transport_name)
-        placement, self.transport = None, None
+        placement = None
+        self.transport: StepTransport | None = None
         self.replicas, self.shards = [], []
         try:
             parameters, blocks = None, ()

@@ -51,7 +51,6 @@ class ReplicaSetup:
 
 @dataclass(frozen=True)
 class BlockResult:
-    block: int
     loss_sum: float  # the summed (not averaged) loss of the block's samples
     samples: int
     correct: int  # classification hits, for training accuracy (0 for regression)
@@ -223,7 +222,7 @@ class ModelReplica:
             else:
                 np.copyto(destination[slot.name], total[index])
             written += destination[slot.name].nbytes
-        return BlockResult(block, loss_sum, samples, correct, computed - start, written,
+        return BlockResult(loss_sum, samples, correct, computed - start, written,
                            time.perf_counter() - computed, per_shard_buffers)
 
     def _micro_shard_gradient(self, indices: np.ndarray, batch_size: int):
