@@ -186,6 +186,8 @@ def _is_repeated(field: FieldDescriptor) -> bool:
 
 def _check_single(value: Any, field: FieldDescriptor, path: str) -> Any:
     cpp = field.cpp_type
+    if cpp == FieldDescriptor.CPPTYPE_MESSAGE and field.message_type.full_name == _SHAPE_VALUE:
+        return _check_shape_argument(value, path)
     if cpp == FieldDescriptor.CPPTYPE_MESSAGE:
         if not isinstance(value, Mapping):
             hint = ""
@@ -207,6 +209,25 @@ def _check_single(value: Any, field: FieldDescriptor, path: str) -> Any:
     if cpp in _FLOAT_TYPES:
         return _check_float(value, path)
     raise SpecError(path, f"fields of type {field.type} are not supported in spec files")
+
+
+# Shape arguments (kernel_size, stride, padding, ...) take what PyTorch's take: a number, a list
+# of numbers, or a word ("same"); protobuf's Value carries any of them. Their ranges are checked
+# where the layer is resolved, which knows the layer's dimensionality.
+_SHAPE_VALUE = "google.protobuf.Value"
+
+
+def _check_shape_argument(value: Any, path: str) -> Any:
+    if isinstance(value, str) or _is_number(value):
+        return value
+    if isinstance(value, list) and value and all(_is_number(item) for item in value):
+        return value
+    raise SpecError(path, f"expected a number, a list of numbers or a word such as 'same', "
+                          f"got {_kind(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_integer(value: Any, cpp: int, path: str) -> int:

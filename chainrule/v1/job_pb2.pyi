@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -53,20 +54,26 @@ class EarlyStoppingSpec(_message.Message):
     def __init__(self, patience: _Optional[int] = ..., min_delta: _Optional[float] = ..., restore_best: _Optional[bool] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("layers",)
+    __slots__ = ("layers", "init_from", "init_strict")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
+    INIT_STRICT_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...) -> None: ...
+    init_from: str
+    init_strict: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., init_from: _Optional[str] = ..., init_strict: _Optional[bool] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("linear", "relu", "tanh", "sigmoid", "gelu", "silu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "embedding", "residual", "lstm", "gru", "rnn", "last_step", "flatten")
+    __slots__ = ("linear", "relu", "tanh", "sigmoid", "gelu", "silu", "leaky_relu", "dropout", "batch_norm", "layer_norm", "embedding", "residual", "lstm", "gru", "rnn", "last_step", "flatten", "conv1d", "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm2d", "dropout2d", "multihead_attention", "transformer_encoder_layer", "positional_embedding", "mean_pool", "trainable")
     class Linear(_message.Message):
-        __slots__ = ("out_features", "bias")
+        __slots__ = ("out_features", "bias", "feedback")
         OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
         BIAS_FIELD_NUMBER: _ClassVar[int]
+        FEEDBACK_FIELD_NUMBER: _ClassVar[int]
         out_features: int
         bias: bool
-        def __init__(self, out_features: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+        feedback: str
+        def __init__(self, out_features: _Optional[int] = ..., bias: _Optional[bool] = ..., feedback: _Optional[str] = ...) -> None: ...
     class ReLU(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -137,6 +144,103 @@ class Layer(_message.Message):
     class Flatten(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
+    class Conv1d(_message.Message):
+        __slots__ = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias")
+        OUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+        KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+        STRIDE_FIELD_NUMBER: _ClassVar[int]
+        PADDING_FIELD_NUMBER: _ClassVar[int]
+        DILATION_FIELD_NUMBER: _ClassVar[int]
+        GROUPS_FIELD_NUMBER: _ClassVar[int]
+        BIAS_FIELD_NUMBER: _ClassVar[int]
+        out_channels: int
+        kernel_size: _struct_pb2.Value
+        stride: _struct_pb2.Value
+        padding: _struct_pb2.Value
+        dilation: _struct_pb2.Value
+        groups: int
+        bias: bool
+        def __init__(self, out_channels: _Optional[int] = ..., kernel_size: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., stride: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., padding: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., dilation: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., groups: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+    class Conv2d(_message.Message):
+        __slots__ = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias")
+        OUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+        KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+        STRIDE_FIELD_NUMBER: _ClassVar[int]
+        PADDING_FIELD_NUMBER: _ClassVar[int]
+        DILATION_FIELD_NUMBER: _ClassVar[int]
+        GROUPS_FIELD_NUMBER: _ClassVar[int]
+        BIAS_FIELD_NUMBER: _ClassVar[int]
+        out_channels: int
+        kernel_size: _struct_pb2.Value
+        stride: _struct_pb2.Value
+        padding: _struct_pb2.Value
+        dilation: _struct_pb2.Value
+        groups: int
+        bias: bool
+        def __init__(self, out_channels: _Optional[int] = ..., kernel_size: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., stride: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., padding: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., dilation: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., groups: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
+    class MaxPool2d(_message.Message):
+        __slots__ = ("kernel_size", "stride", "padding", "dilation")
+        KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+        STRIDE_FIELD_NUMBER: _ClassVar[int]
+        PADDING_FIELD_NUMBER: _ClassVar[int]
+        DILATION_FIELD_NUMBER: _ClassVar[int]
+        kernel_size: _struct_pb2.Value
+        stride: _struct_pb2.Value
+        padding: _struct_pb2.Value
+        dilation: _struct_pb2.Value
+        def __init__(self, kernel_size: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., stride: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., padding: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., dilation: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    class AvgPool2d(_message.Message):
+        __slots__ = ("kernel_size", "stride", "padding", "count_include_pad")
+        KERNEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+        STRIDE_FIELD_NUMBER: _ClassVar[int]
+        PADDING_FIELD_NUMBER: _ClassVar[int]
+        COUNT_INCLUDE_PAD_FIELD_NUMBER: _ClassVar[int]
+        kernel_size: _struct_pb2.Value
+        stride: _struct_pb2.Value
+        padding: _struct_pb2.Value
+        count_include_pad: bool
+        def __init__(self, kernel_size: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., stride: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., padding: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., count_include_pad: _Optional[bool] = ...) -> None: ...
+    class AdaptiveAvgPool2d(_message.Message):
+        __slots__ = ("output_size",)
+        OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+        output_size: _struct_pb2.Value
+        def __init__(self, output_size: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    class MultiheadAttention(_message.Message):
+        __slots__ = ("num_heads", "dropout", "bias", "is_causal")
+        NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+        DROPOUT_FIELD_NUMBER: _ClassVar[int]
+        BIAS_FIELD_NUMBER: _ClassVar[int]
+        IS_CAUSAL_FIELD_NUMBER: _ClassVar[int]
+        num_heads: int
+        dropout: float
+        bias: bool
+        is_causal: bool
+        def __init__(self, num_heads: _Optional[int] = ..., dropout: _Optional[float] = ..., bias: _Optional[bool] = ..., is_causal: _Optional[bool] = ...) -> None: ...
+    class TransformerEncoderLayer(_message.Message):
+        __slots__ = ("nhead", "dim_feedforward", "dropout", "activation", "norm_first", "layer_norm_eps", "is_causal")
+        NHEAD_FIELD_NUMBER: _ClassVar[int]
+        DIM_FEEDFORWARD_FIELD_NUMBER: _ClassVar[int]
+        DROPOUT_FIELD_NUMBER: _ClassVar[int]
+        ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+        NORM_FIRST_FIELD_NUMBER: _ClassVar[int]
+        LAYER_NORM_EPS_FIELD_NUMBER: _ClassVar[int]
+        IS_CAUSAL_FIELD_NUMBER: _ClassVar[int]
+        nhead: int
+        dim_feedforward: int
+        dropout: float
+        activation: str
+        norm_first: bool
+        layer_norm_eps: float
+        is_causal: bool
+        def __init__(self, nhead: _Optional[int] = ..., dim_feedforward: _Optional[int] = ..., dropout: _Optional[float] = ..., activation: _Optional[str] = ..., norm_first: _Optional[bool] = ..., layer_norm_eps: _Optional[float] = ..., is_causal: _Optional[bool] = ...) -> None: ...
+    class PositionalEmbedding(_message.Message):
+        __slots__ = ("num_positions",)
+        NUM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+        num_positions: int
+        def __init__(self, num_positions: _Optional[int] = ...) -> None: ...
+    class MeanPool(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
     LINEAR_FIELD_NUMBER: _ClassVar[int]
     RELU_FIELD_NUMBER: _ClassVar[int]
     TANH_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +258,18 @@ class Layer(_message.Message):
     RNN_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    CONV1D_FIELD_NUMBER: _ClassVar[int]
+    CONV2D_FIELD_NUMBER: _ClassVar[int]
+    MAX_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    AVG_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_AVG_POOL2D_FIELD_NUMBER: _ClassVar[int]
+    BATCH_NORM2D_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT2D_FIELD_NUMBER: _ClassVar[int]
+    MULTIHEAD_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMER_ENCODER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    POSITIONAL_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    MEAN_POOL_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     linear: Layer.Linear
     relu: Layer.ReLU
     tanh: Layer.Tanh
@@ -171,10 +287,39 @@ class Layer(_message.Message):
     rnn: Layer.Recurrent
     last_step: Layer.LastStep
     flatten: Layer.Flatten
-    def __init__(self, linear: _Optional[_Union[Layer.Linear, _Mapping]] = ..., relu: _Optional[_Union[Layer.ReLU, _Mapping]] = ..., tanh: _Optional[_Union[Layer.Tanh, _Mapping]] = ..., sigmoid: _Optional[_Union[Layer.Sigmoid, _Mapping]] = ..., gelu: _Optional[_Union[Layer.GELU, _Mapping]] = ..., silu: _Optional[_Union[Layer.SiLU, _Mapping]] = ..., leaky_relu: _Optional[_Union[Layer.LeakyReLU, _Mapping]] = ..., dropout: _Optional[_Union[Layer.Dropout, _Mapping]] = ..., batch_norm: _Optional[_Union[Layer.BatchNorm, _Mapping]] = ..., layer_norm: _Optional[_Union[Layer.LayerNorm, _Mapping]] = ..., embedding: _Optional[_Union[Layer.Embedding, _Mapping]] = ..., residual: _Optional[_Union[Layer.Residual, _Mapping]] = ..., lstm: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., gru: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., rnn: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., last_step: _Optional[_Union[Layer.LastStep, _Mapping]] = ..., flatten: _Optional[_Union[Layer.Flatten, _Mapping]] = ...) -> None: ...
+    conv1d: Layer.Conv1d
+    conv2d: Layer.Conv2d
+    max_pool2d: Layer.MaxPool2d
+    avg_pool2d: Layer.AvgPool2d
+    adaptive_avg_pool2d: Layer.AdaptiveAvgPool2d
+    batch_norm2d: Layer.BatchNorm
+    dropout2d: Layer.Dropout
+    multihead_attention: Layer.MultiheadAttention
+    transformer_encoder_layer: Layer.TransformerEncoderLayer
+    positional_embedding: Layer.PositionalEmbedding
+    mean_pool: Layer.MeanPool
+    trainable: bool
+    def __init__(self, linear: _Optional[_Union[Layer.Linear, _Mapping]] = ..., relu: _Optional[_Union[Layer.ReLU, _Mapping]] = ..., tanh: _Optional[_Union[Layer.Tanh, _Mapping]] = ..., sigmoid: _Optional[_Union[Layer.Sigmoid, _Mapping]] = ..., gelu: _Optional[_Union[Layer.GELU, _Mapping]] = ..., silu: _Optional[_Union[Layer.SiLU, _Mapping]] = ..., leaky_relu: _Optional[_Union[Layer.LeakyReLU, _Mapping]] = ..., dropout: _Optional[_Union[Layer.Dropout, _Mapping]] = ..., batch_norm: _Optional[_Union[Layer.BatchNorm, _Mapping]] = ..., layer_norm: _Optional[_Union[Layer.LayerNorm, _Mapping]] = ..., embedding: _Optional[_Union[Layer.Embedding, _Mapping]] = ..., residual: _Optional[_Union[Layer.Residual, _Mapping]] = ..., lstm: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., gru: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., rnn: _Optional[_Union[Layer.Recurrent, _Mapping]] = ..., last_step: _Optional[_Union[Layer.LastStep, _Mapping]] = ..., flatten: _Optional[_Union[Layer.Flatten, _Mapping]] = ..., conv1d: _Optional[_Union[Layer.Conv1d, _Mapping]] = ..., conv2d: _Optional[_Union[Layer.Conv2d, _Mapping]] = ..., max_pool2d: _Optional[_Union[Layer.MaxPool2d, _Mapping]] = ..., avg_pool2d: _Optional[_Union[Layer.AvgPool2d, _Mapping]] = ..., adaptive_avg_pool2d: _Optional[_Union[Layer.AdaptiveAvgPool2d, _Mapping]] = ..., batch_norm2d: _Optional[_Union[Layer.BatchNorm, _Mapping]] = ..., dropout2d: _Optional[_Union[Layer.Dropout, _Mapping]] = ..., multihead_attention: _Optional[_Union[Layer.MultiheadAttention, _Mapping]] = ..., transformer_encoder_layer: _Optional[_Union[Layer.TransformerEncoderLayer, _Mapping]] = ..., positional_embedding: _Optional[_Union[Layer.PositionalEmbedding, _Mapping]] = ..., mean_pool: _Optional[_Union[Layer.MeanPool, _Mapping]] = ..., trainable: _Optional[bool] = ...) -> None: ...
 
 class OptimizerSpec(_message.Message):
-    __slots__ = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "adafactor")
+    __slots__ = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "adafactor", "kfac")
+    class KFAC(_message.Message):
+        __slots__ = ("lr", "momentum", "damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "weight_decay")
+        LR_FIELD_NUMBER: _ClassVar[int]
+        MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+        DAMPING_FIELD_NUMBER: _ClassVar[int]
+        FACTOR_DECAY_FIELD_NUMBER: _ClassVar[int]
+        FACTOR_UPDATE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+        INVERSE_UPDATE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+        WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+        lr: float
+        momentum: float
+        damping: float
+        factor_decay: float
+        factor_update_interval: int
+        inverse_update_interval: int
+        weight_decay: float
+        def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., damping: _Optional[float] = ..., factor_decay: _Optional[float] = ..., factor_update_interval: _Optional[int] = ..., inverse_update_interval: _Optional[int] = ..., weight_decay: _Optional[float] = ...) -> None: ...
     class SGD(_message.Message):
         __slots__ = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
         LR_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +430,7 @@ class OptimizerSpec(_message.Message):
     ADAGRAD_FIELD_NUMBER: _ClassVar[int]
     LION_FIELD_NUMBER: _ClassVar[int]
     ADAFACTOR_FIELD_NUMBER: _ClassVar[int]
+    KFAC_FIELD_NUMBER: _ClassVar[int]
     sgd: OptimizerSpec.SGD
     adam: OptimizerSpec.Adam
     adamw: OptimizerSpec.AdamW
@@ -292,7 +438,8 @@ class OptimizerSpec(_message.Message):
     adagrad: OptimizerSpec.Adagrad
     lion: OptimizerSpec.Lion
     adafactor: OptimizerSpec.Adafactor
-    def __init__(self, sgd: _Optional[_Union[OptimizerSpec.SGD, _Mapping]] = ..., adam: _Optional[_Union[OptimizerSpec.Adam, _Mapping]] = ..., adamw: _Optional[_Union[OptimizerSpec.AdamW, _Mapping]] = ..., rmsprop: _Optional[_Union[OptimizerSpec.RMSprop, _Mapping]] = ..., adagrad: _Optional[_Union[OptimizerSpec.Adagrad, _Mapping]] = ..., lion: _Optional[_Union[OptimizerSpec.Lion, _Mapping]] = ..., adafactor: _Optional[_Union[OptimizerSpec.Adafactor, _Mapping]] = ...) -> None: ...
+    kfac: OptimizerSpec.KFAC
+    def __init__(self, sgd: _Optional[_Union[OptimizerSpec.SGD, _Mapping]] = ..., adam: _Optional[_Union[OptimizerSpec.Adam, _Mapping]] = ..., adamw: _Optional[_Union[OptimizerSpec.AdamW, _Mapping]] = ..., rmsprop: _Optional[_Union[OptimizerSpec.RMSprop, _Mapping]] = ..., adagrad: _Optional[_Union[OptimizerSpec.Adagrad, _Mapping]] = ..., lion: _Optional[_Union[OptimizerSpec.Lion, _Mapping]] = ..., adafactor: _Optional[_Union[OptimizerSpec.Adafactor, _Mapping]] = ..., kfac: _Optional[_Union[OptimizerSpec.KFAC, _Mapping]] = ...) -> None: ...
 
 class ScheduleSpec(_message.Message):
     __slots__ = ("constant", "step_decay", "exponential", "linear_warmup", "cosine_with_warmup")
@@ -350,7 +497,7 @@ class ClippingSpec(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., max_value: _Optional[float] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_shards", "standardize", "shuffle")
+    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_shards", "standardize", "shuffle", "context_length")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +505,7 @@ class DataSpec(_message.Message):
     MICRO_SHARDS_FIELD_NUMBER: _ClassVar[int]
     STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     epochs: int
@@ -365,7 +513,8 @@ class DataSpec(_message.Message):
     micro_shards: int
     standardize: bool
     shuffle: bool
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_shards: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ...) -> None: ...
+    context_length: int
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_shards: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class ResourceSpec(_message.Message):
     __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy")

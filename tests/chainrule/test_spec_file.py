@@ -116,9 +116,9 @@ def test_unknown_optimizer_names_the_optimizer_field_and_suggests_a_fix():
 
 
 def test_unknown_layer_kind_names_the_layer():
-    error = error_of("model: {layers: [{linear: {out_features: 4}}, {conv2d: {}}]}")
+    error = error_of("model: {layers: [{linear: {out_features: 4}}, {conv3d: {}}]}")
     assert error.field_path == "model.layers[1]"
-    assert "unknown field 'conv2d'" in error.message
+    assert "unknown field 'conv3d'" in error.message
 
 
 def test_unknown_top_level_field_is_reported_with_an_empty_path():
@@ -200,3 +200,19 @@ def test_missing_file_is_a_spec_error(tmp_path):
 
 def test_spec_error_is_a_value_error():
     assert issubclass(SpecError, ValueError)
+
+
+def test_shape_arguments_take_a_number_a_list_or_a_word_as_in_pytorch():
+    spec = load_job_spec(DIGITS_YAML.replace(
+        "{linear: {out_features: 128}}",
+        "{conv2d: {out_channels: 4, kernel_size: [3, 5], stride: 2, padding: same}}"))
+    conv = spec.model.layers[0].conv2d
+    assert [v.number_value for v in conv.kernel_size.list_value.values] == [3, 5]
+    assert conv.stride.number_value == 2
+    assert conv.padding.string_value == "same"
+
+
+def test_a_mapping_as_a_shape_argument_names_the_field():
+    error = error_of("model: {layers: [{conv2d: {out_channels: 4, kernel_size: {h: 3}}}]}")
+    assert error.field_path == "model.layers[0].conv2d.kernel_size"
+    assert "a number, a list of numbers" in error.message
