@@ -32,14 +32,18 @@ from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset
 from scheduler.job_runner import JobRunner, TrainingResult
+from scheduler.job_states import (  # noqa: F401 - re-exported for the queue's users
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATES,
+)
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, StepRecord
 
 log = logging.getLogger(__name__)
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class JobQueue:
             self._waiting[job.job_id] = job
             heapq.heappush(self._heap, (-job.spec.priority, next(self._arrival), job.job_id))
             depth = len(self._waiting)
+        self._notify("job_state_changed", job.job_id, QUEUED)  # counted like every transition
         self._notify("queue_depth", depth)
         self._dispatch()
 

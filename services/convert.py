@@ -6,20 +6,11 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chainrule.v1 import training_service_pb2 as pb
+from scheduler.job_states import state_from_proto, state_to_proto
 from services.events import JobEvent
 from services.jobs import ModelDownload
 from services.store import DatasetRecord, JobRecord, ProgressSummary, ValidationSummary
 from services.uploads import UploadHeader
-
-STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-
-
-def state_to_proto(state: str) -> int:
-    return pb.JobState.Value(f"JOB_STATE_{state}")
-
-
-def state_from_proto(value: int) -> str:
-    return pb.JobState.Name(value).removeprefix("JOB_STATE_")
 
 
 def states_from_proto(values) -> list[str]:

@@ -43,10 +43,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from scheduler.job_states import JOB_STATES, TERMINAL_STATES
 from scheduler.records import EvaluationRecord, StepRecord
 
-JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 # StepTimings field -> the phase label a reader expects (the optimizer step is `apply` in code).
 STEP_PHASES = (("compute", "compute"), ("reduce", "reduce"), ("apply", "optimizer"),
                ("gather", "gather"), ("wait", "wait"))

@@ -69,14 +69,15 @@ class FakeHost:
 
 class Recorder:
     def __init__(self):
-        self.calls, self.running, self.most_running = [], 0, 0
+        self.calls, self.running, self.most_running = [], set(), 0
 
     def job_state_changed(self, job_id, state):
         self.calls.append((job_id, state))
-        self.running += {"RUNNING": 1}.get(state, 0)
-        if state in ("SUCCEEDED", "FAILED", "CANCELLED", "QUEUED"):
-            self.running -= 1
-        self.most_running = max(self.most_running, self.running)
+        if state == "RUNNING":
+            self.running.add(job_id)
+        else:
+            self.running.discard(job_id)
+        self.most_running = max(self.most_running, len(self.running))
 
 
 def _queue(host, max_concurrent_jobs=1, observers=()):
@@ -170,3 +171,12 @@ def test_an_observer_that_raises_does_not_fail_the_job():
     FakeRunner.step_seconds = 0.0
     queue.submit(_job("ok"))
     wait_for(lambda: host.states.get("ok") == "SUCCEEDED", 5)
+
+
+def test_a_submitted_job_is_reported_as_a_transition_to_queued():
+    host, recorder = FakeHost(), Recorder()
+    queue = JobQueue(host, observers=[recorder], runner_factory=FakeRunner)
+    FakeRunner.step_seconds = 0.01
+    queue.submit(_job("only"))
+    wait_for(lambda: host.states.get("only") == "SUCCEEDED", 10)
+    assert [state for _, state in recorder.calls] == ["QUEUED", "RUNNING", "SUCCEEDED"]
