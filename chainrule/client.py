@@ -55,6 +55,33 @@ def state_name(state: int) -> str:
     return pb.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
+# The names a caller may use for job states ("QUEUED", "RUNNING", ...), from the schema's enum.
+STATE_NAMES: tuple[str, ...] = tuple(
+    state_name(value) for value in pb.JobState.values() if value != pb.JOB_STATE_UNSPECIFIED)
+
+
+def state_value(name: str) -> int:
+    """JOB_STATE_RUNNING for "RUNNING" or "running"; a ValueError naming the valid states."""
+    if name.upper() not in STATE_NAMES:
+        raise ValueError(f"{name!r} is not a job state; one of {', '.join(STATE_NAMES)}")
+    return pb.JobState.Value("JOB_STATE_" + name.upper())
+
+
+# A weights file's suffix and the format the service writes for it.
+WEIGHTS_SUFFIXES = {".safetensors": "safetensors", ".npz": "npz"}
+
+
+def weights_format(path: str | Path) -> str:
+    """"safetensors" or "npz" from a file name; a ValueError for any other suffix (a `.pt`
+    file would hold safetensors bytes that torch.load cannot read)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in WEIGHTS_SUFFIXES:
+        raise ValueError(f"{path}: weights are written as {' or '.join(WEIGHTS_SUFFIXES)}; "
+                         f"name the file with one of those suffixes (PyTorch reads .safetensors "
+                         f"with safetensors.torch.load_file)")
+    return WEIGHTS_SUFFIXES[suffix]
+
+
 class Client:
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, *,
                  timeout: float = 30.0, root_certificates: bytes | None = None):
@@ -105,8 +132,7 @@ class Client:
     def list(self, states: Iterable[int | str] = (), page_size: int = 0,
              page_token: str = "") -> pb.ListJobsResponse:
         """One page of jobs, newest first; states as JobState values or names ("RUNNING")."""
-        values = [pb.JobState.Value(f"JOB_STATE_{s}") if isinstance(s, str) else s
-                  for s in states]
+        values = [state_value(s) if isinstance(s, str) else s for s in states]
         return self._call(self.stub.ListJobs, pb.ListJobsRequest(
             states=values, page_size=page_size, page_token=page_token))
 
@@ -195,22 +221,30 @@ class Client:
     # --- models --------------------------------------------------------------------------------
 
     def download(self, job_id: str, path: str | Path, format: str | None = None) -> pb.ModelHeader:
-        """Write the job's weights to `path` (format from its suffix: .safetensors or .npz) and
-        the manifest beside it as `<path>.json`; returns the header."""
+        """Write the job's weights to `path` (format from its suffix, see `weights_format`) and
+        the manifest beside it as `<path>.json`; returns the header. The bytes stream to a
+        temporary file beside `path`, renamed into place once their size and SHA-256 match."""
         path = Path(path)
-        format = format or ("npz" if path.suffix == ".npz" else "safetensors")
-        header, data = None, bytearray()
-        for message in self._call(self.stub.DownloadModel,
-                                  pb.DownloadModelRequest(job_id=job_id, format=format)):
-            if message.HasField("header"):
-                header = message.header
-            else:
-                data += message.chunk
-        if header is None or len(data) != header.size_bytes:
-            raise OSError(f"download of {job_id} incomplete: {len(data)} bytes")
-        if hashlib.sha256(data).hexdigest() != header.sha256:
-            raise OSError(f"download of {job_id}: SHA-256 mismatch")
+        format = format or weights_format(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bytes(data))
+        partial = path.with_name(f".{path.name}.partial")
+        header, size, digest = None, 0, hashlib.sha256()
+        try:
+            with open(partial, "wb") as out:
+                for message in self._call(self.stub.DownloadModel,
+                                          pb.DownloadModelRequest(job_id=job_id, format=format)):
+                    if message.HasField("header"):
+                        header = message.header
+                    else:
+                        out.write(message.chunk)
+                        digest.update(message.chunk)
+                        size += len(message.chunk)
+            if header is None or size != header.size_bytes:
+                raise OSError(f"download of {job_id} incomplete: {size} bytes")
+            if digest.hexdigest() != header.sha256:
+                raise OSError(f"download of {job_id}: SHA-256 mismatch")
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
         Path(f"{path}.json").write_text(header.manifest_json)
         return header

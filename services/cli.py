@@ -108,8 +108,7 @@ def _jobs(args: argparse.Namespace) -> int:
     from chainrule.v1 import training_service_pb2 as pb
 
     with _client(args) as client:
-        states = [s.upper() for s in args.state or []]
-        jobs = list(client.jobs(states))
+        jobs = list(client.jobs(args.state or []))
         _print(args, pb.ListJobsResponse(jobs=jobs),
                "\n".join(_job_line(job) for job in jobs) or "no jobs")
     return 0
@@ -193,6 +192,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.spec, metrics_port=args.metrics_port)
 
 
+def _weights_path(text: str) -> str:
+    """An -o argument whose suffix names a format we write; argparse reports it (exit 2)."""
+    from chainrule.client import weights_format
+
+    try:
+        weights_format(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chainrule", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -231,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--watch", action="store_true", help="follow the job to its end")
     submit.add_argument("--request-id", help="idempotency key: a retry returns the same job")
     jobs = client_command("jobs", "list jobs, newest first", _jobs)
-    jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    from chainrule.client import STATE_NAMES
+
+    jobs.add_argument("--state", action="append", type=str.upper, choices=STATE_NAMES,
+                      help="only jobs in this state (repeatable)")
     client_command("status", "one job's state and progress", _status).add_argument("job")
     client_command("watch", "follow a job with a live progress bar", _watch).add_argument("job")
     client_command("cancel", "cancel a job", _cancel).add_argument("job")
@@ -242,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("datasets", "list uploaded and built-in data sets", _datasets)
     download = client_command("download", "download a finished job's weights", _download)
     download.add_argument("job")
-    download.add_argument("-o", "--output", required=True,
+    download.add_argument("-o", "--output", required=True, type=_weights_path,
                           help="weights file (.safetensors or .npz)")
 
     demo = commands.add_parser("demo", help="serve, train the digits MLP over gRPC, shut down")

@@ -14,6 +14,7 @@ import pytest
 
 from chainrule import Client
 from chainrule.client import WatchTimeout, state_name
+from chainrule.v1 import training_service_pb2 as pb
 from services import cli
 from tests.services.conftest import server  # noqa: F401  (a module fixture)
 from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error
@@ -148,3 +149,29 @@ def test_cli_reports_a_bad_spec_with_its_field_and_no_trace(server, capsys, tmp_
     code = cli.main(["submit", str(spec_path), "--server", server.address])
     assert code == 1
     assert "INVALID_ARGUMENT: optimizer.adamw.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_cli_names_the_job_states_when_one_is_misspelt(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["jobs", "--state", "DONE"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'DONE'" in err and "SUCCEEDED" in err and "JOB_STATE_" not in err
+
+
+def test_client_state_names_come_from_the_schema():
+    from chainrule.client import STATE_NAMES, state_value
+
+    assert STATE_NAMES == ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+    assert state_value("running") == pb.JOB_STATE_RUNNING
+    with pytest.raises(ValueError, match="'DONE' is not a job state; one of QUEUED"):
+        state_value("DONE")
+
+
+def test_download_refuses_a_suffix_it_would_not_write_before_asking_the_server(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["download", "job-1", "-o", "model.pt", "--server", "127.0.0.1:9"])
+    assert exit_info.value.code == 2
+    assert "model.pt: weights are written as .safetensors or .npz" in capsys.readouterr().err
+    with Client("127.0.0.1:9", timeout=1.0) as client, pytest.raises(ValueError, match=".pt"):
+        client.download("job-1", "model.pt")
