@@ -27,6 +27,10 @@ from chainrule.spec_file import SpecError
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
+# Next-byte prediction on a text: x and y are (n, context_length) byte tokens, y[i, t] being the
+# byte after x[i, t]; a classification over 256 classes at every position.
+NEXT_TOKEN = "next_token"
+BYTE_VOCABULARY = 256
 
 # Keeps the split's random stream apart from every other use of the job's seed.
 _SPLIT_STREAM = 0x5B17
@@ -60,9 +64,9 @@ class Dataset:
             if self.x_val.shape[1:] != self.x.shape[1:]:
                 raise ValueError(f"x_val samples have shape {self.x_val.shape[1:]}, x samples "
                                  f"{self.x.shape[1:]}")
-        if self.task not in (CLASSIFICATION, REGRESSION):
-            raise ValueError(f"task must be {CLASSIFICATION!r} or {REGRESSION!r}, "
-                             f"got {self.task!r}")
+        if self.task not in (CLASSIFICATION, REGRESSION, NEXT_TOKEN):
+            raise ValueError(f"task must be {CLASSIFICATION!r}, {REGRESSION!r} or "
+                             f"{NEXT_TOKEN!r}, got {self.task!r}")
         if tuple(self.feature_shape) != self.x.shape[1:]:
             raise ValueError(f"feature_shape {self.feature_shape} does not match x's samples "
                              f"{self.x.shape[1:]}")
@@ -145,6 +149,14 @@ def _sklearn(loader_name: str) -> Callable[[np.random.Generator], tuple[np.ndarr
     return load
 
 
+def _digits_images(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as one-channel images, (n, 1, 8, 8): for conv2d layers."""
+    import sklearn.datasets
+
+    digits = sklearn.datasets.load_digits()
+    return digits.images[:, None, :, :], digits.target
+
+
 def _spirals(rng: np.random.Generator, n: int = 1000, turns: float = 1.5,
              noise: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
     """Two interleaved spirals, one per class: the second is the first turned by 180 degrees.
@@ -181,6 +193,7 @@ def _sequence_sum(rng: np.random.Generator, n: int = 2000,
 
 _LOADERS: dict[str, Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]] = {
     "sklearn:digits": _sklearn("load_digits"),
+    "sklearn:digits_images": _digits_images,
     "sklearn:iris": _sklearn("load_iris"),
     "sklearn:wine": _sklearn("load_wine"),
     "sklearn:breast_cancer": _sklearn("load_breast_cancer"),
@@ -213,6 +226,51 @@ def load_builtin(name: str, seed: int = 0, dtype: Any = np.float32) -> Dataset:
     else:
         y = np.asarray(y).astype(np.int64)
     return from_arrays(x, y, name=name, dtype=dtype)
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def from_text(text: bytes, context_length: int, validation_fraction: float, *,
+              name: str = "") -> Dataset:
+    """Byte-level windows of a text for next-token prediction: window i holds the bytes
+    [i*T, (i+1)*T) as x and the bytes one further as y (T = context_length), so each of its T
+    positions predicts the next byte. No tokenizer: the vocabulary is the 256 byte values.
+
+    The validation split is the text's last `validation_fraction`, cut before the windows are:
+    its bytes (targets included) never appear in a training window, which random windows
+    drawn from one text could not promise.
+    """
+    if context_length < 2:
+        raise SpecError("data.context_length", f"a text needs windows of >= 2 bytes, got "
+                                               f"{context_length}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise SpecError("data.validation_fraction",
+                        f"must be in [0, 1), got {validation_fraction}")
+    tokens = np.frombuffer(text, dtype=np.uint8)
+    cut = len(tokens) - round(len(tokens) * validation_fraction)
+    x, y = _windows(tokens[:cut], context_length)
+    if not len(x):
+        raise SpecError("data.context_length",
+                        f"the text's training part has {cut} bytes, too few for one window of "
+                        f"{context_length} bytes and its next byte")
+    x_val = y_val = None
+    if validation_fraction > 0:
+        x_val, y_val = _windows(tokens[cut:], context_length)
+        if not len(x_val):
+            raise SpecError("data.validation_fraction",
+                            f"the text's validation part has {len(tokens) - cut} bytes, too few "
+                            f"for one window of {context_length} bytes; raise the fraction or "
+                            f"shorten context_length")
+    return Dataset(x=x, y=y, x_val=x_val, y_val=y_val, task=NEXT_TOKEN,
+                   num_classes=BYTE_VOCABULARY, feature_shape=x.shape[1:], name=name)
+
+
+def _windows(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of `length` tokens and, for each, the tokens one step later."""
+    count = (len(tokens) - 1) // length
+    usable = tokens[:count * length + 1].astype(np.int64)
+    return usable[:-1].reshape(count, length), usable[1:].reshape(count, length)
 
 
 # --- validation split and standardisation ------------------------------------------------------
@@ -263,11 +321,14 @@ def _split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 def _fit_standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each feature (last axis) over the training samples."""
-    axes = tuple(range(x.ndim - 1))
+    """Mean and standard deviation of each feature over the training samples: of the last axis
+    for vectors and sequences, of each channel for images (samples (channels, height, width),
+    statistics of shape (channels, 1, 1), as torchvision's Normalize)."""
+    images = x.ndim == 4
+    axes = (0, 2, 3) if images else tuple(range(x.ndim - 1))
     values = x.astype(np.float64)
-    mean = values.mean(axis=axes)
-    std = values.std(axis=axes)
+    mean = values.mean(axis=axes, keepdims=images)[0] if images else values.mean(axis=axes)
+    std = values.std(axis=axes, keepdims=images)[0] if images else values.std(axis=axes)
     std[~(std > 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0))] = 1.0
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
         raise SpecError("data.dataset", "the features contain NaN or infinite values")

@@ -9,8 +9,10 @@ from chainrule.spec_file import SpecError
 from scheduler.datasets import (
     BUILTIN_DATASETS,
     CLASSIFICATION,
+    NEXT_TOKEN,
     REGRESSION,
     from_arrays,
+    from_text,
     load_builtin,
     split_and_standardize,
 )
@@ -18,6 +20,7 @@ from scheduler.datasets import (
 # name -> (samples, feature shape, task, classes, feature dtype kind)
 EXPECTED = {
     "sklearn:digits": (1797, (64,), CLASSIFICATION, 10, "f"),
+    "sklearn:digits_images": (1797, (1, 8, 8), CLASSIFICATION, 10, "f"),
     "sklearn:iris": (150, (4,), CLASSIFICATION, 3, "f"),
     "sklearn:wine": (178, (13,), CLASSIFICATION, 3, "f"),
     "sklearn:breast_cancer": (569, (30,), CLASSIFICATION, 2, "f"),
@@ -166,3 +169,45 @@ def test_dtype_and_label_types_after_split():
     reg = split_and_standardize(load_builtin("sklearn:diabetes"), 0.2, True, 0)
     assert reg.x.dtype == np.float32 and reg.y.dtype == np.float32
     assert reg.y.shape[1:] == reg.y_val.shape[1:] == (1,)
+
+
+# --- images and text ---------------------------------------------------------------------------
+
+
+def test_digits_images_are_the_digits_as_one_channel_8x8_images_standardised_per_channel():
+    flat = load_builtin("sklearn:digits")
+    images = load_builtin("sklearn:digits_images")
+    assert images.feature_shape == (1, 8, 8) and images.num_classes == 10
+    np.testing.assert_array_equal(images.x.reshape(len(images.x), 64), flat.x)
+    split = split_and_standardize(images, 0.2, True, seed=0)
+    assert split.feature_mean.shape == (1, 1, 1) and split.feature_std.shape == (1, 1, 1)
+    assert abs(float(split.x.mean())) < 1e-6 and abs(float(split.x.std()) - 1) < 1e-6
+    np.testing.assert_allclose(split.transform(images.x[:3]),
+                               (images.x[:3] - split.feature_mean) / split.feature_std,
+                               rtol=1e-6)
+
+
+def test_text_windows_predict_the_next_byte_and_validation_bytes_are_never_trained_on():
+    text = bytes(range(256)) * 40  # 10,240 bytes, each window's content tells where it lies
+    dataset = from_text(text, context_length=16, validation_fraction=0.25)
+    assert dataset.task == NEXT_TOKEN and dataset.num_classes == 256
+    assert dataset.x.shape[1:] == (16,) and dataset.y.shape == dataset.x.shape
+    np.testing.assert_array_equal(dataset.x[:, 1:], dataset.y[:, :-1])  # y is x one byte on
+    cut = len(text) - len(text) // 4
+    assert dataset.x.shape[0] == (cut - 1) // 16
+    # Training windows, targets included, come from the first 75% of the text only.
+    trained_on = np.concatenate([dataset.x.ravel(), dataset.y[:, -1]])
+    np.testing.assert_array_equal(trained_on[:dataset.x.size], np.frombuffer(
+        text, np.uint8)[:dataset.x.size])
+    assert (dataset.x.size + 1) <= cut
+    first_validation = np.frombuffer(text, np.uint8)[cut:cut + 16]
+    np.testing.assert_array_equal(dataset.x_val[0], first_validation)
+
+
+def test_a_text_too_short_for_its_windows_names_the_field():
+    with pytest.raises(SpecError) as error:
+        from_text(b"abc", context_length=8, validation_fraction=0.0)
+    assert error.value.field_path == "data.context_length"
+    with pytest.raises(SpecError) as error:
+        from_text(b"x" * 100, context_length=8, validation_fraction=0.05)
+    assert error.value.field_path == "data.validation_fraction"
