@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from chainrule.v1 import job_pb2
+from worker.spec_error import SpecError  # lives in worker/, which must not import the client
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -36,16 +37,6 @@ _INT_RANGES = {
     FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
 }
 _FLOAT_TYPES = (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT)
-
-
-class SpecError(ValueError):
-    """An invalid job spec: `field_path` names the field ("" for the whole spec or file),
-    `message` says what is wrong with it. The service returns it as INVALID_ARGUMENT."""
-
-    def __init__(self, field_path: str, message: str):
-        self.field_path = field_path
-        self.message = message
-        super().__init__(f"{field_path}: {message}" if field_path else message)
 
 
 def load_job_spec(path_or_text: str | Path) -> job_pb2.JobSpec:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from chainrule.spec_file import SpecError
+from worker.spec_error import SpecError
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from chainrule.spec_file import SpecError
 from chainrule.v1 import job_pb2
 from scheduler.datasets import BUILTIN_DATASETS, is_builtin, load_builtin
 from services.errors import InvalidArgument
@@ -29,6 +28,7 @@ from worker.model_builder import (
     count_parameters,
     resolve_dtype,
 )
+from worker.spec_error import SpecError
 
 UPLOAD_PREFIX = "upload:"
 PLACEMENT_STRATEGIES = ("", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

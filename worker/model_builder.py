@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from chainrule.spec_file import SpecError
 from chainrule.v1 import job_pb2
 from worker.backprop import nn
 from worker.backprop.nn import functional as F
@@ -42,6 +41,7 @@ from worker.backprop.optim import (
     StepDecay,
 )
 from worker.backprop.tensor import Tensor
+from worker.spec_error import SpecError
 
 LOSSES = ("cross_entropy", "mse", "l1", "binary_cross_entropy_with_logits")
 DTYPES = {"": np.float32, "float32": np.float32, "float64": np.float64}
