@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -513,6 +514,273 @@ def _cross_entropy_vjp(g, ans, logits, target, reduction="mean", label_smoothing
 
 CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp, None))
 
+# --- convolution and pooling -------------------------------------------------------------------
+
+# NCHW throughout, with PyTorch's weight layout (out_channels, in_channels / groups, kh, kw).
+# A kernel slides over the padded input; `_window_view` is a strided view of every window (no
+# copy), and a convolution is one im2col copy of that view followed by one batched GEMM.
+# Convolution is bilinear in (input, weight), so both of its gradients are convolutions too:
+#   d input  = conv_transpose2d(G, W)     (conv2d's adjoint in its input)
+#   d weight = conv2d_weight_grad(x, G)   (conv2d's adjoint in its weight)
+# and the three ops' VJPs are written in terms of one another, so second order is exact.
+# Pooling loops over the kh*kw kernel offsets, each step one strided slice of the whole batch:
+# for the small kernels pooling uses (2x2, 3x3) that is a few passes over memory, faster than
+# reducing a strided window view (measured in bench/models.py's profile).
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Where a sliding kernel reads its padded input: the geometry of conv and pooling alike.
+
+    `padding` is ((top, bottom), (left, right)): "same" padding of an even kernel is uneven,
+    and ceil_mode pooling pads the far side further.
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (n + before + after - d * (k - 1) - 1) // s + 1
+            for n, k, s, (before, after), d in zip(
+                input_size, self.kernel_size, self.stride, self.padding, self.dilation)
+        )
+
+    def padded_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        return tuple(n + b + a for n, (b, a) in zip(input_size, self.padding))  # type: ignore
+
+    def offsets(self, output_size: Sequence[int]):
+        """Each kernel offset (i, j) with the strided slice of the padded input it reads."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ho, wo = output_size
+        for i in range(kh):
+            for j in range(kw):
+                yield (i, j), (Ellipsis, slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+                               slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
+
+
+def _pad_spatial(x: np.ndarray, padding, value: float = 0.0) -> np.ndarray:
+    """x with its last two axes padded by `value` (x itself when there is no padding)."""
+    (top, bottom), (left, right) = padding
+    if not (top or bottom or left or right):
+        return x
+    h, w = x.shape[-2:]
+    out = np.full(x.shape[:-2] + (top + h + bottom, left + w + right), value, dtype=x.dtype)
+    out[..., top:top + h, left:left + w] = x
+    return out
+
+
+def _crop_spatial(xp: np.ndarray, padding, input_size: Sequence[int]) -> np.ndarray:
+    """The inverse of _pad_spatial for a gradient: the unpadded region, contiguous."""
+    (top, _), (left, _) = padding
+    h, w = input_size
+    if xp.shape[-2:] == (h, w):
+        return xp
+    return np.ascontiguousarray(xp[..., top:top + h, left:left + w])
+
+
+def _window_view(xp: np.ndarray, windows: Windows, output_size) -> np.ndarray:
+    """(N, C, kh, kw, Ho, Wo) view of every window of the padded input: strides, no copy."""
+    (dh, dw), (sh, sw) = windows.dilation, windows.stride
+    s_n, s_c, s_h, s_w = xp.strides
+    return np.lib.stride_tricks.as_strided(
+        xp, xp.shape[:2] + tuple(windows.kernel_size) + tuple(output_size),
+        (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), writeable=False)
+
+
+def _im2col(x: np.ndarray, windows: Windows, groups: int) -> np.ndarray:
+    """(N, G, C/G * kh * kw, Ho * Wo): each output position's receptive field as a column, in
+    the weight's (C, kh, kw) order; the reshape is the one copy (im2col)."""
+    n, channels = x.shape[:2]
+    output_size = windows.output_size(x.shape[2:])
+    view = _window_view(_pad_spatial(x, windows.padding), windows, output_size)
+    return view.reshape(n, groups, -1, output_size[0] * output_size[1])
+
+
+def _conv2d_forward(x, weight, bias=None, *, windows, groups):
+    n, out_channels = x.shape[0], weight.shape[0]
+    ho, wo = windows.output_size(x.shape[2:])
+    kernels = weight.reshape(groups, out_channels // groups, -1)  # (G, O/G, K)
+    # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), all in one call.
+    out = np.matmul(kernels, _im2col(x, windows, groups)).reshape(n, out_channels, ho, wo)
+    if bias is not None:
+        out += bias.reshape(-1, 1, 1)  # in place: the product is a fresh array
+    return out
+
+
+def _conv_transpose2d_forward(g, weight, *, windows, groups, input_size):
+    """conv2d's adjoint in its input: scatter W^T G back over the windows (col2im)."""
+    n, out_channels, ho, wo = g.shape
+    channels = weight.shape[1] * groups
+    kernels = weight.reshape(groups, out_channels // groups, -1)  # (G, O/G, K)
+    g_cols = g.reshape(n, groups, out_channels // groups, ho * wo)
+    cols = np.matmul(_swap_last_axes(kernels), g_cols)  # (N, G, K, P): d im2col = W^T G
+    cols = cols.reshape((n, channels) + tuple(windows.kernel_size) + (ho, wo))
+    dxp = np.zeros((n, channels) + windows.padded_size(input_size), dtype=cols.dtype)
+    for (i, j), where in windows.offsets((ho, wo)):
+        dxp[where] += cols[:, :, i, j]  # windows overlap, so their contributions add
+    return _crop_spatial(dxp, windows.padding, input_size)
+
+
+def _conv2d_weight_grad_forward(x, g, *, windows, groups):
+    """conv2d's adjoint in its weight: dW[g] = sum over samples of G[n, g] @ cols[n, g]^T."""
+    n, out_channels = g.shape[:2]
+    cols = _im2col(x, windows, groups)  # (N, G, K, P)
+    g_cols = g.reshape(n, groups, out_channels // groups, -1)  # (N, G, O/G, P)
+    per_sample = np.matmul(g_cols, _swap_last_axes(cols))  # (N, G, O/G, K), small
+    weight_shape = (out_channels, x.shape[1] // groups) + tuple(windows.kernel_size)
+    return per_sample.sum(axis=0).reshape(weight_shape)
+
+
+# Dual helpers: the forward kernels on arrays, the recorded ops on Tensors (second order).
+
+def _conv2d(x, weight, windows, groups):
+    if _is_tensor(x) or _is_tensor(weight):
+        return apply(CONV2D, x, weight, windows=windows, groups=groups)
+    return _conv2d_forward(x, weight, windows=windows, groups=groups)
+
+
+def _conv_transpose2d(g, weight, windows, groups, input_size):
+    input_size = tuple(input_size)
+    if _is_tensor(g) or _is_tensor(weight):
+        return apply(CONV_TRANSPOSE2D, g, weight, windows=windows, groups=groups,
+                     input_size=input_size)
+    return _conv_transpose2d_forward(g, weight, windows=windows, groups=groups,
+                                     input_size=input_size)
+
+
+def _conv2d_weight_grad(x, g, windows, groups):
+    if _is_tensor(x) or _is_tensor(g):
+        return apply(CONV2D_WEIGHT_GRAD, x, g, windows=windows, groups=groups)
+    return _conv2d_weight_grad_forward(x, g, windows=windows, groups=groups)
+
+
+CONV2D = Op("conv2d", _conv2d_forward, (
+    # y = conv(x, W) + b  =>  dx = conv_transpose(G, W)
+    lambda g, ans, x, weight, bias=None, *, windows, groups:
+        _conv_transpose2d(g, weight, windows, groups, x.shape[2:]),
+    # dW = weight_grad(x, G): G against each window of x, summed over samples and positions
+    lambda g, ans, x, weight, bias=None, *, windows, groups:
+        _conv2d_weight_grad(x, g, windows, groups),
+    # db = G summed over samples and positions
+    lambda g, ans, x, weight, bias=None, *, windows, groups: g.sum(axis=(0, 2, 3)),
+))
+
+CONV_TRANSPOSE2D = Op("conv_transpose2d", _conv_transpose2d_forward, (
+    # <conv_transpose(G, W), V> = <G, conv(V, W)>  =>  dG = conv(V, W), dW = weight_grad(V, G)
+    lambda v, ans, g, weight, *, windows, groups, input_size: _conv2d(v, weight, windows, groups),
+    lambda v, ans, g, weight, *, windows, groups, input_size:
+        _conv2d_weight_grad(v, g, windows, groups),
+))
+
+CONV2D_WEIGHT_GRAD = Op("conv2d_weight_grad", _conv2d_weight_grad_forward, (
+    # <weight_grad(x, G), V> = <conv(x, V), G>  =>  dx = conv_transpose(G, V), dG = conv(x, V)
+    lambda v, ans, x, g, *, windows, groups: _conv_transpose2d(g, v, windows, groups, x.shape[2:]),
+    lambda v, ans, x, g, *, windows, groups: _conv2d(x, v, windows, groups),
+))
+
+
+def _max_pool2d_forward(x, *, windows):
+    xp = _pad_spatial(x, windows.padding, -np.inf)  # padding never wins a max
+    out = None
+    for _, where in windows.offsets(windows.output_size(x.shape[2:])):
+        if out is None:
+            out = xp[where].copy()
+        else:
+            np.maximum(out, xp[where], out=out)
+    return out
+
+
+def _max_pool2d_winners(x: np.ndarray, ans: np.ndarray, windows: Windows):
+    """For each kernel offset, where it holds its window's maximum and no earlier offset did
+    (the first maximum in scan order takes the gradient, as in torch)."""
+    xp = _pad_spatial(x, windows.padding, -np.inf)
+    unclaimed = np.ones(ans.shape, dtype=bool)
+    for offset, where in windows.offsets(ans.shape[2:]):
+        hit = xp[where] == ans
+        hit &= unclaimed
+        unclaimed ^= hit
+        yield offset, where, hit
+
+
+def _max_pool2d_backward(g, x, ans, windows):
+    dxp = np.zeros(x.shape[:2] + windows.padded_size(x.shape[2:]), dtype=g.dtype)
+    for _, where, hit in _max_pool2d_winners(x, ans, windows):
+        dxp[where] += g * hit
+    return _crop_spatial(dxp, windows.padding, x.shape[2:])
+
+
+def _max_pool2d_argmax_index(x, ans, windows):
+    """Index arrays (n, c, row, col) of each output's maximum in the unpadded input."""
+    n, c, ho, wo = ans.shape
+    (sh, sw), (dh, dw), ((top, _), (left, _)) = windows.stride, windows.dilation, windows.padding
+    rows = np.zeros(ans.shape, dtype=np.intp)
+    cols = np.zeros(ans.shape, dtype=np.intp)
+    for (i, j), _, hit in _max_pool2d_winners(x, ans, windows):
+        rows[hit] = i * dh - top
+        cols[hit] = j * dw - left
+    rows += (np.arange(ho) * sh).reshape(-1, 1)
+    cols += np.arange(wo) * sw
+    return (np.arange(n).reshape(-1, 1, 1, 1), np.arange(c).reshape(-1, 1, 1), rows, cols)
+
+
+def _max_pool2d_vjp(g, ans, x, *, windows):
+    # The gradient goes to each window's maximum; overlapping windows add.
+    if _is_tensor(g):  # second order: a scatter the op table can differentiate
+        index = _max_pool2d_argmax_index(_mask(x), _mask(ans), windows)
+        return scatter_add(g, index, x.shape)
+    return _max_pool2d_backward(g, x, ans, windows)
+
+
+MAX_POOL2D = Op("max_pool2d", _max_pool2d_forward, (_max_pool2d_vjp,))
+
+
+def _avg_pool2d_forward(x, *, windows, divisor):
+    xp = _pad_spatial(x, windows.padding)
+    out = None
+    for _, where in windows.offsets(windows.output_size(x.shape[2:])):
+        if out is None:
+            out = xp[where].copy()
+        else:
+            out += xp[where]
+    out /= divisor
+    return out
+
+
+def _avg_pool2d_backward_forward(g, *, windows, divisor, input_size):
+    """avg_pool2d's adjoint: each output's gradient, divided, spread over its window."""
+    share = np.divide(g, divisor, dtype=g.dtype)
+    dxp = np.zeros(g.shape[:2] + windows.padded_size(input_size), dtype=g.dtype)
+    for _, where in windows.offsets(g.shape[2:]):
+        dxp[where] += share
+    return _crop_spatial(dxp, windows.padding, input_size)
+
+
+def _avg_pool2d(x, windows, divisor):
+    if _is_tensor(x):
+        return apply(AVG_POOL2D, x, windows=windows, divisor=divisor)
+    return _avg_pool2d_forward(x, windows=windows, divisor=divisor)
+
+
+def _avg_pool2d_backward(g, windows, divisor, input_size):
+    input_size = tuple(input_size)
+    if _is_tensor(g):
+        return apply(AVG_POOL2D_BACKWARD, g, windows=windows, divisor=divisor,
+                     input_size=input_size)
+    return _avg_pool2d_backward_forward(g, windows=windows, divisor=divisor,
+                                        input_size=input_size)
+
+
+# Average pooling is linear, and so is its adjoint; each one's VJP is the other.
+AVG_POOL2D = Op("avg_pool2d", _avg_pool2d_forward, (
+    lambda g, ans, x, *, windows, divisor: _avg_pool2d_backward(g, windows, divisor, x.shape[2:]),
+))
+AVG_POOL2D_BACKWARD = Op("avg_pool2d_backward", _avg_pool2d_backward_forward, (
+    lambda v, ans, g, *, windows, divisor, input_size: _avg_pool2d(v, windows, divisor),
+))
+
 # --- non-differentiable functions given a surrogate gradient -------------------------------
 
 # The straight-through estimator (Bengio et al., 2013): the forward applies a step function
@@ -751,6 +1019,224 @@ def straight_through(x: Tensor, fn: Any = np.round) -> Tensor:
     return apply(STRAIGHT_THROUGH, x, fn=fn)
 
 
+# Convolution and pooling (their ops are in the section of that name above).
+
+
+def _ints(value: Any, count: int, name: str, minimum: int) -> tuple[int, ...]:
+    """An int or a sequence of `count` ints (torch's `int | tuple` arguments), checked."""
+    items = (value,) * count if isinstance(value, (int, np.integer)) else value
+    valid = (isinstance(items, (tuple, list)) and len(items) == count
+             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items))
+    if not valid:
+        raise ValueError(f"{name} must be an int or {count} ints, got {value!r}")
+    if builtins.min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def _conv_padding(padding: Any, kernel: tuple[int, ...], stride: tuple[int, ...],
+                  dilation: tuple[int, ...], name: str) -> tuple[tuple[int, int], ...]:
+    """(before, after) per spatial axis from an int, ints, "valid" or "same"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return tuple((0, 0) for _ in kernel)
+        if padding != "same":
+            raise ValueError(f"{name}: padding must be an int, ints, 'valid' or 'same', "
+                             f"got {padding!r}")
+        if builtins.max(stride) != 1:
+            raise ValueError(f"{name}: padding='same' is not supported for strided "
+                             f"convolutions (stride {stride}), as in torch")
+        # Total d (k - 1); an odd total puts the extra row or column after, as torch does.
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in _ints(padding, len(kernel), f"{name}: padding", 0))
+
+
+def _convolution(name: str, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any,
+                 padding: Any, dilation: Any, groups: int, spatial: int) -> Tensor:
+    """conv1d and conv2d: checks, then the conv2d op (a 1-D input is an image of height 1)."""
+    if weight.ndim != spatial + 2:
+        raise ValueError(f"{name}: weight must be (out_channels, in_channels / groups, "
+                         f"{'kw' if spatial == 1 else 'kh, kw'}), got shape {weight.shape}")
+    if input.ndim not in (spatial + 1, spatial + 2):
+        layout = "(N, C, L) or (C, L)" if spatial == 1 else "(N, C, H, W) or (C, H, W)"
+        raise ValueError(f"{name}: input must be {layout}, got shape {input.shape}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
+    unbatched = input.ndim == spatial + 1
+    x = reshape(input, (1,) + input.shape) if unbatched else input
+    out_channels, channels = weight.shape[0], x.shape[1]
+    if out_channels % groups or channels != weight.shape[1] * groups:
+        raise ValueError(
+            f"{name}: input has {channels} channels and the weight {weight.shape} expects "
+            f"{weight.shape[1]} per group x {groups} groups = {weight.shape[1] * groups}, with "
+            f"out_channels {out_channels} divisible by groups"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"{name}: bias must have shape ({out_channels},), got {bias.shape}")
+    kernel = tuple(weight.shape[2:])
+    stride = _ints(stride, spatial, f"{name}: stride", 1)
+    dilation = _ints(dilation, spatial, f"{name}: dilation", 1)
+    pads = _conv_padding(padding, kernel, stride, dilation, name)
+    if spatial == 1:  # (N, C, L) as (N, C, 1, L): the conv2d op with a kernel of height 1
+        x = reshape(x, x.shape[:2] + (1,) + x.shape[2:])
+        weight = reshape(weight, weight.shape[:2] + (1,) + weight.shape[2:])
+        kernel, stride, dilation, pads = (1,) + kernel, (1,) + stride, (1,) + dilation, (
+            (0, 0),) + pads
+    windows = Windows(kernel, stride, pads, dilation)
+    output_size = windows.output_size(x.shape[2:])
+    if builtins.min(output_size) < 1:
+        reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+        raise ValueError(
+            f"{name}: the input's spatial size {x.shape[2 + 2 - spatial:]} padded by "
+            f"{pads[2 - spatial:]} is smaller than the kernel's reach {reach[2 - spatial:]} "
+            f"(kernel {kernel[2 - spatial:]}, dilation {dilation[2 - spatial:]})"
+        )
+    out = apply(CONV2D, x, weight, bias, windows=windows, groups=int(groups))
+    if spatial == 1:
+        out = reshape(out, out.shape[:2] + out.shape[3:])
+    return reshape(out, out.shape[1:]) if unbatched else out
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+           padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
+    """2-D convolution (cross-correlation, as torch.nn.functional.conv2d) of NCHW input.
+
+    input (N, C, H, W) or unbatched (C, H, W); weight (O, C / groups, kh, kw); bias (O,).
+    padding: an int, a pair, "valid" (none) or "same" (output size = input size, stride 1
+    only; an uneven total puts the extra row or column at the bottom or right, as torch does).
+    """
+    return _convolution("conv2d", input, weight, bias, stride, padding, dilation, groups, 2)
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+           padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
+    """1-D convolution of (N, C, L) or (C, L) input; weight (O, C / groups, k). As conv2d."""
+    return _convolution("conv1d", input, weight, bias, stride, padding, dilation, groups, 1)
+
+
+def _pool_windows(name: str, input: Tensor, kernel_size: Any, stride: Any, padding: Any,
+                  dilation: Any, ceil_mode: bool) -> Windows:
+    if input.ndim not in (3, 4):
+        raise ValueError(f"{name}: input must be (N, C, H, W) or (C, H, W), got {input.shape}")
+    kernel = _ints(kernel_size, 2, f"{name}: kernel_size", 1)
+    # torch: stride defaults to the kernel size (None, or an empty list in old code).
+    stride = kernel if stride is None or stride == [] else _ints(stride, 2, f"{name}: stride", 1)
+    pad = _ints(padding, 2, f"{name}: padding", 0)
+    dilation = _ints(dilation, 2, f"{name}: dilation", 1)
+    if builtins.any(p > k // 2 for p, k in zip(pad, kernel)):
+        raise ValueError(f"{name}: padding {pad} must be at most half the kernel size {kernel}")
+    pads, output_size = [], []
+    for n, k, s, p, d in zip(input.shape[-2:], kernel, stride, pad, dilation):
+        reach = d * (k - 1) + 1
+        # torch's pooling_output_shape: ceil_mode rounds up, but the last window must start
+        # inside the input or its left padding.
+        out = (n + 2 * p - reach + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (out - 1) * s >= n + p:
+            out -= 1
+        if out < 1:
+            raise ValueError(
+                f"{name}: input {input.shape} is too small for kernel {kernel} with padding "
+                f"{pad} and dilation {dilation}"
+            )
+        output_size.append(out)
+        pads.append((p, builtins.max(p, (out - 1) * s + reach - n - p)))  # ceil_mode: further
+    return Windows(kernel, stride, tuple(pads), dilation)
+
+
+def _batched(input: Tensor) -> Tensor:
+    return reshape(input, (1,) + input.shape) if input.ndim == 3 else input
+
+
+def _unbatched_like(out: Tensor, input: Tensor) -> Tensor:
+    return reshape(out, out.shape[1:]) if input.ndim == 3 else out
+
+
+def max_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+    """The maximum of each window, as torch.nn.functional.max_pool2d (padding is -inf; the
+    gradient goes to the first maximum of each window). return_indices is not supported."""
+    if return_indices:
+        raise ValueError("max_pool2d: return_indices=True is not supported")
+    windows = _pool_windows("max_pool2d", input, kernel_size, stride, padding, dilation,
+                            ceil_mode)
+    return _unbatched_like(apply(MAX_POOL2D, _batched(input), windows=windows), input)
+
+
+def avg_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """The mean of each window, as torch.nn.functional.avg_pool2d: zero padding, counted in
+    the divisor when count_include_pad (torch's default)."""
+    if divisor_override is not None and (
+            isinstance(divisor_override, bool) or not isinstance(divisor_override, int)
+            or divisor_override < 1):
+        raise ValueError(f"avg_pool2d: divisor_override must be a positive int, "
+                         f"got {divisor_override!r}")
+    windows = _pool_windows("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
+    divisor = _avg_pool2d_divisor(windows, input.shape[-2:], padding, count_include_pad,
+                                  divisor_override)
+    return _unbatched_like(apply(AVG_POOL2D, _batched(input), windows=windows, divisor=divisor),
+                           input)
+
+
+def _avg_pool2d_divisor(windows: Windows, input_size: Sequence[int], padding: Any,
+                        count_include_pad: bool, divisor_override: int | None):
+    """Each window's divisor, as torch's avg_pool2d counts it: the window clipped to the padded
+    input (count_include_pad) or to the input itself. A scalar when they are all equal."""
+    if divisor_override is not None:
+        return float(divisor_override)
+    pad = _ints(padding, 2, "avg_pool2d: padding", 0)
+    counts = []
+    for n, k, s, p, o in zip(input_size, windows.kernel_size, windows.stride, pad,
+                             windows.output_size(input_size)):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        if not count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, n)
+        counts.append(end - start)
+    divisor = np.outer(counts[0], counts[1]).astype(np.float64)
+    return float(divisor.flat[0]) if (divisor == divisor.flat[0]).all() else divisor
+
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+                     padding: Any = 0, output_padding: Any = 0, groups: int = 1,
+                     dilation: Any = 1) -> Tensor:
+    """The adjoint of conv2d in its input, as torch.nn.functional.conv_transpose2d.
+
+    input (N, C_in, H, W); weight (C_in, C_out / groups, kh, kw), conv2d's weight read the
+    other way; output size (H - 1) s - 2 p + d (kh - 1) + output_padding + 1 per axis.
+    """
+    if input.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv_transpose2d: input (N, C, H, W) and weight (C_in, C_out / "
+                         f"groups, kh, kw), got shapes {input.shape} and {weight.shape}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"conv_transpose2d: groups must be a positive int, got {groups!r}")
+    if input.shape[1] != weight.shape[0] or weight.shape[0] % groups:
+        raise ValueError(f"conv_transpose2d: input has {input.shape[1]} channels, the weight "
+                         f"{weight.shape} expects {weight.shape[0]} (divisible by groups {groups})")
+    kernel = tuple(weight.shape[2:])
+    stride = _ints(stride, 2, "conv_transpose2d: stride", 1)
+    dilation = _ints(dilation, 2, "conv_transpose2d: dilation", 1)
+    pad = _ints(padding, 2, "conv_transpose2d: padding", 0)
+    extra = _ints(output_padding, 2, "conv_transpose2d: output_padding", 0)
+    if builtins.any(e >= s for e, s in zip(extra, stride)):
+        # torch also allows output_padding < dilation; here the output must be an input
+        # conv2d maps back onto this input's size, so it must stay below the stride.
+        raise ValueError(f"conv_transpose2d: output_padding {extra} must be smaller than "
+                         f"the stride {stride}")
+    input_size = tuple((n - 1) * s - 2 * p + d * (k - 1) + e + 1
+                       for n, s, p, d, k, e in zip(input.shape[2:], stride, pad, dilation,
+                                                   kernel, extra))
+    if builtins.min(input_size) < 1:
+        raise ValueError(f"conv_transpose2d: the output size {input_size} is not positive")
+    windows = Windows(kernel, stride, tuple((p, p) for p in pad), dilation)
+    out = apply(CONV_TRANSPOSE2D, input, weight, windows=windows, groups=int(groups),
+                input_size=input_size)
+    return out if bias is None else out + reshape(bias, (-1, 1, 1))
+
+
 # Every op, by name: the table the gradient tests walk.
 OPS: dict[str, Op] = {
     op.name: op
@@ -759,5 +1245,6 @@ OPS: dict[str, Op] = {
         RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
         SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
         LOG_SOFTMAX, CROSS_ENTROPY, STRAIGHT_THROUGH,
+        CONV2D, CONV_TRANSPOSE2D, CONV2D_WEIGHT_GRAD, MAX_POOL2D, AVG_POOL2D, AVG_POOL2D_BACKWARD,
     )
 }

@@ -429,6 +429,113 @@ def _straight_through(d: Draw) -> Case:
     return Case(lambda x: ops.straight_through(x, lambda a: a + shift), [d.normal(d.shape())])
 
 
+# --- convolution and pooling ----------------------------------------------------------------
+
+
+def _conv_setting(d: Draw):
+    """Channels, kernel, stride, dilation and an input just big enough: kept tiny, because
+    second order probes every input element through a double backward."""
+    groups = d(st.sampled_from([1, 2]), label="groups")
+    channels = groups * d(st.integers(1, 2), label="channels per group")
+    out_channels = groups * d(st.integers(1, 2), label="out channels per group")
+    kernel = d(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="kernel")
+    stride = d(st.tuples(st.integers(1, 2), st.integers(1, 2)), label="stride")
+    dilation = d(st.tuples(st.integers(1, 2), st.integers(1, 2)), label="dilation")
+    extra = d(st.tuples(st.integers(0, 2), st.integers(0, 2)), label="extra size")
+    size = tuple(dl * (k - 1) + 1 + e for k, dl, e in zip(kernel, dilation, extra))
+    batch = d(st.integers(1, 2), label="batch")
+    return groups, channels, out_channels, kernel, stride, dilation, size, batch
+
+
+@case("conv2d")
+def _conv2d(d: Draw) -> Case:
+    groups, channels, out_channels, kernel, stride, dilation, size, batch = _conv_setting(d)
+    padding = d(st.sampled_from([0, 1, (1, 0), "valid"] + ["same"] * (stride == (1, 1))),
+                label="padding")
+    x = d.normal((batch, channels) + size)
+    weight = d.normal((out_channels, channels // groups) + kernel)
+
+    def conv(x, weight, bias=None):
+        return ops.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    if d(st.booleans(), label="bias"):
+        return Case(conv, [x, weight, d.normal((out_channels,))])
+    return Case(conv, [x, weight])
+
+
+@case("conv_transpose2d")
+def _conv_transpose2d(d: Draw) -> Case:
+    groups, channels, out_channels, kernel, stride, dilation, size, batch = _conv_setting(d)
+    padding = d(st.sampled_from([0, 1]), label="padding")
+    if any((n - 1) * s - 2 * padding + dl * (k - 1) + 1 < 1
+           for n, s, dl, k in zip(size, stride, dilation, kernel)):
+        padding = 0  # padding would leave no output at all
+    output_padding = tuple(d(st.integers(0, s - 1), label="output_padding") for s in stride)
+    g = d.normal((batch, channels) + size)
+    weight = d.normal((channels, out_channels // groups) + kernel)
+    return Case(lambda g, weight: ops.conv_transpose2d(
+        g, weight, None, stride, padding, output_padding, groups, dilation), [g, weight])
+
+
+@case("conv2d_weight_grad")
+def _conv2d_weight_grad(d: Draw) -> Case:
+    # Not a user-facing function: the op conv2d's weight gradient records under create_graph.
+    groups, channels, out_channels, kernel, stride, dilation, size, batch = _conv_setting(d)
+    windows = ops.Windows(kernel, stride, ((1, 0), (0, 1)), dilation)
+    x = d.normal((batch, channels) + size)
+    g = d.normal((batch, out_channels) + windows.output_size(size))
+    return Case(lambda x, g: ops.apply(ops.CONV2D_WEIGHT_GRAD, x, g, windows=windows,
+                                       groups=groups), [x, g])
+
+
+def _pool_setting(d: Draw):
+    kernel = d(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="kernel")
+    stride = d(st.one_of(st.none(), st.tuples(st.integers(1, 2), st.integers(1, 2))),
+               label="stride")
+    padding = tuple(d(st.integers(0, k // 2), label="padding") for k in kernel)
+    ceil_mode = d(st.booleans(), label="ceil_mode")
+    extra = d(st.tuples(st.integers(0, 3), st.integers(0, 3)), label="extra size")
+    shape = (d(st.integers(1, 2)), d(st.integers(1, 2))) + tuple(k + e for k, e in
+                                                                   zip(kernel, extra))
+    return kernel, stride, padding, ceil_mode, shape
+
+
+@case("max_pool2d")
+def _max_pool2d(d: Draw) -> Case:
+    # Distinct values 0.05 apart: each window has one maximum, finite differences cannot
+    # move it.
+    kernel, stride, padding, ceil_mode, shape = _pool_setting(d)
+    dilation = d(st.tuples(st.integers(1, 2), st.integers(1, 2)), label="dilation")
+    shape = shape[:2] + tuple(n + (dl - 1) * (k - 1) for n, k, dl in
+                              zip(shape[2:], kernel, dilation))
+    size = int(np.prod(shape))
+    x = leaf(0.05 * (d.rng.permutation(size) - size / 2).reshape(shape))
+    return Case(lambda x: ops.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode), [x])
+
+
+@case("avg_pool2d")
+def _avg_pool2d(d: Draw) -> Case:
+    kernel, stride, padding, ceil_mode, shape = _pool_setting(d)
+    count_include_pad = d(st.booleans(), label="count_include_pad")
+    divisor_override = d(st.sampled_from([None, 3]), label="divisor_override")
+    return Case(lambda x: ops.avg_pool2d(x, kernel, stride, padding, ceil_mode,
+                                         count_include_pad, divisor_override),
+                [d.normal(shape)])
+
+
+@case("avg_pool2d_backward")
+def _avg_pool2d_backward(d: Draw) -> Case:
+    # Not a user-facing function: avg_pool2d's adjoint, recorded under create_graph. It is
+    # linear for any divisor, so a random positive one serves.
+    kernel, stride, padding, _, shape = _pool_setting(d)
+    windows = ops.Windows(kernel, stride or kernel, tuple((p, p) for p in padding), (1, 1))
+    output_size = windows.output_size(shape[2:])
+    divisor = d.rng.uniform(1.0, 4.0, output_size)
+    return Case(lambda g: ops.apply(ops.AVG_POOL2D_BACKWARD, g, windows=windows,
+                                    divisor=divisor, input_size=shape[2:]),
+                [d.normal(shape[:2] + output_size)])
+
+
 # --- the table is covered -------------------------------------------------------------------
 
 
