@@ -212,6 +212,9 @@ MATMUL = Op("matmul", np.matmul, (_matmul_vjp_a, _matmul_vjp_b), broadcasts=True
 
 
 def _linear_forward(x, weight, bias=None):
+    if x.ndim > 2:  # (batch..., in): one GEMM over the flattened batch, not one per leading index
+        return _linear_forward(x.reshape((-1, x.shape[-1])), weight, bias).reshape(
+            x.shape[:-1] + (weight.shape[0],))
     out = x @ weight.T
     if bias is not None:
         out += bias  # in place: the product is a fresh array, no second allocation
@@ -219,6 +222,8 @@ def _linear_forward(x, weight, bias=None):
 
 
 def _linear_vjp_x(g, ans, x, weight, bias=None):
+    if g.ndim > 2:  # as in the forward: one GEMM over the flattened batch
+        return (g.reshape((-1, g.shape[-1])) @ weight).reshape(x.shape)
     return g @ weight  # y = x W^T + b  =>  dx = G W
 
 
@@ -513,6 +518,101 @@ def _cross_entropy_vjp(g, ans, logits, target, reduction="mean", label_smoothing
 
 
 CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp, None))
+
+# --- attention ---------------------------------------------------------------------------------
+
+# Attention weights P = softmax(scale q k^T + mask) over the keys, as one op: the scores, the
+# masked scores and the exponentials are never kept, only P (what backward needs), and the
+# masking and normalisation run in place on the one (..., L, S) array. The values are multiplied
+# in by an ordinary matmul (P V), so P is also there for need_weights and attention dropout.
+# `mask` is additive and constant (0 where a query may look, -inf where it may not). A query
+# row whose keys are all masked gets weights 0, not NaN, as torch's scaled_dot_product_attention
+# gives (its softmax is a "safe" one).
+
+
+def _attention_weights_forward(query, key, mask=None, scale=1.0):
+    scores = np.matmul(query, np.swapaxes(key, -1, -2))
+    scores *= scale
+    if mask is not None:
+        if np.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+            scores += mask
+        else:
+            scores = scores + mask
+    top = scores.max(axis=-1, keepdims=True)
+    if mask is not None:
+        top[np.isneginf(top)] = 0.0  # an all-masked row: exp(-inf - 0) = 0, not exp(nan)
+    scores -= top
+    np.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)
+    if mask is not None:
+        total[total == 0.0] = 1.0  # 0 / 1: the all-masked row stays 0
+    scores /= total
+    return scores
+
+
+def _attention_scores_grad(g, weights):
+    # Through the softmax: dS = P (G - <G, P>) row by row; masked entries have P = 0, so dS = 0.
+    return weights * (g - (g * weights).sum(axis=-1, keepdims=True))
+
+
+def _attention_weights_vjp_query(g, ans, query, key, mask=None, scale=1.0):
+    return (_attention_scores_grad(g, ans) @ key) * scale  # S = scale q k^T  =>  dq = scale dS k
+
+
+def _attention_weights_vjp_key(g, ans, query, key, mask=None, scale=1.0):
+    # dk = scale dS^T q
+    return (_swap_last_axes(_attention_scores_grad(g, ans)) @ query) * scale
+
+
+ATTENTION_WEIGHTS = Op("attention_weights", _attention_weights_forward, (
+    _attention_weights_vjp_query, _attention_weights_vjp_key,
+), broadcasts=True)
+
+# --- layer normalisation -------------------------------------------------------------------
+
+# LayerNorm as one op: y = (x - mean) / sqrt(var + eps) * w + b over the trailing `axes`.
+# Composed from ten elementwise ops it would keep five full-size intermediates per call; a
+# transformer block calls it twice, so the fused op is what keeps the block's memory near what
+# backward needs (its input and output). The normalised x^ is recomputed from x in backward
+# (a few passes over one array) rather than kept.
+
+
+def _layer_norm_statistics(x, axes, eps):
+    """x^ = (x - mean) * rstd and rstd = 1 / sqrt(var + eps), on arrays or Tensors."""
+    centered = x - x.mean(axis=axes, keepdims=True)
+    rstd = ((centered * centered).mean(axis=axes, keepdims=True) + eps) ** -0.5
+    return centered * rstd, rstd
+
+
+def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5):
+    normalized, _ = _layer_norm_statistics(x, axes, eps)
+    if weight is not None:
+        normalized *= weight  # in place: normalized is a fresh array
+    if bias is not None:
+        normalized += bias
+    return normalized
+
+
+def _layer_norm_vjp_x(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
+    # dx = rstd (gx - mean(gx) - x^ mean(gx x^)), with gx = g w the gradient at x^
+    normalized, rstd = _layer_norm_statistics(x, axes, eps)
+    g_normalized = g if weight is None else g * weight
+    return rstd * (g_normalized - g_normalized.mean(axis=axes, keepdims=True)
+                   - normalized * (g_normalized * normalized).mean(axis=axes, keepdims=True))
+
+
+def _layer_norm_vjp_weight(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
+    normalized, _ = _layer_norm_statistics(x, axes, eps)
+    return (g * normalized).sum(axis=tuple(range(x.ndim - len(axes))))  # dw = sum of g x^
+
+
+def _layer_norm_vjp_bias(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
+    return g.sum(axis=tuple(range(x.ndim - len(axes))))  # db = sum of g over the batch
+
+
+LAYER_NORM = Op("layer_norm", _layer_norm_forward, (
+    _layer_norm_vjp_x, _layer_norm_vjp_weight, _layer_norm_vjp_bias,
+))
 
 # --- convolution and pooling -------------------------------------------------------------------
 
@@ -989,6 +1089,41 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return apply(LOG_SOFTMAX, x, axis=axis)
 
 
+def layer_norm(x: Tensor, normalized_ndim: int = 1, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalise x over its last `normalized_ndim` axes, then scale by weight and shift by bias
+    (each None or of shape x.shape[-normalized_ndim:]); one op, as torch's layer_norm."""
+    if not 1 <= normalized_ndim <= x.ndim:
+        raise ValueError(f"layer_norm: cannot normalise the last {normalized_ndim} axes of an "
+                         f"input of shape {x.shape}")
+    normalized_shape = x.shape[x.ndim - normalized_ndim:]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != normalized_shape:
+            raise ValueError(f"layer_norm: {name} has shape {p.shape}, the normalised axes "
+                             f"{normalized_shape}")
+    axes = tuple(range(-normalized_ndim, 0))
+    return apply(LAYER_NORM, x, weight, bias, axes=axes, eps=float(eps))
+
+
+def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
+                      scale: float | None = None) -> Tensor:
+    """softmax(scale q k^T + mask) over the keys: query (..., L, E), key (..., S, E) ->
+    (..., L, S). `mask` is an additive constant broadcastable to (..., L, S) (-inf: may not
+    look); scale defaults to 1/sqrt(E). A row with every key masked gets weights 0."""
+    if query.ndim < 2 or key.ndim < 2 or query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"attention_weights: query (..., L, E) and key (..., S, E) must share E, got "
+            f"shapes {query.shape} and {key.shape}"
+        )
+    if mask is not None:
+        mask = np.asarray(_mask(mask))
+        if mask.dtype.kind != "f":
+            raise ValueError(f"attention_weights: mask must be additive floats, got {mask.dtype}")
+        mask = mask.astype(np.result_type(query.dtype, key.dtype), copy=False)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return apply(ATTENTION_WEIGHTS, query, key, mask=mask, scale=scale)
+
+
 def cross_entropy(
     logits: Tensor, target: Any, reduction: str = "mean", label_smoothing: float = 0.0
 ) -> Tensor:
@@ -1245,6 +1380,7 @@ OPS: dict[str, Op] = {
         RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
         SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
         LOG_SOFTMAX, CROSS_ENTROPY, STRAIGHT_THROUGH,
+        ATTENTION_WEIGHTS, LAYER_NORM,
         CONV2D, CONV_TRANSPOSE2D, CONV2D_WEIGHT_GRAD, MAX_POOL2D, AVG_POOL2D, AVG_POOL2D_BACKWARD,
     )
 }

@@ -536,6 +536,43 @@ def _avg_pool2d_backward(d: Draw) -> Case:
                 [d.normal(shape[:2] + output_size)])
 
 
+# --- attention and layer normalisation -------------------------------------------------------
+
+
+def additive_mask(d: Draw, shape: tuple[int, ...]) -> np.ndarray | None:
+    """None, a causal mask, or random -inf entries (whole rows masked included)."""
+    kind = d(st.sampled_from(["none", "causal", "random"]), label="mask")
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return np.triu(np.full(shape[-2:], -np.inf), 1)
+    return np.where(d.rng.random(shape) < 0.3, -np.inf, d.rng.standard_normal(shape))
+
+
+@case("attention_weights")
+def _attention_weights(d: Draw) -> Case:
+    batch = d(hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=3), label="batch")
+    queries, keys, features = (d(st.integers(1, 4), label=n) for n in ("L", "S", "E"))
+    mask = additive_mask(d, batch + (queries, keys))
+    scale = d(st.sampled_from([None, 0.7]), label="scale")
+    return Case(lambda q, k: ops.attention_weights(q, k, mask, scale),
+                [d.normal(batch + (queries, features)), d.normal(batch + (keys, features))])
+
+
+@case("layer_norm")
+def _layer_norm(d: Draw) -> Case:
+    shape = d(hnp.array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=4), label="shape")
+    normalized_ndim = d(st.integers(1, len(shape)), label="normalized_ndim")
+    affine = d(st.sampled_from(["none", "weight", "both"]), label="affine")
+    normalized_shape = shape[len(shape) - normalized_ndim:]
+    inputs = [d.normal(shape)]
+    if affine != "none":
+        inputs.append(d.normal(normalized_shape))
+    if affine == "both":
+        inputs.append(d.normal(normalized_shape))
+    return Case(lambda x, *affine_: ops.layer_norm(x, normalized_ndim, *affine_), inputs)
+
+
 # --- the table is covered -------------------------------------------------------------------
 
 

@@ -77,6 +77,23 @@ def torch_reduce(name: str, axis, keepdims: bool):
     return reduce
 
 
+def torch_attention_weights(mask: np.ndarray | None, scale: float | None = None):
+    """softmax(scale q k^T + mask), written out in PyTorch (the rows tested keep a key)."""
+    def weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        factor = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = factor * q @ k.transpose(-1, -2)
+        return torch.softmax(scores if mask is None else scores + torch.from_numpy(mask), -1)
+
+    return weights
+
+
+CAUSAL_MASK = np.triu(np.full((4, 6), -np.inf), 1)
+# Per batch item: item 0 may not look at the last two keys, item 1 only at keys 1..3.
+PADDING_MASK = np.zeros((2, 1, 1, 6))
+PADDING_MASK[0, ..., 4:] = -np.inf
+PADDING_MASK[1, ..., [0, 4, 5]] = -np.inf
+
+
 def distinct(shape: tuple[int, ...]):
     """Well-separated distinct values: no ties for max."""
     return lambda rng: [0.1 * (rng.permutation(int(np.prod(shape))) - 5.0).reshape(shape)]
@@ -240,6 +257,24 @@ PAIRS: dict[str, dict[str, Pair]] = {
         # PyTorch's idiom for the estimator: the step's value, the identity's gradient.
         "round": Pair(ops.straight_through, lambda t: t + (torch.round(t) - t).detach(),
                       normal((2, 3), scale=3.0)),
+    },
+    "attention_weights": {
+        f"{name}-scale={scale}": Pair(
+            lambda q, k, mask=mask, scale=scale: ops.attention_weights(q, k, mask, scale),
+            torch_attention_weights(mask, scale), normal((2, 3, 4, 5), (2, 3, 6, 5)))
+        for name, mask in [("no_mask", None), ("causal", CAUSAL_MASK), ("padding", PADDING_MASK),
+                           ("float", np.linspace(-1, 1, 24).reshape(4, 6))]
+        for scale in [None, 0.3]
+    },
+    "layer_norm": {
+        "last_axis": Pair(lambda x, w, b: ops.layer_norm(x, 1, w, b),
+                          lambda x, w, b: F.layer_norm(x, (5,), w, b),
+                          normal((2, 3, 5), (5,), (5,))),
+        "two_axes_weight_only": Pair(lambda x, w: ops.layer_norm(x, 2, w, eps=1e-3),
+                                     lambda x, w: F.layer_norm(x, (3, 5), w, eps=1e-3),
+                                     normal((2, 3, 5), (3, 5))),
+        "no_affine": Pair(lambda x: ops.layer_norm(x, 1), lambda x: F.layer_norm(x, (4,)),
+                          normal((6, 4), scale=3.0)),
     },
 }
 

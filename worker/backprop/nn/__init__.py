@@ -1,6 +1,7 @@
 """Layers, losses and initialisers with torch.nn's names, shapes and state_dict keys."""
 
 from worker.backprop.nn import functional, init
+from worker.backprop.nn.attention import MultiheadAttention
 from worker.backprop.nn.layers import (
     GELU,
     Dropout,
@@ -21,10 +22,17 @@ from worker.backprop.nn.layers import (
 from worker.backprop.nn.module import Module, Parameter
 from worker.backprop.nn.norm import BatchNorm1d, LayerNorm
 from worker.backprop.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, detach_state
+from worker.backprop.nn.transformer import (
+    PositionalEmbedding,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 
 __all__ = [
     "GELU", "BatchNorm1d", "Dropout", "Embedding", "Flatten", "Identity", "LayerNorm",
     "LeakyReLU", "Linear", "LogSoftmax", "Module", "Parameter", "ReLU", "Residual",
     "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "functional", "init",
     "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "detach_state",
+    "MultiheadAttention", "PositionalEmbedding", "TransformerEncoder",
+    "TransformerEncoderLayer",
 ]

@@ -106,19 +106,12 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True,
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Normalise over the last len(normalized_shape) axes of each sample."""
+    """Normalise over the last len(normalized_shape) axes of each sample (one fused op, which
+    keeps only its input and output for backward)."""
     normalized_shape = tuple(normalized_shape)
     if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
         raise ValueError(f"layer_norm: input shape {x.shape} does not end in {normalized_shape}")
-    axes = tuple(range(-len(normalized_shape), 0))
-    centered = x - x.mean(axes, keepdims=True)
-    variance = (centered * centered).mean(axes, keepdims=True)
-    out = centered / ops.sqrt(variance + eps)
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
+    return ops.layer_norm(x, len(normalized_shape), weight, bias, eps)
 
 
 def batch_norm(x: Tensor, running_mean: np.ndarray | None, running_var: np.ndarray | None,
@@ -168,3 +161,53 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
             f"got {indices.min()}..{indices.max()}"
         )
     return weight[indices]
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def causal_mask(query_length: int, key_length: int, dtype: Any = np.float32) -> np.ndarray:
+    """Additive (query_length, key_length) mask: 0 where query i may look at key j <= i, -inf
+    above the diagonal (aligned top-left, as torch's is_causal)."""
+    mask = np.zeros((query_length, key_length), dtype=dtype)
+    mask[np.triu_indices(query_length, 1, key_length)] = -np.inf
+    return mask
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, rng: np.random.Generator | None = None,
+) -> Tensor:
+    """softmax(q k^T / sqrt(E) + mask) v, as torch.nn.functional.scaled_dot_product_attention.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev). `attn_mask`
+    broadcasts to (..., L, S): boolean True = may take part (torch's convention here), or
+    floats added to the scores. `is_causal` masks key j > query i and excludes `attn_mask`.
+    Dropout (probability dropout_p) is applied to the weights whenever dropout_p > 0, as in
+    torch: a module passes 0 in evaluation. A query whose keys are all masked gets 0.
+    The weights are one op (`ops.attention_weights`); the product with v is a matmul.
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: give attn_mask or is_causal, not both")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], "
+                         f"got {dropout_p}")
+    if value.ndim < 2 or value.shape[-2] != key.shape[-2]:
+        raise ValueError(
+            f"scaled_dot_product_attention: value (..., S, Ev) must have key's S = "
+            f"{key.shape[-2] if key.ndim >= 2 else '?'}, got shapes key {key.shape}, "
+            f"value {value.shape}"
+        )
+    mask = None
+    if is_causal:
+        mask = causal_mask(query.shape[-2], key.shape[-2], query.dtype)
+    elif attn_mask is not None:
+        attn_mask = np.asarray(getattr(attn_mask, "data", attn_mask))
+        if attn_mask.dtype == bool:
+            mask = np.where(attn_mask, 0.0, -np.inf).astype(query.dtype)
+        else:
+            mask = attn_mask
+    weights = ops.attention_weights(query, key, mask, scale)
+    if dropout_p > 0.0:
+        weights = dropout(weights, dropout_p, True, rng)
+    return weights @ value
