@@ -23,7 +23,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from chainrule.v1 import job_pb2
-from scheduler.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import BUILTIN_DATASETS, Dataset
 from scheduler.job_queue import (
     CANCELLED,
@@ -36,6 +36,14 @@ from scheduler.job_queue import (
     QueuedJob,
 )
 from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.storage import (
+    DEFAULT_KEEP_CHECKPOINTS,
+    JobStorage,
+    load_weights,
+    manifest_path,
+    save_weights,
+    weights_bytes,
+)
 from scheduler.training import prepare_dataset, weights_manifest
 from services import uploads
 from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -49,7 +57,6 @@ from services.store import (
     parse_page_token,
 )
 from services.validation import DataShape, Limits, builtin_shape, upload_name, validate_spec
-from worker.weights_file import load_weights, manifest_path, save_weights, weights_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +91,11 @@ class _LiveJob:
 
 class JobService:
     def __init__(self, store: Store, data_dir: str | Path, *, limits: Limits | None = None,
-                 max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES):
+                 max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
+                 keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
         self.store = store
         self.data_dir = Path(data_dir)
+        self.storage = JobStorage(self.data_dir, keep_checkpoints)
         self.limits = limits or Limits()
         self.max_upload_bytes = max_upload_bytes
         self.events = EventHub()
@@ -261,19 +270,29 @@ class JobService:
                 setattr(live, attribute, None if value is None else value.tolist())
         return dataset
 
-    def _checkpoint_path(self, job_id: str) -> Path:
-        return self.data_dir / "checkpoints" / f"{job_id}.npz"
-
     def load_checkpoint(self, job_id: str) -> Checkpoint | None:
-        path = self._checkpoint_path(job_id)
-        if not path.exists():
+        """The newest intact checkpoint. A corrupt one is set aside and named in the job's
+        events, and the one before it used; with none left the job starts again from step 0
+        (a warning event): a bad file never fails a job."""
+        latest = self.storage.latest_checkpoint(job_id)
+        for corrupt in latest.set_aside:
+            log.warning("job %s: checkpoint set aside as %s: %s", job_id, corrupt.renamed,
+                        corrupt.reason)
+            self.store.add_event(job_id, "checkpoint_corrupt", {
+                "file": corrupt.original.name, "set_aside_as": corrupt.renamed.name,
+                "reason": corrupt.reason})
+        if latest.checkpoint is None or latest.path is None:
+            if latest.set_aside:
+                message = "no intact checkpoint left: the job starts again from step 0"
+                log.warning("job %s: %s", job_id, message)
+                self.store.add_event(job_id, "warning", {"message": message})
             return None
-        checkpoint = load_checkpoint(path)
-        self.store.add_event(job_id, "resumed", {"step": checkpoint.step})
-        return checkpoint
+        self.store.add_event(job_id, "resumed", {"step": latest.checkpoint.step,
+                                                 "file": latest.path.name})
+        return latest.checkpoint
 
     def save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
-        save_checkpoint(self._checkpoint_path(job_id), checkpoint)
+        self.storage.save_checkpoint(job_id, checkpoint)
 
     def job_started(self, job_id: str) -> None:
         job = self.store.get_job(job_id)
@@ -300,10 +319,9 @@ class JobService:
             manifest["feature_mean"] = live.feature_mean if live else None
             manifest["feature_std"] = live.feature_std if live else None
             manifest["job_id"] = job_id
-            path = self.data_dir / "models" / f"{job_id}.safetensors"
-            save_weights(path, result.state_dict, manifest=manifest)
+            path = save_weights(self.storage.model_path(job_id), result.state_dict,
+                                manifest=manifest)
             weights = str(path)
-            self._checkpoint_path(job_id).unlink(missing_ok=True)  # the model supersedes it
         self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
                              final_validation=final, weights_path=weights)
         with self._lock:

@@ -176,7 +176,7 @@ def test_the_trained_model_is_evaluated_on_the_validation_split(local_ray):
 
 def test_a_stopped_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_weights(
         one_worker_float32, tmp_path):
-    from scheduler.checkpoint import load_checkpoint, save_checkpoint
+    from scheduler.storage import load_checkpoint, save_checkpoint
 
     spec = spec_with()
     saved = []

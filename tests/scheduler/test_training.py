@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from chainrule.spec_file import load_job_spec
+from scheduler.storage import load_weights
 from scheduler.training import prepare_dataset, train_job
 from worker.backprop import Tensor
 from worker.model_builder import build_model
-from worker.weights_file import load_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -16,12 +16,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chainrule.client import state_name
 from chainrule.spec_file import load_job_spec
+from scheduler.storage import JobStorage, load_weights
 from scheduler.training import prepare_dataset
 from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error, wait_for, wait_until_done
 from worker.backprop import Tensor
 from worker.backprop.tensor import no_grad
 from worker.model_builder import build_model
-from worker.weights_file import load_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -110,7 +110,8 @@ def test_a_cancelled_running_job_ends_cancelled_at_a_step_boundary_with_a_checkp
     job = client.get(job.id)
     assert state_name(job.state) == "CANCELLED" and job.finished_at.seconds
     assert 5 <= job.progress.step < job.progress.total_steps
-    assert (server.data_dir / "checkpoints" / f"{job.id}.npz").exists()
+    newest = JobStorage(server.data_dir).latest_checkpoint(job.id).checkpoint
+    assert newest is not None and newest.step == job.progress.step  # the stop's checkpoint
     # cancelling again changes nothing; the model of a cancelled job cannot be downloaded
     assert state_name(client.cancel(job.id).state) == "CANCELLED"
     error = rpc_error(lambda: client.download(job.id, server.data_dir / "x.safetensors"))

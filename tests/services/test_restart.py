@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule.client import Client, state_name
 from chainrule.spec_file import load_job_spec
+from scheduler.storage import JobStorage
 from services.store import Store
 from tests.services.helpers import DIGITS_SPEC, ROOT, iris_spec, wait_for, wait_until_done
 
@@ -78,9 +79,10 @@ def test_a_job_interrupted_by_sigterm_is_checkpointed_requeued_and_finished_afte
     stopped = store.get_job(interrupted.id)
     assert stopped.state == "QUEUED"
     assert store.get_job(queued.id).state == "QUEUED"
-    assert (tmp_path / "checkpoints" / f"{interrupted.id}.npz").exists()
     stopped_at = stopped.progress.step
     assert 20 <= stopped_at < stopped.progress.total_steps
+    newest = JobStorage(tmp_path).latest_checkpoint(interrupted.id).checkpoint
+    assert newest is not None and newest.step == stopped_at  # the stop's own checkpoint
     store.close()
 
     server = _start(address, tmp_path)
