@@ -77,6 +77,28 @@ def torch_reduce(name: str, axis, keepdims: bool):
     return reduce
 
 
+def torch_adjoint(forward: Callable[[torch.Tensor], torch.Tensor], shape):
+    """The input gradient of a linear map as a function of its upstream gradient: PyTorch's
+    transposed operator, differentiable (the adjoint ops conv_transpose2d etc. match it)."""
+    def adjoint(g: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(shape, dtype=g.dtype, requires_grad=True)
+        (dx,) = torch.autograd.grad(forward(x), x, g, create_graph=True)
+        return dx
+
+    return adjoint
+
+
+def torch_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, **conv):
+    w = torch.zeros(weight_shape, dtype=x.dtype, requires_grad=True)
+    (dw,) = torch.autograd.grad(F.conv2d(x, w, **conv), w, g, create_graph=True)
+    return dw
+
+
+# conv2d's weight gradient and avg_pool2d's input gradient, with the geometry of these calls.
+WEIGHT_GRAD_WINDOWS = ops.Windows((3, 2), (2, 1), ((1, 1), (0, 0)), (1, 2))
+AVG_POOL_WINDOWS = ops.Windows((3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1))
+
+
 def torch_attention_weights(mask: np.ndarray | None, scale: float | None = None):
     """softmax(scale q k^T + mask), written out in PyTorch (the rows tested keep a key)."""
     def weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -275,6 +297,49 @@ PAIRS: dict[str, dict[str, Pair]] = {
                                      normal((2, 3, 5), (3, 5))),
         "no_affine": Pair(lambda x: ops.layer_norm(x, 1), lambda x: F.layer_norm(x, (4,)),
                           normal((6, 4), scale=3.0)),
+    },
+    "conv2d": {
+        "stride2-pad1-groups2-bias": Pair(
+            lambda x, w, b: ops.conv2d(x, w, b, 2, 1, 1, 2),
+            lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2),
+            normal((2, 4, 6, 5), (6, 2, 3, 2), (6,))),
+        "same-dilated-even-kernel": Pair(
+            lambda x, w: ops.conv2d(x, w, None, 1, "same", (2, 1)),
+            lambda x, w: F.conv2d(x, w, None, 1, "same", (2, 1)),
+            normal((2, 3, 6, 5), (4, 3, 2, 4))),
+    },
+    "conv_transpose2d": {
+        "stride2-output-padding-groups2": Pair(
+            lambda x, w: ops.conv_transpose2d(x, w, None, 2, 1, 1, 2, 1),
+            lambda x, w: F.conv_transpose2d(x, w, None, 2, 1, 1, 2, 1),
+            normal((2, 4, 3, 4), (4, 3, 3, 2))),
+    },
+    "conv2d_weight_grad": {
+        "strided-dilated-groups2": Pair(
+            lambda x, g: ops.apply(ops.CONV2D_WEIGHT_GRAD, x, g, windows=WEIGHT_GRAD_WINDOWS,
+                                   groups=2),
+            partial(torch_conv2d_weight_grad, weight_shape=(6, 2, 3, 2), stride=(2, 1),
+                    padding=(1, 0), dilation=(1, 2), groups=2),
+            normal((2, 4, 6, 7), (2, 6, 3, 5))),
+    },
+    "max_pool2d": {
+        "3x3-stride2-pad1-ceil": Pair(lambda x: ops.max_pool2d(x, 3, 2, 1, 1, True),
+                                      lambda t: F.max_pool2d(t, 3, 2, 1, 1, True),
+                                      normal((2, 3, 7, 6))),
+        "2x2-dilated": Pair(lambda x: ops.max_pool2d(x, 2, 1, 0, 2),
+                            lambda t: F.max_pool2d(t, 2, 1, 0, 2), normal((2, 3, 5, 6))),
+    },
+    "avg_pool2d": {
+        "3x3-stride2-pad1-ceil-without-pad": Pair(
+            lambda x: ops.avg_pool2d(x, 3, 2, 1, True, False),
+            lambda t: F.avg_pool2d(t, 3, 2, 1, True, False), normal((2, 3, 7, 6))),
+    },
+    "avg_pool2d_backward": {
+        "3x3-stride2-pad1": Pair(
+            lambda g: ops.apply(ops.AVG_POOL2D_BACKWARD, g, windows=AVG_POOL_WINDOWS,
+                                divisor=9.0, input_size=(7, 6)),
+            torch_adjoint(lambda x: F.avg_pool2d(x, 3, 2, 1), (2, 3, 7, 6)),
+            normal((2, 3, 4, 3))),
     },
 }
 

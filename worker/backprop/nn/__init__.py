@@ -2,9 +2,11 @@
 
 from worker.backprop.nn import functional, init
 from worker.backprop.nn.attention import MultiheadAttention
+from worker.backprop.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
 from worker.backprop.nn.layers import (
     GELU,
     Dropout,
+    Dropout2d,
     Embedding,
     Flatten,
     Identity,
@@ -20,7 +22,7 @@ from worker.backprop.nn.layers import (
     Tanh,
 )
 from worker.backprop.nn.module import Module, Parameter
-from worker.backprop.nn.norm import BatchNorm1d, LayerNorm
+from worker.backprop.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from worker.backprop.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, detach_state
 from worker.backprop.nn.transformer import (
     PositionalEmbedding,
@@ -33,6 +35,8 @@ __all__ = [
     "LeakyReLU", "Linear", "LogSoftmax", "Module", "Parameter", "ReLU", "Residual",
     "Sequential", "SiLU", "Sigmoid", "Softmax", "Tanh", "functional", "init",
     "GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "detach_state",
+    "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d", "Conv2d", "Dropout2d",
+    "MaxPool2d",
     "MultiheadAttention", "PositionalEmbedding", "TransformerEncoder",
     "TransformerEncoderLayer",
 ]

@@ -25,6 +25,11 @@ leaky_relu = ops.leaky_relu
 softmax = ops.softmax
 log_softmax = ops.log_softmax
 cross_entropy = ops.cross_entropy
+conv1d = ops.conv1d
+conv2d = ops.conv2d
+conv_transpose2d = ops.conv_transpose2d
+max_pool2d = ops.max_pool2d
+avg_pool2d = ops.avg_pool2d
 
 
 def _reduce(loss: Tensor, reduction: str, name: str) -> Tensor:
@@ -93,14 +98,31 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True,
             rng: np.random.Generator | None = None) -> Tensor:
     """Zero each value with probability p and scale the rest by 1/(1-p) (inverted dropout),
     so evaluation needs no rescaling."""
+    return _dropout("dropout", x, p, training, rng, x.shape)
+
+
+def dropout2d(input: Tensor, p: float = 0.5, training: bool = True,
+              rng: np.random.Generator | None = None) -> Tensor:
+    """Zero whole channels: each (sample, channel) feature map is kept or dropped as one, as
+    torch.nn.functional.dropout2d (which reads a 3-D input as (N, C, L), and so does this)."""
+    if input.ndim < 2:
+        raise ValueError(f"dropout2d: input must be (N, C, H, W) or (N, C, L), got shape "
+                         f"{input.shape}")
+    return _dropout("dropout2d", input, p, training, rng,
+                    input.shape[:2] + (1,) * (input.ndim - 2))
+
+
+def _dropout(name: str, x: Tensor, p: float, training: bool,
+             rng: np.random.Generator | None, mask_shape: tuple[int, ...]) -> Tensor:
+    """Inverted dropout with one keep/drop draw per entry of `mask_shape`, broadcast over x."""
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+        raise ValueError(f"{name}: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return x * np.zeros(x.shape, dtype=x.dtype)
+        return x * np.zeros(mask_shape, dtype=x.dtype)
     rng = rng if rng is not None else init.default_generator()
-    keep = rng.random(x.shape, dtype=np.float64) >= p
+    keep = rng.random(mask_shape, dtype=np.float64) >= p
     return x * (keep * (1.0 / (1.0 - p))).astype(x.dtype)
 
 
@@ -117,15 +139,16 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None
 def batch_norm(x: Tensor, running_mean: np.ndarray | None, running_var: np.ndarray | None,
                weight: Tensor | None = None, bias: Tensor | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """Normalise each feature (axis 1) over the batch (and length) axes.
+    """Normalise each feature (axis 1) over the batch axis and any axes after the features
+    (length, height, width): BatchNorm1d's and BatchNorm2d's arithmetic.
 
     Training uses the batch's statistics and updates the running ones in place (the variance
     unbiased, as PyTorch does); evaluation uses the running statistics.
     """
-    if x.ndim not in (2, 3):
-        raise ValueError(f"batch_norm: expected (N, C) or (N, C, L) input, got shape {x.shape}")
-    axes = (0,) if x.ndim == 2 else (0, 2)
-    shape = (1, x.shape[1]) + ((1,) if x.ndim == 3 else ())
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: expected (N, C, ...) input, got shape {x.shape}")
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     if training:
         count = x.size // x.shape[1]
         if count < 2:
@@ -148,6 +171,44 @@ def batch_norm(x: Tensor, running_mean: np.ndarray | None, running_var: np.ndarr
     if bias is not None:
         out = out + bias.reshape(shape)
     return out
+
+
+def adaptive_avg_pool2d(input: Tensor, output_size: Any) -> Tensor:
+    """Average pooling to a fixed (Ho, Wo), as torch.nn.functional.adaptive_avg_pool2d: output
+    i averages input floor(i H / Ho) .. ceil((i + 1) H / Ho) - 1 (None keeps that size).
+
+    Three exact forms of one map: a mean for (1, 1), avg_pool2d when the sizes divide (the
+    windows are then equal and do not overlap), else a product with an averaging matrix per
+    axis, Y = A_h X A_w^T, whose windows may differ in size and overlap.
+    """
+    if input.ndim not in (3, 4):
+        raise ValueError(f"adaptive_avg_pool2d: input must be (N, C, H, W) or (C, H, W), "
+                         f"got shape {input.shape}")
+    sizes = (output_size,) * 2 if output_size is None or isinstance(output_size, int) else (
+        tuple(output_size))
+    if len(sizes) != 2 or any(s is not None and (isinstance(s, bool) or not isinstance(s, int)
+                                                 or s < 1) for s in sizes):
+        raise ValueError(f"adaptive_avg_pool2d: output_size must be a positive int or two "
+                         f"(positive int or None), got {output_size!r}")
+    (h, w) = input.shape[-2:]
+    ho, wo = (h if sizes[0] is None else sizes[0]), (w if sizes[1] is None else sizes[1])
+    if (ho, wo) == (1, 1):
+        return input.mean(axis=(-2, -1), keepdims=True)
+    if h % ho == 0 and w % wo == 0:
+        return ops.avg_pool2d(input, (h // ho, w // wo))
+    rows = _adaptive_average_matrix(h, ho, input.dtype)  # (Ho, H)
+    cols = _adaptive_average_matrix(w, wo, input.dtype)  # (Wo, W)
+    return ops.matmul(rows, ops.matmul(input, cols.T))
+
+
+def _adaptive_average_matrix(size: int, output_size: int, dtype: Any) -> np.ndarray:
+    """(output_size, size): row i averages torch's adaptive window i."""
+    i = np.arange(output_size)
+    start = (i * size) // output_size
+    end = -((-(i + 1) * size) // output_size)  # ceil division
+    position = np.arange(size)
+    inside = (position >= start[:, None]) & (position < end[:, None])
+    return (inside / (end - start)[:, None]).astype(dtype)
 
 
 def embedding(indices: Any, weight: Tensor) -> Tensor:

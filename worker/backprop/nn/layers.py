@@ -86,19 +86,32 @@ class Residual(Module):
         return x + self.block(x)
 
 
-class Dropout(Module):
+class _DropoutNd(Module):
+    """What Dropout and Dropout2d share: p, and the generator (None: the engine's, reseeded by
+    nn.init.manual_seed). Neither is a subclass of the other, as in torch."""
+
     def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+            raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
         self.p = p
-        self.rng = rng  # None: the engine's generator (nn.init.manual_seed)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.p, self.training, self.rng)
+        self.rng = rng
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class Dropout(_DropoutNd):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training, self.rng)
+
+
+class Dropout2d(_DropoutNd):
+    """Zero whole channels of (N, C, H, W) input with probability p (each feature map kept or
+    dropped as one), scaling the kept ones by 1/(1-p), as torch.nn.Dropout2d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout2d(x, self.p, self.training, self.rng)
 
 
 class Embedding(Module):
@@ -120,12 +133,23 @@ class Embedding(Module):
 
 
 class Flatten(Module):
-    def __init__(self, start_dim: int = 1):
+    """Merge axes start_dim..end_dim (inclusive, negatives count from the end) into one, as
+    torch.nn.Flatten: by default everything but the batch axis."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
-        self.start_dim = start_dim
+        self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(self.start_dim)
+        start, end = self.start_dim % max(x.ndim, 1), self.end_dim % max(x.ndim, 1)
+        if start > end:
+            raise ValueError(f"Flatten: start_dim {self.start_dim} comes after end_dim "
+                             f"{self.end_dim} for an input of shape {x.shape}")
+        merged = math.prod(x.shape[start:end + 1])
+        return ops.reshape(x, x.shape[:start] + (merged,) + x.shape[end + 1:])
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
 class Identity(Module):

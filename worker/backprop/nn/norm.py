@@ -1,4 +1,5 @@
-"""Normalisation layers: BatchNorm1d (batch statistics, running averages) and LayerNorm."""
+"""Normalisation layers: BatchNorm1d and BatchNorm2d (batch statistics, running averages)
+and LayerNorm."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from worker.backprop.nn.module import Module, Parameter
 from worker.backprop.tensor import DEFAULT_DTYPE, Tensor
 
 
-class BatchNorm1d(Module):
-    """Normalise each feature over the batch; state_dict keys as torch.nn.BatchNorm1d
-    (weight, bias, running_mean, running_var, num_batches_tracked)."""
+class _BatchNorm(Module):
+    """Normalise each channel (axis 1) over the batch and the axes after it; state_dict keys as
+    torch.nn's batch norms (weight, bias, running_mean, running_var, num_batches_tracked).
+    BatchNorm1d and BatchNorm2d differ only in the input shapes they accept."""
+
+    input_layouts: dict[int, str] = {}  # accepted ndim -> layout, for the error message
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True, dtype: Any = None):
@@ -30,10 +34,13 @@ class BatchNorm1d(Module):
             self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim < 2 or x.shape[1] != self.num_features:
+        name = type(self).__name__
+        if x.ndim not in self.input_layouts:
+            raise ValueError(f"{name}: expected {' or '.join(self.input_layouts.values())} "
+                             f"input, got shape {x.shape}")
+        if x.shape[1] != self.num_features:
             raise ValueError(
-                f"BatchNorm1d: expected {self.num_features} features on axis 1, got shape "
-                f"{x.shape}"
+                f"{name}: expected {self.num_features} features on axis 1, got shape {x.shape}"
             )
         use_batch_stats = self.training or not self.track_running_stats
         if self.training and self.track_running_stats:
@@ -48,6 +55,19 @@ class BatchNorm1d(Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over features (N, C) or sequences (N, C, L), as torch.nn.BatchNorm1d."""
+
+    input_layouts = {2: "(N, C)", 3: "(N, C, L)"}
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over images (N, C, H, W): each channel's statistics span the batch and every
+    pixel, as torch.nn.BatchNorm2d."""
+
+    input_layouts = {4: "(N, C, H, W)"}
 
 
 class LayerNorm(Module):

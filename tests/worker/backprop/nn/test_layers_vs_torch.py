@@ -73,7 +73,27 @@ def torch_twin(module: nn.Module, memo: dict[int, torch.nn.Module] | None = None
     elif isinstance(module, nn.Embedding):
         twin = torch.nn.Embedding(module.num_embeddings, module.embedding_dim, dtype=kind)
     elif isinstance(module, nn.Flatten):
-        twin = torch.nn.Flatten(module.start_dim)
+        twin = torch.nn.Flatten(module.start_dim, module.end_dim)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kind_of_conv = torch.nn.Conv1d if isinstance(module, nn.Conv1d) else torch.nn.Conv2d
+        twin = kind_of_conv(module.in_channels, module.out_channels, module.kernel_size,
+                            module.stride, module.padding, module.dilation, module.groups,
+                            bias=module.bias is not None, dtype=kind)
+    elif isinstance(module, nn.BatchNorm2d):
+        twin = torch.nn.BatchNorm2d(module.num_features, eps=module.eps,
+                                    momentum=module.momentum, affine=module.affine,
+                                    track_running_stats=module.track_running_stats, dtype=kind)
+    elif isinstance(module, nn.MaxPool2d):
+        twin = torch.nn.MaxPool2d(module.kernel_size, module.stride, module.padding,
+                                  module.dilation, ceil_mode=module.ceil_mode)
+    elif isinstance(module, nn.AvgPool2d):
+        twin = torch.nn.AvgPool2d(module.kernel_size, module.stride, module.padding,
+                                  module.ceil_mode, module.count_include_pad,
+                                  module.divisor_override)
+    elif isinstance(module, nn.AdaptiveAvgPool2d):
+        twin = torch.nn.AdaptiveAvgPool2d(module.output_size)
+    elif isinstance(module, nn.Dropout2d):
+        twin = torch.nn.Dropout2d(module.p)
     elif isinstance(module, nn.GELU):
         twin = torch.nn.GELU(approximate=module.approximate)
     elif isinstance(module, nn.LeakyReLU):
