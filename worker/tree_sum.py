@@ -16,33 +16,54 @@ import numpy as np
 
 
 def tree_sum_into(out: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
-    """out = the pairwise tree sum of parts (the left half's sum plus the right half's).
-
-    `out` may be one of the parts; the parts may be overwritten (they are scratch after a sum).
-    """
-    if not parts:
-        out[...] = 0
-        return out
-    if len(parts) == 1:
-        if parts[0] is not out:
-            np.copyto(out, parts[0])
-        return out
-    level = list(parts)
-    while len(level) > 1:
-        merged = []
-        for i in range(0, len(level) - 1, 2):
-            left, right = level[i], level[i + 1]
-            target = out if len(level) == 2 else left
-            if not target.flags.writeable:
-                target = np.empty_like(left)
-            np.add(left, right, out=target)
-            merged.append(target)
-        if len(level) % 2:
-            merged.append(level[-1])
-        level = merged
-    if level[0] is not out:
-        np.copyto(out, level[0])
+    """out = the pairwise tree sum of parts (`out` may be one of them). Allocates its scratch
+    on every call: a step loop keeps a TreeSum instead."""
+    tree = TreeSum(len(parts), out.shape, out.dtype)
+    np.copyto(out, tree.sum(parts))
     return out
+
+
+class TreeSum:
+    """The pairwise tree over up to `parts` arrays, in buffers of its own, allocated once:
+    ((p0 + p1) + (p2 + p3)) + ..., an odd part out carried up to the next level.
+
+    The parts are only read. A parameter-server shard sums the workers' gradient blocks with
+    one: were the sum formed in a block, a late or recomputed write of that block during a
+    worker's recovery could change a sum in progress.
+    """
+
+    def __init__(self, parts: int, shape: int | tuple[int, ...], dtype: np.dtype | str):
+        # The first level's pair sums each need a buffer; higher levels add into their left
+        # operand, which is always one of these. buffers[0] ends up holding the total.
+        self.buffers = [np.empty(shape, dtype) for _ in range(max(1, parts // 2))]
+
+    @property
+    def total(self) -> np.ndarray:
+        """Where `sum` leaves its result (valid until the next call)."""
+        return self.buffers[0]
+
+    def sum(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        if len(parts) // 2 > len(self.buffers):
+            raise ValueError(f"a TreeSum for {2 * len(self.buffers) + 1} parts got {len(parts)}")
+        if len(parts) <= 1:
+            if parts:
+                np.copyto(self.total, parts[0])
+            else:
+                self.total[...] = 0
+            return self.total
+        level = list(parts)
+        first_level = True
+        while len(level) > 1:
+            merged = []
+            for i in range(0, len(level) - 1, 2):
+                target = self.buffers[i // 2] if first_level else level[i]
+                np.add(level[i], level[i + 1], out=target)
+                merged.append(target)
+            if len(level) % 2:
+                merged.append(level[-1])
+            level = merged
+            first_level = False
+        return level[0]
 
 
 class TreeAccumulator:

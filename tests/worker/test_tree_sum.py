@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from worker.tree_sum import TreeAccumulator, tree_sum_into
+from worker.tree_sum import TreeAccumulator, TreeSum, tree_sum_into
 
 
 def gradients(count, size=1000, seed=0):
@@ -50,3 +50,36 @@ def test_empty_inputs():
     assert TreeAccumulator().total() is None
     out = np.ones(3)
     assert np.array_equal(tree_sum_into(out, []), np.zeros(3))
+
+
+def pairwise_tree(parts):
+    """The tree spelt out: adjacent pairs added level by level, an odd one out carried up."""
+    level = list(parts)
+    while len(level) > 1:
+        carried = [level[-1]] if len(level) % 2 else []
+        level = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)] + carried
+    return level[0]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 8])
+def test_a_tree_sum_only_reads_its_parts_and_gives_the_pairwise_tree_bits(count):
+    # A parameter-server shard sums the workers' blocks with one: a block it wrote into could
+    # be changed under it by a late or recomputed write.
+    parts = gradients(count, seed=count)
+    for part in parts:
+        part.flags.writeable = False  # a write would raise
+    tree = TreeSum(count, 1000, np.float32)
+    total = tree.sum(parts)
+    assert np.array_equal(total, pairwise_tree(parts))
+    assert not any(np.shares_memory(total, part) for part in parts)
+
+
+def test_a_tree_sum_reuses_its_buffers_from_step_to_step():
+    tree = TreeSum(4, 1000, np.float32)
+    buffers = [id(buffer) for buffer in tree.buffers]
+    first = tree.sum(gradients(4, seed=1))
+    second = tree.sum(gradients(4, seed=2))
+    assert first is second is tree.total
+    assert [id(buffer) for buffer in tree.buffers] == buffers
+    with pytest.raises(ValueError, match="got 6"):
+        tree.sum(gradients(6))
