@@ -4,13 +4,15 @@ Shard k owns the contiguous slice [lo, hi) of the flat parameter vector and the 
 of that slice (ZeRO-1 / BytePS style: optimizer memory is spread over the shards). One step:
 
 1. `reduce`: add the N gradient blocks' slices in the fixed tree order (worker count never
-   changes the sum's bits), and report the slice's squared norm, overall and per parameter.
+   changes the sum's bits) into the shard's own accumulator, and report the slice's squared
+   norm, overall and per parameter.
 2. `apply`: scale for global-norm clipping (the coefficient comes from all shards' norms),
    clip by value, and run the optimizer's functional core on the slice, in place.
 
-Blocks and parameters live in shared memory, so the reduce reads the workers' gradients where
-they wrote them, and the updated slice is visible to every replica without a copy: the
-all-gather costs nothing on one host.
+On one host, blocks and parameters live in shared memory, so the reduce reads the workers'
+gradients where they wrote them, and the updated slice is visible to every replica without a
+copy: the all-gather costs nothing. How the blocks arrive and who is told is the transports'
+business (worker/transport/): the step-loop methods below only hand over to them.
 """
 
 from __future__ import annotations
@@ -25,19 +27,8 @@ from worker.backprop.optim import RULES
 from worker.backprop.optim.clip import squared_norm
 from worker.flat_parameters import ParameterLayout
 from worker.shared_memory import SharedArraySpec, host_identity
-from worker.step_channel import (
-    APPLY,
-    REDUCE_THEN_WAIT,
-    SHARD_APPLIED,
-    SHARD_REDUCED,
-    STOP,
-    BlockWritten,
-    Channel,
-    ChannelPaths,
-    Report,
-    ShardCommand,
-)
-from worker.tree_sum import tree_sum_into
+from worker.transport import object_store, shared_memory
+from worker.tree_sum import TreeSum
 
 
 @dataclass(frozen=True)
@@ -48,7 +39,7 @@ class ShardSetup:
     # Shared memory, or None for the object-store transport: the shard then keeps its own
     # slice (set by load_parameters) and receives gradient chunks as call arguments.
     parameters: SharedArraySpec | None
-    gradient_blocks: tuple[SharedArraySpec, ...]
+    block_count: int  # gradient blocks summed per step (one per worker slot)
     optimizer: str  # a key of worker.backprop.optim.RULES
     hyper: object  # the rule's hyperparameter dataclass
     clip_value: float | None = None
@@ -79,12 +70,11 @@ class ParameterServerShard:
         self.lo, self.hi = setup.bounds
         if setup.parameters is not None:
             self.parameters = setup.parameters.attach()[self.lo:self.hi]
-            self.blocks = [spec.attach()[self.lo:self.hi] for spec in setup.gradient_blocks]
-            self.gradient = self.blocks[0]  # the blocks are summed into the first one
         else:
             self.parameters = np.zeros(self.hi - self.lo, dtype=setup.layout.dtype)
-            self.blocks = []
-            self.gradient = np.empty_like(self.parameters)
+        # The shard's own accumulator, allocated once: the blocks are only read.
+        self.tree = TreeSum(setup.block_count, self.hi - self.lo, setup.layout.dtype)
+        self.gradient = self.tree.total
         self.rule = RULES[setup.optimizer]
         self.steps_taken = 0
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
@@ -114,14 +104,10 @@ class ParameterServerShard:
 
     # --- one step ------------------------------------------------------------------------
 
-    def reduce(self, active_blocks: int) -> ReduceResult:
-        """Sum the first `active_blocks` gradient blocks into block 0's slice."""
-        return self.reduce_parts(self.blocks[:active_blocks])
-
-    def reduce_parts(self, parts: list[np.ndarray]) -> ReduceResult:
+    def reduce(self, parts: list[np.ndarray]) -> ReduceResult:
         """Sum the blocks' slices (in block order, by the fixed tree) into self.gradient."""
         start = time.perf_counter()
-        gradient = tree_sum_into(self.gradient, parts)
+        gradient = self.tree.sum(parts)
         per_parameter = {
             slot.name: squared_norm(gradient[lo - self.lo:hi - self.lo])
             for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi)
@@ -130,7 +116,7 @@ class ParameterServerShard:
         return ReduceResult(total, per_parameter, time.perf_counter() - start)
 
     def apply(self, lr: float, clip_coefficient: float = 1.0) -> ApplyResult:
-        """One optimizer step on the slice with the reduced gradient in block 0."""
+        """One optimizer step on the slice with the reduced gradient (self.gradient)."""
         start = time.perf_counter()
         gradient = self.gradient
         if clip_coefficient < 1.0:
@@ -144,56 +130,22 @@ class ParameterServerShard:
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
         return ApplyResult(time.perf_counter() - start, self.parameters.nbytes)
 
-    # --- the object-store transport: chunks in, the updated slice out ----------------------
-
     def load_parameters(self, values: np.ndarray) -> None:
         self.parameters[:] = values
 
+    # --- the transports' actor ends (worker/transport/): Ray calls reach them here ----------
+
+    def serve(self, step: shared_memory.SharedStep) -> None:
+        shared_memory.serve_shard(self, step)
+
     def reduce_chunks(self, *chunks: np.ndarray) -> ReduceResult:
-        return self.reduce_parts(list(chunks))
+        return object_store.reduce_chunks(self, *chunks)
 
     def apply_and_return(self, lr: float, coefficient: float = 1.0) -> tuple:
-        """Apply, and return the updated slice for the replicas (the all-gather)."""
-        return self.apply(lr, coefficient), self.parameters
+        return object_store.apply_and_return(self, lr, coefficient)
 
     def reduce_apply_chunks(self, lr: float, *chunks: np.ndarray) -> tuple:
-        return (self.reduce_chunks(*chunks), *self.apply_and_return(lr))
-
-    def serve(self, channels: ChannelPaths, norms: SharedArraySpec) -> None:
-        """The step loop: take the runner's command, wait until every block of the step is
-        written, reduce, apply (or report the norm and wait for the clipping coefficient),
-        report. Per-parameter squared norms go to row `index` of the shared `norms` table."""
-        index = self.setup.index
-        commands = Channel(channels.shard_commands(index))
-        blocks_written = Channel(channels.shard_blocks(index))
-        runner = Channel(channels.runner())
-        norm_row = norms.attach()[index]
-        slot_index = {slot.name: i for i, slot in enumerate(self.setup.layout.slots)}
-        while True:
-            command = commands.receive(ShardCommand)
-            if command.op == STOP:
-                return
-            if command.op == APPLY:
-                applied = self.apply(command.lr, command.coefficient)
-                runner.send(Report(SHARD_APPLIED, index, command.step, 1, 0.0, 0.0,
-                                   applied.seconds, applied.bytes_updated))
-                continue
-            written: set[int] = set()
-            while len(written) < command.blocks:
-                message = blocks_written.receive(BlockWritten)
-                if message.step == command.step:  # earlier steps' duplicates are stale
-                    written.add(message.block)
-            reduced = self.reduce(command.blocks)
-            norm_row[:] = 0.0
-            for name, value in reduced.parameter_squared_norms.items():
-                norm_row[slot_index[name]] = value
-            if command.op == REDUCE_THEN_WAIT:
-                runner.send(Report(SHARD_REDUCED, index, command.step, 1,
-                                   reduced.squared_norm, reduced.seconds))
-                continue
-            applied = self.apply(command.lr)
-            runner.send(Report(SHARD_APPLIED, index, command.step, 1, reduced.squared_norm,
-                               reduced.seconds, applied.seconds, applied.bytes_updated))
+        return object_store.reduce_apply_chunks(self, lr, *chunks)
 
     # --- checkpoints ---------------------------------------------------------------------
 

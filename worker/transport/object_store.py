@@ -1,0 +1,209 @@
+"""A step through the Ray object store: for actors on other hosts than the runner.
+
+Each worker receives the shards' updated slices (the all-gather), computes its block and
+returns it cut into one chunk per shard (the reduce-scatter); shard k sums the N chunks it is
+given in the fixed tree order, applies the optimizer and returns its updated slice. Every
+worker still sends and receives about one model's worth of bytes per step, but through
+object-store copies and actor calls, which cost milliseconds each: on one host the shared-
+memory transport (shared_memory.py) is used instead.
+
+This module owns both ends of the protocol: the runner's side (ObjectStoreTransport) and what
+the actors do when called (compute_chunks, reduce_chunks, apply_and_return,
+reduce_apply_chunks, which ModelReplica and ParameterServerShard expose as their remote
+methods). It lives in worker/ because the actors run it and must not import the scheduler.
+
+The runner's side reports what went wrong and decides nothing: a worker that dies or misses
+the deadline comes back as WorkersLost (the shards have not been called yet, so `recompute` on
+a survivor completes the step with the same bits), a dead or silent shard as ShardLost, an
+error raised by the job's computation as BlockFailed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import ray
+
+from worker.backprop.optim.clip import clip_coefficient
+from worker.transport.step import (
+    BlockFailed,
+    BlockStats,
+    JobActors,
+    ShardLost,
+    ShardStats,
+    StepFailure,
+    StepOutcome,
+    StepWork,
+    WorkersLost,
+)
+
+if TYPE_CHECKING:
+    from worker.flat_parameters import ParameterSlot
+    from worker.parameter_server import ApplyResult, ParameterServerShard, ReduceResult
+    from worker.replica import ModelReplica
+
+
+# --- the runner's side -------------------------------------------------------------------------
+
+
+class ObjectStoreTransport:
+    def __init__(self, actors: JobActors, parameters: np.ndarray, bounds: list[tuple[int, int]],
+                 slots: list[ParameterSlot], flatten_buffers: Callable[[dict], np.ndarray],
+                 *, timeout_seconds: float):
+        self.actors = actors
+        self.parameters, self.bounds, self.slots = parameters, bounds, slots
+        self.flatten_buffers = flatten_buffers
+        self.timeout_seconds = timeout_seconds
+        self.slices: list = []
+        # The step in progress: each block's call (its chunk refs, then its statistics' ref),
+        # owner and, once delivered, statistics.
+        self.work: StepWork | None = None
+        self.calls: dict[int, list[ray.ObjectRef]] = {}
+        self.owners: dict[int, int] = {}
+        self.delivered: dict[int, object] = {}
+
+    def start(self) -> None:
+        self.push_parameters()
+
+    def push_parameters(self) -> None:
+        """The runner's vector to every shard, and as the slices the workers start from."""
+        ray.get([shard.load_parameters.remote(self.parameters[lo:hi])
+                 for shard, (lo, hi) in zip(self.actors.shards, self.bounds)],
+                timeout=self.timeout_seconds)
+        self.slices = [ray.put(np.array(self.parameters[lo:hi])) for lo, hi in self.bounds]
+
+    def sync_parameters(self) -> None:
+        for (lo, hi), values in zip(self.bounds,
+                                    ray.get(self.slices, timeout=self.timeout_seconds)):
+            self.parameters[lo:hi] = values
+
+    def worker_replaced(self, worker: int) -> None:
+        pass  # a replica is stateless here: each call brings the parameters it needs
+
+    def stop(self) -> None:
+        pass
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
+        self.work, self.calls, self.owners, self.delivered = work, {}, {}, {}
+        self.master_buffers = (None if work.master_buffers is None
+                               else ray.put(work.master_buffers))
+        return self.recompute(dict(enumerate(work.block_owners)))
+
+    def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
+        work = self.work
+        if work is None:
+            raise RuntimeError("recompute() needs a step that returned WorkersLost")
+        for block, worker in owners.items():
+            lo, hi = work.block_ranges[block]
+            self.owners[block] = worker
+            self.calls[block] = self.actors.replicas[worker].compute_chunks.options(
+                num_returns=len(self.bounds) + 1).remote(
+                work.micro_shards[lo:hi], work.step, work.samples, self.master_buffers,
+                self.bounds, *self.slices)
+        failure = self._collect_blocks(work)
+        if failure is not None:
+            return failure
+        try:
+            return self._reduce_and_apply(work)
+        except ray.exceptions.RayActorError:
+            return ShardLost(None, f"during step {work.step}")
+        except ray.exceptions.GetTimeoutError:
+            return ShardLost(None, f"silent past the deadline of step {work.step}")
+
+    def _collect_blocks(self, work: StepWork) -> StepFailure | None:
+        """Wait for every block not yet delivered; the owners of those that do not come, dead
+        or past the deadline, are lost."""
+        pending = {block: call[-1] for block, call in self.calls.items()
+                   if block not in self.delivered}
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending),
+                            timeout=self.timeout_seconds)
+        lost = set()
+        for block, ref in pending.items():
+            if ref not in ready:
+                lost.add(self.owners[block])
+                continue
+            try:
+                self.delivered[block] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                lost.add(self.owners[block])
+            except ray.exceptions.RayTaskError as error:  # the job's computation raised
+                cause = error.cause
+                return BlockFailed(work.step, block, self.owners[block],
+                                   f"{type(cause).__name__}: {cause}")
+        if not lost:
+            return None
+        return WorkersLost(work.step, tuple(sorted(lost)),
+                           tuple(b for b in range(len(work.block_ranges))
+                                 if b not in self.delivered))
+
+    def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
+        blocks = range(len(work.block_ranges))
+        chunks_of_shard = [[self.calls[b][k] for b in blocks] for k in range(len(self.bounds))]
+        shards = self.actors.shards
+        if work.max_norm is None:
+            calls = [shard.reduce_apply_chunks.options(num_returns=3).remote(work.lr, *chunks)
+                     for shard, chunks in zip(shards, chunks_of_shard)]
+            reduced = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
+            applied = ray.get([c[1] for c in calls], timeout=self.timeout_seconds)
+            self.slices = [c[2] for c in calls]
+        else:
+            reduced = ray.get([shard.reduce_chunks.remote(*chunks)
+                               for shard, chunks in zip(shards, chunks_of_shard)],
+                              timeout=self.timeout_seconds)
+            coefficient = clip_coefficient(math.sqrt(sum(r.squared_norm for r in reduced)),
+                                           work.max_norm)
+            calls = [shard.apply_and_return.options(num_returns=2).remote(work.lr, coefficient)
+                     for shard in shards]
+            applied = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
+            self.slices = [c[1] for c in calls]
+        norms = np.zeros(len(self.slots))
+        index = {slot.name: i for i, slot in enumerate(self.slots)}
+        for r in reduced:
+            for name, value in r.parameter_squared_norms.items():
+                norms[index[name]] += value
+        results = [self.delivered[b] for b in blocks]
+        block_stats = [BlockStats(r.loss_sum, r.samples, r.correct, r.seconds, r.write_seconds,
+                                  sum(hi - lo for lo, hi in self.bounds)
+                                  * self.parameters.itemsize)
+                       for r in results]
+        shard_stats = [ShardStats(r.squared_norm, r.seconds, a.seconds, a.bytes_updated)
+                       for r, a in zip(reduced, applied)]
+        micro = None
+        if results[0].buffers is not None:
+            micro = [self.flatten_buffers(values) for r in results for values in r.buffers]
+        return StepOutcome(block_stats, shard_stats, norms, micro)
+
+
+# --- the actors' side ----------------------------------------------------------------------------
+
+
+def compute_chunks(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
+                   step: int, batch_size: int, master_buffers: np.ndarray | None,
+                   bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
+    """A worker's step: take the shards' updated slices (the all-gather), compute the block,
+    return it cut into one chunk per shard (the reduce-scatter), then the block's statistics."""
+    # A fresh block each call: Ray copies the returned chunks after this function returns,
+    # when another call may already be computing.
+    block = np.empty_like(replica.flat)
+    result = replica.compute(replica.layout.views(block), micro_batches, step, batch_size,
+                             master_buffers, parameter_slices=list(zip(bounds, slices)))
+    return (*(block[lo:hi] for lo, hi in bounds), result)
+
+
+def reduce_chunks(shard: ParameterServerShard, *chunks: np.ndarray) -> ReduceResult:
+    return shard.reduce(list(chunks))
+
+
+def apply_and_return(shard: ParameterServerShard, lr: float,
+                     coefficient: float = 1.0) -> tuple[ApplyResult, np.ndarray]:
+    """Apply, and return the updated slice for the replicas (the all-gather)."""
+    return shard.apply(lr, coefficient), shard.parameters
+
+
+def reduce_apply_chunks(shard: ParameterServerShard, lr: float, *chunks: np.ndarray) -> tuple:
+    return (reduce_chunks(shard, *chunks), *apply_and_return(shard, lr))

@@ -1,0 +1,496 @@
+"""A step over shared memory and named pipes, when every actor of the job is on the runner's host.
+
+The parameters, one gradient block per worker, the step's plan and the per-parameter norms live
+in shared memory (worker/shared_memory.py); the replicas and shards run step loops that wake on
+fixed-size messages through named pipes (named_pipe.py). A Ray call costs milliseconds per hop;
+a pipe, microseconds. One step:
+
+  runner --WorkerCommand(COMPUTE)--> worker w: compute block b into gradient block b
+  worker --BlockWritten--> every shard;  worker --BlockReport--> runner
+  runner --ShardCommand(REDUCE_AND_APPLY)--> shard k: once every block is written, sum the
+      blocks' slices into its own accumulator in the fixed tree order, apply the optimizer to
+      its slice of the shared parameters;  shard --ShardReport(SHARD_APPLIED)--> runner
+  (with global-norm clipping: REDUCE_THEN_WAIT, SHARD_REDUCED with the norm, then APPLY with
+  the coefficient computed from every shard's norm)
+
+This module owns both ends of that protocol: the messages, the runner's side
+(SharedMemoryTransport) and the actors' step loops (serve_worker, serve_shard, which
+ModelReplica.serve and ParameterServerShard.serve run). It lives in worker/ because the actors
+run it and must not import the scheduler (services -> scheduler -> worker); the runner's side
+imports nothing from the scheduler either.
+
+The runner's side reports what went wrong and decides nothing: a dead or silent worker comes
+back as WorkersLost (the shards keep waiting for its blocks, so `recompute` on a survivor
+completes the step with the same bits), a dead shard as ShardLost, a job error as BlockFailed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, unique
+from typing import TYPE_CHECKING, ClassVar
+
+import ray
+
+from worker.backprop.optim.clip import clip_coefficient
+from worker.shared_memory import SharedArrayGroup, SharedArraySpec
+from worker.transport.named_pipe import Channel, ChannelTimeout, Record
+from worker.transport.step import (
+    BlockFailed,
+    BlockStats,
+    JobActors,
+    ShardLost,
+    ShardStats,
+    StepFailure,
+    StepOutcome,
+    StepWork,
+    WorkersLost,
+)
+
+if TYPE_CHECKING:
+    from worker.parameter_server import ParameterServerShard
+    from worker.replica import ModelReplica
+
+# How often the runner, waiting for a step's reports, checks whether a peer has died.
+LIVENESS_CHECK_SECONDS = 0.5
+
+
+# --- the messages ----------------------------------------------------------------------------
+
+
+@unique
+class Op(IntEnum):
+    """What a command asks; one numbering for every command, so no two ops compare equal."""
+
+    STOP = 0
+    COMPUTE = 1  # worker: compute a block
+    REDUCE_AND_APPLY = 2  # shard: sum the blocks, then apply the optimizer
+    REDUCE_THEN_WAIT = 3  # shard: sum the blocks, report the norm, wait for APPLY
+    APPLY = 4  # shard: apply with the global clipping coefficient
+
+
+@unique
+class ReportKind(IntEnum):
+    BLOCK_DONE = 1
+    BLOCK_FAILED = 2  # the job's computation raised; the message waits in last_error_message
+    SHARD_REDUCED = 3
+    SHARD_APPLIED = 4
+
+
+@dataclass(frozen=True)
+class WorkerCommand(Record):
+    """Runner -> worker: compute micro-batches [micro_lo, micro_hi) of the step's plan into
+    gradient block `block`; `samples` is the step's sample count (the loss's divisor)."""
+
+    layout: ClassVar = struct.Struct("<iqqqqq")
+    op: Op
+    step: int
+    block: int = 0
+    micro_lo: int = 0
+    micro_hi: int = 0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", Op(self.op))  # an unknown code fails here, loudly
+
+
+@dataclass(frozen=True)
+class ShardCommand(Record):
+    """Runner -> shard: reduce `blocks` blocks of `step` once the workers say they are written,
+    then apply at `lr` (REDUCE_AND_APPLY), or report the norm and wait for APPLY with the global
+    clipping `coefficient` (REDUCE_THEN_WAIT)."""
+
+    layout: ClassVar = struct.Struct("<iqqdd")
+    op: Op
+    step: int
+    blocks: int = 0
+    lr: float = 0.0
+    coefficient: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", Op(self.op))
+
+
+@dataclass(frozen=True)
+class BlockWritten(Record):
+    """Worker -> every shard: gradient block `block` of `step` is in shared memory."""
+
+    layout: ClassVar = struct.Struct("<qq")
+    step: int
+    block: int
+
+
+# Both reports travel through the runner's one inbox, so they have the same size (the shard's
+# is padded) and start with their kind.
+REPORT_BYTES = 72
+
+
+@dataclass(frozen=True)
+class BlockReport(Record):
+    """Worker -> runner: block `block` of `step` is done (or failed: BLOCK_FAILED)."""
+
+    layout: ClassVar = struct.Struct("<iqqdqqdqd4x")
+    kind: ReportKind
+    step: int
+    block: int
+    loss_sum: float = 0.0
+    samples: int = 0
+    correct: int = 0
+    compute_seconds: float = 0.0
+    bytes_written: int = 0
+    write_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ReportKind(self.kind))
+
+
+@dataclass(frozen=True)
+class ShardReport(Record):
+    """Shard -> runner: the slice's squared norm and reduce time (SHARD_REDUCED), or those and
+    the apply time and the parameter bytes updated (SHARD_APPLIED; after REDUCE_THEN_WAIT the
+    first two are 0, the runner keeps them from SHARD_REDUCED)."""
+
+    layout: ClassVar = struct.Struct("<iqqdddq20x")
+    kind: ReportKind
+    step: int
+    shard: int
+    squared_norm: float = 0.0
+    reduce_seconds: float = 0.0
+    apply_seconds: float = 0.0
+    bytes_updated: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ReportKind(self.kind))
+
+
+assert BlockReport.layout.size == ShardReport.layout.size == REPORT_BYTES
+
+
+def decode_report(data: bytes) -> BlockReport | ShardReport:
+    (kind,) = struct.unpack_from("<i", data)
+    if kind in (ReportKind.BLOCK_DONE, ReportKind.BLOCK_FAILED):
+        return BlockReport.unpack(data)
+    return ShardReport.unpack(data)
+
+
+# --- where one job's step lives --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelPaths:
+    """Where one job's pipes are: one inbox per worker, two per shard, one for the runner."""
+
+    directory: str
+    workers: int
+    shards: int
+
+    def worker(self, w: int) -> str:
+        return os.path.join(self.directory, f"worker-{w}.fifo")
+
+    def shard_commands(self, k: int) -> str:
+        return os.path.join(self.directory, f"shard-{k}-commands.fifo")
+
+    def shard_blocks(self, k: int) -> str:
+        return os.path.join(self.directory, f"shard-{k}-blocks.fifo")
+
+    def runner(self) -> str:
+        return os.path.join(self.directory, "runner.fifo")
+
+    def create_all(self) -> None:
+        for w in range(self.workers):
+            Channel.create(self.worker(w))
+        for k in range(self.shards):
+            Channel.create(self.shard_commands(k))
+            Channel.create(self.shard_blocks(k))
+        Channel.create(self.runner())
+
+
+@dataclass(frozen=True)
+class StepPlanSpec:
+    """Where a step's plan lives in shared memory, written by the runner before each step:
+    the sample indices of every micro-batch back to back, and their offsets (micro-batch m is
+    indices[offsets[m]:offsets[m + 1]]). Buffers (BatchNorm statistics) travel the same way:
+    the step's starting values, and each micro-batch's values after its forward pass."""
+
+    indices: SharedArraySpec
+    offsets: SharedArraySpec
+    master_buffers: SharedArraySpec | None
+    micro_shard_buffers: SharedArraySpec | None  # one row per micro-batch
+
+
+@dataclass(frozen=True)
+class SharedStep:
+    """Everything an actor's step loop maps or opens: picklable, a few hundred bytes."""
+
+    channels: ChannelPaths
+    plan: StepPlanSpec
+    gradient_blocks: tuple[SharedArraySpec, ...]  # block b: written by its worker, read only
+    norms: SharedArraySpec  # row k: shard k's squared norm per parameter slot
+
+
+# --- the runner's side -------------------------------------------------------------------------
+
+
+@dataclass
+class _StepInProgress:
+    work: StepWork
+    owners: dict[int, int]  # block -> the worker computing it now
+    deadline: float
+    blocks: dict[int, BlockStats] = field(default_factory=dict)
+    reduced: dict[int, ShardReport] = field(default_factory=dict)
+    applied: dict[int, ShardStats] = field(default_factory=dict)
+
+
+class SharedMemoryTransport:
+    def __init__(self, shared: SharedArrayGroup, actors: JobActors, *, parameter_count: int,
+                 slots: int, max_samples: int, max_micro_shards: int, buffer_size: int,
+                 dtype: str, timeout_seconds: float):
+        self.actors = actors
+        self.timeout_seconds = timeout_seconds
+        workers, shards = len(actors.replicas), len(actors.shards)
+        create = shared.create
+        self.step_spec = SharedStep(
+            ChannelPaths(str(shared.directory), workers, shards),
+            StepPlanSpec(
+                create("plan-indices", (max_samples,), "int64"),
+                create("plan-offsets", (max_micro_shards + 1,), "int64"),
+                create("master-buffers", (buffer_size,), dtype) if buffer_size else None,
+                create("micro-batch-buffers", (max_micro_shards, buffer_size), dtype)
+                if buffer_size else None,
+            ),
+            tuple(create(f"gradient-block-{b}", (parameter_count,), dtype)
+                  for b in range(workers)),
+            create("parameter-norms", (shards, slots), "float64"),
+        )
+        self.worker_loops: dict[int, ray.ObjectRef | None] = {}
+        self.shard_loops: list[ray.ObjectRef] = []
+        self.current: _StepInProgress | None = None
+
+    def start(self) -> None:
+        spec = self.step_spec
+        plan = spec.plan
+        self.plan_indices, self.plan_offsets = plan.indices.attach(), plan.offsets.attach()
+        self.master_buffers = plan.master_buffers.attach() if plan.master_buffers else None
+        self.micro_buffers = (plan.micro_shard_buffers.attach()
+                              if plan.micro_shard_buffers else None)
+        self.norm_table = spec.norms.attach()
+        spec.channels.create_all()
+        self.inbox = Channel(spec.channels.runner())
+        self.worker_inboxes = [Channel(spec.channels.worker(w))
+                               for w in range(spec.channels.workers)]
+        self.shard_inboxes = [Channel(spec.channels.shard_commands(k))
+                              for k in range(spec.channels.shards)]
+        self.worker_loops = {w: replica.serve.remote(spec, w)
+                             for w, replica in enumerate(self.actors.replicas)}
+        self.shard_loops = [shard.serve.remote(spec) for shard in self.actors.shards]
+
+    def sync_parameters(self) -> None:
+        pass  # the runner's vector is the shared one
+
+    def push_parameters(self) -> None:
+        pass
+
+    def worker_replaced(self, worker: int) -> None:
+        """Start the new replica's step loop on the slot's inbox, emptied first: commands sent
+        to the lost replica must not reach its successor."""
+        self.worker_inboxes[worker].discard_pending(WorkerCommand)
+        self.worker_loops[worker] = self.actors.replicas[worker].serve.remote(self.step_spec,
+                                                                              worker)
+
+    def stop(self) -> None:
+        for inbox in getattr(self, "worker_inboxes", []):
+            inbox.send(WorkerCommand(Op.STOP, 0))
+        for inbox in getattr(self, "shard_inboxes", []):
+            inbox.send(ShardCommand(Op.STOP, 0))
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
+        self._write_plan(work)
+        step = self.current = _StepInProgress(work, {}, time.monotonic() + self.timeout_seconds)
+        for block, worker in enumerate(work.block_owners):
+            self._send_block(step, block, worker)
+        op = Op.REDUCE_AND_APPLY if work.max_norm is None else Op.REDUCE_THEN_WAIT
+        for inbox in self.shard_inboxes:
+            inbox.send(ShardCommand(op, work.step, len(work.block_ranges), work.lr))
+        return self._await_reports(step)
+
+    def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
+        step = self.current
+        if step is None:
+            raise RuntimeError("recompute() needs a step that returned WorkersLost")
+        for block, worker in owners.items():
+            self._send_block(step, block, worker)
+        return self._await_reports(step)
+
+    def _write_plan(self, work: StepWork) -> None:
+        offset = 0
+        self.plan_offsets[0] = 0
+        for m, (_, indices) in enumerate(work.micro_shards):
+            self.plan_indices[offset:offset + len(indices)] = indices
+            offset += len(indices)
+            self.plan_offsets[m + 1] = offset
+        if self.master_buffers is not None:
+            self.master_buffers[:] = work.master_buffers
+
+    def _send_block(self, step: _StepInProgress, block: int, worker: int) -> None:
+        lo, hi = step.work.block_ranges[block]
+        step.owners[block] = worker
+        self.worker_inboxes[worker].send(
+            WorkerCommand(Op.COMPUTE, step.work.step, block, lo, hi, step.work.samples))
+
+    def _await_reports(self, step: _StepInProgress) -> StepOutcome | StepFailure:
+        work = step.work
+        block_count, shard_count = len(work.block_ranges), len(self.shard_inboxes)
+        while len(step.blocks) < block_count or len(step.applied) < shard_count:
+            try:
+                report = decode_report(self.inbox.receive_bytes(REPORT_BYTES,
+                                                                LIVENESS_CHECK_SECONDS))
+            except ChannelTimeout:
+                failure = self._find_lost_peers(step)
+                if failure is not None:
+                    return failure
+                continue
+            if report.step != work.step:
+                continue  # a late duplicate from a recomputed block of an earlier step
+            if isinstance(report, BlockReport):
+                if report.kind == ReportKind.BLOCK_FAILED:
+                    return self._block_failed(step, report.block)
+                step.blocks[report.block] = BlockStats(
+                    report.loss_sum, report.samples, report.correct, report.compute_seconds,
+                    report.write_seconds, report.bytes_written)
+            elif report.kind == ReportKind.SHARD_REDUCED:
+                step.reduced[report.shard] = report
+                if len(step.reduced) == shard_count:
+                    norm = math.sqrt(sum(r.squared_norm for r in step.reduced.values()))
+                    coefficient = clip_coefficient(norm, work.max_norm)
+                    for inbox in self.shard_inboxes:
+                        inbox.send(ShardCommand(Op.APPLY, work.step, block_count, work.lr,
+                                                coefficient))
+            else:  # SHARD_APPLIED; with clipping the norm came first, in SHARD_REDUCED
+                first = step.reduced.get(report.shard, report)
+                step.applied[report.shard] = ShardStats(first.squared_norm, first.reduce_seconds,
+                                                        report.apply_seconds,
+                                                        report.bytes_updated)
+        buffers = None
+        if self.micro_buffers is not None:
+            buffers = [self.micro_buffers[m] for m in range(len(work.micro_shards))]
+        return StepOutcome([step.blocks[b] for b in range(block_count)],
+                           [step.applied[k] for k in range(shard_count)],
+                           self.norm_table.sum(axis=0), buffers)
+
+    def _block_failed(self, step: _StepInProgress, block: int) -> BlockFailed:
+        worker = step.owners[block]
+        message = ray.get(self.actors.replicas[worker].last_error_message.remote(),
+                          timeout=self.timeout_seconds)
+        return BlockFailed(step.work.step, block, worker, message)
+
+    def _find_lost_peers(self, step: _StepInProgress) -> StepFailure | None:
+        """No report for a while: a step loop that ended is a dead peer; past the deadline, a
+        worker that has not delivered its block, or a shard that has not reported when every
+        block is in, is a silent one."""
+        work = step.work
+        finished, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops), timeout=0)
+        if finished:
+            return ShardLost(self.shard_loops.index(finished[0]), f"during step {work.step}")
+        serving = {w: loop for w, loop in self.worker_loops.items() if loop is not None}
+        ended, _ = ray.wait(list(serving.values()), num_returns=len(serving), timeout=0)
+        lost = {w for w, loop in serving.items() if loop in ended}
+        unfinished = [b for b in range(len(work.block_ranges)) if b not in step.blocks]
+        if time.monotonic() > step.deadline:
+            if not unfinished:
+                silent = min(k for k in range(len(self.shard_loops)) if k not in step.applied)
+                return ShardLost(silent, f"silent past the deadline of step {work.step}")
+            lost |= {step.owners[b] for b in unfinished}
+            step.deadline = time.monotonic() + self.timeout_seconds
+        if not lost:
+            return None
+        for worker in lost:
+            self.worker_loops[worker] = None  # reported once; a replacement brings a new loop
+        return WorkersLost(work.step, tuple(sorted(lost)),
+                           tuple(b for b in unfinished if step.owners[b] in lost))
+
+
+# --- the actors' side ----------------------------------------------------------------------------
+
+
+def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
+    """A replica's step loop: wait for a command, compute the block into its gradient block,
+    tell every shard and the runner. Runs until a STOP command (or until Ray kills the actor)."""
+    channels = spec.channels
+    inbox = Channel(channels.worker(worker))
+    runner = Channel(channels.runner())
+    shards = [Channel(channels.shard_blocks(k)) for k in range(channels.shards)]
+    indices, offsets = spec.plan.indices.attach(), spec.plan.offsets.attach()
+    master = spec.plan.master_buffers.attach() if spec.plan.master_buffers else None
+    per_micro_batch = (spec.plan.micro_shard_buffers.attach()
+                       if spec.plan.micro_shard_buffers else None)
+    blocks = [replica.layout.views(block.attach()) for block in spec.gradient_blocks]
+    while True:
+        command = inbox.receive(WorkerCommand)
+        if command.op == Op.STOP:
+            return
+        micro_batches = [(m, indices[offsets[m]:offsets[m + 1]])
+                         for m in range(command.micro_lo, command.micro_hi)]
+        try:
+            result = replica.compute(blocks[command.block], micro_batches, command.step,
+                                     command.samples, master)
+        except Exception as error:  # a job error (bad data, NaN...), not a lost worker
+            replica.last_error = f"{type(error).__name__}: {error}"
+            runner.send(BlockReport(ReportKind.BLOCK_FAILED, command.step, command.block))
+            continue
+        if per_micro_batch is not None:
+            for (m, _), values in zip(micro_batches, result.buffers):
+                per_micro_batch[m] = replica.flatten_buffers(values)
+        for shard in shards:
+            shard.send(BlockWritten(command.step, command.block))
+        runner.send(BlockReport(ReportKind.BLOCK_DONE, command.step, command.block,
+                                result.loss_sum, result.samples, result.correct,
+                                result.seconds, result.bytes_written, result.write_seconds))
+
+
+def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:
+    """A shard's step loop: take the runner's command, wait until every block of the step is
+    written, reduce, apply (or report the norm and wait for the clipping coefficient), report.
+    Per-parameter squared norms go to row `index` of the shared norms table. The blocks are
+    only read: the sum goes into the shard's own accumulator, so a late or recomputed block
+    write cannot change a sum in progress."""
+    index = shard.setup.index
+    commands = Channel(spec.channels.shard_commands(index))
+    blocks_written = Channel(spec.channels.shard_blocks(index))
+    runner = Channel(spec.channels.runner())
+    blocks = [block.attach()[shard.lo:shard.hi] for block in spec.gradient_blocks]
+    norm_row = spec.norms.attach()[index]
+    slot_index = {slot.name: i for i, slot in enumerate(shard.setup.layout.slots)}
+    while True:
+        command = commands.receive(ShardCommand)
+        if command.op == Op.STOP:
+            return
+        if command.op == Op.APPLY:
+            applied = shard.apply(command.lr, command.coefficient)
+            runner.send(ShardReport(ReportKind.SHARD_APPLIED, command.step, index,
+                                    apply_seconds=applied.seconds,
+                                    bytes_updated=applied.bytes_updated))
+            continue
+        written: set[int] = set()
+        while len(written) < command.blocks:
+            message = blocks_written.receive(BlockWritten)
+            if message.step == command.step:  # earlier steps' duplicates are stale
+                written.add(message.block)
+        reduced = shard.reduce(blocks[:command.blocks])
+        norm_row[:] = 0.0
+        for name, value in reduced.parameter_squared_norms.items():
+            norm_row[slot_index[name]] = value
+        if command.op == Op.REDUCE_THEN_WAIT:
+            runner.send(ShardReport(ReportKind.SHARD_REDUCED, command.step, index,
+                                    reduced.squared_norm, reduced.seconds))
+            continue
+        applied = shard.apply(command.lr)
+        runner.send(ShardReport(ReportKind.SHARD_APPLIED, command.step, index,
+                                reduced.squared_norm, reduced.seconds, applied.seconds,
+                                applied.bytes_updated))

@@ -1,0 +1,147 @@
+"""What a step asks of a transport and what it gets back, whichever way the bytes travel.
+
+A transport moves a step's plan, gradients and parameters, and notices what went wrong; it
+never decides what to do about it. `run_step` returns the step's outcome or a failure value
+(workers lost, a shard lost, an error in the job's own computation); the runner asks its
+failure policy (scheduler/failure_policy.py) and tells the worker group and the transport to
+carry the decision out, e.g. `recompute`: the lost workers' blocks on survivors, same step.
+
+These types live in worker/ because both ends of each transport do (see worker/transport/):
+the scheduler imports them from here, and the actors never import the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepWork:
+    step: int
+    micro_shards: list[tuple[int, np.ndarray]]  # (global index, sample indices), tree order
+    block_ranges: list[tuple[int, int]]  # block b computes micro_shards[lo:hi]
+    block_owners: list[int]  # block b's worker, chosen by the runner from the live workers
+    samples: int  # the step's sample count, the loss's divisor
+    lr: float
+    max_norm: float | None  # global-norm clipping, or None
+    master_buffers: np.ndarray | None  # flat BatchNorm statistics at the step's start
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    loss_sum: float
+    samples: int
+    correct: int
+    compute_seconds: float
+    write_seconds: float
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    squared_norm: float
+    reduce_seconds: float
+    apply_seconds: float
+    bytes_updated: int
+
+
+@dataclass
+class StepOutcome:
+    blocks: list[BlockStats]
+    shards: list[ShardStats]
+    parameter_squared_norms: np.ndarray  # one per parameter slot, summed over shards
+    micro_shard_buffers: list[np.ndarray] | None  # flat buffers after each micro-batch
+    gather_seconds: float = 0.0
+
+
+# --- what can go wrong in a step: values, for the failure policy to decide on ----------------
+
+
+@dataclass(frozen=True)
+class WorkersLost:
+    """Workers that died, or stayed silent past the step's deadline. The step is not over:
+    the shards still wait for `unfinished_blocks` (blocks the lost workers owned and had not
+    delivered), which `recompute` can hand to survivors; the parameters have not moved."""
+
+    step: int
+    workers: tuple[int, ...]
+    unfinished_blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardLost:
+    """A parameter-server shard died: its slice's optimizer state is gone."""
+
+    shard: int | None  # None when the transport cannot tell which one
+    when: str  # "during step 12", "at the checkpoint of step 15", ...
+
+
+@dataclass(frozen=True)
+class BlockFailed:
+    """The job's own computation raised on a worker (bad data, a NaN check...): the worker is
+    alive, and recomputing the block elsewhere would raise the same error."""
+
+    step: int
+    block: int
+    worker: int
+    message: str
+
+
+StepFailure = WorkersLost | ShardLost | BlockFailed
+
+
+class ActorFailure(RuntimeError):
+    """A failure found outside a step (a shard dead at a checkpoint or while starting): raised
+    by the mechanism so that the runner can hand `failure` to its failure policy."""
+
+    def __init__(self, failure: StepFailure):
+        super().__init__(describe(failure))
+        self.failure = failure
+
+
+def describe(failure: StepFailure) -> str:
+    if isinstance(failure, WorkersLost):
+        return f"workers {list(failure.workers)} lost during step {failure.step}"
+    if isinstance(failure, ShardLost):
+        which = "a parameter-server shard" if failure.shard is None else (
+            f"parameter-server shard {failure.shard}")
+        return f"{which} died {failure.when}"
+    return f"worker {failure.worker} failed on step {failure.step}: {failure.message}"
+
+
+# --- the interface both transports implement -----------------------------------------------
+
+
+class JobActors(Protocol):
+    """The job's actor handles, by slot (scheduler/worker_group.py): a replacement replica
+    appears at its slot, so a transport reads them here rather than keeping a copy."""
+
+    @property
+    def replicas(self) -> list: ...
+
+    @property
+    def shards(self) -> list: ...
+
+
+class StepTransport(Protocol):
+    def start(self) -> None: ...
+
+    def run_step(self, work: StepWork) -> StepOutcome | StepFailure: ...
+
+    def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
+        """Go on with the step that just returned WorkersLost, block -> worker reassigned."""
+
+    def sync_parameters(self) -> None:
+        """Make the runner's parameter vector current (before evaluation or a checkpoint)."""
+
+    def push_parameters(self) -> None:
+        """Send the runner's parameter vector to every actor (after restoring a checkpoint)."""
+
+    def worker_replaced(self, worker: int) -> None:
+        """A new replica took slot `worker`: connect it before its first block."""
+
+    def stop(self) -> None: ...
