@@ -1,0 +1,86 @@
+"""What a job does when part of it fails: the one place that decides, and counts.
+
+The transports (worker/transport/) and the worker group (worker_group.py) only notice and carry
+out; the runner hands every failure to this policy and does what it says:
+
+  workers lost in a step  -> RECOMPUTE: the survivors compute the lost workers' blocks in the
+                             same step (the parameters have not moved: the same bits); FAIL
+                             when no worker is left.
+  a lost worker's slot    -> REPLACE at the next step boundary: a new replica in its placement
+                             bundle, at most `max_worker_replacements` over the whole job (past
+                             that the job goes on with the workers it has left).
+  a parameter-server shard lost -> RESTART every actor from the last checkpoint (or from the
+                             job's start if none was taken yet) and replay deterministically,
+                             at most `max_shard_restarts` times; then FAIL.
+  the job's own computation raised on a worker -> FAIL: recomputing it elsewhere would raise
+                             the same error.
+
+The counters live here, for the whole job: a restart from a checkpoint starts new actors but
+not a new allowance of replacements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from worker.transport.step import (
+    ShardLost,
+    StepFailure,
+    WorkersLost,
+    describe,
+)
+
+MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
+MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has left
+
+
+class Decision(Enum):
+    RECOMPUTE = "recompute the lost workers' blocks on survivors, in the same step"
+    RESTART = "restart every actor from the last checkpoint and replay"
+    FAIL = "fail the job"
+
+
+class JobFailed(RuntimeError):
+    """The failure policy gave up on the job; `failure` is what it gave up on."""
+
+    def __init__(self, message: str, failure: StepFailure):
+        super().__init__(message)
+        self.failure = failure
+
+
+@dataclass
+class FailurePolicy:
+    max_shard_restarts: int = MAX_SHARD_RESTARTS
+    max_worker_replacements: int = MAX_WORKER_REPLACEMENTS
+    worker_failures: int = 0  # workers lost since the job started
+    worker_replacements: int = 0  # replicas started in place of lost ones
+    shard_restarts: int = 0  # restarts from a checkpoint after a lost shard
+
+    def decide(self, failure: StepFailure, survivors: int) -> Decision:
+        """What to do about `failure`; `survivors` is how many workers would be left."""
+        if isinstance(failure, WorkersLost):
+            self.worker_failures += len(failure.workers)
+            return Decision.RECOMPUTE if survivors > 0 else Decision.FAIL
+        if isinstance(failure, ShardLost):
+            if self.shard_restarts >= self.max_shard_restarts:
+                return Decision.FAIL
+            self.shard_restarts += 1
+            return Decision.RESTART
+        # BlockFailed: the job's own error; recomputing the block elsewhere would raise it again.
+        return Decision.FAIL
+
+    def workers_to_replace(self, vacant_slots: list[int]) -> list[int]:
+        """Which of the vacant worker slots get a new replica now (REPLACE), within the cap."""
+        allowed = max(0, self.max_worker_replacements - self.worker_replacements)
+        chosen = vacant_slots[:allowed]
+        self.worker_replacements += len(chosen)
+        return chosen
+
+    def why_failed(self, failure: StepFailure) -> str:
+        if isinstance(failure, WorkersLost):
+            return f"every worker of the job failed ({describe(failure)})"
+        if isinstance(failure, ShardLost):
+            return (f"{describe(failure)}, after {self.shard_restarts} restarts from a "
+                    f"checkpoint (at most {self.max_shard_restarts})")
+        return describe(failure)

@@ -1,0 +1,138 @@
+"""A job's actors: starting them in their placement bundles, replacing and stopping them.
+
+N model replicas (worker slots 0..N-1) and K parameter-server shards, each in its own bundle of
+the job's placement group (placement.py). This is mechanism only: the group starts the actors,
+kills the workers the runner tells it to remove, starts a new replica in a lost worker's
+bundle when told to, and stops everything. When to do which is the failure policy's question
+(failure_policy.py).
+
+The actor classes are plain Python classes; this is the one place they become Ray actors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from scheduler.placement import Placement
+from worker.parameter_server import ParameterServerShard, ShardSetup
+from worker.replica import ModelReplica, ReplicaSetup
+from worker.transport.step import ActorFailure, ShardLost
+
+RemoteReplica = ray.remote(ModelReplica)
+RemoteShard = ray.remote(ParameterServerShard)
+
+
+@dataclass(frozen=True)
+class ActorLocations:
+    """(host identity, Ray node id) of each worker and each shard."""
+
+    workers: list[tuple[str, str]]
+    shards: list[tuple[str, str]]
+
+
+class WorkerGroup:
+    def __init__(self, placement: Placement, *, timeout_seconds: float):
+        """The group owns `placement` from here on: stop() releases it."""
+        self.placement = placement
+        self.timeout_seconds = timeout_seconds
+        self.replicas: list = []  # by worker slot; a replacement takes its slot's place
+        self.shards: list = []
+        self.alive: list[int] = []  # worker slots with a serving replica, sorted
+        self.starting: dict[int, ray.ObjectRef] = {}  # slot -> its replacement's readiness
+
+    def start(self, replica_setup: ReplicaSetup, shard_setups: list[ShardSetup],
+              x: np.ndarray, y: np.ndarray) -> ActorLocations:
+        """Start every replica and shard, and wait until each can say where it runs."""
+        self._replica_arguments = (replica_setup, ray.put(x), ray.put(y))
+        self.replicas = [self._new_replica(w) for w in range(self.placement.workers)]
+        # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
+        # (location, checkpoint state, last error) in the other, between steps.
+        self.shards = [RemoteShard.options(**self.placement.shard_options(k),
+                                           max_concurrency=2).remote(setup)
+                       for k, setup in enumerate(shard_setups)]
+        workers = ray.get([replica.location.remote() for replica in self.replicas],
+                          timeout=self.timeout_seconds)
+        shards = self._shard_calls(lambda shard: shard.location.remote(), "while starting")
+        self.alive = list(range(len(self.replicas)))
+        return ActorLocations(workers, shards)
+
+    def _new_replica(self, worker: int):
+        return RemoteReplica.options(**self.placement.worker_options(worker),
+                                     max_concurrency=2).remote(*self._replica_arguments)
+
+    def owner_for(self, position: int) -> int:
+        """The worker that computes the block at `position` of a list of blocks to hand out:
+        round robin over the live slots in order, so block b goes to the same worker as long
+        as the same workers live."""
+        return self.alive[position % len(self.alive)]
+
+    # --- workers: removed, replaced ----------------------------------------------------------
+
+    def remove(self, workers: tuple[int, ...]) -> None:
+        """Kill these workers (a late one must not write its block after a survivor has taken
+        it over) and stop handing them blocks."""
+        for worker in workers:
+            ray.kill(self.replicas[worker])
+            if worker in self.alive:
+                self.alive.remove(worker)
+
+    def vacant_slots(self) -> list[int]:
+        """Worker slots with neither a live replica nor one starting."""
+        return [w for w in range(len(self.replicas))
+                if w not in self.alive and w not in self.starting]
+
+    def replace(self, worker: int) -> None:
+        """Start a new replica in slot `worker`'s bundle (free again since its replica died);
+        it joins once ready (admit_ready), the step loop never waits for it."""
+        self.replicas[worker] = self._new_replica(worker)
+        self.starting[worker] = self.replicas[worker].location.remote()
+
+    def admit_ready(self) -> list[int]:
+        """Slots whose replacement is ready now: live again from the next step. One that died
+        starting up leaves its slot vacant."""
+        admitted = []
+        for worker, ready in list(self.starting.items()):
+            if not ray.wait([ready], timeout=0)[0]:
+                continue
+            del self.starting[worker]
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayActorError:
+                continue
+            self.alive = sorted({*self.alive, worker})
+            admitted.append(worker)
+        return admitted
+
+    # --- shards: their state, for checkpoints ------------------------------------------------
+
+    def shard_states(self, when: str) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Every shard's (optimizer steps, state); ActorFailure(ShardLost) if one is dead."""
+        return self._shard_calls(lambda shard: shard.state.remote(), when)
+
+    def load_shard_states(self, optimizer_steps: int, state: dict[str, np.ndarray]) -> None:
+        self._shard_calls(lambda shard: shard.load_state.remote(optimizer_steps, state),
+                          "while loading a checkpoint")
+
+    def _shard_calls(self, call, when: str) -> list:
+        """One call to every shard, in parallel; a dead or silent shard is a lost one."""
+        refs = [call(shard) for shard in self.shards]
+        deadline = time.monotonic() + self.timeout_seconds
+        results = []
+        for k, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except ray.exceptions.RayActorError as error:
+                raise ActorFailure(ShardLost(k, when)) from error
+            except ray.exceptions.GetTimeoutError as error:
+                raise ActorFailure(ShardLost(k, f"{when} (silent past the deadline)")) from error
+        return results
+
+    def stop(self) -> None:
+        """Kill every actor and release the placement group."""
+        for actor in self.replicas + self.shards:
+            ray.kill(actor)
+        self.placement.release()

@@ -1,0 +1,47 @@
+"""The failure policy on its own: what it decides for each failure, and what it counts."""
+
+from scheduler.failure_policy import Decision, FailurePolicy
+from worker.transport.step import BlockFailed, ShardLost, WorkersLost
+
+
+def lost(*workers):
+    return WorkersLost(step=7, workers=workers, unfinished_blocks=workers)
+
+
+def test_lost_workers_are_recomputed_on_survivors_and_counted():
+    policy = FailurePolicy()
+    assert policy.decide(lost(1), survivors=1) is Decision.RECOMPUTE
+    assert policy.decide(lost(0, 2), survivors=1) is Decision.RECOMPUTE
+    assert policy.worker_failures == 3
+
+
+def test_losing_the_last_worker_fails_the_job():
+    policy = FailurePolicy()
+    assert policy.decide(lost(0), survivors=0) is Decision.FAIL
+    assert "every worker" in policy.why_failed(lost(0))
+
+
+def test_a_lost_shard_restarts_from_the_checkpoint_until_the_limit_then_fails():
+    policy = FailurePolicy(max_shard_restarts=2)
+    shard = ShardLost(1, "during step 9")
+    decisions = [policy.decide(shard, survivors=2) for _ in range(3)]
+    assert decisions == [Decision.RESTART, Decision.RESTART, Decision.FAIL]
+    assert policy.shard_restarts == 2
+    assert "parameter-server shard 1 died during step 9" in policy.why_failed(shard)
+
+
+def test_an_error_in_the_jobs_own_computation_fails_without_retrying():
+    policy = FailurePolicy()
+    error = BlockFailed(step=3, block=0, worker=1, message="ValueError: NaN in the loss")
+    assert policy.decide(error, survivors=2) is Decision.FAIL
+    assert policy.worker_failures == 0
+    assert "worker 1 failed on step 3: ValueError: NaN in the loss" == policy.why_failed(error)
+
+
+def test_replacements_stop_at_the_cap_for_the_whole_job():
+    policy = FailurePolicy(max_worker_replacements=3)
+    assert policy.workers_to_replace([1, 2]) == [1, 2]
+    assert policy.workers_to_replace([]) == []
+    assert policy.workers_to_replace([0, 3]) == [0]
+    assert policy.workers_to_replace([3]) == []
+    assert policy.worker_replacements == 3
