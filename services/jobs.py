@@ -92,12 +92,14 @@ class _LiveJob:
 class JobService:
     def __init__(self, store: Store, data_dir: str | Path, *, limits: Limits | None = None,
                  max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
+                 upload_limits: uploads.UploadLimits | None = None,
                  keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = JobStorage(self.data_dir, keep_checkpoints)
         self.limits = limits or Limits()
         self.max_upload_bytes = max_upload_bytes
+        self.upload_limits = upload_limits or uploads.UploadLimits()
         self.events = EventHub()
         self.queue: JobQueue | None = None
         self._live: dict[str, _LiveJob] = {}
@@ -199,18 +201,15 @@ class JobService:
             raise AlreadyExists(f"header.name: a data set named {header.name!r} already "
                                 f"exists; delete it first")
         received = uploads.receive(header, chunks, self.data_dir / "tmp")
-        stored: Path | None = None
+        folder = self.data_dir / "datasets" / _tenant_folder(tenant)
+        stored = folder / f"{header.name}-{uuid.uuid4().hex[:8]}.npz"
         try:
-            arrays = uploads.parse(header, received)
-            folder = self.data_dir / "datasets" / _tenant_folder(tenant)
-            unique = f"{header.name}-{uuid.uuid4().hex[:8]}"
-            stored = uploads.store_arrays(arrays, folder, unique)
-            record = uploads.record_for(tenant, header, stored, arrays)
+            summary = uploads.store_upload(header, received, stored, self.upload_limits)
+            record = uploads.record_for(tenant, header, stored, summary)
             self.store.add_dataset(record)
             return record
         except BaseException:
-            if stored is not None:
-                stored.unlink(missing_ok=True)
+            stored.unlink(missing_ok=True)
             raise
         finally:
             received.unlink(missing_ok=True)
@@ -381,10 +380,10 @@ class JobService:
         record = self.store.get_dataset(tenant, name)
         if record is None:
             return None
-        target_shape = () if record.task == "classification" else (1,)
-        if record.task != "classification":
-            arrays = uploads.load_arrays(record.path)  # the target width is in the file
-            target_shape = tuple(arrays["y"].shape[1:]) or (1,)
+        target_shape = record.target_shape
+        if target_shape is None:  # a row from before the store kept it: the file's header
+            target_shape = (() if record.task == "classification"
+                            else uploads.stored_target_shape(record.path))
         return DataShape(record.samples, record.validation_samples, record.feature_shape,
                          record.integer_features, record.task, record.num_classes, target_shape)
 

@@ -34,9 +34,9 @@ from scheduler import ray_cluster
 from scheduler.job_queue import JobQueue
 from services.auth import Authenticator, load_tokens
 from services.jobs import JobService
-from services.servicer import TrainingServicer
+from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.store import Store
-from services.uploads import DEFAULT_MAX_UPLOAD_BYTES
+from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def serve(
     tls_key: str | Path | None = None,
     limits: Limits | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    upload_limits: UploadLimits | None = None,
     max_rpc_threads: int = 64,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
@@ -115,7 +116,8 @@ def serve(
     owns_ray = not ray.is_initialized()
     ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
-    service = JobService(store, data_dir, limits=limits, max_upload_bytes=max_upload_bytes)
+    service = JobService(store, data_dir, limits=limits, max_upload_bytes=max_upload_bytes,
+                         upload_limits=upload_limits)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port)
     queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
@@ -124,7 +126,8 @@ def serve(
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_rpc_threads, thread_name_prefix="rpc"),
-        interceptors=interceptors,
+        # Metrics outermost, so they count the status the decoding interceptor answers.
+        interceptors=[*interceptors, RequestDecodingInterceptor()],
         options=[("grpc.max_receive_message_length", MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MESSAGE_BYTES)])
     pb_grpc.add_TrainingServiceServicer_to_server(

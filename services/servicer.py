@@ -1,7 +1,14 @@
 """The gRPC adapter: authenticate, convert the request, call the domain, convert the answer.
 
 No decisions are made here; the domain (`services/jobs.py`) raises `ServiceError`s and this
-module turns them into status codes, so every RPC reports errors the same way.
+module turns every failure into a status in one place (`_abort`), so every RPC reports errors
+the same way:
+- a `ServiceError` is its own status and message (INVALID_ARGUMENT naming the field, ...);
+- a full disk, wherever it was hit, is RESOURCE_EXHAUSTED with a message a person can act on;
+- anything else is a bug: INTERNAL, logged with its traceback under a fresh id, and the caller
+  is told only "internal error, see server log <id>" (no server paths or internals).
+A request whose bytes do not parse as its message is INVALID_ARGUMENT too
+(`RequestDecodingInterceptor`), where gRPC alone would answer INTERNAL.
 """
 
 from __future__ import annotations
@@ -9,8 +16,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import queue
+import threading
+import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -18,7 +28,7 @@ from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from services import convert
 from services.auth import Authenticator
-from services.errors import InvalidArgument, ServiceError
+from services.errors import DeadlineExceeded, InvalidArgument, ServiceError, disk_full
 from services.jobs import JobService
 
 log = logging.getLogger(__name__)
@@ -30,15 +40,24 @@ def _status(error: ServiceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
 
 
-def _handles_errors(method: Callable) -> Callable:
-    """ServiceError -> its status; anything else -> INTERNAL with the error logged (a bug
-    must fail one call, not the server)."""
+def _abort(context: grpc.ServicerContext, method: str, error: Exception) -> NoReturn:
+    if isinstance(error, ServiceError):
+        context.abort(_status(error), error.message)
+    full = disk_full(error)
+    if full is not None:
+        log.error("%s: the data folder's disk is full: %s", method, error)
+        context.abort(_status(full), full.message)
+    if isinstance(error, grpc.RpcError) and not context.is_active():
+        # Reading the request stream failed because the client went away: no one to answer.
+        context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", error_id, method, exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error, see server log {error_id}")
 
-    def abort(context: grpc.ServicerContext, error: Exception) -> None:
-        if isinstance(error, ServiceError):
-            context.abort(_status(error), error.message)
-        log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+def _handles_errors(method: Callable) -> Callable:
+    """Any exception of the RPC -> its status, by `_abort` (a bug fails one call, not the
+    server)."""
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
@@ -46,7 +65,7 @@ def _handles_errors(method: Callable) -> Callable:
             try:
                 yield from method(self, request, context)
             except Exception as error:
-                abort(context, error)
+                _abort(context, method.__name__, error)
         return streaming
 
     @functools.wraps(method)
@@ -54,7 +73,7 @@ def _handles_errors(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Exception as error:
-            abort(context, error)
+            _abort(context, method.__name__, error)
     return unary
 
 
@@ -100,6 +119,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def UploadDataset(self, request_iterator: Iterator[pb.UploadDatasetRequest],
                       context) -> pb.DatasetInfo:
         tenant = self._tenant(context)
+        request_iterator = _with_idle_timeout(request_iterator,
+                                              self.service.upload_limits.idle_seconds)
         first = next(request_iterator, None)
         header = None
         if first is not None and first.HasField("header"):
@@ -135,3 +156,122 @@ def _chunks(requests: Iterator[Any]) -> Iterator[bytes]:
             raise InvalidArgument("header", f"message {index} is a second header; after the "
                                             f"header come only chunks")
         yield request.chunk
+
+
+def _with_idle_timeout(requests: Iterator[Any], idle_seconds: float) -> Iterator[Any]:
+    """The client's messages as they arrive; DEADLINE_EXCEEDED when none arrives for
+    `idle_seconds`, so a stalled client cannot hold an RPC thread and a temporary file.
+
+    gRPC's request iterator has no timeout of its own: a helper thread reads it into a
+    one-message queue (memory stays at one chunk). The thread ends with the call, which gRPC
+    closes as soon as this RPC answers."""
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    finished = threading.Event()
+    end = object()
+
+    def read() -> None:
+        try:
+            for request in requests:
+                if not _put(request):
+                    return
+            _put(end)
+        except Exception as error:  # the client went away, or a message did not decode
+            _put(error)
+
+    def _put(item: Any) -> bool:
+        while not finished.is_set():
+            try:
+                slot.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    threading.Thread(target=read, name="upload-reader", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = slot.get(timeout=idle_seconds)
+            except queue.Empty:
+                raise DeadlineExceeded(f"chunk: no message for {idle_seconds:g} s; the upload "
+                                       f"was abandoned") from None
+            if item is end:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        finished.set()
+
+
+# --- requests that do not parse -------------------------------------------------------------
+
+
+class UndecodableRequest(InvalidArgument):
+    def __init__(self, message_name: str, error: Exception):
+        super().__init__("request", f"not a valid {message_name} message: {error}")
+
+
+class _Undecoded:
+    """What a request that failed to parse becomes, instead of gRPC's INTERNAL."""
+
+    def __init__(self, error: UndecodableRequest):
+        self.error = error
+
+
+class RequestDecodingInterceptor(grpc.ServerInterceptor):
+    """Requests whose bytes do not parse (truncated, corrupted, nested too deep, invalid UTF-8
+    in a string) get INVALID_ARGUMENT "request: not a valid <Message> message: ...".
+
+    gRPC calls the deserializer itself and answers INTERNAL when it raises; here it never
+    raises, and the handler answers for the undecodable request instead."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = _decoder(handler.request_deserializer)
+        if handler.request_streaming:
+            behavior = handler.stream_stream or handler.stream_unary
+
+            def checked(requests: Iterator[Any]) -> Iterator[Any]:
+                for request in requests:
+                    if isinstance(request, _Undecoded):
+                        raise request.error
+                    yield request
+
+            if handler.response_streaming:
+                def stream_stream(requests, context):
+                    try:
+                        yield from behavior(checked(requests), context)
+                    except UndecodableRequest as error:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+                return handler._replace(stream_stream=stream_stream, request_deserializer=decode)
+
+            def stream_unary(requests, context):
+                try:
+                    return behavior(checked(requests), context)
+                except UndecodableRequest as error:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            return handler._replace(stream_unary=stream_unary, request_deserializer=decode)
+
+        field = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = getattr(handler, field)
+
+        def unary_request(request, context):
+            if isinstance(request, _Undecoded):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error.message)
+            return behavior(request, context)
+        return handler._replace(**{field: unary_request, "request_deserializer": decode})
+
+
+def _decoder(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message_name = name.full_name if name is not None else "request"
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # protobuf's DecodeError, RecursionError, ...
+            return _Undecoded(UndecodableRequest(message_name, error))
+    return decode

@@ -12,6 +12,7 @@ The records here are plain dataclasses; protobuf conversion lives in `services/c
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     task TEXT NOT NULL,
     num_classes INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    target_shape TEXT,
     PRIMARY KEY (tenant, name)
 );
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -147,6 +149,9 @@ class DatasetRecord:
     task: str
     num_classes: int
     created_at: float = field(default_factory=time.time)
+    # () for class labels, (k,) for k regression targets; None in rows stored before it was
+    # kept (read it from the file's header then).
+    target_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,15 @@ class Store:
         self._ended: OrderedDict[str, JobRecord] = OrderedDict()
         self._ended_lock = threading.Lock()
         self._connection().executescript(SCHEMA)  # idempotent; executescript commits itself
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps an old
+        table as it was)."""
+        db = self._connection()
+        columns = {row["name"] for row in db.execute("PRAGMA table_info(datasets)")}
+        if "target_shape" not in columns:
+            db.execute("ALTER TABLE datasets ADD COLUMN target_shape TEXT")
 
     # --- connections and transactions ----------------------------------------------------------
 
@@ -190,10 +204,13 @@ class Store:
         db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
         try:
             yield db
+            # In WAL mode the pages reach the disk at COMMIT: a full disk fails here, and the
+            # transaction (with its write lock) stays open unless rolled back below.
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, IOERR)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     # --- jobs --------------------------------------------------------------------------------
 
@@ -336,12 +353,16 @@ class Store:
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO datasets (tenant, name, format, size_bytes, sha256, path, "
+                    "samples, validation_samples, feature_shape, integer_features, task, "
+                    "num_classes, created_at, target_shape) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.tenant, record.name, record.format, record.size_bytes,
                      record.sha256, record.path, record.samples, record.validation_samples,
                      json.dumps(list(record.feature_shape)), record.integer_features,
-                     record.task, record.num_classes,
-                     record.created_at))
+                     record.task, record.num_classes, record.created_at,
+                     None if record.target_shape is None
+                     else json.dumps(list(record.target_shape))))
         except sqlite3.IntegrityError as error:
             raise AlreadyExists(f"header.name: a data set named {record.name!r} already "
                                 f"exists; delete it first") from error
@@ -400,12 +421,18 @@ def _dataset(row: sqlite3.Row) -> DatasetRecord:
         feature_shape=tuple(json.loads(row["feature_shape"])),
         integer_features=bool(row["integer_features"]), task=row["task"],
         num_classes=row["num_classes"], created_at=row["created_at"],
+        target_shape=(None if row["target_shape"] is None
+                      else tuple(json.loads(row["target_shape"]))),
     )
+
+
+PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,18}")  # a rowid: positive, below SQLite's 2**63
 
 
 def parse_page_token(token: str) -> int | None:
     if not token:
         return None
-    if not token.isdigit():
-        raise InvalidArgument("page_token", f"not a token this server issued: {token!r}")
+    if not PAGE_TOKEN.fullmatch(token) or int(token) >= 2**63:
+        shown = token if len(token) <= 40 else f"{token[:40]}..."
+        raise InvalidArgument("page_token", f"not a token this server issued: {shown!r}")
     return int(token)

@@ -1,37 +1,71 @@
 """Uploaded data sets: receive a stream of chunks, check it, and keep it as a validated .npz.
 
 The bytes go to a temporary file while their size and SHA-256 are counted; only a complete
-stream with the announced size and hash is parsed, only a file that parses into a valid
-data set (numbers only, matching sample counts) is moved into place, and only then is the
-store's row written. Any failure removes the temporary file: a bad upload leaves nothing.
+stream with the announced size and hash is checked, only a file that forms a valid data set
+(numbers only, matching sample counts, finite values, class labels in range) is moved into
+place, and only then is the store's row written. Any failure removes the temporary files: a
+bad upload leaves nothing.
 
-No pickle, ever: `.npz` files are read with `allow_pickle=False`, so an object array (which
-would need unpickling) is refused instead of run.
+What an upload may cost is bounded before it is paid (`UploadLimits`):
+- an .npz is judged by what its headers declare (entry sizes, each array's dtype and shape)
+  before any data is decompressed, then read in chunks; a file that passes is kept as it was
+  sent, so nothing is ever whole in memory;
+- a CSV is parsed as a stream, rows and columns capped, into temporary files that become an
+  uncompressed .npz;
+- what the store needs later (shapes, task, class count) is computed on the way and kept in its
+  row, so submitting a job never reads the file again.
+
+No pickle, ever: object arrays are refused from their header, and stored files are read with
+`allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TypeVar
 
 import numpy as np
 
-from scheduler.datasets import Dataset, from_arrays
+from scheduler.datasets import CLASSIFICATION, REGRESSION, Dataset, from_arrays
 from services.errors import InvalidArgument
+from services.npz_archive import EntryError, NpyEntry, NpzWriter, iter_values, read_entries
 from services.store import DatasetRecord
 
 FORMATS = ("npz", "csv")
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+TRAINING_VALUE_BYTES = 8  # int64 tokens and labels, float64 jobs: the widest a job loads
+CSV_BLOCK_ROWS = 4096
+COPY_BYTES = 1 << 20
+MiB = 1024 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one upload may cost the server, beyond its size (`max_upload_bytes`)."""
+
+    # The data set as a job loads it (8 bytes a value): what training it costs in memory.
+    max_dataset_bytes: int = 1024 * MiB
+    # Uncompressed bytes an .npz may declare per uploaded byte. Real data compresses a few
+    # times, a zip bomb about a thousand times; the limit keeps a small upload small on disk.
+    max_expansion: float = 100.0
+    max_csv_rows: int = 10_000_000
+    max_csv_columns: int = 10_000
+    max_csv_line_chars: int = 1 * MiB
+    # Class labels are 0..max; the model's output needs one unit per class.
+    max_classes: int = 1 << 20
+    # An upload whose client sends nothing for this long is abandoned (its thread freed).
+    idle_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +75,20 @@ class UploadHeader:
     label_column: str
     size_bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the store keeps about a data set's arrays, so nothing needs to load them to
+    validate a job."""
+
+    samples: int
+    validation_samples: int
+    feature_shape: tuple[int, ...]
+    integer_features: bool
+    task: str
+    num_classes: int
+    target_shape: tuple[int, ...]  # () for class labels, (k,) for k regression targets
 
 
 def check_header(header: UploadHeader | None, max_bytes: int) -> UploadHeader:
@@ -86,6 +134,8 @@ def receive(header: UploadHeader, chunks: Iterable[bytes], folder: Path) -> Path
                                                    f"header.size_bytes")
                 digest.update(chunk)
                 handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())  # an accepted .npz is renamed into place as it is
         if received != header.size_bytes:
             raise InvalidArgument("chunk", f"truncated stream: received {received} of the "
                                            f"{header.size_bytes} bytes announced in "
@@ -99,11 +149,45 @@ def receive(header: UploadHeader, chunks: Iterable[bytes], folder: Path) -> Path
     return path
 
 
-def parse(header: UploadHeader, path: Path) -> dict[str, np.ndarray]:
-    """The arrays x, y (and x_val, y_val) of a received file, checked to form a data set."""
-    arrays = _read_npz(path) if header.format == "npz" else _read_csv(path, header.label_column)
-    to_dataset(arrays)  # raises InvalidArgument when the arrays do not form a data set
-    return arrays
+def store_upload(header: UploadHeader, received: Path, destination: Path,
+                 limits: UploadLimits) -> DataSummary:
+    """Check the received file and put the data set at `destination` (an .npz): an .npz as
+    it was sent, a CSV converted. Raises InvalidArgument naming the field when the file is
+    not a data set this server accepts; nothing is left at `destination` then."""
+    if header.format == "npz":
+        summary = _check_npz(received, header.size_bytes, limits)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(received, destination)
+        return summary
+    return _write_atomically(destination, lambda handle: _convert_csv(
+        received, header.label_column, limits, handle))
+
+
+def record_for(tenant: str, header: UploadHeader, path: Path,
+               summary: DataSummary) -> DatasetRecord:
+    return DatasetRecord(
+        tenant=tenant, name=header.name, format=header.format, size_bytes=header.size_bytes,
+        sha256=header.sha256, path=str(path), samples=summary.samples,
+        validation_samples=summary.validation_samples, feature_shape=summary.feature_shape,
+        integer_features=summary.integer_features, task=summary.task,
+        num_classes=summary.num_classes, target_shape=summary.target_shape,
+    )
+
+
+def stored_target_shape(path: str | Path) -> tuple[int, ...]:
+    """A stored data set's target shape from its `y` header alone (for store rows written
+    before the target shape was kept)."""
+    with zipfile.ZipFile(path) as archive:
+        y = next(entry for entry in read_entries(archive) if entry.key == "y")
+    return tuple(y.shape[1:]) or (1,)
+
+
+# --- at training time ------------------------------------------------------------------------
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
 
 
 def to_dataset(arrays: dict[str, np.ndarray], name: str = "") -> Dataset:
@@ -115,114 +199,331 @@ def to_dataset(arrays: dict[str, np.ndarray], name: str = "") -> Dataset:
         raise InvalidArgument(field, str(error)) from error
 
 
-def store_arrays(arrays: dict[str, np.ndarray], folder: Path, name: str) -> Path:
-    """Write the canonical .npz atomically (the temporary name, fsync, rename)."""
-    from worker.weights_file import _write_atomically
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path = folder / f"{name}.npz"
-    _write_atomically(path, lambda handle: handle.write(buffer.getvalue()))
-    return path
+# --- .npz ----------------------------------------------------------------------------------------
 
 
-def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
-
-
-def record_for(tenant: str, header: UploadHeader, path: Path,
-               arrays: dict[str, np.ndarray]) -> DatasetRecord:
-    dataset = to_dataset(arrays)
-    return DatasetRecord(
-        tenant=tenant, name=header.name, format=header.format, size_bytes=header.size_bytes,
-        sha256=header.sha256, path=str(path), samples=len(dataset.x),
-        validation_samples=0 if dataset.x_val is None else len(dataset.x_val),
-        feature_shape=tuple(dataset.feature_shape),
-        integer_features=dataset.integer_features, task=dataset.task,
-        num_classes=dataset.num_classes,
-    )
-
-
-# --- formats ---------------------------------------------------------------------------------
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _check_npz(path: Path, upload_bytes: int, limits: UploadLimits) -> DataSummary:
     if not zipfile.is_zipfile(path):  # np.load would try other formats, pickle among them
         raise InvalidArgument("header.format", "not an .npz (zip) archive")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        with zipfile.ZipFile(path) as archive:
+            entries = {entry.key: entry for entry in read_entries(archive)}
+            _check_names(entries)
+            _check_declared_sizes(list(entries.values()), upload_bytes, limits)
+            summary = _summary_from_headers(entries)
+            classes = [_check_values(archive, entry, limits) for entry in entries.values()]
+    except EntryError as error:
+        raise InvalidArgument(error.key or "header.format", error.message) from error
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as error:
+        # zipfile's reading of a malformed directory (even an OSError: a seek before the start)
         raise InvalidArgument("header.format", f"not a readable .npz archive: {error}") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InvalidArgument("header.format", "a single .npy array, not an .npz archive with "
-                                               "arrays x and y")
-    arrays: dict[str, np.ndarray] = {}
-    with archive:
-        unknown = sorted(set(archive.files) - set(NPZ_ARRAYS))
-        if unknown:
-            raise InvalidArgument(unknown[0], f"unexpected array {unknown[0]!r}; an upload has "
-                                              f"x, y and optionally x_val, y_val")
-        for key in ("x", "y"):
-            if key not in archive.files:
-                raise InvalidArgument(key, f"the archive has no array {key!r} (it has "
-                                           f"{sorted(archive.files)})")
-        for key in archive.files:
-            try:
-                array = archive[key]
-            except ValueError as error:  # "Object arrays cannot be loaded when allow_pickle=False"
-                raise InvalidArgument(key, f"refused: {error} (pickled objects are never "
-                                           f"loaded)") from error
-            except (OSError, zipfile.BadZipFile, EOFError) as error:
-                raise InvalidArgument(key, f"unreadable array: {error}") from error
-            if array.dtype.kind not in "biuf":
-                raise InvalidArgument(key, f"must hold numbers, got dtype {array.dtype}")
-            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-                raise InvalidArgument(key, "contains NaN or infinite values")
-            arrays[key] = array
-    return arrays
+    if summary.task == CLASSIFICATION:
+        summary = _with_classes(summary, max(classes))
+    return summary
 
 
-def _read_csv(path: Path, label_column: str) -> dict[str, np.ndarray]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidArgument("header.format", f"a CSV must be UTF-8 text: {error}") from error
-    rows = list(csv.reader(io.StringIO(text)))
-    rows = [row for row in rows if row]
-    if len(rows) < 2:
+def _check_names(entries: dict[str, NpyEntry]) -> None:
+    unknown = sorted(set(entries) - set(NPZ_ARRAYS))
+    if unknown:
+        raise EntryError(unknown[0], f"unexpected array {unknown[0]!r}; an upload has x, y and "
+                                     f"optionally x_val, y_val")
+    for key in ("x", "y"):
+        if key not in entries:
+            raise EntryError(key, f"the archive has no array {key!r} (it has "
+                                  f"{sorted(entries)})")
+    for key, other in (("x_val", "y_val"), ("y_val", "x_val")):
+        if key in entries and other not in entries:
+            raise EntryError(key, f"x_val and y_val must both be given or both be left out; "
+                                  f"there is no {other}")
+
+
+def _check_declared_sizes(entries: list[NpyEntry], upload_bytes: int,
+                          limits: UploadLimits) -> None:
+    """Before any data is read: the sizes the headers declare are within the limits. The
+    largest entry is named, with its size."""
+    largest = max(entries, key=lambda entry: entry.declared_bytes)
+    declared = sum(entry.declared_bytes for entry in entries)
+    if declared > limits.max_expansion * upload_bytes:
+        raise EntryError(largest.key, f"declares {_size(largest.declared_bytes)} uncompressed "
+                                      f"({largest.declared_bytes} bytes, from "
+                                      f"{_size(largest.compressed_bytes)} compressed); the "
+                                      f"archive expands {declared / upload_bytes:.0f}x, this "
+                                      f"server accepts at most {limits.max_expansion:g}x")
+    values = sum(entry.data_bytes // entry.dtype.itemsize for entry in entries)
+    if values * TRAINING_VALUE_BYTES > limits.max_dataset_bytes:
+        raise EntryError(largest.key, f"declares shape {largest.shape} of {largest.dtype} "
+                                      f"({largest.declared_bytes} bytes); the data set would "
+                                      f"take {_size(values * TRAINING_VALUE_BYTES)} to train on, "
+                                      f"over this server's limit of "
+                                      f"{_size(limits.max_dataset_bytes)}")
+
+
+def _summary_from_headers(entries: dict[str, NpyEntry]) -> DataSummary:
+    """Shapes, task and sample counts from the declared shapes and dtypes (no data read)."""
+    x, y = entries["x"], entries["y"]
+    if len(x.shape) < 2:
+        raise EntryError("x", f"must have a sample axis and feature axes, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise EntryError("x", f"has no samples (shape {x.shape})")
+    if 0 in x.shape[1:]:
+        raise EntryError("x", f"each sample must have at least one feature, got shape "
+                              f"{x.shape}")
+    _check_targets(y, "y")
+    if len(y.shape) == 0 or y.shape[0] != x.shape[0]:
+        raise EntryError("x", f"x has {x.shape[0]} samples but y has "
+                              f"{y.shape[0] if y.shape else 'none (a scalar)'}")
+    validation = 0
+    if "x_val" in entries:
+        x_val, y_val = entries["x_val"], entries["y_val"]
+        if x_val.shape[1:] != x.shape[1:] or len(x_val.shape) != len(x.shape):
+            raise EntryError("x_val", f"x_val samples have shape {x_val.shape[1:]}, x samples "
+                                      f"{x.shape[1:]}")
+        if x_val.shape[0] == 0:
+            raise EntryError("x_val", "has no samples; leave x_val and y_val out to hold out "
+                                      "data.validation_fraction instead")
+        if _is_integer(x_val) != _is_integer(x):
+            raise EntryError("x_val", f"has dtype {x_val.dtype} but x has {x.dtype}: both "
+                                      f"tokens (integers) or both floats")
+        _check_targets(y_val, "y_val")
+        if _is_integer(y_val) != _is_integer(y) or y_val.shape[1:] != y.shape[1:]:
+            raise EntryError("y_val", f"has shape {y_val.shape} of {y_val.dtype} but y has "
+                                      f"{y.shape} of {y.dtype}: targets must be alike")
+        if y_val.shape[0] != x_val.shape[0]:
+            raise EntryError("x_val", f"x_val has {x_val.shape[0]} samples but y_val has "
+                                      f"{y_val.shape[0]}")
+        validation = x_val.shape[0]
+    classification = _is_integer(y)
+    return DataSummary(
+        samples=x.shape[0], validation_samples=validation, feature_shape=tuple(x.shape[1:]),
+        integer_features=_is_integer(x), task=CLASSIFICATION if classification else REGRESSION,
+        num_classes=0, target_shape=() if classification else (tuple(y.shape[1:]) or (1,)))
+
+
+def _check_targets(entry: NpyEntry, key: str) -> None:
+    if len(entry.shape) == 0:
+        raise EntryError(key, "must have one target per sample, got a scalar")
+    if _is_integer(entry) and len(entry.shape) != 1:
+        raise EntryError(key, f"class labels must be one per sample, shape (n,), got "
+                              f"{entry.shape}")
+
+
+def _check_values(archive: zipfile.ZipFile, entry: NpyEntry, limits: UploadLimits) -> int:
+    """Read the entry in chunks: floats must be finite, class labels in [0, max_classes).
+    Returns the class count its labels imply (0 for anything but labels)."""
+    labels = entry.key in ("y", "y_val") and _is_integer(entry)
+    classes = 0
+    for values in iter_values(archive, entry):
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise EntryError(entry.key, "contains NaN or infinite values")
+        if labels and values.size:
+            low, high = int(values.min()), int(values.max())
+            if low < 0:
+                raise EntryError(entry.key, f"class labels must be >= 0, got {low}")
+            if high >= limits.max_classes:
+                raise EntryError(entry.key, f"class label {high} is over this server's limit "
+                                            f"of {limits.max_classes} classes")
+            classes = max(classes, high + 1)
+    return classes
+
+
+def _is_integer(entry: NpyEntry) -> bool:
+    return entry.dtype.kind in "biu"
+
+
+def _with_classes(summary: DataSummary, num_classes: int) -> DataSummary:
+    return DataSummary(summary.samples, summary.validation_samples, summary.feature_shape,
+                       summary.integer_features, summary.task, num_classes,
+                       summary.target_shape)
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LabelStats:
+    """Running facts about the label column, for deciding classes or regression at the end."""
+
+    whole: bool = True  # every label a whole number so far: classes
+    first_negative: tuple[int, float] | None = None  # (line, value)
+    first_too_large: tuple[int, float] | None = None
+    largest: float = 0.0
+
+    def add(self, labels: np.ndarray, lines: np.ndarray, max_classes: int) -> None:
+        self.whole = self.whole and bool(np.all(labels == np.round(labels)))
+        if not self.whole:
+            return
+        self.largest = max(self.largest, float(labels.max()))
+        if self.first_negative is None and np.any(labels < 0):
+            at = int(np.argmax(labels < 0))
+            self.first_negative = (int(lines[at]), float(labels[at]))
+        if self.first_too_large is None and np.any(labels >= max_classes):
+            at = int(np.argmax(labels >= max_classes))
+            self.first_too_large = (int(lines[at]), float(labels[at]))
+
+
+def _convert_csv(path: Path, label_column: str, limits: UploadLimits,
+                 output: IO[bytes]) -> DataSummary:
+    """Parse the CSV a block of rows at a time into temporary raw files (features and labels,
+    float64), then write them to `output` as an .npz of x and y."""
+    with (open(path, encoding="utf-8-sig", newline="") as text,
+          tempfile.TemporaryFile(dir=path.parent) as x_raw,
+          tempfile.TemporaryFile(dir=path.parent) as y_raw):
+        reader = csv.reader(_bounded_lines(text, limits.max_csv_line_chars))
+        try:
+            rows, features, stats = _parse_csv(reader, label_column, limits, x_raw, y_raw)
+        except csv.Error as error:
+            raise InvalidArgument("header.format", f"CSV line {reader.line_num}: "
+                                                   f"{error}") from error
+        except UnicodeDecodeError as error:
+            raise InvalidArgument("header.format", f"a CSV must be UTF-8 text; after line "
+                                                   f"{reader.line_num}: {error}") from error
+        classification = stats.whole
+        if classification:
+            for found, problem in ((stats.first_negative, "class labels must be >= 0"),
+                                   (stats.first_too_large, f"class labels must be below this "
+                                                           f"server's limit of "
+                                                           f"{limits.max_classes} classes")):
+                if found is not None:
+                    raise InvalidArgument(
+                        "header.label_column",
+                        f"CSV line {found[0]}, column {label_column!r}: {found[1]:g}: {problem} "
+                        f"(whole-number labels are classes; regression targets need at least "
+                        f"one value with a fraction)")
+        label_type = np.dtype(np.int64) if classification else np.dtype(np.float64)
+        with NpzWriter(output) as npz:
+            npz.add("x", np.dtype(np.float64), (rows, features), _file_chunks(x_raw))
+            npz.add("y", label_type, (rows,), (np.frombuffer(chunk, np.float64).astype(
+                label_type).tobytes() for chunk in _file_chunks(y_raw)))
+    return DataSummary(
+        samples=rows, validation_samples=0, feature_shape=(features,), integer_features=False,
+        task=CLASSIFICATION if classification else REGRESSION,
+        num_classes=int(stats.largest) + 1 if classification else 0,
+        target_shape=() if classification else (1,))
+
+
+def _parse_csv(reader: Iterator[list[str]], label_column: str, limits: UploadLimits,
+               x_raw: IO[bytes], y_raw: IO[bytes]) -> tuple[int, int, _LabelStats]:
+    """(rows, features, label statistics); features and labels are appended to the raw
+    files as float64."""
+    header = next((row for row in reader if row), None)
+    if header is None:
         raise InvalidArgument("header.format", "a CSV needs a header row and at least one "
                                                "sample row")
-    columns = [name.strip() for name in rows[0]]
-    if label_column not in columns:
+    columns = [name.strip() for name in header]
+    if len(columns) > limits.max_csv_columns:
+        raise InvalidArgument("header.format", f"the CSV has {len(columns)} columns; this "
+                                               f"server accepts at most "
+                                               f"{limits.max_csv_columns}")
+    named = columns.count(label_column)
+    if named == 0:
+        shown = columns if len(columns) <= 20 else columns[:20] + ["..."]
         raise InvalidArgument("header.label_column", f"no column {label_column!r}; the columns "
-                                                     f"are {columns}")
+                                                     f"are {shown}")
+    if named > 1:
+        raise InvalidArgument("header.label_column", f"the CSV has {named} columns named "
+                                                     f"{label_column!r}")
     if len(columns) < 2:
         raise InvalidArgument("header.label_column", "the CSV has no feature columns")
     label_index = columns.index(label_column)
-    features, labels = [], []
-    for line, row in enumerate(rows[1:], start=2):
+    feature_indices = [i for i in range(len(columns)) if i != label_index]
+    max_rows = min(limits.max_csv_rows,
+                   limits.max_dataset_bytes // (TRAINING_VALUE_BYTES * len(columns)))
+    block = np.empty((CSV_BLOCK_ROWS, len(columns)))
+    lines = np.empty(CSV_BLOCK_ROWS, dtype=np.int64)
+    stats, rows, filled = _LabelStats(), 0, 0
+
+    def flush() -> None:
+        values = block[:filled]
+        finite = np.isfinite(values)
+        if not finite.all():
+            row, column = np.argwhere(~finite)[0]
+            raise InvalidArgument("header.format", f"CSV line {lines[row]}, column "
+                                                   f"{columns[column]!r}: {values[row, column]} "
+                                                   f"is not finite")
+        x_raw.write(values[:, feature_indices].tobytes())
+        y_raw.write(values[:, label_index].tobytes())
+        stats.add(values[:, label_index], lines[:filled], limits.max_classes)
+
+    for row in reader:
+        if not row:
+            continue
         if len(row) != len(columns):
-            raise InvalidArgument("header.format", f"CSV line {line} has {len(row)} fields, "
-                                                   f"the header {len(columns)}")
-        values = []
-        for column, cell in zip(columns, row):
-            try:
-                values.append(float(cell))
-            except ValueError:
-                raise InvalidArgument("header.format", f"CSV line {line}, column {column!r}: "
-                                                       f"not a number: {cell!r}") from None
-            if not np.isfinite(values[-1]):
-                raise InvalidArgument("header.format", f"CSV line {line}, column {column!r}: "
-                                                       f"{cell!r} is not finite")
-        labels.append(values.pop(label_index))
-        features.append(values)
-    y = np.asarray(labels, dtype=np.float64)
-    if np.all(y == np.round(y)):  # whole-number labels are classes
-        y = y.astype(np.int64)
-    return {"x": np.asarray(features, dtype=np.float64), "y": y}
+            raise InvalidArgument("header.format", f"CSV line {reader.line_num} has {len(row)} "
+                                                   f"fields, the header {len(columns)}")
+        rows += 1
+        if rows > max_rows:
+            raise InvalidArgument("header.format", f"the CSV has more than {max_rows} sample "
+                                                   f"rows, this server's limit for "
+                                                   f"{len(columns)} columns")
+        try:
+            block[filled] = [float(cell) for cell in row]
+        except ValueError:
+            column, cell = next((name, cell) for name, cell in zip(columns, row)
+                                if not _is_number(cell))
+            raise InvalidArgument("header.format", f"CSV line {reader.line_num}, column "
+                                                   f"{column!r}: not a number: "
+                                                   f"{cell[:40]!r}") from None
+        lines[filled] = reader.line_num
+        filled += 1
+        if filled == CSV_BLOCK_ROWS:
+            flush()
+            filled = 0
+    if filled:
+        flush()
+    if rows == 0:
+        raise InvalidArgument("header.format", "a CSV needs a header row and at least one "
+                                               "sample row")
+    return rows, len(feature_indices), stats
 
 
-def chunked(data: bytes, size: int) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start:start + size]
+def _bounded_lines(text: IO[str], max_chars: int) -> Iterator[str]:
+    """The text's lines, refusing one longer than `max_chars` before it is held whole."""
+    number = 0
+    while line := text.readline(max_chars + 1):
+        number += 1
+        if len(line) > max_chars:
+            raise InvalidArgument("header.format", f"CSV line {number} is longer than this "
+                                                   f"server's limit of {max_chars} characters")
+        yield line
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    handle.seek(0)
+    while chunk := handle.read(COPY_BYTES):
+        yield chunk
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], T]) -> T:
+    """Write to a temporary name beside `path`, fsync, rename: readers see all or nothing.
+    The file is the tenant's data: readable by the server's user only (mkstemp's 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            result = write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

@@ -6,8 +6,11 @@ must be exactly as they were before the request."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import warnings
+import zipfile
 
 import grpc
 import numpy as np
@@ -17,16 +20,21 @@ from chainrule.client import Client
 from chainrule.v1 import job_pb2
 from chainrule.v1 import training_service_pb2 as pb
 from services.server import serve
+from services.uploads import UploadLimits
 from tests.services.helpers import data_files, iris_spec, rpc_error
 
 pytestmark = [pytest.mark.distributed]
 
 UPLOAD_LIMIT = 256 * 1024
+CSV_MAX_ROWS = 1000
+CSV_MAX_COLUMNS = 100
 
 
 @pytest.fixture(scope="module")
 def server(local_ray, tmp_path_factory):
-    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), max_upload_bytes=UPLOAD_LIMIT)
+    limits = UploadLimits(max_csv_rows=CSV_MAX_ROWS, max_csv_columns=CSV_MAX_COLUMNS)
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), max_upload_bytes=UPLOAD_LIMIT,
+                    upload_limits=limits)
     with Client(running.address) as client:  # for the duplicate-name case
         client.upload_stream(*_npz_upload("taken", x=np.ones((4, 2)), y=np.arange(4)))
     yield running
@@ -154,6 +162,13 @@ def test_an_invalid_spec_is_refused_naming_the_field_and_nothing_is_stored(
              grpc.StatusCode.INVALID_ARGUMENT, field)
 
 
+@pytest.mark.parametrize("token", [str(2**70), "\u00b2", "-1", " 1", "9" * 400],
+                         ids=["2**70", "superscript two", "negative", "space", "400 digits"])
+def test_a_page_token_this_server_did_not_issue_is_refused(server, token):
+    _refused(server, lambda client: client.list(page_token=token),
+             grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+
+
 def test_an_overlong_request_id_is_refused(server):
     _refused(server, lambda client: client.submit(iris_spec(), request_id="x" * 200),
              grpc.StatusCode.INVALID_ARGUMENT, "request_id")
@@ -180,8 +195,59 @@ def _npz_upload(name: str, **arrays):
 
 
 def _csv_upload(name: str, text: str, label_column: str = "label"):
-    data = text.encode()
+    return _raw_csv_upload(name, text.encode(), label_column)
+
+
+def _raw_csv_upload(name: str, data: bytes, label_column: str = "label"):
     return _header(name, data, "csv", label_column=label_column), [data]
+
+
+def _upload_of(name: str, data: bytes):
+    return _header(name, data), [data]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npy_with_shape(array: np.ndarray, shape: tuple[int, ...]) -> bytes:
+    """The array's data behind a .npy header that claims another shape."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {
+        "descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+        "shape": shape})
+    return buffer.getvalue() + array.tobytes()
+
+
+def _zip_upload(name: str, entries: list[tuple[str, bytes]],
+                compression: int = zipfile.ZIP_STORED):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a duplicate name; we mean it
+        with zipfile.ZipFile(buffer, "w", compression) as archive:
+            for entry, data in entries:
+                archive.writestr(entry, data)
+    return _upload_of(name, buffer.getvalue())
+
+
+def _compressed_npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _zip_bomb() -> bytes:
+    """94 MiB of uint8 zeros deflated into 95 KiB (once widened to int64 for training, 752
+    MiB)."""
+    return _compressed_npz(x=np.zeros((94 * 1024, 1024), dtype=np.uint8),
+                           y=np.zeros(94 * 1024, dtype=np.int64))
+
+
+def _flip_byte(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
 
 
 GOOD = _npz_bytes(x=np.ones((4, 2)), y=np.arange(4))
@@ -244,6 +310,74 @@ BAD_UPLOADS = [
      grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
     ("CSV with a short row", lambda: _csv_upload("a", "f1,f2,label\n1,2,0\n3,1\n"),
      grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV field over the csv module's limit",
+     lambda: _csv_upload("a", "f1,label\n" + "1" * 200_000 + ",0\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV with a NUL byte", lambda: _csv_upload("a", "f1,label\n1\x00,0\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV that is not UTF-8", lambda: _raw_csv_upload("a", b"f1,label\n\xff\xfe,0\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV with infinity", lambda: _csv_upload("a", "f1,label\ninf,0\n1,1\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV with the label column named twice", lambda: _csv_upload("a", "label,f1,label\n0,1,0\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.label_column"),
+    ("CSV with a negative class label", lambda: _csv_upload("a", "f1,label\n1,0\n2,-1\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.label_column"),
+    ("CSV with more rows than the server's cap",
+     lambda: _csv_upload("a", "f1,label\n" + "1,0\n" * (CSV_MAX_ROWS + 1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("CSV with more columns than the server's cap",
+     lambda: _csv_upload("a", ",".join(f"f{i}" for i in range(CSV_MAX_COLUMNS)) + ",label\n"
+                         + "1," * CSV_MAX_COLUMNS + "0\n"),
+     grpc.StatusCode.INVALID_ARGUMENT, "header.format"),
+    ("zero-width features", lambda: _npz_upload("a", x=np.ones((4, 0)), y=np.arange(4)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("no samples", lambda: _npz_upload("a", x=np.ones((0, 2)), y=np.arange(0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("class label >= 2**32 (DatasetInfo.num_classes is a uint32)",
+     lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.array([0, 1, 2, 2**32])),
+     grpc.StatusCode.INVALID_ARGUMENT, "y"),
+    ("negative class label", lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.array([0, -1, 1, 0])),
+     grpc.StatusCode.INVALID_ARGUMENT, "y"),
+    ("class labels of two dimensions",
+     lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.zeros((4, 2), dtype=np.int64)),
+     grpc.StatusCode.INVALID_ARGUMENT, "y"),
+    ("x_val without y_val",
+     lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.arange(4), x_val=np.ones((2, 2))),
+     grpc.StatusCode.INVALID_ARGUMENT, "x_val"),
+    ("x_val of another feature shape",
+     lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.arange(4), x_val=np.ones((2, 3)),
+                         y_val=np.arange(2)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x_val"),
+    ("float y_val for class labels",
+     lambda: _npz_upload("a", x=np.ones((4, 2)), y=np.arange(4), x_val=np.ones((2, 2)),
+                         y_val=np.ones(2)),
+     grpc.StatusCode.INVALID_ARGUMENT, "y_val"),
+    ("complex features", lambda: _npz_upload("a", x=np.ones((4, 2), dtype=complex),
+                                             y=np.arange(4)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("duplicate zip entries (each would be decompressed)",
+     lambda: _zip_upload("a", [("x.npy", _npy(np.ones((4, 2)))), ("y.npy", _npy(np.arange(4))),
+                               ("x.npy", _npy(np.zeros((4, 2))))]),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("zip bomb: 95 KiB that declares 94 MiB", lambda: _upload_of("a", _zip_bomb()),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    (".npy header declares more data than its entry holds",
+     lambda: _zip_upload("a", [("x.npy", _npy(np.ones((4, 2)))[:-16]),
+                               ("y.npy", _npy(np.arange(4)))]),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    (".npy header with a shape of 2**62 samples",
+     lambda: _zip_upload("a", [("x.npy", _npy_with_shape(np.ones((4, 2)), (2**62, 2))),
+                               ("y.npy", _npy(np.arange(4)))]),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("LZMA-compressed entry (its dictionary could take gigabytes)",
+     lambda: _zip_upload("a", [("x.npy", _npy(np.ones((4, 2)))), ("y.npy", _npy(np.arange(4)))],
+                         compression=zipfile.ZIP_LZMA),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
+    ("corrupted compressed data",
+     lambda: _upload_of("a", _flip_byte(_compressed_npz(x=np.ones((64, 8)), y=np.arange(64)),
+                                        offset=80)),
+     grpc.StatusCode.INVALID_ARGUMENT, "x"),
 ]
 
 

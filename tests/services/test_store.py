@@ -91,3 +91,30 @@ def test_a_data_set_name_is_unique_per_tenant(tmp_path):
     assert [d.name for d in store.list_datasets("acme")] == ["d"]
     assert store.delete_dataset("default", "d") is not None
     assert store.list_datasets("default") == []
+
+
+def test_a_database_from_before_target_shapes_gains_the_column_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "db"
+    with sqlite3.connect(path) as old:  # the datasets table as the first release created it
+        old.execute("CREATE TABLE datasets (tenant TEXT NOT NULL, name TEXT NOT NULL, "
+                    "format TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, "
+                    "path TEXT NOT NULL, samples INTEGER NOT NULL, validation_samples INTEGER "
+                    "NOT NULL, feature_shape TEXT NOT NULL, integer_features INTEGER NOT NULL, "
+                    "task TEXT NOT NULL, num_classes INTEGER NOT NULL, created_at REAL NOT NULL, "
+                    "PRIMARY KEY (tenant, name))")
+        old.execute("INSERT INTO datasets VALUES ('default', 'old', 'npz', 10, ?, '/x', 4, 0, "
+                    "'[2]', 0, 'regression', 0, 1.0)", ("0" * 64,))
+    old.close()
+    store = Store(path)
+    legacy = store.get_dataset("default", "old")
+    assert (legacy.feature_shape, legacy.target_shape) == ((2,), None)  # unknown: not guessed
+    store.add_dataset(DatasetRecord("default", "new", "npz", 10, "0" * 64, "/y", 4, 0, (2,),
+                                    False, "regression", 0, target_shape=(3,)))
+    assert store.get_dataset("default", "new").target_shape == (3,)
+
+
+@pytest.mark.parametrize("token", ["0", "007", str(2**63), "1e3", "\u0661"])
+def test_a_page_token_is_a_positive_rowid_below_two_to_the_63(token):
+    with pytest.raises(InvalidArgument, match="page_token"):
+        parse_page_token(token)
+    assert parse_page_token(str(2**63 - 1)) == 2**63 - 1
