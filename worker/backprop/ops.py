@@ -107,6 +107,16 @@ def _sigmoid(x):
     return sigmoid(x) if _is_tensor(x) else _sigmoid_forward(x)
 
 
+def _stack(xs, axis):
+    return stack(xs, axis) if any(_is_tensor(x) for x in xs) else np.stack(xs, axis)
+
+
+def _attention_weights(query, key, mask, scale):
+    if _is_tensor(query) or _is_tensor(key):
+        return apply(ATTENTION_WEIGHTS, query, key, mask=mask, scale=scale)
+    return _attention_weights_forward(query, key, mask, scale)
+
+
 def _softmax(x, axis):
     return softmax(x, axis) if _is_tensor(x) else _softmax_forward(x, axis)
 
@@ -504,17 +514,27 @@ def _cross_entropy_forward(logits, target, reduction="mean", label_smoothing=0.0
 
 
 def _cross_entropy_vjp(g, ans, logits, target, reduction="mean", label_smoothing=0.0):
-    # d/dz of -log softmax(z)[t] = softmax(z) - onehot(t)
+    # d/dz of -log softmax(z)[t] = softmax(z) - goal, goal = (1 - s) onehot(t) + s / classes
     n, classes = _mask(logits).shape
-    goal = np.zeros((n, classes), dtype=_mask(logits).dtype)
-    goal[np.arange(n), _mask(target)] = 1 - label_smoothing
-    if label_smoothing:
-        goal += label_smoothing / classes
     if reduction == "mean":
         g = g / n
     if reduction == "none":
         g = g.reshape((n, 1))
-    return (_softmax(logits, -1) - goal) * g
+    rows, target = np.arange(n), _mask(target)
+    if _is_tensor(logits) or _is_tensor(g):
+        goal = np.zeros((n, classes), dtype=_mask(logits).dtype)
+        goal[rows, target] = 1 - label_smoothing
+        if label_smoothing:
+            goal += label_smoothing / classes
+        return (_softmax(logits, -1) - goal) * g
+    # In place on the one fresh softmax array: this rule runs first in backward, when every
+    # activation is still alive, so it allocates no goal matrix and no second (n, classes) copy.
+    grad = _softmax_forward(logits, -1)
+    grad[rows, target] -= 1 - label_smoothing
+    if label_smoothing:
+        grad -= label_smoothing / classes
+    grad *= g
+    return grad
 
 
 CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp, None))
@@ -567,6 +587,69 @@ def _attention_weights_vjp_key(g, ans, query, key, mask=None, scale=1.0):
 ATTENTION_WEIGHTS = Op("attention_weights", _attention_weights_forward, (
     _attention_weights_vjp_query, _attention_weights_vjp_key,
 ), broadcasts=True)
+
+# Multi-head self-attention from packed projections, as one op: qkv (B, L, 3E) is the in-proj
+# output [q | k | v], each E wide and cut into heads; the result (B, L, E) has the heads side by
+# side, ready for the out-projection. It keeps only its input and output: P (B, h, L, L), the
+# largest array of a transformer block, is recomputed in backward (one more q k^T and softmax,
+# as flash attention does), and q, k, v get their gradients in one packed array, not one
+# zero-filled (B, L, 3E) scatter each. MultiheadAttention uses it for self-attention when the
+# weights are not returned and not dropped out; otherwise attention_weights and a matmul.
+
+
+def _split_heads(qkv, num_heads):
+    """(B, L, 3E) -> q, k, v, each (B, h, L, E/h): views on arrays, recorded ops on Tensors."""
+    batch, length, width = qkv.shape
+    parts = qkv.reshape((batch, length, 3, num_heads, width // (3 * num_heads)))
+    return [parts[:, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
+
+
+def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0):
+    q, k, v = _split_heads(qkv, num_heads)
+    weights = _attention_weights_forward(q, k, mask, scale)
+    batch, length, width = qkv.shape
+    out = np.empty((batch, length, width // 3), dtype=weights.dtype)
+    heads_view = out.reshape((batch, length, num_heads, -1)).transpose((0, 2, 1, 3))
+    np.matmul(weights, v, out=heads_view)  # P V written straight into the merged layout
+    return out
+
+
+def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0):
+    # O = P v  =>  dv = P^T dO, dP = dO v^T;  P = softmax(S), S = scale q k^T + mask
+    #   =>  dS = P (dP - <dP, P>), dq = scale dS k, dk = scale dS^T q
+    q, k, v = _split_heads(qkv, num_heads)
+    weights = _attention_weights(q, k, mask, scale)
+    batch, length, width = g.shape
+    g_heads = g.reshape((batch, length, num_heads, width // num_heads)).transpose((0, 2, 1, 3))
+    d_scores = _attention_scores_grad(g_heads @ _swap_last_axes(v), weights)
+    grads = [(d_scores @ k) * scale, (_swap_last_axes(d_scores) @ q) * scale,
+             _swap_last_axes(weights) @ g_heads]
+    packed = _stack([d.transpose((0, 2, 1, 3)) for d in grads], axis=2)  # (B, L, 3, h, E/h)
+    return packed.reshape(qkv.shape)
+
+
+SELF_ATTENTION = Op("self_attention", _self_attention_forward, (_self_attention_vjp,))
+
+# A feed-forward block's first half, relu(x W^T + b), as one op: the pre-activation is never
+# kept (the relu runs in place on the product), only the output, whose sign is relu's mask in
+# backward. Unfused, the block would hold both, each (B, L, dim_feedforward).
+
+
+def _linear_relu_forward(x, weight, bias=None):
+    out = _linear_forward(x, weight, bias)
+    np.maximum(out, 0, out=out)
+    return out
+
+
+def _through_relu(g, ans):
+    return g * (_mask(ans) > 0)  # relu' = [out > 0]
+
+
+LINEAR_RELU = Op("linear_relu", _linear_relu_forward, (
+    lambda g, ans, x, weight, bias=None: _linear_vjp_x(_through_relu(g, ans), ans, x, weight),
+    lambda g, ans, x, weight, bias=None: _linear_vjp_weight(_through_relu(g, ans), ans, x, weight),
+    lambda g, ans, x, weight, bias=None: _linear_vjp_bias(_through_relu(g, ans), ans, x, weight),
+))
 
 # --- layer normalisation -------------------------------------------------------------------
 
@@ -1105,6 +1188,16 @@ def layer_norm(x: Tensor, normalized_ndim: int = 1, weight: Tensor | None = None
     return apply(LAYER_NORM, x, weight, bias, axes=axes, eps=float(eps))
 
 
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """relu(x W^T + b) as one op, which keeps its output but not the pre-activation."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_relu: input has {x.shape[-1]} features (shape {x.shape}) but the weight "
+            f"expects {weight.shape[1]} (weight shape {weight.shape})"
+        )
+    return apply(LINEAR_RELU, x, weight, bias)
+
+
 def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
                       scale: float | None = None) -> Tensor:
     """softmax(scale q k^T + mask) over the keys: query (..., L, E), key (..., S, E) ->
@@ -1115,13 +1208,33 @@ def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
             f"attention_weights: query (..., L, E) and key (..., S, E) must share E, got "
             f"shapes {query.shape} and {key.shape}"
         )
-    if mask is not None:
-        mask = np.asarray(_mask(mask))
-        if mask.dtype.kind != "f":
-            raise ValueError(f"attention_weights: mask must be additive floats, got {mask.dtype}")
-        mask = mask.astype(np.result_type(query.dtype, key.dtype), copy=False)
+    mask = _attention_mask(mask, np.result_type(query.dtype, key.dtype), "attention_weights")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return apply(ATTENTION_WEIGHTS, query, key, mask=mask, scale=scale)
+
+
+def self_attention(qkv: Tensor, num_heads: int, mask: Any = None,
+                   scale: float | None = None) -> Tensor:
+    """Multi-head self-attention from packed projections: qkv (B, L, 3E) holds [q | k | v],
+    each split into num_heads heads; returns (B, L, E), the heads side by side. `mask` is
+    additive, broadcastable to (B, num_heads, L, L); scale defaults to 1/sqrt(E / num_heads).
+    One op that keeps no attention weights (they are recomputed in backward)."""
+    if qkv.ndim != 3 or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"self_attention: qkv must be (batch, L, 3 * num_heads * head_dim) "
+                         f"with num_heads={num_heads}, got shape {qkv.shape}")
+    mask = _attention_mask(mask, qkv.dtype, "self_attention")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    return apply(SELF_ATTENTION, qkv, num_heads=num_heads, mask=mask, scale=scale)
+
+
+def _attention_mask(mask: Any, dtype: Any, name: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(_mask(mask))
+    if mask.dtype.kind != "f":
+        raise ValueError(f"{name}: mask must be additive floats, got {mask.dtype}")
+    return mask.astype(dtype, copy=False)
 
 
 def cross_entropy(
@@ -1380,7 +1493,7 @@ OPS: dict[str, Op] = {
         RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
         SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
         LOG_SOFTMAX, CROSS_ENTROPY, STRAIGHT_THROUGH,
-        ATTENTION_WEIGHTS, LAYER_NORM,
+        ATTENTION_WEIGHTS, SELF_ATTENTION, LINEAR_RELU, LAYER_NORM,
         CONV2D, CONV_TRANSPOSE2D, CONV2D_WEIGHT_GRAD, MAX_POOL2D, AVG_POOL2D, AVG_POOL2D_BACKWARD,
     )
 }

@@ -559,6 +559,30 @@ def _attention_weights(d: Draw) -> Case:
                 [d.normal(batch + (queries, features)), d.normal(batch + (keys, features))])
 
 
+@case("self_attention")
+def _self_attention(d: Draw) -> Case:
+    batch, length, heads, head_dim = (d(st.integers(1, 3), label=n)
+                                      for n in ("batch", "L", "heads", "head_dim"))
+    mask = additive_mask(d, (batch, heads, length, length))
+    scale = d(st.sampled_from([None, 0.7]), label="scale")
+    return Case(lambda qkv: ops.self_attention(qkv, heads, mask, scale),
+                [d.normal((batch, length, 3 * heads * head_dim))])
+
+
+@case("linear_relu")
+def _linear_relu(d: Draw) -> Case:
+    batch = d(hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=3), label="batch")
+    features_in, features_out = (d(st.integers(1, 4), label=n) for n in ("in", "out"))
+    weight, bias = d.normal((features_out, features_in)), d.normal((features_out,))
+    for _ in range(100):  # finite differences need every pre-activation away from relu's kink
+        x = d.normal(batch + (features_in,))
+        if np.abs(x.data @ weight.data.T + bias.data).min() > 1e-2:
+            break
+    if d(st.booleans(), label="bias"):
+        return Case(ops.linear_relu, [x, weight, bias])
+    return Case(lambda x, w: ops.linear_relu(x, w, bias.data), [x, weight])
+
+
 @case("layer_norm")
 def _layer_norm(d: Draw) -> Case:
     shape = d(hnp.array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=4), label="shape")

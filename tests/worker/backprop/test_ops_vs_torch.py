@@ -116,6 +116,21 @@ PADDING_MASK[0, ..., 4:] = -np.inf
 PADDING_MASK[1, ..., [0, 4, 5]] = -np.inf
 
 
+def torch_self_attention(heads: int, mask: np.ndarray | None):
+    """Packed q | k | v cut into heads, attention written out, heads put side by side."""
+    def attend(qkv: torch.Tensor) -> torch.Tensor:
+        batch, length, width = qkv.shape
+        q, k, v = qkv.reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        weights = torch_attention_weights(mask)(q, k)
+        return (weights @ v).transpose(1, 2).reshape(batch, length, width // 3)
+
+    return attend
+
+
+SELF_CAUSAL = np.triu(np.full((4, 4), -np.inf), 1)
+SELF_PADDING = PADDING_MASK[..., :4]
+
+
 def distinct(shape: tuple[int, ...]):
     """Well-separated distinct values: no ties for max."""
     return lambda rng: [0.1 * (rng.permutation(int(np.prod(shape))) - 5.0).reshape(shape)]
@@ -287,6 +302,18 @@ PAIRS: dict[str, dict[str, Pair]] = {
         for name, mask in [("no_mask", None), ("causal", CAUSAL_MASK), ("padding", PADDING_MASK),
                            ("float", np.linspace(-1, 1, 24).reshape(4, 6))]
         for scale in [None, 0.3]
+    },
+    "self_attention": {
+        name: Pair(lambda qkv, mask=mask: ops.self_attention(qkv, 3, mask),
+                   torch_self_attention(3, mask), normal((2, 4, 18)))
+        for name, mask in [("no_mask", None), ("causal", SELF_CAUSAL), ("padding", SELF_PADDING),
+                           ("per_head_float", np.linspace(-1, 1, 96).reshape(2, 3, 4, 4))]
+    },
+    "linear_relu": {
+        "3d_input_with_bias": Pair(ops.linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b)),
+                                   normal((2, 3, 4), (5, 4), (5,))),
+        "no_bias": Pair(ops.linear_relu, lambda x, w: F.relu(F.linear(x, w)),
+                        normal((3, 4), (5, 4))),
     },
     "layer_norm": {
         "last_axis": Pair(lambda x, w, b: ops.layer_norm(x, 1, w, b),

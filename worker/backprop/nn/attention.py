@@ -85,19 +85,28 @@ class MultiheadAttention(Module):
         batched = query.ndim == 3
         self._check_inputs(query, key, value, batched)
         if not batched:  # (L, E): a batch of one
-            query, key, value = (x.reshape((1,) + x.shape) for x in (query, key, value))
+            query, key, value = self._each_once(lambda x: x.reshape((1,) + x.shape),
+                                                query, key, value)
         elif not self.batch_first:  # (L, batch, E) -> (batch, L, E)
-            query, key, value = (x.transpose(1, 0, 2) for x in (query, key, value))
+            query, key, value = self._each_once(lambda x: x.transpose(1, 0, 2),
+                                                query, key, value)
         batch, length, source = query.shape[0], query.shape[1], key.shape[1]
-
-        q, k, v = self._project(query, key, value)
         mask = self._merged_mask(key_padding_mask, attn_mask, is_causal, batch, length, source,
-                                 batched, q.dtype)
-        weights = ops.attention_weights(q, k, mask)  # (batch, heads, L, S)
-        if self.training and self.dropout > 0.0:
-            weights = F.dropout(weights, self.dropout, True)
-        heads = weights @ v  # (batch, heads, L, head_dim)
-        merged = heads.transpose(0, 2, 1, 3).reshape((batch, length, self.embed_dim))
+                                 batched, self.in_proj_weight.dtype)
+        dropout = self.dropout if self.training else 0.0
+
+        weights = None
+        if query is key and key is value and not need_weights and dropout == 0.0:
+            # The fused op: keeps no (batch, heads, L, L) weights, recomputes them in backward.
+            qkv = ops.linear(query, self.in_proj_weight, self.in_proj_bias)
+            merged = ops.self_attention(qkv, self.num_heads, mask)
+        else:
+            q, k, v = self._project(query, key, value)
+            weights = ops.attention_weights(q, k, mask)  # (batch, heads, L, S)
+            if dropout > 0.0:
+                weights = F.dropout(weights, dropout, True)
+            heads = weights @ v  # (batch, heads, L, head_dim)
+            merged = heads.transpose(0, 2, 1, 3).reshape((batch, length, self.embed_dim))
         output = self.out_proj(merged)
 
         if not batched:
@@ -130,6 +139,16 @@ class MultiheadAttention(Module):
         if batched and query.shape[batch_axis] != key.shape[batch_axis]:
             raise ValueError(f"MultiheadAttention: query {query.shape} and key {key.shape} "
                              f"have different batch sizes (batch_first={self.batch_first})")
+
+    @staticmethod
+    def _each_once(change, query: Tensor, key: Tensor, value: Tensor) -> list[Tensor]:
+        """change(x) for each input, once per distinct tensor, so that self-attention (the
+        same tensor three times) is still recognised as such afterwards."""
+        changed: dict[int, Tensor] = {}
+        for x in (query, key, value):
+            if id(x) not in changed:
+                changed[id(x)] = change(x)
+        return [changed[id(x)] for x in (query, key, value)]
 
     def _heads(self, x: Tensor, count: int) -> Tensor:
         """(batch, L, count * E) -> (count, batch, heads, L, head_dim), views only."""

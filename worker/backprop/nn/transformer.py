@@ -77,7 +77,13 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(out)
 
     def _feed_forward_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        if self.activation is ops.relu and getattr(self.linear1, "capture", None) is None:
+            # One op keeps relu's output only, not also the (batch, L, dim_feedforward)
+            # pre-activation; not when K-FAC's capture must see linear1's output.
+            hidden = ops.linear_relu(x, self.linear1.weight, self.linear1.bias)
+        else:
+            hidden = self.activation(self.linear1(x))
+        return self.dropout2(self.linear2(self.dropout(hidden)))
 
 
 class TransformerEncoder(Module):
