@@ -76,7 +76,7 @@ def run_ours(hidden: list[int], micro_shards: int, steps: int) -> dict:
             first.append(time.perf_counter() - start)
         records.append(record)
 
-    JobRunner(spec, random_data(steps), on_step=on_step).run()
+    JobRunner.for_spec(spec, random_data(steps), on_step=on_step).run()
     steady = records[min(5, len(records) // 2):]
 
     def median_ms(field) -> float:

@@ -38,7 +38,7 @@ from chainrule.spec_file import load_job_spec  # noqa: E402
 from scheduler import ray_cluster  # noqa: E402
 from scheduler.job_runner import JobRunner  # noqa: E402
 from scheduler.records import StepRecord  # noqa: E402
-from scheduler.training import prepare_dataset  # noqa: E402
+from scheduler.training import prepare_dataset, resolve_builtin_job  # noqa: E402
 from services.metrics import TrainingMetrics, start_metrics_server  # noqa: E402
 
 SPEC = ROOT / "services" / "specs" / "digits-mlp.yaml"
@@ -67,7 +67,7 @@ def train_once(spec, dataset, metrics: TrainingMetrics | None) -> tuple[list[flo
 
     if metrics is not None:
         metrics.job_state_changed(job, "RUNNING")
-    JobRunner(spec, dataset, on_step=on_step, on_evaluation=on_evaluation).run()
+    JobRunner.for_spec(spec, dataset, on_step=on_step, on_evaluation=on_evaluation).run()
     if metrics is not None:
         metrics.job_state_changed(job, "SUCCEEDED")
     periods = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -92,7 +92,7 @@ def job_step_seconds(records: list[StepRecord], calls: int = 20_000) -> float:
 def bench_step_time(rounds: int, epochs: int) -> tuple[float, float]:
     spec = load_job_spec(SPEC)
     spec.data.epochs = epochs
-    dataset = prepare_dataset(spec)
+    dataset = prepare_dataset(resolve_builtin_job(spec))
     ray_cluster.connect()
     registry = CollectorRegistry()
     metrics = TrainingMetrics(registry)
@@ -190,7 +190,7 @@ def main() -> int:
     end_to_end, direct = bench_step_time(args.rounds, args.epochs)
     spec = load_job_spec(SPEC)
     spec.data.epochs = 1
-    _, records = train_once(spec, prepare_dataset(spec), None)
+    _, records = train_once(spec, prepare_dataset(resolve_builtin_job(spec)), None)
     worst_scrape = bench_scrape(records[-1])
     ok = direct <= STEP_TARGET and worst_scrape <= SCRAPE_TARGET_SECONDS
     print(f"targets {'met' if ok else 'MISSED'}: step cost {direct:.4f}x <= {STEP_TARGET}x, "

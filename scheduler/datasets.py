@@ -17,12 +17,14 @@ classification, floats of shape (n, k) for regression.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from worker.resolved_job import DataShape, validation_split_size
 from worker.spec_error import SpecError
 
 CLASSIFICATION = "classification"
@@ -79,6 +81,13 @@ class Dataset:
     @property
     def integer_features(self) -> bool:
         return self.x.dtype.kind in "iu"
+
+    @property
+    def shape(self) -> DataShape:
+        """What a job is resolved against (worker/resolved_job.py)."""
+        return DataShape(len(self.x), 0 if self.x_val is None else len(self.x_val),
+                         tuple(self.feature_shape), self.integer_features, self.task,
+                         self.num_classes, tuple(self.target_shape))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """New features (validation, test, serving) through the transform fitted on training:
@@ -212,6 +221,13 @@ def is_builtin(name: str) -> bool:
     return name in _LOADERS
 
 
+@functools.cache
+def builtin_shape(name: str) -> DataShape:
+    """A built-in's shape, which does not depend on the seed (synthetic sets only redraw
+    values): one load per name serves every spec, in milliseconds."""
+    return load_builtin(name, 0).shape
+
+
 def load_builtin(name: str, seed: int = 0, dtype: Any = np.float32) -> Dataset:
     """A built-in data set by name ("sklearn:digits", "synthetic:spirals", ...), with no
     validation part (split_and_standardize makes one). Synthetic sets are drawn from `seed`:
@@ -312,10 +328,7 @@ def split_and_standardize(dataset: Dataset, validation_fraction: float, standard
 
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) sample indices, each sorted, disjoint, covering range(n)."""
-    if n < 2:
-        raise SpecError("data.validation_fraction",
-                        f"cannot hold out a validation split from {n} sample(s)")
-    held_out_count = min(max(1, round(n * fraction)), n - 1)
+    held_out_count = validation_split_size(n, fraction)  # the size the job was resolved with
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
     return np.sort(order[held_out_count:]), np.sort(order[:held_out_count])
 

@@ -6,8 +6,9 @@ CPUs are divided evenly between the slots (and within a slot between the job's w
 concurrent jobs always fit and never wait on each other's placement groups.
 
 The queue knows nothing about gRPC or SQLite. It reports through two narrow interfaces:
-  - a `JobHost` (the service's store) that loads a job's data, keeps its checkpoints and records
-    the transitions that must be durable (started, finished, requeued);
+  - a `JobHost` (the service's store) that resolves a job and loads its data, keeps its
+    checkpoints and records the transitions that must be durable (started, finished,
+    requeued);
   - observers (metrics, live WatchJob streams) called with every state change, step and
     evaluation. Observers run in the job's thread between steps, so they must be quick; one
     that raises is logged and ignored, never allowed to fail the job.
@@ -42,6 +43,7 @@ from scheduler.job_states import (  # noqa: F401 - re-exported for the queue's u
 )
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, StepRecord
+from worker.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ class JobOutcome:
 class JobHost(Protocol):
     """The durable side of a job (implemented by the service's store adapter)."""
 
-    def load_dataset(self, job: QueuedJob) -> Dataset: ...
+    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset]:
+        """The job resolved against its data set, and the data set split for it."""
+        ...
 
     def load_checkpoint(self, job_id: str) -> Checkpoint | None: ...
 
@@ -212,15 +216,15 @@ class JobQueue:
         try:
             self.host.job_started(job_id)
             self._notify("job_state_changed", job_id, RUNNING)
-            dataset = self.host.load_dataset(job)
+            resolved, dataset = self.host.prepare(job)
             runner = self.runner_factory(
-                job.spec, dataset,
+                resolved, dataset,
                 on_step=lambda record: self._notify("job_step", job_id, record),
                 on_evaluation=lambda record: self._notify("job_evaluation", job_id, record),
                 should_stop=running.should_stop,
                 on_checkpoint=lambda checkpoint: self.host.save_checkpoint(job_id, checkpoint),
                 resume_from=self.host.load_checkpoint(job_id),
-                cpus_per_worker=self._cpus_per_worker(job.spec),
+                cpus_per_worker=self._cpus_per_worker(resolved),
                 placement_timeout_seconds=self.placement_timeout_seconds,
             )
             result = runner.run()
@@ -248,14 +252,13 @@ class JobQueue:
                 self._idle.notify_all()
             self._dispatch()
 
-    def _cpus_per_worker(self, spec: job_pb2.JobSpec) -> float | None:
+    def _cpus_per_worker(self, job: ResolvedJob) -> float | None:
         """The cluster's CPUs / slots / the job's workers, less the shards' token CPUs, so that
         `max_concurrent_jobs` jobs fit side by side."""
         total = self._cluster_cpus() if callable(self._cluster_cpus) else self._cluster_cpus
         if total <= 0:
             return None
-        workers = spec.resources.workers or 1
-        shards = spec.resources.parameter_servers or 1
+        workers, shards = job.workers, job.parameter_servers
         per_slot = total / self.max_concurrent_jobs - shards * PARAMETER_SERVER_CPUS
         cpus = math.floor(per_slot / workers * 1000) / 1000  # Ray's resource precision
         return max(cpus, 0.001)

@@ -60,12 +60,12 @@ from scheduler.step_transport import (  # noqa: F401 - JobFailed/WorkerLost re-e
     WorkerPool,
 )
 from worker.flat_parameters import ParameterLayout
-from worker.model_builder import build_model, build_optimizer, build_schedule
+from worker.model_builder import build_planned_model
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
+from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
 from worker.shared_memory import SharedArrayGroup, host_identity
 
-DEFAULT_MICRO_SHARDS = 4  # fixed by the spec, never by the worker count (see BRIEF invariant 1)
 MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
 MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has left
 
@@ -83,11 +83,15 @@ class TrainingResult:
     stopped_early: bool  # should_stop() interrupted the job (cancel, shutdown): resumable
     actor_nodes: dict[str, list[str]]  # Ray node ids of the workers and of the shards
     early_stopping_triggered: bool = False  # the validation loss stopped improving
+    # The standardisation fitted on the training split (None: none), which new inputs need.
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The numbers the step loop runs by, resolved from the spec and the runner's options."""
+    """The numbers the step loop runs by: the resolved job's (nothing is derived from the spec
+    here) and the runner's own deadline."""
 
     workers: int
     shards: int
@@ -100,17 +104,16 @@ class RunSettings:
     step_timeout_seconds: float
 
     @classmethod
-    def of(cls, spec: job_pb2.JobSpec, workers: int | None, shards: int | None,
-           step_timeout_seconds: float) -> RunSettings:
+    def of(cls, job: ResolvedJob, step_timeout_seconds: float) -> RunSettings:
         return cls(
-            workers=workers or spec.resources.workers or 1,
-            shards=shards or spec.resources.parameter_servers or 1,
-            micro_shards=spec.data.micro_shards or DEFAULT_MICRO_SHARDS,
-            accumulation=max(1, spec.gradient_accumulation_steps),
-            batch_size=spec.data.batch_size,
-            epochs=spec.data.epochs or 1,
-            dtype="float64" if spec.dtype == "float64" else "float32",
-            evaluation_interval=spec.eval_interval_steps,
+            workers=job.workers,
+            shards=job.parameter_servers,
+            micro_shards=job.micro_batches,
+            accumulation=job.accumulation_steps,
+            batch_size=job.batch_size,
+            epochs=job.epochs,
+            dtype=job.dtype,
+            evaluation_interval=job.evaluation_interval,
             step_timeout_seconds=step_timeout_seconds,
         )
 
@@ -118,11 +121,9 @@ class RunSettings:
 class JobRunner:
     def __init__(
         self,
-        spec: job_pb2.JobSpec,
+        job: ResolvedJob,
         dataset: Dataset,
         *,
-        workers: int | None = None,
-        parameter_servers: int | None = None,
         step_timeout_seconds: float = 120.0,
         on_step: Callable[[StepRecord], None] | None = None,
         on_evaluation: Callable[[EvaluationRecord], None] | None = None,
@@ -133,38 +134,47 @@ class JobRunner:
         placement_timeout_seconds: float = 60.0,
         transport: str = "auto",
     ):
-        """`cpus_per_worker` overrides the spec's (the service divides the cluster between
-        concurrent jobs); `placement_timeout_seconds` bounds the wait for room on the cluster;
-        `transport` is "shared_memory", "object_store", or "auto": shared memory when every
-        node of the cluster is on the runner's host."""
+        """Train `job` on `dataset`, which must be its data set as prepared for it
+        (scheduler.training.prepare_dataset). `cpus_per_worker` overrides the job's (the service
+        divides the cluster between concurrent jobs); `placement_timeout_seconds` bounds the
+        wait for room on the cluster; `transport` is "shared_memory", "object_store", or
+        "auto": shared memory when every node of the cluster is on the runner's host."""
         if transport not in ("auto", "shared_memory", "object_store"):
             raise ValueError(f"transport must be auto, shared_memory or object_store, "
                              f"got {transport!r}")
+        _check_prepared_for(job, dataset)
         self.transport_name = transport
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
-                                else spec.resources.cpus_per_worker)
+                                else job.cpus_per_worker)
         self.placement_timeout_seconds = placement_timeout_seconds
-        self.spec, self.dataset = spec, dataset
+        self.job, self.dataset = job, dataset
         self.on_checkpoint = on_checkpoint
         self.resume_from = resume_from
-        self.settings = RunSettings.of(spec, workers, parameter_servers, step_timeout_seconds)
+        self.settings = RunSettings.of(job, step_timeout_seconds)
         self.on_step = on_step or (lambda record: None)
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.should_stop = should_stop or (lambda: False)
         self.history = TrainingHistory()
-        self.rule_name, self.hyper = build_optimizer(spec)
-        self.sampler = EpochSampler(len(dataset.x), self.settings.batch_size,
-                                    self.settings.micro_shards, spec.seed, spec.data.shuffle
-                                    if spec.data.HasField("shuffle") else True)
-        self.groups_per_epoch = math.ceil(self.sampler.steps_per_epoch
-                                          / self.settings.accumulation)
-        self.total_steps = self.groups_per_epoch * self.settings.epochs
-        # 0: at the end of each epoch. Always kept in memory (a lost shard restarts from it)
-        # and handed to on_checkpoint when one is given.
-        self.checkpoint_interval = spec.checkpoint.interval_steps or self.groups_per_epoch
-        self.schedule = build_schedule(spec, self.total_steps)
-        self.max_norm = spec.clipping.max_norm if spec.clipping.HasField("max_norm") else None
-        self.early_stopping = EarlyStopping.of(spec) if dataset.x_val is not None else None
+        self.rule_name, self.hyper = job.optimizer, job.hyperparameters
+        self.sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches,
+                                    job.seed, job.shuffle)
+        self.groups_per_epoch = job.steps_per_epoch
+        self.total_steps = job.total_steps
+        # Always kept in memory (a lost shard restarts from it) and handed to on_checkpoint
+        # when one is given.
+        self.checkpoint_interval = job.checkpoint_interval
+        self.schedule = job.schedule
+        self.max_norm = job.clipping.max_norm
+        self.early_stopping = EarlyStopping.of(job.early_stopping)
+
+    @classmethod
+    def for_spec(cls, spec: job_pb2.JobSpec, dataset: Dataset, *, workers: int | None = None,
+                 parameter_servers: int | None = None, **options) -> JobRunner:
+        """A runner for `spec` on `dataset`, already split and standardised (tests, benchmarks):
+        the spec resolved against that data set, `workers` and `parameter_servers` in place of
+        its resources when given."""
+        job = resolve(spec, dataset.shape, workers=workers, parameter_servers=parameter_servers)
+        return cls(job, dataset, **options)
 
     # --- set-up and tear-down --------------------------------------------------------------
 
@@ -190,10 +200,9 @@ class JobRunner:
 
     def _run_once(self) -> TrainingResult:
         settings = self.settings
-        model = build_model(self.spec.model, self.dataset.feature_shape, settings.dtype,
-                            seed=self.spec.seed, input_dtype=self.dataset.x.dtype)
+        model = build_planned_model(self.job.model, settings.dtype, seed=self.job.seed)
         self.layout = ParameterLayout.of(model)
-        self.shared = SharedArrayGroup(self.spec.name or "job")
+        self.shared = SharedArrayGroup(self.job.name or "job")
         shared_memory = _use_shared_memory(self.transport_name)
         placement = None
         self.transport: StepTransport | None = None
@@ -206,9 +215,7 @@ class JobRunner:
                 blocks = tuple(self.shared.create(f"gradient-block-{b}", (self.layout.size,),
                                                   settings.dtype)
                                for b in range(settings.workers))
-            replica_setup = ReplicaSetup(self.spec.SerializeToString(),
-                                         tuple(self.dataset.feature_shape),
-                                         self.dataset.x.dtype.name, parameters, blocks)
+            replica_setup = ReplicaSetup(self.job, parameters, blocks)
             # The runner's own replica evaluates on the validation split and holds the master
             # copy of the parameters (shared, or gathered from the shards) and of the buffers
             # (BatchNorm statistics); it computes no training gradients.
@@ -219,7 +226,7 @@ class JobRunner:
             if self.resume_from is not None:
                 self._restore_locally(self.resume_from)
             placement = reserve(settings.workers, settings.shards, self.cpus_per_worker,
-                                self.spec.resources.placement_strategy,
+                                self.job.placement_strategy,
                                 self.placement_timeout_seconds)
             self._start_actors(placement, replica_setup, parameters, blocks, shared_memory)
             if self.resume_from is not None:
@@ -249,8 +256,7 @@ class JobRunner:
                          .remote(worker_setup, x_ref, y_ref) for w in range(settings.workers)]
         align = not _is_elementwise(self.rule_name)
         bounds = self.layout.shard_bounds(settings.shards, align_to_parameters=align)
-        clip_value = (self.spec.clipping.max_value
-                      if self.spec.clipping.HasField("max_value") else None)
+        clip_value = self.job.clipping.max_value
         self.shards = [
             RemoteShard.options(**placement.shard_options(k), max_concurrency=2).remote(
                 ShardSetup(k, bounds[k], self.layout, parameters, blocks, self.rule_name,
@@ -305,7 +311,7 @@ class JobRunner:
             record = self._step(step, epoch, group)
             self.history.steps.append(record)
             self.on_step(record)
-            interval = settings.evaluation_interval or self.groups_per_epoch
+            interval = settings.evaluation_interval
             if step % interval == 0 and self._evaluate(step, epoch) and self._converged():
                 break
             if step % self.checkpoint_interval == 0:
@@ -321,7 +327,8 @@ class JobRunner:
             already = evaluations and evaluations[-1].step == step and not triggered
             final = evaluations[-1] if already else self._evaluate(step, epoch)
         return TrainingResult(self._state_dict(), self.history, final, step, stopped,
-                              self.actor_nodes, triggered)
+                              self.actor_nodes, triggered, self.dataset.feature_mean,
+                              self.dataset.feature_std)
 
     # --- early stopping ------------------------------------------------------------------------
 
@@ -502,11 +509,10 @@ class EarlyStopping:
     triggered: bool = False
 
     @classmethod
-    def of(cls, spec: job_pb2.JobSpec) -> EarlyStopping | None:
-        if not spec.HasField("early_stopping"):
+    def of(cls, rule: EarlyStoppingRule | None) -> EarlyStopping | None:
+        if rule is None:
             return None
-        rule = spec.early_stopping
-        return cls(max(1, rule.patience), rule.min_delta, rule.restore_best)
+        return cls(rule.patience, rule.min_delta, rule.restore_best)
 
     def observe(self, loss: float, snapshot: tuple | None) -> bool:
         """Record an evaluation's loss; True once `patience` of them brought no improvement."""
@@ -518,6 +524,18 @@ class EarlyStopping:
             self.since_best += 1
         self.triggered = self.since_best >= self.patience
         return self.triggered
+
+
+def _check_prepared_for(job: ResolvedJob, dataset: Dataset) -> None:
+    """ValueError unless `dataset` is the one `job` was resolved for, split as it says: the
+    sampler and the evaluation trust the job's sizes."""
+    shape = dataset.shape
+    found = (shape.samples, shape.validation_samples, shape.feature_shape)
+    expected = (job.training_samples, job.validation_samples, job.model.input_shape)
+    if found != expected:
+        raise ValueError(f"the data set has (training samples, validation samples, feature "
+                         f"shape) {found}, the job was resolved for {expected}: prepare it "
+                         f"with scheduler.training.prepare_dataset")
 
 
 def _micro_shards_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:

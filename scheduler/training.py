@@ -1,34 +1,66 @@
-"""Train a job spec without the gRPC service: the `chainrule train` command and its Python twin.
+"""Train a job spec without the gRPC service: the `chainrule train` command's runtime and its
+Python twin.
 
+    from chainrule.spec_file import load_job_spec
     from scheduler.training import train_job
-    result = train_job("digits.yaml", workers=2)
+    result = train_job(load_job_spec("digits.yaml"), workers=2)
+
+Everything that can be checked without training (the spec against its data set, the output
+path) is checked before Ray starts: a SpecError or ValueError costs seconds, not a training run.
+The weights and their manifest are written by `save_trained_weights`, for the service too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-from chainrule.spec_file import load_job_spec
+import numpy as np
+
 from chainrule.v1 import job_pb2
 from scheduler import ray_cluster
-from scheduler.datasets import Dataset, load_builtin, split_and_standardize
+from scheduler.datasets import Dataset, builtin_shape, load_builtin, split_and_standardize
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.records import EvaluationRecord, StepRecord
-from worker.weights_file import save_weights
+from scheduler.storage import FORMATS, save_weights
+from worker.resolved_job import ResolvedJob, resolve
 
 
-def prepare_dataset(spec: job_pb2.JobSpec, loaded: Dataset | None = None) -> Dataset:
-    """The spec's data set (a built-in unless `loaded` is given), split and standardised."""
-    dataset = loaded if loaded is not None else load_builtin(spec.data.dataset, spec.seed)
-    standardize = spec.data.standardize if spec.data.HasField("standardize") else True
-    dtype = "float64" if spec.dtype == "float64" else "float32"
-    return split_and_standardize(dataset, spec.data.validation_fraction, standardize, spec.seed,
-                                 dtype=dtype)
+def resolve_builtin_job(spec: job_pb2.JobSpec, *, workers: int | None = None,
+                        parameter_servers: int | None = None) -> ResolvedJob:
+    """The spec resolved against its built-in data set (SpecError naming the field), with
+    `workers` and `parameter_servers` in place of its resources when given."""
+    return resolve(spec, builtin_shape(spec.data.dataset), workers=workers,
+                   parameter_servers=parameter_servers)
+
+
+def prepare_dataset(job: ResolvedJob, loaded: Dataset | None = None) -> Dataset:
+    """The job's data set (its built-in unless `loaded` is given), split and standardised as
+    the job says."""
+    dataset = loaded if loaded is not None else load_builtin(job.dataset, job.seed)
+    return split_and_standardize(dataset, job.validation_fraction, job.standardize, job.seed,
+                                 dtype=job.dtype)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """`path` if trained weights can be written there, else ValueError saying why: checked
+    before training, so that a typo does not cost a training run."""
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{str(path)!r}: a weights file must end in {' or '.join(FORMATS)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{str(path)!r}: the folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{str(path)!r}: the folder {str(folder)!r} is not writable")
+    return path
 
 
 def train_job(
-    spec: job_pb2.JobSpec | str | Path,
+    spec: job_pb2.JobSpec,
     *,
     workers: int | None = None,
     parameter_servers: int | None = None,
@@ -37,19 +69,47 @@ def train_job(
     on_step: Callable[[StepRecord], None] | None = None,
     on_evaluation: Callable[[EvaluationRecord], None] | None = None,
 ) -> TrainingResult:
-    """Train on embedded Ray (or the cluster at `ray_address`); write weights to `output`."""
-    if not isinstance(spec, job_pb2.JobSpec):
-        spec = load_job_spec(spec)
-    dataset = prepare_dataset(spec)
-    ray_cluster.connect(ray_address)
-    result = JobRunner(spec, dataset, workers=workers, parameter_servers=parameter_servers,
-                       on_step=on_step, on_evaluation=on_evaluation).run()
+    """Train on embedded Ray (or the cluster at `ray_address`); write weights to `output`.
+    A bad spec (SpecError) or output path (ValueError) fails before Ray starts."""
+    job = resolve_builtin_job(spec, workers=workers, parameter_servers=parameter_servers)
     if output is not None:
-        save_weights(output, result.state_dict, manifest=weights_manifest(spec, result))
+        check_output_path(output)
+    return run_job(job, spec, ray_address=ray_address, output=output, on_step=on_step,
+                   on_evaluation=on_evaluation)
+
+
+def run_job(
+    job: ResolvedJob,
+    spec: job_pb2.JobSpec,
+    *,
+    ray_address: str | None = None,
+    output: str | Path | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+    on_evaluation: Callable[[EvaluationRecord], None] | None = None,
+) -> TrainingResult:
+    """Train an already resolved job (`spec` is the one it was resolved from, recorded in the
+    weights' manifest) on its built-in data set."""
+    dataset = prepare_dataset(job)
+    ray_cluster.connect(ray_address)
+    result = JobRunner(job, dataset, on_step=on_step, on_evaluation=on_evaluation).run()
+    if output is not None:
+        save_trained_weights(output, spec, result)
     return result
 
 
+def save_trained_weights(path: str | Path, spec: job_pb2.JobSpec, result: TrainingResult, *,
+                         job_id: str | None = None) -> Path:
+    """The trained weights and their manifest `<path>.json`, written the same way by
+    `chainrule train -o` and by the service (which adds the job's id)."""
+    manifest = weights_manifest(spec, result)
+    if job_id is not None:
+        manifest["job_id"] = job_id
+    return save_weights(path, result.state_dict, manifest=manifest)
+
+
 def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:
+    """What a weights file needs beside it to be used: the spec it was trained from, how the
+    training ended, and the feature standardisation every new input must go through."""
     from google.protobuf import json_format
 
     final = result.final_evaluation
@@ -60,4 +120,10 @@ def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:
         "steps": result.steps,
         "validation_loss": final.loss if final else None,
         "validation_accuracy": final.accuracy if final else None,
+        "feature_mean": _as_list(result.feature_mean),
+        "feature_std": _as_list(result.feature_std),
     }
+
+
+def _as_list(values: np.ndarray | None) -> list | None:
+    return None if values is None else values.tolist()

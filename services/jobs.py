@@ -5,8 +5,8 @@ adapts requests to these calls and these results back to messages.
 Everything a tenant names (a job id, a data set) is looked up within that tenant; another
 tenant's job is simply not found.
 
-This object is also the queue's `JobHost` (durable transitions, checkpoints, loading a job's
-data) and one of its observers (progress for GetJob and WatchJob).
+This object is also the queue's `JobHost` (durable transitions, checkpoints, resolving a job
+and loading its data) and one of its observers (progress for GetJob and WatchJob).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from google.protobuf import json_format
 
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
-from scheduler.datasets import BUILTIN_DATASETS, Dataset
+from scheduler.datasets import BUILTIN_DATASETS, Dataset, builtin_shape
 from scheduler.job_queue import (
     CANCELLED,
     QUEUED,
@@ -41,10 +41,9 @@ from scheduler.storage import (
     JobStorage,
     load_weights,
     manifest_path,
-    save_weights,
     weights_bytes,
 )
-from scheduler.training import prepare_dataset, weights_manifest
+from scheduler.training import prepare_dataset, save_trained_weights
 from services import uploads
 from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.events import EventHub, JobEvent
@@ -56,7 +55,8 @@ from services.store import (
     ValidationSummary,
     parse_page_token,
 )
-from services.validation import DataShape, Limits, builtin_shape, upload_name, validate_spec
+from services.validation import Limits, upload_name, validate_spec
+from worker.resolved_job import DataShape, ResolvedJob, resolve
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,6 @@ class _LiveJob:
     first_step: int | None = None
     last_write: float = 0.0
     validation: ValidationSummary | None = None
-    feature_mean: list | None = None
-    feature_std: list | None = None
 
 
 class JobService:
@@ -253,7 +251,9 @@ class JobService:
 
     # --- the queue's JobHost -------------------------------------------------------------------
 
-    def load_dataset(self, job: QueuedJob) -> Dataset:
+    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset]:
+        """The job resolved against its data set (validated at submit, so a spec error here
+        is a bug), and the data set loaded, split and standardised for it."""
         name = upload_name(job.spec.data.dataset)
         loaded = None
         if name is not None:
@@ -261,13 +261,11 @@ class JobService:
             if record is None:
                 raise FileNotFoundError(f"data set {name!r} was deleted")
             loaded = uploads.to_dataset(uploads.load_arrays(record.path), name=name)
-        dataset = prepare_dataset(job.spec, loaded)
-        with self._lock:
-            live = self._live.setdefault(job.job_id, _LiveJob(time.monotonic()))
-            for attribute in ("feature_mean", "feature_std"):
-                value = getattr(dataset, attribute)
-                setattr(live, attribute, None if value is None else value.tolist())
-        return dataset
+        shape = loaded.shape if loaded is not None else builtin_shape(job.spec.data.dataset)
+        resolved = resolve(job.spec, shape)
+        with self._lock:  # progress says "epoch e of E"
+            self._live.setdefault(job.job_id, _LiveJob(time.monotonic())).epochs = resolved.epochs
+        return resolved, prepare_dataset(resolved, loaded)
 
     def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         """The newest intact checkpoint. A corrupt one is set aside and named in the job's
@@ -294,10 +292,8 @@ class JobService:
         self.storage.save_checkpoint(job_id, checkpoint)
 
     def job_started(self, job_id: str) -> None:
-        job = self.store.get_job(job_id)
-        epochs = job.spec.data.epochs if job is not None else 0
         with self._lock:
-            self._live[job_id] = _LiveJob(time.monotonic(), epochs)
+            self._live[job_id] = _LiveJob(time.monotonic())  # its epochs once it is resolved
         self.store.set_state(job_id, RUNNING, started=True)
 
     def job_requeued(self, job_id: str) -> None:
@@ -313,13 +309,8 @@ class JobService:
             assert job is not None
             if result.final_evaluation is not None:
                 final = _validation(result.final_evaluation)
-            manifest = weights_manifest(job.spec, result)
-            live = self._live.get(job_id)
-            manifest["feature_mean"] = live.feature_mean if live else None
-            manifest["feature_std"] = live.feature_std if live else None
-            manifest["job_id"] = job_id
-            path = save_weights(self.storage.model_path(job_id), result.state_dict,
-                                manifest=manifest)
+            path = save_trained_weights(self.storage.model_path(job_id), job.spec, result,
+                                        job_id=job_id)
             weights = str(path)
         self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
                              final_validation=final, weights_path=weights)

@@ -82,6 +82,27 @@ class LastStep(nn.Module):
 
 
 @dataclass(frozen=True)
+class LayerPlan:
+    """One layer of the model, checked against what flows into it."""
+
+    path: str  # as the user wrote it: "model.layers[2].linear"
+    output_shape: tuple[int, ...]  # per sample
+    parameters: int  # its trainable parameters, those of the layers nested in it included
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The model a spec describes on a given data set, resolved without building it."""
+
+    spec: bytes  # the ModelSpec, serialized (and so immutable): the replicas build from it
+    input_shape: tuple[int, ...]  # one sample's features
+    input_dtype: str  # the features' type: an integer type means tokens (for an embedding)
+    layers: tuple[LayerPlan, ...]  # the top-level layers, in order
+    output_shape: tuple[int, ...]
+    parameters: int
+
+
+@dataclass(frozen=True)
 class _Signal:
     """What flows from one layer into the next, per sample."""
 
@@ -302,9 +323,10 @@ _LAYER_PLANS: dict[str, Callable[..., _Planned]] = {
 LAYER_KINDS: tuple[str, ...] = tuple(_LAYER_PLANS)
 
 
-def _walk(layers: Any, signal: _Signal, path: str,
-          ctx: _Context) -> tuple[_Signal, int, list[nn.Module]]:
-    """(output signal, parameter count, modules if ctx.build) of a list of layers."""
+def _walk(layers: Any, signal: _Signal, path: str, ctx: _Context,
+          plans: list[LayerPlan] | None = None) -> tuple[_Signal, int, list[nn.Module]]:
+    """(output signal, parameter count, modules if ctx.build) of a list of layers; each
+    layer's plan is appended to `plans` when given."""
     parameters, modules = 0, []
     for index, layer in enumerate(layers):
         layer_path = f"{path}[{index}]"
@@ -320,11 +342,14 @@ def _walk(layers: Any, signal: _Signal, path: str,
             modules.append(planned.make())
         parameters += planned.parameters
         signal = planned.output
+        if plans is not None:
+            plans.append(LayerPlan(f"{layer_path}.{kind}", signal.shape, planned.parameters))
     return signal, parameters, modules
 
 
 def _plan_model(model_spec: job_pb2.ModelSpec, input_shape: Any, input_dtype: Any, path: str,
-                ctx: _Context) -> tuple[_Signal, int, list[nn.Module]]:
+                ctx: _Context,
+                plans: list[LayerPlan] | None = None) -> tuple[_Signal, int, list[nn.Module]]:
     shape = tuple(int(n) for n in input_shape)
     if not shape or any(n < 1 for n in shape):
         raise ValueError(f"input_shape must be one sample's non-empty shape, got {input_shape}")
@@ -336,7 +361,7 @@ def _plan_model(model_spec: job_pb2.ModelSpec, input_shape: Any, input_dtype: An
         integer = kind in "iu"
     if not model_spec.layers:
         raise SpecError(f"{path}.layers", "a model needs at least one layer")
-    return _walk(model_spec.layers, _Signal(shape, integer), f"{path}.layers", ctx)
+    return _walk(model_spec.layers, _Signal(shape, integer), f"{path}.layers", ctx, plans)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -384,6 +409,23 @@ def count_parameters(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...]
     """Trainable parameters of the model, counted without allocating them."""
     ctx = _Context(dtype=np.float32, rng=None, build=False)
     return _plan_model(model_spec, input_shape, input_dtype, "model", ctx)[1]
+
+
+def plan_model(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...], input_dtype: Any,
+               path: str = "model") -> ModelPlan:
+    """Every layer's output shape and parameter count, from one walk that allocates nothing."""
+    ctx = _Context(dtype=np.float32, rng=None, build=False)
+    layers: list[LayerPlan] = []
+    output, parameters, _ = _plan_model(model_spec, input_shape, input_dtype, path, ctx, layers)
+    return ModelPlan(model_spec.SerializeToString(deterministic=True),
+                     tuple(int(n) for n in input_shape), np.dtype(input_dtype).name,
+                     tuple(layers), output.shape, parameters)
+
+
+def build_planned_model(plan: ModelPlan, dtype: Any, seed: int | None) -> nn.Sequential:
+    """The engine model of a plan: `build_model` on the spec and data it was planned for."""
+    return build_model(job_pb2.ModelSpec.FromString(plan.spec), plan.input_shape, dtype,
+                       seed=seed, input_dtype=plan.input_dtype)
 
 
 def check_model_fits_data(spec: job_pb2.JobSpec, input_shape: tuple[int, ...], *, task: str,

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chainrule.v1 import job_pb2
 from worker.backprop import nn
 from worker.backprop.tensor import Tensor, no_grad
 from worker.flat_parameters import ParameterLayout
-from worker.model_builder import build_loss, build_model
+from worker.model_builder import Loss, build_planned_model
+from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.step_channel import (
     STOP,
@@ -39,9 +39,7 @@ from worker.tree_sum import TreeAccumulator
 
 @dataclass(frozen=True)
 class ReplicaSetup:
-    spec: bytes  # a serialized JobSpec: declarative, nothing user-written is unpickled
-    input_shape: tuple[int, ...]
-    input_dtype: str  # the data's feature dtype (integers are tokens for an embedding)
+    job: ResolvedJob  # plain data (numbers and the model spec's bytes): no user code travels
     # Shared memory (all actors on the runner's host), or None: the replica keeps its own
     # parameter vector and gradient block and exchanges them through the object store.
     parameters: SharedArraySpec | None
@@ -86,10 +84,9 @@ class ModelReplica:
 
             # Each worker gets its share of the cores; BLAS threads beyond it only fight.
             self._thread_limit = threadpool_limits(setup.blas_threads, user_api="blas")
-        self.spec = job_pb2.JobSpec.FromString(setup.spec)
-        dtype = np.float64 if self.spec.dtype == "float64" else np.float32
-        self.model = build_model(self.spec.model, setup.input_shape, dtype, seed=self.spec.seed,
-                                 input_dtype=setup.input_dtype)
+        self.job = setup.job
+        dtype = np.dtype(self.job.dtype)
+        self.model = build_planned_model(self.job.model, dtype, seed=self.job.seed)
         self.layout = ParameterLayout.of(self.model)
         if setup.parameters is not None:
             self.flat = setup.parameters.attach()
@@ -99,7 +96,7 @@ class ModelReplica:
             self.blocks = []  # compute_chunks gives each call its own block
         self.layout.bind(self.model, self.flat)
         self.parameters = list(self.model.parameters())
-        self.loss = build_loss(self.spec, reduction="sum")
+        self.loss = Loss(self.job.loss, "sum", self.job.label_smoothing)
         self.x = x if x.dtype.kind != "f" or x.dtype == dtype else x.astype(dtype)
         self.classification = y.dtype.kind in "iu"
         # Regression targets in the model's dtype, or a float64 target would silently turn a
@@ -204,7 +201,7 @@ class ModelReplica:
         for micro_shard, indices in micro_shards:
             if start_buffers is not None:
                 self.load_buffers(start_buffers)  # each micro-shard starts from the step's stats
-            nn.init.manual_seed(micro_shard_seed(self.spec.seed, global_step, micro_shard))
+            nn.init.manual_seed(micro_shard_seed(self.job.seed, global_step, micro_shard))
             gradients, shard_loss, shard_correct = self._micro_shard_gradient(indices, batch_size)
             accumulator.push(gradients)
             loss_sum += shard_loss

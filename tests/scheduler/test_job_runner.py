@@ -44,8 +44,8 @@ def digits(spec):
 
 
 def train(spec, workers, shards, **options):
-    return JobRunner(spec, digits(spec), workers=workers, parameter_servers=shards,
-                     **options).run()
+    return JobRunner.for_spec(spec, digits(spec), workers=workers, parameter_servers=shards,
+                              **options).run()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_float64_distributed_run_equals_a_single_process_engine_run_to_1e12(loca
 def test_every_training_sample_is_used_exactly_once_per_epoch(local_ray):
     spec = spec_with()
     dataset = digits(spec)
-    result = JobRunner(spec, dataset, workers=2, parameter_servers=2).run()
+    result = JobRunner.for_spec(spec, dataset, workers=2, parameter_servers=2).run()
     per_epoch = {}
     for record in result.history.steps:
         per_epoch[record.epoch] = per_epoch.get(record.epoch, 0) + record.samples
@@ -115,8 +115,8 @@ def test_each_worker_sends_and_receives_at_most_2_05_times_the_parameter_bytes(l
 def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_weights(
         one_worker_float32, transport):
     spec = spec_with()
-    runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
-                       step_timeout_seconds=30, transport=transport)
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
+                                step_timeout_seconds=30, transport=transport)
 
     def kill_worker_one(record):
         if record.step == 5:
@@ -181,17 +181,17 @@ def test_a_stopped_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_we
     spec = spec_with()
     saved = []
     stop_after = 7
-    first = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
-                      on_checkpoint=lambda c: saved.append(save_checkpoint(
-                          tmp_path / f"step-{c.step}.npz", c)))
+    first = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
+                               on_checkpoint=lambda c: saved.append(save_checkpoint(
+                                   tmp_path / f"step-{c.step}.npz", c)))
     first.should_stop = lambda: len(first.history.steps) >= stop_after
     stopped = first.run()
     assert stopped.stopped_early and stopped.steps == stop_after
     checkpoint = load_checkpoint(saved[-1])
     assert checkpoint.step == stop_after
     # Resumed with another worker and shard count: the state does not depend on them.
-    resumed = JobRunner(spec, digits(spec), workers=1, parameter_servers=3,
-                        resume_from=checkpoint).run()
+    resumed = JobRunner.for_spec(spec, digits(spec), workers=1, parameter_servers=3,
+                                 resume_from=checkpoint).run()
     assert resumed.steps == stopped.steps + len(resumed.history.steps)
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(resumed.state_dict[key], value), key
@@ -243,8 +243,8 @@ def test_without_an_interval_the_model_is_evaluated_at_every_epoch_end(local_ray
 def test_a_lost_parameter_server_shard_is_recovered_from_the_checkpoint_with_the_same_weights(
         one_worker_float32, transport):
     spec = spec_with()
-    runner = JobRunner(spec, digits(spec), workers=2, parameter_servers=2,
-                       step_timeout_seconds=30, transport=transport)
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
+                                step_timeout_seconds=30, transport=transport)
     killed = []
 
     def kill_shard_one(record):

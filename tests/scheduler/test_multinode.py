@@ -27,8 +27,8 @@ def train(workers: int, shards: int, transport: str = "auto"):
     spec = load_job_spec(SPEC)
     dataset = split_and_standardize(load_builtin(spec.data.dataset, spec.seed),
                                     spec.data.validation_fraction, True, spec.seed)
-    return JobRunner(spec, dataset, workers=workers, parameter_servers=shards,
-                     transport=transport).run()
+    return JobRunner.for_spec(spec, dataset, workers=workers, parameter_servers=shards,
+                              transport=transport).run()
 
 
 @pytest.fixture(scope="module")

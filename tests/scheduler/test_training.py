@@ -9,7 +9,7 @@ import pytest
 
 from chainrule.spec_file import load_job_spec
 from scheduler.storage import load_weights
-from scheduler.training import prepare_dataset, train_job
+from scheduler.training import prepare_dataset, resolve_builtin_job, train_job
 from worker.backprop import Tensor
 from worker.model_builder import build_model
 
@@ -40,7 +40,7 @@ def test_train_command_prints_progress_and_writes_weights_that_reproduce_its_acc
     assert "validation accuracy" in done.stdout
     reported = float(done.stdout.split("validation accuracy")[1].split()[0])
     spec = load_job_spec(SPEC)
-    dataset = prepare_dataset(spec)
+    dataset = prepare_dataset(resolve_builtin_job(spec))
     model = build_model(spec.model, dataset.feature_shape)
     model.load_state_dict(load_weights(weights))
     model.eval()

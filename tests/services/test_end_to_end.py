@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from chainrule.client import state_name
 from chainrule.spec_file import load_job_spec
 from scheduler.storage import JobStorage, load_weights
-from scheduler.training import prepare_dataset
+from scheduler.training import prepare_dataset, resolve_builtin_job
 from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error, wait_for, wait_until_done
 from worker.backprop import Tensor
 from worker.backprop.tensor import no_grad
@@ -58,7 +58,7 @@ def test_digits_job_trains_over_grpc_and_its_downloaded_weights_reproduce_its_ac
         assert json.loads(header.model_spec_json)["layers"][0]["linear"]["out_features"] == 128
         # The engine, rebuilt from the spec alone, gives the accuracy the service reported.
         spec = load_job_spec(DIGITS_SPEC)
-        dataset = prepare_dataset(spec)
+        dataset = prepare_dataset(resolve_builtin_job(spec))
         np.testing.assert_allclose(manifest["feature_mean"], dataset.feature_mean)
         model = build_model(spec.model, dataset.feature_shape, seed=0)
         model.load_state_dict(load_weights(path))
@@ -137,14 +137,14 @@ def test_twenty_jobs_submitted_at_once_all_finish_two_at_a_time(client, server):
 
 
 def test_a_failing_job_says_why_and_the_service_keeps_serving(client, server, monkeypatch):
-    original = server.service.load_dataset
+    original = server.service.prepare
 
-    def load_dataset(job):
+    def prepare(job):
         if job.spec.name == "doomed":
             raise RuntimeError("the disk is on fire")
         return original(job)
 
-    monkeypatch.setattr(server.service, "load_dataset", load_dataset)
+    monkeypatch.setattr(server.service, "prepare", prepare)
     job = client.submit(iris_spec(name="doomed"))
     events = list(client.watch(job.id, timeout=60))
     assert state_name(events[-1].state.state) == "FAILED"

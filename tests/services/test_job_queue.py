@@ -8,8 +8,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from scheduler.datasets import builtin_shape
 from scheduler.job_queue import JobQueue, QueuedJob
 from tests.services.helpers import iris_spec, wait_for
+from worker.resolved_job import resolve
 
 
 @dataclass
@@ -47,8 +49,8 @@ class FakeHost:
     checkpoints: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def load_dataset(self, job):
-        return None
+    def prepare(self, job):
+        return _resolved(job.spec), None  # the fake runner needs no data
 
     def load_checkpoint(self, job_id):
         return None
@@ -78,6 +80,10 @@ class Recorder:
         else:
             self.running.discard(job_id)
         self.most_running = max(self.most_running, len(self.running))
+
+
+def _resolved(spec):
+    return resolve(spec, builtin_shape(spec.data.dataset))
 
 
 def _queue(host, max_concurrent_jobs=1, observers=()):
@@ -111,7 +117,8 @@ def test_never_more_jobs_at_once_than_the_limit_and_cpus_are_divided():
     assert recorder.most_running == 2
     spec = iris_spec()
     spec.resources.workers = 2
-    assert queue._cpus_per_worker(spec) == 0.495  # (2 CPUs / 2 slots - 1 shard's 0.01) / 2
+    job = _resolved(spec)
+    assert queue._cpus_per_worker(job) == 0.495  # (2 CPUs / 2 slots - 1 shard's 0.01) / 2
 
 
 def test_cancelling_a_waiting_job_ends_it_without_running_it():

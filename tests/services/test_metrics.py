@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from chainrule.spec_file import load_job_spec
 from scheduler.job_runner import JobRunner
 from scheduler.records import EvaluationRecord, StepRecord
-from scheduler.training import prepare_dataset
+from scheduler.training import prepare_dataset, resolve_builtin_job
 from services.metrics import TrainingMetrics, start_metrics_server
 
 SPEC = """
@@ -64,7 +64,8 @@ def trained(local_ray):
         metrics.job_state_changed(JOB, "QUEUED")
         metrics.queue_depth(0)
         metrics.job_state_changed(JOB, "RUNNING")
-        JobRunner(spec, prepare_dataset(spec), on_step=on_step,
+        job = resolve_builtin_job(spec)
+        JobRunner(job, prepare_dataset(job), on_step=on_step,
                   on_evaluation=on_evaluation).run()
         metrics.job_state_changed(JOB, "SUCCEEDED")
         yield registry, metrics, steps, evaluations, scraped

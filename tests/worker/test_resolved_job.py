@@ -1,0 +1,186 @@
+"""What a spec means, resolved once: every default decided, every count derived from the data
+set's shape, and a SpecError naming the field for anything the job could not run with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from chainrule.v1 import job_pb2
+from scheduler.datasets import builtin_shape, load_builtin, split_and_standardize
+from worker.backprop.optim import Constant, CosineWithWarmup
+from worker.model_builder import build_planned_model, count_parameters
+from worker.resolved_job import DataShape, EarlyStoppingRule, resolve, validation_split_size
+from worker.spec_error import SpecError
+
+DIGITS = """
+name: digits-mlp
+model: {layers: [{linear: {out_features: 128}}, {relu: {}}, {dropout: {p: 0.1}},
+                 {linear: {out_features: 10}}]}
+loss: cross_entropy
+optimizer: {adamw: {lr: 0.001, weight_decay: 0.01}}
+data: {dataset: "sklearn:digits", batch_size: 128, epochs: 20, validation_fraction: 0.2}
+seed: 3
+"""
+
+
+def spec(text: str = DIGITS, **changes) -> job_pb2.JobSpec:
+    from chainrule.spec_file import load_job_spec
+
+    job_spec = load_job_spec(text)
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        target = job_spec
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    return job_spec
+
+
+def digits(job_spec: job_pb2.JobSpec, **overrides):
+    return resolve(job_spec, builtin_shape("sklearn:digits"), **overrides)
+
+
+def refused(job_spec: job_pb2.JobSpec, path: str, *fragments: str, **overrides) -> None:
+    with pytest.raises(SpecError) as info:
+        digits(job_spec, **overrides)
+    assert info.value.field_path == path, str(info.value)
+    for fragment in fragments:
+        assert fragment in info.value.message, str(info.value)
+
+
+def test_unset_counts_take_their_documented_defaults():
+    job = digits(spec())
+    assert (job.workers, job.parameter_servers, job.micro_batches, job.accumulation_steps) == (
+        1, 1, 4, 1)
+    assert (job.dtype, job.shuffle, job.standardize) == ("float32", True, True)
+    assert (job.cpus_per_worker, job.placement_strategy) == (0.0, "")
+    assert job.early_stopping is None
+    assert job.schedule == Constant(0.001)
+    assert (job.clipping.max_norm, job.clipping.max_value) == (None, None)
+    assert (job.optimizer, job.hyperparameters.weight_decay) == ("adamw", 0.01)
+
+
+def test_steps_come_from_the_training_split_and_evaluations_default_to_epoch_ends():
+    job = digits(spec())
+    # 1797 digits, 20% held out: 359 for validation, 1438 to train on in batches of 128.
+    assert (job.training_samples, job.validation_samples) == (1438, 359)
+    assert (job.batches_per_epoch, job.steps_per_epoch, job.total_steps) == (12, 12, 240)
+    assert job.evaluation_interval == job.checkpoint_interval == 12
+
+
+def test_accumulated_batches_make_fewer_optimizer_steps_that_never_span_an_epoch():
+    job = digits(spec(gradient_accumulation_steps=5))
+    assert (job.batches_per_epoch, job.steps_per_epoch, job.total_steps) == (12, 3, 60)
+
+
+def test_the_split_size_is_the_one_the_data_preparation_cuts():
+    job = digits(spec())
+    raw = load_builtin("sklearn:digits", 3)
+    prepared = split_and_standardize(raw, job.validation_fraction, job.standardize, job.seed)
+    assert (len(prepared.x), len(prepared.x_val)) == (job.training_samples,
+                                                       job.validation_samples)
+    assert validation_split_size(1797, 0.2) == 359
+
+
+def test_a_data_set_with_its_own_validation_part_ignores_the_fraction():
+    shape = dataclasses.replace(builtin_shape("sklearn:digits"), samples=1000,
+                                validation_samples=300)
+    job = resolve(spec(), shape)
+    assert (job.training_samples, job.validation_samples) == (1000, 300)
+
+
+def test_explicit_settings_are_kept():
+    text = DIGITS + """
+gradient_accumulation_steps: 2
+eval_interval_steps: 5
+checkpoint: {interval_steps: 7}
+resources: {workers: 2, parameter_servers: 3, cpus_per_worker: 0.5, placement_strategy: SPREAD}
+dtype: float64
+clipping: {max_norm: 1.5, max_value: 0.1}
+early_stopping: {patience: 3, min_delta: 0.01, restore_best: true}
+schedule: {cosine_with_warmup: {warmup_steps: 10}}
+"""
+    job = digits(spec(text, data__micro_shards=8, data__shuffle=False))
+    assert (job.workers, job.parameter_servers, job.micro_batches, job.accumulation_steps) == (
+        2, 3, 8, 2)
+    assert (job.cpus_per_worker, job.placement_strategy, job.dtype) == (0.5, "SPREAD",
+                                                                         "float64")
+    assert (job.evaluation_interval, job.checkpoint_interval, job.shuffle) == (5, 7, False)
+    assert (job.clipping.max_norm, job.clipping.max_value) == (1.5, 0.1)
+    assert job.early_stopping == EarlyStoppingRule(3, 0.01, True)
+    # The cosine's default length is the job's own step count.
+    assert job.schedule == CosineWithWarmup(0.001, 10, job.total_steps, 0.0, 0.0)
+
+
+def test_overrides_replace_the_spec_counts():
+    job = digits(spec(), workers=4, parameter_servers=2)
+    assert (job.workers, job.parameter_servers) == (4, 2)
+
+
+def test_the_model_plan_walks_every_layer_without_building_it():
+    job = digits(spec())
+    plan = job.model
+    assert (plan.input_shape, plan.input_dtype, plan.output_shape) == ((64,), "float32", (10,))
+    assert [layer.path for layer in plan.layers] == [
+        "model.layers[0].linear", "model.layers[1].relu", "model.layers[2].dropout",
+        "model.layers[3].linear"]
+    assert [layer.parameters for layer in plan.layers] == [64 * 128 + 128, 0, 0, 128 * 10 + 10]
+    assert plan.parameters == count_parameters(spec().model, (64,)) == 9610
+
+
+def test_the_planned_model_is_the_spec_model_with_the_job_seed():
+    job = digits(spec())
+    model = build_planned_model(job.model, job.dtype, job.seed)
+    assert sum(p.size for p in model.parameters()) == job.model.parameters
+    again = build_planned_model(job.model, job.dtype, job.seed)
+    for key, value in model.state_dict().items():
+        assert np.array_equal(again.state_dict()[key], value), key
+
+
+def test_a_resolved_job_is_frozen():
+    job = digits(spec())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.workers = 3
+
+
+def test_early_stopping_patience_0_is_refused_not_read_as_1():
+    refused(spec(DIGITS + "early_stopping: {patience: 0}\n"), "early_stopping.patience", ">= 1")
+
+
+def test_early_stopping_needs_a_validation_split():
+    refused(spec(DIGITS + "early_stopping: {patience: 2}\n", data__validation_fraction=0.0),
+            "early_stopping", "validation")
+
+
+ONE_EACH = {"resources__workers": 1, "resources__parameter_servers": 1}
+
+
+@pytest.mark.parametrize("changes, path", [
+    ({"data__epochs": 0}, "data.epochs"),
+    ({"data__batch_size": 0}, "data.batch_size"),
+    ({"data__batch_size": 1439}, "data.batch_size"),
+    ({"data__micro_shards": 129}, "data.micro_shards"),
+    ({"data__validation_fraction": 1.0}, "data.validation_fraction"),
+    ({"resources__workers": 0, "resources__parameter_servers": 1}, "resources.workers"),
+    ({**ONE_EACH, "resources__cpus_per_worker": -1.0}, "resources.cpus_per_worker"),
+    ({**ONE_EACH, "resources__placement_strategy": "RANDOM"}, "resources.placement_strategy"),
+    ({**ONE_EACH, "resources__parameter_servers": 10_000}, "resources.parameter_servers"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"loss": "hinge"}, "loss"),
+])
+def test_a_setting_the_job_cannot_run_with_names_its_field(changes, path):
+    refused(spec(**changes), path)
+
+
+def test_an_override_below_one_is_refused_naming_the_count():
+    refused(spec(), "resources.workers", "override", workers=0)
+
+
+def test_a_split_from_a_single_sample_is_refused():
+    shape = DataShape(1, 0, (64,), False, "classification", 10, ())
+    with pytest.raises(SpecError) as info:
+        resolve(spec(data__batch_size=1), shape)
+    assert info.value.field_path == "data.validation_fraction"
