@@ -971,6 +971,46 @@ AVG_POOL2D_BACKWARD = Op("avg_pool2d_backward", _avg_pool2d_backward_forward, (
 # pretends it was the identity so that training can pass through it.
 STRAIGHT_THROUGH = Op("straight_through", lambda x, fn: fn(x), (lambda g, ans, x, fn: g,))
 
+# --- feedback alignment (Lillicrap et al., 2016) -------------------------------------------
+
+# A linear layer whose backward sends the error to its input through a fixed random matrix B
+# (W's shape, never trained) instead of W^T: no weight transport, the article's biologically
+# plausible alternative. The weight and bias gradients are backprop's, from the error the layer
+# is sent; the forward weights come to align with B, so B's error signal becomes useful.
+
+
+def _feedback_linear_vjp_x(g, ans, x, weight, bias=None, feedback=None):
+    return g @ feedback  # dx = G B, where backprop would use G W
+
+
+def _feedback_linear_vjp_weight(g, ans, x, weight, bias=None, feedback=None):
+    return _linear_vjp_weight(g, ans, x, weight)  # dW = G^T x, as backprop
+
+
+def _feedback_linear_vjp_bias(g, ans, x, weight, bias=None, feedback=None):
+    return _linear_vjp_bias(g, ans, x, weight)
+
+
+FEEDBACK_LINEAR = Op(
+    "feedback_linear",
+    lambda x, weight, bias=None, feedback=None: _linear_forward(x, weight, bias),
+    (_feedback_linear_vjp_x, _feedback_linear_vjp_weight, _feedback_linear_vjp_bias),
+)
+
+# --- recording the gradient at a layer's output (K-FAC's curvature statistics) -------------
+
+# The identity, whose backward hands the gradient arriving at its input to `record` and passes
+# it on unchanged. nn.capture puts it after a Linear or Conv2d output while K-FAC collects the
+# statistics of its output-gradient factor G = E[g g^T].
+
+
+def _record_grad_vjp(g, ans, x, record):
+    record(_mask(g))  # the values only: a create_graph gradient is recorded as its data
+    return g
+
+
+RECORD_GRAD = Op("record_grad", lambda x, record: x, (_record_grad_vjp,))
+
 # --- the public functions --------------------------------------------------------------------
 
 Operand = Tensor | np.ndarray | float | int
@@ -1267,6 +1307,27 @@ def straight_through(x: Tensor, fn: Any = np.round) -> Tensor:
     return apply(STRAIGHT_THROUGH, x, fn=fn)
 
 
+def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: np.ndarray) -> Tensor:
+    """y = x W^T + b, whose backward sends the error to x through `feedback` (B, W's shape,
+    a constant) instead of W: dx = G B; dW and db are backprop's (feedback alignment)."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"feedback_linear: input has {x.shape[-1]} features (shape {x.shape}) but the weight "
+            f"expects {weight.shape[1]} (weight shape {weight.shape})"
+        )
+    feedback = np.asarray(_mask(feedback))
+    if feedback.shape != weight.shape:
+        raise ValueError(f"feedback_linear: feedback matrix has shape {feedback.shape}, "
+                         f"the weight {weight.shape}; they must be equal")
+    feedback = feedback.astype(weight.dtype, copy=False)
+    return apply(FEEDBACK_LINEAR, x, weight, bias, feedback=feedback)
+
+
+def record_grad(x: Tensor, record: Any) -> Tensor:
+    """x unchanged; in backward, `record(g)` receives the gradient arriving at x."""
+    return apply(RECORD_GRAD, x, record=record)
+
+
 # Convolution and pooling (their ops are in the section of that name above).
 
 
@@ -1493,6 +1554,7 @@ OPS: dict[str, Op] = {
         RESHAPE, TRANSPOSE, GETITEM, SCATTER_ADD, CONCATENATE, STACK, CAST, EXP, LOG, LOG1P,
         SQRT, ABS, CLIP, WHERE, TANH, SIGMOID, RELU, LEAKY_RELU, SILU, NORMAL_CDF, GELU, SOFTMAX,
         LOG_SOFTMAX, CROSS_ENTROPY, STRAIGHT_THROUGH,
+        FEEDBACK_LINEAR, RECORD_GRAD,
         ATTENTION_WEIGHTS, SELF_ATTENTION, LINEAR_RELU, LAYER_NORM,
         CONV2D, CONV_TRANSPOSE2D, CONV2D_WEIGHT_GRAD, MAX_POOL2D, AVG_POOL2D, AVG_POOL2D_BACKWARD,
     )

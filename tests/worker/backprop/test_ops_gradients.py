@@ -429,6 +429,32 @@ def _straight_through(d: Draw) -> Case:
     return Case(lambda x: ops.straight_through(x, lambda a: a + shift), [d.normal(d.shape())])
 
 
+# --- feedback alignment and gradient recording ----------------------------------------------
+
+
+@case("feedback_linear")
+def _feedback_linear(d: Draw) -> Case:
+    # The backward sends the error to x through B, not W; finite differences can only agree
+    # with it when B holds W's values. B stays a constant, so the weight is probed alone (and
+    # the second-order check sees dx = G B not depend on W, as the rule says).
+    batch = d(hnp.array_shapes(min_dims=1, max_dims=d.sizes.max_dims - 1,
+                               max_side=d.sizes.max_side), label="batch")
+    features_in, features_out = d(st.integers(1, d.sizes.max_side)), d(
+        st.integers(1, d.sizes.max_side))
+    x, weight = d.normal(batch + (features_in,)), d.normal((features_out, features_in))
+    feedback = weight.data.copy()
+    if d(st.booleans(), label="bias"):
+        return Case(lambda x, w, b: ops.feedback_linear(x, w, b, feedback),
+                    [x, weight, d.normal((features_out,))])
+    return Case(lambda x, w: ops.feedback_linear(x, w, None, feedback), [x, weight])
+
+
+@case("record_grad")
+def _record_grad(d: Draw) -> Case:
+    received = []  # the gradients handed over (checked in tests/worker/backprop/nn)
+    return Case(lambda x: ops.record_grad(x, received.append), [d.normal(d.shape())])
+
+
 # --- convolution and pooling ----------------------------------------------------------------
 
 

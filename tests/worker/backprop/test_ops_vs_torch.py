@@ -77,6 +77,21 @@ def torch_reduce(name: str, axis, keepdims: bool):
     return reduce
 
 
+def torch_feedback_linear(x, weight, bias, feedback):
+    """Feedback alignment in PyTorch: x W^T + b in value, x's gradient through B."""
+    through_feedback = F.linear(x, feedback)
+    return F.linear(x.detach(), weight, bias) + (through_feedback - through_feedback.detach())
+
+
+def torch_hooked_identity(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    out.register_hook(lambda g: None)  # PyTorch's way to see a gradient pass
+    return out
+
+
+FEEDBACK = np.random.default_rng(11).standard_normal((5, 4))
+
+
 def torch_adjoint(forward: Callable[[torch.Tensor], torch.Tensor], shape):
     """The input gradient of a linear map as a function of its upstream gradient: PyTorch's
     transposed operator, differentiable (the adjoint ops conv_transpose2d etc. match it)."""
@@ -325,6 +340,12 @@ PAIRS: dict[str, dict[str, Pair]] = {
         "no_affine": Pair(lambda x: ops.layer_norm(x, 1), lambda x: F.layer_norm(x, (4,)),
                           normal((6, 4), scale=3.0)),
     },
+    "feedback_linear": {
+        "3d_input_with_bias": Pair(
+            lambda x, w, b: ops.feedback_linear(x, w, b, FEEDBACK),
+            lambda x, w, b: torch_feedback_linear(x, w, b, torch.from_numpy(FEEDBACK)),
+            normal((2, 3, 4), (5, 4), (5,))),
+    },
     "conv2d": {
         "stride2-pad1-groups2-bias": Pair(
             lambda x, w, b: ops.conv2d(x, w, b, 2, 1, 1, 2),
@@ -367,6 +388,10 @@ PAIRS: dict[str, dict[str, Pair]] = {
                                 divisor=9.0, input_size=(7, 6)),
             torch_adjoint(lambda x: F.avg_pool2d(x, 3, 2, 1), (2, 3, 7, 6)),
             normal((2, 3, 4, 3))),
+    },
+    "record_grad": {
+        "identity": Pair(lambda x: ops.record_grad(x, lambda g: None), torch_hooked_identity,
+                         normal((2, 3))),
     },
 }
 

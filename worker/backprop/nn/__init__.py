@@ -1,6 +1,6 @@
 """Layers, losses and initialisers with torch.nn's names, shapes and state_dict keys."""
 
-from worker.backprop.nn import functional, init
+from worker.backprop.nn import capture, functional, init
 from worker.backprop.nn.attention import MultiheadAttention
 from worker.backprop.nn.conv import AdaptiveAvgPool2d, AvgPool2d, Conv1d, Conv2d, MaxPool2d
 from worker.backprop.nn.layers import (
@@ -8,6 +8,7 @@ from worker.backprop.nn.layers import (
     Dropout,
     Dropout2d,
     Embedding,
+    FeedbackAlignmentLinear,
     Flatten,
     Identity,
     LeakyReLU,
@@ -39,4 +40,5 @@ __all__ = [
     "MaxPool2d",
     "MultiheadAttention", "PositionalEmbedding", "TransformerEncoder",
     "TransformerEncoderLayer",
+    "FeedbackAlignmentLinear", "capture",
 ]

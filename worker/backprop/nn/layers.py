@@ -1,4 +1,5 @@
-"""The layers: Linear, Sequential, Residual, Dropout, Embedding and the activations."""
+"""The layers: Linear (and its feedback-alignment variant), Sequential, Residual, Dropout,
+Embedding and the activations."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from worker.backprop import ops
 from worker.backprop.nn import functional as F
 from worker.backprop.nn import init
+from worker.backprop.nn.capture import LayerCapture
 from worker.backprop.nn.module import Module, Parameter
 from worker.backprop.tensor import DEFAULT_DTYPE, Tensor
 
@@ -20,6 +22,9 @@ class Linear(Module):
 
     Initialised as PyTorch does: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     """
+
+    # Set by nn.capture.capture_layers while K-FAC records its curvature statistics.
+    capture: LayerCapture | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = None, rng: np.random.Generator | None = None):
@@ -40,11 +45,47 @@ class Linear(Module):
             init.uniform_(self.bias, -bound, bound, rng)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        out = ops.linear(x, self.weight, self.bias)
+        if self.capture is not None:
+            out = self.capture.record(x, out)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
+
+
+class FeedbackAlignmentLinear(Linear):
+    """A Linear that learns by feedback alignment (Lillicrap et al., 2016): its backward sends
+    the error to its input through a fixed random matrix B instead of W^T. dW = G^T x and
+    db = sum G stay backprop's.
+
+    B has the weight's shape and initial distribution, U(-1/sqrt(in), 1/sqrt(in)), drawn once
+    from `feedback_seed` (None: a seed drawn from the engine's generator, after the weights)
+    and never trained. It is not part of state_dict, whose keys stay torch.nn.Linear's
+    (`weight`, `bias`) so weights load strictly both ways; the seed rebuilds it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: Any = None, rng: np.random.Generator | None = None,
+                 feedback_seed: int | None = None):
+        super().__init__(in_features, out_features, bias, dtype, rng)
+        if feedback_seed is None:
+            feedback_seed = int((rng or init.default_generator()).integers(2**63))
+        self.feedback_seed = feedback_seed
+        bound = 1.0 / math.sqrt(in_features)
+        feedback = np.random.default_rng(feedback_seed).uniform(
+            -bound, bound, (out_features, in_features))
+        self.feedback = feedback.astype(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = ops.feedback_linear(x, self.weight, self.bias, self.feedback)
+        if self.capture is not None:
+            out = self.capture.record(x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, feedback_seed={self.feedback_seed}"
 
 
 class Sequential(Module):
