@@ -7,6 +7,9 @@ classes around them, learning-rate schedules and gradient clipping.
 
 A PS shard uses the registry instead: `rule = optim.RULES["adamw"]`, then
 `rule.init_state(slice_, hyper)` and `rule.step(slice_, grad_slice, state, hyper, t)`.
+
+K-FAC is not elementwise: `optim.KFAC(model, ...)` is the class, `optim.kfac` the core a
+runtime calls (statistics sums per micro-batch, then factors, inverses, `precondition`).
 """
 
 from .clip import (
@@ -41,6 +44,8 @@ from .functional import (
     sgd_init_state,
     sgd_step,
 )
+from .kfac import KFACHyper
+from .kfac_optimizer import KFAC
 from .optimizers import SGD, Adafactor, Adagrad, Adam, AdamW, Lion, Optimizer, Parameter, RMSprop
 from .schedules import (
     Constant,
@@ -90,6 +95,8 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
+    "KFAC",
+    "KFACHyper",
     "lion_init_state",
     "lion_step",
     "rmsprop_init_state",
