@@ -177,6 +177,17 @@ def test_statistics_of_micro_batches_add_up_to_the_statistics_of_the_whole_batch
         np.testing.assert_allclose(summed.g_sum, full.g_sum, rtol=1e-12)
 
 
+def test_empty_statistics_add_nothing_and_are_refused_as_factors_on_their_own():
+    layer = kfac.KFACLayer("fc", "linear", (2, 3), True)
+    stats = kfac.FactorStatistics(np.eye(4), 2 * np.eye(2), 3.0)
+    total = kfac.add_statistics(kfac.empty_statistics(layer), stats)
+    np.testing.assert_array_equal(total.a_sum, stats.a_sum)
+    np.testing.assert_array_equal(total.g_sum, stats.g_sum)
+    assert total.count == 3.0
+    with pytest.raises(ValueError, match="zero examples"):
+        kfac.update_factors(None, kfac.empty_statistics(layer), 0.9)
+
+
 def test_packed_statistics_round_trip_and_add_elementwise():
     rng = np.random.default_rng(6)
     layers = [kfac.KFACLayer("a", "linear", (3, 2), True), kfac.KFACLayer("b", "linear", (2, 3),

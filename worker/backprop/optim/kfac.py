@@ -23,7 +23,8 @@ The core is split into the two halves a distributed runtime needs:
    capture recorded (nn.capture) into SUMS: A_sum = sum a a^T, G_sum = sum (Ds Ds^T) / T and
    the number of examples. Sums add, so they are reduced over micro-batches in the same fixed
    tree as gradients (`add_statistics`, or `pack_statistics` into one float64 vector and
-   `unpack_statistics` back), which keeps the same-bits-for-any-worker-count guarantee.
+   `unpack_statistics` back), which keeps the same-bits-for-any-worker-count guarantee; an
+   empty micro-batch contributes `empty_statistics(layer)`.
 2. On the owner of a layer's slice of the flat parameter vector (a parameter-server shard that
    holds whole layers: K-FAC is not elementwise): `update_factors` (running average of
    A = A_sum / count, G = G_sum / count), `invert_factors` (damping) every
@@ -229,6 +230,13 @@ def _patches(layer: KFACLayer, x: np.ndarray) -> np.ndarray:
         x, (n, out_h, out_w, c, kh, kw),
         (s_n, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw), writeable=False)
     return view.reshape(n * out_h * out_w, c * kh * kw)
+
+
+def empty_statistics(layer: KFACLayer) -> FactorStatistics:
+    """The statistics of no examples: what an empty micro-batch (a short last batch) or a layer
+    its forward did not reach contributes to the reduction, so the tree keeps its shape."""
+    return FactorStatistics(np.zeros((layer.in_dim, layer.in_dim)),
+                            np.zeros((layer.out_dim, layer.out_dim)), 0.0)
 
 
 def add_statistics(first: FactorStatistics, second: FactorStatistics) -> FactorStatistics:
