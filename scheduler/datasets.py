@@ -221,11 +221,24 @@ def is_builtin(name: str) -> bool:
     return name in _LOADERS
 
 
+# scikit-learn's packaged sets, whose shapes are fixed: known without importing scikit-learn,
+# which costs over a second of CPU, most of what a refused `chainrule train` would take.
+# tests/scheduler/test_datasets.py checks each against a real load.
+_PACKAGED_SHAPES = {
+    "sklearn:digits": DataShape(1797, 0, (64,), False, CLASSIFICATION, 10, ()),
+    "sklearn:digits_images": DataShape(1797, 0, (1, 8, 8), False, CLASSIFICATION, 10, ()),
+    "sklearn:iris": DataShape(150, 0, (4,), False, CLASSIFICATION, 3, ()),
+    "sklearn:wine": DataShape(178, 0, (13,), False, CLASSIFICATION, 3, ()),
+    "sklearn:breast_cancer": DataShape(569, 0, (30,), False, CLASSIFICATION, 2, ()),
+    "sklearn:diabetes": DataShape(442, 0, (10,), False, REGRESSION, 0, (1,)),
+}
+
+
 @functools.cache
 def builtin_shape(name: str) -> DataShape:
     """A built-in's shape, which does not depend on the seed (synthetic sets only redraw
-    values): one load per name serves every spec, in milliseconds."""
-    return load_builtin(name, 0).shape
+    values): scikit-learn's from the table above, any other loaded once per name."""
+    return _PACKAGED_SHAPES.get(name) or load_builtin(name, 0).shape
 
 
 def load_builtin(name: str, seed: int = 0, dtype: Any = np.float32) -> Dataset:

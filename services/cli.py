@@ -5,19 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from worker.spec_error import SpecError
+
+
+class UsageError(Exception):
+    """A command-line argument the command cannot use (a file, a path): exit 2 with the
+    message, as argparse's own errors do."""
 
 
 def _train(args: argparse.Namespace) -> int:
     from chainrule.spec_file import load_job_spec
-    from scheduler.training import train_job
+    from scheduler.datasets import builtin_shape, is_builtin
+    from services.validation import Limits, check_spec
+
+    # Everything a default service would check, then the output path, before Ray starts.
+    spec = load_job_spec(args.spec)
+    name = spec.data.dataset
+    job = check_spec(spec, builtin_shape(name) if is_builtin(name) else None, Limits(),
+                     workers=args.workers, parameter_servers=args.parameter_servers)
+    from scheduler.training import check_output_path, run_job  # imports Ray, starts nothing
     from services.progress import TrainingProgress
 
-    spec = load_job_spec(args.spec)
+    if args.output is not None:
+        try:
+            check_output_path(args.output)
+        except ValueError as error:
+            raise UsageError(f"-o/--output: {error}") from None
     progress = TrainingProgress(spec.name or "training", total_steps=0)
     with progress:
-        result = train_job(
-            spec, workers=args.workers, parameter_servers=args.parameter_servers,
-            ray_address=args.ray_address, output=args.output,
+        result = run_job(
+            job, spec, ray_address=args.ray_address, output=args.output,
             on_step=lambda r: progress.step(r.step, r.total_steps, r.epoch, r.loss,
                                             r.samples_per_second),
             on_evaluation=lambda e: progress.evaluation(e.loss, e.accuracy),
@@ -161,6 +180,8 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
     with _client(args) as client:
         info = client.upload(args.file, args.name, label_column=args.label_column)
         _print(args, info, f"uploaded {info.name}: {info.samples} samples, features "
@@ -179,6 +200,12 @@ def _datasets(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    from chainrule.client import weights_format
+
+    try:
+        weights_format(args.output)
+    except ValueError as error:
+        raise UsageError(f"-o/--output: {error}") from None
     with _client(args) as client:
         header = client.download(args.job, args.output)
         _print(args, header, f"wrote {args.output} ({header.size_bytes} bytes) and "
@@ -271,10 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as error:  # SpecError is a ValueError: name the field, no trace
+    except (SpecError, UsageError) as error:  # the input is at fault: name it, no traceback
         print(f"chainrule: {error}", file=sys.stderr)
         return 2
-    except Exception as error:
+    except Exception as error:  # the server said no (exit 1), or a bug: its traceback
         import grpc
 
         if isinstance(error, grpc.RpcError):  # the server's status and message, no trace

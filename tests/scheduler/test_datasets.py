@@ -11,6 +11,7 @@ from scheduler.datasets import (
     CLASSIFICATION,
     NEXT_TOKEN,
     REGRESSION,
+    builtin_shape,
     from_arrays,
     from_text,
     load_builtin,
@@ -75,6 +76,11 @@ def test_synthetic_labels_follow_their_rules():
     tokens = load_builtin("synthetic:sequence_sum", 0)
     assert tokens.x.min() >= 0 and tokens.x.max() <= 9
     np.testing.assert_array_equal(tokens.y, tokens.x.sum(axis=1) >= 54)
+
+
+@pytest.mark.parametrize("name", BUILTIN_DATASETS)
+def test_a_builtin_shape_known_without_loading_is_the_shape_it_loads_with(name):
+    assert builtin_shape(name) == load_builtin(name, seed=7).shape
 
 
 def test_unknown_builtin_is_a_spec_error_on_the_dataset_field():

@@ -1,0 +1,125 @@
+"""The `chainrule` command's contract: bad input (a spec, an output path) is exit 2 naming what
+is wrong, found in seconds and before Ray starts, so nothing is trained; anything else that goes
+wrong is a bug and surfaces as one, with its traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services import cli
+from worker.spec_error import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = """
+name: iris-cli
+model: {layers: [{linear: {out_features: 8}}, {relu: {}}, {linear: {out_features: 3}}]}
+loss: cross_entropy
+optimizer: {adam: {lr: 0.05}}
+data: {dataset: "sklearn:iris", batch_size: 32, epochs: 1, validation_fraction: 0.2}
+"""
+# The command as a user runs it, then whether this process started Ray.
+PROBE = """
+import sys
+from services.cli import main
+code = main(sys.argv[1:])
+ray = sys.modules.get("ray")
+print("ray started:", bool(ray and ray.is_initialized()))
+sys.exit(code)
+"""
+DEADLINE_SECONDS = 5.0
+
+
+def run_train(tmp_path: Path, spec: str, *options: str) -> tuple[subprocess.CompletedProcess,
+                                                                   float]:
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(spec)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", PROBE, "train", str(spec_path), *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return done, time.monotonic() - start
+
+
+def assert_refused_early(done: subprocess.CompletedProcess, seconds: float, *fragments: str):
+    assert done.returncode == 2, done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "ray started: False" in done.stdout, done.stdout
+    assert seconds < DEADLINE_SECONDS, f"refused after {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("change, field", [
+    (("lr: 0.05", "lr: -1"), "optimizer.adam.lr"),
+    (("batch_size: 32", "batch_size: 500"), "data.batch_size"),
+    (("epochs: 1", "epochs: 0"), "data.epochs"),
+    (("out_features: 3", "out_features: 4"), "model.layers[2]"),
+    (("sklearn:iris", "sklearn:mnist"), "data.dataset"),
+    (("epochs: 1,", "epochs: 1, micro_shards: 64,"), "data.micro_shards"),
+], ids=["negative lr", "batch over the split", "zero epochs", "output width", "unknown data",
+        "micro-shards over the batch"])
+def test_train_refuses_a_bad_spec_naming_the_field_within_seconds_and_before_ray(
+        tmp_path, change, field):
+    done, seconds = run_train(tmp_path, SPEC.replace(*change))
+    assert_refused_early(done, seconds, field)
+
+
+def test_train_checks_what_the_service_checks_including_its_default_limits(tmp_path):
+    done, seconds = run_train(tmp_path, SPEC + "early_stopping: {patience: 0}\n")
+    assert_refused_early(done, seconds, "early_stopping.patience")
+    done, seconds = run_train(tmp_path, SPEC, "--workers", "9")
+    assert_refused_early(done, seconds, "resources.workers", "at most 8")
+
+
+@pytest.mark.parametrize("output, says", [
+    ("weights.out", ".safetensors or .npz"),
+    ("missing-folder/weights.safetensors", "does not exist"),
+    ("a-folder.npz", "is a folder"),
+])
+def test_train_refuses_an_output_path_it_could_not_write_before_training(tmp_path, output,
+                                                                          says):
+    (tmp_path / "a-folder.npz").mkdir()
+    target = tmp_path / output
+    done, seconds = run_train(tmp_path, SPEC, "-o", str(target))
+    assert_refused_early(done, seconds, "-o/--output", says)
+    assert not Path(f"{target}.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_train_refuses_an_output_folder_it_may_not_write_to(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    done, seconds = run_train(tmp_path, SPEC, "-o", str(locked / "w.safetensors"))
+    assert_refused_early(done, seconds, "-o/--output", "not writable")
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), OSError("a bug"), KeyError("a bug")],
+                         ids=["ValueError", "OSError", "KeyError"])
+def test_an_internal_error_propagates_with_its_traceback_not_as_a_spec_error(
+        tmp_path, monkeypatch, capsys, error):
+    def broken_run(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("scheduler.training.run_job", broken_run)
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(SPEC)
+    with pytest.raises(type(error), match="a bug"):
+        cli.main(["train", str(spec_path)])
+    assert "chainrule:" not in capsys.readouterr().err
+
+
+def test_a_spec_error_found_while_running_is_still_exit_2_naming_the_field(
+        tmp_path, monkeypatch, capsys):
+    def refusing_run(*args, **kwargs):
+        raise SpecError("data.dataset", "the features contain NaN or infinite values")
+
+    monkeypatch.setattr("scheduler.training.run_job", refusing_run)
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(SPEC)
+    assert cli.main(["train", str(spec_path)]) == 2
+    assert "chainrule: data.dataset: the features contain NaN" in capsys.readouterr().err
