@@ -149,6 +149,16 @@ class Client:
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
 
+    def resume(self, job_id: str, epochs: int | None = None) -> pb.Job:
+        """Run an ended job again: a CANCELLED or FAILED one from its checkpoint, a SUCCEEDED
+        one for `epochs` more epochs (required then; optional otherwise, to train longer)."""
+        return self._call(self.stub.ResumeJob,
+                          pb.ResumeJobRequest(job_id=job_id, epochs=epochs or 0))
+
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job with its checkpoints and model (cancel a running one first)."""
+        self._call(self.stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id))
+
     def watch(self, job_id: str, *, min_progress_interval: float = 0.0,
               idle_timeout: float = 60.0,
               timeout: float | None = None) -> Iterator[pb.JobEvent]:

@@ -248,7 +248,10 @@ class JobQueue:
             log.exception("recording the end of job %s failed", job_id)
         finally:
             with self._lock:
-                del self._running[job_id]
+                # Once its end is recorded a job may be resumed, and its next run started,
+                # before this thread gets here: remove this run only.
+                if self._running.get(job_id) is running:
+                    del self._running[job_id]
                 self._idle.notify_all()
             self._dispatch()
 

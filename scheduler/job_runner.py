@@ -316,7 +316,9 @@ class JobRunner:
                 break
             if step % self.checkpoint_interval == 0:
                 self._take_checkpoint(step, notify=True)
-        if stopped and self.on_checkpoint is not None:
+        # A stop is checkpointed (resuming continues from it), and so is the end when its step
+        # was not already: a SUCCEEDED job can then be continued for more epochs.
+        if self.on_checkpoint is not None and (stopped or self.last_checkpoint.step != step):
             self.on_checkpoint(self.checkpoint(step))
         triggered = self.early_stopping is not None and self.early_stopping.triggered
         if triggered and self.early_stopping.best_state is not None:

@@ -279,7 +279,8 @@ class JobStorage:
         root = self.data_dir / "checkpoints"
         if not root.is_dir():
             return []
-        return sorted(path.name for path in root.iterdir() if path.is_dir())
+        return sorted(path.name for path in root.iterdir()
+                      if path.is_dir() and not path.name.startswith("."))
 
 
 def _checked(job_id: str) -> str:

@@ -67,7 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = serve(args.address, args.data_dir, ray_address=args.ray_address,
                    metrics_port=args.metrics_port, max_concurrent_jobs=args.max_concurrent_jobs,
-                   tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                   tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   keep_checkpoints=args.keep_checkpoints,
+                   checkpoint_retention_seconds=args.checkpoint_retention_days * 86400)
     # After serve(): ray.init installs its own SIGTERM handler, which would kill us uncleanly.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +181,39 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.resume(args.job, epochs=args.epochs)
+        _print(args, job, _job_line(job))
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete(args.job)
+        if not args.json:
+            print(f"deleted {args.job}")
+    return 0
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (argparse reports others, exit 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text}")
+    return value
+
+
 def _upload(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
@@ -252,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--keep-checkpoints", type=_count(1), default=2,
+                       help="checkpoints kept per job: the newest, and older ones to fall back "
+                            "on when it is corrupt")
+    serve.add_argument("--checkpoint-retention-days", type=_days, default=3.0,
+                       help="an ended job's checkpoints (for `resume`) are deleted this long "
+                            "after it ends")
     serve.set_defaults(run=_serve)
 
     def client_command(name: str, help: str, run) -> argparse.ArgumentParser:
@@ -275,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("status", "one job's state and progress", _status).add_argument("job")
     client_command("watch", "follow a job with a live progress bar", _watch).add_argument("job")
     client_command("cancel", "cancel a job", _cancel).add_argument("job")
+    resume = client_command("resume", "run an ended job again from its checkpoint", _resume)
+    resume.add_argument("job")
+    resume.add_argument("--epochs", type=_count(1),
+                        help="train this many more epochs (required for a SUCCEEDED job)")
+    client_command("delete", "delete an ended job, its checkpoints and its model",
+                   _delete).add_argument("job")
     upload = client_command("upload", "upload a data set (.npz or .csv)", _upload)
     upload.add_argument("file")
     upload.add_argument("--name", required=True, help="the name specs refer to")

@@ -65,6 +65,8 @@ DEFAULT_PAGE_SIZE = 50
 WATCH_HEARTBEAT_SECONDS = 15.0  # a quiet watch repeats the state: the client sees we live
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to the store, per job
 MODEL_FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
+# How long an ended job's checkpoints stay for ResumeJob before the sweep deletes them.
+DEFAULT_CHECKPOINT_RETENTION_SECONDS = 3 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,15 @@ class JobService:
     def __init__(self, store: Store, data_dir: str | Path, *, limits: Limits | None = None,
                  max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
                  upload_limits: uploads.UploadLimits | None = None,
-                 keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
+                 keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+                 checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS):
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = JobStorage(self.data_dir, keep_checkpoints)
+        self.checkpoint_retention_seconds = checkpoint_retention_seconds
+        # Held while an ended job's files are judged and changed (resume, delete, the retention
+        # sweep), so that the sweep never deletes the checkpoint a resume has just relied on.
+        self._files_lock = threading.Lock()
         self.limits = limits or Limits()
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
@@ -158,6 +165,72 @@ class JobService:
             self.store.set_state(job_id, CANCELLED, finished=True)
             self.events.publish(JobEvent(job_id, time.time(), "state", state=CANCELLED))
         return self.get(tenant, job_id)
+
+    def resume(self, tenant: str, job_id: str, epochs: int = 0) -> JobRecord:
+        """Run an ended job again under its id: a CANCELLED or FAILED one from its newest
+        intact checkpoint (step 0 without one), a SUCCEEDED one from its final checkpoint for
+        `epochs` more epochs. `epochs` grows the spec's data.epochs."""
+        job = self.get(tenant, job_id)
+        if job.state not in TERMINAL_STATES:
+            raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; only a CANCELLED, "
+                                     f"FAILED or SUCCEEDED job can be resumed")
+        if job.state == SUCCEEDED and epochs <= 0:
+            raise InvalidArgument("epochs", f"job {job_id} SUCCEEDED; to continue it, give how "
+                                            f"many more epochs to train")
+        spec = job_pb2.JobSpec()
+        spec.CopyFrom(job.spec)
+        spec.data.epochs += epochs
+        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits)
+        with self._files_lock:
+            if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
+                days = self.checkpoint_retention_seconds / 86400
+                raise FailedPrecondition(
+                    f"job_id: job {job_id} has no checkpoint left to continue from (an ended "
+                    f"job's are kept {days:g} days); submit its spec again")
+            if not self.store.requeue_ended_job(job_id, spec):
+                self._raise_changed(tenant, job_id)
+        assert self.queue is not None
+        self.queue.submit(QueuedJob(job_id, spec, tenant))
+        return self.get(tenant, job_id)
+
+    def delete(self, tenant: str, job_id: str) -> None:
+        """Delete an ended job: its record and events, its checkpoints and its model."""
+        job = self.get(tenant, job_id)
+        if job.state not in TERMINAL_STATES:
+            raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; cancel it first")
+        with self._files_lock:
+            if not self.store.delete_job(job_id):
+                self._raise_changed(tenant, job_id)
+            # The record goes first: a crash here leaves files without a job, which the
+            # retention sweep deletes, never a job whose files are gone.
+            self.storage.delete_checkpoints(job_id)
+            self.storage.delete_model(job_id)
+        self.events.forget(job_id)
+
+    def _raise_changed(self, tenant: str, job_id: str) -> None:
+        """A compare-and-set lost to a concurrent request: say what the job is now."""
+        job = self.get(tenant, job_id)  # NotFound when it was deleted meanwhile
+        raise FailedPrecondition(f"job_id: job {job_id} is {job.state} now")
+
+    def delete_expired_checkpoints(self, now: float | None = None) -> list[str]:
+        """The retention sweep: delete the checkpoints of jobs that ended at least
+        `checkpoint_retention_seconds` ago, and of jobs that no longer exist. The ids swept."""
+        now = time.time() if now is None else now
+        swept = []
+        for job_id in self.storage.jobs_with_checkpoints():
+            with self._files_lock:
+                job = self.store.get_job(job_id)
+                if job is not None and (job.state not in TERMINAL_STATES
+                                        or job.finished_at is None
+                                        or now - job.finished_at
+                                        < self.checkpoint_retention_seconds):
+                    continue
+                self.storage.delete_checkpoints(job_id)
+            swept.append(job_id)
+        if swept:
+            log.info("deleted the checkpoints of %d ended job(s) past their retention",
+                     len(swept))
+        return swept
 
     def watch(self, tenant: str, job_id: str, min_progress_interval: float = 0.0,
               poll_seconds: float = 1.0) -> Iterator[JobEvent]:
@@ -312,11 +385,13 @@ class JobService:
             path = save_trained_weights(self.storage.model_path(job_id), job.spec, result,
                                         job_id=job_id)
             weights = str(path)
-        self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
-                             final_validation=final, weights_path=weights)
+        # This run's bookkeeping goes before its end is recorded: from then on a resume may
+        # start the job's next run, whose own bookkeeping must stay.
         with self._lock:
             self._live.pop(job_id, None)
         self.events.forget(job_id)
+        self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
+                             final_validation=final, weights_path=weights)
 
     # --- the queue's observer ------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
 from scheduler.job_queue import JobQueue
+from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS
 from services.auth import Authenticator, load_tokens
-from services.jobs import JobService
+from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.store import Store
 from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
@@ -98,6 +99,8 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     upload_limits: UploadLimits | None = None,
     max_rpc_threads: int = 64,
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+    checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port."""
@@ -116,7 +119,9 @@ def serve(
     owns_ray = not ray.is_initialized()
     ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
-    service = JobService(store, data_dir, limits=limits, max_upload_bytes=max_upload_bytes,
+    service = JobService(store, data_dir, keep_checkpoints=keep_checkpoints,
+                         checkpoint_retention_seconds=checkpoint_retention_seconds,
+                         limits=limits, max_upload_bytes=max_upload_bytes,
                          upload_limits=upload_limits)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port)
     queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
@@ -150,10 +155,28 @@ def serve(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(f"{host}:{port}", port, data_dir, metrics_url, service, queue,
                             server, health_servicer, store, owns_ray, metrics_server)
+    _sweep_checkpoints_periodically(service, running._stopped)
     resumed = service.resume_queued_jobs()
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
     return running
+
+
+def _sweep_checkpoints_periodically(service: JobService, stopped: threading.Event) -> None:
+    """Delete ended jobs' checkpoints past their retention: at start, then every tenth of
+    the retention (at least every second, at most every hour) until the server stops."""
+    interval = min(3600.0, max(1.0, service.checkpoint_retention_seconds / 10))
+
+    def sweep() -> None:
+        while True:
+            try:
+                service.delete_expired_checkpoints()
+            except Exception:  # a failed sweep is retried next time, never fatal
+                log.exception("the checkpoint retention sweep failed")
+            if stopped.wait(interval):
+                return
+
+    threading.Thread(target=sweep, name="checkpoint-retention", daemon=True).start()
 
 
 def _start_metrics(port: int | None) -> tuple[Any, Any, str, list]:

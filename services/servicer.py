@@ -107,6 +107,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return convert.job_to_proto(self.service.cancel(self._tenant(context), request.job_id))
 
     @_handles_errors
+    def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.Job:
+        job = self.service.resume(self._tenant(context), request.job_id, request.epochs)
+        return convert.job_to_proto(job)
+
+    @_handles_errors
+    def DeleteJob(self, request: pb.DeleteJobRequest, context) -> pb.DeleteJobResponse:
+        self.service.delete(self._tenant(context), request.job_id)
+        return pb.DeleteJobResponse()
+
+    @_handles_errors
     def WatchJob(self, request: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
         events = self.service.watch(self._tenant(context), request.job_id,
                                     request.min_progress_interval_ms / 1000.0)

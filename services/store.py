@@ -159,7 +159,9 @@ class EventRecord:
     seq: int
     job_id: str
     time: float
-    kind: str  # "state", "validation" or "resumed" (from a checkpoint, at payload["step"])
+    # "state", "validation", "resumed" (from a checkpoint, at payload["step"]),
+    # "checkpoint_corrupt" (payload["file"] set aside) or "warning" (payload["message"])
+    kind: str
     payload: dict
 
 
@@ -304,6 +306,37 @@ class Store:
     def add_event(self, job_id: str, kind: str, payload: dict) -> None:
         with self._transaction() as db:
             self._add_event(db, job_id, kind, payload, time.time())
+
+    def requeue_ended_job(self, job_id: str, spec: job_pb2.JobSpec) -> bool:
+        """An ended job back to QUEUED with `spec` (ResumeJob; the spec may ask for more
+        epochs), and its state event. Compare-and-set: False, and nothing written, when the
+        job is not in an ended state (any more)."""
+        now = time.time()
+        self._forget(job_id)
+        with self._transaction() as db:
+            changed = db.execute(
+                f"UPDATE jobs SET state = 'QUEUED', spec = ?, error = '', finished_at = NULL, "
+                f"final_validation = NULL, weights_path = '' WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(ENDED_STATES))})",
+                (spec.SerializeToString(), job_id, *sorted(ENDED_STATES))).rowcount
+            if changed:
+                self._add_event(db, job_id, "state", {"state": "QUEUED", "error": ""}, now)
+        self._forget(job_id)  # a reader may have cached the ended row meanwhile
+        return bool(changed)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete an ended job's row, events and idempotency key. Compare-and-set: False,
+        and nothing deleted, when the job does not exist or has not ended."""
+        self._forget(job_id)
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] not in ENDED_STATES:
+                return False
+            db.execute("DELETE FROM idempotency_keys WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._forget(job_id)
+        return True
 
     def events(self, job_id: str) -> list[EventRecord]:
         rows = self._connection().execute(

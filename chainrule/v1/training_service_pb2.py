@@ -26,15 +26,15 @@ from chainrule.v1 import job_pb2 as chainrule_dot_v1_dot_job__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#chainrule/v1/training_service.proto\x12\x0c\x63hainrule.v1\x1a\x16\x63hainrule/v1/job.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x10SubmitJobRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.chainrule.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.chainrule.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x18min_progress_interval_ms\x18\x02 \x01(\r\"\x84\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\t \x01(\x0b\x32\x16.chainrule.v1.Progress\x12\x39\n\x10\x66inal_validation\x18\n \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetrics\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"\xc0\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x33\n\nvalidation\x18\x08 \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetrics\"d\n\x11ValidationMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07samples\x18\x04 \x01(\rB\x0b\n\t_accuracy\"\xa9\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x05state\x18\x03 \x01(\x0b\x32\".chainrule.v1.JobEvent.StateChangeH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.chainrule.v1.ProgressH\x00\x12\x35\n\nvalidation\x18\x05 \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetricsH\x00\x1a\x43\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\r\n\x05\x65rror\x18\x02 \x01(\tB\x06\n\x04kind\"^\n\x14UploadDatasetRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.chainrule.v1.DatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0clabel_column\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xe6\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x1a\n\x12validation_samples\x18\x06 \x01(\x04\x12\x15\n\rfeature_shape\x18\x07 \x03(\r\x12\x0c\n\x04task\x18\x08 \x01(\t\x12\x13\n\x0bnum_classes\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13ListDatasetsRequest\"T\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.DatasetInfo\x12\x0f\n\x07\x62uiltin\x18\x02 \x03(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"6\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"]\n\x15\x44ownloadModelResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.chainrule.v1.ModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"q\n\x0bModelHeader\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x04 \x01(\t\x12\x15\n\rmanifest_json\x18\x05 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xba\x05\n\x0fTrainingService\x12>\n\tSubmitJob\x12\x1e.chainrule.v1.SubmitJobRequest\x1a\x11.chainrule.v1.Job\x12\x38\n\x06GetJob\x12\x1b.chainrule.v1.GetJobRequest\x1a\x11.chainrule.v1.Job\x12I\n\x08ListJobs\x12\x1d.chainrule.v1.ListJobsRequest\x1a\x1e.chainrule.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.chainrule.v1.CancelJobRequest\x1a\x11.chainrule.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.chainrule.v1.WatchJobRequest\x1a\x16.chainrule.v1.JobEvent0\x01\x12P\n\rUploadDataset\x12\".chainrule.v1.UploadDatasetRequest\x1a\x19.chainrule.v1.DatasetInfo(\x01\x12U\n\x0cListDatasets\x12!.chainrule.v1.ListDatasetsRequest\x1a\".chainrule.v1.ListDatasetsResponse\x12X\n\rDeleteDataset\x12\".chainrule.v1.DeleteDatasetRequest\x1a#.chainrule.v1.DeleteDatasetResponse\x12Z\n\rDownloadModel\x12\".chainrule.v1.DownloadModelRequest\x1a#.chainrule.v1.DownloadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#chainrule/v1/training_service.proto\x12\x0c\x63hainrule.v1\x1a\x16\x63hainrule/v1/job.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x10SubmitJobRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.chainrule.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.chainrule.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\r\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"C\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x18min_progress_interval_ms\x18\x02 \x01(\r\"\x84\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.chainrule.v1.JobSpec\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\t \x01(\x0b\x32\x16.chainrule.v1.Progress\x12\x39\n\x10\x66inal_validation\x18\n \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetrics\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"\xc0\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x33\n\nvalidation\x18\x08 \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetrics\"d\n\x11ValidationMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07samples\x18\x04 \x01(\rB\x0b\n\t_accuracy\"\xa9\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x05state\x18\x03 \x01(\x0b\x32\".chainrule.v1.JobEvent.StateChangeH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.chainrule.v1.ProgressH\x00\x12\x35\n\nvalidation\x18\x05 \x01(\x0b\x32\x1f.chainrule.v1.ValidationMetricsH\x00\x1a\x43\n\x0bStateChange\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.chainrule.v1.JobState\x12\r\n\x05\x65rror\x18\x02 \x01(\tB\x06\n\x04kind\"^\n\x14UploadDatasetRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.chainrule.v1.DatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0clabel_column\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xe6\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x1a\n\x12validation_samples\x18\x06 \x01(\x04\x12\x15\n\rfeature_shape\x18\x07 \x03(\r\x12\x0c\n\x04task\x18\x08 \x01(\t\x12\x13\n\x0bnum_classes\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13ListDatasetsRequest\"T\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.chainrule.v1.DatasetInfo\x12\x0f\n\x07\x62uiltin\x18\x02 \x03(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"6\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"]\n\x15\x44ownloadModelResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.chainrule.v1.ModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"q\n\x0bModelHeader\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x04 \x01(\t\x12\x15\n\rmanifest_json\x18\x05 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xc8\x06\n\x0fTrainingService\x12>\n\tSubmitJob\x12\x1e.chainrule.v1.SubmitJobRequest\x1a\x11.chainrule.v1.Job\x12\x38\n\x06GetJob\x12\x1b.chainrule.v1.GetJobRequest\x1a\x11.chainrule.v1.Job\x12I\n\x08ListJobs\x12\x1d.chainrule.v1.ListJobsRequest\x1a\x1e.chainrule.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.chainrule.v1.CancelJobRequest\x1a\x11.chainrule.v1.Job\x12>\n\tResumeJob\x12\x1e.chainrule.v1.ResumeJobRequest\x1a\x11.chainrule.v1.Job\x12L\n\tDeleteJob\x12\x1e.chainrule.v1.DeleteJobRequest\x1a\x1f.chainrule.v1.DeleteJobResponse\x12\x43\n\x08WatchJob\x12\x1d.chainrule.v1.WatchJobRequest\x1a\x16.chainrule.v1.JobEvent0\x01\x12P\n\rUploadDataset\x12\".chainrule.v1.UploadDatasetRequest\x1a\x19.chainrule.v1.DatasetInfo(\x01\x12U\n\x0cListDatasets\x12!.chainrule.v1.ListDatasetsRequest\x1a\".chainrule.v1.ListDatasetsResponse\x12X\n\rDeleteDataset\x12\".chainrule.v1.DeleteDatasetRequest\x1a#.chainrule.v1.DeleteDatasetResponse\x12Z\n\rDownloadModel\x12\".chainrule.v1.DownloadModelRequest\x1a#.chainrule.v1.DownloadModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chainrule.v1.training_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2362
-  _globals['_JOBSTATE']._serialized_end=2516
+  _globals['_JOBSTATE']._serialized_start=2471
+  _globals['_JOBSTATE']._serialized_end=2625
   _globals['_SUBMITJOBREQUEST']._serialized_start=110
   _globals['_SUBMITJOBREQUEST']._serialized_end=185
   _globals['_GETJOBREQUEST']._serialized_start=187
@@ -45,38 +45,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSRESPONSE']._serialized_end=394
   _globals['_CANCELJOBREQUEST']._serialized_start=396
   _globals['_CANCELJOBREQUEST']._serialized_end=430
-  _globals['_WATCHJOBREQUEST']._serialized_start=432
-  _globals['_WATCHJOBREQUEST']._serialized_end=499
-  _globals['_JOB']._serialized_start=502
-  _globals['_JOB']._serialized_end=890
-  _globals['_PROGRESS']._serialized_start=893
-  _globals['_PROGRESS']._serialized_end=1085
-  _globals['_VALIDATIONMETRICS']._serialized_start=1087
-  _globals['_VALIDATIONMETRICS']._serialized_end=1187
-  _globals['_JOBEVENT']._serialized_start=1190
-  _globals['_JOBEVENT']._serialized_end=1487
-  _globals['_JOBEVENT_STATECHANGE']._serialized_start=1412
-  _globals['_JOBEVENT_STATECHANGE']._serialized_end=1479
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=1489
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=1583
-  _globals['_DATASETHEADER']._serialized_start=1585
-  _globals['_DATASETHEADER']._serialized_end=1688
-  _globals['_DATASETINFO']._serialized_start=1691
-  _globals['_DATASETINFO']._serialized_end=1921
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1923
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1944
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1946
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=2030
-  _globals['_DELETEDATASETREQUEST']._serialized_start=2032
-  _globals['_DELETEDATASETREQUEST']._serialized_end=2068
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=2070
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=2093
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2095
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2149
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2151
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=2244
-  _globals['_MODELHEADER']._serialized_start=2246
-  _globals['_MODELHEADER']._serialized_end=2359
-  _globals['_TRAININGSERVICE']._serialized_start=2519
-  _globals['_TRAININGSERVICE']._serialized_end=3217
+  _globals['_RESUMEJOBREQUEST']._serialized_start=432
+  _globals['_RESUMEJOBREQUEST']._serialized_end=482
+  _globals['_DELETEJOBREQUEST']._serialized_start=484
+  _globals['_DELETEJOBREQUEST']._serialized_end=518
+  _globals['_DELETEJOBRESPONSE']._serialized_start=520
+  _globals['_DELETEJOBRESPONSE']._serialized_end=539
+  _globals['_WATCHJOBREQUEST']._serialized_start=541
+  _globals['_WATCHJOBREQUEST']._serialized_end=608
+  _globals['_JOB']._serialized_start=611
+  _globals['_JOB']._serialized_end=999
+  _globals['_PROGRESS']._serialized_start=1002
+  _globals['_PROGRESS']._serialized_end=1194
+  _globals['_VALIDATIONMETRICS']._serialized_start=1196
+  _globals['_VALIDATIONMETRICS']._serialized_end=1296
+  _globals['_JOBEVENT']._serialized_start=1299
+  _globals['_JOBEVENT']._serialized_end=1596
+  _globals['_JOBEVENT_STATECHANGE']._serialized_start=1521
+  _globals['_JOBEVENT_STATECHANGE']._serialized_end=1588
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=1598
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=1692
+  _globals['_DATASETHEADER']._serialized_start=1694
+  _globals['_DATASETHEADER']._serialized_end=1797
+  _globals['_DATASETINFO']._serialized_start=1800
+  _globals['_DATASETINFO']._serialized_end=2030
+  _globals['_LISTDATASETSREQUEST']._serialized_start=2032
+  _globals['_LISTDATASETSREQUEST']._serialized_end=2053
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=2055
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=2139
+  _globals['_DELETEDATASETREQUEST']._serialized_start=2141
+  _globals['_DELETEDATASETREQUEST']._serialized_end=2177
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=2179
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=2202
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2204
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2258
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2260
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=2353
+  _globals['_MODELHEADER']._serialized_start=2355
+  _globals['_MODELHEADER']._serialized_end=2468
+  _globals['_TRAININGSERVICE']._serialized_start=2628
+  _globals['_TRAININGSERVICE']._serialized_end=3468
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,24 @@ class CancelJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class ResumeJobRequest(_message.Message):
+    __slots__ = ("job_id", "epochs")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epochs: int
+    def __init__(self, job_id: _Optional[str] = ..., epochs: _Optional[int] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "min_progress_interval_ms")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class TrainingServiceStub:
                 request_serializer=chainrule_dot_v1_dot_training__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_training__service__pb2.Job.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/chainrule.v1.TrainingService/ResumeJob',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.Job.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/chainrule.v1.TrainingService/DeleteJob',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/chainrule.v1.TrainingService/WatchJob',
                 request_serializer=chainrule_dot_v1_dot_training__service__pb2.WatchJobRequest.SerializeToString,
@@ -107,7 +117,27 @@ class TrainingServiceServicer:
 
     def CancelJob(self, request, context):
         """A queued job ends CANCELLED at once; a running one at its next step boundary, with a
-        checkpoint saved. Cancelling a finished job returns it unchanged.
+        checkpoint saved (ResumeJob continues it). Cancelling a finished job returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Run an ended job again, under the same id. A CANCELLED or FAILED job resumes from its
+        newest intact checkpoint: QUEUED, then RUNNING from the checkpoint's step (from step 0
+        when it has none). A SUCCEEDED job continues from its final checkpoint for `epochs` more
+        epochs (INVALID_ARGUMENT without them). An ended job's checkpoints are kept for the
+        server's retention (3 days by default); resuming a SUCCEEDED job after that is
+        FAILED_PRECONDITION. So is resuming a QUEUED or RUNNING job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Delete an ended job: its record and events, its checkpoints and its model.
+        FAILED_PRECONDITION for a QUEUED or RUNNING job: cancel it first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +203,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=chainrule_dot_v1_dot_training__service__pb2.CancelJobRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_training__service__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.ResumeJobRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.DeleteJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -308,6 +348,60 @@ class TrainingService:
             '/chainrule.v1.TrainingService/CancelJob',
             chainrule_dot_v1_dot_training__service__pb2.CancelJobRequest.SerializeToString,
             chainrule_dot_v1_dot_training__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/ResumeJob',
+            chainrule_dot_v1_dot_training__service__pb2.ResumeJobRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/DeleteJob',
+            chainrule_dot_v1_dot_training__service__pb2.DeleteJobRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,7 +37,8 @@ def test_tenants_see_only_their_own_jobs_and_data_sets(server, tmp_path):
         assert list(bob.jobs()) == []
         for call in (lambda: bob.get(job.id), lambda: bob.cancel(job.id),
                      lambda: list(bob.watch(job.id, timeout=5)),
-                     lambda: bob.download(job.id, tmp_path / "stolen.safetensors")):
+                     lambda: bob.download(job.id, tmp_path / "stolen.safetensors"),
+                     lambda: bob.resume(job.id, epochs=1), lambda: bob.delete(job.id)):
             assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
         assert [d.name for d in alice.datasets().datasets] == ["mine"]
         assert list(bob.datasets().datasets) == []
