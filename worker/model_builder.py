@@ -43,7 +43,8 @@ from worker.backprop.optim import (
 from worker.backprop.tensor import Tensor
 from worker.spec_error import SpecError
 
-LOSSES = ("cross_entropy", "mse", "l1", "binary_cross_entropy_with_logits")
+LOSSES = ("cross_entropy", "mse", "l1", "binary_cross_entropy_with_logits",
+          "next_token_cross_entropy")
 DTYPES = {"": np.float32, "float32": np.float32, "float64": np.float64}
 
 
@@ -161,8 +162,14 @@ def _plan_linear(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planne
     fan_in = _require_features(signal, path, "linear")
     out = _positive(cfg.out_features, f"{path}.out_features")
     bias = cfg.bias if cfg.HasField("bias") else True
+    if cfg.feedback not in ("", "alignment"):
+        raise SpecError(f"{path}.feedback", f"must be '' (backpropagation) or 'alignment', got "
+                                            f"{cfg.feedback!r}")
+    # Feedback alignment's fixed matrix is drawn from the same generator, after the weights:
+    # every replica building from the spec's seed gets the same one.
+    linear = nn.FeedbackAlignmentLinear if cfg.feedback == "alignment" else nn.Linear
     return _Planned(_Signal(signal.shape[:-1] + (out,), False), out * fan_in + (out if bias else 0),
-                    lambda: nn.Linear(fan_in, out, bias, dtype=ctx.dtype, rng=ctx.rng))
+                    lambda: linear(fan_in, out, bias, dtype=ctx.dtype, rng=ctx.rng))
 
 
 def _activation(module: type[nn.Module], kind: str) -> Callable[..., _Planned]:
@@ -201,11 +208,7 @@ def _plan_batch_norm(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Pl
         raise SpecError(path, f"batch_norm needs (features,) inputs, got {signal.describe()}; "
                               f"for sequences use layer_norm")
     features = signal.shape[0]
-    eps = cfg.eps if cfg.HasField("eps") else 1e-5
-    if not eps > 0:
-        raise SpecError(f"{path}.eps", f"must be > 0, got {eps:g}")
-    momentum = _in_range(cfg.momentum if cfg.HasField("momentum") else 0.1, f"{path}.momentum",
-                         0.0, 1.0, high_open=False)
+    eps, momentum = _norm_settings(cfg, path)
     return _Planned(signal, 2 * features,
                     lambda: nn.BatchNorm1d(features, eps, momentum, dtype=ctx.dtype))
 
@@ -301,6 +304,267 @@ def _plan_flatten(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Plann
     return _Planned(_Signal((math.prod(signal.shape),), signal.integer), 0, nn.Flatten)
 
 
+# --- images: convolution and pooling, NCHW -------------------------------------------------------
+
+
+def _shape_argument(value: Any, path: str, dims: int, default: tuple[int, ...] | None, *,
+                    minimum: int, words: tuple[str, ...] = ()) -> tuple[int, ...] | str:
+    """A PyTorch-style size argument (a google.protobuf.Value): one number for every spatial
+    axis, a list with one per axis, or one of `words` ("same"); `default` when unset."""
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        if default is None:
+            raise SpecError(path, "required: a number or a list of numbers")
+        return default
+    if kind == "string_value":
+        if value.string_value in words:
+            return value.string_value
+        allowed = f"a number, a list of {dims} numbers" + "".join(f" or {w!r}" for w in words)
+        raise SpecError(path, f"must be {allowed}, got {value.string_value!r}")
+    numbers = ([v.number_value if v.WhichOneof("kind") == "number_value" else None
+                for v in value.list_value.values] if kind == "list_value"
+               else [value.number_value] * dims if kind == "number_value" else [])
+    if len(numbers) != dims or any(n is None for n in numbers):
+        raise SpecError(path, f"must be one number or a list of {dims} numbers")
+    if any(not float(n).is_integer() or n < minimum for n in numbers):
+        raise SpecError(path, f"must be integers >= {minimum}, got {numbers}")
+    return tuple(int(n) for n in numbers)
+
+
+def _spatial_input(signal: _Signal, path: str, kind: str, dims: int) -> tuple[int, ...]:
+    """(channels, *spatial) of an image-like input, or a SpecError saying what fits."""
+    _require_float(signal, path, kind)
+    if len(signal.shape) != dims + 1:
+        expected = "(channels, height, width)" if dims == 2 else "(channels, length)"
+        hint = (" (a conv after a flatten? flatten once the convolutions are done)"
+                if len(signal.shape) == 1 else "")
+        raise SpecError(path, f"{kind} needs {expected} inputs, got {signal.describe()}{hint}")
+    return signal.shape
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                 path: str, axis: str) -> int:
+    """PyTorch's output length of a convolution or pooling window over one axis."""
+    span = dilation * (kernel - 1) + 1
+    out = (size + 2 * padding - span) // stride + 1
+    if out < 1:
+        raise SpecError(path, f"the kernel spans {span} along {axis} but the input is only "
+                              f"{size} (+{2 * padding} padding); use a smaller kernel_size or "
+                              f"dilation, or add padding")
+    return out
+
+
+_AXES = {1: ("length",), 2: ("height", "width")}
+
+
+def _conv(kind: str, dims: int, module: type[nn.Module]) -> Callable[..., _Planned]:
+    def plan(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+        channels, *sizes = _spatial_input(signal, path, kind, dims)
+        out_channels = _positive(cfg.out_channels, f"{path}.out_channels")
+        kernel = _shape_argument(cfg.kernel_size, f"{path}.kernel_size", dims, None, minimum=1)
+        stride = _shape_argument(cfg.stride, f"{path}.stride", dims, (1,) * dims, minimum=1)
+        dilation = _shape_argument(cfg.dilation, f"{path}.dilation", dims, (1,) * dims,
+                                   minimum=1)
+        padding = _shape_argument(cfg.padding, f"{path}.padding", dims, (0,) * dims, minimum=0,
+                                  words=("same", "valid"))
+        groups = cfg.groups or 1  # 0 means 1: one group, every input channel to every output
+        if channels % groups or out_channels % groups:
+            raise SpecError(f"{path}.groups", f"in_channels {channels} (the input's) and "
+                                              f"out_channels {out_channels} must both be "
+                                              f"divisible by groups {groups}")
+        if padding == "same" and stride != (1,) * dims:
+            raise SpecError(f"{path}.padding", f"'same' needs stride 1 (as in PyTorch), got "
+                                               f"stride {list(stride)}")
+        assert isinstance(kernel, tuple) and isinstance(stride, tuple)
+        assert isinstance(dilation, tuple)
+        if padding == "same":  # padded by dilation * (kernel - 1) in all: the input's size
+            out_sizes = tuple(sizes)
+        else:
+            pads = (0,) * dims if padding == "valid" else padding
+            out_sizes = tuple(_output_size(size, k, s, p, d, f"{path}.kernel_size", axis)
+                              for axis, size, k, s, p, d
+                              in zip(_AXES[dims], sizes, kernel, stride, pads, dilation))
+        bias = cfg.bias if cfg.HasField("bias") else True
+        weights = out_channels * (channels // groups) * math.prod(kernel)
+        return _Planned(_Signal((out_channels, *out_sizes), False),
+                        weights + (out_channels if bias else 0),
+                        lambda: module(channels, out_channels, kernel, stride, padding, dilation,
+                                       groups, bias, dtype=ctx.dtype, rng=ctx.rng))
+
+    return plan
+
+
+def _plan_max_pool2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    channels, *sizes = _spatial_input(signal, path, "max_pool2d", 2)
+    kernel = _shape_argument(cfg.kernel_size, f"{path}.kernel_size", 2, None, minimum=1)
+    assert isinstance(kernel, tuple)
+    stride = _shape_argument(cfg.stride, f"{path}.stride", 2, kernel, minimum=1)
+    padding = _shape_argument(cfg.padding, f"{path}.padding", 2, (0, 0), minimum=0)
+    dilation = _shape_argument(cfg.dilation, f"{path}.dilation", 2, (1, 1), minimum=1)
+    assert isinstance(stride, tuple) and isinstance(padding, tuple)
+    assert isinstance(dilation, tuple)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise SpecError(f"{path}.padding", f"must be at most half the kernel ({list(kernel)}), "
+                                           f"got {list(padding)}")
+    out = tuple(_output_size(n, k, s, p, d, f"{path}.kernel_size", axis)
+                for axis, n, k, s, p, d in zip(_AXES[2], sizes, kernel, stride, padding,
+                                               dilation))
+    return _Planned(_Signal((channels, *out), False), 0,
+                    lambda: nn.MaxPool2d(kernel, stride, padding, dilation))
+
+
+def _plan_avg_pool2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    channels, *sizes = _spatial_input(signal, path, "avg_pool2d", 2)
+    kernel = _shape_argument(cfg.kernel_size, f"{path}.kernel_size", 2, None, minimum=1)
+    assert isinstance(kernel, tuple)
+    stride = _shape_argument(cfg.stride, f"{path}.stride", 2, kernel, minimum=1)
+    padding = _shape_argument(cfg.padding, f"{path}.padding", 2, (0, 0), minimum=0)
+    assert isinstance(stride, tuple) and isinstance(padding, tuple)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise SpecError(f"{path}.padding", f"must be at most half the kernel ({list(kernel)}), "
+                                           f"got {list(padding)}")
+    out = tuple(_output_size(n, k, s, p, 1, f"{path}.kernel_size", axis)
+                for axis, n, k, s, p in zip(_AXES[2], sizes, kernel, stride, padding))
+    include = cfg.count_include_pad if cfg.HasField("count_include_pad") else True
+    return _Planned(_Signal((channels, *out), False), 0,
+                    lambda: nn.AvgPool2d(kernel, stride, padding, count_include_pad=include))
+
+
+def _plan_adaptive_avg_pool2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    channels, *sizes = _spatial_input(signal, path, "adaptive_avg_pool2d", 2)
+    out = _shape_argument(cfg.output_size, f"{path}.output_size", 2, None, minimum=1)
+    assert isinstance(out, tuple)
+    if any(o > n for o, n in zip(out, sizes)):
+        raise SpecError(f"{path}.output_size", f"must be at most the input's {list(sizes)}, got "
+                                               f"{list(out)}")
+    return _Planned(_Signal((channels, *out), False), 0, lambda: nn.AdaptiveAvgPool2d(out))
+
+
+def _norm_settings(cfg: Any, path: str) -> tuple[float, float]:
+    eps = cfg.eps if cfg.HasField("eps") else 1e-5
+    if not eps > 0:
+        raise SpecError(f"{path}.eps", f"must be > 0, got {eps:g}")
+    momentum = _in_range(cfg.momentum if cfg.HasField("momentum") else 0.1, f"{path}.momentum",
+                         0.0, 1.0, high_open=False)
+    return eps, momentum
+
+
+def _plan_batch_norm2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    channels, *_ = _spatial_input(signal, path, "batch_norm2d", 2)
+    eps, momentum = _norm_settings(cfg, path)
+    return _Planned(signal, 2 * channels,
+                    lambda: nn.BatchNorm2d(channels, eps, momentum, dtype=ctx.dtype))
+
+
+def _plan_dropout2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _spatial_input(signal, path, "dropout2d", 2)
+    p = _in_range(cfg.p if cfg.HasField("p") else 0.5, f"{path}.p", 0.0, 1.0, high_open=True)
+    return _Planned(signal, 0, lambda: nn.Dropout2d(p))
+
+
+# --- sequences: attention and transformers ----------------------------------------------------
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """MultiheadAttention as one layer of a Sequential: attends a (batch, time, embed_dim)
+    sequence to itself. Keys stay torch's (in_proj_weight, out_proj.weight, ...)."""
+
+    def __init__(self, *args: Any, is_causal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.is_causal = is_causal
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, x, x, need_weights=False, is_causal=self.is_causal)[0]
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """TransformerEncoderLayer as one layer of a Sequential, causal or not; torch's keys."""
+
+    def __init__(self, *args: Any, is_causal: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.is_causal = is_causal
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, is_causal=self.is_causal)
+
+
+class MeanPool(nn.Module):
+    """(batch, time, features) -> (batch, features): the mean over time steps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(axis=1)
+
+
+def _sequence_input(signal: _Signal, path: str, kind: str) -> tuple[int, int]:
+    _require_float(signal, path, kind)
+    if len(signal.shape) != 2:
+        raise SpecError(path, f"{kind} needs a sequence (time, features), got "
+                              f"{signal.describe()}")
+    return signal.shape[0], signal.shape[1]
+
+
+def _heads(heads: int, width: int, path: str, width_name: str) -> int:
+    _positive(heads, path)
+    if width % heads:
+        fits = [h for h in range(1, width + 1) if width % h == 0 and h <= 64]
+        raise SpecError(path, f"{width_name} {width} (the input's last axis) is not divisible "
+                              f"by {heads} heads; use one of {fits}")
+    return heads
+
+
+def _attention_parameters(width: int, bias: bool) -> int:
+    return 4 * width * width + (4 * width if bias else 0)  # in_proj (3 E x E) and out_proj
+
+
+def _plan_multihead_attention(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _, width = _sequence_input(signal, path, "multihead_attention")
+    heads = _heads(cfg.num_heads, width, f"{path}.num_heads", "embed_dim")
+    dropout = _in_range(cfg.dropout, f"{path}.dropout", 0.0, 1.0, high_open=True)
+    bias = cfg.bias if cfg.HasField("bias") else True
+    return _Planned(signal, _attention_parameters(width, bias),
+                    lambda: SelfAttention(width, heads, dropout, bias, dtype=ctx.dtype,
+                                          rng=ctx.rng, is_causal=cfg.is_causal))
+
+
+def _plan_transformer_encoder_layer(cfg: Any, signal: _Signal, path: str,
+                                    ctx: _Context) -> _Planned:
+    _, width = _sequence_input(signal, path, "transformer_encoder_layer")
+    heads = _heads(cfg.nhead, width, f"{path}.nhead", "d_model")
+    feedforward = cfg.dim_feedforward or 2048  # 0 means PyTorch's default
+    dropout = _in_range(cfg.dropout if cfg.HasField("dropout") else 0.1, f"{path}.dropout",
+                        0.0, 1.0, high_open=True)
+    activation = cfg.activation or "relu"
+    if activation not in ("relu", "gelu"):
+        raise SpecError(f"{path}.activation", f"must be 'relu' or 'gelu', got "
+                                              f"{cfg.activation!r}")
+    eps = cfg.layer_norm_eps if cfg.HasField("layer_norm_eps") else 1e-5
+    if not eps > 0:
+        raise SpecError(f"{path}.layer_norm_eps", f"must be > 0, got {eps:g}")
+    parameters = (_attention_parameters(width, True) + 2 * width * feedforward + feedforward
+                  + width + 4 * width)
+    return _Planned(signal, parameters,
+                    lambda: EncoderLayer(width, heads, feedforward, dropout, activation, eps,
+                                         norm_first=cfg.norm_first, dtype=ctx.dtype,
+                                         rng=ctx.rng, is_causal=cfg.is_causal))
+
+
+def _plan_positional_embedding(cfg: Any, signal: _Signal, path: str,
+                               ctx: _Context) -> _Planned:
+    steps, width = _sequence_input(signal, path, "positional_embedding")
+    positions = cfg.num_positions or steps  # 0: exactly the data's sequence length
+    if positions < steps:
+        raise SpecError(f"{path}.num_positions", f"must be at least the sequence length "
+                                                 f"{steps}, got {positions}")
+    return _Planned(signal, positions * width,
+                    lambda: nn.PositionalEmbedding(positions, width, dtype=ctx.dtype,
+                                                   rng=ctx.rng))
+
+
+def _plan_mean_pool(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
+    _sequence_input(signal, path, "mean_pool")
+    return _Planned(_Signal(signal.shape[1:], False), 0, MeanPool)
+
+
 _LAYER_PLANS: dict[str, Callable[..., _Planned]] = {
     "linear": _plan_linear,
     "relu": _activation(nn.ReLU, "relu"),
@@ -319,6 +583,17 @@ _LAYER_PLANS: dict[str, Callable[..., _Planned]] = {
     "rnn": _recurrent("rnn", SequenceRNN, 1),
     "last_step": _plan_last_step,
     "flatten": _plan_flatten,
+    "conv1d": _conv("conv1d", 1, nn.Conv1d),
+    "conv2d": _conv("conv2d", 2, nn.Conv2d),
+    "max_pool2d": _plan_max_pool2d,
+    "avg_pool2d": _plan_avg_pool2d,
+    "adaptive_avg_pool2d": _plan_adaptive_avg_pool2d,
+    "batch_norm2d": _plan_batch_norm2d,
+    "dropout2d": _plan_dropout2d,
+    "multihead_attention": _plan_multihead_attention,
+    "transformer_encoder_layer": _plan_transformer_encoder_layer,
+    "positional_embedding": _plan_positional_embedding,
+    "mean_pool": _plan_mean_pool,
 }
 LAYER_KINDS: tuple[str, ...] = tuple(_LAYER_PLANS)
 
@@ -437,8 +712,20 @@ def check_model_fits_data(spec: job_pb2.JobSpec, input_shape: tuple[int, ...], *
     targets of `target_shape`, e.g. (1,)).
     """
     loss = _loss_name(spec)
-    width = output_features(spec.model, input_shape, input_dtype)
     last = f"model.layers[{len(spec.model.layers) - 1}]"
+    if loss == "next_token_cross_entropy" or task == "next_token":
+        if loss != "next_token_cross_entropy" or task != "next_token":
+            raise SpecError("loss", "next_token_cross_entropy and text data sets go together: "
+                                    f"the loss is {loss} and the data set is {task}")
+        shape = output_shape(spec.model, input_shape, input_dtype)
+        expected = (input_shape[0], num_classes)
+        if shape != expected:
+            raise SpecError(last, f"the model outputs shape {shape} per window; next-token "
+                                  f"prediction needs {expected}: a score for each of the "
+                                  f"{num_classes} byte values at each of the {input_shape[0]} "
+                                  f"positions (end with linear {{out_features: {num_classes}}})")
+        return
+    width = output_features(spec.model, input_shape, input_dtype)
     if loss == "cross_entropy":
         if task != "classification":
             raise SpecError("loss", f"cross_entropy needs class labels, but the data set is "
@@ -491,6 +778,14 @@ class Loss:
     def __call__(self, output: Tensor, target: Any) -> Tensor:
         if self.name == "cross_entropy":
             return F.cross_entropy(output, target, self.reduction, self.label_smoothing)
+        if self.name == "next_token_cross_entropy":  # output (n, T, vocab), target (n, T)
+            steps, vocabulary = output.shape[-2], output.shape[-1]
+            tokens = np.asarray(getattr(target, "data", target)).reshape(-1)
+            logits = output.reshape((-1, vocabulary))
+            if self.reduction == "mean":
+                return F.cross_entropy(logits, tokens, "mean")
+            # A sample's loss is the mean over its T positions, as "sum" promises.
+            return F.cross_entropy(logits, tokens, "sum") * (1.0 / steps)
         elementwise = {"mse": F.mse_loss, "l1": F.l1_loss,
                        "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits}
         function = elementwise[self.name]
@@ -501,6 +796,31 @@ class Loss:
         if per_element.ndim > 1 and per_element.size > len(per_element):
             per_element = per_element.mean(axis=tuple(range(1, per_element.ndim)))
         return per_element.sum()
+
+
+    def correct(self, output: np.ndarray, target: np.ndarray) -> int:
+        """Right predictions among the `predictions_per_sample` of each sample: the arg-max
+        class for cross-entropy (at every position for next-token prediction), the logit's
+        sign against a 0/1 label for binary cross-entropy (each label of a multi-label
+        target); 0 for regression losses."""
+        if self.name in ("cross_entropy", "next_token_cross_entropy"):
+            return int((output.argmax(axis=-1) == target).sum())
+        if self.name == "binary_cross_entropy_with_logits":
+            labels = target.reshape(output.shape) if target.size == output.size else target
+            return int(((output > 0) == (labels > 0.5)).sum())
+        return 0
+
+
+def predictions_per_sample(loss: str, output_shape: tuple[int, ...]) -> int:
+    """How many predictions `Loss.correct` counts in one sample (the accuracy's divisor per
+    sample): one class, T next tokens, or k binary labels; 0 for regression losses."""
+    if loss == "cross_entropy":
+        return 1
+    if loss == "next_token_cross_entropy":
+        return output_shape[0]
+    if loss == "binary_cross_entropy_with_logits":
+        return math.prod(output_shape)
+    return 0
 
 
 def _float_target(output: Tensor, target: Any) -> np.ndarray:

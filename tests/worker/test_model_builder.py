@@ -121,12 +121,31 @@ LAYER_CASES = {
     "rnn": ("[{rnn: {hidden_size: 6, nonlinearity: relu}}]", (4, 5), np.float32, (4, 6)),
     "last_step": ("[{last_step: {}}]", (4, 5), np.float32, (5,)),
     "flatten": ("[{flatten: {}}]", (4, 5), np.float32, (20,)),
+    "conv1d": ("[{conv1d: {out_channels: 4, kernel_size: 3, padding: same}}]", (2, 9),
+               np.float32, (4, 9)),
+    "conv2d": ("[{conv2d: {out_channels: 4, kernel_size: 3, stride: 2}}]", (2, 9, 9),
+               np.float32, (4, 4, 4)),
+    "max_pool2d": ("[{max_pool2d: {kernel_size: 2}}]", (2, 9, 9), np.float32, (2, 4, 4)),
+    "avg_pool2d": ("[{avg_pool2d: {kernel_size: 3, stride: 2, padding: 1}}]", (2, 9, 9),
+                   np.float32, (2, 5, 5)),
+    "adaptive_avg_pool2d": ("[{adaptive_avg_pool2d: {output_size: 1}}]", (2, 9, 9), np.float32,
+                            (2, 1, 1)),
+    "batch_norm2d": ("[{batch_norm2d: {momentum: 0.2}}]", (2, 3, 3), np.float32, (2, 3, 3)),
+    "dropout2d": ("[{dropout2d: {p: 0.2}}]", (2, 3, 3), np.float32, (2, 3, 3)),
+    "multihead_attention": ("[{multihead_attention: {num_heads: 2}}]", (4, 6), np.float32,
+                            (4, 6)),
+    "transformer_encoder_layer": ("[{transformer_encoder_layer: {nhead: 2, dim_feedforward: 8}}]",
+                                  (4, 6), np.float32, (4, 6)),
+    "positional_embedding": ("[{positional_embedding: {num_positions: 9}}]", (4, 6), np.float32,
+                             (4, 6)),
+    "mean_pool": ("[{mean_pool: {}}]", (4, 6), np.float32, (6,)),
 }
 
 
 def test_every_layer_kind_has_a_case():
     assert set(LAYER_CASES) == set(LAYER_KINDS)
-    assert set(LAYER_KINDS) == {field.name for field in job_pb2.Layer.DESCRIPTOR.fields}
+    kinds = job_pb2.Layer.DESCRIPTOR.oneofs_by_name["kind"].fields
+    assert set(LAYER_KINDS) == {field.name for field in kinds}
 
 
 @pytest.mark.parametrize("kind", sorted(LAYER_CASES))
@@ -213,8 +232,8 @@ def test_empty_layer_is_named_by_its_index():
 
 
 def test_unknown_layer_kind_in_a_file_names_the_layer():
-    with raises_at("model.layers[1]", "unknown field 'conv2d'"):
-        load_job_spec("model: {layers: [{relu: {}}, {conv2d: {out_channels: 3}}]}")
+    with raises_at("model.layers[1]", "unknown field 'conv3d'"):
+        load_job_spec("model: {layers: [{relu: {}}, {conv3d: {out_channels: 3}}]}")
 
 
 def test_model_without_layers_is_rejected():
