@@ -14,12 +14,14 @@ One optimizer step:
      optimizer to its slice of the shared parameters; with norm clipping it first reports its
      norm and waits for the global clipping coefficient;
   3. the replicas see the updated parameters in shared memory (the all-gather).
-The signals travel through named pipes (worker/step_channel.py), not Ray calls: a Ray call
-costs milliseconds per hop, a pipe microseconds.
+The signals travel through named pipes (worker/transport/shared_memory.py), not Ray calls: a
+Ray call costs milliseconds per hop, a pipe microseconds. Actors on other hosts exchange the
+same sums through the object store (worker/transport/object_store.py).
 
-A worker that dies or misses its deadline is dropped and its block recomputed by a survivor in
-the same step: the parameters have not moved, so the result is bit for bit the same. A step
-or a stop can be checkpointed; a checkpoint resumes by deterministic replay.
+Mechanism and policy are apart: the worker group (worker_group.py) starts, kills and replaces
+actors; a transport runs a step and returns its outcome or what went wrong; the failure policy
+(failure_policy.py) decides what to do about it; the runner has it carried out (_on_failure).
+A step or a stop can be checkpointed; a checkpoint resumes by deterministic replay.
 """
 
 from __future__ import annotations
@@ -34,13 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset
-from scheduler.object_store_transport import ObjectStoreTransport
-from scheduler.placement import Placement, reserve
+from scheduler.failure_policy import Decision, FailurePolicy, JobFailed
+from scheduler.placement import reserve
 from scheduler.ray_cluster import alive_nodes
 from scheduler.records import (
     EvaluationRecord,
@@ -49,29 +50,23 @@ from scheduler.records import (
     TrainingHistory,
 )
 from scheduler.sampler import EpochSampler, StepSamples
-from scheduler.shared_memory_transport import SharedMemoryTransport
-from scheduler.step_transport import (  # noqa: F401 - JobFailed/WorkerLost re-exported
-    JobFailed,
-    ShardLost,
-    StepOutcome,
-    StepTransport,
-    StepWork,
-    WorkerLost,
-    WorkerPool,
-)
+from scheduler.worker_group import WorkerGroup
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_planned_model
-from worker.parameter_server import ParameterServerShard, ShardSetup
+from worker.parameter_server import ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
 from worker.shared_memory import SharedArrayGroup, host_identity
-
-MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
-MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has left
-
-# The actor classes are plain Python classes; this is the one place they become Ray actors.
-RemoteReplica = ray.remote(ModelReplica)
-RemoteShard = ray.remote(ParameterServerShard)
+from worker.transport.object_store import ObjectStoreTransport
+from worker.transport.shared_memory import SharedMemoryTransport
+from worker.transport.step import (
+    ActorFailure,
+    StepFailure,
+    StepOutcome,
+    StepTransport,
+    StepWork,
+    WorkersLost,
+)
 
 
 @dataclass(frozen=True)
@@ -133,12 +128,14 @@ class JobRunner:
         cpus_per_worker: float | None = None,
         placement_timeout_seconds: float = 60.0,
         transport: str = "auto",
+        failure_policy: FailurePolicy | None = None,
     ):
         """Train `job` on `dataset`, which must be its data set as prepared for it
         (scheduler.training.prepare_dataset). `cpus_per_worker` overrides the job's (the service
         divides the cluster between concurrent jobs); `placement_timeout_seconds` bounds the
         wait for room on the cluster; `transport` is "shared_memory", "object_store", or
-        "auto": shared memory when every node of the cluster is on the runner's host."""
+        "auto": shared memory when every node of the cluster is on the runner's host.
+        `failure_policy` decides what a failure costs (default: FailurePolicy())."""
         if transport not in ("auto", "shared_memory", "object_store"):
             raise ValueError(f"transport must be auto, shared_memory or object_store, "
                              f"got {transport!r}")
@@ -154,6 +151,7 @@ class JobRunner:
         self.on_step = on_step or (lambda record: None)
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.should_stop = should_stop or (lambda: False)
+        self.policy = failure_policy or FailurePolicy()  # for the whole job, across restarts
         self.history = TrainingHistory()
         self.rule_name, self.hyper = job.optimizer, job.hyperparameters
         self.sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches,
@@ -182,21 +180,23 @@ class JobRunner:
         """Train to the end (or until should_stop / early stopping). A lost parameter-server
         shard restarts the job's actors from the last checkpoint and replays: the sampler and
         every seed are functions of the step, so the weights come out the same."""
+        # Where a restart goes back to until the first checkpoint: the job's start.
+        self.last_checkpoint: Checkpoint | None = self.resume_from
+        self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
         while True:
             try:
                 return self._run_once()
-            except ShardLost:
-                if self.history.shard_failures >= MAX_SHARD_RESTARTS:
-                    raise
-                self.history.shard_failures += 1
+            except _RestartFromCheckpoint:
                 self._rewind_to(self.last_checkpoint)
 
-    def _rewind_to(self, checkpoint: Checkpoint) -> None:
+    def _rewind_to(self, checkpoint: Checkpoint | None) -> None:
+        """Forget what happened after `checkpoint` (None: the job's start)."""
         self.resume_from = checkpoint
-        self.history.steps = [r for r in self.history.steps if r.step <= checkpoint.step]
-        self.history.evaluations = [e for e in self.history.evaluations
-                                    if e.step <= checkpoint.step]
+        step = checkpoint.step if checkpoint is not None else 0
+        self.history.steps = [r for r in self.history.steps if r.step <= step]
+        self.history.evaluations = [e for e in self.history.evaluations if e.step <= step]
         self.early_stopping = copy.deepcopy(self.early_stopping_at_checkpoint)
+        self.history.shard_failures = self.policy.shard_restarts
 
     def _run_once(self) -> TrainingResult:
         settings = self.settings
@@ -204,18 +204,14 @@ class JobRunner:
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.job.name or "job")
         shared_memory = _use_shared_memory(self.transport_name)
-        placement = None
         self.transport: StepTransport | None = None
-        self.replicas, self.shards = [], []
+        self.worker_group: WorkerGroup | None = None
         try:
-            parameters, blocks = None, ()
+            parameters = None
             if shared_memory:
                 parameters = self.shared.create("parameters", (self.layout.size,),
                                                 settings.dtype)
-                blocks = tuple(self.shared.create(f"gradient-block-{b}", (self.layout.size,),
-                                                  settings.dtype)
-                               for b in range(settings.workers))
-            replica_setup = ReplicaSetup(self.job, parameters, blocks)
+            replica_setup = ReplicaSetup(self.job, parameters)
             # The runner's own replica evaluates on the validation split and holds the master
             # copy of the parameters (shared, or gathered from the shards) and of the buffers
             # (BatchNorm statistics); it computes no training gradients.
@@ -225,69 +221,58 @@ class JobRunner:
             self.parameters[:] = self.layout.flatten(model)
             if self.resume_from is not None:
                 self._restore_locally(self.resume_from)
-            placement = reserve(settings.workers, settings.shards, self.cpus_per_worker,
-                                self.job.placement_strategy,
-                                self.placement_timeout_seconds)
-            self._start_actors(placement, replica_setup, parameters, blocks, shared_memory)
+            self.worker_group = WorkerGroup(
+                reserve(settings.workers, settings.shards, self.cpus_per_worker,
+                        self.job.placement_strategy, self.placement_timeout_seconds),
+                timeout_seconds=settings.step_timeout_seconds)
+            self._start_actors(replica_setup, parameters, shared_memory)
             if self.resume_from is not None:
                 self._restore_shards(self.resume_from)
             self.transport.start()
             return self._train()
+        except ActorFailure as found:  # outside a step: a shard dead at start or checkpoint
+            self._on_failure(found.failure)  # raises: restart or fail
+            raise
         finally:
             if self.transport is not None:
                 self.transport.stop()
-            for actor in self.replicas + self.shards:
-                ray.kill(actor)
-            if placement is not None:
-                placement.release()
+            if self.worker_group is not None:
+                self.worker_group.stop()
             self.shared.remove()
 
-    def _start_actors(self, placement: Placement, replica_setup: ReplicaSetup, parameters,
-                      blocks, shared_memory: bool) -> None:
+    def _start_actors(self, replica_setup: ReplicaSetup, parameters, shared_memory: bool) -> None:
         settings = self.settings
-        x_ref, y_ref = ray.put(self.dataset.x), ray.put(self.dataset.y)
-        worker_setup = dataclasses.replace(replica_setup, blas_threads=placement.blas_threads)
-        self.new_replica = lambda w: RemoteReplica.options(
-            **placement.worker_options(w), max_concurrency=2).remote(worker_setup, x_ref, y_ref)
-        self.replacements: dict[int, ray.ObjectRef] = {}  # worker slot -> its readiness
-        # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
-        # (location, checkpoint state, last error) in the other, between steps.
-        self.replicas = [RemoteReplica.options(**placement.worker_options(w), max_concurrency=2)
-                         .remote(worker_setup, x_ref, y_ref) for w in range(settings.workers)]
+        group = self.worker_group
+        worker_setup = dataclasses.replace(replica_setup,
+                                           blas_threads=group.placement.blas_threads)
         align = not _is_elementwise(self.rule_name)
         bounds = self.layout.shard_bounds(settings.shards, align_to_parameters=align)
         clip_value = self.job.clipping.max_value
-        self.shards = [
-            RemoteShard.options(**placement.shard_options(k), max_concurrency=2).remote(
-                ShardSetup(k, bounds[k], self.layout, parameters, blocks, self.rule_name,
-                           self.hyper, clip_value))
-            for k in range(settings.shards)
-        ]
-        locations = ray.get([a.location.remote() for a in self.replicas + self.shards],
-                            timeout=settings.step_timeout_seconds)
-        self.actor_nodes = {"workers": [node for _, node in locations[:settings.workers]],
-                            "shards": [node for _, node in locations[settings.workers:]]}
-        if shared_memory and {host for host, _ in locations} != {host_identity()}:
+        shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
+                                   self.rule_name, self.hyper, clip_value)
+                        for k in range(settings.shards)]
+        locations = group.start(worker_setup, shard_setups, self.dataset.x, self.dataset.y)
+        self.actor_nodes = {"workers": [node for _, node in locations.workers],
+                            "shards": [node for _, node in locations.shards]}
+        hosts = {host for host, _ in locations.workers + locations.shards}
+        if shared_memory and hosts != {host_identity()}:
             raise RuntimeError(
                 "an actor landed on another host than the runner although every node looked "
                 "local; run with transport='object_store'"
             )
-        self.pool = WorkerPool(list(range(settings.workers)),
-                               failures=self.history.worker_failures)  # across restarts
         if shared_memory:
             buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
             micro_count = settings.micro_shards * settings.accumulation
             self.transport = SharedMemoryTransport(
-                self.shared, self.replicas, self.shards, self.pool,
+                self.shared, group, parameter_count=self.layout.size,
                 slots=len(self.layout.slots),
                 max_samples=settings.batch_size * settings.accumulation,
                 max_micro_shards=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
                 timeout_seconds=settings.step_timeout_seconds)
         else:
             self.transport = ObjectStoreTransport(
-                self.replicas, self.shards, self.pool, self.parameters, bounds,
-                list(self.layout.slots), self.evaluator.flatten_buffers,
-                timeout_seconds=settings.step_timeout_seconds)
+                group, self.parameters, bounds, list(self.layout.slots),
+                self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds)
 
     # --- the step loop ---------------------------------------------------------------------
 
@@ -361,14 +346,8 @@ class JobRunner:
 
     def checkpoint(self, step: int) -> Checkpoint:
         """The job's state now (between steps): parameters, buffers, whole optimizer state."""
-        timeout = self.settings.step_timeout_seconds
         self.transport.sync_parameters()
-        try:
-            shard_states = ray.get([shard.state.remote() for shard in self.shards],
-                                   timeout=timeout)
-        except ray.exceptions.RayActorError as error:  # found dead between steps
-            raise ShardLost(f"a parameter-server shard died before step {step}'s "
-                            f"checkpoint") from error
+        shard_states = self.worker_group.shard_states(f"at the checkpoint of step {step}")
         optimizer_steps = shard_states[0][0]
         if _is_elementwise(self.rule_name):
             keys = shard_states[0][1].keys()
@@ -390,8 +369,8 @@ class JobRunner:
             self.evaluator.load_buffers(checkpoint.buffers)
 
     def _restore_shards(self, checkpoint: Checkpoint) -> None:
-        ray.get([shard.load_state.remote(checkpoint.optimizer_steps, checkpoint.optimizer_state)
-                 for shard in self.shards], timeout=self.settings.step_timeout_seconds)
+        self.worker_group.load_shard_states(checkpoint.optimizer_steps,
+                                            checkpoint.optimizer_state)
 
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
@@ -403,38 +382,45 @@ class JobRunner:
         work = StepWork(
             step=step, micro_shards=micro_shards,
             block_ranges=[(b[0], b[-1] + 1) if b else (0, 0) for b in blocks],
+            block_owners=[self.worker_group.owner_for(b) for b in range(len(blocks))],
             samples=sum(len(indices) for _, indices in micro_shards),
             lr=self.schedule.lr_at(step - 1), max_norm=self.max_norm,
             master_buffers=master_buffers,
         )
         outcome = self.transport.run_step(work)
-        self.history.worker_failures = self.pool.failures
+        while not isinstance(outcome, StepOutcome):
+            outcome = self.transport.recompute(self._on_failure(outcome))
+        self.history.worker_failures = self.policy.worker_failures
         self._replace_lost_workers()
         if outcome.micro_shard_buffers is not None:
             self._average_buffers(outcome.micro_shard_buffers)
         return self._record(step, epoch, work, outcome, time.perf_counter() - start)
 
+    def _on_failure(self, failure: StepFailure) -> dict[int, int]:
+        """Ask the failure policy about `failure` and have it carried out. RECOMPUTE: the group
+        removes the lost workers, and the returned block -> survivor map goes to the transport.
+        RESTART and FAIL raise (the actors are torn down on the way out)."""
+        group = self.worker_group
+        lost = failure.workers if isinstance(failure, WorkersLost) else ()
+        survivors = len([w for w in group.alive if w not in lost])
+        decision = self.policy.decide(failure, survivors)
+        if decision is Decision.RECOMPUTE and isinstance(failure, WorkersLost):
+            group.remove(failure.workers)
+            return {block: group.owner_for(i)
+                    for i, block in enumerate(failure.unfinished_blocks)}
+        if decision is Decision.RESTART:
+            raise _RestartFromCheckpoint(failure)
+        raise JobFailed(self.policy.why_failed(failure), failure)
+
     def _replace_lost_workers(self) -> None:
         """Elasticity: a lost worker's placement bundle is free again, so a new replica starts
-        there; it joins at the first step boundary after it is ready (the step loop never waits
-        for it). Its blocks are the same blocks, so the weights do not change."""
-        for worker, ready in list(self.replacements.items()):
-            if ray.wait([ready], timeout=0)[0]:
-                del self.replacements[worker]
-                try:
-                    ray.get(ready)
-                except ray.exceptions.RayActorError:
-                    continue  # it died starting up; the next boundary tries again
-                self.transport.worker_replaced(worker)
-                self.pool.rejoin(worker)
-        lost = [w for w in range(self.settings.workers)
-                if w not in self.pool.alive and w not in self.replacements]
-        for worker in lost:
-            if self.pool.replacements >= MAX_WORKER_REPLACEMENTS:
-                return
-            self.pool.replacements += 1
-            self.replicas[worker] = self.new_replica(worker)
-            self.replacements[worker] = self.replicas[worker].location.remote()
+        there when the policy allows; it joins at the first step boundary after it is ready
+        (the step loop never waits for it). Its blocks are the same blocks, so the weights do
+        not change."""
+        for worker in self.worker_group.admit_ready():
+            self.transport.worker_replaced(worker)
+        for worker in self.policy.workers_to_replace(self.worker_group.vacant_slots()):
+            self.worker_group.replace(worker)
 
     def _record(self, step: int, epoch: int, work: StepWork, outcome: StepOutcome,
                 wall: float) -> StepRecord:
@@ -461,9 +447,9 @@ class JobRunner:
             bytes_sent_per_worker=max(b.bytes_sent for b in outcome.blocks),
             bytes_received_per_worker=sum(s.bytes_updated for s in outcome.shards),
             parameter_bytes=self.layout.nbytes,
-            workers=len(self.pool.alive),
-            worker_failures=self.pool.failures,
-            shard_failures=self.history.shard_failures,
+            workers=len(self.worker_group.alive),
+            worker_failures=self.policy.worker_failures,
+            shard_failures=self.policy.shard_restarts,
         )
 
     def _average_buffers(self, rows: list[np.ndarray]) -> None:
@@ -496,6 +482,10 @@ class JobRunner:
     def _state_dict(self) -> dict[str, np.ndarray]:
         self.transport.sync_parameters()
         return {key: np.array(value) for key, value in self.evaluator.model.state_dict().items()}
+
+
+class _RestartFromCheckpoint(Exception):
+    """The failure policy chose RESTART: unwinds _run_once (tearing its actors down) to run()."""
 
 
 @dataclass

@@ -3,8 +3,9 @@
 A replica holds a model built from the job spec, with its parameters as views into the shared
 parameter vector (so it always sees the latest all-gathered values, without a copy). For a step
 it runs forward and backward on each of its micro-shards in order, adds their gradients in the
-fixed tree order, and writes the block's sum into its gradient block in shared memory, where
-the parameter-server shards read it (the reduce-scatter).
+fixed tree order, and writes the block's sum where the step's transport says (a gradient
+block in shared memory, or a fresh array returned through the object store: see
+worker/transport/), for the parameter-server shards to sum (the reduce-scatter).
 
 Each micro-shard's loss is summed over its samples and divided by the GLOBAL batch size, so the
 micro-shards' gradients add up to exactly the gradient of the batch's mean loss, whichever
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,15 +27,7 @@ from worker.flat_parameters import ParameterLayout
 from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
-from worker.step_channel import (
-    STOP,
-    WORKER_REPORT,
-    BlockWritten,
-    Channel,
-    ChannelPaths,
-    Report,
-    WorkerCommand,
-)
+from worker.transport import object_store, shared_memory
 from worker.tree_sum import TreeAccumulator
 
 
@@ -41,9 +35,8 @@ from worker.tree_sum import TreeAccumulator
 class ReplicaSetup:
     job: ResolvedJob  # plain data (numbers and the model spec's bytes): no user code travels
     # Shared memory (all actors on the runner's host), or None: the replica keeps its own
-    # parameter vector and gradient block and exchanges them through the object store.
+    # parameter vector and exchanges it through the object store.
     parameters: SharedArraySpec | None
-    gradient_blocks: tuple[SharedArraySpec, ...]
     blas_threads: int = 1
 
 
@@ -56,19 +49,6 @@ class BlockResult:
     bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
     write_seconds: float  # writing them: the worker's half of the reduce-scatter
     buffers: list[dict[str, np.ndarray]] | None  # per micro-shard (BatchNorm running stats)
-
-
-@dataclass(frozen=True)
-class StepPlanSpec:
-    """Where a step's plan lives in shared memory, written by the runner before each step:
-    the sample indices of every micro-shard back to back, and their offsets (micro-shard m is
-    indices[offsets[m]:offsets[m + 1]]). Buffers (BatchNorm statistics) travel the same way:
-    the step's starting values, and each micro-shard's values after its forward pass."""
-
-    indices: SharedArraySpec
-    offsets: SharedArraySpec
-    master_buffers: SharedArraySpec | None
-    micro_shard_buffers: SharedArraySpec | None  # one row per micro-shard
 
 
 def micro_shard_seed(seed: int, step: int, micro_shard: int) -> int:
@@ -90,10 +70,8 @@ class ModelReplica:
         self.layout = ParameterLayout.of(self.model)
         if setup.parameters is not None:
             self.flat = setup.parameters.attach()
-            self.blocks = [self.layout.views(spec.attach()) for spec in setup.gradient_blocks]
         else:  # object-store transport: the same seed gives the runner's initial values
             self.flat = self.layout.flatten(self.model)
-            self.blocks = []  # compute_chunks gives each call its own block
         self.layout.bind(self.model, self.flat)
         self.parameters = list(self.model.parameters())
         self.loss = Loss(self.job.loss, "sum", self.job.label_smoothing)
@@ -107,62 +85,25 @@ class ModelReplica:
         # The actor runs two threads (calls beside the step loop), but one model computes one
         # block at a time: the engine's graph-recording switch is process-wide.
         self._compute_lock = threading.Lock()
+        self.last_error = ""  # the job error of the last block that raised, for the runner
 
     def location(self) -> tuple[str, str]:
         """(host, Ray node id): replicas on the runner's host share its memory."""
         return host_identity(), _ray_node_id()
 
-    def serve(self, channels: ChannelPaths, worker: int, plan: StepPlanSpec) -> None:
-        """The step loop: wait for a command, compute the block, tell every shard and the
-        runner. Runs until a STOP command (or until Ray kills the actor)."""
-        inbox = Channel(channels.worker(worker))
-        runner = Channel(channels.runner())
-        shards = [Channel(channels.shard_blocks(k)) for k in range(channels.shards)]
-        indices, offsets = plan.indices.attach(), plan.offsets.attach()
-        master = plan.master_buffers.attach() if plan.master_buffers else None
-        per_shard = plan.micro_shard_buffers.attach() if plan.micro_shard_buffers else None
-        while True:
-            command = inbox.receive(WorkerCommand)
-            if command.op == STOP:
-                return
-            micro_shards = [(m, indices[offsets[m]:offsets[m + 1]])
-                            for m in range(command.micro_lo, command.micro_hi)]
-            try:
-                buffers = self.unflatten_buffers(master) if master is not None else None
-                result = self.compute(command.block, micro_shards, command.step,
-                                      command.samples, buffers)
-            except Exception as error:  # a job error (bad data, NaN...), not a lost worker
-                self.last_error = f"{type(error).__name__}: {error}"
-                runner.send(Report(WORKER_REPORT, command.block, command.step, 0))
-                continue
-            if per_shard is not None:
-                for (m, _), values in zip(micro_shards, result.buffers):
-                    per_shard[m] = self.flatten_buffers(values)
-            for shard in shards:
-                shard.send(BlockWritten(command.step, command.block))
-            runner.send(Report(WORKER_REPORT, command.block, command.step, 1, result.loss_sum,
-                               result.samples, result.correct, result.seconds,
-                               result.bytes_written, result.write_seconds))
+    # --- the transports' actor ends (worker/transport/): Ray calls reach them here ----------
+
+    def serve(self, step: shared_memory.SharedStep, worker: int) -> None:
+        shared_memory.serve_worker(self, step, worker)
 
     def compute_chunks(self, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
                        batch_size: int, master_buffers: np.ndarray | None,
                        bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
-        """The object-store transport's step: take the shards' updated slices (the
-        all-gather), compute the block, return it cut into one chunk per shard (the
-        reduce-scatter) followed by the block's statistics."""
-        with self._compute_lock:
-            for (lo, hi), values in zip(bounds, slices):
-                self.flat[lo:hi] = values
-            buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
-            # A fresh block each call: Ray copies the returned chunks after this method exits,
-            # when another call may already be computing.
-            block = np.empty_like(self.flat)
-            self.blocks = [self.layout.views(block)]
-            result = self._compute(0, micro_shards, global_step, batch_size, buffers)
-        return (*(block[lo:hi] for lo, hi in bounds), result)
+        return object_store.compute_chunks(self, micro_shards, global_step, batch_size,
+                                           master_buffers, bounds, *slices)
 
     def last_error_message(self) -> str:
-        return getattr(self, "last_error", "")
+        return self.last_error
 
     def buffer_size(self) -> int:
         values = self.buffer_values()
@@ -180,15 +121,23 @@ class ModelReplica:
             offset += size
         return values
 
-    def compute(self, block: int, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
-                batch_size: int, buffers: dict[str, np.ndarray] | None = None) -> BlockResult:
-        """Gradient of this block's micro-shards (index, sample indices) into gradient block
-        `block`; `batch_size` is the whole step's sample count (the loss's divisor)."""
+    def compute(self, destination: dict[str, np.ndarray],
+                micro_shards: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
+                master_buffers: np.ndarray | None = None,
+                parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]] = ()
+                ) -> BlockResult:
+        """Gradient of this block's micro-batches (index, sample indices) into `destination`
+        (a view per parameter name); `batch_size` is the whole step's sample count (the loss's
+        divisor). `master_buffers` (flat) are the step's starting buffers; `parameter_slices`
+        ((lo, hi), values) are written into the parameter vector first."""
         with self._compute_lock:
-            return self._compute(block, micro_shards, global_step, batch_size, buffers)
+            for (lo, hi), values in parameter_slices:
+                self.flat[lo:hi] = values
+            buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
+            return self._compute(destination, micro_shards, global_step, batch_size, buffers)
 
-    def _compute(self, block: int, micro_shards: list[tuple[int, np.ndarray]],
-                 global_step: int, batch_size: int,
+    def _compute(self, destination: dict[str, np.ndarray],
+                 micro_shards: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                  buffers: dict[str, np.ndarray] | None) -> BlockResult:
         start = time.perf_counter()
         if buffers is not None:
@@ -211,7 +160,6 @@ class ModelReplica:
                 per_shard_buffers.append(self.buffer_values())
         total = accumulator.total()
         computed = time.perf_counter()
-        destination = self.blocks[block]
         written = 0
         for index, slot in enumerate(self.layout.slots):
             if total is None:  # more workers than micro-shards: this block adds nothing

@@ -1,5 +1,6 @@
 """The runtime's invariants, on a real embedded Ray instance (see BRIEF.md, "Invariants")."""
 
+import os
 import time
 
 import numpy as np
@@ -7,12 +8,15 @@ import pytest
 import ray
 
 from chainrule.spec_file import load_job_spec
+from scheduler import worker_group
 from scheduler.datasets import load_builtin, split_and_standardize
+from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner
 from scheduler.sampler import EpochSampler
 from worker.backprop import Tensor, optim
 from worker.backprop.nn import functional as F
 from worker.model_builder import build_model
+from worker.parameter_server import ParameterServerShard
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -120,7 +124,7 @@ def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_wei
 
     def kill_worker_one(record):
         if record.step == 5:
-            ray.kill(runner.replicas[1])
+            ray.kill(runner.worker_group.replicas[1])
         if record.step > 5:
             time.sleep(0.1)  # a slower job, so the replacement (~1 s to start) can join
 
@@ -250,11 +254,97 @@ def test_a_lost_parameter_server_shard_is_recovered_from_the_checkpoint_with_the
     def kill_shard_one(record):
         if record.step == 20 and not killed:  # mid second epoch; the checkpoint is at 15
             killed.append(record.step)
-            ray.kill(runner.shards[1])
+            ray.kill(runner.worker_group.shards[1])
 
     runner.on_step = kill_shard_one
     result = runner.run()
     assert result.history.shard_failures == 1
     assert [r.step for r in result.history.steps] == list(range(1, result.steps + 1))
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def shard_dying_at_its_first_checkpoint(marker):
+    """Shard 1 of the first run dies when the runner asks for its state: before the first
+    checkpoint (the one at the job's start) exists."""
+
+    class ShardDyingOnce(ParameterServerShard):
+        def state(self):
+            if self.setup.index == 1 and not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return super().state()
+
+    return ShardDyingOnce
+
+
+def test_a_shard_lost_before_the_first_checkpoint_restarts_the_job_from_its_start(
+        one_worker_float32, tmp_path, monkeypatch):
+    marker = tmp_path / "shard-died"
+    monkeypatch.setattr(worker_group, "RemoteShard",
+                        ray.remote(shard_dying_at_its_first_checkpoint(marker)))
+    result = train(spec_with(), 2, 2, step_timeout_seconds=30)
+    assert marker.exists()
+    assert result.history.shard_failures == 1
+    assert [r.step for r in result.history.steps] == list(range(1, result.steps + 1))
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def shard_falling_silent_at_step(step, marker):
+    """Shard 1 stops answering (alive, but stuck) in its optimizer step of `step`, once."""
+
+    class ShardFallingSilent(ParameterServerShard):
+        def apply(self, lr, clip_coefficient=1.0):
+            if self.setup.index == 1 and self.steps_taken + 1 == step and not marker.exists():
+                marker.touch()
+                time.sleep(600)
+            return super().apply(lr, clip_coefficient)
+
+    return ShardFallingSilent
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+def test_a_shard_silent_past_the_deadline_is_lost_and_recovered_with_the_same_weights(
+        one_worker_float32, tmp_path, monkeypatch, transport):
+    # No hang: a peer that stops answering is a failed peer, shards included.
+    marker = tmp_path / "shard-fell-silent"
+    monkeypatch.setattr(worker_group, "RemoteShard",
+                        ray.remote(shard_falling_silent_at_step(20, marker)))
+    start = time.monotonic()
+    result = train(spec_with(), 2, 2, step_timeout_seconds=10, transport=transport)
+    assert marker.exists() and time.monotonic() - start < 120
+    assert result.history.shard_failures == 1
+    assert [r.step for r in result.history.steps] == list(range(1, result.steps + 1))
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def test_the_worker_replacement_cap_holds_across_restarts_from_a_checkpoint(
+        one_worker_float32):
+    spec = spec_with()
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
+                                step_timeout_seconds=30,
+                                failure_policy=FailurePolicy(max_worker_replacements=1))
+    injected = []
+
+    def inject(record):
+        group = runner.worker_group
+        if not injected and record.step == 3:
+            injected.append("worker")  # replaced: the one replacement the policy allows
+            ray.kill(group.replicas[1])
+        elif injected == ["worker"] and record.step >= 16 and record.workers == 2:
+            injected.append("shard")  # every actor restarts from the checkpoint at step 15
+            ray.kill(group.shards[1])
+        elif injected == ["worker", "shard"] and record.shard_failures == 1:
+            injected.append("worker again")  # no replacement left
+            ray.kill(group.replicas[1])
+        time.sleep(0.1)  # a slower job, so that a replacement (~1 s to start) could join
+
+    runner.on_step = inject
+    result = runner.run()
+    assert injected == ["worker", "shard", "worker again"]
+    assert result.history.worker_failures == 2 and result.history.shard_failures == 1
+    assert result.history.steps[-1].workers == 1
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
