@@ -304,7 +304,7 @@ class Layer(_message.Message):
 class OptimizerSpec(_message.Message):
     __slots__ = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "adafactor", "kfac")
     class KFAC(_message.Message):
-        __slots__ = ("lr", "momentum", "damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "weight_decay")
+        __slots__ = ("lr", "momentum", "damping", "factor_decay", "factor_update_interval", "inverse_update_interval", "weight_decay", "kl_clip", "damping_method")
         LR_FIELD_NUMBER: _ClassVar[int]
         MOMENTUM_FIELD_NUMBER: _ClassVar[int]
         DAMPING_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +312,8 @@ class OptimizerSpec(_message.Message):
         FACTOR_UPDATE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
         INVERSE_UPDATE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
         WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+        KL_CLIP_FIELD_NUMBER: _ClassVar[int]
+        DAMPING_METHOD_FIELD_NUMBER: _ClassVar[int]
         lr: float
         momentum: float
         damping: float
@@ -319,7 +321,9 @@ class OptimizerSpec(_message.Message):
         factor_update_interval: int
         inverse_update_interval: int
         weight_decay: float
-        def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., damping: _Optional[float] = ..., factor_decay: _Optional[float] = ..., factor_update_interval: _Optional[int] = ..., inverse_update_interval: _Optional[int] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+        kl_clip: float
+        damping_method: str
+        def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., damping: _Optional[float] = ..., factor_decay: _Optional[float] = ..., factor_update_interval: _Optional[int] = ..., inverse_update_interval: _Optional[int] = ..., weight_decay: _Optional[float] = ..., kl_clip: _Optional[float] = ..., damping_method: _Optional[str] = ...) -> None: ...
     class SGD(_message.Message):
         __slots__ = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
         LR_FIELD_NUMBER: _ClassVar[int]
