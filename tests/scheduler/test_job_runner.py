@@ -10,13 +10,14 @@ import ray
 from chainrule.spec_file import load_job_spec
 from scheduler import worker_group
 from scheduler.datasets import load_builtin, split_and_standardize
-from scheduler.failure_policy import FailurePolicy
+from scheduler.failure_policy import FailurePolicy, JobFailed
 from scheduler.job_runner import JobRunner
 from scheduler.sampler import EpochSampler
 from worker.backprop import Tensor, optim
 from worker.backprop.nn import functional as F
 from worker.model_builder import build_model
 from worker.parameter_server import ParameterServerShard
+from worker.replica import ModelReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -348,3 +349,19 @@ def test_the_worker_replacement_cap_holds_across_restarts_from_a_checkpoint(
     assert result.history.steps[-1].workers == 1
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
+
+
+class ReplicaFailingAtStepThree(ModelReplica):
+    def compute(self, destination, micro_shards, global_step, *arguments, **options):
+        if global_step == 3:
+            raise FloatingPointError("the loss is NaN")
+        return super().compute(destination, micro_shards, global_step, *arguments, **options)
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+def test_an_error_in_the_jobs_own_computation_fails_the_job_naming_worker_step_and_error(
+        local_ray, monkeypatch, transport):
+    monkeypatch.setattr(worker_group, "RemoteReplica", ray.remote(ReplicaFailingAtStepThree))
+    with pytest.raises(JobFailed, match=r"worker \d failed on step 3: FloatingPointError: "
+                                        r"the loss is NaN"):
+        train(spec_with(), 2, 1, step_timeout_seconds=30, transport=transport)
