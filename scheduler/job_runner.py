@@ -472,12 +472,17 @@ class JobRunner:
                                                              self.dataset.y_val)
         record = EvaluationRecord(
             step=step, epoch=epoch, loss=loss_sum / max(samples, 1),
-            accuracy=correct / samples if self.evaluator.classification and samples else None,
+            accuracy=self._accuracy(correct, samples),
             samples=samples,
         )
         self.history.evaluations.append(record)
         self.on_evaluation(record)
         return record
+
+    def _accuracy(self, correct: int, samples: int) -> float | None:
+        """Right predictions over predictions made: per class, next byte or binary label."""
+        predictions = samples * self.job.predictions_per_sample
+        return correct / predictions if predictions else None
 
     def _state_dict(self) -> dict[str, np.ndarray]:
         self.transport.sync_parameters()

@@ -44,7 +44,7 @@ class ReplicaSetup:
 class BlockResult:
     loss_sum: float  # the summed (not averaged) loss of the block's samples
     samples: int
-    correct: int  # classification hits, for training accuracy (0 for regression)
+    correct: int  # right predictions (Loss.correct), for training accuracy (0 for regression)
     seconds: float  # forward, backward and the block's local tree sum
     bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
     write_seconds: float  # writing them: the worker's half of the reduce-scatter
@@ -76,10 +76,10 @@ class ModelReplica:
         self.parameters = list(self.model.parameters())
         self.loss = Loss(self.job.loss, "sum", self.job.label_smoothing)
         self.x = x if x.dtype.kind != "f" or x.dtype == dtype else x.astype(dtype)
-        self.classification = y.dtype.kind in "iu"
+        self.scores_accuracy = self.job.predictions_per_sample > 0
         # Regression targets in the model's dtype, or a float64 target would silently turn a
         # float32 model's whole backward pass into float64.
-        self.y = y if self.classification or y.dtype == dtype else y.astype(dtype)
+        self.y = y if y.dtype.kind in "iu" or y.dtype == dtype else y.astype(dtype)
         self.buffer_names = [name for name, value in self.model.named_buffers()
                              if value.dtype.kind == "f"]
         # The actor runs two threads (calls beside the step loop), but one model computes one
@@ -181,9 +181,7 @@ class ModelReplica:
         (loss * (1.0 / batch_size)).backward()
         gradients = [p.grad if p.grad is not None else np.zeros_like(p.data)
                      for p in self.parameters]
-        correct = 0
-        if self.classification:
-            correct = int((output.data.argmax(axis=-1) == target).sum())
+        correct = self.loss.correct(output.data, target) if self.scores_accuracy else 0
         return gradients, float(loss.data), correct
 
     def buffer_values(self) -> dict[str, np.ndarray]:
@@ -207,7 +205,7 @@ class ModelReplica:
         with no_grad():
             output = self.model(Tensor(x if x.dtype == self.x.dtype else x.astype(self.x.dtype)))
             loss = float(self.loss(output, y).data)
-        correct = int((output.data.argmax(axis=-1) == y).sum()) if self.classification else 0
+        correct = self.loss.correct(output.data, y) if self.scores_accuracy else 0
         return loss, len(y), correct
 
 

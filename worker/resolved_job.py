@@ -31,6 +31,7 @@ from worker.model_builder import (
     build_schedule,
     check_model_fits_data,
     plan_model,
+    predictions_per_sample,
     resolve_dtype,
 )
 from worker.spec_error import SpecError
@@ -94,6 +95,9 @@ class ResolvedJob:
     model: ModelPlan
     loss: str
     label_smoothing: float
+    # Predictions scored per sample for accuracy (a class, T next bytes, k binary labels);
+    # 0: a regression loss, no accuracy.
+    predictions_per_sample: int
     optimizer: str  # a rule of worker.backprop.optim.RULES
     hyperparameters: Any  # that rule's hyperparameter dataclass
     schedule: Schedule  # the learning rate by optimizer step
@@ -218,6 +222,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         epochs=epochs, batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         dtype=dtype, model=model, loss=loss.name, label_smoothing=loss.label_smoothing,
+        predictions_per_sample=predictions_per_sample(loss.name, model.output_shape),
         optimizer=optimizer, hyperparameters=hyperparameters, schedule=schedule,
         clipping=clipping,
         evaluation_interval=evaluation_interval, early_stopping=early_stopping,

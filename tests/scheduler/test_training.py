@@ -63,3 +63,24 @@ def test_train_job_in_python_returns_weights_and_history(local_ray, tmp_path):
     assert result.steps == 15 * 4
     assert set(load_weights(tmp_path / "w.npz")) == set(result.state_dict)
     assert np.isfinite([r.loss for r in result.history.steps]).all()
+
+
+def test_binary_classification_with_one_logit_reports_the_accuracy_of_its_sign(local_ray):
+    spec = load_job_spec("""
+name: cancer
+model: {layers: [{linear: {out_features: 16}}, {relu: {}}, {linear: {out_features: 1}}]}
+loss: binary_cross_entropy_with_logits
+optimizer: {adam: {lr: 0.01}}
+data: {dataset: "sklearn:breast_cancer", batch_size: 64, epochs: 4, validation_fraction: 0.25}
+resources: {workers: 2, parameter_servers: 1}
+""")
+    result = train_job(spec)
+    dataset = prepare_dataset(resolve_builtin_job(spec))
+    model = build_model(spec.model, dataset.feature_shape)
+    model.load_state_dict(result.state_dict)
+    model.eval()
+    logits = model(Tensor(dataset.x_val)).data[:, 0]
+    expected = ((logits > 0) == (dataset.y_val == 1)).mean()
+    # Before: the arg-max over one column, i.e. the share of class 0 (0.377 on this set).
+    assert result.final_evaluation.accuracy == pytest.approx(expected, abs=1e-9)
+    assert result.final_evaluation.accuracy > 0.9
