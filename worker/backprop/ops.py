@@ -701,7 +701,9 @@ LAYER_NORM = Op("layer_norm", _layer_norm_forward, (
 
 # NCHW throughout, with PyTorch's weight layout (out_channels, in_channels / groups, kh, kw).
 # A kernel slides over the padded input; `_window_view` is a strided view of every window (no
-# copy), and a convolution is one im2col copy of that view followed by one batched GEMM.
+# copy), and a convolution is an im2col copy of that view followed by a batched GEMM, done in
+# chunks of samples so the im2col workspace stays small. The input gradient needs no im2col:
+# one GEMM per kernel offset, added into the strided slice that offset read.
 # Convolution is bilinear in (input, weight), so both of its gradients are convolutions too:
 #   d input  = conv_transpose2d(G, W)     (conv2d's adjoint in its input)
 #   d weight = conv2d_weight_grad(x, G)   (conv2d's adjoint in its weight)
@@ -773,48 +775,75 @@ def _window_view(xp: np.ndarray, windows: Windows, output_size) -> np.ndarray:
         (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), writeable=False)
 
 
-def _im2col(x: np.ndarray, windows: Windows, groups: int) -> np.ndarray:
-    """(N, G, C/G * kh * kw, Ho * Wo): each output position's receptive field as a column, in
-    the weight's (C, kh, kw) order; the reshape is the one copy (im2col)."""
-    n, channels = x.shape[:2]
-    output_size = windows.output_size(x.shape[2:])
-    view = _window_view(_pad_spatial(x, windows.padding), windows, output_size)
-    return view.reshape(n, groups, -1, output_size[0] * output_size[1])
+# The im2col workspace is cut into chunks of whole samples of at most this many bytes: the
+# same GEMMs, but a 1 MiB buffer (it stays in the L2 cache, and a step's peak memory does not
+# grow by the full im2col matrix, 25x the input for a 5x5 kernel).
+_IM2COL_CHUNK_BYTES = 1 << 20
+
+
+def _im2col_chunks(x: np.ndarray, windows: Windows, groups: int, output_size):
+    """Consecutive slices of the batch with their columns (n, G, C/G * kh * kw, Ho * Wo): each
+    output position's receptive field, in the weight's (C, kh, kw) order. Every chunk is
+    copied into one reused workspace of at most _IM2COL_CHUNK_BYTES (whole samples)."""
+    n = x.shape[0]
+    rows = x.shape[1] // groups * windows.kernel_size[0] * windows.kernel_size[1]
+    positions = output_size[0] * output_size[1]
+    per_sample = groups * rows * positions * x.itemsize
+    step = builtins.max(1, builtins.min(n, _IM2COL_CHUNK_BYTES // builtins.max(per_sample, 1)))
+    workspace = np.empty((step, groups, rows, positions), dtype=x.dtype)
+    for start in range(0, n, step):
+        part = slice(start, builtins.min(start + step, n))
+        view = _window_view(_pad_spatial(x[part], windows.padding), windows, output_size)
+        cols = workspace[:view.shape[0]]
+        np.copyto(cols.reshape(view.shape), view)  # the im2col copy
+        yield part, cols
 
 
 def _conv2d_forward(x, weight, bias=None, *, windows, groups):
     n, out_channels = x.shape[0], weight.shape[0]
     ho, wo = windows.output_size(x.shape[2:])
     kernels = weight.reshape(groups, out_channels // groups, -1)  # (G, O/G, K)
-    # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), all in one call.
-    out = np.matmul(kernels, _im2col(x, windows, groups)).reshape(n, out_channels, ho, wo)
+    out = np.empty((n, out_channels, ho, wo), dtype=np.result_type(x, weight))
+    out_by_group = out.reshape(n, groups, out_channels // groups, ho * wo)
+    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
+        # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), written in place.
+        np.matmul(kernels, cols, out=out_by_group[part])
     if bias is not None:
-        out += bias.reshape(-1, 1, 1)  # in place: the product is a fresh array
+        out += bias.reshape(-1, 1, 1)
     return out
 
 
 def _conv_transpose2d_forward(g, weight, *, windows, groups, input_size):
-    """conv2d's adjoint in its input: scatter W^T G back over the windows (col2im)."""
+    """conv2d's adjoint in its input: each kernel offset (i, j) sends W[:, :, i, j]^T G back
+    to the input positions it read, one GEMM per offset over the whole batch, added into a
+    channel-major (C, N, H, W) buffer so that every GEMM output is one contiguous block."""
     n, out_channels, ho, wo = g.shape
-    channels = weight.shape[1] * groups
-    kernels = weight.reshape(groups, out_channels // groups, -1)  # (G, O/G, K)
-    g_cols = g.reshape(n, groups, out_channels // groups, ho * wo)
-    cols = np.matmul(_swap_last_axes(kernels), g_cols)  # (N, G, K, P): d im2col = W^T G
-    cols = cols.reshape((n, channels) + tuple(windows.kernel_size) + (ho, wo))
-    dxp = np.zeros((n, channels) + windows.padded_size(input_size), dtype=cols.dtype)
+    per_group, channels = out_channels // groups, weight.shape[1] * groups
+    # (G, O/G, N * Ho * Wo): the batch joins the GEMM's long axis.
+    g_rows = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(groups, per_group, -1)
+    # (kh, kw, G, C/G, O/G): W[:, :, i, j]^T per group, for each offset.
+    kernels = np.ascontiguousarray(
+        weight.reshape((groups, per_group) + weight.shape[1:]).transpose(3, 4, 0, 2, 1))
+    dtype = np.result_type(g, weight)
+    dxp = np.zeros((channels, n) + windows.padded_size(input_size), dtype=dtype)
+    contribution = np.empty((groups, weight.shape[1], n * ho * wo), dtype=dtype)
     for (i, j), where in windows.offsets((ho, wo)):
-        dxp[where] += cols[:, :, i, j]  # windows overlap, so their contributions add
-    return _crop_spatial(dxp, windows.padding, input_size)
+        np.matmul(kernels[i, j], g_rows, out=contribution)
+        dxp[where] += contribution.reshape(channels, n, ho, wo)  # overlapping windows add
+    return np.ascontiguousarray(_crop_spatial(dxp.transpose(1, 0, 2, 3), windows.padding,
+                                              input_size))
 
 
 def _conv2d_weight_grad_forward(x, g, *, windows, groups):
     """conv2d's adjoint in its weight: dW[g] = sum over samples of G[n, g] @ cols[n, g]^T."""
-    n, out_channels = g.shape[:2]
-    cols = _im2col(x, windows, groups)  # (N, G, K, P)
-    g_cols = g.reshape(n, groups, out_channels // groups, -1)  # (N, G, O/G, P)
-    per_sample = np.matmul(g_cols, _swap_last_axes(cols))  # (N, G, O/G, K), small
+    n, out_channels, ho, wo = g.shape
+    g_cols = g.reshape(n, groups, out_channels // groups, ho * wo)  # (N, G, O/G, P)
+    total = None
+    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
+        chunk = np.matmul(g_cols[part], _swap_last_axes(cols)).sum(axis=0)  # (G, O/G, K)
+        total = chunk if total is None else total + chunk
     weight_shape = (out_channels, x.shape[1] // groups) + tuple(windows.kernel_size)
-    return per_sample.sum(axis=0).reshape(weight_shape)
+    return total.reshape(weight_shape)
 
 
 # Dual helpers: the forward kernels on arrays, the recorded ops on Tensors (second order).
@@ -890,8 +919,15 @@ def _max_pool2d_winners(x: np.ndarray, ans: np.ndarray, windows: Windows):
 
 def _max_pool2d_backward(g, x, ans, windows):
     dxp = np.zeros(x.shape[:2] + windows.padded_size(x.shape[2:]), dtype=g.dtype)
+    # Windows that do not overlap (stride >= kernel reach, the usual 2x2/2) give each input at
+    # most one gradient, written in place with no temporary; overlapping windows add.
+    overlapping = builtins.any(s < d * (k - 1) + 1 for k, s, d in zip(
+        windows.kernel_size, windows.stride, windows.dilation))
     for _, where, hit in _max_pool2d_winners(x, ans, windows):
-        dxp[where] += g * hit
+        if overlapping:
+            dxp[where] += g * hit
+        else:
+            np.multiply(g, hit, out=dxp[where])
     return _crop_spatial(dxp, windows.padding, x.shape[2:])
 
 
