@@ -1,0 +1,305 @@
+"""Whole-model training steps against PyTorch eager, measured side by side in one run.
+
+    python bench/models.py [--rounds 3] [--n 30] [--only lenet] [--optimizer sgd|adam]
+                           [--threads N]
+
+Each model has one section below: a function that builds our training step and PyTorch's
+(forward, cross-entropy, backward, optimizer update, float32, the same shapes), times both
+alternately for several rounds and keeps each one's best mean (the machine is shared and
+noisy), and measures the peak memory of our step. PyTorch runs in a child process
+(`--peer MODEL`, this same file) with as many threads as NumPy's BLAS uses here, so neither
+library's thread pool or allocations disturb the other's figures (--threads sets both; the
+default is OpenBLAS's own, one per core). Each side's wall-clock time is the figure judged;
+its CPU time (all threads of the process) is printed beside it, because on a loaded machine
+(the load average is printed) CPU time with --threads 1 is the steadier comparison. `main`
+runs every section and prints the ratios with their targets, then one JSON line per model.
+
+Memory: the peak bytes one step allocates (tracemalloc, above what existed before the step)
+next to the activation bytes the step must keep for backward at minimum: every float32 array
+a backward pass reads that the step itself creates. The input batch exists before the step
+(the data loader's), so it is in neither figure. PyTorch's own saved-tensor bytes (measured
+with torch.autograd.graph.saved_tensors_hooks in the peer) are printed beside them.
+
+Targets (issue 9): LeNet-5 step <= 1.3x PyTorch eager; peak memory <= 1.5x the minimum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+if "--threads" in sys.argv[:-1]:  # OpenBLAS reads its thread count when NumPy loads it
+    os.environ["OPENBLAS_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.backprop import nn, optim  # noqa: E402
+from worker.backprop.nn import functional as F  # noqa: E402
+from worker.backprop.tensor import Tensor  # noqa: E402
+
+FLOAT32 = 4  # bytes
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Mean seconds per step: wall clock, and CPU time of the whole process."""
+
+    wall: float
+    cpu: float
+
+    def best(self, other: StepTime) -> StepTime:
+        return StepTime(min(self.wall, other.wall), min(self.cpu, other.cpu))
+
+
+@dataclass
+class ModelResult:
+    """One model's figures: step times of each side, our peak memory, the minimum."""
+
+    name: str
+    ours: StepTime
+    torch: StepTime
+    peak_bytes: int
+    held_after_forward_bytes: int  # what our graph holds when backward starts
+    minimum_bytes: int
+    torch_saved_bytes: int
+    targets: dict[str, float]  # "time" and "memory" ratios not to exceed
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        return [
+            (f"{self.name} step time vs PyTorch eager", self.ours.wall / self.torch.wall,
+             self.targets["time"]),
+            (f"{self.name} peak memory vs minimum", self.peak_bytes / self.minimum_bytes,
+             self.targets["memory"]),
+        ]
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def mean_time(step: Callable[[], None], n: int) -> StepTime:
+    for _ in range(3):
+        step()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        step()
+    return StepTime((time.perf_counter() - wall) / n, (time.process_time() - cpu) / n)
+
+
+def peak_memory(step: Callable[[], None]) -> int:
+    """Peak bytes allocated during one step, above what was allocated before it."""
+    step()  # warm: lazily created state (optimizer buffers) is not part of a step
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak - base
+
+
+def held_after_forward(forward: Callable[[], object]) -> int:
+    """Bytes the recorded graph holds once the loss is computed: every activation it keeps
+    for backward, plus whatever else the engine keeps alive until backward reaches it."""
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    loss = forward()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del loss
+    return held - base
+
+
+def blas_threads() -> int:
+    """Threads NumPy's OpenBLAS uses: its environment variable, else one per core."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return os.cpu_count() or 1
+
+
+def run_peer(model: str, n: int, optimizer: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--peer", model, "--n", str(n), "--optimizer", optimizer,
+         "--threads", str(blas_threads())],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(name: str, our_step: Callable[[], None], our_forward: Callable[[], object],
+            minimum_bytes: int, args, targets: dict[str, float]) -> ModelResult:
+    """Alternate PyTorch's step (in the peer) and ours for args.rounds rounds, best of each."""
+    never = StepTime(float("inf"), float("inf"))
+    ours, theirs, saved = never, never, 0
+    for _ in range(args.rounds):
+        peer = run_peer(name, args.n, args.optimizer)
+        theirs = theirs.best(StepTime(peer["wall_seconds"], peer["cpu_seconds"]))
+        saved = peer["saved_bytes"]
+        ours = ours.best(mean_time(our_step, args.n))
+    return ModelResult(name, ours, theirs, peak_memory(our_step), held_after_forward(our_forward),
+                       minimum_bytes, saved, targets)
+
+
+def make_optimizer(kind: str, parameters, torch_module=None):
+    """The same update on both sides: SGD (lr 0.01) or Adam (lr 1e-3)."""
+    if torch_module is None:
+        return (optim.SGD(parameters, lr=0.01) if kind == "sgd"
+                else optim.Adam(parameters, lr=1e-3))
+    return (torch_module.optim.SGD(parameters, lr=0.01) if kind == "sgd"
+            else torch_module.optim.Adam(parameters, lr=1e-3))
+
+
+# --- LeNet-5 on 1x28x28 images, batch 64 -----------------------------------------------------
+
+LENET_BATCH = 64
+
+
+def lenet_batch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((LENET_BATCH, 1, 28, 28), dtype=np.float32)
+    return x, rng.integers(0, 10, LENET_BATCH)
+
+
+def lenet(module) -> object:
+    """LeNet-5 as in the issue, written once for either library (`module` is nn or torch.nn)."""
+    return module.Sequential(
+        module.Conv2d(1, 6, 5, padding=2), module.ReLU(), module.MaxPool2d(2),
+        module.Conv2d(6, 16, 5), module.ReLU(), module.MaxPool2d(2), module.Flatten(),
+        module.Linear(400, 120), module.ReLU(), module.Linear(120, 84), module.ReLU(),
+        module.Linear(84, 10),
+    )
+
+
+def lenet_minimum_bytes() -> int:
+    """What a LeNet-5 backward must read that the step creates, in float32: each ReLU's output
+    (its own mask; also the next max-pool's input, where the maximum was), each max-pool's
+    output (the next layer's input: conv2 and the first Linear read it for their weight
+    gradients), the hidden Linears' inputs (ReLU outputs) and the logits (cross-entropy's
+    softmax). Counted once each."""
+    n = LENET_BATCH
+    shapes = [(n, 6, 28, 28), (n, 6, 14, 14), (n, 16, 10, 10), (n, 16, 5, 5), (n, 120),
+              (n, 84), (n, 10)]
+    return FLOAT32 * sum(int(np.prod(s)) for s in shapes)
+
+
+def bench_lenet(args) -> ModelResult:
+    nn.init.manual_seed(0)
+    model = lenet(nn)
+    update = make_optimizer(args.optimizer, model.parameters())
+    x, y = lenet_batch()
+    inputs = Tensor(x)
+
+    def forward() -> Tensor:
+        return F.cross_entropy(model(inputs), y)
+
+    def step() -> None:
+        update.zero_grad()
+        forward().backward()
+        update.step()
+
+    return compare("lenet", step, forward, lenet_minimum_bytes(), args,
+                   {"time": 1.3, "memory": 1.5})
+
+
+def torch_lenet_step(torch, optimizer: str):
+    torch.manual_seed(0)
+    model = lenet(torch.nn)
+    update = make_optimizer(optimizer, model.parameters(), torch)
+    x, y = lenet_batch()
+    inputs, target = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step() -> None:
+        update.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), target).backward()
+        update.step()
+
+    return step, model, inputs
+
+
+# --- the sections ----------------------------------------------------------------------------
+
+# name -> (our section, PyTorch's step for the peer). A new model adds one entry.
+MODELS: dict[str, tuple[Callable, Callable]] = {
+    "lenet": (bench_lenet, torch_lenet_step),
+}
+
+
+def run_as_peer(model: str, n: int, optimizer: str, threads: int) -> None:
+    """The PyTorch side, in its own process: one JSON line with its mean step time and the
+    bytes of the tensors its autograd saves for backward (parameters and the input excluded)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    step, module, inputs = MODELS[model][1](torch, optimizer)
+    seconds = mean_time(step, n)
+    not_activations = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    not_activations.add(inputs.untyped_storage().data_ptr())
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in not_activations:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    print(json.dumps({"ref": "pytorch", "wall_seconds": seconds.wall,
+                      "cpu_seconds": seconds.cpu, "saved_bytes": sum(saved.values())}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=30, help="steps per timing")
+    parser.add_argument("--only", choices=sorted(MODELS), action="append")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--peer", choices=sorted(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=blas_threads(),
+                        help="BLAS threads for NumPy and torch threads for PyTorch")
+    args = parser.parse_args()
+    if args.peer:
+        run_as_peer(args.peer, args.n, args.optimizer, args.threads)
+        return
+
+    print(f"float32, {args.optimizer}, {blas_threads()} BLAS threads on both sides, best of "
+          f"{args.rounds} rounds x mean of {args.n} steps; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    results = [MODELS[name][0](args) for name in (args.only or MODELS)]
+    for r in results:
+        print(f"\n{r.name}: ours {r.ours.wall * 1e3:.2f} ms/step (CPU {r.ours.cpu * 1e3:.2f}), "
+              f"PyTorch eager {r.torch.wall * 1e3:.2f} ms/step (CPU {r.torch.cpu * 1e3:.2f}), "
+              f"CPU-time ratio {r.ours.cpu / r.torch.cpu:.3f}\n  peak memory "
+              f"{r.peak_bytes / 2**20:.2f} MiB, minimum {r.minimum_bytes / 2**20:.2f} MiB "
+              f"(PyTorch saves {r.torch_saved_bytes / 2**20:.2f} MiB); our graph holds "
+              f"{r.held_after_forward_bytes / 2**20:.2f} MiB when backward starts")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print("\nratios (target)")
+    for result in results:
+        for label, value, target in result.rows():
+            verdict = "met" if value <= target else "NOT MET"
+            print(f"  {label:40s} {value:6.3f}  (<= {target})  {verdict}")
+    for result in results:
+        print(json.dumps({"model": result.name, "optimizer": args.optimizer,
+                          "threads": blas_threads(),
+                          "ours_ms": result.ours.wall * 1e3, "ours_cpu_ms": result.ours.cpu * 1e3,
+                          "pytorch_ms": result.torch.wall * 1e3,
+                          "pytorch_cpu_ms": result.torch.cpu * 1e3,
+                          "peak_bytes": result.peak_bytes, "minimum_bytes": result.minimum_bytes,
+                          "held_after_forward_bytes": result.held_after_forward_bytes,
+                          "pytorch_saved_bytes": result.torch_saved_bytes}))
+
+
+if __name__ == "__main__":
+    main()
