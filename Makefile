@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench proto clean prometheus
+.PHONY: install demo test lint bench proto clean prometheus fuzz
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ prometheus:
 
 lint: install
 	$(BIN)/ruff check .
+
+# The service fuzz (tests/services/test_fuzz.py) for longer than CI's fixed 2,000 requests, from
+# a fresh seed each run (Hypothesis prints the seed with any failure, to replay it).
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	CHAINRULE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CHAINRULE_FUZZ_SEED=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') \
+		$(BIN)/python -m pytest -q -s --timeout=0 tests/services/test_fuzz.py
 
 bench: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
