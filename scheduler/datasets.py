@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from worker.resolved_job import DataShape, validation_split_size
+from worker.resolved_job import (
+    BYTE_VOCABULARY,
+    DataShape,
+    text_windows,
+    validation_split_size,
+)
 from worker.spec_error import SpecError
 
 CLASSIFICATION = "classification"
@@ -32,7 +37,6 @@ REGRESSION = "regression"
 # Next-byte prediction on a text: x and y are (n, context_length) byte tokens, y[i, t] being the
 # byte after x[i, t]; a classification over 256 classes at every position.
 NEXT_TOKEN = "next_token"
-BYTE_VOCABULARY = 256
 
 # Keeps the split's random stream apart from every other use of the job's seed.
 _SPLIT_STREAM = 0x5B17
@@ -214,11 +218,41 @@ _LOADERS: dict[str, Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray
 }
 _REGRESSION_SETS = {"sklearn:diabetes"}
 
-BUILTIN_DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+
+
+def _python_help_text() -> bytes:
+    """The text of Python's own help() topics (pydoc_data, shipped with every CPython): about
+    450 KB of English prose and examples, a corpus no download is needed for."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+# Built-in texts, for language models (data.context_length says how they are cut).
+_TEXTS: dict[str, Callable[[], bytes]] = {
+    "text:python_help": _python_help_text,
+}
+
+BUILTIN_DATASETS: tuple[str, ...] = tuple(_LOADERS) + tuple(_TEXTS)
 
 
 def is_builtin(name: str) -> bool:
-    return name in _LOADERS
+    return name in _LOADERS or name in _TEXTS
+
+
+def is_builtin_text(name: str) -> bool:
+    return name in _TEXTS
+
+
+@functools.cache
+def builtin_text(name: str) -> bytes:
+    return _TEXTS[name]()
+
+
+def text_shape(text_bytes: int) -> DataShape:
+    """A text's shape before a spec cuts it into windows (resolve() does, by context_length)."""
+    return DataShape(0, 0, (), True, NEXT_TOKEN, BYTE_VOCABULARY, (), text_bytes=text_bytes)
 
 
 # scikit-learn's packaged sets, whose shapes are fixed: known without importing scikit-learn,
@@ -237,7 +271,10 @@ _PACKAGED_SHAPES = {
 @functools.cache
 def builtin_shape(name: str) -> DataShape:
     """A built-in's shape, which does not depend on the seed (synthetic sets only redraw
-    values): scikit-learn's from the table above, any other loaded once per name."""
+    values): scikit-learn's from the table above, a text's its length, any other loaded once
+    per name."""
+    if name in _TEXTS:
+        return text_shape(len(builtin_text(name)))
     return _PACKAGED_SHAPES.get(name) or load_builtin(name, 0).shape
 
 
@@ -266,31 +303,19 @@ def from_text(text: bytes, context_length: int, validation_fraction: float, *,
     [i*T, (i+1)*T) as x and the bytes one further as y (T = context_length), so each of its T
     positions predicts the next byte. No tokenizer: the vocabulary is the 256 byte values.
 
-    The validation split is the text's last `validation_fraction`, cut before the windows are:
-    its bytes (targets included) never appear in a training window, which random windows
-    drawn from one text could not promise.
+    The validation split is the text's last `validation_fraction`, cut before the windows are
+    (`text_windows`): its bytes, targets included, never appear in a training window, which
+    random windows drawn from one text could not promise.
     """
-    if context_length < 2:
-        raise SpecError("data.context_length", f"a text needs windows of >= 2 bytes, got "
-                                               f"{context_length}")
     if not 0.0 <= validation_fraction < 1.0:
         raise SpecError("data.validation_fraction",
                         f"must be in [0, 1), got {validation_fraction}")
+    windows = text_windows(len(text), context_length, validation_fraction)
     tokens = np.frombuffer(text, dtype=np.uint8)
-    cut = len(tokens) - round(len(tokens) * validation_fraction)
-    x, y = _windows(tokens[:cut], context_length)
-    if not len(x):
-        raise SpecError("data.context_length",
-                        f"the text's training part has {cut} bytes, too few for one window of "
-                        f"{context_length} bytes and its next byte")
+    x, y = _windows(tokens[:windows.cut], context_length)
     x_val = y_val = None
     if validation_fraction > 0:
-        x_val, y_val = _windows(tokens[cut:], context_length)
-        if not len(x_val):
-            raise SpecError("data.validation_fraction",
-                            f"the text's validation part has {len(tokens) - cut} bytes, too few "
-                            f"for one window of {context_length} bytes; raise the fraction or "
-                            f"shorten context_length")
+        x_val, y_val = _windows(tokens[windows.cut:], context_length)
     return Dataset(x=x, y=y, x_val=x_val, y_val=y_val, task=NEXT_TOKEN,
                    num_classes=BYTE_VOCABULARY, feature_shape=x.shape[1:], name=name)
 

@@ -20,7 +20,15 @@ import numpy as np
 
 from chainrule.v1 import job_pb2
 from scheduler import ray_cluster
-from scheduler.datasets import Dataset, builtin_shape, load_builtin, split_and_standardize
+from scheduler.datasets import (
+    Dataset,
+    builtin_shape,
+    builtin_text,
+    from_text,
+    is_builtin_text,
+    load_builtin,
+    split_and_standardize,
+)
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.records import EvaluationRecord, StepRecord
 from scheduler.storage import FORMATS, save_weights
@@ -38,6 +46,9 @@ def resolve_builtin_job(spec: job_pb2.JobSpec, *, workers: int | None = None,
 def prepare_dataset(job: ResolvedJob, loaded: Dataset | None = None) -> Dataset:
     """The job's data set (its built-in unless `loaded` is given), split and standardised as
     the job says."""
+    if loaded is None and is_builtin_text(job.dataset):
+        loaded = from_text(builtin_text(job.dataset), job.context_length,
+                           job.validation_fraction, name=job.dataset)
     dataset = loaded if loaded is not None else load_builtin(job.dataset, job.seed)
     return split_and_standardize(dataset, job.validation_fraction, job.standardize, job.seed,
                                  dtype=job.dtype)

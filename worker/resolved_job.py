@@ -54,6 +54,58 @@ class DataShape:
     task: str  # "classification" or "regression" (scheduler/datasets.py)
     num_classes: int  # 0 for regression
     target_shape: tuple[int, ...]  # one target's: () for a class label
+    # A text (task "next_token"): its length in bytes. Its samples are windows whose count and
+    # shape depend on the spec's context_length, so resolve() derives them (`text_windows`).
+    text_bytes: int = 0
+
+
+# Next-byte prediction: every byte value is a class.
+BYTE_VOCABULARY = 256
+
+
+@dataclass(frozen=True)
+class TextWindows:
+    """How a text of `text_bytes` bytes is cut for a job: the training part is bytes
+    [0, cut), the validation part [cut, end); each part is cut into windows of context_length
+    bytes, each with the byte after it (so the last byte of a part starts no window)."""
+
+    cut: int
+    training: int  # windows
+    validation: int  # windows
+
+
+def text_windows(text_bytes: int, context_length: int, fraction: float) -> TextWindows:
+    """The windows of a text, or a SpecError naming the field that makes none possible. The
+    validation part is the text's tail, cut before the windows are: no validation byte, target
+    included, is ever in a training window."""
+    if context_length < 2:
+        raise SpecError("data.context_length", f"a text needs windows of >= 2 bytes, got "
+                                               f"{context_length}")
+    cut = text_bytes - round(text_bytes * fraction)
+    windows = TextWindows(cut, max(cut - 1, 0) // context_length,
+                          max(text_bytes - cut - 1, 0) // context_length)
+    if not windows.training:
+        raise SpecError("data.context_length",
+                        f"the text's training part has {cut} bytes, too few for one window of "
+                        f"{context_length} bytes and its next byte")
+    if fraction > 0 and not windows.validation:
+        raise SpecError("data.validation_fraction",
+                        f"the text's validation part has {text_bytes - cut} bytes, too few for "
+                        f"one window of {context_length} bytes; raise the fraction or shorten "
+                        f"context_length")
+    return windows
+
+
+def _windowed(data: DataShape, context_length: int, fraction: float) -> DataShape:
+    """A text's shape as the job will see it: windows of context_length byte tokens."""
+    if not data.text_bytes:
+        if context_length:
+            raise SpecError("data.context_length", "only applies to text data sets (a text "
+                                                   "upload); leave it unset for arrays")
+        return data
+    windows = text_windows(data.text_bytes, context_length, fraction)
+    return DataShape(windows.training, windows.validation, (context_length,), True,
+                     data.task, BYTE_VOCABULARY, (context_length,))
 
 
 @dataclass(frozen=True)
@@ -78,6 +130,7 @@ class ResolvedJob:
     # --- data ------------------------------------------------------------------------------
     dataset: str
     validation_fraction: float  # of the samples, when the set brings no validation part
+    context_length: int  # bytes per window of a text data set; 0 for arrays
     training_samples: int  # the training split
     validation_samples: int  # the validation split; 0: no evaluation
     standardize: bool
@@ -134,6 +187,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
     fraction = spec.data.validation_fraction
     if not 0.0 <= fraction < 1.0:
         raise SpecError("data.validation_fraction", f"must be in [0, 1), got {fraction!r}")
+    data = _windowed(data, spec.data.context_length, fraction)
     if data.validation_samples:  # the set's own validation part wins; the fraction is ignored
         training, validation = data.samples, data.validation_samples
     else:
@@ -215,6 +269,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         cpus_per_worker=resources.cpus_per_worker,
         placement_strategy=resources.placement_strategy,
         dataset=spec.data.dataset, validation_fraction=fraction,
+        context_length=spec.data.context_length,
         training_samples=training, validation_samples=validation,
         standardize=spec.data.standardize if spec.data.HasField("standardize") else True,
         shuffle=spec.data.shuffle if spec.data.HasField("shuffle") else True,

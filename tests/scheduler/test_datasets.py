@@ -5,18 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.spec_file import SpecError
+from chainrule.spec_file import SpecError, load_job_spec
 from scheduler.datasets import (
     BUILTIN_DATASETS,
     CLASSIFICATION,
     NEXT_TOKEN,
     REGRESSION,
     builtin_shape,
+    builtin_text,
     from_arrays,
     from_text,
     load_builtin,
     split_and_standardize,
 )
+from worker.resolved_job import resolve
 
 # name -> (samples, feature shape, task, classes, feature dtype kind)
 EXPECTED = {
@@ -33,8 +35,11 @@ EXPECTED = {
 }
 
 
+TEXTS = {"text:python_help"}
+
+
 def test_every_builtin_is_covered_by_this_table():
-    assert set(BUILTIN_DATASETS) == set(EXPECTED)
+    assert set(BUILTIN_DATASETS) == set(EXPECTED) | TEXTS
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -78,7 +83,7 @@ def test_synthetic_labels_follow_their_rules():
     np.testing.assert_array_equal(tokens.y, tokens.x.sum(axis=1) >= 54)
 
 
-@pytest.mark.parametrize("name", BUILTIN_DATASETS)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_a_builtin_shape_known_without_loading_is_the_shape_it_loads_with(name):
     assert builtin_shape(name) == load_builtin(name, seed=7).shape
 
@@ -217,3 +222,27 @@ def test_a_text_too_short_for_its_windows_names_the_field():
     with pytest.raises(SpecError) as error:
         from_text(b"x" * 100, context_length=8, validation_fraction=0.05)
     assert error.value.field_path == "data.validation_fraction"
+
+
+def test_the_builtin_text_is_python_help_and_its_shape_is_its_length():
+    text = builtin_text("text:python_help")
+    assert len(text) > 400_000 and b"The \"for\" statement" in text
+    assert builtin_shape("text:python_help").text_bytes == len(text)
+
+
+def test_a_text_is_cut_into_windows_by_the_spec_and_resolves_like_any_data_set():
+    spec = load_job_spec("""
+name: lm
+model: {layers: [{embedding: {num_embeddings: 256, embedding_dim: 8}},
+                 {linear: {out_features: 256}}]}
+loss: next_token_cross_entropy
+data: {dataset: "text:python_help", batch_size: 16, epochs: 1, context_length: 32,
+       validation_fraction: 0.1}
+""")
+    job = resolve(spec, builtin_shape("text:python_help"))
+    dataset = from_text(builtin_text("text:python_help"), 32, 0.1)
+    assert job.training_samples == len(dataset.x) and job.validation_samples == len(dataset.x_val)
+    assert job.context_length == 32 and job.predictions_per_sample == 32
+    with pytest.raises(SpecError) as error:
+        resolve(spec, builtin_shape("sklearn:digits"))
+    assert error.value.field_path == "data.context_length"
