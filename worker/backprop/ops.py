@@ -541,33 +541,91 @@ CROSS_ENTROPY = Op("cross_entropy", _cross_entropy_forward, (_cross_entropy_vjp,
 
 # --- attention ---------------------------------------------------------------------------------
 
-# Attention weights P = softmax(scale q k^T + mask) over the keys, as one op: the scores, the
-# masked scores and the exponentials are never kept, only P (what backward needs), and the
-# masking and normalisation run in place on the one (..., L, S) array. The values are multiplied
-# in by an ordinary matmul (P V), so P is also there for need_weights and attention dropout.
+# The transformer block's ops, each fused so that it keeps only what its backward reads:
+#   attention_weights  P = softmax(scale q k^T + mask), for need_weights, cross-attention and
+#                      attention dropout (P V is then an ordinary matmul);
+#   self_attention     softmax(scale q k^T + mask) v from the packed in-projection, keeping no P;
+#   linear_relu        relu(x W^T + b), keeping no pre-activation;
+#   layer_norm         (below).
 # `mask` is additive and constant (0 where a query may look, -inf where it may not). A query
-# row whose keys are all masked gets weights 0, not NaN, as torch's scaled_dot_product_attention
-# gives (its softmax is a "safe" one).
+# whose keys are all masked gets weights 0, not NaN, as torch's scaled_dot_product_attention
+# gives (a "safe" softmax).
+#
+# Several of their VJPs need the same intermediate (dS for q and k, relu's masked gradient for
+# x, W and b, LayerNorm's x^ for x and w), and two forwards compute row statistics backward
+# can reuse. An _OpContext passed as a parameter carries both, as torch.autograd.Function's ctx
+# does. The rules run on arrays in an ordinary backward, in place where it saves passes; with
+# create_graph=True (Tensors) they take the plain dual-helper formulas, which second-order
+# tests check.
 
 
-def _attention_weights_forward(query, key, mask=None, scale=1.0):
-    scores = np.matmul(query, np.swapaxes(key, -1, -2))
-    scores *= scale
-    if mask is not None:
-        if np.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
-            scores += mask
-        else:
-            scores = scores + mask
+class _OpContext:
+    """One recorded call's state shared by its forward and its VJPs.
+
+    `saved` is what the forward computed that backward reuses. `gradient(index, compute_all)`
+    hands out input gradients computed together: the sweep asks for a node's inputs in order,
+    with the same g, so the first request runs compute_all(needs) for every input that
+    requires gradients and the later ones take (and drop) what it left.
+    """
+
+    __slots__ = ("needs", "saved", "pending")
+
+    def __init__(self, *inputs: Any):
+        self.needs = tuple(_is_tensor(x) and x.requires_grad for x in inputs)
+        self.saved: Any = None
+        self.pending: dict[int, Any] = {}
+
+    def gradient(self, index: int, compute_all) -> Any:
+        if index not in self.pending:
+            self.pending = dict(enumerate(compute_all(self.needs)))
+        return self.pending.pop(index)
+
+
+def _shared_gradient(context, index, compute_all):
+    if context is None:  # applied without a context: this input's gradient alone
+        return compute_all(tuple(i == index for i in range(3)))[index]
+    return context.gradient(index, compute_all)
+
+
+def _row_sums(x):
+    """Sums over the last axis as a matrix-vector product: for rows as short as attention's or
+    LayerNorm's (64 to 512 values) BLAS does it ~6x faster than NumPy's reduction."""
+    return x @ np.ones(x.shape[-1], dtype=x.dtype)
+
+
+def _softmax_rows(scores, masked):
+    """softmax over the last axis of `scores`, in place, and the rows' log-sum-exp (+inf for a
+    row whose entries are all -inf, which becomes 0s instead of NaNs when `masked`)."""
     top = scores.max(axis=-1, keepdims=True)
-    if mask is not None:
+    if masked:
         top[np.isneginf(top)] = 0.0  # an all-masked row: exp(-inf - 0) = 0, not exp(nan)
     scores -= top
     np.exp(scores, out=scores)
-    total = scores.sum(axis=-1, keepdims=True)
-    if mask is not None:
-        total[total == 0.0] = 1.0  # 0 / 1: the all-masked row stays 0
+    total = _row_sums(scores)[..., None]
+    empty = total == 0.0  # only a row with every key masked sums to exactly 0
+    if masked:
+        total[empty] = 1.0
     scores /= total
-    return scores
+    log_total = np.log(total)
+    log_total[empty] = np.inf  # exp(s - inf) = 0 reproduces its zero weights
+    return top + log_total
+
+
+def _attention_scores(query, key, mask, scale):
+    scores = np.matmul(query, np.swapaxes(key, -1, -2))
+    scores *= scale
+    if mask is None:
+        return scores
+    if np.broadcast_shapes(scores.shape, mask.shape) == scores.shape:
+        scores += mask
+        return scores
+    return scores + mask
+
+
+def _attention_weights_forward(query, key, mask=None, scale=1.0, context=None):
+    weights = _attention_scores(query, key, mask, scale)
+    _softmax_rows(weights, mask is not None)
+    return weights
 
 
 def _attention_scores_grad(g, weights):
@@ -575,26 +633,29 @@ def _attention_scores_grad(g, weights):
     return weights * (g - (g * weights).sum(axis=-1, keepdims=True))
 
 
-def _attention_weights_vjp_query(g, ans, query, key, mask=None, scale=1.0):
-    return (_attention_scores_grad(g, ans) @ key) * scale  # S = scale q k^T  =>  dq = scale dS k
+def _attention_weights_vjp(g, ans, query, key, mask=None, scale=1.0, context=None, index=0):
+    # S = scale q k^T  =>  dq = scale dS k,  dk = scale dS^T q
+    def compute_all(needs):
+        d_scores = _attention_scores_grad(g, ans) * scale
+        return [d_scores @ key if needs[0] else None,
+                _swap_last_axes(d_scores) @ query if needs[1] else None]
 
-
-def _attention_weights_vjp_key(g, ans, query, key, mask=None, scale=1.0):
-    # dk = scale dS^T q
-    return (_swap_last_axes(_attention_scores_grad(g, ans)) @ query) * scale
+    return _shared_gradient(context, index, compute_all)
 
 
 ATTENTION_WEIGHTS = Op("attention_weights", _attention_weights_forward, (
-    _attention_weights_vjp_query, _attention_weights_vjp_key,
+    lambda *args, **params: _attention_weights_vjp(*args, **params, index=0),
+    lambda *args, **params: _attention_weights_vjp(*args, **params, index=1),
 ), broadcasts=True)
 
 # Multi-head self-attention from packed projections, as one op: qkv (B, L, 3E) is the in-proj
 # output [q | k | v], each E wide and cut into heads; the result (B, L, E) has the heads side by
-# side, ready for the out-projection. It keeps only its input and output: P (B, h, L, L), the
-# largest array of a transformer block, is recomputed in backward (one more q k^T and softmax,
-# as flash attention does), and q, k, v get their gradients in one packed array, not one
-# zero-filled (B, L, 3E) scatter each. MultiheadAttention uses it for self-attention when the
-# weights are not returned and not dropped out; otherwise attention_weights and a matmul.
+# side, ready for the out-projection. It keeps only its input, its output and each row's
+# log-sum-exp: P (B, h, L, L), the largest array of a transformer block, is recomputed in
+# backward as exp(scale q k^T + mask - lse) (one more q k^T, as flash attention does), and
+# q, k, v get their gradients written into one packed array, not one zero-filled (B, L, 3E)
+# scatter each. MultiheadAttention uses it for self-attention when the weights are neither
+# returned nor dropped out; otherwise attention_weights and a matmul.
 
 
 def _split_heads(qkv, num_heads):
@@ -604,27 +665,52 @@ def _split_heads(qkv, num_heads):
     return [parts[:, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
 
 
-def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0):
+def _heads_of(x, num_heads):
+    """(B, L, E) -> its (B, h, L, E/h) view."""
+    batch, length, width = x.shape
+    return x.reshape((batch, length, num_heads, width // num_heads)).transpose((0, 2, 1, 3))
+
+
+def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0, context=None):
     q, k, v = _split_heads(qkv, num_heads)
-    weights = _attention_weights_forward(q, k, mask, scale)
+    weights = _attention_scores(q, k, mask, scale)
+    row_logsumexp = _softmax_rows(weights, mask is not None)
+    if context is not None:
+        context.saved = row_logsumexp
     batch, length, width = qkv.shape
     out = np.empty((batch, length, width // 3), dtype=weights.dtype)
-    heads_view = out.reshape((batch, length, num_heads, -1)).transpose((0, 2, 1, 3))
-    np.matmul(weights, v, out=heads_view)  # P V written straight into the merged layout
+    np.matmul(weights, v, out=_heads_of(out, num_heads))  # P V straight into the merged layout
     return out
 
 
-def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0):
+def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0, context=None):
     # O = P v  =>  dv = P^T dO, dP = dO v^T;  P = softmax(S), S = scale q k^T + mask
     #   =>  dS = P (dP - <dP, P>), dq = scale dS k, dk = scale dS^T q
+    if _is_tensor(g) or _is_tensor(qkv) or context is None or context.saved is None:
+        q, k, v = _split_heads(qkv, num_heads)
+        weights = _attention_weights(q, k, mask, scale)
+        g_heads = _heads_of(g, num_heads)
+        d_scores = _attention_scores_grad(g_heads @ _swap_last_axes(v), weights) * scale
+        grads = [d_scores @ k, _swap_last_axes(d_scores) @ q, _swap_last_axes(weights) @ g_heads]
+        packed = _stack([d.transpose((0, 2, 1, 3)) for d in grads], axis=2)  # (B, L, 3, h, E/h)
+        return packed.reshape(qkv.shape)
+    # The same on arrays, in place, without softmax's max and sum passes (the saved log-sum-exp
+    # gives P directly) and with <dP, P> = <dO, O> row by row (a sum over E/h, not over L).
     q, k, v = _split_heads(qkv, num_heads)
-    weights = _attention_weights(q, k, mask, scale)
-    batch, length, width = g.shape
-    g_heads = g.reshape((batch, length, num_heads, width // num_heads)).transpose((0, 2, 1, 3))
-    d_scores = _attention_scores_grad(g_heads @ _swap_last_axes(v), weights)
-    grads = [(d_scores @ k) * scale, (_swap_last_axes(d_scores) @ q) * scale,
-             _swap_last_axes(weights) @ g_heads]
-    packed = _stack([d.transpose((0, 2, 1, 3)) for d in grads], axis=2)  # (B, L, 3, h, E/h)
+    weights = _attention_scores(q, k, mask, scale)
+    weights -= context.saved
+    np.exp(weights, out=weights)
+    g_heads = _heads_of(g, num_heads)
+    d_scores = g_heads @ _swap_last_axes(v)
+    d_scores -= np.einsum("bhld,bhld->bhl", g_heads, _heads_of(ans, num_heads))[..., None]
+    d_scores *= weights
+    d_scores *= scale
+    batch, length, width = qkv.shape
+    packed = np.empty((batch, length, 3, num_heads, width // (3 * num_heads)), dtype=g.dtype)
+    into = [packed[:, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
+    np.matmul(d_scores, k, out=into[0])
+    np.matmul(_swap_last_axes(d_scores), q, out=into[1])
+    np.matmul(_swap_last_axes(weights), g_heads, out=into[2])
     return packed.reshape(qkv.shape)
 
 
@@ -635,20 +721,26 @@ SELF_ATTENTION = Op("self_attention", _self_attention_forward, (_self_attention_
 # backward. Unfused, the block would hold both, each (B, L, dim_feedforward).
 
 
-def _linear_relu_forward(x, weight, bias=None):
+def _linear_relu_forward(x, weight, bias=None, context=None):
     out = _linear_forward(x, weight, bias)
     np.maximum(out, 0, out=out)
     return out
 
 
-def _through_relu(g, ans):
-    return g * (_mask(ans) > 0)  # relu' = [out > 0]
+def _linear_relu_vjp(g, ans, x, weight, bias=None, context=None, index=0):
+    def compute_all(needs):
+        g_before_relu = g * (_mask(ans) > 0)  # relu' = [out > 0]
+        return [_linear_vjp_x(g_before_relu, ans, x, weight) if needs[0] else None,
+                _linear_vjp_weight(g_before_relu, ans, x, weight) if needs[1] else None,
+                _linear_vjp_bias(g_before_relu, ans, x, weight) if needs[2] else None]
+
+    return _shared_gradient(context, index, compute_all)
 
 
 LINEAR_RELU = Op("linear_relu", _linear_relu_forward, (
-    lambda g, ans, x, weight, bias=None: _linear_vjp_x(_through_relu(g, ans), ans, x, weight),
-    lambda g, ans, x, weight, bias=None: _linear_vjp_weight(_through_relu(g, ans), ans, x, weight),
-    lambda g, ans, x, weight, bias=None: _linear_vjp_bias(_through_relu(g, ans), ans, x, weight),
+    lambda *args, **params: _linear_relu_vjp(*args, **params, index=0),
+    lambda *args, **params: _linear_relu_vjp(*args, **params, index=1),
+    lambda *args, **params: _linear_relu_vjp(*args, **params, index=2),
 ))
 
 # --- layer normalisation -------------------------------------------------------------------
@@ -656,8 +748,8 @@ LINEAR_RELU = Op("linear_relu", _linear_relu_forward, (
 # LayerNorm as one op: y = (x - mean) / sqrt(var + eps) * w + b over the trailing `axes`.
 # Composed from ten elementwise ops it would keep five full-size intermediates per call; a
 # transformer block calls it twice, so the fused op is what keeps the block's memory near what
-# backward needs (its input and output). The normalised x^ is recomputed from x in backward
-# (a few passes over one array) rather than kept.
+# backward needs (its input and output). Forward saves each row's mean and 1/sqrt(var + eps)
+# (one value per row), from which backward rebuilds x^ in two passes.
 
 
 def _layer_norm_statistics(x, axes, eps):
@@ -667,34 +759,71 @@ def _layer_norm_statistics(x, axes, eps):
     return centered * rstd, rstd
 
 
-def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5):
-    normalized, _ = _layer_norm_statistics(x, axes, eps)
+def _as_rows(x, axes):
+    """x as (rows, normalised values): a view when x is contiguous."""
+    return x.reshape((-1, math.prod(x.shape[x.ndim - len(axes):])))
+
+
+def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None):
+    rows = _as_rows(x, axes)
+    width = rows.shape[1]
+    mean = _row_sums(rows) / width
+    normalized = rows - mean[:, None]
+    rstd = (np.einsum("ij,ij->i", normalized, normalized) / width + eps) ** -0.5
+    if context is not None:
+        context.saved = mean, rstd
+    normalized *= rstd[:, None]  # in place: normalized is a fresh array
+    normalized = normalized.reshape(x.shape)
     if weight is not None:
-        normalized *= weight  # in place: normalized is a fresh array
+        normalized *= weight
     if bias is not None:
         normalized += bias
     return normalized
 
 
-def _layer_norm_vjp_x(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
-    # dx = rstd (gx - mean(gx) - x^ mean(gx x^)), with gx = g w the gradient at x^
-    normalized, rstd = _layer_norm_statistics(x, axes, eps)
-    g_normalized = g if weight is None else g * weight
-    return rstd * (g_normalized - g_normalized.mean(axis=axes, keepdims=True)
-                   - normalized * (g_normalized * normalized).mean(axis=axes, keepdims=True))
+def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None,
+                    index=0):
+    # y = x^ w + b  =>  db = sum g,  dw = sum g x^,
+    # dx = rstd (gx - mean(gx) - x^ mean(gx x^)) with gx = g w, the gradient at x^
+    batch_axes = tuple(range(x.ndim - len(axes)))
 
+    def compute_tensors(needs):
+        normalized, rstd = _layer_norm_statistics(x, axes, eps)
+        g_normalized = g if weight is None else g * weight
+        dx = rstd * (g_normalized - g_normalized.mean(axis=axes, keepdims=True)
+                     - normalized * (g_normalized * normalized).mean(axis=axes, keepdims=True))
+        return [dx if needs[0] else None,
+                (g * normalized).sum(axis=batch_axes) if needs[1] else None,
+                g.sum(axis=batch_axes) if needs[2] else None]
 
-def _layer_norm_vjp_weight(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
-    normalized, _ = _layer_norm_statistics(x, axes, eps)
-    return (g * normalized).sum(axis=tuple(range(x.ndim - len(axes))))  # dw = sum of g x^
+    def compute_arrays(needs):
+        mean, rstd = context.saved
+        normalized = _as_rows(x, axes) - mean[:, None]
+        normalized *= rstd[:, None]
+        g_rows = _as_rows(g, axes)
+        width = g_rows.shape[1]
+        shape = x.shape[x.ndim - len(axes):]
+        dw = np.einsum("ij,ij->j", g_rows, normalized).reshape(shape) if needs[1] else None
+        db = g_rows.sum(axis=0).reshape(shape) if needs[2] else None
+        dx = None
+        if needs[0]:
+            dx = g_rows * weight.reshape(-1) if weight is not None else g_rows.copy()
+            along_normalized = np.einsum("ij,ij->i", dx, normalized) / width
+            dx -= (_row_sums(dx) / width)[:, None]
+            normalized *= along_normalized[:, None]
+            dx -= normalized
+            dx *= rstd[:, None]
+            dx = dx.reshape(x.shape)
+        return [dx, dw, db]
 
-
-def _layer_norm_vjp_bias(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5):
-    return g.sum(axis=tuple(range(x.ndim - len(axes))))  # db = sum of g over the batch
+    tensors = _is_tensor(g) or _is_tensor(x) or context is None or context.saved is None
+    return _shared_gradient(context, index, compute_tensors if tensors else compute_arrays)
 
 
 LAYER_NORM = Op("layer_norm", _layer_norm_forward, (
-    _layer_norm_vjp_x, _layer_norm_vjp_weight, _layer_norm_vjp_bias,
+    lambda *args, **params: _layer_norm_vjp(*args, **params, index=0),
+    lambda *args, **params: _layer_norm_vjp(*args, **params, index=1),
+    lambda *args, **params: _layer_norm_vjp(*args, **params, index=2),
 ))
 
 # --- convolution and pooling -------------------------------------------------------------------
@@ -1261,7 +1390,8 @@ def layer_norm(x: Tensor, normalized_ndim: int = 1, weight: Tensor | None = None
             raise ValueError(f"layer_norm: {name} has shape {p.shape}, the normalised axes "
                              f"{normalized_shape}")
     axes = tuple(range(-normalized_ndim, 0))
-    return apply(LAYER_NORM, x, weight, bias, axes=axes, eps=float(eps))
+    return apply(LAYER_NORM, x, weight, bias, axes=axes, eps=float(eps),
+                 context=_OpContext(x, weight, bias))
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -1271,7 +1401,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
             f"linear_relu: input has {x.shape[-1]} features (shape {x.shape}) but the weight "
             f"expects {weight.shape[1]} (weight shape {weight.shape})"
         )
-    return apply(LINEAR_RELU, x, weight, bias)
+    return apply(LINEAR_RELU, x, weight, bias, context=_OpContext(x, weight, bias))
 
 
 def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
@@ -1286,7 +1416,8 @@ def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
         )
     mask = _attention_mask(mask, np.result_type(query.dtype, key.dtype), "attention_weights")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return apply(ATTENTION_WEIGHTS, query, key, mask=mask, scale=scale)
+    return apply(ATTENTION_WEIGHTS, query, key, mask=mask, scale=scale,
+                 context=_OpContext(query, key))
 
 
 def self_attention(qkv: Tensor, num_heads: int, mask: Any = None,
@@ -1301,7 +1432,8 @@ def self_attention(qkv: Tensor, num_heads: int, mask: Any = None,
     mask = _attention_mask(mask, qkv.dtype, "self_attention")
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    return apply(SELF_ATTENTION, qkv, num_heads=num_heads, mask=mask, scale=scale)
+    return apply(SELF_ATTENTION, qkv, num_heads=num_heads, mask=mask, scale=scale,
+                 context=_OpContext(qkv))
 
 
 def _attention_mask(mask: Any, dtype: Any, name: str) -> np.ndarray | None:
