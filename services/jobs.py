@@ -177,6 +177,10 @@ class JobService:
         if job.state == SUCCEEDED and epochs <= 0:
             raise InvalidArgument("epochs", f"job {job_id} SUCCEEDED; to continue it, give how "
                                             f"many more epochs to train")
+        if job.spec.data.epochs + epochs > min(self.limits.max_epochs, 2**32 - 1):
+            # Checked before the sum is stored: data.epochs is a uint32 (it overflowed here).
+            raise InvalidArgument("epochs", f"{job.spec.data.epochs} + {epochs} epochs is over "
+                                            f"this server's limit of {self.limits.max_epochs}")
         spec = job_pb2.JobSpec()
         spec.CopyFrom(job.spec)
         spec.data.epochs += epochs

@@ -21,7 +21,7 @@ from chainrule.v1 import job_pb2
 from chainrule.v1 import training_service_pb2 as pb
 from services.server import serve
 from services.uploads import UploadLimits
-from tests.services.helpers import data_files, iris_spec, rpc_error
+from tests.services.helpers import data_files, iris_spec, rpc_error, wait_until_done
 
 pytestmark = [pytest.mark.distributed]
 
@@ -114,8 +114,8 @@ INVALID_SPECS = [
     ("unknown built-in", _setattr("data.dataset", "sklearn:mnist"), "data.dataset"),
     ("unknown upload", _setattr("data.dataset", "upload:nothing"), "data.dataset"),
     ("no data set", _setattr("data.dataset", ""), "data.dataset"),
-    ("more micro-shards than samples per batch", _setattr("data.micro_shards", 64),
-     "data.micro_shards"),
+    ("more micro-batches than samples per batch", _setattr("data.micro_batches", 64),
+     "data.micro_batches"),
     ("workers 0", _setattr("resources.workers", 0), "resources.workers"),
     ("workers over the limit", _setattr("resources.workers", 9), "resources.workers"),
     ("parameter servers over the limit", _setattr("resources.parameter_servers", 99),
@@ -167,6 +167,17 @@ def test_an_invalid_spec_is_refused_naming_the_field_and_nothing_is_stored(
 def test_a_page_token_this_server_did_not_issue_is_refused(server, token):
     _refused(server, lambda client: client.list(page_token=token),
              grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+
+
+@pytest.mark.parametrize("epochs", [2**32 - 1, 10_000])
+def test_resuming_for_more_epochs_than_the_server_allows_is_refused_naming_epochs(server, epochs):
+    with Client(server.address, timeout=30) as client:
+        job = client.submit(iris_spec())
+        client.cancel(job.id)
+        wait_until_done(client, job.id)
+    _refused(server, lambda client: client.stub.ResumeJob(
+        pb.ResumeJobRequest(job_id=job.id, epochs=epochs), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "epochs")
 
 
 def test_an_overlong_request_id_is_refused(server):
