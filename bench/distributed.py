@@ -45,7 +45,7 @@ PEERS = Path(os.environ.get("CHAINRULE_PEERS_DIR", ROOT.parent / "shared" / "ben
 BATCH = 256
 
 
-def mlp_spec(hidden: list[int], micro_shards: int, epochs: int = 1) -> dict:
+def mlp_spec(hidden: list[int], micro_batches: int, epochs: int = 1) -> dict:
     layers = []
     for width in hidden:
         layers += [{"linear": {"out_features": width}}, {"relu": {}}]
@@ -54,7 +54,7 @@ def mlp_spec(hidden: list[int], micro_shards: int, epochs: int = 1) -> dict:
         "name": "bench", "model": {"layers": layers}, "loss": "cross_entropy",
         "optimizer": {"sgd": {"lr": 0.01}},
         "data": {"dataset": "bench", "batch_size": BATCH, "epochs": epochs,
-                 "micro_shards": micro_shards, "standardize": False},
+                 "micro_batches": micro_batches, "standardize": False},
         "resources": {"workers": 2, "parameter_servers": 2}, "seed": 0,
     }
 
@@ -65,9 +65,9 @@ def random_data(steps: int):
     return from_arrays(x, rng.integers(0, 10, BATCH * steps))
 
 
-def run_ours(hidden: list[int], micro_shards: int, steps: int) -> dict:
+def run_ours(hidden: list[int], micro_batches: int, steps: int) -> dict:
     """One job on the running Ray instance: time to first step and steady per-step figures."""
-    spec = job_spec_from_dict(mlp_spec(hidden, micro_shards))
+    spec = job_spec_from_dict(mlp_spec(hidden, micro_batches))
     records, first = [], []
     start = time.perf_counter()
 

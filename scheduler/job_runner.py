@@ -6,9 +6,9 @@ gradient block per worker and the step plan, reserve a placement group, start N 
 parameter-server shards, and start their step loops.
 
 One optimizer step:
-  1. the runner writes the step's plan (the sample indices of its M logical micro-shards, or
+  1. the runner writes the step's plan (the sample indices of its M logical micro-batches, or
      M x A with gradient accumulation) and tells worker w to compute the contiguous block w
-     of micro-shards; the worker writes the block's gradient sum into gradient block w and
+     of micro-batches; the worker writes the block's gradient sum into gradient block w and
      tells every shard (the reduce-scatter's first half);
   2. each shard sums its slice of the N blocks in the fixed tree order and applies the
      optimizer to its slice of the shared parameters; with norm clipping it first reports its
@@ -90,7 +90,7 @@ class RunSettings:
 
     workers: int
     shards: int
-    micro_shards: int
+    micro_batches: int
     accumulation: int
     batch_size: int
     epochs: int
@@ -103,7 +103,7 @@ class RunSettings:
         return cls(
             workers=job.workers,
             shards=job.parameter_servers,
-            micro_shards=job.micro_batches,
+            micro_batches=job.micro_batches,
             accumulation=job.accumulation_steps,
             batch_size=job.batch_size,
             epochs=job.epochs,
@@ -262,12 +262,12 @@ class JobRunner:
             )
         if shared_memory:
             buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
-            micro_count = settings.micro_shards * settings.accumulation
+            micro_count = settings.micro_batches * settings.accumulation
             self.transport = SharedMemoryTransport(
                 self.shared, group, parameter_count=self.layout.size,
                 slots=len(self.layout.slots),
                 max_samples=settings.batch_size * settings.accumulation,
-                max_micro_shards=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
+                max_micro_batches=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
                 timeout_seconds=settings.step_timeout_seconds)
         else:
             self.transport = ObjectStoreTransport(
@@ -374,16 +374,16 @@ class JobRunner:
 
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
-        micro_shards = _micro_shards_in_tree_order(group)
-        blocks = _split_evenly(list(range(len(micro_shards))), self.settings.workers)
+        micro_batches = _micro_batches_in_tree_order(group)
+        blocks = _split_evenly(list(range(len(micro_batches))), self.settings.workers)
         master_buffers = None
         if self.evaluator.buffer_names:
             master_buffers = self.evaluator.flatten_buffers(self.evaluator.buffer_values())
         work = StepWork(
-            step=step, micro_shards=micro_shards,
+            step=step, micro_batches=micro_batches,
             block_ranges=[(b[0], b[-1] + 1) if b else (0, 0) for b in blocks],
             block_owners=[self.worker_group.owner_for(b) for b in range(len(blocks))],
-            samples=sum(len(indices) for _, indices in micro_shards),
+            samples=sum(len(indices) for _, indices in micro_batches),
             lr=self.schedule.lr_at(step - 1), max_norm=self.max_norm,
             master_buffers=master_buffers,
         )
@@ -392,8 +392,8 @@ class JobRunner:
             outcome = self.transport.recompute(self._on_failure(outcome))
         self.history.worker_failures = self.policy.worker_failures
         self._replace_lost_workers()
-        if outcome.micro_shard_buffers is not None:
-            self._average_buffers(outcome.micro_shard_buffers)
+        if outcome.micro_batch_buffers is not None:
+            self._average_buffers(outcome.micro_batch_buffers)
         return self._record(step, epoch, work, outcome, time.perf_counter() - start)
 
     def _on_failure(self, failure: StepFailure) -> dict[int, int]:
@@ -453,9 +453,9 @@ class JobRunner:
         )
 
     def _average_buffers(self, rows: list[np.ndarray]) -> None:
-        """Each micro-shard updated the running statistics from the step's starting values;
-        the step's new values are their mean, summed in micro-shard order (so any worker count
-        gives the same bits). With one micro-shard this is exactly PyTorch's update."""
+        """Each micro-batch updated the running statistics from the step's starting values;
+        the step's new values are their mean, summed in micro-batch order (so any worker count
+        gives the same bits). With one micro-batch this is exactly PyTorch's update."""
         total = np.array(rows[0])
         for row in rows[1:]:
             total += row
@@ -535,13 +535,13 @@ def _check_prepared_for(job: ResolvedJob, dataset: Dataset) -> None:
                          f"with scheduler.training.prepare_dataset")
 
 
-def _micro_shards_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:
-    """(global index, sample indices) of every micro-shard of the step's batches, micro-shard
-    major: block w then covers micro-shards [wM/N, (w+1)M/N) of every batch, a contiguous
+def _micro_batches_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:
+    """(global index, sample indices) of every micro-batch of the step's batches, micro-batch
+    major: block w then covers micro-batches [wM/N, (w+1)M/N) of every batch, a contiguous
     run of the tree's leaves."""
     accumulation = len(group)
-    return [(m * accumulation + a, group[a].micro_shards[m])
-            for m in range(len(group[0].micro_shards)) for a in range(accumulation)]
+    return [(m * accumulation + a, group[a].micro_batches[m])
+            for m in range(len(group[0].micro_batches)) for a in range(accumulation)]
 
 
 def _split_evenly(items: list, parts: int) -> list[list]:

@@ -1,5 +1,5 @@
 """Which samples each step uses: a seeded permutation per epoch, cut into batches and then
-into M logical micro-shards.
+into M logical micro-batches.
 
 Everything here depends on (seed, epoch, batch size, M) and never on the number of workers, so
 any worker count computes the same gradients. Every sample of an epoch is used exactly once:
@@ -20,24 +20,24 @@ class StepSamples:
 
     epoch: int
     step_in_epoch: int
-    micro_shards: tuple[np.ndarray, ...]  # sample indices of each micro-shard, in order
+    micro_batches: tuple[np.ndarray, ...]  # sample indices of each micro-batch, in order
 
     @property
     def size(self) -> int:
-        return sum(len(shard) for shard in self.micro_shards)
+        return sum(len(shard) for shard in self.micro_batches)
 
 
 class EpochSampler:
-    def __init__(self, num_samples: int, batch_size: int, micro_shards: int, seed: int,
+    def __init__(self, num_samples: int, batch_size: int, micro_batches: int, seed: int,
                  shuffle: bool = True):
         if num_samples < 1:
             raise ValueError("the training split is empty")
-        if batch_size < 1 or micro_shards < 1:
+        if batch_size < 1 or micro_batches < 1:
             raise ValueError(
-                f"batch_size and micro_shards must be positive, got {batch_size}, {micro_shards}"
+                f"batch_size and micro_batches must be positive, got {batch_size}, {micro_batches}"
             )
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.micro_shards, self.seed, self.shuffle = micro_shards, seed, shuffle
+        self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
 
     @property
     def steps_per_epoch(self) -> int:
@@ -53,6 +53,6 @@ class EpochSampler:
         steps = []
         for step in range(self.steps_per_epoch):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-            shards = tuple(np.array_split(batch, self.micro_shards))
+            shards = tuple(np.array_split(batch, self.micro_batches))
             steps.append(StepSamples(epoch, step, shards))
         return steps

@@ -118,7 +118,7 @@ class _Families:
                                        job)
         self.worker_recoveries = counter(
             "chainrule_worker_recoveries_total",
-            "Lost workers whose micro-shards were recomputed by survivors in the same step.",
+            "Lost workers whose micro-batches were recomputed by survivors in the same step.",
             job)
         self.ps_failures = counter("chainrule_parameter_server_failures_total",
                                    "Parameter-server shards of the job lost.", job)

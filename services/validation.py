@@ -28,7 +28,7 @@ class Limits:
     max_parameter_servers: int = 8
     max_parameters: int = 50_000_000  # 200 MB of float32 weights, before optimizer state
     max_epochs: int = 10_000
-    max_micro_shards: int = 4096
+    max_micro_batches: int = 4096
     max_gradient_accumulation_steps: int = 1024
 
 
@@ -70,7 +70,7 @@ def check_limits(job: ResolvedJob, limits: Limits) -> None:
     """SpecError naming the first field whose resolved value is over this server's limit."""
     for value, limit, path in (
         (job.epochs, limits.max_epochs, "data.epochs"),
-        (job.micro_batches, limits.max_micro_shards, "data.micro_shards"),
+        (job.micro_batches, limits.max_micro_batches, "data.micro_batches"),
         (job.accumulation_steps, limits.max_gradient_accumulation_steps,
          "gradient_accumulation_steps"),
         (job.workers, limits.max_workers, "resources.workers"),

@@ -198,7 +198,7 @@ def _plan_dropout(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Plann
     _require_float(signal, path, "dropout")
     p = _in_range(cfg.p if cfg.HasField("p") else 0.5, f"{path}.p", 0.0, 1.0, high_open=True)
     # No generator of its own: masks come from the engine's generator, which the runtime
-    # seeds per (step, micro-shard), so they do not depend on which worker runs them.
+    # seeds per (step, micro-batch), so they do not depend on which worker runs them.
     return _Planned(signal, 0, lambda: nn.Dropout(p))
 
 
@@ -284,7 +284,7 @@ def _recurrent(kind: str, module: type[nn.Module], gates: int) -> Callable[..., 
                                bidirectional=bool(cfg.bidirectional), dtype=ctx.dtype,
                                rng=ctx.rng, **options)
             # The init generator must not drive the dropout between layers: that comes from
-            # the engine's generator, seeded per (step, micro-shard) by the runtime.
+            # the engine's generator, seeded per (step, micro-batch) by the runtime.
             recurrent.rng = None
             return recurrent
 
@@ -767,7 +767,7 @@ class Loss:
 
     reduction "mean" is PyTorch's. reduction "sum" adds the per-sample losses (each sample's
     elements averaged, so with k outputs a sample weighs as in "mean"): summed over a batch's
-    micro-shards and divided by the GLOBAL batch size, it equals the "mean" loss of the whole
+    micro-batches and divided by the GLOBAL batch size, it equals the "mean" loss of the whole
     batch, and so do its gradients, however the batch was cut.
     """
 

@@ -1,15 +1,15 @@
-"""How a worker computes its part of a step: the gradient of its block of micro-shards.
+"""How a worker computes its part of a step: the gradient of its block of micro-batches.
 
 A replica holds a model built from the job spec, with its parameters as views into the shared
 parameter vector (so it always sees the latest all-gathered values, without a copy). For a step
-it runs forward and backward on each of its micro-shards in order, adds their gradients in the
+it runs forward and backward on each of its micro-batches in order, adds their gradients in the
 fixed tree order, and writes the block's sum where the step's transport says (a gradient
 block in shared memory, or a fresh array returned through the object store: see
 worker/transport/), for the parameter-server shards to sum (the reduce-scatter).
 
-Each micro-shard's loss is summed over its samples and divided by the GLOBAL batch size, so the
-micro-shards' gradients add up to exactly the gradient of the batch's mean loss, whichever
-worker computed them. Dropout masks are seeded by (seed, step, micro-shard), never by worker.
+Each micro-batch's loss is summed over its samples and divided by the GLOBAL batch size, so the
+micro-batches' gradients add up to exactly the gradient of the batch's mean loss, whichever
+worker computed them. Dropout masks are seeded by (seed, step, micro-batch), never by worker.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ class BlockResult:
     seconds: float  # forward, backward and the block's local tree sum
     bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
     write_seconds: float  # writing them: the worker's half of the reduce-scatter
-    buffers: list[dict[str, np.ndarray]] | None  # per micro-shard (BatchNorm running stats)
+    buffers: list[dict[str, np.ndarray]] | None  # per micro-batch (BatchNorm running stats)
 
 
-def micro_shard_seed(seed: int, step: int, micro_shard: int) -> int:
-    """The dropout seed of one micro-shard of one step: independent of who computes it."""
-    return int(np.random.SeedSequence([seed, step, micro_shard]).generate_state(1)[0])
+def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The dropout seed of one micro-batch of one step: independent of who computes it."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
 
 
 class ModelReplica:
@@ -96,10 +96,10 @@ class ModelReplica:
     def serve(self, step: shared_memory.SharedStep, worker: int) -> None:
         shared_memory.serve_worker(self, step, worker)
 
-    def compute_chunks(self, micro_shards: list[tuple[int, np.ndarray]], global_step: int,
+    def compute_chunks(self, micro_batches: list[tuple[int, np.ndarray]], global_step: int,
                        batch_size: int, master_buffers: np.ndarray | None,
                        bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
-        return object_store.compute_chunks(self, micro_shards, global_step, batch_size,
+        return object_store.compute_chunks(self, micro_batches, global_step, batch_size,
                                            master_buffers, bounds, *slices)
 
     def last_error_message(self) -> str:
@@ -122,7 +122,7 @@ class ModelReplica:
         return values
 
     def compute(self, destination: dict[str, np.ndarray],
-                micro_shards: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
+                micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                 master_buffers: np.ndarray | None = None,
                 parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]] = ()
                 ) -> BlockResult:
@@ -134,10 +134,10 @@ class ModelReplica:
             for (lo, hi), values in parameter_slices:
                 self.flat[lo:hi] = values
             buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
-            return self._compute(destination, micro_shards, global_step, batch_size, buffers)
+            return self._compute(destination, micro_batches, global_step, batch_size, buffers)
 
     def _compute(self, destination: dict[str, np.ndarray],
-                 micro_shards: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
+                 micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                  buffers: dict[str, np.ndarray] | None) -> BlockResult:
         start = time.perf_counter()
         if buffers is not None:
@@ -145,35 +145,35 @@ class ModelReplica:
         self.model.train()
         accumulator = TreeAccumulator()
         loss_sum, samples, correct = 0.0, 0, 0
-        per_shard_buffers = [] if self.buffer_names else None
+        per_batch_buffers = [] if self.buffer_names else None
         start_buffers = self.buffer_values() if self.buffer_names else None
-        for micro_shard, indices in micro_shards:
+        for micro_batch, indices in micro_batches:
             if start_buffers is not None:
-                self.load_buffers(start_buffers)  # each micro-shard starts from the step's stats
-            nn.init.manual_seed(micro_shard_seed(self.job.seed, global_step, micro_shard))
-            gradients, shard_loss, shard_correct = self._micro_shard_gradient(indices, batch_size)
+                self.load_buffers(start_buffers)  # each micro-batch starts from the step's stats
+            nn.init.manual_seed(micro_batch_seed(self.job.seed, global_step, micro_batch))
+            gradients, batch_loss, batch_correct = self._micro_batch_gradient(indices, batch_size)
             accumulator.push(gradients)
-            loss_sum += shard_loss
+            loss_sum += batch_loss
             samples += len(indices)
-            correct += shard_correct
-            if per_shard_buffers is not None:
-                per_shard_buffers.append(self.buffer_values())
+            correct += batch_correct
+            if per_batch_buffers is not None:
+                per_batch_buffers.append(self.buffer_values())
         total = accumulator.total()
         computed = time.perf_counter()
         written = 0
         for index, slot in enumerate(self.layout.slots):
-            if total is None:  # more workers than micro-shards: this block adds nothing
+            if total is None:  # more workers than micro-batches: this block adds nothing
                 destination[slot.name][...] = 0
             else:
                 np.copyto(destination[slot.name], total[index])
             written += destination[slot.name].nbytes
         return BlockResult(loss_sum, samples, correct, computed - start, written,
-                           time.perf_counter() - computed, per_shard_buffers)
+                           time.perf_counter() - computed, per_batch_buffers)
 
-    def _micro_shard_gradient(self, indices: np.ndarray, batch_size: int):
+    def _micro_batch_gradient(self, indices: np.ndarray, batch_size: int):
         for parameter in self.parameters:
             parameter.grad = None
-        if len(indices) == 0:  # a short last batch can leave a micro-shard empty
+        if len(indices) == 0:  # a short last batch can leave a micro-batch empty
             return [np.zeros_like(p.data) for p in self.parameters], 0.0, 0
         output = self.model(Tensor(self.x[indices]))
         target = self.y[indices]

@@ -199,10 +199,10 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
     if batch_size > training:
         raise SpecError("data.batch_size", f"must be at most the training split's {training} "
                                            f"samples, got {batch_size}")
-    if spec.data.micro_shards > batch_size:
-        raise SpecError("data.micro_shards", f"must be at most data.batch_size ({batch_size}), "
-                                             f"got {spec.data.micro_shards}")
-    micro_batches = spec.data.micro_shards or DEFAULT_MICRO_BATCHES
+    if spec.data.micro_batches > batch_size:
+        raise SpecError("data.micro_batches", f"must be at most data.batch_size ({batch_size}), "
+                                             f"got {spec.data.micro_batches}")
+    micro_batches = spec.data.micro_batches or DEFAULT_MICRO_BATCHES
     accumulation = spec.gradient_accumulation_steps or 1  # 0 means 1: no accumulation
     batches_per_epoch = math.ceil(training / batch_size)
     # An epoch's last optimizer step may accumulate fewer batches: steps never span epochs.

@@ -1,9 +1,9 @@
 """Summing gradients in a fixed order, whatever the number of workers.
 
 Floating-point addition is not associative, so the order of a sum decides its last bits. The
-gradients of the M micro-shards of a step are always added as the same balanced binary tree
-over micro-shard indices: ((g0 + g1) + (g2 + g3)) + ... A worker that holds an aligned block of
-micro-shards computes that block's subtree; the parameter-server shard adds the blocks' subtrees
+gradients of the M micro-batches of a step are always added as the same balanced binary tree
+over micro-batch indices: ((g0 + g1) + (g2 + g3)) + ... A worker that holds an aligned block of
+micro-batches computes that block's subtree; the parameter-server shard adds the blocks' subtrees
 by the tree's upper levels. When M and the worker count N are powers of two, every N gives
 bitwise the same sum.
 """
@@ -69,7 +69,7 @@ class TreeSum:
 class TreeAccumulator:
     """The same pairwise tree, built as leaves arrive, holding only log2(M) partial sums.
 
-    A leaf is one micro-shard's gradient as a list of arrays (one per parameter). Leaves are
+    A leaf is one micro-batch's gradient as a list of arrays (one per parameter). Leaves are
     pushed in index order; two partial sums of equal size merge as soon as both exist, which is
     exactly the balanced tree of `tree_sum_into` when the count is a power of two. Partial sums
     are formed in place in the left operand's arrays, which the accumulator then owns.

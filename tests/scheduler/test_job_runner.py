@@ -27,7 +27,7 @@ model: {layers: [{linear: {out_features: 32}}, {tanh: {}}, {linear: {out_feature
 loss: cross_entropy
 optimizer: {adamw: {lr: 0.003, weight_decay: 0.01}}
 data: {dataset: "sklearn:digits", batch_size: 96, epochs: 3, validation_fraction: 0.2,
-       micro_shards: 4}
+       micro_batches: 4}
 seed: 5
 """
 
@@ -66,8 +66,8 @@ def test_any_power_of_two_worker_count_and_any_shard_count_give_bitwise_the_same
         assert np.array_equal(result.state_dict[key], value), key
 
 
-def test_three_workers_on_four_micro_shards_agree_to_float32_round_off(one_worker_float32):
-    # 4 micro-shards over 3 workers are not aligned subtrees of the reduction tree: the sum's
+def test_three_workers_on_four_micro_batches_agree_to_float32_round_off(one_worker_float32):
+    # 4 micro-batches over 3 workers are not aligned subtrees of the reduction tree: the sum's
     # association differs, so only round-off agreement is possible (and expected).
     result = train(spec_with(), 3, 2)
     for key, value in one_worker_float32.state_dict.items():
@@ -79,12 +79,12 @@ def single_process_reference(spec, dataset):
     model = build_model(spec.model, dataset.feature_shape, np.float64, seed=spec.seed)
     adamw = optim.AdamW(model.parameters(), lr=spec.optimizer.adamw.lr,
                         weight_decay=spec.optimizer.adamw.weight_decay)
-    sampler = EpochSampler(len(dataset.x), spec.data.batch_size, spec.data.micro_shards,
+    sampler = EpochSampler(len(dataset.x), spec.data.batch_size, spec.data.micro_batches,
                            spec.seed)
     x = dataset.x.astype(np.float64)
     for epoch in range(spec.data.epochs):
         for step in sampler.epoch(epoch):
-            batch = np.concatenate(step.micro_shards)
+            batch = np.concatenate(step.micro_batches)
             adamw.zero_grad()
             F.cross_entropy(model(Tensor(x[batch])), dataset.y[batch]).backward()
             adamw.step()
@@ -143,9 +143,9 @@ def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_wei
 def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch_in_float64(local_ray):
     full = train(spec_with(dtype="float64"), 2, 1)
     halves = train(spec_with(dtype="float64", gradient_accumulation_steps=2,
-                             **{"data.batch_size": 48, "data.micro_shards": 2}), 2, 1)
+                             **{"data.batch_size": 48, "data.micro_batches": 2}), 2, 1)
     # The same samples in the same steps: batch 96 = two consecutive batches of 48 of the
-    # same permutation, cut into the same four micro-shards.
+    # same permutation, cut into the same four micro-batches.
     for key, value in full.state_dict.items():
         np.testing.assert_allclose(halves.state_dict[key], value, rtol=1e-12, atol=1e-14)
 
@@ -160,7 +160,7 @@ def test_global_norm_clipping_matches_the_engine_clip_grad_norm(local_ray):
     sampler = EpochSampler(len(dataset.x), 96, 4, spec.seed)
     for epoch in range(3):
         for step in sampler.epoch(epoch):
-            batch = np.concatenate(step.micro_shards)
+            batch = np.concatenate(step.micro_batches)
             adamw.zero_grad()
             F.cross_entropy(model(Tensor(dataset.x[batch].astype(np.float64))),
                             dataset.y[batch]).backward()
@@ -352,10 +352,10 @@ def test_the_worker_replacement_cap_holds_across_restarts_from_a_checkpoint(
 
 
 class ReplicaFailingAtStepThree(ModelReplica):
-    def compute(self, destination, micro_shards, global_step, *arguments, **options):
+    def compute(self, destination, micro_batches, global_step, *arguments, **options):
         if global_step == 3:
             raise FloatingPointError("the loss is NaN")
-        return super().compute(destination, micro_shards, global_step, *arguments, **options)
+        return super().compute(destination, micro_batches, global_step, *arguments, **options)
 
 
 @pytest.mark.parametrize("transport", ["shared_memory", "object_store"])

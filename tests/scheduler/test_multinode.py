@@ -18,7 +18,7 @@ model: {layers: [{linear: {out_features: 16}}, {relu: {}}, {linear: {out_feature
 loss: cross_entropy
 optimizer: {sgd: {lr: 0.1, momentum: 0.9}}
 data: {dataset: "sklearn:iris", batch_size: 32, epochs: 4, validation_fraction: 0.2,
-       micro_shards: 2}
+       micro_batches: 2}
 seed: 3
 """
 

@@ -60,9 +60,9 @@ def assert_refused_early(done: subprocess.CompletedProcess, seconds: float, *fra
     (("epochs: 1", "epochs: 0"), "data.epochs"),
     (("out_features: 3", "out_features: 4"), "model.layers[2]"),
     (("sklearn:iris", "sklearn:mnist"), "data.dataset"),
-    (("epochs: 1,", "epochs: 1, micro_shards: 64,"), "data.micro_shards"),
+    (("epochs: 1,", "epochs: 1, micro_batches: 64,"), "data.micro_batches"),
 ], ids=["negative lr", "batch over the split", "zero epochs", "output width", "unknown data",
-        "micro-shards over the batch"])
+        "micro-batches over the batch"])
 def test_train_refuses_a_bad_spec_naming_the_field_within_seconds_and_before_ray(
         tmp_path, change, field):
     done, seconds = run_train(tmp_path, SPEC.replace(*change))

@@ -318,8 +318,8 @@ def test_parameter_count_of_a_huge_model_allocates_nothing():
 # --- losses ----------------------------------------------------------------------------------
 
 
-def micro_shard_gradient_sum(loss_sum, model, x, target, cuts):
-    """Gradients of sum-reduced loss over micro-shards, each divided by the global batch."""
+def micro_batch_gradient_sum(loss_sum, model, x, target, cuts):
+    """Gradients of sum-reduced loss over micro-batches, each divided by the global batch."""
     total = [np.zeros_like(p.data, dtype=np.float64) for p in model.parameters()]
     for part in np.split(np.arange(len(x)), cuts):
         model.zero_grad()
@@ -333,7 +333,7 @@ def micro_shard_gradient_sum(loss_sum, model, x, target, cuts):
     ("binary_cross_entropy_with_logits", 3, "bits"), ("binary_cross_entropy_with_logits", 1,
                                                       "classes"),
 ])
-def test_sum_reduced_loss_over_micro_shards_adds_up_to_the_batch_mean_gradient(loss, width,
+def test_sum_reduced_loss_over_micro_batches_adds_up_to_the_batch_mean_gradient(loss, width,
                                                                                labels):
     job = spec(f"model: {{layers: [{{linear: {{out_features: {width}}}}}]}}\nloss: {loss}")
     model = build_model(job.model, (5,), np.float64, seed=0)
@@ -349,7 +349,7 @@ def test_sum_reduced_loss_over_micro_shards_adds_up_to_the_batch_mean_gradient(l
     model.zero_grad()
     mean_loss(model(Tensor(x)), target).backward()
     expected = [p.grad.copy() for p in model.parameters()]
-    got = micro_shard_gradient_sum(build_loss(job, reduction="sum"), model, x, target, [3, 7, 8])
+    got = micro_batch_gradient_sum(build_loss(job, reduction="sum"), model, x, target, [3, 7, 8])
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-15)
 

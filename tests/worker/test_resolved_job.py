@@ -103,7 +103,7 @@ clipping: {max_norm: 1.5, max_value: 0.1}
 early_stopping: {patience: 3, min_delta: 0.01, restore_best: true}
 schedule: {cosine_with_warmup: {warmup_steps: 10}}
 """
-    job = digits(spec(text, data__micro_shards=8, data__shuffle=False))
+    job = digits(spec(text, data__micro_batches=8, data__shuffle=False))
     assert (job.workers, job.parameter_servers, job.micro_batches, job.accumulation_steps) == (
         2, 3, 8, 2)
     assert (job.cpus_per_worker, job.placement_strategy, job.dtype) == (0.5, "SPREAD",
@@ -162,7 +162,7 @@ ONE_EACH = {"resources__workers": 1, "resources__parameter_servers": 1}
     ({"data__epochs": 0}, "data.epochs"),
     ({"data__batch_size": 0}, "data.batch_size"),
     ({"data__batch_size": 1439}, "data.batch_size"),
-    ({"data__micro_shards": 129}, "data.micro_shards"),
+    ({"data__micro_batches": 129}, "data.micro_batches"),
     ({"data__validation_fraction": 1.0}, "data.validation_fraction"),
     ({"resources__workers": 0, "resources__parameter_servers": 1}, "resources.workers"),
     ({**ONE_EACH, "resources__cpus_per_worker": -1.0}, "resources.cpus_per_worker"),

@@ -103,7 +103,7 @@ class ObjectStoreTransport:
             self.owners[block] = worker
             self.calls[block] = self.actors.replicas[worker].compute_chunks.options(
                 num_returns=len(self.bounds) + 1).remote(
-                work.micro_shards[lo:hi], work.step, work.samples, self.master_buffers,
+                work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
                 self.bounds, *self.slices)
         failure = self._collect_blocks(work)
         if failure is not None:

@@ -220,7 +220,7 @@ class StepPlanSpec:
     indices: SharedArraySpec
     offsets: SharedArraySpec
     master_buffers: SharedArraySpec | None
-    micro_shard_buffers: SharedArraySpec | None  # one row per micro-batch
+    micro_batch_buffers: SharedArraySpec | None  # one row per micro-batch
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class _StepInProgress:
 
 class SharedMemoryTransport:
     def __init__(self, shared: SharedArrayGroup, actors: JobActors, *, parameter_count: int,
-                 slots: int, max_samples: int, max_micro_shards: int, buffer_size: int,
+                 slots: int, max_samples: int, max_micro_batches: int, buffer_size: int,
                  dtype: str, timeout_seconds: float):
         self.actors = actors
         self.timeout_seconds = timeout_seconds
@@ -258,9 +258,9 @@ class SharedMemoryTransport:
             ChannelPaths(str(shared.directory), workers, shards),
             StepPlanSpec(
                 create("plan-indices", (max_samples,), "int64"),
-                create("plan-offsets", (max_micro_shards + 1,), "int64"),
+                create("plan-offsets", (max_micro_batches + 1,), "int64"),
                 create("master-buffers", (buffer_size,), dtype) if buffer_size else None,
-                create("micro-batch-buffers", (max_micro_shards, buffer_size), dtype)
+                create("micro-batch-buffers", (max_micro_batches, buffer_size), dtype)
                 if buffer_size else None,
             ),
             tuple(create(f"gradient-block-{b}", (parameter_count,), dtype)
@@ -276,8 +276,8 @@ class SharedMemoryTransport:
         plan = spec.plan
         self.plan_indices, self.plan_offsets = plan.indices.attach(), plan.offsets.attach()
         self.master_buffers = plan.master_buffers.attach() if plan.master_buffers else None
-        self.micro_buffers = (plan.micro_shard_buffers.attach()
-                              if plan.micro_shard_buffers else None)
+        self.micro_buffers = (plan.micro_batch_buffers.attach()
+                              if plan.micro_batch_buffers else None)
         self.norm_table = spec.norms.attach()
         spec.channels.create_all()
         self.inbox = Channel(spec.channels.runner())
@@ -331,7 +331,7 @@ class SharedMemoryTransport:
     def _write_plan(self, work: StepWork) -> None:
         offset = 0
         self.plan_offsets[0] = 0
-        for m, (_, indices) in enumerate(work.micro_shards):
+        for m, (_, indices) in enumerate(work.micro_batches):
             self.plan_indices[offset:offset + len(indices)] = indices
             offset += len(indices)
             self.plan_offsets[m + 1] = offset
@@ -379,7 +379,7 @@ class SharedMemoryTransport:
                                                         report.bytes_updated)
         buffers = None
         if self.micro_buffers is not None:
-            buffers = [self.micro_buffers[m] for m in range(len(work.micro_shards))]
+            buffers = [self.micro_buffers[m] for m in range(len(work.micro_batches))]
         return StepOutcome([step.blocks[b] for b in range(block_count)],
                            [step.applied[k] for k in range(shard_count)],
                            self.norm_table.sum(axis=0), buffers)
@@ -428,8 +428,8 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
     shards = [Channel(channels.shard_blocks(k)) for k in range(channels.shards)]
     indices, offsets = spec.plan.indices.attach(), spec.plan.offsets.attach()
     master = spec.plan.master_buffers.attach() if spec.plan.master_buffers else None
-    per_micro_batch = (spec.plan.micro_shard_buffers.attach()
-                       if spec.plan.micro_shard_buffers else None)
+    per_micro_batch = (spec.plan.micro_batch_buffers.attach()
+                       if spec.plan.micro_batch_buffers else None)
     blocks = [replica.layout.views(block.attach()) for block in spec.gradient_blocks]
     while True:
         command = inbox.receive(WorkerCommand)

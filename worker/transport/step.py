@@ -22,8 +22,8 @@ import numpy as np
 @dataclass(frozen=True)
 class StepWork:
     step: int
-    micro_shards: list[tuple[int, np.ndarray]]  # (global index, sample indices), tree order
-    block_ranges: list[tuple[int, int]]  # block b computes micro_shards[lo:hi]
+    micro_batches: list[tuple[int, np.ndarray]]  # (global index, sample indices), tree order
+    block_ranges: list[tuple[int, int]]  # block b computes micro_batches[lo:hi]
     block_owners: list[int]  # block b's worker, chosen by the runner from the live workers
     samples: int  # the step's sample count, the loss's divisor
     lr: float
@@ -54,7 +54,7 @@ class StepOutcome:
     blocks: list[BlockStats]
     shards: list[ShardStats]
     parameter_squared_norms: np.ndarray  # one per parameter slot, summed over shards
-    micro_shard_buffers: list[np.ndarray] | None  # flat buffers after each micro-batch
+    micro_batch_buffers: list[np.ndarray] | None  # flat buffers after each micro-batch
     gather_seconds: float = 0.0
 
 
