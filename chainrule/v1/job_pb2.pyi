@@ -501,12 +501,12 @@ class ClippingSpec(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., max_value: _Optional[float] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_shards", "standardize", "shuffle", "context_length")
+    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_batches", "standardize", "shuffle", "context_length")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
-    MICRO_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -514,11 +514,11 @@ class DataSpec(_message.Message):
     batch_size: int
     epochs: int
     validation_fraction: float
-    micro_shards: int
+    micro_batches: int
     standardize: bool
     shuffle: bool
     context_length: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_shards: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_batches: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class ResourceSpec(_message.Message):
     __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy")
