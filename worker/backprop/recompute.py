@@ -1,20 +1,21 @@
-"""Gradient checkpointing (rematerialisation): trade compute for activation memory.
+"""Recomputation (rematerialisation, PyTorch's "gradient recomputing"): trade compute for
+activation memory. Named `recompute` here because a "checkpoint" in chainrule is a job snapshot.
 
 Backward needs the activations of the forward pass, and storing all of them is what fills
-memory in deep networks. `checkpoint(fn, *inputs)` runs `fn` without recording a graph, keeps
+memory in deep networks. `recompute(fn, *inputs)` runs `fn` without recording a graph, keeps
 only its inputs (and output), and when the backward sweep reaches it runs `fn` again with
-recording on and backpropagates through that fresh graph. Each checkpointed segment thus costs
+recording on and backpropagates through that fresh graph. Each recomputed segment thus costs
 one extra forward, and only one segment's activations are alive at a time during backward.
 
-    h = checkpoint(block, x)                      # block's activations are not stored
-    y = checkpoint_sequential(model, 4, x)        # a Sequential in 4 segments, like torch
+    h = recompute(block, x)                      # block's activations are not stored
+    y = recompute_sequential(model, 4, x)        # a Sequential in 4 segments, like torch
 
-Gradients are those of the un-checkpointed run: the recompute runs the same NumPy operations on
+Gradients are those of the un-recomputed run: the recompute runs the same NumPy operations on
 the same arrays (with the engine's random generator rewound, so dropout draws the same mask).
 Parameters used inside `fn` but not passed as inputs (a Module's weights) receive their
 gradients from a nested backward over the recomputed graph, as in torch's reentrant
 checkpoint; they get them even when no input requires gradients. One consequence, shared with
-torch's reentrant variant: `grad()` (gradients returned, not accumulated) over a checkpointed
+torch's reentrant variant: `grad()` (gradients returned, not accumulated) over a recomputed
 region still accumulates into those parameters' `.grad`.
 """
 
@@ -48,7 +49,7 @@ def _rng_state(state: dict | None) -> Iterator[None]:
 
 
 class _Segment:
-    """One checkpointed call: what is needed to rerun it, and the input gradients of the last
+    """One recomputed call: what is needed to rerun it, and the input gradients of the last
     rerun, handed out one by one as the sweep asks for each input's gradient."""
 
     __slots__ = ("fn", "args", "positions", "needs_grad", "rng_state", "pending")
@@ -69,7 +70,7 @@ class _Segment:
         with _rng_state(self.rng_state):
             out = self.fn(*args)
         if not isinstance(out, Tensor):
-            raise TypeError(f"checkpoint: fn must return a Tensor, got {type(out).__name__}")
+            raise TypeError(f"recompute: fn must return a Tensor, got {type(out).__name__}")
         return out
 
     def recompute_and_backward(self, g: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
@@ -89,18 +90,18 @@ class _Segment:
                     leaf.data)
 
 
-def _checkpoint_forward(arrays: list[np.ndarray], segment: _Segment) -> np.ndarray:
+def _recompute_forward(arrays: list[np.ndarray], segment: _Segment) -> np.ndarray:
     with no_grad():
         return segment.call([Tensor(a) for a in arrays]).data
 
 
-def _checkpoint_vjp(g, ans, arrays, segment: _Segment, index: int = 0):
+def _recompute_vjp(g, ans, arrays, segment: _Segment, index: int = 0):
     # d(fn)/d(input_i) from one recompute shared by all inputs: the sweep asks for the
     # inputs' gradients one after another with the same g, so the first request reruns fn.
     if isinstance(g, Tensor):
         raise NotImplementedError(
-            "checkpoint does not support create_graph=True (second derivatives); "
-            "call fn without checkpoint for higher-order gradients"
+            "recompute does not support create_graph=True (second derivatives); "
+            "call fn without recompute for higher-order gradients"
         )
     if index not in segment.pending:
         segment.pending.clear()
@@ -108,10 +109,10 @@ def _checkpoint_vjp(g, ans, arrays, segment: _Segment, index: int = 0):
     return segment.pending.pop(index)
 
 
-CHECKPOINT = Op("checkpoint", _checkpoint_forward, (_checkpoint_vjp,), variadic=True)
+RECOMPUTE = Op("recompute", _recompute_forward, (_recompute_vjp,), variadic=True)
 
 
-def checkpoint(fn: Callable[..., Tensor], *inputs: Any, preserve_rng_state: bool = True) -> Tensor:
+def recompute(fn: Callable[..., Tensor], *inputs: Any, preserve_rng_state: bool = True) -> Tensor:
     """fn(*inputs), storing none of fn's intermediate activations for backward.
 
     `inputs` may mix Tensors and other values; fn must return one Tensor. With
@@ -130,23 +131,23 @@ def checkpoint(fn: Callable[..., Tensor], *inputs: Any, preserve_rng_state: bool
         tensors.append(Tensor(np.zeros(0), requires_grad=True))
     rng_state = init.default_generator().bit_generator.state if preserve_rng_state else None
     segment = _Segment(fn, args, tensor_positions, [t.requires_grad for t in tensors], rng_state)
-    return ops.apply(CHECKPOINT, tensors, segment=segment)
+    return ops.apply(RECOMPUTE, tensors, segment=segment)
 
 
-def checkpoint_sequential(modules: Any, segments: int, input: Tensor,
+def recompute_sequential(modules: Any, segments: int, input: Tensor,
                           preserve_rng_state: bool = True) -> Tensor:
-    """Run a Sequential (or a list of callables) in `segments` pieces, checkpointing all but the
+    """Run a Sequential (or a list of callables) in `segments` pieces, recomputing all but the
     last, as torch.utils.checkpoint.checkpoint_sequential does.
 
-    With n layers each checkpointed piece has n // segments of them; the last piece, run
+    With n layers each recomputed piece has n // segments of them; the last piece, run
     normally, takes the rest (its activations are needed right away by backward anyway).
     """
     layers = list(modules)
     if segments < 1:
-        raise ValueError(f"checkpoint_sequential: segments must be at least 1, got {segments}")
+        raise ValueError(f"recompute_sequential: segments must be at least 1, got {segments}")
     if segments > len(layers):
         raise ValueError(
-            f"checkpoint_sequential: {segments} segments for only {len(layers)} layers"
+            f"recompute_sequential: {segments} segments for only {len(layers)} layers"
         )
     size = len(layers) // segments
 
@@ -160,5 +161,5 @@ def checkpoint_sequential(modules: Any, segments: int, input: Tensor,
     x, stop = input, 0
     for start in range(0, size * (segments - 1), size):
         stop = start + size
-        x = checkpoint(run(start, stop), x, preserve_rng_state=preserve_rng_state)
+        x = recompute(run(start, stop), x, preserve_rng_state=preserve_rng_state)
     return run(stop, len(layers))(x)
