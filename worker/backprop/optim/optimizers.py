@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
+
+from worker.backprop.nn.module import Parameter
 
 from .functional import (
     RULES,
@@ -30,11 +32,6 @@ from .functional import (
     SGDHyper,
     State,
 )
-
-
-class Parameter(Protocol):
-    data: np.ndarray
-    grad: np.ndarray | None
 
 
 class Optimizer:
