@@ -186,6 +186,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20, help="epochs per training run")
     args = parser.parse_args()
+    from services.server import configure_process
+
+    configure_process()  # as `chainrule serve` runs: no _created series
     print("step time with and without metrics (digits MLP, 2 workers, 2 shards, embedded Ray)")
     end_to_end, direct = bench_step_time(args.rounds, args.epochs)
     spec = load_job_spec(SPEC)

@@ -159,10 +159,11 @@ def main() -> int:
 
     from chainrule.client import Client
     from chainrule.spec_file import load_job_spec
-    from services.server import serve
+    from services.server import configure_process, serve
     from services.store import JobRecord
     from tests.services.helpers import iris_spec, wait_for
 
+    configure_process()  # as `chainrule serve` runs
     data_dir = tempfile.mkdtemp(prefix="chainrule-bench-")
     server = serve("127.0.0.1:0", data_dir, max_concurrent_jobs=1)
     clock = StepClock()

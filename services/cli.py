@@ -62,9 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from services.server import serve
+    from services.server import configure_process, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_process()
     server = serve(args.address, args.data_dir, ray_address=args.ray_address,
                    metrics_port=args.metrics_port, max_concurrent_jobs=args.max_concurrent_jobs,
                    tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -250,7 +251,9 @@ def _download(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
+    from services.server import configure_process
 
+    configure_process()
     return run_demo(args.spec, metrics_port=args.metrics_port)
 
 

@@ -37,7 +37,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -510,11 +509,7 @@ def start_metrics_server(port: int, registry: CollectorRegistry,
 
     `address` None: $CHAINRULE_METRICS_ADDRESS, else loopback. A container sets the variable
     to 0.0.0.0 so that Prometheus in another container or pod can scrape it; metrics are
-    read-only and carry no tenant data beyond opaque job ids.
-
-    Counters' `_created` samples are turned off for the process: Prometheus would store each
-    as one more series, doubling every counter's cost for a timestamp nobody charts."""
-    disable_created_metrics()
+    read-only and carry no tenant data beyond opaque job ids."""
     if address is None:
         address = os.environ.get(METRICS_ADDRESS_VARIABLE) or "127.0.0.1"
     server, _thread = start_http_server(port, addr=address, registry=registry)

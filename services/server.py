@@ -48,6 +48,22 @@ MESSAGE_BYTES = 8 * 1024 * 1024  # upload/download chunks are 1 MiB; specs are s
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
+def configure_process() -> None:
+    """The process-wide settings a `chainrule serve` process runs with. The command line calls
+    this; `serve()` does not, so an application that embeds the service keeps its own.
+
+    - Job threads share the GIL with the RPC threads. Python hands the GIL over every 5 ms by
+      default, so under request load a runner thread waking from a Ray call could wait that
+      long each time, several times per step; 0.5 ms keeps steps near their unloaded time.
+    - Counters' `_created` samples are turned off: Prometheus would store each as one more
+      series, doubling every counter's cost for a timestamp nobody charts.
+    """
+    from prometheus_client import disable_created_metrics
+
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    disable_created_metrics()
+
+
 @dataclass
 class RunningServer:
     address: str  # host:port actually bound (the port resolved when 0 was asked)
@@ -109,10 +125,6 @@ def serve(
     if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
                          f"--tokens and TLS (--tls-cert, --tls-key)")
-    # Job threads share the GIL with the RPC threads. Python hands the GIL over every 5 ms by
-    # default, so under request load a runner thread waking from a Ray call could wait that
-    # long each time, several times per step; 0.5 ms keeps steps near their unloaded time.
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir / "chainrule.db")

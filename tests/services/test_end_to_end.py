@@ -5,6 +5,7 @@ health checking and reflection."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -202,3 +203,9 @@ def test_unknown_job_is_not_found(client):
                  lambda: list(client.watch("job-000000000000", timeout=5))):
         error = rpc_error(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND and "job_id" in error.details()
+
+
+def test_serving_as_a_library_leaves_process_wide_settings_alone(server):
+    # `chainrule serve` tunes the GIL switch interval (services.server.configure_process);
+    # serve() itself must not, or an application embedding it would be changed behind its back.
+    assert sys.getswitchinterval() == pytest.approx(0.005)

@@ -10,7 +10,9 @@ import urllib.request
 from concurrent import futures
 
 import grpc
+import numpy as np
 import pytest
+import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -174,7 +176,12 @@ def test_object_store_bytes_are_read_from_ray(trained):
         assert time.monotonic() < deadline, "no object-store reading from Ray"
         time.sleep(0.1)
     assert value(registry, "chainrule_object_store_capacity_bytes") > 0
-    assert value(registry, "chainrule_object_store_used_bytes") >= 0
+    # An object of known size must show in the reading (refreshed in the background).
+    held = ray.put(np.zeros(8 << 20, dtype=np.uint8))
+    while (value(registry, "chainrule_object_store_used_bytes") or 0) < 8 << 20:
+        assert time.monotonic() < deadline + 20, "8 MiB put in the object store never showed"
+        time.sleep(0.2)
+    del held
 
 
 def test_live_scrape_during_a_real_job_passes_promtool_check_metrics(trained):

@@ -668,7 +668,7 @@ def test_each_case_records_the_op_it_is_named_after(op_name, data):
 @given(data=st.data())
 def test_first_order_gradient_matches_finite_differences(op_name, data):
     case_ = CASES[op_name](Draw(data, SMALL))
-    assert gradcheck(case_.fn, case_.inputs)
+    gradcheck(case_.fn, case_.inputs)
 
 
 @pytest.mark.parametrize("op_name", sorted(CASES))
@@ -678,7 +678,7 @@ def test_second_order_gradient_matches_finite_differences(op_name, data):
     """Hessian-vector products through each rule; piecewise-linear ops (relu, abs, clip,
     maximum, max, getitem, ...) must give their zero second derivative, not garbage."""
     case_ = CASES[op_name](Draw(data, SMALL))
-    assert gradgradcheck(case_.fn, case_.inputs)
+    gradgradcheck(case_.fn, case_.inputs)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -725,8 +725,8 @@ def test_matmul_gradients_with_vectors_and_broadcast_batches(a_shape, b_shape):
     rng = np.random.default_rng(0)
     a, b = leaf(rng.standard_normal(a_shape)), leaf(rng.standard_normal(b_shape))
     assert ops.matmul(a, b).shape == np.matmul(a.data, b.data).shape
-    assert gradcheck(ops.matmul, [a, b])
-    assert gradgradcheck(ops.matmul, [a, b])
+    gradcheck(ops.matmul, [a, b])
+    gradgradcheck(ops.matmul, [a, b])
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -735,8 +735,8 @@ def test_linear_gradients_with_a_three_dimensional_input(with_bias):
     x, weight, bias = (leaf(rng.standard_normal(s)) for s in [(2, 3, 4), (5, 4), (5,)])
     inputs = [x, weight, bias] if with_bias else [x, weight]
     assert ops.linear(*inputs).shape == (2, 3, 5)
-    assert gradcheck(ops.linear, inputs)
-    assert gradgradcheck(ops.linear, inputs)
+    gradcheck(ops.linear, inputs)
+    gradgradcheck(ops.linear, inputs)
 
 
 def test_linear_accepts_a_single_unbatched_sample():
@@ -744,7 +744,7 @@ def test_linear_accepts_a_single_unbatched_sample():
     rng = np.random.default_rng(2)
     x, weight, bias = (leaf(rng.standard_normal(s)) for s in [(4,), (3, 4), (3,)])
     assert ops.linear(x, weight, bias).shape == (3,)
-    assert gradcheck(ops.linear, [x, weight, bias])
+    gradcheck(ops.linear, [x, weight, bias])
 
 
 REDUCTION_AXES = [None, 0, 1, -1, -2, (0, 2), (-1, 0), (0, 1, 2)]
@@ -759,8 +759,8 @@ def test_reduction_gradients_for_every_kind_of_axis(reduce, axis, keepdims):
     x = leaf(0.05 * rng.permutation(24).reshape(2, 3, 4))  # distinct entries: max has no ties
     expected_shape = np.sum(x.data, axis=axis, keepdims=keepdims).shape
     assert reduce(x, axis, keepdims).shape == expected_shape
-    assert gradcheck(lambda x: reduce(x, axis, keepdims), [x])
-    assert gradgradcheck(lambda x: reduce(x, axis, keepdims), [x])
+    gradcheck(lambda x: reduce(x, axis, keepdims), [x])
+    gradgradcheck(lambda x: reduce(x, axis, keepdims), [x])
 
 
 @pytest.mark.parametrize("correction", [0, 1])
@@ -774,7 +774,7 @@ def test_var_gradient_matches_finite_differences(correction, data):
     axes = range(len(shape)) if axis is None else np.atleast_1d(axis)
     if np.prod([shape[a] for a in axes]) <= correction:
         return  # one entry has no variance with Bessel's correction (0/0)
-    assert gradcheck(lambda x: ops.var(x, axis, keepdims, correction), [x])
+    gradcheck(lambda x: ops.var(x, axis, keepdims, correction), [x])
 
 
 @pytest.mark.parametrize("reduce", [ops.sum, ops.mean, ops.max, ops.var],
@@ -786,7 +786,7 @@ def test_reductions_accept_a_numpy_integer_axis(reduce):
     expected = reduce(x, int(axis))
     out = reduce(x, axis)
     np.testing.assert_array_equal(out.data, expected.data)
-    assert gradcheck(lambda x: reduce(x, axis), [x])
+    gradcheck(lambda x: reduce(x, axis), [x])
 
 
 def test_max_splits_the_gradient_evenly_between_tied_entries():
@@ -807,8 +807,8 @@ BASIC_INDICES = [
 @pytest.mark.parametrize("index", BASIC_INDICES, ids=str)
 def test_getitem_gradient_with_basic_slices(index):
     x = leaf(np.random.default_rng(4).standard_normal((3, 4)))
-    assert gradcheck(lambda x: x[index], [x])
-    assert gradgradcheck(lambda x: x[index], [x])
+    gradcheck(lambda x: x[index], [x])
+    gradgradcheck(lambda x: x[index], [x])
 
 
 def test_getitem_with_repeated_integer_indices_accumulates_the_gradient():
@@ -823,7 +823,7 @@ def test_getitem_with_repeated_pairs_of_integer_arrays_accumulates_the_gradient(
     rows, cols = np.array([1, 1, 0, 1]), np.array([2, 2, 0, -1])
     x[rows, cols].sum().backward()
     np.testing.assert_array_equal(x.grad, [[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
-    assert gradcheck(lambda x: x[rows, cols] * x[rows, cols], [leaf([[1.0, 2, 3], [4, 5, 6]])])
+    gradcheck(lambda x: x[rows, cols] * x[rows, cols], [leaf([[1.0, 2, 3], [4, 5, 6]])])
 
 
 def test_getitem_with_a_boolean_mask_sends_gradient_only_to_selected_entries():
@@ -834,8 +834,8 @@ def test_getitem_with_a_boolean_mask_sends_gradient_only_to_selected_entries():
     expected = np.zeros((3, 4))
     expected[mask] = upstream
     np.testing.assert_array_equal(x.grad, expected)
-    assert gradcheck(lambda x: x[mask], [x])
-    assert gradcheck(lambda x: x[mask[:, 0], 1:], [x])
+    gradcheck(lambda x: x[mask], [x])
+    gradcheck(lambda x: x[mask[:, 0], 1:], [x])
 
 
 @pytest.mark.parametrize("axis", [-1, -2, -3])
@@ -847,7 +847,7 @@ def test_concatenate_along_a_negative_axis(axis):
     parts = [leaf(rng.standard_normal(s)) for s in shapes]
     out = ops.concatenate(parts, axis)
     np.testing.assert_array_equal(out.data, np.concatenate([p.data for p in parts], axis))
-    assert gradcheck(lambda *xs: ops.concatenate(xs, axis), parts)
+    gradcheck(lambda *xs: ops.concatenate(xs, axis), parts)
 
 
 @pytest.mark.parametrize("axis", [-1, -2, -3])
@@ -856,7 +856,7 @@ def test_stack_along_a_negative_axis(axis):
     parts = [leaf(rng.standard_normal((2, 3))) for _ in range(3)]
     out = ops.stack(parts, axis)
     np.testing.assert_array_equal(out.data, np.stack([p.data for p in parts], axis))
-    assert gradcheck(lambda *xs: ops.stack(xs, axis), parts)
+    gradcheck(lambda *xs: ops.stack(xs, axis), parts)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.5])
@@ -871,8 +871,8 @@ def test_cross_entropy_gradients_for_each_reduction_and_label_smoothing(
         return ops.cross_entropy(z, target, reduction=reduction, label_smoothing=label_smoothing)
 
     assert loss(logits).shape == ((5,) if reduction == "none" else ())
-    assert gradcheck(loss, [logits])
-    assert gradgradcheck(loss, [logits])
+    gradcheck(loss, [logits])
+    gradgradcheck(loss, [logits])
 
 
 def test_straight_through_rounds_forward_and_passes_the_gradient_unchanged():
