@@ -30,6 +30,7 @@ from chainrule.v1 import job_pb2
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 
+# Bytes per streamed message, both ways (uploads, downloads): well under gRPC's 4 MiB default.
 CHUNK_BYTES = 1024 * 1024
 MESSAGE_BYTES = 8 * 1024 * 1024
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED,

@@ -43,10 +43,6 @@ class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
 
 
-class Unavailable(ServiceError):
-    code = "UNAVAILABLE"
-
-
 class ResourceExhausted(ServiceError):
     code = "RESOURCE_EXHAUSTED"
 

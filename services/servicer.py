@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from chainrule.client import CHUNK_BYTES
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from services import convert
@@ -33,7 +34,6 @@ from services.jobs import JobService
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1024 * 1024  # well under gRPC's 4 MiB default message limit
 
 
 def _status(error: ServiceError) -> grpc.StatusCode:
