@@ -33,14 +33,7 @@ from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset
 from scheduler.job_runner import JobRunner, TrainingResult
-from scheduler.job_states import (  # noqa: F401 - re-exported for the queue's users
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TERMINAL_STATES,
-)
+from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, StepRecord
 from worker.resolved_job import ResolvedJob

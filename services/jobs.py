@@ -25,16 +25,8 @@ from google.protobuf import json_format
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import BUILTIN_DATASETS, Dataset, builtin_shape
-from scheduler.job_queue import (
-    CANCELLED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    TERMINAL_STATES,
-    JobOutcome,
-    JobQueue,
-    QueuedJob,
-)
+from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
+from scheduler.job_states import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES
 from scheduler.records import EvaluationRecord, StepRecord
 from scheduler.storage import (
     DEFAULT_KEEP_CHECKPOINTS,
