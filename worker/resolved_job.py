@@ -22,12 +22,14 @@ from typing import Any
 
 from chainrule.v1 import job_pb2
 from worker.backprop.optim import Schedule
+from worker.initial_weights import InitialWeights, WeightsShape, match_weights
 from worker.model_builder import (
     Clipping,
     ModelPlan,
     build_clipping,
     build_loss,
     build_optimizer,
+    build_planned_model,
     build_schedule,
     check_model_fits_data,
     plan_model,
@@ -159,6 +161,10 @@ class ResolvedJob:
     evaluation_interval: int  # optimizer steps between evaluations on the validation split
     early_stopping: EarlyStoppingRule | None
     checkpoint_interval: int  # optimizer steps between checkpoints
+    # --- the model's start -------------------------------------------------------------------
+    # model.init_from: the file and the keys the runner loads before the first step; None: the
+    # seed's initialisation only.
+    init_weights: InitialWeights | None = None
 
 
 def validation_split_size(samples: int, fraction: float) -> int:
@@ -173,10 +179,14 @@ def validation_split_size(samples: int, fraction: float) -> int:
 
 
 def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = None,
-            parameter_servers: int | None = None) -> ResolvedJob:
+            parameter_servers: int | None = None, weights: WeightsShape | None = None,
+            max_parameters: int | None = None) -> ResolvedJob:
     """The job `spec` describes on a data set of shape `data`, or a SpecError naming the first
     field at fault. `workers` and `parameter_servers`, when given, replace the spec's counts
-    (`chainrule train --workers`)."""
+    (`chainrule train --workers`). `weights` is the header of the file `model.init_from`
+    names (found by the caller: an upload, or a local file for `chainrule train`).
+    `max_parameters` (the server's limit) is checked before anything is allocated: matching
+    `weights` builds the model once."""
     if not spec.HasField("model") or not spec.model.layers:
         raise SpecError("model.layers", "a model needs at least one layer")
 
@@ -228,15 +238,13 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
     checkpoint_interval = spec.checkpoint.interval_steps or steps_per_epoch
 
     # --- resources -----------------------------------------------------------------------------
-    # 0 means 1 when `resources` is left out; written out, a count must say how many.
+    # 0 means 1, as job.proto says: proto3 cannot tell a count left out of `resources` from one
+    # written as 0, and `resources: {workers: 2}` must not be refused for its missing shards.
     resources = spec.resources
-    explicit = spec.HasField("resources")
     for field, override in (("workers", workers), ("parameter_servers", parameter_servers)):
         if override is not None and override < 1:
             raise SpecError(f"resources.{field}", f"must be >= 1, got {override} (the "
                                                   f"{field.replace('_', '-')} override)")
-        if override is None and explicit and getattr(resources, field) == 0:
-            raise SpecError(f"resources.{field}", "must be >= 1, got 0")
     workers = workers or resources.workers or 1
     parameter_servers = parameter_servers or resources.parameter_servers or 1
     if resources.cpus_per_worker < 0:
@@ -254,6 +262,13 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
                           num_classes=data.num_classes, target_shape=data.target_shape,
                           input_dtype=input_dtype)
     model = plan_model(spec.model, data.feature_shape, input_dtype)
+    if max_parameters is not None and model.parameters > max_parameters:
+        raise SpecError("model", f"has {model.parameters:,} parameters, more than this "
+                                 f"server's limit of {max_parameters:,}")
+    if model.parameters and model.frozen_parameters == model.parameters:
+        raise SpecError("model.layers", "every layer with parameters is frozen (trainable: "
+                                        "false): nothing would train")
+    init_weights = _initial_weights(spec, model, weights)
     if parameter_servers > model.parameters:
         raise SpecError("resources.parameter_servers",
                         f"{parameter_servers} shards for {model.parameters} parameters: at most "
@@ -282,4 +297,24 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         clipping=clipping,
         evaluation_interval=evaluation_interval, early_stopping=early_stopping,
         checkpoint_interval=checkpoint_interval,
+        init_weights=init_weights,
     )
+
+
+def _initial_weights(spec: job_pb2.JobSpec, model: ModelPlan,
+                     weights: WeightsShape | None) -> InitialWeights | None:
+    """model.init_from checked against the model's state_dict keys and shapes. Those come
+    from building the model once (the plan walk knows counts, not key names): only for a
+    spec with init_from, and within the server's parameter limit."""
+    if not spec.model.init_from:
+        if weights is not None:
+            raise ValueError("weights given for a spec without model.init_from")
+        if spec.model.HasField("init_strict"):
+            raise SpecError("model.init_strict", "only applies with model.init_from")
+        return None
+    if weights is None:
+        raise SpecError("model.init_from", f"no weights file {spec.model.init_from!r}")
+    built = build_planned_model(model, "float32", seed=0)
+    shapes = {key: tuple(value.shape) for key, value in built.state_dict().items()}
+    strict = spec.model.init_strict if spec.model.HasField("init_strict") else True
+    return match_weights(shapes, weights, strict)

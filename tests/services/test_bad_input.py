@@ -116,7 +116,6 @@ INVALID_SPECS = [
     ("no data set", _setattr("data.dataset", ""), "data.dataset"),
     ("more micro-batches than samples per batch", _setattr("data.micro_batches", 64),
      "data.micro_batches"),
-    ("workers 0", _setattr("resources.workers", 0), "resources.workers"),
     ("workers over the limit", _setattr("resources.workers", 9), "resources.workers"),
     ("parameter servers over the limit", _setattr("resources.parameter_servers", 99),
      "resources.parameter_servers"),

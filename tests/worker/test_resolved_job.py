@@ -164,7 +164,6 @@ ONE_EACH = {"resources__workers": 1, "resources__parameter_servers": 1}
     ({"data__batch_size": 1439}, "data.batch_size"),
     ({"data__micro_batches": 129}, "data.micro_batches"),
     ({"data__validation_fraction": 1.0}, "data.validation_fraction"),
-    ({"resources__workers": 0, "resources__parameter_servers": 1}, "resources.workers"),
     ({**ONE_EACH, "resources__cpus_per_worker": -1.0}, "resources.cpus_per_worker"),
     ({**ONE_EACH, "resources__placement_strategy": "RANDOM"}, "resources.placement_strategy"),
     ({**ONE_EACH, "resources__parameter_servers": 10_000}, "resources.parameter_servers"),
@@ -173,6 +172,13 @@ ONE_EACH = {"resources__workers": 1, "resources__parameter_servers": 1}
 ])
 def test_a_setting_the_job_cannot_run_with_names_its_field(changes, path):
     refused(spec(**changes), path)
+
+
+def test_a_count_left_out_of_resources_is_one_as_the_proto_documents():
+    job = digits(spec(resources__workers=2))
+    assert (job.workers, job.parameter_servers) == (2, 1)
+    job = digits(spec(resources__workers=0, resources__parameter_servers=3))
+    assert (job.workers, job.parameter_servers) == (1, 3)
 
 
 def test_an_override_below_one_is_refused_naming_the_count():
