@@ -5,8 +5,10 @@ messages built from the descriptors (every field, oneof and enum, unknown enum v
 negative numbers, NaN and infinities, unicode, nesting), mutations of valid specs and uploads
 (field changes, truncations, bit flips, inserted and deleted bytes, deep nesting), and the raw
 bytes of requests with those mutations. Every request must be answered within a second with a
-status other than INTERNAL or UNKNOWN; the health check must stay SERVING; and a rejected
-request must leave the store (its rows and the data folder's files) exactly as it was.
+status other than INTERNAL or UNKNOWN (a refused one that took longer is timed once more: a slow
+path is slow again, a stall of this shared machine is not); the health check must stay SERVING;
+and a rejected request must leave the store (its rows and the data folder's files) exactly as
+it was.
 
 Accepted requests change the store, as they should: a job they queue is cancelled at once, and
 its rows and files are left out of the comparison from then on.
@@ -476,6 +478,12 @@ def test_fuzzed_requests_never_get_internal_and_leave_the_server_healthy_and_the
         if seconds > slowest[0]:
             slowest[:] = [seconds, request.label]
         assert code not in FAILURES, f"{request.label}: {code.name}: {details}"
+        if seconds >= ANSWER_SECONDS and code != grpc.StatusCode.OK:
+            # Once more: a slow path is slow again, a stall of this shared machine is not.
+            # (Only a refused request: sending it again changes nothing.)
+            start = time.perf_counter()
+            _send(client.channel, request)
+            seconds = time.perf_counter() - start
         assert seconds < ANSWER_SECONDS, f"{request.label}: answered in {seconds:.2f} s"
         if code == grpc.StatusCode.OK:
             watch.settle(client)
