@@ -22,6 +22,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 
@@ -61,11 +62,12 @@ STATE_NAMES: tuple[str, ...] = tuple(
     state_name(value) for value in pb.JobState.values() if value != pb.JOB_STATE_UNSPECIFIED)
 
 
-def state_value(name: str) -> int:
+def state_value(name: str) -> pb.JobState:
     """JOB_STATE_RUNNING for "RUNNING" or "running"; a ValueError naming the valid states."""
     if name.upper() not in STATE_NAMES:
         raise ValueError(f"{name!r} is not a job state; one of {', '.join(STATE_NAMES)}")
-    return pb.JobState.Value("JOB_STATE_" + name.upper())
+    # protobuf's stubs type Value() as int; the generated .pyi types enum values as JobState.
+    return cast(pb.JobState, pb.JobState.Value("JOB_STATE_" + name.upper()))
 
 
 # A weights file's suffix and the format the service writes for it.
@@ -130,14 +132,14 @@ class Client:
     def get(self, job_id: str) -> pb.Job:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
-    def list(self, states: Iterable[int | str] = (), page_size: int = 0,
+    def list(self, states: Iterable[pb.JobState | str] = (), page_size: int = 0,
              page_token: str = "") -> pb.ListJobsResponse:
         """One page of jobs, newest first; states as JobState values or names ("RUNNING")."""
         values = [state_value(s) if isinstance(s, str) else s for s in states]
         return self._call(self.stub.ListJobs, pb.ListJobsRequest(
             states=values, page_size=page_size, page_token=page_token))
 
-    def jobs(self, states: Iterable[int | str] = ()) -> Iterator[pb.Job]:
+    def jobs(self, states: Iterable[pb.JobState | str] = ()) -> Iterator[pb.Job]:
         """Every job, following the page tokens."""
         states, token = list(states), ""
         while True:
@@ -204,10 +206,13 @@ class Client:
 
     def upload(self, path: str | Path, name: str, label_column: str | None = None,
                format: str | None = None) -> pb.DatasetInfo:
-        """Upload an .npz or .csv file (format from the suffix unless given)."""
+        """Upload a file: a data set ("npz", "csv"), a UTF-8 text for language models
+        ("text") or model weights for a spec's model.init_from ("safetensors"). The format
+        comes from the suffix unless given (.txt: text)."""
         path = Path(path)
         data = path.read_bytes()
-        format = format or path.suffix.lower().lstrip(".")
+        suffix = path.suffix.lower().lstrip(".")
+        format = format or {"txt": "text"}.get(suffix, suffix)
         header = pb.DatasetHeader(name=name, format=format, label_column=label_column or "",
                                   size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         return self.upload_stream(header, (data[i:i + CHUNK_BYTES]

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from google.protobuf import json_format
@@ -53,7 +53,8 @@ def job_spec_from_dict(data: Any) -> job_pb2.JobSpec:
     same checks and errors as `load_job_spec`."""
     if not isinstance(data, Mapping):
         raise SpecError("", f"a job spec must be a mapping of fields, got {_kind(data)}")
-    data = _check_message(data, job_pb2.JobSpec.DESCRIPTOR, "")
+    # The stubs type DESCRIPTOR as the pure-Python or the upb class; both have this interface.
+    data = _check_message(data, cast(Descriptor, job_pb2.JobSpec.DESCRIPTOR), "")
     spec = job_pb2.JobSpec()
     try:
         json_format.ParseDict(data, spec, ignore_unknown_fields=False)
@@ -131,10 +132,10 @@ def _looks_like_path(text: str) -> bool:
 
 def _check_message(data: Mapping, descriptor: Descriptor, path: str) -> dict:
     """A copy of `data` ready for ParseDict, or a SpecError naming the first bad field."""
-    fields = {}
-    for field in descriptor.fields:
-        fields[field.name] = field
-        fields[field.json_name] = field
+    fields: dict[str, FieldDescriptor] = {}
+    for known in descriptor.fields:
+        fields[known.name] = known
+        fields[known.json_name] = known
     out: dict[str, Any] = {}
     chosen: dict[str, str] = {}  # oneof name -> the member set
     for key, value in data.items():
@@ -172,21 +173,24 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     repeated = getattr(field, "is_repeated", None)
     if repeated is not None:
         return bool(repeated)
-    return field.label == FieldDescriptor.LABEL_REPEATED
+    # protobuf 7's stubs no longer declare `label`; the older runtimes this branch serves have it.
+    return field.label == FieldDescriptor.LABEL_REPEATED  # type: ignore[attr-defined]
 
 
 def _check_single(value: Any, field: FieldDescriptor, path: str) -> Any:
     cpp = field.cpp_type
-    if cpp == FieldDescriptor.CPPTYPE_MESSAGE and field.message_type.full_name == _SHAPE_VALUE:
-        return _check_shape_argument(value, path)
     if cpp == FieldDescriptor.CPPTYPE_MESSAGE:
+        message = field.message_type
+        assert message is not None  # a message field always names its message type
+        if message.full_name == _SHAPE_VALUE:
+            return _check_shape_argument(value, path)
         if not isinstance(value, Mapping):
             hint = ""
-            if isinstance(value, str) and value in field.message_type.fields_by_name:
+            if isinstance(value, str) and value in message.fields_by_name:
                 hint = f" (write `{value}: {{}}`)"  # `- relu` for `- relu: {}`
-            raise SpecError(path, f"expected a mapping of {field.message_type.name} fields, "
+            raise SpecError(path, f"expected a mapping of {message.name} fields, "
                                   f"got {_kind(value)}{hint}")
-        return _check_message(value, field.message_type, path)
+        return _check_message(value, message, path)
     if cpp == FieldDescriptor.CPPTYPE_BOOL:
         if not isinstance(value, bool):
             raise SpecError(path, f"expected true or false, got {_kind(value)}")

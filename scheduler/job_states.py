@@ -3,6 +3,8 @@ store, the queue, the metrics and the command line use ("RUNNING" for JOB_STATE_
 
 from __future__ import annotations
 
+from typing import cast
+
 from chainrule.v1 import training_service_pb2 as pb
 
 _PREFIX = "JOB_STATE_"
@@ -19,8 +21,9 @@ TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 assert set(JOB_STATES) == {QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED}, JOB_STATES
 
 
-def state_to_proto(state: str) -> int:
-    return pb.JobState.Value(_PREFIX + state)
+def state_to_proto(state: str) -> pb.JobState:
+    # protobuf's stubs type Value() as int; the generated .pyi types enum values as JobState.
+    return cast(pb.JobState, pb.JobState.Value(_PREFIX + state))
 
 
 def state_from_proto(value: int) -> str:
