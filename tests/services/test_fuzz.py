@@ -150,6 +150,7 @@ INTERESTING_TEXT = [
     "cross_entropy", "float64", "float16", "tanh", "relu", "job-000000000000", "a/b",
     "evil/../../../x", "../x", "\x00", "\u202e\u0644\u0627", "\U0001f600" * 3, "x" * 5000,
     "default", "DROP TABLE jobs; --", "%s%n", "\ud7ff\ue000",
+    "0", "-1", "1e309", "NaN", "\u00b2", "\u0661", str(2**63), str(2**70),  # page tokens
 ]
 INTERESTING_INTS = [0, 1, 2, 3, 7, 8, 63, 64, 255, 256, 4095, 65535, 2**31 - 1, 2**31,
                     2**32 - 1, 2**53, 2**63 - 1]
