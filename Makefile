@@ -40,6 +40,7 @@ fuzz: install
 bench: install
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/models.py
 	$(BIN)/python bench/distributed.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/metrics.py
