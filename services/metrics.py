@@ -451,7 +451,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
 
 
 def _code_name(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
-    code = context.code()  # set by set_code() or abort(); None when the handler set nothing
+    # set by set_code() or abort(); None when the handler set nothing. code() is grpc's public
+    # ServicerContext API since 1.38, missing from types-grpcio's ServicerContext.
+    code = context.code()  # type: ignore[attr-defined]
     if code is None and not context.is_active():
         return grpc.StatusCode.CANCELLED.name  # the client cancelled or its deadline passed
     if isinstance(code, grpc.StatusCode):

@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from scheduler.datasets import CLASSIFICATION, REGRESSION, Dataset, from_arrays
 from services.errors import InvalidArgument
 from services.npz_archive import EntryError, NpyEntry, NpzWriter, iter_values, read_entries
 from services.store import DatasetRecord
+
+if TYPE_CHECKING:
+    from _csv import Reader as CsvReader  # what csv.reader() returns: rows and line_num
 
 FORMATS = ("npz", "csv")
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
@@ -401,7 +404,7 @@ def _convert_csv(path: Path, label_column: str, limits: UploadLimits,
         target_shape=() if classification else (1,))
 
 
-def _parse_csv(reader: Iterator[list[str]], label_column: str, limits: UploadLimits,
+def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
                x_raw: IO[bytes], y_raw: IO[bytes]) -> tuple[int, int, _LabelStats]:
     """(rows, features, label statistics); features and labels are appended to the raw
     files as float64."""
