@@ -11,6 +11,7 @@ and loading its data) and one of its observers (progress for GetJob and WatchJob
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import threading
@@ -208,7 +209,8 @@ class JobService:
         job = self.get(tenant, job_id)  # NotFound when it was deleted meanwhile
         raise FailedPrecondition(f"job_id: job {job_id} is {job.state} now")
 
-    def delete_expired_checkpoints(self, now: float | None = None) -> list[str]:
+    # builtins.list: below `def list`, the bare name is that method in this class's scope.
+    def delete_expired_checkpoints(self, now: float | None = None) -> builtins.list[str]:
         """The retention sweep: delete the checkpoints of jobs that ended at least
         `checkpoint_retention_seconds` ago, and of jobs that no longer exist. The ids swept."""
         now = time.time() if now is None else now
@@ -281,7 +283,7 @@ class JobService:
         finally:
             received.unlink(missing_ok=True)
 
-    def datasets(self, tenant: str) -> tuple[list[DatasetRecord], tuple[str, ...]]:
+    def datasets(self, tenant: str) -> tuple[builtins.list[DatasetRecord], tuple[str, ...]]:
         return self.store.list_datasets(tenant), BUILTIN_DATASETS
 
     def delete_dataset(self, tenant: str, name: str) -> None:
