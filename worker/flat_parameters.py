@@ -4,6 +4,14 @@ Every replica keeps its model's parameters as views into ONE contiguous vector, 
 `named_parameters()` order. Parameter-server shard k owns the contiguous slice
 `shard_bounds[k]` of that vector and of the gradient. Because a replica's weights are views, an
 updated vector is visible to the model without any copy.
+
+Frozen parameters (a spec layer with `trainable: false`) stay in the vector: every replica
+needs their values, which come from the seed or from `model.init_from` like any other, and
+keeping them there leaves offsets, shard bounds, transports and checkpoints as they are. Their
+slots are marked `trainable=False` (from the model's requires_grad): the replicas compute no
+gradient for them (their block holds zeros there), and a parameter-server shard runs its
+optimizer only on the trainable runs of its slice (`trainable_runs`), so neither an update nor
+weight decay nor momentum ever touches a frozen value, and no optimizer state moves for it.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ class ParameterSlot:
     name: str
     shape: tuple[int, ...]
     offset: int
+    trainable: bool = True  # False: a frozen layer's parameter, never updated
 
     @property
     def size(self) -> int:
@@ -47,7 +56,8 @@ class ParameterLayout:
         slots, offset = [], 0
         dtype = None
         for name, parameter in model.named_parameters():
-            slots.append(ParameterSlot(name, tuple(parameter.shape), offset))
+            slots.append(ParameterSlot(name, tuple(parameter.shape), offset,
+                                       parameter.requires_grad))
             offset += parameter.size
             dtype = dtype or parameter.dtype.name
         return cls(tuple(slots), dtype or "float32")
@@ -90,6 +100,19 @@ class ParameterLayout:
             cuts.append(max(best, cuts[-1]))
         cuts.append(self.size)
         return [(cuts[k], cuts[k + 1]) for k in range(shards)]
+
+    def trainable_runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The maximal runs [a, b) of trainable parameters within [lo, hi), in order: all of
+        [lo, hi) when nothing there is frozen."""
+        runs: list[tuple[int, int]] = []
+        for slot, start, stop in self.slots_within(lo, hi):
+            if not slot.trainable:
+                continue
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((start, stop))
+        return runs
 
     def slots_within(self, lo: int, hi: int) -> list[tuple[ParameterSlot, int, int]]:
         """The parameters overlapping [lo, hi) with the overlap's bounds."""

@@ -88,7 +88,9 @@ class LayerPlan:
 
     path: str  # as the user wrote it: "model.layers[2].linear"
     output_shape: tuple[int, ...]  # per sample
-    parameters: int  # its trainable parameters, those of the layers nested in it included
+    parameters: int  # its learned parameters, those of the layers nested in it included
+    trainable: bool = True  # false: the spec froze it (Layer.trainable), nested layers too
+    frozen_parameters: int = 0  # of `parameters`, those that do not train
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class ModelPlan:
     layers: tuple[LayerPlan, ...]  # the top-level layers, in order
     output_shape: tuple[int, ...]
     parameters: int
+    # Parameters of frozen layers (trainable: false): they keep their initial values. The
+    # built model has them with requires_grad False, and ParameterLayout marks their slots.
+    frozen_parameters: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class _Planned:
     output: _Signal
     parameters: int
     make: Callable[[], nn.Module]
+    frozen: int = 0  # of `parameters`, those in frozen layers nested in this one
 
 
 def _positive(value: int, path: str) -> int:
@@ -235,12 +241,12 @@ def _plan_embedding(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Pla
 def _plan_residual(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
     if not cfg.layers:
         raise SpecError(f"{path}.layers", "a residual block needs at least one layer")
-    output, parameters, modules = _walk(cfg.layers, signal, f"{path}.layers", ctx)
+    output, parameters, frozen, modules = _walk(cfg.layers, signal, f"{path}.layers", ctx)
     changed_type = signal.integer is not None and output.integer != signal.integer
     if output.shape != signal.shape or changed_type:
         raise SpecError(path, f"a residual block must keep its input's shape: it maps "
                               f"{_width(signal)} to {_width(output)}")
-    return _Planned(signal, parameters, lambda: nn.Residual(nn.Sequential(*modules)))
+    return _Planned(signal, parameters, lambda: nn.Residual(nn.Sequential(*modules)), frozen)
 
 
 def _width(signal: _Signal) -> str:
@@ -599,10 +605,16 @@ LAYER_KINDS: tuple[str, ...] = tuple(_LAYER_PLANS)
 
 
 def _walk(layers: Any, signal: _Signal, path: str, ctx: _Context,
-          plans: list[LayerPlan] | None = None) -> tuple[_Signal, int, list[nn.Module]]:
-    """(output signal, parameter count, modules if ctx.build) of a list of layers; each
-    layer's plan is appended to `plans` when given."""
-    parameters, modules = 0, []
+          plans: list[LayerPlan] | None = None) -> tuple[_Signal, int, int, list[nn.Module]]:
+    """(output signal, parameter count, frozen parameter count, modules if ctx.build) of a
+    list of layers; each layer's plan is appended to `plans` when given.
+
+    A layer with `trainable: false` is frozen with every layer nested in it: its parameters
+    are built with requires_grad False, so backward computes no gradient for them (the engine
+    skips a VJP whose input needs none), and ParameterLayout marks their slots so the
+    parameter-server shards never update them (worker/flat_parameters.py).
+    """
+    parameters, frozen, modules = 0, 0, []
     for index, layer in enumerate(layers):
         layer_path = f"{path}[{index}]"
         kind = layer.WhichOneof("kind")
@@ -613,18 +625,30 @@ def _walk(layers: Any, signal: _Signal, path: str, ctx: _Context,
         if plan is None:
             raise SpecError(layer_path, f"layer kind {kind!r} is not supported by this worker")
         planned = plan(getattr(layer, kind), signal, f"{layer_path}.{kind}", ctx)
+        trainable = layer.trainable if layer.HasField("trainable") else True
+        if not trainable and not planned.parameters:
+            raise SpecError(f"{layer_path}.trainable", f"{kind} has no parameters to freeze; "
+                                                       f"leave trainable unset")
+        layer_frozen = planned.frozen if trainable else planned.parameters
         if ctx.build:
-            modules.append(planned.make())
+            module = planned.make()
+            if not trainable:
+                for parameter in module.parameters():
+                    parameter.requires_grad = False
+            modules.append(module)
         parameters += planned.parameters
+        frozen += layer_frozen
         signal = planned.output
         if plans is not None:
-            plans.append(LayerPlan(f"{layer_path}.{kind}", signal.shape, planned.parameters))
-    return signal, parameters, modules
+            plans.append(LayerPlan(f"{layer_path}.{kind}", signal.shape, planned.parameters,
+                                   trainable, layer_frozen))
+    return signal, parameters, frozen, modules
 
 
 def _plan_model(model_spec: job_pb2.ModelSpec, input_shape: Any, input_dtype: Any, path: str,
                 ctx: _Context,
-                plans: list[LayerPlan] | None = None) -> tuple[_Signal, int, list[nn.Module]]:
+                plans: list[LayerPlan] | None = None
+                ) -> tuple[_Signal, int, int, list[nn.Module]]:
     shape = tuple(int(n) for n in input_shape)
     if not shape or any(n < 1 for n in shape):
         raise ValueError(f"input_shape must be one sample's non-empty shape, got {input_shape}")
@@ -656,7 +680,7 @@ def build_model(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...],
     """
     rng = np.random.default_rng(seed) if seed is not None else None
     ctx = _Context(dtype=np.dtype(dtype), rng=rng, build=True)
-    _, _, modules = _plan_model(model_spec, input_shape, input_dtype, path, ctx)
+    _, _, _, modules = _plan_model(model_spec, input_shape, input_dtype, path, ctx)
     return nn.Sequential(*modules)
 
 
@@ -691,10 +715,11 @@ def plan_model(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...], inpu
     """Every layer's output shape and parameter count, from one walk that allocates nothing."""
     ctx = _Context(dtype=np.float32, rng=None, build=False)
     layers: list[LayerPlan] = []
-    output, parameters, _ = _plan_model(model_spec, input_shape, input_dtype, path, ctx, layers)
+    output, parameters, frozen, _ = _plan_model(model_spec, input_shape, input_dtype, path,
+                                                ctx, layers)
     return ModelPlan(model_spec.SerializeToString(deterministic=True),
                      tuple(int(n) for n in input_shape), np.dtype(input_dtype).name,
-                     tuple(layers), output.shape, parameters)
+                     tuple(layers), output.shape, parameters, frozen)
 
 
 def build_planned_model(plan: ModelPlan, dtype: Any, seed: int | None) -> nn.Sequential:

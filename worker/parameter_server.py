@@ -9,6 +9,10 @@ of that slice (ZeRO-1 / BytePS style: optimizer memory is spread over the shards
 2. `apply`: scale for global-norm clipping (the coefficient comes from all shards' norms),
    clip by value, and run the optimizer's functional core on the slice, in place.
 
+Frozen parameters (trainable: false) are left out of step 2 altogether: the rule runs on the
+trainable runs of the slice only (ParameterLayout.trainable_runs), so a frozen value never
+changes, not even by weight decay, and its optimizer state stays at its initial value.
+
 On one host, blocks and parameters live in shared memory, so the reduce reads the workers'
 gradients where they wrote them, and the updated slice is visible to every replica without a
 copy: the all-gather costs nothing. How the blocks arrive and who is told is the transports'
@@ -80,13 +84,26 @@ class ParameterServerShard:
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
         # the shard's bounds are then aligned to parameter boundaries by the runner.
         self.pieces = self._pieces()
-        self.states = [self._init_state(view, shape) for view, _, shape in self.pieces]
+        if self.rule.elementwise:
+            # One state for the whole slice (what a checkpoint holds, however the slice is
+            # cut), each trainable run stepping on its views of it: rules update state in place.
+            self.slice_state = self._init_state(self.parameters, None)
+            self.states = [{key: value[local] for key, value in self.slice_state.items()}
+                           for _, local, _ in self.pieces]
+        else:
+            self.states = [self._init_state(view, shape) for view, _, shape in self.pieces]
 
     def _pieces(self) -> list[tuple[np.ndarray, slice, tuple[int, ...] | None]]:
+        """What the optimizer steps on: elementwise rules on each maximal run of trainable
+        parameters (the whole slice when nothing is frozen), others on each trainable
+        parameter's part of the slice."""
         if self.rule.elementwise:
-            return [(self.parameters, slice(0, self.hi - self.lo), None)]
+            return [(self.parameters[lo - self.lo:hi - self.lo], slice(lo - self.lo, hi - self.lo),
+                     None) for lo, hi in self.setup.layout.trainable_runs(self.lo, self.hi)]
         pieces = []
         for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi):
+            if not slot.trainable:
+                continue
             whole = lo == slot.offset and hi == slot.offset + slot.size
             local = slice(lo - self.lo, hi - self.lo)
             pieces.append((self.parameters[local], local, slot.shape if whole else None))
@@ -155,7 +172,7 @@ class ParameterServerShard:
         runner concatenates the shards' slices); others give "parameter/key" per parameter."""
         if self.rule.elementwise:
             return self.steps_taken, {key: np.array(value)
-                                      for key, value in self.states[0].items()}
+                                      for key, value in self.slice_state.items()}
         named = {}
         for (_, local, _), state in zip(self.pieces, self.states):
             (slot, _, _), = self.setup.layout.slots_within(self.lo + local.start,
@@ -167,7 +184,7 @@ class ParameterServerShard:
         """Take this shard's part of a whole-model optimizer state (see `state`)."""
         self.steps_taken = steps_taken
         if self.rule.elementwise:
-            for key, value in self.states[0].items():
+            for key, value in self.slice_state.items():
                 np.copyto(value, state[key][self.lo:self.hi])
             return
         for (_, local, _), own in zip(self.pieces, self.states):
