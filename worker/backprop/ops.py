@@ -967,11 +967,11 @@ def _conv2d_weight_grad_forward(x, g, *, windows, groups):
     """conv2d's adjoint in its weight: dW[g] = sum over samples of G[n, g] @ cols[n, g]^T."""
     n, out_channels, ho, wo = g.shape
     g_cols = g.reshape(n, groups, out_channels // groups, ho * wo)  # (N, G, O/G, P)
-    total = None
-    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
-        chunk = np.matmul(g_cols[part], _swap_last_axes(cols)).sum(axis=0)  # (G, O/G, K)
-        total = chunk if total is None else total + chunk
     weight_shape = (out_channels, x.shape[1] // groups) + tuple(windows.kernel_size)
+    total = np.zeros((groups, out_channels // groups, math.prod(weight_shape[1:])),
+                     dtype=np.result_type(x, g))
+    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
+        total += np.matmul(g_cols[part], _swap_last_axes(cols)).sum(axis=0)  # (G, O/G, K)
     return total.reshape(weight_shape)
 
 

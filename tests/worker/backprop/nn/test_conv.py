@@ -12,6 +12,7 @@ side cannot pass.
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -356,3 +357,19 @@ def test_same_padding_keeps_the_spatial_size_for_even_and_odd_kernels():
     for kernel, dilation in (((3, 4), 1), ((2, 5), 2)):
         out = nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation)(x)
         assert out.shape == (1, 3, 7, 6)
+
+
+def test_conv2d_allocates_its_output_and_a_bounded_workspace_not_the_whole_im2col_matrix():
+    # LeNet's first layer: the whole im2col matrix (25 values per output position) would be
+    # 5 MB, four times the 1.2 MB output; the workspace is at most 1 MiB of whole samples.
+    conv = nn.Conv2d(1, 6, 5, padding=2)
+    x = Tensor(np.random.default_rng(12).standard_normal((64, 1, 28, 28)).astype(np.float32))
+    output_bytes = 64 * 6 * 28 * 28 * 4
+
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    conv(x)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    assert peak - base <= output_bytes + 2**20 + 300_000  # + a padded chunk of the input
