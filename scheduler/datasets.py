@@ -65,7 +65,7 @@ class Dataset:
         _check_pair(self.x, self.y, "x", "y")
         if (self.x_val is None) != (self.y_val is None):
             raise ValueError("x_val and y_val must both be given or both be None")
-        if self.x_val is not None:
+        if self.x_val is not None and self.y_val is not None:  # both or neither, checked above
             _check_pair(self.x_val, self.y_val, "x_val", "y_val")
             if self.x_val.shape[1:] != self.x.shape[1:]:
                 raise ValueError(f"x_val samples have shape {self.x_val.shape[1:]}, x samples "

@@ -20,15 +20,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # on (see the module docstring), so the warning would only alarm users.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
-    options = {"include_dashboard": False, "log_to_driver": False,
-               "configure_logging": True, "logging_level": "WARNING"}
     if address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, **options)
+        cpus = None  # the cluster's own
     else:
         # "local": always a new instance of our own; a bare ray.init() would join whatever
         # cluster a `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **options)
+        address, cpus = "local", num_cpus or os.cpu_count()
+    ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING)
 
 
 def cluster_cpus() -> float:

@@ -106,7 +106,8 @@ def _serialize(suffix: str, arrays: dict[str, np.ndarray], handle: IO[bytes]) ->
 
         handle.write(save(arrays))
     else:
-        np.savez(handle, **arrays)
+        # mypy matches **arrays against savez's allow_pickle: bool; no array has that name.
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 # --- one checkpoint file -----------------------------------------------------------------------
@@ -169,7 +170,7 @@ def _encode_checkpoint(checkpoint: Checkpoint) -> bytes:
     header = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # as in _serialize
     return buffer.getvalue()
 
 
