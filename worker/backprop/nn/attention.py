@@ -74,7 +74,7 @@ class MultiheadAttention(Module):
         init.xavier_uniform_(self.in_proj_weight, rng=rng)
         self.in_proj_bias = Parameter(np.zeros(3 * embed_dim, dtype=dtype)) if bias else None
         self.out_proj = Linear(embed_dim, embed_dim, bias=bias, dtype=dtype, rng=rng)
-        if bias:
+        if self.out_proj.bias is not None:  # there is one exactly when `bias`
             init.zeros_(self.out_proj.bias)
 
     def forward(
@@ -115,6 +115,7 @@ class MultiheadAttention(Module):
             output = output.transpose(1, 0, 2)
         if not need_weights:
             return output, None
+        assert weights is not None  # need_weights: the unfused path, which keeps them
         if average_attn_weights:
             weights = weights.mean(axis=1)
         return output, weights if batched else weights.reshape(weights.shape[1:])

@@ -158,13 +158,16 @@ def batch_norm(x: Tensor, running_mean: np.ndarray | None, running_var: np.ndarr
         mean = x.mean(axes, keepdims=True)
         centered = x - mean
         variance = (centered * centered).mean(axes, keepdims=True)
-        if running_mean is not None:
+        if running_mean is not None and running_var is not None:  # both, or neither
             running_mean *= 1 - momentum
             running_mean += momentum * mean.data.reshape(-1)
             running_var *= 1 - momentum
             running_var += momentum * variance.data.reshape(-1) * (count / (count - 1))
         out = centered / ops.sqrt(variance + eps)
     else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm: evaluation (training=False) needs the running "
+                             "statistics")
         out = (x - running_mean.reshape(shape)) / np.sqrt(running_var.reshape(shape) + eps)
     if weight is not None:
         out = out * weight.reshape(shape)

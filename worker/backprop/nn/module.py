@@ -35,6 +35,12 @@ class Module:
     `state_dict()` key order exactly as PyTorch does.
     """
 
+    # Set in __init__ with object.__setattr__ (our __setattr__ needs them to exist first).
+    _parameters: OrderedDict[str, Parameter]
+    _buffers: OrderedDict[str, str]  # name -> name: the value lives on the attribute
+    _modules: OrderedDict[str, Module]
+    training: bool
+
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())

@@ -19,6 +19,10 @@ class _BatchNorm(Module):
     BatchNorm1d and BatchNorm2d differ only in the input shapes they accept."""
 
     input_layouts: dict[int, str] = {}  # accepted ndim -> layout, for the error message
+    # Buffers (register_buffer), present when track_running_stats.
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    num_batches_tracked: np.ndarray
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True, dtype: Any = None):
