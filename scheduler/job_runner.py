@@ -1,6 +1,7 @@
 """How one job trains, step by step, on Ray actors: the runner owns the job from start to end.
 
-Set-up: build the model from the seed (its flat parameter vector is the initial state), put the
+Set-up: build the model from the seed, load `model.init_from`'s tensors into it when the job
+has them (its flat parameter vector and buffers are the initial state), put the
 training data in the object store once, allocate in shared memory the parameter vector, one
 gradient block per worker and the step plan, reserve a placement group, start N replicas and K
 parameter-server shards, and start their step loops.
@@ -50,6 +51,7 @@ from scheduler.records import (
     TrainingHistory,
 )
 from scheduler.sampler import EpochSampler, StepSamples
+from scheduler.storage import read_tensors
 from scheduler.worker_group import WorkerGroup
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_planned_model
@@ -201,6 +203,7 @@ class JobRunner:
     def _run_once(self) -> TrainingResult:
         settings = self.settings
         model = build_planned_model(self.job.model, settings.dtype, seed=self.job.seed)
+        _load_initial_weights(model, self.job)
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.job.name or "job")
         shared_memory = _use_shared_memory(self.transport_name)
@@ -219,6 +222,8 @@ class JobRunner:
                                           limit_threads=False)
             self.parameters = self.evaluator.flat
             self.parameters[:] = self.layout.flatten(model)
+            if self.job.init_weights is not None:  # the master buffers: BatchNorm statistics
+                self.evaluator.load_buffers(dict(model.named_buffers()))
             if self.resume_from is not None:
                 self._restore_locally(self.resume_from)
             self.worker_group = WorkerGroup(
@@ -533,6 +538,21 @@ def _check_prepared_for(job: ResolvedJob, dataset: Dataset) -> None:
         raise ValueError(f"the data set has (training samples, validation samples, feature "
                          f"shape) {found}, the job was resolved for {expected}: prepare it "
                          f"with scheduler.training.prepare_dataset")
+
+
+def _load_initial_weights(model, job: ResolvedJob) -> None:
+    """`model.init_from`'s tensors into the freshly seeded model, parameters and buffers: the
+    runner's vector and master buffers start from them, and every replica and shard from those
+    (shared memory, or pushed by the object-store transport before the first step). The keys
+    were matched against the model when the job was resolved; the rest keep the seed's values."""
+    init = job.init_weights
+    if init is None:
+        return
+    own = model.state_dict()
+    values = read_tensors(init.path, init.keys)
+    # A scalar may come as one value of shape (1,) (initial_weights.fits): the model's shape.
+    model.load_state_dict({key: value.reshape(own[key].shape) for key, value in values.items()},
+                          strict=False)
 
 
 def _micro_batches_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:

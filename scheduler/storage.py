@@ -22,14 +22,17 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
+from worker.initial_weights import WeightsShape, weights_reference
+from worker.spec_error import SpecError
 
 # --- writing a file safely ---------------------------------------------------------------------
 
@@ -73,7 +76,7 @@ def save_weights(path: str | Path, state_dict: Mapping[str, np.ndarray],
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ValueError(f"weights file must end in {' or '.join(FORMATS)}, got {path.name!r}")
-    arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+    arrays = {key: _contiguous(value) for key, value in state_dict.items()}
     write_atomically(path, lambda handle: _serialize(path.suffix, arrays, handle))
     if manifest is not None:
         text = json.dumps(dict(manifest), indent=2, sort_keys=True, default=str).encode()
@@ -84,8 +87,14 @@ def save_weights(path: str | Path, state_dict: Mapping[str, np.ndarray],
 def weights_bytes(state_dict: Mapping[str, np.ndarray], suffix: str = ".safetensors") -> bytes:
     """The file's content in memory (for streaming a download)."""
     buffer = io.BytesIO()
-    _serialize(suffix, {k: np.ascontiguousarray(v) for k, v in state_dict.items()}, buffer)
+    _serialize(suffix, {k: _contiguous(v) for k, v in state_dict.items()}, buffer)
     return buffer.getvalue()
+
+
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """C order for the file, keeping the shape: np.ascontiguousarray makes a 0-d array 1-d,
+    which wrote BatchNorm's num_batches_tracked as (1,) where PyTorch has ()."""
+    return np.require(value, requirements="C")
 
 
 def load_weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -98,6 +107,80 @@ def load_weights(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     raise ValueError(f"weights file must end in {' or '.join(FORMATS)}, got {path.name!r}")
+
+
+# The safetensors dtypes NumPy holds (no bfloat16 or float8): what a weights file may contain.
+SAFETENSORS_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32",
+                      "F64")
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    key: str
+    dtype: str  # safetensors' name: "F32", "I64", ...
+    shape: tuple[int, ...]
+
+
+def safetensors_header(path: str | Path) -> list[TensorHeader]:
+    """The tensors a safetensors file declares, in its order, read by safetensors' own header
+    parser (which also checks that the offsets cover the file exactly); no value is read.
+    ValueError when the file is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return [TensorHeader(key, handle.get_slice(key).get_dtype(),
+                                 tuple(handle.get_slice(key).get_shape()))
+                    for key in handle.keys()]
+    except SafetensorError as error:
+        raise ValueError(f"not a readable safetensors file: {error}") from error
+
+
+def read_tensors(path: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named tensors of a safetensors file, and only those (a file's other keys are never
+    loaded). ValueError when the file is not readable or lacks a key."""
+    return dict(iter_tensors(path, keys))
+
+
+def iter_tensors(path: str | Path, keys: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, values) of the named tensors, one in memory at a time, from one opening."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            present = set(handle.keys())
+            for key in keys:
+                if key not in present:
+                    raise ValueError(f"{Path(path).name} has no tensor {key!r}")
+                yield key, handle.get_tensor(key)
+    except SafetensorError as error:
+        raise ValueError(f"not a readable safetensors file: {error}") from error
+
+
+def local_weights_shape(spec: job_pb2.JobSpec) -> WeightsShape | None:
+    """The header of the local safetensors file a spec's `model.init_from: "file:PATH"`
+    names (None without init_from), for training without the service. SpecError for an
+    upload (only a service has those) or a file that is missing or not safetensors."""
+    if not spec.model.init_from:
+        return None
+    kind, path = weights_reference(spec.model.init_from)
+    if kind != "file":
+        raise SpecError("model.init_from", f"{spec.model.init_from!r} names an upload, which "
+                                           f"only the service has; without it, name a local "
+                                           f"file: file:PATH")
+    if not Path(path).is_file():
+        raise SpecError("model.init_from", f"no file {path!r}")
+    try:
+        tensors = safetensors_header(path)
+    except ValueError as error:
+        raise SpecError("model.init_from", f"{path}: {error}") from error
+    for tensor in tensors:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise SpecError("model.init_from", f"{path}: tensor {tensor.key!r} has dtype "
+                                               f"{tensor.dtype}; accepted: "
+                                               f"{', '.join(SAFETENSORS_DTYPES)}")
+    return WeightsShape(str(Path(path).resolve()),
+                        tuple((tensor.key, tensor.shape) for tensor in tensors), path)
 
 
 def _serialize(suffix: str, arrays: dict[str, np.ndarray], handle: IO[bytes]) -> None:

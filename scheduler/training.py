@@ -31,16 +31,17 @@ from scheduler.datasets import (
 )
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.records import EvaluationRecord, StepRecord
-from scheduler.storage import FORMATS, save_weights
+from scheduler.storage import FORMATS, local_weights_shape, save_weights
 from worker.resolved_job import ResolvedJob, resolve
 
 
 def resolve_builtin_job(spec: job_pb2.JobSpec, *, workers: int | None = None,
                         parameter_servers: int | None = None) -> ResolvedJob:
     """The spec resolved against its built-in data set (SpecError naming the field), with
-    `workers` and `parameter_servers` in place of its resources when given."""
+    `workers` and `parameter_servers` in place of its resources when given, and its
+    model.init_from against the local file it names."""
     return resolve(spec, builtin_shape(spec.data.dataset), workers=workers,
-                   parameter_servers=parameter_servers)
+                   parameter_servers=parameter_servers, weights=local_weights_shape(spec))
 
 
 def prepare_dataset(job: ResolvedJob, loaded: Dataset | None = None) -> Dataset:

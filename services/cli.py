@@ -18,13 +18,15 @@ class UsageError(Exception):
 def _train(args: argparse.Namespace) -> int:
     from chainrule.spec_file import load_job_spec
     from scheduler.datasets import builtin_shape, is_builtin
+    from scheduler.storage import local_weights_shape
     from services.validation import Limits, check_spec
 
     # Everything a default service would check, then the output path, before Ray starts.
     spec = load_job_spec(args.spec)
     name = spec.data.dataset
     job = check_spec(spec, builtin_shape(name) if is_builtin(name) else None, Limits(),
-                     workers=args.workers, parameter_servers=args.parameter_servers)
+                     workers=args.workers, parameter_servers=args.parameter_servers,
+                     weights=local_weights_shape(spec))
     from scheduler.training import check_output_path, run_job  # imports Ray, starts nothing
     from services.progress import TrainingProgress
 
@@ -218,10 +220,18 @@ def _days(text: str) -> float:
 def _upload(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
+    name = args.name or Path(args.file).stem
     with _client(args) as client:
-        info = client.upload(args.file, args.name, label_column=args.label_column)
-        _print(args, info, f"uploaded {info.name}: {info.samples} samples, features "
-                           f"{tuple(info.feature_shape)}, {info.task}")
+        info = client.upload(args.file, name, label_column=args.label_column,
+                             format=args.format)
+        if info.format == "text":
+            summary = f"a text of {info.size_bytes} bytes"
+        elif info.format == "safetensors":
+            summary = f"weights, {info.size_bytes} bytes"
+        else:
+            summary = (f"{info.samples} samples, features {tuple(info.feature_shape)}, "
+                       f"{info.task}")
+        _print(args, info, f"uploaded {info.name}: {summary}")
     return 0
 
 
@@ -325,9 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train this many more epochs (required for a SUCCEEDED job)")
     client_command("delete", "delete an ended job, its checkpoints and its model",
                    _delete).add_argument("job")
-    upload = client_command("upload", "upload a data set (.npz or .csv)", _upload)
+    upload = client_command("upload", "upload a data set (.npz, .csv), a text or weights",
+                            _upload)
     upload.add_argument("file")
-    upload.add_argument("--name", required=True, help="the name specs refer to")
+    upload.add_argument("--name", help="the name specs refer to (default: the file's name "
+                                       "without its suffix)")
+    upload.add_argument("--format", choices=("npz", "csv", "text", "safetensors"),
+                        help="default: from the suffix (.txt: text)")
     upload.add_argument("--label-column", help="CSV: the target column")
     client_command("datasets", "list uploaded and built-in data sets", _datasets)
     download = client_command("download", "download a finished job's weights", _download)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from chainrule.v1 import job_pb2
 from scheduler.datasets import BUILTIN_DATASETS, is_builtin
 from services.errors import InvalidArgument
+from worker.initial_weights import WeightsShape
 from worker.resolved_job import DataShape, ResolvedJob, resolve
 from worker.spec_error import SpecError
 
@@ -40,18 +41,20 @@ def upload_name(dataset: str) -> str | None:
     return dataset.removeprefix(UPLOAD_PREFIX)
 
 
-def validate_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits) -> ResolvedJob:
+def validate_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits,
+                  weights: WeightsShape | None = None) -> ResolvedJob:
     """The job resolved, or InvalidArgument for the first problem found; `data` None means the
-    data set named by the spec does not exist (for this tenant)."""
+    data set named by the spec does not exist (for this tenant). `weights`: the header of the
+    upload `model.init_from` names (None when it names none, or none that exists)."""
     try:
-        return check_spec(spec, data, limits)
+        return check_spec(spec, data, limits, weights=weights)
     except SpecError as error:
         raise InvalidArgument(error.field_path, error.message) from error
 
 
 def check_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits, *,
-               workers: int | None = None,
-               parameter_servers: int | None = None) -> ResolvedJob:
+               workers: int | None = None, parameter_servers: int | None = None,
+               weights: WeightsShape | None = None) -> ResolvedJob:
     """`validate_spec` with SpecError (for `chainrule train`, which also passes its
     --workers and --parameter-servers overrides)."""
     name = spec.data.dataset
@@ -61,7 +64,8 @@ def check_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits, *,
     if data is None:
         raise SpecError("data.dataset", f"no data set {name!r}: not a built-in "
                                         f"({', '.join(BUILTIN_DATASETS)}) and not uploaded")
-    job = resolve(spec, data, workers=workers, parameter_servers=parameter_servers)
+    job = resolve(spec, data, workers=workers, parameter_servers=parameter_servers,
+                  weights=weights, max_parameters=limits.max_parameters)
     check_limits(job, limits)
     return job
 

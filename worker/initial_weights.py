@@ -73,7 +73,7 @@ def match_weights(model_shapes: Mapping[str, tuple[int, ...]], weights: WeightsS
     file_shapes = weights.shapes
     shared = [key for key in model_shapes if key in file_shapes]
     misshaped = [f"{key}: file {file_shapes[key]}, model {tuple(model_shapes[key])}"
-                 for key in shared if tuple(file_shapes[key]) != tuple(model_shapes[key])]
+                 for key in shared if not fits(file_shapes[key], model_shapes[key])]
     problems = []
     if strict:
         missing = [f"{key} {tuple(shape)}" for key, shape in model_shapes.items()
@@ -98,6 +98,13 @@ def match_weights(model_shapes: Mapping[str, tuple[int, ...]], weights: WeightsS
         raise SpecError(FIELD, f"the weights {weights.name or weights.path!r} do not fit the "
                                f"model: {'; '.join(problems)}{hint}")
     return InitialWeights(weights.path, tuple(shared), strict)
+
+
+def fits(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
+    """Same shape, or a scalar the file holds as one value (PyTorch loads a (1,) tensor into a
+    0-d one, for num_batches_tracked saved by older writers, chainrule's among them)."""
+    return tuple(file_shape) == tuple(model_shape) or (
+        tuple(model_shape) == () and tuple(file_shape) == (1,))
 
 
 def _listed(items: list[str]) -> str:
