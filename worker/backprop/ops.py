@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from worker.backprop import tensor as _tensor
+from worker.backprop.parallel import run_blocks
 from worker.backprop.tensor import Node, Op, Tensor, unbroadcast
 
 # --- applying an op ------------------------------------------------------------------------
@@ -311,9 +312,23 @@ def _scatter_add_forward(g, index, shape):
     out = np.zeros(shape, dtype=g.dtype)
     if _is_basic_index(index):
         out[index] = g
+    elif isinstance(index, np.ndarray) and index.dtype.kind in "iu" and index.size:
+        _scatter_add_rows(out, index, g)
     else:
         np.add.at(out, index, g)
     return out
+
+
+def _scatter_add_rows(out, index, g):
+    """out[index[i]] += g[i] for one integer array indexing rows (an embedding's backward):
+    the entries sorted by row (stably: the same sums on every run) and each row's repeats
+    summed by one reduceat, ~3x faster than np.add.at, equal to it up to round-off."""
+    rows = index.reshape(-1) % out.shape[0]  # negative indices count from the end
+    values = g.reshape((rows.size,) + out.shape[1:])
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))
+    out[rows[starts]] = np.add.reduceat(values[order], starts, axis=0)
 
 
 GETITEM = Op("getitem", lambda x, index: x[index],
@@ -671,15 +686,27 @@ def _heads_of(x, num_heads):
     return x.reshape((batch, length, num_heads, width // num_heads)).transpose((0, 2, 1, 3))
 
 
+def _batch_rows(mask, rows):
+    """The part of a mask broadcastable to (B, h, L, S) that goes with batch items `rows`."""
+    if mask is None or mask.ndim < 4 or mask.shape[0] == 1:
+        return mask  # the same for every batch item
+    return mask[rows]
+
+
 def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0, context=None):
-    q, k, v = _split_heads(qkv, num_heads)
-    weights = _attention_scores(q, k, mask, scale)
-    row_logsumexp = _softmax_rows(weights, mask is not None)
+    batch, length, width = qkv.shape
+    out = np.empty((batch, length, width // 3), dtype=qkv.dtype)
+    row_logsumexp = np.empty((batch, num_heads, length, 1), dtype=qkv.dtype)
+
+    def attend(rows):  # one block of batch items, on its own thread
+        q, k, v = _split_heads(qkv[rows], num_heads)
+        weights = _attention_scores(q, k, _batch_rows(mask, rows), scale)
+        row_logsumexp[rows] = _softmax_rows(weights, mask is not None)
+        np.matmul(weights, v, out=_heads_of(out[rows], num_heads))  # P V, heads side by side
+
+    run_blocks(attend, batch)
     if context is not None:
         context.saved = row_logsumexp
-    batch, length, width = qkv.shape
-    out = np.empty((batch, length, width // 3), dtype=weights.dtype)
-    np.matmul(weights, v, out=_heads_of(out, num_heads))  # P V straight into the merged layout
     return out
 
 
@@ -694,23 +721,29 @@ def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0, context=No
         grads = [d_scores @ k, _swap_last_axes(d_scores) @ q, _swap_last_axes(weights) @ g_heads]
         packed = _stack([d.transpose((0, 2, 1, 3)) for d in grads], axis=2)  # (B, L, 3, h, E/h)
         return packed.reshape(qkv.shape)
-    # The same on arrays, in place, without softmax's max and sum passes (the saved log-sum-exp
-    # gives P directly) and with <dP, P> = <dO, O> row by row (a sum over E/h, not over L).
-    q, k, v = _split_heads(qkv, num_heads)
-    weights = _attention_scores(q, k, mask, scale)
-    weights -= context.saved
-    np.exp(weights, out=weights)
-    g_heads = _heads_of(g, num_heads)
-    d_scores = g_heads @ _swap_last_axes(v)
-    d_scores -= np.einsum("bhld,bhld->bhl", g_heads, _heads_of(ans, num_heads))[..., None]
-    d_scores *= weights
-    d_scores *= scale
+    # The same on arrays, in place, by blocks of batch items, without softmax's max and sum
+    # passes (the saved log-sum-exp gives P directly) and with <dP, P> = <dO, O> row by row (a
+    # sum over E/h, not over L).
     batch, length, width = qkv.shape
     packed = np.empty((batch, length, 3, num_heads, width // (3 * num_heads)), dtype=g.dtype)
-    into = [packed[:, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
-    np.matmul(d_scores, k, out=into[0])
-    np.matmul(_swap_last_axes(d_scores), q, out=into[1])
-    np.matmul(_swap_last_axes(weights), g_heads, out=into[2])
+
+    def backward(rows):
+        q, k, v = _split_heads(qkv[rows], num_heads)
+        weights = _attention_scores(q, k, _batch_rows(mask, rows), scale)
+        weights -= context.saved[rows]
+        np.exp(weights, out=weights)
+        g_heads = _heads_of(g[rows], num_heads)
+        d_scores = g_heads @ _swap_last_axes(v)
+        d_scores -= np.einsum("bhld,bhld->bhl", g_heads,
+                              _heads_of(ans[rows], num_heads))[..., None]
+        d_scores *= weights
+        d_scores *= scale
+        into = [packed[rows, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
+        np.matmul(d_scores, k, out=into[0])
+        np.matmul(_swap_last_axes(d_scores), q, out=into[1])
+        np.matmul(_swap_last_axes(weights), g_heads, out=into[2])
+
+    run_blocks(backward, batch)
     return packed.reshape(qkv.shape)
 
 
@@ -721,15 +754,30 @@ SELF_ATTENTION = Op("self_attention", _self_attention_forward, (_self_attention_
 # backward. Unfused, the block would hold both, each (B, L, dim_feedforward).
 
 
+def _by_rows(array):
+    return array.reshape((-1, array.shape[-1])) if array.ndim else array.reshape((1, 1))
+
+
 def _linear_relu_forward(x, weight, bias=None, context=None):
-    out = _linear_forward(x, weight, bias)
-    np.maximum(out, 0, out=out)
-    return out
+    out = _by_rows(_linear_forward(x, weight, bias))
+    run_blocks(lambda rows: np.maximum(out[rows], 0, out=out[rows]), len(out))
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def _through_relu(g, ans):
+    """g * [ans > 0] (relu' = [out > 0]), by blocks of rows on arrays."""
+    if _is_tensor(g):
+        return g * (_mask(ans) > 0)
+    g_rows, ans_rows = _by_rows(g), _by_rows(ans)
+    out = np.empty_like(g_rows)
+    run_blocks(lambda rows: np.multiply(g_rows[rows], ans_rows[rows] > 0, out=out[rows]),
+               len(out))
+    return out.reshape(g.shape)
 
 
 def _linear_relu_vjp(g, ans, x, weight, bias=None, context=None, index=0):
     def compute_all(needs):
-        g_before_relu = g * (_mask(ans) > 0)  # relu' = [out > 0]
+        g_before_relu = _through_relu(g, ans)
         return [_linear_vjp_x(g_before_relu, ans, x, weight) if needs[0] else None,
                 _linear_vjp_weight(g_before_relu, ans, x, weight) if needs[1] else None,
                 _linear_vjp_bias(g_before_relu, ans, x, weight) if needs[2] else None]
@@ -766,19 +814,26 @@ def _as_rows(x, axes):
 
 def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None):
     rows = _as_rows(x, axes)
-    width = rows.shape[1]
-    mean = _row_sums(rows) / width
-    normalized = rows - mean[:, None]
-    rstd = (np.einsum("ij,ij->i", normalized, normalized) / width + eps) ** -0.5
+    count, width = rows.shape
+    out = np.empty(rows.shape, dtype=x.dtype)
+    mean, rstd = np.empty(count, dtype=x.dtype), np.empty(count, dtype=x.dtype)
+    scale = None if weight is None else weight.reshape(-1)
+    shift = None if bias is None else bias.reshape(-1)
+
+    def normalize(block):  # one block of rows, on its own thread
+        mean[block] = _row_sums(rows[block]) / width
+        centered = np.subtract(rows[block], mean[block, None], out=out[block])
+        rstd[block] = (np.einsum("ij,ij->i", centered, centered) / width + eps) ** -0.5
+        centered *= rstd[block, None]
+        if scale is not None:
+            centered *= scale
+        if shift is not None:
+            centered += shift
+
+    run_blocks(normalize, count)
     if context is not None:
         context.saved = mean, rstd
-    normalized *= rstd[:, None]  # in place: normalized is a fresh array
-    normalized = normalized.reshape(x.shape)
-    if weight is not None:
-        normalized *= weight
-    if bias is not None:
-        normalized += bias
-    return normalized
+    return out.reshape(x.shape)
 
 
 def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None,
@@ -797,27 +852,50 @@ def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, con
                 g.sum(axis=batch_axes) if needs[2] else None]
 
     def compute_arrays(needs):
+        # By blocks of rows; dw and db add up the blocks' partial sums in block order.
         mean, rstd = context.saved
-        normalized = _as_rows(x, axes) - mean[:, None]
-        normalized *= rstd[:, None]
-        g_rows = _as_rows(g, axes)
-        width = g_rows.shape[1]
+        rows, g_rows = _as_rows(x, axes), _as_rows(g, axes)
+        count, width = rows.shape
+        scale = None if weight is None else weight.reshape(-1)
+        dx = np.empty(g_rows.shape, dtype=g.dtype) if needs[0] else None
+        dw_parts, db_parts = {}, {}
+
+        def backward(block):
+            normalized = rows[block] - mean[block, None]
+            normalized *= rstd[block, None]
+            g_block = g_rows[block]
+            if needs[1]:
+                dw_parts[block.start] = np.einsum("ij,ij->j", g_block, normalized)
+            if needs[2]:
+                db_parts[block.start] = g_block.sum(axis=0)
+            if needs[0]:
+                d = dx[block]
+                if scale is None:
+                    d[...] = g_block
+                else:
+                    np.multiply(g_block, scale, out=d)
+                along_normalized = np.einsum("ij,ij->i", d, normalized) / width
+                d -= (_row_sums(d) / width)[:, None]
+                normalized *= along_normalized[:, None]
+                d -= normalized
+                d *= rstd[block, None]
+
+        run_blocks(backward, count)
         shape = x.shape[x.ndim - len(axes):]
-        dw = np.einsum("ij,ij->j", g_rows, normalized).reshape(shape) if needs[1] else None
-        db = g_rows.sum(axis=0).reshape(shape) if needs[2] else None
-        dx = None
-        if needs[0]:
-            dx = g_rows * weight.reshape(-1) if weight is not None else g_rows.copy()
-            along_normalized = np.einsum("ij,ij->i", dx, normalized) / width
-            dx -= (_row_sums(dx) / width)[:, None]
-            normalized *= along_normalized[:, None]
-            dx -= normalized
-            dx *= rstd[:, None]
-            dx = dx.reshape(x.shape)
-        return [dx, dw, db]
+        return [None if dx is None else dx.reshape(x.shape),
+                _sum_in_order(dw_parts, shape) if needs[1] else None,
+                _sum_in_order(db_parts, shape) if needs[2] else None]
 
     tensors = _is_tensor(g) or _is_tensor(x) or context is None or context.saved is None
     return _shared_gradient(context, index, compute_tensors if tensors else compute_arrays)
+
+
+def _sum_in_order(parts, shape):
+    """The blocks' partial sums added in block order (the same bits for any thread count)."""
+    total = None
+    for start in sorted(parts):
+        total = parts[start] if total is None else total + parts[start]
+    return total.reshape(shape)
 
 
 LAYER_NORM = Op("layer_norm", _layer_norm_forward, (

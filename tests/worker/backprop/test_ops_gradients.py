@@ -818,6 +818,20 @@ def test_getitem_with_repeated_integer_indices_accumulates_the_gradient():
     np.testing.assert_array_equal(x.grad, np.array([[3.0] * 3, [0.0] * 3, [1.0] * 3, [1.0] * 3]))
 
 
+def test_getitem_with_a_two_dimensional_index_array_sums_repeats_like_np_add_at():
+    # An embedding's lookup: a (batch, time) array of row indices, many repeated.
+    rng = np.random.default_rng(4)
+    table = leaf(rng.standard_normal((6, 3)))
+    tokens = rng.integers(-6, 6, (5, 7))
+    upstream = rng.standard_normal((5, 7, 3))
+    expected = np.zeros((6, 3))
+    np.add.at(expected, tokens, upstream)
+
+    table[tokens].backward(upstream)
+
+    np.testing.assert_allclose(table.grad, expected, rtol=1e-14, atol=1e-14)
+
+
 def test_getitem_with_repeated_pairs_of_integer_arrays_accumulates_the_gradient():
     x = leaf(np.zeros((2, 3)))
     rows, cols = np.array([1, 1, 0, 1]), np.array([2, 2, 0, -1])

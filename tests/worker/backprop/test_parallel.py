@@ -1,0 +1,54 @@
+"""Work split into blocks over threads gives the same bits as on one thread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.backprop import nn, parallel
+from worker.backprop.tensor import Tensor
+
+
+@pytest.mark.parametrize("count, sizes", [
+    (32, [8, 8, 8, 8]), (10, [3, 3, 3, 1]), (3, [1, 1, 1]), (1, [1]), (0, []),
+])
+def test_blocks_cover_every_item_once_in_order_and_depend_only_on_the_count(count, sizes):
+    blocks = parallel.blocks_of(count)
+
+    assert [b.stop - b.start for b in blocks] == sizes
+    assert [i for b in blocks for i in range(b.start, b.stop)] == list(range(count))
+
+
+def test_run_blocks_runs_every_block_and_re_raises_an_error(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    done = []
+    parallel.run_blocks(lambda block: done.append(block.start), 10)
+    assert sorted(done) == [0, 3, 6, 9]
+
+    def fail(block):
+        raise ValueError(f"block {block.start}")
+
+    with pytest.raises(ValueError, match="block"):
+        parallel.run_blocks(fail, 10)
+
+
+def train_step(threads: str, monkeypatch) -> list[np.ndarray]:
+    """One transformer block's output, input gradient and parameter gradients."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
+    rng = np.random.default_rng(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, rng=rng)
+    for parameter in layer.parameters():
+        parameter.data[...] = rng.standard_normal(parameter.shape)
+    x = Tensor(rng.standard_normal((6, 5, 16)).astype(np.float32), requires_grad=True)
+    padding = np.zeros((6, 5), dtype=bool)
+    padding[2, 3:] = True
+    out = layer(x, src_key_padding_mask=padding, is_causal=True)
+    out.backward(rng.standard_normal(out.shape).astype(np.float32))
+    return [out.data, x.grad] + [p.grad for p in layer.parameters()]
+
+
+def test_a_transformer_step_gives_the_same_bits_on_one_thread_and_on_two(monkeypatch):
+    one, two = train_step("1", monkeypatch), train_step("2", monkeypatch)
+
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
