@@ -25,7 +25,7 @@ from google.protobuf import json_format
 
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
-from scheduler.datasets import BUILTIN_DATASETS, Dataset, builtin_shape
+from scheduler.datasets import BUILTIN_DATASETS, Dataset, builtin_shape, from_text, text_shape
 from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
 from scheduler.job_states import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES
 from scheduler.records import EvaluationRecord, StepRecord
@@ -49,7 +49,9 @@ from services.store import (
     parse_page_token,
 )
 from services.validation import Limits, upload_name, validate_spec
+from worker.initial_weights import WeightsShape, weights_reference
 from worker.resolved_job import DataShape, ResolvedJob, resolve
+from worker.spec_error import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ class JobService:
     def submit(self, tenant: str, spec: job_pb2.JobSpec, request_id: str = "") -> JobRecord:
         if len(request_id) > 128:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
-        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits)
+        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits,
+                      self._weights_shape(tenant, spec))
         record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
                            state=QUEUED, created_at=time.time(), request_id=request_id)
         digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
@@ -177,7 +180,8 @@ class JobService:
         spec = job_pb2.JobSpec()
         spec.CopyFrom(job.spec)
         spec.data.epochs += epochs
-        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits)
+        validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits,
+                      self._weights_shape(tenant, spec))
         with self._files_lock:
             if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
                 days = self.checkpoint_retention_seconds / 86400
@@ -271,7 +275,8 @@ class JobService:
                                 f"exists; delete it first")
         received = uploads.receive(header, chunks, self.data_dir / "tmp")
         folder = self.data_dir / "datasets" / _tenant_folder(tenant)
-        stored = folder / f"{header.name}-{uuid.uuid4().hex[:8]}.npz"
+        suffix = uploads.STORED_SUFFIXES[header.format]
+        stored = folder / f"{header.name}-{uuid.uuid4().hex[:8]}{suffix}"
         try:
             summary = uploads.store_upload(header, received, stored, self.upload_limits)
             record = uploads.record_for(tenant, header, stored, summary)
@@ -290,6 +295,8 @@ class JobService:
         if self.store.get_dataset(tenant, name) is None:
             raise NotFound(f"name: no uploaded data set {name!r}")
         users = self.store.active_jobs_using(tenant, [name, f"upload:{name}"])
+        users += [job.id for job in self.store.jobs_in_states([QUEUED, RUNNING])
+                  if job.tenant == tenant and _initialises_from(job.spec, name)]
         if users:
             raise FailedPrecondition(f"name: data set {name!r} is used by queued or running "
                                      f"job(s) {', '.join(users)}")
@@ -327,13 +334,21 @@ class JobService:
         is a bug), and the data set loaded, split and standardised for it."""
         name = upload_name(job.spec.data.dataset)
         loaded = None
+        shape = None
         if name is not None:
             record = self.store.get_dataset(job.tenant, name)
             if record is None:
                 raise FileNotFoundError(f"data set {name!r} was deleted")
-            loaded = uploads.to_dataset(uploads.load_arrays(record.path), name=name)
-        shape = loaded.shape if loaded is not None else builtin_shape(job.spec.data.dataset)
-        resolved = resolve(job.spec, shape)
+            if record.format == "text":  # cut into windows once the job's context is known
+                shape = text_shape(record.size_bytes)
+            else:
+                loaded = uploads.to_dataset(uploads.load_arrays(record.path), name=name)
+                shape = loaded.shape
+        shape = shape or builtin_shape(job.spec.data.dataset)
+        resolved = resolve(job.spec, shape, weights=self._weights_shape(job.tenant, job.spec))
+        if name is not None and record.format == "text":
+            loaded = from_text(Path(record.path).read_bytes(), resolved.context_length,
+                               resolved.validation_fraction, name=name)
         with self._lock:  # progress says "epoch e of E"
             self._live.setdefault(job.job_id, _LiveJob(time.monotonic())).epochs = resolved.epochs
         return resolved, prepare_dataset(resolved, loaded)
@@ -444,12 +459,50 @@ class JobService:
         record = self.store.get_dataset(tenant, name)
         if record is None:
             return None
+        if record.format == "safetensors":
+            raise InvalidArgument("data.dataset", f"{name!r} is a safetensors upload: weights "
+                                                  f"for model.init_from, not a data set")
+        if record.format == "text":  # a text's samples are its bytes (resolve cuts windows)
+            return text_shape(record.size_bytes)
         target_shape = record.target_shape
         if target_shape is None:  # a row from before the store kept it: the file's header
             target_shape = (() if record.task == "classification"
                             else uploads.stored_target_shape(record.path))
         return DataShape(record.samples, record.validation_samples, record.feature_shape,
                          record.integer_features, record.task, record.num_classes, target_shape)
+
+
+    def _weights_shape(self, tenant: str, spec: job_pb2.JobSpec) -> WeightsShape | None:
+        """The header of the upload a spec's model.init_from names (None without init_from),
+        from the store's row: InvalidArgument when there is no such upload of weights."""
+        if not spec.model.init_from:
+            return None
+        try:
+            kind, name = weights_reference(spec.model.init_from)
+        except SpecError as error:
+            raise InvalidArgument(error.field_path, error.message) from error
+        if kind == "file":
+            raise InvalidArgument("model.init_from", "the service reads no local files: upload "
+                                                     "the weights (chainrule upload "
+                                                     "FILE.safetensors --format safetensors) "
+                                                     "and name them as upload:NAME")
+        record = self.store.get_dataset(tenant, name)
+        if record is None:
+            raise InvalidArgument("model.init_from", f"no uploaded weights {name!r}")
+        if record.format != "safetensors" or record.tensors is None:
+            raise InvalidArgument("model.init_from", f"{name!r} is a {record.format} upload, not "
+                                                     f"weights (upload a .safetensors file with "
+                                                     f"--format safetensors)")
+        return WeightsShape(record.path, record.tensors, name)
+
+
+def _initialises_from(spec: job_pb2.JobSpec, name: str) -> bool:
+    """Whether the spec's model starts from the weights upload `name`."""
+    try:
+        return bool(spec.model.init_from) and weights_reference(spec.model.init_from) == (
+            "upload", name)
+    except SpecError:
+        return False
 
 
 def _validation(record: EvaluationRecord) -> ValidationSummary:

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     num_classes INTEGER NOT NULL,
     created_at REAL NOT NULL,
     target_shape TEXT,
+    tensors TEXT,
     PRIMARY KEY (tenant, name)
 );
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -152,6 +153,9 @@ class DatasetRecord:
     # () for class labels, (k,) for k regression targets; None in rows stored before it was
     # kept (read it from the file's header then).
     target_shape: tuple[int, ...] | None = None
+    # A safetensors upload's (key, shape) per tensor, in the file's order (for checking a
+    # spec's model.init_from); None for data sets. A text's length is size_bytes.
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,8 @@ class Store:
         columns = {row["name"] for row in db.execute("PRAGMA table_info(datasets)")}
         if "target_shape" not in columns:
             db.execute("ALTER TABLE datasets ADD COLUMN target_shape TEXT")
+        if "tensors" not in columns:
+            db.execute("ALTER TABLE datasets ADD COLUMN tensors TEXT")
 
     # --- connections and transactions ----------------------------------------------------------
 
@@ -388,14 +394,16 @@ class Store:
                 db.execute(
                     "INSERT INTO datasets (tenant, name, format, size_bytes, sha256, path, "
                     "samples, validation_samples, feature_shape, integer_features, task, "
-                    "num_classes, created_at, target_shape) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "num_classes, created_at, target_shape, tensors) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.tenant, record.name, record.format, record.size_bytes,
                      record.sha256, record.path, record.samples, record.validation_samples,
                      json.dumps(list(record.feature_shape)), record.integer_features,
                      record.task, record.num_classes, record.created_at,
                      None if record.target_shape is None
-                     else json.dumps(list(record.target_shape))))
+                     else json.dumps(list(record.target_shape)),
+                     None if record.tensors is None
+                     else json.dumps([[key, list(shape)] for key, shape in record.tensors])))
         except sqlite3.IntegrityError as error:
             raise AlreadyExists(f"header.name: a data set named {record.name!r} already "
                                 f"exists; delete it first") from error
@@ -456,6 +464,8 @@ def _dataset(row: sqlite3.Row) -> DatasetRecord:
         num_classes=row["num_classes"], created_at=row["created_at"],
         target_shape=(None if row["target_shape"] is None
                       else tuple(json.loads(row["target_shape"]))),
+        tensors=(None if row["tensors"] is None
+                 else tuple((key, tuple(shape)) for key, shape in json.loads(row["tensors"]))),
     )
 
 

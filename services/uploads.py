@@ -1,4 +1,5 @@
-"""Uploaded data sets: receive a stream of chunks, check it, and keep it as a validated .npz.
+"""Uploaded data sets and weights: receive a stream of chunks, check it, and keep it: arrays as
+a validated .npz, a text or a safetensors weights file as it was sent, once checked.
 
 The bytes go to a temporary file while their size and SHA-256 are counted; only a complete
 stream with the announced size and hash is checked, only a file that forms a valid data set
@@ -12,8 +13,13 @@ What an upload may cost is bounded before it is paid (`UploadLimits`):
   sent, so nothing is ever whole in memory;
 - a CSV is parsed as a stream, rows and columns capped, into temporary files that become an
   uncompressed .npz;
-- what the store needs later (shapes, task, class count) is computed on the way and kept in its
-  row, so submitting a job never reads the file again.
+- a text must decode as UTF-8 (checked as a stream) and, cut into windows of int64 tokens and
+  their targets, fit the memory a data set may take;
+- a safetensors file is parsed by safetensors' own header parser (offsets cover the file
+  exactly), every tensor's dtype must be one NumPy holds, its floats finite;
+- what the store needs later (shapes, task, class count, a text's length, a weights file's
+  tensor names and shapes) is computed on the way and kept in its row, so submitting a job
+  never reads the file again.
 
 No pickle, ever: object arrays are refused from their header, and stored files are read with
 `allow_pickle=False`.
@@ -21,6 +27,7 @@ No pickle, ever: object arrays are refused from their header, and stored files a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import os
@@ -34,7 +41,8 @@ from typing import IO, TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from scheduler.datasets import CLASSIFICATION, REGRESSION, Dataset, from_arrays
+from scheduler.datasets import CLASSIFICATION, NEXT_TOKEN, REGRESSION, Dataset, from_arrays
+from scheduler.storage import SAFETENSORS_DTYPES, iter_tensors, safetensors_header
 from services.errors import InvalidArgument
 from services.npz_archive import EntryError, NpyEntry, NpzWriter, iter_values, read_entries
 from services.store import DatasetRecord
@@ -42,7 +50,11 @@ from services.store import DatasetRecord
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader  # what csv.reader() returns: rows and line_num
 
-FORMATS = ("npz", "csv")
+FORMATS = ("npz", "csv", "text", "safetensors")
+# Where an accepted upload is kept, by format: arrays (npz, csv) as .npz, the others as sent.
+STORED_SUFFIXES = {"npz": ".npz", "csv": ".npz", "text": ".txt", "safetensors": ".safetensors"}
+# A text trains as windows of int64 tokens and their int64 targets: 16 bytes per text byte.
+TEXT_TRAINING_BYTES = 2 * 8
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
@@ -67,6 +79,10 @@ class UploadLimits:
     max_csv_line_chars: int = 1 * MiB
     # Class labels are 0..max; the model's output needs one unit per class.
     max_classes: int = 1 << 20
+    # A weights file's tensors, and the length of a tensor's name: their names and shapes are
+    # kept in the store's row.
+    max_weight_tensors: int = 20_000
+    max_weight_key_chars: int = 512
     # An upload whose client sends nothing for this long is abandoned (its thread freed).
     idle_seconds: float = 30.0
 
@@ -92,6 +108,8 @@ class DataSummary:
     task: str
     num_classes: int
     target_shape: tuple[int, ...]  # () for class labels, (k,) for k regression targets
+    # A weights file's (key, shape) of each tensor, in the file's order; None for data.
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
 
 def check_header(header: UploadHeader | None, max_bytes: int) -> UploadHeader:
@@ -102,12 +120,13 @@ def check_header(header: UploadHeader | None, max_bytes: int) -> UploadHeader:
                                              f"starting with a letter or digit, got "
                                              f"{header.name!r}")
     if header.format not in FORMATS:
-        raise InvalidArgument("header.format", f"must be 'npz' or 'csv', got {header.format!r}")
+        raise InvalidArgument("header.format", f"must be one of {', '.join(FORMATS)}, got "
+                                               f"{header.format!r}")
     if header.format == "csv" and not header.label_column:
         raise InvalidArgument("header.label_column", "required for CSV: the target column")
-    if header.format == "npz" and header.label_column:
+    if header.format != "csv" and header.label_column:
         raise InvalidArgument("header.label_column",
-                              f"only for CSV; an npz has its labels in 'y', got "
+                              f"only for CSV; {header.format} has no label column, got "
                               f"{header.label_column!r}")
     if header.size_bytes < 1:
         raise InvalidArgument("header.size_bytes", f"must be >= 1, got {header.size_bytes}")
@@ -154,11 +173,15 @@ def receive(header: UploadHeader, chunks: Iterable[bytes], folder: Path) -> Path
 
 def store_upload(header: UploadHeader, received: Path, destination: Path,
                  limits: UploadLimits) -> DataSummary:
-    """Check the received file and put the data set at `destination` (an .npz): an .npz as
-    it was sent, a CSV converted. Raises InvalidArgument naming the field when the file is
-    not a data set this server accepts; nothing is left at `destination` then."""
-    if header.format == "npz":
-        summary = _check_npz(received, header.size_bytes, limits)
+    """Check the received file and put it at `destination` (suffix: STORED_SUFFIXES): an .npz,
+    a text or a safetensors file as it was sent, a CSV converted to an .npz. Raises
+    InvalidArgument naming the field when the file is not one this server accepts; nothing is
+    left at `destination` then."""
+    checks = {"npz": lambda: _check_npz(received, header.size_bytes, limits),
+              "text": lambda: _check_text(received, header.size_bytes, limits),
+              "safetensors": lambda: _check_safetensors(received, limits)}
+    if header.format in checks:
+        summary = checks[header.format]()
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(received, destination)
         return summary
@@ -174,6 +197,7 @@ def record_for(tenant: str, header: UploadHeader, path: Path,
         validation_samples=summary.validation_samples, feature_shape=summary.feature_shape,
         integer_features=summary.integer_features, task=summary.task,
         num_classes=summary.num_classes, target_shape=summary.target_shape,
+        tensors=summary.tensors,
     )
 
 
@@ -200,6 +224,76 @@ def to_dataset(arrays: dict[str, np.ndarray], name: str = "") -> Dataset:
     except ValueError as error:
         field = next((key for key in NPZ_ARRAYS if str(error).startswith(key)), "x")
         raise InvalidArgument(field, str(error)) from error
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def _check_text(path: Path, size_bytes: int, limits: UploadLimits) -> DataSummary:
+    """A text for language models: UTF-8 (decoded as a stream, so never whole in memory),
+    small enough to train on as windows of int64 tokens. A job cuts it by its own
+    context_length, so its samples are counted then; here the text is its bytes."""
+    if size_bytes * TEXT_TRAINING_BYTES > limits.max_dataset_bytes:
+        raise InvalidArgument("header.size_bytes",
+                              f"a text of {_size(size_bytes)} trains as "
+                              f"{_size(size_bytes * TEXT_TRAINING_BYTES)} of tokens and targets, "
+                              f"over this server's limit of {_size(limits.max_dataset_bytes)}; "
+                              f"at most {limits.max_dataset_bytes // TEXT_TRAINING_BYTES} bytes")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(COPY_BYTES):
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            # The decoder may hold back the bytes of an unfinished character from earlier.
+            at = offset + error.start - len(decoder.getstate()[0])
+            raise InvalidArgument("header.format", f"a text must be UTF-8; byte {max(at, 0)}: "
+                                                   f"{error.reason}") from error
+    return DataSummary(samples=0, validation_samples=0, feature_shape=(),
+                       integer_features=True, task=NEXT_TOKEN, num_classes=256,
+                       target_shape=())
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+
+
+def _check_safetensors(path: Path, limits: UploadLimits) -> DataSummary:
+    """Weights for a spec's model.init_from: a file safetensors' own parser reads (no pickle),
+    of tensors NumPy holds, with finite floats. Their names and shapes are kept in the store,
+    so a job's init_from is checked against its model without opening the file."""
+    try:
+        tensors = safetensors_header(path)
+    except ValueError as error:
+        raise InvalidArgument("header.format", str(error)) from error
+    if not tensors:
+        raise InvalidArgument("header.format", "the safetensors file holds no tensors")
+    if len(tensors) > limits.max_weight_tensors:
+        raise InvalidArgument("header.format", f"the file holds {len(tensors)} tensors; this "
+                                               f"server accepts at most "
+                                               f"{limits.max_weight_tensors}")
+    for tensor in tensors:
+        if len(tensor.key) > limits.max_weight_key_chars:
+            raise InvalidArgument("header.format", f"tensor name {tensor.key[:40]!r}... is "
+                                                   f"{len(tensor.key)} characters; at most "
+                                                   f"{limits.max_weight_key_chars}")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise InvalidArgument("header.format", f"tensor {tensor.key!r} has dtype "
+                                                   f"{tensor.dtype}; accepted: "
+                                                   f"{', '.join(SAFETENSORS_DTYPES)}")
+    floats = [tensor.key for tensor in tensors if tensor.dtype.startswith("F")]
+    try:
+        for key, values in iter_tensors(path, floats):  # one tensor in memory at a time
+            if not np.all(np.isfinite(values)):
+                raise InvalidArgument("header.format", f"tensor {key!r} contains NaN or "
+                                                       f"infinite values")
+    except ValueError as error:
+        raise InvalidArgument("header.format", str(error)) from error
+    return DataSummary(samples=0, validation_samples=0, feature_shape=(),
+                       integer_features=False, task="", num_classes=0, target_shape=(),
+                       tensors=tuple((tensor.key, tensor.shape) for tensor in tensors))
 
 
 # --- .npz ----------------------------------------------------------------------------------------
