@@ -18,6 +18,7 @@ server's status code and message (`data.batch_size: must be ...`).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -85,16 +86,57 @@ def weights_format(path: str | Path) -> str:
     return WEIGHTS_SUFFIXES[suffix]
 
 
+def is_local_address(address: str) -> bool:
+    """Whether a gRPC target never leaves this machine: a loopback host (127.0.0.0/8, ::1,
+    localhost) or a unix socket. Anything else may cross a network."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    target = address
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    if target.startswith("["):  # [v6]:port
+        host = target[1:target.find("]")]
+    elif target.count(":") == 1:  # host:port
+        host = target.split(":")[0]
+    else:  # a host without a port, or a bare IPv6 address
+        host = target
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
 class Client:
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, *,
-                 timeout: float = 30.0, root_certificates: bytes | None = None):
-        """`root_certificates` (PEM) switches to TLS; `token` is sent as a bearer token."""
+                 timeout: float = 30.0, root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 tls: bool = False):
+        """Connect to `address` (host:port, or unix:PATH).
+
+        TLS: `root_certificates` (PEM) are the CAs that may sign the server's certificate
+        (None: the system's); `certificate_chain` and `private_key` (PEM) are this client's
+        certificate for a server that requires one (`chainrule serve --client-ca`). Any of
+        them, or `tls=True`, switches to TLS. `token` is sent as a bearer token, and never
+        in clear text across a network: without TLS, only to a loopback address or a unix
+        socket (a ValueError otherwise, before anything is sent)."""
         self.address, self.timeout = address, timeout
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("a client certificate needs both certificate_chain and "
+                             "private_key")
+        tls = tls or any(item is not None
+                         for item in (root_certificates, certificate_chain, private_key))
+        if token and not tls and not is_local_address(address):
+            raise ValueError(f"refusing to send a bearer token in clear text to {address}: "
+                             f"connect with TLS (root_certificates=..., the CLI's --ca-cert) "
+                             f"or to a loopback address or unix socket")
         options = [("grpc.max_receive_message_length", MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MESSAGE_BYTES),
                    ("grpc.keepalive_time_ms", 30_000)]
-        if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
+        if tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)

@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = serve(args.address, args.data_dir, ray_address=args.ray_address,
                    metrics_port=args.metrics_port, max_concurrent_jobs=args.max_concurrent_jobs,
                    tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   tls_client_ca=args.client_ca,
                    keep_checkpoints=args.keep_checkpoints,
                    checkpoint_retention_seconds=args.checkpoint_retention_days * 86400)
     # After serve(): ray.init installs its own SIGTERM handler, which would kill us uncleanly.
@@ -86,13 +87,49 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKEN_VARIABLE = "CHAINRULE_TOKEN"
+
+
 def _client(args: argparse.Namespace):
+    """The client for a client command: TLS from --ca-cert, --client-cert and --client-key;
+    the bearer token from --token-file or $CHAINRULE_TOKEN, never from the command line,
+    where every user of the machine can read it (ps, /proc/PID/cmdline, shell history)."""
     import os
 
     from chainrule.client import Client
 
-    return Client(args.server, token=args.token or os.environ.get("CHAINRULE_TOKEN"),
-                  timeout=args.timeout)
+    if args.token is not None:
+        raise UsageError(f"--token: a token on the command line is visible to every user of "
+                         f"this machine (ps); put it in ${TOKEN_VARIABLE} or in a file for "
+                         f"--token-file")
+    token = (_read_token(args.token_file) if args.token_file
+             else os.environ.get(TOKEN_VARIABLE) or None)
+    try:
+        return Client(args.server, token=token, timeout=args.timeout,
+                      root_certificates=_read_pem(args.ca_cert, "--ca-cert"),
+                      certificate_chain=_read_pem(args.client_cert, "--client-cert"),
+                      private_key=_read_pem(args.client_key, "--client-key"))
+    except ValueError as error:  # a token in clear text across a network, half a cert pair
+        raise UsageError(str(error)) from None
+
+
+def _read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--token-file: cannot read {path}: {error}") from None
+    if not token or len(token.split()) != 1:
+        raise UsageError(f"--token-file: {path} must hold one token (and nothing else)")
+    return token
+
+
+def _read_pem(path: str | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"{option}: cannot read {path}: {error}") from None
 
 
 def _print(args: argparse.Namespace, message, text: str) -> None:
@@ -300,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--client-ca", help="PEM CA certificate(s): mutual TLS, a client "
+                                           "without a certificate signed by one is refused")
     serve.add_argument("--keep-checkpoints", type=_count(1), default=2,
                        help="checkpoints kept per job: the newest, and older ones to fall back "
                             "on when it is corrupt")
@@ -311,7 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help: str, run) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
         command.add_argument("--server", default=DEFAULT_SERVER, help="the service's host:port")
-        command.add_argument("--token", help="bearer token (default: $CHAINRULE_TOKEN)")
+        command.add_argument("--token-file", help="file holding the bearer token (default: "
+                                                  "$CHAINRULE_TOKEN)")
+        command.add_argument("--token", help=argparse.SUPPRESS)  # refused, with the reason
+        command.add_argument("--ca-cert", help="PEM CA certificate(s) that sign the server's "
+                                               "certificate: connect with TLS")
+        command.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
+        command.add_argument("--client-key", help="PEM private key of --client-cert")
         command.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         command.add_argument("--json", action="store_true", help="machine-readable output")
         command.set_defaults(run=run)

@@ -111,6 +111,7 @@ def serve(
     tokens_file: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
+    tls_client_ca: str | Path | None = None,
     limits: Limits | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     upload_limits: UploadLimits | None = None,
@@ -119,7 +120,10 @@ def serve(
     checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
-    `metrics_port` None: no metrics endpoint; 0: any free port."""
+    `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
+    `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed."""
+    if tls_client_ca and not (tls_cert and tls_key):
+        raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
     tokens = load_tokens(tokens_file) if tokens_file else {}
     host = address.rsplit(":", 1)[0]
     if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
@@ -154,8 +158,10 @@ def serve(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if tls_cert and tls_key:
+        client_ca = Path(tls_client_ca).read_bytes() if tls_client_ca else None
         credentials = grpc.ssl_server_credentials(
-            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
