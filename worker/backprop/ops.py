@@ -16,13 +16,15 @@ import builtins
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from worker.backprop import tensor as _tensor
 from worker.backprop.parallel import run_blocks
 from worker.backprop.tensor import Node, Op, Tensor, unbroadcast
+
+T = TypeVar("T")
 
 # --- applying an op ------------------------------------------------------------------------
 
@@ -648,7 +650,8 @@ def _attention_scores_grad(g, weights):
     return weights * (g - (g * weights).sum(axis=-1, keepdims=True))
 
 
-def _attention_weights_vjp(g, ans, query, key, mask=None, scale=1.0, context=None, index=0):
+def _attention_weights_vjp(g, ans, query, key, mask=None, scale=1.0, context=None, *,
+                           index=0):
     # S = scale q k^T  =>  dq = scale dS k,  dk = scale dS^T q
     def compute_all(needs):
         d_scores = _attention_scores_grad(g, ans) * scale
@@ -775,7 +778,7 @@ def _through_relu(g, ans):
     return out.reshape(g.shape)
 
 
-def _linear_relu_vjp(g, ans, x, weight, bias=None, context=None, index=0):
+def _linear_relu_vjp(g, ans, x, weight, bias=None, context=None, *, index=0):
     def compute_all(needs):
         g_before_relu = _through_relu(g, ans)
         return [_linear_vjp_x(g_before_relu, ans, x, weight) if needs[0] else None,
@@ -836,7 +839,7 @@ def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5, context
     return out.reshape(x.shape)
 
 
-def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None,
+def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None, *,
                     index=0):
     # y = x^ w + b  =>  db = sum g,  dw = sum g x^,
     # dx = rstd (gx - mean(gx) - x^ mean(gx x^)) with gx = g w, the gradient at x^
@@ -933,15 +936,21 @@ class Windows:
     padding: tuple[tuple[int, int], tuple[int, int]]
     dilation: tuple[int, int]
 
+    @staticmethod
+    def of(kernel_size: Sequence[int], stride: Sequence[int],
+           padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> Windows:
+        """From per-axis values, which must cover exactly the two spatial axes."""
+        return Windows(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation))
+
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
+        return _pair([
             (n + before + after - d * (k - 1) - 1) // s + 1
             for n, k, s, (before, after), d in zip(
                 input_size, self.kernel_size, self.stride, self.padding, self.dilation)
-        )
+        ])
 
     def padded_size(self, input_size: Sequence[int]) -> tuple[int, int]:
-        return tuple(n + b + a for n, (b, a) in zip(input_size, self.padding))  # type: ignore
+        return _pair([n + b + a for n, (b, a) in zip(input_size, self.padding)])
 
     def offsets(self, output_size: Sequence[int]):
         """Each kernel offset (i, j) with the strided slice of the padded input it reads."""
@@ -951,6 +960,12 @@ class Windows:
             for j in range(kw):
                 yield (i, j), (Ellipsis, slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
                                slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
+
+
+def _pair(values: Sequence[T]) -> tuple[T, T]:
+    """A 2-D op's per-axis values (one per spatial axis) as the pair its types promise."""
+    first, second = values
+    return first, second
 
 
 def _pad_spatial(x: np.ndarray, padding, value: float = 0.0) -> np.ndarray:
@@ -1638,7 +1653,7 @@ def _convolution(name: str, input: Tensor, weight: Tensor, bias: Tensor | None, 
         weight = reshape(weight, weight.shape[:2] + (1,) + weight.shape[2:])
         kernel, stride, dilation, pads = (1,) + kernel, (1,) + stride, (1,) + dilation, (
             (0, 0),) + pads
-    windows = Windows(kernel, stride, pads, dilation)
+    windows = Windows.of(kernel, stride, pads, dilation)
     output_size = windows.output_size(x.shape[2:])
     if builtins.min(output_size) < 1:
         reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
@@ -1696,7 +1711,7 @@ def _pool_windows(name: str, input: Tensor, kernel_size: Any, stride: Any, paddi
             )
         output_size.append(out)
         pads.append((p, builtins.max(p, (out - 1) * s + reach - n - p)))  # ceil_mode: further
-    return Windows(kernel, stride, tuple(pads), dilation)
+    return Windows.of(kernel, stride, pads, dilation)
 
 
 def _batched(input: Tensor) -> Tensor:
@@ -1786,7 +1801,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                                                    kernel, extra))
     if builtins.min(input_size) < 1:
         raise ValueError(f"conv_transpose2d: the output size {input_size} is not positive")
-    windows = Windows(kernel, stride, tuple((p, p) for p in pad), dilation)
+    windows = Windows.of(kernel, stride, [(p, p) for p in pad], dilation)
     out = apply(CONV_TRANSPOSE2D, input, weight, windows=windows, groups=int(groups),
                 input_size=input_size)
     return out if bias is None else out + reshape(bias, (-1, 1, 1))

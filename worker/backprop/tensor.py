@@ -66,7 +66,7 @@ class Op:
     """
 
     name: str
-    forward: Callable[..., np.ndarray]
+    forward: Callable[..., Any]  # an ndarray, or a NumPy scalar from a full reduction (sum)
     vjps: tuple[Callable[..., Any] | None, ...]
     broadcasts: bool = False
     variadic: bool = False
@@ -352,9 +352,8 @@ def _backward_sweep(
     previous, global_grad_enabled = _grad_enabled, create_graph
     _set_grad_enabled(global_grad_enabled)
     try:
-        for position in range(len(order) - 1, -1, -1):
-            tensor = order[position]
-            order[position] = None  # drop our reference so activations free as we go
+        while order:
+            tensor = order.pop()  # drop our reference so activations free as we go
             g = pending.pop(id(tensor), None)
             if g is None:
                 continue

@@ -87,7 +87,7 @@ def _distinct_arrays(arrays: Iterable[np.ndarray]) -> list[np.ndarray]:
 def _grads_of(parameters: Iterable[HasGrad] | HasGrad) -> list[np.ndarray]:
     if hasattr(parameters, "grad"):
         parameters = [parameters]  # type: ignore[list-item]
-    return [p.grad for p in parameters if p.grad is not None]  # type: ignore[union-attr]
+    return [p.grad for p in parameters if p.grad is not None]
 
 
 def clip_grad_norm_(

@@ -180,8 +180,9 @@ class AdafactorHyper:
         eps = tuple(self.eps)
         object.__setattr__(self, "eps", eps)
         _require(len(eps) == 2, self, "eps", eps, "a pair (eps1 or None, eps2)")
-        _require(eps[0] is None or 0.0 <= eps[0], self, "eps[0]", eps[0], "None or >= 0")
-        _require(0.0 <= eps[1], self, "eps[1]", eps[1], ">= 0")
+        eps1, eps2 = eps
+        _require(eps1 is None or 0.0 <= eps1, self, "eps[0]", eps1, "None or >= 0")
+        _require(eps2 is not None and 0.0 <= eps2, self, "eps[1]", eps2, ">= 0")
         _require(1.0 <= self.d, self, "d", self.d, ">= 1")
 
 

@@ -84,7 +84,8 @@ class KFACHyper:
                  "in [0, 1)")
         for field in ("factor_update_interval", "inverse_update_interval"):
             value = getattr(self, field)
-            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+            ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                  and bool(value >= 1))
             _require(ok, self, field, value, "an integer >= 1")
         kl_clip = self.kl_clip
         _require(kl_clip is None or 0.0 < kl_clip, self, "kl_clip", kl_clip, "None or > 0")
@@ -195,6 +196,7 @@ def factor_statistics(
         a_sum += a_rows.T @ a_rows  # sum of a a^T over the rows
         g_sum += g_rows.T @ g_rows
     g_sum *= grad_scale * grad_scale / positions
+    assert examples is not None  # set by the first of the calls, which are not empty
     return FactorStatistics(a_sum, g_sum, float(examples))
 
 
@@ -364,6 +366,7 @@ def precondition(
                          f"a gradient slice of shape {grad_slice.shape}")
     m = _as_matrix(grad_slice, layer)  # [dW | db], (out_dim, in_dim)
     if inverse.method == "eigen":
+        assert inverse.q_a is not None and inverse.q_g is not None  # set by the eigen method
         v = inverse.q_g.T @ m @ inverse.q_a
         v *= inverse.scale
         result = inverse.q_g @ v @ inverse.q_a.T

@@ -20,8 +20,9 @@ steps); on the others it does nothing, and the forward/backward costs what it no
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,13 +47,19 @@ from .kfac import (
     updates_inverses_at,
 )
 
+T = TypeVar("T")
+# The modules K-FAC preconditions (describe_layer says which of them qualify).
+Preconditioned = Linear | Conv2d
 
-def kfac_layers(model: Module) -> list[tuple[KFACLayer, Module]]:
+
+def kfac_layers(model: Module) -> list[tuple[KFACLayer, Preconditioned]]:
     """The layers K-FAC preconditions, in named_modules order, with their descriptions."""
-    found = []
+    found: list[tuple[KFACLayer, Preconditioned]] = []
     for name, module in model.named_modules():
         layer = describe_layer(name, module)
-        if layer is not None and module.weight.requires_grad:
+        # describe_layer describes only these; the isinstance tells the type checker so.
+        if layer is not None and isinstance(module, (Linear, Conv2d)) \
+                and module.weight.requires_grad:
             found.append((layer, module))
     return found
 
@@ -63,8 +70,8 @@ def describe_layer(name: str, module: Module) -> KFACLayer | None:
         return KFACLayer(name, "linear", tuple(module.weight.shape), module.bias is not None)
     if isinstance(module, Conv2d) and module.groups == 1:
         return KFACLayer(name, "conv2d", tuple(module.weight.shape), module.bias is not None,
-                         kernel_size=tuple(module.kernel_size), stride=tuple(module.stride),
-                         padding=_conv_padding(module), dilation=tuple(module.dilation))
+                         kernel_size=_pair(module.kernel_size), stride=_pair(module.stride),
+                         padding=_conv_padding(module), dilation=_pair(module.dilation))
     return None
 
 
@@ -73,10 +80,16 @@ def _conv_padding(conv: Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     extra row or column after, as torch does."""
     if conv.padding == "valid":
         return ((0, 0), (0, 0))
-    if conv.padding == "same":
+    if isinstance(conv.padding, str):  # "same", the only other word Conv2d accepts
         totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-        return tuple((t // 2, t - t // 2) for t in totals)  # type: ignore[return-value]
-    return tuple((p, p) for p in conv.padding)  # type: ignore[return-value]
+        return _pair([(t // 2, t - t // 2) for t in totals])
+    return _pair([(p, p) for p in conv.padding])
+
+
+def _pair(values: Sequence[T]) -> tuple[T, T]:
+    """A Conv2d's per-axis values (one per spatial axis) as the pair KFACLayer holds."""
+    first, second = values
+    return first, second
 
 
 class KFAC:
@@ -155,7 +168,7 @@ class KFAC:
             if refresh or name not in self.inverses:
                 self.inverses[name] = invert_factors(factors, hyper.damping, hyper.damping_method)
 
-        directions: list[tuple[Module, np.ndarray]] = []
+        directions: list[tuple[Preconditioned, np.ndarray]] = []
         direction_dot_grad = 0.0
         for layer, module in self.layers:
             grad_slice = _layer_gradient(module)
@@ -202,11 +215,11 @@ class KFAC:
             p.grad = None
 
 
-def _layer_parameters(module: Module) -> list[Parameter]:
+def _layer_parameters(module: Preconditioned) -> list[Parameter]:
     return [module.weight] + ([module.bias] if module.bias is not None else [])
 
 
-def _layer_gradient(module: Module) -> np.ndarray | None:
+def _layer_gradient(module: Preconditioned) -> np.ndarray | None:
     """The layer's [weight, bias] gradient as one flat vector; None when neither has one."""
     params = _layer_parameters(module)
     if all(p.grad is None for p in params):
