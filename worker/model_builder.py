@@ -29,7 +29,7 @@ import numpy as np
 from chainrule.v1 import job_pb2
 from worker.backprop import nn
 from worker.backprop.nn import functional as F
-from worker.backprop.nn.recurrent import GRU, LSTM, RNN
+from worker.backprop.nn.recurrent import GRU, LSTM, RNN, _Recurrent
 from worker.backprop.optim import (
     RULES,
     AdamHyper,
@@ -51,12 +51,13 @@ DTYPES = {"": np.float32, "float32": np.float32, "float64": np.float64}
 # --- modules that only a spec needs -----------------------------------------------------------
 
 
-class _OutputSequence:
+class _OutputSequence(_Recurrent):
     """A recurrent layer that returns only its output sequence (every time step), dropping the
     final state, so it can sit in a Sequential. Parameter names stay torch's (weight_ih_l0)."""
 
-    def forward(self, input: Tensor, hx: Any = None) -> Tensor:
-        output, _ = super().forward(input, hx)  # type: ignore[misc]
+    # Returns what a Sequential's next layer takes, not the (output, state) pair: on purpose.
+    def forward(self, input: Tensor, hx: Any = None) -> Tensor:  # type: ignore[override]
+        output, _ = super().forward(input, hx)
         return output
 
 
@@ -255,7 +256,8 @@ def _width(signal: _Signal) -> str:
     return signal.describe()
 
 
-def _recurrent(kind: str, module: type[nn.Module], gates: int) -> Callable[..., _Planned]:
+def _recurrent(kind: str, module: Callable[..., nn.Module], gates: int
+               ) -> Callable[..., _Planned]:
     def plan(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
         _require_float(signal, path, kind)
         if len(signal.shape) != 2:
@@ -330,11 +332,12 @@ def _shape_argument(value: Any, path: str, dims: int, default: tuple[int, ...] |
     numbers = ([v.number_value if v.WhichOneof("kind") == "number_value" else None
                 for v in value.list_value.values] if kind == "list_value"
                else [value.number_value] * dims if kind == "number_value" else [])
-    if len(numbers) != dims or any(n is None for n in numbers):
+    given = [n for n in numbers if n is not None]
+    if len(numbers) != dims or len(given) != dims:
         raise SpecError(path, f"must be one number or a list of {dims} numbers")
-    if any(not float(n).is_integer() or n < minimum for n in numbers):
-        raise SpecError(path, f"must be integers >= {minimum}, got {numbers}")
-    return tuple(int(n) for n in numbers)
+    if any(not float(n).is_integer() or n < minimum for n in given):
+        raise SpecError(path, f"must be integers >= {minimum}, got {given}")
+    return tuple(int(n) for n in given)
 
 
 def _spatial_input(signal: _Signal, path: str, kind: str, dims: int) -> tuple[int, ...]:
@@ -363,7 +366,7 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 _AXES = {1: ("length",), 2: ("height", "width")}
 
 
-def _conv(kind: str, dims: int, module: type[nn.Module]) -> Callable[..., _Planned]:
+def _conv(kind: str, dims: int, module: Callable[..., nn.Module]) -> Callable[..., _Planned]:
     def plan(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
         channels, *sizes = _spatial_input(signal, path, kind, dims)
         out_channels = _positive(cfg.out_channels, f"{path}.out_channels")
@@ -769,10 +772,10 @@ def check_model_fits_data(spec: job_pb2.JobSpec, input_shape: tuple[int, ...], *
     if task != "regression":
         raise SpecError("loss", f"{loss} needs float targets, but the data set has class labels; "
                                 f"use cross_entropy")
-    expected = math.prod(target_shape) if target_shape else 1
-    if width != expected:
+    expected_width = math.prod(target_shape) if target_shape else 1
+    if width != expected_width:
         raise SpecError(last, f"the model outputs {width} values per sample but the targets "
-                              f"have {expected}")
+                              f"have {expected_width}")
 
 
 # --- the loss ----------------------------------------------------------------------------------
