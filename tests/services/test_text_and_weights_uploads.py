@@ -199,3 +199,25 @@ def test_the_upload_command_takes_a_format_and_names_the_upload_after_the_file(
     assert cli.main(["upload", str(path), "--format", "text", "--server", server.address]) == 0
     assert "uploaded corpus: a text of 460 bytes" in capsys.readouterr().out
     assert server.service.store.get_dataset("default", "corpus").format == "text"
+
+
+@pytest.mark.parametrize("init_from, expected", [
+    ("upload:base", "names an upload, which only the service has"),
+    ("file:NONE", "no file"),
+    ("file:NOT_WEIGHTS", "not a readable safetensors file"),
+])
+def test_chainrule_train_checks_init_from_before_ray_starts(tmp_path, capsys, init_from,
+                                                           expected):
+    (tmp_path / "notes.txt").write_text("not weights")
+    init_from = init_from.replace("NONE", str(tmp_path / "none.safetensors")).replace(
+        "NOT_WEIGHTS", str(tmp_path / "notes.txt"))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"""
+name: tiny
+model: {{init_from: "{init_from}", layers: [{{linear: {{out_features: 3}}}}]}}
+loss: cross_entropy
+data: {{dataset: "sklearn:iris", batch_size: 16, epochs: 1}}
+""")
+    assert cli.main(["train", str(spec)]) == 2
+    error = capsys.readouterr().err
+    assert "chainrule: model.init_from: " in error and expected in error
