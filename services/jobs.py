@@ -333,22 +333,22 @@ class JobService:
         """The job resolved against its data set (validated at submit, so a spec error here
         is a bug), and the data set loaded, split and standardised for it."""
         name = upload_name(job.spec.data.dataset)
-        loaded = None
-        shape = None
+        loaded, text = None, None
+        shape = builtin_shape(job.spec.data.dataset) if name is None else None
         if name is not None:
             record = self.store.get_dataset(job.tenant, name)
             if record is None:
                 raise FileNotFoundError(f"data set {name!r} was deleted")
             if record.format == "text":  # cut into windows once the job's context is known
-                shape = text_shape(record.size_bytes)
+                text, shape = Path(record.path), text_shape(record.size_bytes)
             else:
                 loaded = uploads.to_dataset(uploads.load_arrays(record.path), name=name)
                 shape = loaded.shape
-        shape = shape or builtin_shape(job.spec.data.dataset)
+        assert shape is not None
         resolved = resolve(job.spec, shape, weights=self._weights_shape(job.tenant, job.spec))
-        if name is not None and record.format == "text":
-            loaded = from_text(Path(record.path).read_bytes(), resolved.context_length,
-                               resolved.validation_fraction, name=name)
+        if text is not None:
+            loaded = from_text(text.read_bytes(), resolved.context_length,
+                               resolved.validation_fraction, name=name or "")
         with self._lock:  # progress says "epoch e of E"
             self._live.setdefault(job.job_id, _LiveJob(time.monotonic())).epochs = resolved.epochs
         return resolved, prepare_dataset(resolved, loaded)
