@@ -131,7 +131,8 @@ def test_a_pretrained_transformer_fine_tunes_to_beat_the_same_model_from_scratch
         "upload:corpus", epochs=7), timeout=900)
     print(f"pretraining: validation loss {language_model.final_validation.loss:.3f} nats per "
           f"byte after {language_model.progress.step} steps")
-    assert language_model.final_validation.loss < 2.6  # a uniform guess: log(256) = 5.55
+    # Measured: 1.989 after 595 steps; a uniform guess is log(256) = 5.55.
+    assert language_model.final_validation.loss < 2.6
     weights = tmp_path / "language-model.safetensors"
     client.download(language_model.id, weights)
     assert client.upload(weights, "language-model").format == "safetensors"
