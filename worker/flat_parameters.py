@@ -17,6 +17,7 @@ weight decay nor momentum ever touches a frozen value, and no optimizer state mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,19 +81,22 @@ class ParameterLayout:
         for name, parameter in model.named_parameters():
             parameter.data = views[name]
 
-    def shard_bounds(self, shards: int, align_to_parameters: bool = False) -> list[tuple[int, int]]:
+    def shard_bounds(self, shards: int, align_to_parameters: bool = False,
+                     keep_together: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
         """K contiguous slices of nearly equal size covering the vector.
 
         With align_to_parameters a cut never splits a parameter (needed by optimizers that look
         at a whole matrix, such as Adafactor's factored second moment); the slices are then as
-        balanced as the parameter sizes allow.
+        balanced as the parameter sizes allow. No cut falls inside a range of `keep_together`
+        either (K-FAC's layers: a weight and its bias are preconditioned together).
         """
         if shards < 1:
             raise ValueError(f"shard count must be at least 1, got {shards}")
         if not align_to_parameters:
             cuts = [round(self.size * k / shards) for k in range(shards + 1)]
             return [(cuts[k], cuts[k + 1]) for k in range(shards)]
-        ends = [slot.offset + slot.size for slot in self.slots]
+        ends = [slot.offset + slot.size for slot in self.slots
+                if not any(lo < slot.offset + slot.size < hi for lo, hi in keep_together)]
         cuts = [0]
         for k in range(1, shards):
             target = self.size * k / shards

@@ -44,6 +44,15 @@ def test_aligned_shards_never_cut_a_parameter():
         assert lo in ends and hi in ends
 
 
+def test_aligned_shards_never_cut_inside_a_range_kept_together():
+    layout = ParameterLayout.of(mlp())
+    # Without the ranges, 2 shards cut at 35 (between 0.weight and 0.bias), nearest the middle.
+    assert layout.shard_bounds(2, align_to_parameters=True) == [(0, 35), (35, 66)]
+    layers = [(0, 42), (42, 66)]  # K-FAC's [weight, bias] of each Linear
+    assert layout.shard_bounds(2, align_to_parameters=True, keep_together=layers) == [
+        (0, 42), (42, 66)]
+
+
 def test_slots_within_reports_partial_overlaps():
     layout = ParameterLayout.of(mlp())
     overlap = layout.slots_within(30, 45)
