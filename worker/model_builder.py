@@ -40,7 +40,9 @@ from worker.backprop.optim import (
     Schedule,
     StepDecay,
 )
+from worker.backprop.optim.kfac import KFACHyper
 from worker.backprop.tensor import Tensor
+from worker.kfac_layout import KFAC
 from worker.spec_error import SpecError
 
 LOSSES = ("cross_entropy", "mse", "l1", "binary_cross_entropy_with_logits",
@@ -897,10 +899,12 @@ def build_optimizer(spec: job_pb2.JobSpec | job_pb2.OptimizerSpec) -> tuple[str,
     if kind is None:
         return "adam", AdamHyper()
     path = f"optimizer.{kind}"
+    message = getattr(optimizer, kind)
+    if kind == KFAC:
+        return KFAC, _kfac_hyper(message, path)
     rule = RULES.get(kind)
     if rule is None:
         raise SpecError("optimizer", f"optimizer {kind!r} is not supported by this worker")
-    message = getattr(optimizer, kind)
     values: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
@@ -933,6 +937,28 @@ def build_optimizer(spec: job_pb2.JobSpec | job_pb2.OptimizerSpec) -> tuple[str,
         return kind, rule.hyper_type(**values)
     except ValueError as error:
         raise _field_path(path, error, renames) from error
+
+
+def _kfac_hyper(message: job_pb2.OptimizerSpec.KFAC, path: str) -> KFACHyper:
+    """K-FAC's hyperparameters: not a rule of RULES (it preconditions whole layers, see
+    worker/kfac_layout.py), so its fields are read here; 0 intervals and an empty
+    damping_method mean the defaults, as the proto says."""
+    values: dict[str, Any] = {}
+    for name in ("lr", "momentum", "damping", "factor_decay", "weight_decay", "kl_clip"):
+        if message.HasField(name):
+            values[name] = getattr(message, name)
+    for name in ("factor_update_interval", "inverse_update_interval"):
+        if getattr(message, name):
+            values[name] = getattr(message, name)
+    if message.damping_method:
+        values["damping_method"] = message.damping_method
+    lr = values.get("lr", _default(KFACHyper, "lr"))
+    if not lr > 0:
+        raise SpecError(f"{path}.lr", f"must be > 0, got {lr:g}")
+    try:
+        return KFACHyper(**values)
+    except ValueError as error:
+        raise _field_path(path, error) from error
 
 
 def _default(hyper_type: type, name: str) -> Any:
@@ -990,6 +1016,11 @@ def build_clipping(spec: job_pb2.JobSpec) -> Clipping:
             if not value > 0:
                 raise SpecError(f"clipping.{name}", f"must be > 0, got {value:g}")
             values[name] = value
+    if "max_value" in values and spec.optimizer.WhichOneof("rule") == KFAC:
+        # K-FAC preconditions the reduced gradient before the clipping coefficient is known;
+        # a norm clip scales the preconditioned direction alike, a value clip would not.
+        raise SpecError("clipping.max_value", "does not combine with optimizer.kfac: clip by "
+                                              "max_norm, or bound the step with kfac.kl_clip")
     return Clipping(**values)
 
 

@@ -408,6 +408,10 @@ FULL_OPTIMIZERS = {
              optim.LionHyper(0.0001, (0.95, 0.98), 0.1)),
     "adafactor": ("{lr: 0.01, beta2_decay: -0.5, eps2: 0.01, d: 2, weight_decay: 0.1}",
                   optim.AdafactorHyper(0.01, -0.5, (None, 0.01), 2.0, 0.1)),
+    "kfac": ("{lr: 0.05, momentum: 0.5, damping: 0.001, factor_decay: 0.9, "
+             "factor_update_interval: 2, inverse_update_interval: 3, weight_decay: 0.0001, "
+             "kl_clip: 0.001, damping_method: factored}",
+             optim.KFACHyper(0.05, 0.5, 0.001, 0.9, 2, 3, 0.0001, 0.001, "factored")),
 }
 
 
@@ -420,6 +424,20 @@ def test_every_optimizer_of_the_spec_has_a_case():
 def test_every_optimizer_field_reaches_the_hyperparameters(kind):
     text, expected = FULL_OPTIMIZERS[kind]
     assert build_optimizer(spec(f"optimizer: {{{kind}: {text}}}")) == (kind, expected)
+
+
+def test_kfac_intervals_of_0_and_an_empty_damping_method_take_the_defaults():
+    name, hyper = build_optimizer(spec("optimizer: {kfac: {factor_update_interval: 0, "
+                                       "inverse_update_interval: 0, damping_method: ''}}"))
+    assert (name, hyper) == ("kfac", optim.KFACHyper())
+    assert hyper.factor_update_interval == hyper.inverse_update_interval == 1
+    assert hyper.damping_method == "eigen" and hyper.kl_clip is None
+
+
+def test_kfac_with_clipping_by_value_is_refused_naming_the_field():
+    with raises_at("clipping.max_value", "kfac"):
+        build_clipping(spec("optimizer: {kfac: {}}\nclipping: {max_value: 1.0}"))
+    assert build_clipping(spec("optimizer: {kfac: {}}\nclipping: {max_norm: 1.0}")).max_norm == 1
 
 
 @pytest.mark.parametrize("lr", [0, -0.1])
@@ -435,6 +453,10 @@ def test_non_positive_learning_rate_names_the_lr_field(lr):
     ("{sgd: {momentum: -1}}", "optimizer.sgd.momentum"),
     ("{adafactor: {eps1: -1}}", "optimizer.adafactor.eps1"),
     ("{adafactor: {d: 0.5}}", "optimizer.adafactor.d"),
+    ("{kfac: {damping: 0}}", "optimizer.kfac.damping"),
+    ("{kfac: {factor_decay: 1.0}}", "optimizer.kfac.factor_decay"),
+    ("{kfac: {damping_method: exact}}", "optimizer.kfac.damping_method"),
+    ("{kfac: {lr: 0}}", "optimizer.kfac.lr"),
 ])
 def test_bad_hyperparameters_name_the_field(text, path):
     with raises_at(path):
