@@ -24,12 +24,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from worker.backprop.optim import RULES
 from worker.backprop.optim.clip import squared_norm
+from worker.backprop.optim.kfac import KFACHyper
 from worker.flat_parameters import ParameterLayout
+from worker.kfac_layout import KFAC, KFACLayout
+from worker.kfac_shard import KFACShard
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.transport import object_store, shared_memory
 from worker.tree_sum import TreeSum
@@ -44,9 +48,10 @@ class ShardSetup:
     # slice (set by load_parameters) and receives gradient chunks as call arguments.
     parameters: SharedArraySpec | None
     block_count: int  # gradient blocks summed per step (one per worker slot)
-    optimizer: str  # a key of worker.backprop.optim.RULES
+    optimizer: str  # a key of worker.backprop.optim.RULES, or "kfac"
     hyper: object  # the rule's hyperparameter dataclass
     clip_value: float | None = None
+    kfac: KFACLayout | None = None  # K-FAC's layers, for optimizer "kfac"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class ReduceResult:
     squared_norm: float
     parameter_squared_norms: dict[str, float]  # the parts of named parameters in this slice
     seconds: float
+    # K-FAC: v.g of each layer of the slice (v its preconditioned gradient), for the KL clip.
+    direction_dots: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,14 @@ class ParameterServerShard:
         # The shard's own accumulator, allocated once: the blocks are only read.
         self.tree = TreeSum(setup.block_count, self.hi - self.lo, setup.layout.dtype)
         self.gradient = self.tree.total
-        self.rule = RULES[setup.optimizer]
+        # K-FAC preconditions whole layers (worker/kfac_shard.py), then the SGD rule steps.
+        self.kfac: KFACShard | None = None
+        if setup.optimizer == KFAC:
+            if setup.kfac is None or not isinstance(setup.hyper, KFACHyper):
+                raise ValueError("a K-FAC shard needs the job's KFACLayout and KFACHyper")
+            self.kfac = KFACShard(setup.kfac, setup.layout, setup.bounds, setup.hyper,
+                                  setup.block_count)
+        self.rule = RULES["sgd"] if self.kfac is not None else RULES[setup.optimizer]
         self.steps_taken = 0
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
         # the shard's bounds are then aligned to parameter boundaries by the runner.
@@ -111,8 +125,16 @@ class ParameterServerShard:
 
     def _init_state(self, view: np.ndarray, shape: tuple[int, ...] | None) -> dict:
         if shape is None:
-            return self.rule.init_state(view, self.setup.hyper)
-        return self.rule.init_state(view, self.setup.hyper, shape=shape)
+            return self.rule.init_state(view, self._rule_hyper())
+        return self.rule.init_state(view, self._rule_hyper(), shape=shape)
+
+    def _rule_hyper(self, lr: float | None = None) -> Any:
+        """The hyperparameters self.rule runs with (K-FAC's SGD-with-momentum part for K-FAC),
+        at learning rate `lr` when given."""
+        hyper: Any = self.setup.hyper  # one of the rules' hyperparameter dataclasses
+        if lr is not None:
+            hyper = dataclasses.replace(hyper, lr=lr)
+        return hyper.base_rule() if isinstance(hyper, KFACHyper) else hyper
 
     def location(self) -> tuple[str, str]:
         from worker.replica import _ray_node_id
@@ -121,8 +143,11 @@ class ParameterServerShard:
 
     # --- one step ------------------------------------------------------------------------
 
-    def reduce(self, parts: list[np.ndarray]) -> ReduceResult:
-        """Sum the blocks' slices (in block order, by the fixed tree) into self.gradient."""
+    def reduce(self, parts: list[np.ndarray],
+               statistics: list[np.ndarray] | tuple = ()) -> ReduceResult:
+        """Sum the blocks' slices (in block order, by the fixed tree) into self.gradient.
+        K-FAC: `statistics` are the blocks' statistics sections on a factor-update step (see
+        expects_statistics); they are summed by the same tree, and the layers preconditioned."""
         start = time.perf_counter()
         gradient = self.tree.sum(parts)
         per_parameter = {
@@ -130,18 +155,31 @@ class ParameterServerShard:
             for slot, lo, hi in self.setup.layout.slots_within(self.lo, self.hi)
         }
         total = sum(per_parameter.values())
-        return ReduceResult(total, per_parameter, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        dots = {}
+        if self.kfac is not None:  # timed as part of the optimizer step (apply)
+            dots = self.kfac.prepare(gradient, statistics, self.steps_taken + 1)
+        return ReduceResult(total, per_parameter, seconds, dots)
 
-    def apply(self, lr: float, clip_coefficient: float = 1.0) -> ApplyResult:
-        """One optimizer step on the slice with the reduced gradient (self.gradient)."""
+    def expects_statistics(self) -> bool:
+        """Whether the next step's blocks come with K-FAC statistics (a factor-update step)."""
+        return self.kfac is not None and self.kfac.expects_statistics(self.steps_taken + 1)
+
+    def apply(self, lr: float, clip_coefficient: float = 1.0,
+              kl_coefficient: float = 1.0) -> ApplyResult:
+        """One optimizer step on the slice with the reduced gradient (self.gradient);
+        `kl_coefficient` is K-FAC's nu, which scales only preconditioned directions."""
         start = time.perf_counter()
         gradient = self.gradient
         if clip_coefficient < 1.0:
             gradient *= clip_coefficient
         if self.setup.clip_value is not None:
             np.clip(gradient, -self.setup.clip_value, self.setup.clip_value, out=gradient)
+        if self.kfac is not None:
+            self.kfac.write_directions(gradient, min(clip_coefficient, 1.0) * kl_coefficient)
+            start -= self.kfac.seconds  # factors, inverses and preconditioning, from reduce
         self.steps_taken += 1
-        hyper = dataclasses.replace(self.setup.hyper, lr=lr)
+        hyper = self._rule_hyper(lr)
         for (view, local, shape), state in zip(self.pieces, self.states):
             kwargs = {} if shape is None else {"shape": shape}
             self.rule.step(view, gradient[local], state, hyper, self.steps_taken, **kwargs)
@@ -158,8 +196,9 @@ class ParameterServerShard:
     def reduce_chunks(self, *chunks: np.ndarray) -> ReduceResult:
         return object_store.reduce_chunks(self, *chunks)
 
-    def apply_and_return(self, lr: float, coefficient: float = 1.0) -> tuple:
-        return object_store.apply_and_return(self, lr, coefficient)
+    def apply_and_return(self, lr: float, coefficient: float = 1.0,
+                         kl_coefficient: float = 1.0) -> tuple:
+        return object_store.apply_and_return(self, lr, coefficient, kl_coefficient)
 
     def reduce_apply_chunks(self, lr: float, *chunks: np.ndarray) -> tuple:
         return object_store.reduce_apply_chunks(self, lr, *chunks)
@@ -169,7 +208,10 @@ class ParameterServerShard:
     def state(self) -> tuple[int, dict[str, np.ndarray]]:
         """(optimizer steps, state) with keys that do not depend on how the vector is sharded:
         elementwise rules give their slice of each state array under the array's name (the
-        runner concatenates the shards' slices); others give "parameter/key" per parameter."""
+        runner concatenates the shards' slices); others give "parameter/key" per parameter, and
+        K-FAC also "layer/kfac_..." per layer (worker/kfac_shard.py)."""
+        if self.kfac is not None:
+            return self.steps_taken, self.kfac.state(self.slice_state)
         if self.rule.elementwise:
             return self.steps_taken, {key: np.array(value)
                                       for key, value in self.slice_state.items()}
@@ -183,6 +225,9 @@ class ParameterServerShard:
     def load_state(self, steps_taken: int, state: dict[str, np.ndarray]) -> None:
         """Take this shard's part of a whole-model optimizer state (see `state`)."""
         self.steps_taken = steps_taken
+        if self.kfac is not None:
+            self.kfac.load_state(state, self.slice_state)
+            return
         if self.rule.elementwise:
             for key, value in self.slice_state.items():
                 np.copyto(value, state[key][self.lo:self.hi])

@@ -7,6 +7,11 @@ fixed tree order, and writes the block's sum where the step's transport says (a 
 block in shared memory, or a fresh array returned through the object store: see
 worker/transport/), for the parameter-server shards to sum (the reduce-scatter).
 
+With K-FAC, on a factor-update step each micro-batch's forward and backward run inside a
+capture of the K-FAC layers, and the micro-batch's factor statistics (worker/kfac_layout.py)
+join its gradients as one more array of the same tree leaf: the block's statistics are summed
+by exactly the tree of its gradients, and written beside them.
+
 Each micro-batch's loss is summed over its samples and divided by the GLOBAL batch size, so the
 micro-batches' gradients add up to exactly the gradient of the batch's mean loss, whichever
 worker computed them. Dropout masks are seeded by (seed, step, micro-batch), never by worker.
@@ -22,8 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from worker.backprop import nn
+from worker.backprop.nn.capture import capture_layers
 from worker.backprop.tensor import Tensor, no_grad
 from worker.flat_parameters import ParameterLayout
+from worker.kfac_layout import (
+    KFAC,
+    KFACLayout,
+    empty_micro_batch_statistics,
+    micro_batch_statistics,
+)
 from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
@@ -74,6 +86,9 @@ class ModelReplica:
             self.flat = self.layout.flatten(self.model)
         self.layout.bind(self.model, self.flat)
         self.parameters = list(self.model.parameters())
+        self.kfac = KFACLayout.of(self.model, self.layout) if self.job.optimizer == KFAC else None
+        modules = dict(self.model.named_modules())
+        self.kfac_modules = [modules[layer.name] for layer in self.kfac.layers] if self.kfac else []
         self.loss = Loss(self.job.loss, "sum", self.job.label_smoothing)
         self.x = x if x.dtype.kind != "f" or x.dtype == dtype else x.astype(dtype)
         self.scores_accuracy = self.job.predictions_per_sample > 0
@@ -124,21 +139,29 @@ class ModelReplica:
     def compute(self, destination: dict[str, np.ndarray],
                 micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                 master_buffers: np.ndarray | None = None,
-                parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]] = ()
-                ) -> BlockResult:
+                parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]] = (),
+                statistics: np.ndarray | None = None) -> BlockResult:
         """Gradient of this block's micro-batches (index, sample indices) into `destination`
         (a view per parameter name); `batch_size` is the whole step's sample count (the loss's
         divisor). `master_buffers` (flat) are the step's starting buffers; `parameter_slices`
-        ((lo, hi), values) are written into the parameter vector first."""
+        ((lo, hi), values) are written into the parameter vector first. On a K-FAC
+        factor-update step (carries_statistics) the block's statistics go into `statistics`."""
         with self._compute_lock:
             for (lo, hi), values in parameter_slices:
                 self.flat[lo:hi] = values
             buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
-            return self._compute(destination, micro_batches, global_step, batch_size, buffers)
+            return self._compute(destination, micro_batches, global_step, batch_size, buffers,
+                                 statistics)
+
+    def carries_statistics(self, step: int) -> bool:
+        """Whether step `step` computes K-FAC factor statistics beside the gradients."""
+        return self.kfac is not None and self.kfac.carries_statistics(self.job.hyperparameters,
+                                                                      step)
 
     def _compute(self, destination: dict[str, np.ndarray],
                  micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
-                 buffers: dict[str, np.ndarray] | None) -> BlockResult:
+                 buffers: dict[str, np.ndarray] | None,
+                 statistics: np.ndarray | None = None) -> BlockResult:
         start = time.perf_counter()
         if buffers is not None:
             self.load_buffers(buffers)
@@ -147,12 +170,17 @@ class ModelReplica:
         loss_sum, samples, correct = 0.0, 0, 0
         per_batch_buffers = [] if self.buffer_names else None
         start_buffers = self.buffer_values() if self.buffer_names else None
+        captures = self.carries_statistics(global_step)
+        if captures and statistics is None:
+            raise ValueError(f"step {global_step} computes K-FAC statistics but was given no "
+                             f"statistics block to write them to")
         for micro_batch, indices in micro_batches:
             if start_buffers is not None:
                 self.load_buffers(start_buffers)  # each micro-batch starts from the step's stats
             nn.init.manual_seed(micro_batch_seed(self.job.seed, global_step, micro_batch))
-            gradients, batch_loss, batch_correct = self._micro_batch_gradient(indices, batch_size)
-            accumulator.push(gradients)
+            gradients, batch_loss, batch_correct = self._micro_batch_gradient(
+                indices, batch_size, self.kfac if captures else None)
+            accumulator.push(gradients)  # with K-FAC statistics: the leaf's last array
             loss_sum += batch_loss
             samples += len(indices)
             correct += batch_correct
@@ -167,20 +195,35 @@ class ModelReplica:
             else:
                 np.copyto(destination[slot.name], total[index])
             written += destination[slot.name].nbytes
+        if captures and statistics is not None:
+            if total is None:
+                statistics[...] = 0
+            else:
+                np.copyto(statistics, total[-1])
+            written += statistics.nbytes
         return BlockResult(loss_sum, samples, correct, computed - start, written,
                            time.perf_counter() - computed, per_batch_buffers)
 
-    def _micro_batch_gradient(self, indices: np.ndarray, batch_size: int):
+    def _micro_batch_gradient(self, indices: np.ndarray, batch_size: int,
+                              kfac: KFACLayout | None = None):
+        """(gradients, and last the K-FAC statistics of `kfac`'s layers when given; loss sum;
+        correct)."""
         for parameter in self.parameters:
             parameter.grad = None
         if len(indices) == 0:  # a short last batch can leave a micro-batch empty
-            return [np.zeros_like(p.data) for p in self.parameters], 0.0, 0
-        output = self.model(Tensor(self.x[indices]))
-        target = self.y[indices]
-        loss = self.loss(output, target)
-        (loss * (1.0 / batch_size)).backward()
+            empty = [np.zeros_like(p.data) for p in self.parameters]
+            if kfac is not None:
+                empty.append(empty_micro_batch_statistics(kfac))
+            return empty, 0.0, 0
+        with capture_layers(self.kfac_modules if kfac is not None else []) as recorded:
+            output = self.model(Tensor(self.x[indices]))
+            target = self.y[indices]
+            loss = self.loss(output, target)
+            (loss * (1.0 / batch_size)).backward()
         gradients = [p.grad if p.grad is not None else np.zeros_like(p.data)
                      for p in self.parameters]
+        if kfac is not None:  # output gradients of the step's mean loss: grad_scale undoes it
+            gradients.append(micro_batch_statistics(kfac, recorded, batch_size))
         correct = self.loss.correct(output.data, target) if self.scores_accuracy else 0
         return gradients, float(loss.data), correct
 

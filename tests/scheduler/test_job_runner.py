@@ -296,11 +296,11 @@ def shard_falling_silent_at_step(step, marker):
     """Shard 1 stops answering (alive, but stuck) in its optimizer step of `step`, once."""
 
     class ShardFallingSilent(ParameterServerShard):
-        def apply(self, lr, clip_coefficient=1.0):
+        def apply(self, lr, *coefficients):
             if self.setup.index == 1 and self.steps_taken + 1 == step and not marker.exists():
                 marker.touch()
                 time.sleep(600)
-            return super().apply(lr, clip_coefficient)
+            return super().apply(lr, *coefficients)
 
     return ShardFallingSilent
 

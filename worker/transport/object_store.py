@@ -7,6 +7,12 @@ worker still sends and receives about one model's worth of bytes per step, but t
 object-store copies and actor calls, which cost milliseconds each: on one host the shared-
 memory transport (shared_memory.py) is used instead.
 
+K-FAC's factor-update steps add to each worker's returns one float64 statistics chunk per
+shard (the section of the statistics vector covering that shard's layers, worker/kfac_layout.py),
+which the shard sums in the same fixed tree as the gradient chunks. With a KL clip the shards
+first return each layer's v.g, and the runner sends K-FAC's coefficient nu with the clipping
+coefficient.
+
 This module owns both ends of the protocol: the runner's side (ObjectStoreTransport) and what
 the actors do when called (compute_chunks, reduce_chunks, apply_and_return,
 reduce_apply_chunks, which ModelReplica and ParameterServerShard expose as their remote
@@ -20,14 +26,12 @@ error raised by the job's computation as BlockFailed.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
-from worker.backprop.optim.clip import clip_coefficient
 from worker.transport.step import (
     BlockFailed,
     BlockStats,
@@ -38,6 +42,7 @@ from worker.transport.step import (
     StepOutcome,
     StepWork,
     WorkersLost,
+    apply_coefficients,
 )
 
 if TYPE_CHECKING:
@@ -52,9 +57,12 @@ if TYPE_CHECKING:
 class ObjectStoreTransport:
     def __init__(self, actors: JobActors, parameters: np.ndarray, bounds: list[tuple[int, int]],
                  slots: list[ParameterSlot], flatten_buffers: Callable[[dict], np.ndarray],
-                 *, timeout_seconds: float):
+                 *, timeout_seconds: float,
+                 statistics_bounds: Sequence[tuple[int, int]] = ()):
         self.actors = actors
         self.parameters, self.bounds, self.slots = parameters, bounds, slots
+        # K-FAC: each shard's section of the statistics vector (float64), its chunk's size.
+        self.statistics_bytes = sum(hi - lo for lo, hi in statistics_bounds) * 8
         self.flatten_buffers = flatten_buffers
         self.timeout_seconds = timeout_seconds
         self.slices: list = []
@@ -98,11 +106,12 @@ class ObjectStoreTransport:
         work = self.work
         if work is None:
             raise RuntimeError("recompute() needs a step that returned WorkersLost")
+        chunks = len(self.bounds) * (2 if work.carries_statistics else 1)
         for block, worker in owners.items():
             lo, hi = work.block_ranges[block]
             self.owners[block] = worker
             self.calls[block] = self.actors.replicas[worker].compute_chunks.options(
-                num_returns=len(self.bounds) + 1).remote(
+                num_returns=chunks + 1).remote(
                 work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
                 self.bounds, *self.slices)
         failure = self._collect_blocks(work)
@@ -143,9 +152,13 @@ class ObjectStoreTransport:
 
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))
-        chunks_of_shard = [[self.calls[b][k] for b in blocks] for k in range(len(self.bounds))]
+        shard_count = len(self.bounds)
+        chunks_of_shard = [[self.calls[b][k] for b in blocks] for k in range(shard_count)]
+        if work.carries_statistics:  # then each shard's statistics chunks, in block order
+            for k in range(shard_count):
+                chunks_of_shard[k] += [self.calls[b][shard_count + k] for b in blocks]
         shards = self.actors.shards
-        if work.max_norm is None:
+        if not work.waits_for_coefficients:
             calls = [shard.reduce_apply_chunks.options(num_returns=3).remote(work.lr, *chunks)
                      for shard, chunks in zip(shards, chunks_of_shard)]
             reduced = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
@@ -155,9 +168,11 @@ class ObjectStoreTransport:
             reduced = ray.get([shard.reduce_chunks.remote(*chunks)
                                for shard, chunks in zip(shards, chunks_of_shard)],
                               timeout=self.timeout_seconds)
-            coefficient = clip_coefficient(math.sqrt(sum(r.squared_norm for r in reduced)),
-                                           work.max_norm)
-            calls = [shard.apply_and_return.options(num_returns=2).remote(work.lr, coefficient)
+            coefficient, nu = apply_coefficients(
+                work, sum(r.squared_norm for r in reduced),
+                [dot for r in reduced for dot in r.direction_dots.values()])
+            calls = [shard.apply_and_return.options(num_returns=2).remote(work.lr, coefficient,
+                                                                          nu)
                      for shard in shards]
             applied = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
             self.slices = [c[1] for c in calls]
@@ -167,9 +182,11 @@ class ObjectStoreTransport:
             for name, value in r.parameter_squared_norms.items():
                 norms[index[name]] += value
         results = [self.delivered[b] for b in blocks]
+        sent = sum(hi - lo for lo, hi in self.bounds) * self.parameters.itemsize
+        if work.carries_statistics:
+            sent += self.statistics_bytes
         block_stats = [BlockStats(r.loss_sum, r.samples, r.correct, r.seconds, r.write_seconds,
-                                  sum(hi - lo for lo, hi in self.bounds)
-                                  * self.parameters.itemsize)
+                                  sent)
                        for r in results]
         shard_stats = [ShardStats(r.squared_norm, r.seconds, a.seconds, a.bytes_updated)
                        for r, a in zip(reduced, applied)]
@@ -186,23 +203,37 @@ def compute_chunks(replica: ModelReplica, micro_batches: list[tuple[int, np.ndar
                    step: int, batch_size: int, master_buffers: np.ndarray | None,
                    bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
     """A worker's step: take the shards' updated slices (the all-gather), compute the block,
-    return it cut into one chunk per shard (the reduce-scatter), then the block's statistics."""
+    return it cut into one chunk per shard (the reduce-scatter), on a K-FAC factor-update step
+    then its statistics cut into one section per shard, and last the block's figures."""
     # A fresh block each call: Ray copies the returned chunks after this function returns,
     # when another call may already be computing.
     block = np.empty_like(replica.flat)
+    kfac = replica.kfac
+    statistics = (np.empty(kfac.statistics_size)
+                  if kfac is not None and replica.carries_statistics(step) else None)
     result = replica.compute(replica.layout.views(block), micro_batches, step, batch_size,
-                             master_buffers, parameter_slices=list(zip(bounds, slices)))
-    return (*(block[lo:hi] for lo, hi in bounds), result)
+                             master_buffers, parameter_slices=list(zip(bounds, slices)),
+                             statistics=statistics)
+    chunks = [block[lo:hi] for lo, hi in bounds]
+    if kfac is not None and statistics is not None:
+        sections = [kfac.statistics_bounds(lo, hi) for lo, hi in bounds]
+        chunks += [statistics[lo:hi] for lo, hi in sections]
+    return (*chunks, result)
 
 
 def reduce_chunks(shard: ParameterServerShard, *chunks: np.ndarray) -> ReduceResult:
+    """Gradient chunks in block order, on a K-FAC factor-update step followed by as many
+    statistics chunks."""
+    if shard.expects_statistics():
+        half = len(chunks) // 2
+        return shard.reduce(list(chunks[:half]), list(chunks[half:]))
     return shard.reduce(list(chunks))
 
 
-def apply_and_return(shard: ParameterServerShard, lr: float,
-                     coefficient: float = 1.0) -> tuple[ApplyResult, np.ndarray]:
+def apply_and_return(shard: ParameterServerShard, lr: float, coefficient: float = 1.0,
+                     kl_coefficient: float = 1.0) -> tuple[ApplyResult, np.ndarray]:
     """Apply, and return the updated slice for the replicas (the all-gather)."""
-    return shard.apply(lr, coefficient), shard.parameters
+    return shard.apply(lr, coefficient, kl_coefficient), shard.parameters
 
 
 def reduce_apply_chunks(shard: ParameterServerShard, lr: float, *chunks: np.ndarray) -> tuple:

@@ -13,6 +13,12 @@ a pipe, microseconds. One step:
   (with global-norm clipping: REDUCE_THEN_WAIT, SHARD_REDUCED with the norm, then APPLY with
   the coefficient computed from every shard's norm)
 
+K-FAC adds, on its factor-update steps, one float64 statistics block per worker beside the
+gradient blocks (worker/kfac_layout.py): the worker writes its block's factor statistics there,
+and each shard sums the section of its own layers over the blocks in the same fixed tree as
+their gradients. With a KL clip the shards write each layer's v.g into a shared table and report
+SHARD_REDUCED; APPLY then brings K-FAC's coefficient nu beside the clipping coefficient.
+
 This module owns both ends of that protocol: the messages, the runner's side
 (SharedMemoryTransport) and the actors' step loops (serve_worker, serve_shard, which
 ModelReplica.serve and ParameterServerShard.serve run). It lives in worker/ because the actors
@@ -26,7 +32,6 @@ completes the step with the same bits), a dead shard as ShardLost, a job error a
 
 from __future__ import annotations
 
-import math
 import os
 import struct
 import time
@@ -37,7 +42,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import ray
 
-from worker.backprop.optim.clip import clip_coefficient
 from worker.shared_memory import SharedArrayGroup, SharedArraySpec
 from worker.transport.named_pipe import Channel, ChannelTimeout, Record
 from worker.transport.step import (
@@ -50,6 +54,7 @@ from worker.transport.step import (
     StepOutcome,
     StepWork,
     WorkersLost,
+    apply_coefficients,
 )
 
 if TYPE_CHECKING:
@@ -103,14 +108,15 @@ class WorkerCommand(Record):
 class ShardCommand(Record):
     """Runner -> shard: reduce `blocks` blocks of `step` once the workers say they are written,
     then apply at `lr` (REDUCE_AND_APPLY), or report the norm and wait for APPLY with the global
-    clipping `coefficient` (REDUCE_THEN_WAIT)."""
+    clipping `coefficient` and K-FAC's `kl_coefficient` (REDUCE_THEN_WAIT)."""
 
-    layout: ClassVar = struct.Struct("<iqqdd")
+    layout: ClassVar = struct.Struct("<iqqddd")
     op: Op
     step: int
     blocks: int = 0
     lr: float = 0.0
     coefficient: float = 1.0
+    kl_coefficient: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", Op(self.op))
@@ -231,6 +237,10 @@ class SharedStep:
     plan: StepPlanSpec
     gradient_blocks: tuple[SharedArraySpec, ...]  # block b: written by its worker, read only
     norms: SharedArraySpec  # row k: shard k's squared norm per parameter slot
+    # K-FAC: block b's factor statistics (float64, worker/kfac_layout.py), and row k: shard
+    # k's v.g per K-FAC layer (zero for the layers it does not own).
+    statistics_blocks: tuple[SharedArraySpec, ...] = ()
+    direction_dots: SharedArraySpec | None = None
 
 
 # --- the runner's side -------------------------------------------------------------------------
@@ -249,7 +259,8 @@ class _StepInProgress:
 class SharedMemoryTransport:
     def __init__(self, shared: SharedArrayGroup, actors: JobActors, *, parameter_count: int,
                  slots: int, max_samples: int, max_micro_batches: int, buffer_size: int,
-                 dtype: str, timeout_seconds: float):
+                 dtype: str, timeout_seconds: float, statistics_size: int = 0,
+                 kfac_layers: int = 0):
         self.actors = actors
         self.timeout_seconds = timeout_seconds
         workers, shards = len(actors.replicas), len(actors.shards)
@@ -266,6 +277,9 @@ class SharedMemoryTransport:
             tuple(create(f"gradient-block-{b}", (parameter_count,), dtype)
                   for b in range(workers)),
             create("parameter-norms", (shards, slots), "float64"),
+            tuple(create(f"statistics-block-{b}", (statistics_size,), "float64")
+                  for b in range(workers)) if statistics_size else (),
+            create("direction-dots", (shards, kfac_layers), "float64") if kfac_layers else None,
         )
         self.worker_loops: dict[int, ray.ObjectRef | None] = {}
         self.shard_loops: list[ray.ObjectRef] = []
@@ -279,6 +293,7 @@ class SharedMemoryTransport:
         self.micro_buffers = (plan.micro_batch_buffers.attach()
                               if plan.micro_batch_buffers else None)
         self.norm_table = spec.norms.attach()
+        self.dots_table = spec.direction_dots.attach() if spec.direction_dots else None
         spec.channels.create_all()
         self.inbox = Channel(spec.channels.runner())
         self.worker_inboxes = [Channel(spec.channels.worker(w))
@@ -315,7 +330,7 @@ class SharedMemoryTransport:
         step = self.current = _StepInProgress(work, {}, time.monotonic() + self.timeout_seconds)
         for block, worker in enumerate(work.block_owners):
             self._send_block(step, block, worker)
-        op = Op.REDUCE_AND_APPLY if work.max_norm is None else Op.REDUCE_THEN_WAIT
+        op = Op.REDUCE_THEN_WAIT if work.waits_for_coefficients else Op.REDUCE_AND_APPLY
         for inbox in self.shard_inboxes:
             inbox.send(ShardCommand(op, work.step, len(work.block_ranges), work.lr))
         return self._await_reports(step)
@@ -367,11 +382,12 @@ class SharedMemoryTransport:
             elif report.kind == ReportKind.SHARD_REDUCED:
                 step.reduced[report.shard] = report
                 if len(step.reduced) == shard_count:
-                    norm = math.sqrt(sum(r.squared_norm for r in step.reduced.values()))
-                    coefficient = clip_coefficient(norm, work.max_norm)
+                    squared = sum(step.reduced[k].squared_norm for k in range(shard_count))
+                    dots = self.dots_table.ravel() if self.dots_table is not None else ()
+                    coefficient, nu = apply_coefficients(work, squared, dots)
                     for inbox in self.shard_inboxes:
                         inbox.send(ShardCommand(Op.APPLY, work.step, block_count, work.lr,
-                                                coefficient))
+                                                coefficient, nu))
             else:  # SHARD_APPLIED; with clipping the norm came first, in SHARD_REDUCED
                 first = step.reduced.get(report.shard, report)
                 step.applied[report.shard] = ShardStats(first.squared_norm, first.reduce_seconds,
@@ -431,6 +447,7 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
     per_micro_batch = (spec.plan.micro_batch_buffers.attach()
                        if spec.plan.micro_batch_buffers else None)
     blocks = [replica.layout.views(block.attach()) for block in spec.gradient_blocks]
+    statistics = [block.attach() for block in spec.statistics_blocks]
     while True:
         command = inbox.receive(WorkerCommand)
         if command.op == Op.STOP:
@@ -439,7 +456,8 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
                          for m in range(command.micro_lo, command.micro_hi)]
         try:
             result = replica.compute(blocks[command.block], micro_batches, command.step,
-                                     command.samples, master)
+                                     command.samples, master,
+                                     statistics=statistics[command.block] if statistics else None)
         except Exception as error:  # a job error (bad data, NaN...), not a lost worker
             replica.last_error = f"{type(error).__name__}: {error}"
             runner.send(BlockReport(ReportKind.BLOCK_FAILED, command.step, command.block))
@@ -467,12 +485,18 @@ def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:
     blocks = [block.attach()[shard.lo:shard.hi] for block in spec.gradient_blocks]
     norm_row = spec.norms.attach()[index]
     slot_index = {slot.name: i for i, slot in enumerate(shard.setup.layout.slots)}
+    kfac = shard.kfac
+    statistics = ([kfac.statistics_section(block.attach()) for block in spec.statistics_blocks]
+                  if kfac is not None else [])
+    dots_row = spec.direction_dots.attach()[index] if spec.direction_dots else None
+    layer_index = ({layer.name: i for i, layer in enumerate(kfac.kfac_layout.layers)}
+                   if kfac is not None else {})
     while True:
         command = commands.receive(ShardCommand)
         if command.op == Op.STOP:
             return
         if command.op == Op.APPLY:
-            applied = shard.apply(command.lr, command.coefficient)
+            applied = shard.apply(command.lr, command.coefficient, command.kl_coefficient)
             runner.send(ShardReport(ReportKind.SHARD_APPLIED, command.step, index,
                                     apply_seconds=applied.seconds,
                                     bytes_updated=applied.bytes_updated))
@@ -482,10 +506,15 @@ def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:
             message = blocks_written.receive(BlockWritten)
             if message.step == command.step:  # earlier steps' duplicates are stale
                 written.add(message.block)
-        reduced = shard.reduce(blocks[:command.blocks])
+        step_statistics = statistics[:command.blocks] if shard.expects_statistics() else ()
+        reduced = shard.reduce(blocks[:command.blocks], step_statistics)
         norm_row[:] = 0.0
         for name, value in reduced.parameter_squared_norms.items():
             norm_row[slot_index[name]] = value
+        if dots_row is not None:
+            dots_row[:] = 0.0
+            for name, value in reduced.direction_dots.items():
+                dots_row[layer_index[name]] = value
         if command.op == Op.REDUCE_THEN_WAIT:
             runner.send(ShardReport(ReportKind.SHARD_REDUCED, command.step, index,
                                     reduced.squared_norm, reduced.seconds))

@@ -12,11 +12,15 @@ the scheduler imports them from here, and the actors never import the scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from worker.backprop.optim.clip import clip_coefficient
+from worker.backprop.optim.kfac import kl_clip_coefficient
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,28 @@ class StepWork:
     lr: float
     max_norm: float | None  # global-norm clipping, or None
     master_buffers: np.ndarray | None  # flat BatchNorm statistics at the step's start
+    # K-FAC: the blocks carry factor statistics (worker/kfac_layout.py), and the KL clip's
+    # bound (None: off), for which the shards report v.g before they apply.
+    carries_statistics: bool = False
+    kl_clip: float | None = None
+
+    @property
+    def waits_for_coefficients(self) -> bool:
+        """Whether the shards report after reducing and wait for the runner's coefficients
+        (global-norm clipping, K-FAC's KL clip), rather than apply at once."""
+        return self.max_norm is not None or self.kl_clip is not None
+
+
+def apply_coefficients(work: StepWork, squared_norm: float,
+                       direction_dots: Iterable[float]) -> tuple[float, float]:
+    """(clipping coefficient c, K-FAC's KL coefficient nu) from every shard's squared norm
+    (summed) and every K-FAC layer's v.g (added by math.fsum, exactly rounded, so neither the
+    shard count nor their order changes nu's bits). v.g of the clipped gradient is c^2 v.g:
+    preconditioning is linear."""
+    clip = 1.0 if work.max_norm is None else clip_coefficient(math.sqrt(squared_norm),
+                                                              work.max_norm)
+    nu = kl_clip_coefficient(work.lr, work.kl_clip, clip * clip * math.fsum(direction_dots))
+    return clip, nu
 
 
 @dataclass(frozen=True)

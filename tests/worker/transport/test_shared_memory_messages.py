@@ -29,8 +29,14 @@ def test_a_worker_command_arrives_with_its_fields_and_its_op(pipe):
     assert received.op is Op.COMPUTE
 
 
+def test_an_apply_command_brings_the_clipping_and_kfac_coefficients(pipe):
+    pipe.send(ShardCommand(Op.APPLY, step=7, blocks=2, lr=0.1, coefficient=0.5,
+                           kl_coefficient=0.25))
+    assert pipe.receive(ShardCommand, timeout=1) == ShardCommand(Op.APPLY, 7, 2, 0.1, 0.5, 0.25)
+
+
 def test_an_unknown_op_code_is_refused_when_read():
-    data = ShardCommand.layout.pack(99, 1, 2, 0.1, 1.0)
+    data = ShardCommand.layout.pack(99, 1, 2, 0.1, 1.0, 1.0)
     with pytest.raises(ValueError, match="99"):
         ShardCommand.unpack(data)
 
