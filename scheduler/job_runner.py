@@ -116,6 +116,11 @@ class RunSettings:
 
 
 class JobRunner:
+    # The current run's actors and transport: set up by _run_once, which also tears them down;
+    # the step loop's methods use them only while that run lasts.
+    worker_group: WorkerGroup
+    transport: StepTransport
+
     def __init__(
         self,
         job: ResolvedJob,
@@ -207,8 +212,8 @@ class JobRunner:
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.job.name or "job")
         shared_memory = _use_shared_memory(self.transport_name)
-        self.transport: StepTransport | None = None
-        self.worker_group: WorkerGroup | None = None
+        group: WorkerGroup | None = None  # what this run started, for the tear-down
+        transport: StepTransport | None = None
         try:
             parameters = None
             if shared_memory:
@@ -226,23 +231,24 @@ class JobRunner:
                 self.evaluator.load_buffers(dict(model.named_buffers()))
             if self.resume_from is not None:
                 self._restore_locally(self.resume_from)
-            self.worker_group = WorkerGroup(
+            group = self.worker_group = WorkerGroup(
                 reserve(settings.workers, settings.shards, self.cpus_per_worker,
                         self.job.placement_strategy, self.placement_timeout_seconds),
                 timeout_seconds=settings.step_timeout_seconds)
             self._start_actors(replica_setup, parameters, shared_memory)
+            transport = self.transport
             if self.resume_from is not None:
                 self._restore_shards(self.resume_from)
-            self.transport.start()
+            transport.start()
             return self._train()
         except ActorFailure as found:  # outside a step: a shard dead at start or checkpoint
             self._on_failure(found.failure)  # raises: restart or fail
             raise
         finally:
-            if self.transport is not None:
-                self.transport.stop()
-            if self.worker_group is not None:
-                self.worker_group.stop()
+            if transport is not None:
+                transport.stop()
+            if group is not None:
+                group.stop()
             self.shared.remove()
 
     def _start_actors(self, replica_setup: ReplicaSetup, parameters, shared_memory: bool) -> None:
@@ -308,11 +314,14 @@ class JobRunner:
                 self._take_checkpoint(step, notify=True)
         # A stop is checkpointed (resuming continues from it), and so is the end when its step
         # was not already: a SUCCEEDED job can then be continued for more epochs.
-        if self.on_checkpoint is not None and (stopped or self.last_checkpoint.step != step):
+        last = self.last_checkpoint
+        assert last is not None  # taken before the first step
+        if self.on_checkpoint is not None and (stopped or last.step != step):
             self.on_checkpoint(self.checkpoint(step))
-        triggered = self.early_stopping is not None and self.early_stopping.triggered
-        if triggered and self.early_stopping.best_state is not None:
-            self._restore_best(self.early_stopping.best_state)
+        stopping = self.early_stopping
+        triggered = stopping is not None and stopping.triggered
+        if stopping is not None and triggered and stopping.best_state is not None:
+            self._restore_best(stopping.best_state)
         final = None
         if self.dataset.x_val is not None and not stopped:
             evaluations = self.history.evaluations
@@ -470,7 +479,7 @@ class JobRunner:
     # --- evaluation and results ----------------------------------------------------------------
 
     def _evaluate(self, step: int, epoch: int) -> EvaluationRecord | None:
-        if self.dataset.x_val is None:
+        if self.dataset.x_val is None or self.dataset.y_val is None:  # both or neither
             return None
         self.transport.sync_parameters()
         loss_sum, samples, correct = self.evaluator.evaluate(self.dataset.x_val,
