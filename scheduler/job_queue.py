@@ -15,7 +15,8 @@ The queue knows nothing about gRPC or SQLite. It reports through two narrow inte
 
 Stopping: a runner polls `should_stop` at every step boundary; when it stops early it has
 handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stopped by
-`shutdown` goes back to QUEUED (the next server start resumes it from the checkpoint).
+`shutdown` goes back to QUEUED (the next server start resumes it from the checkpoint); a run
+longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -102,9 +104,11 @@ class JobQueue:
         observers: Sequence[Any] = (),
         runner_factory: RunnerFactory = JobRunner,
         placement_timeout_seconds: float = 120.0,
+        max_run_seconds: float = math.inf,
     ):
         """`cluster_cpus` (a number or a function giving it) is what the slots divide; 0 lets
-        each runner take its spec's CPUs (tests with a fake runner)."""
+        each runner take its spec's CPUs (tests with a fake runner). `max_run_seconds` bounds
+        one run of a job, from its start (or resume) to its end."""
         if max_concurrent_jobs < 1:
             raise ValueError(f"max_concurrent_jobs must be >= 1, got {max_concurrent_jobs}")
         self.host = host
@@ -113,6 +117,7 @@ class JobQueue:
         self.observers = list(observers)
         self.runner_factory = runner_factory
         self.placement_timeout_seconds = placement_timeout_seconds
+        self.max_run_seconds = max_run_seconds
         self._lock = threading.Lock()
         self._heap: list[tuple[int, int, str]] = []  # (-priority, arrival, job id)
         self._waiting: dict[str, QueuedJob] = {}  # queued job id -> job (heap entries may be stale)
@@ -194,7 +199,7 @@ class JobQueue:
                     job = self._waiting.pop(job_id, None)  # None: cancelled while waiting
                 if job is None:
                     return
-                running = _RunningJob(job)
+                running = _RunningJob(job, time.monotonic() + self.max_run_seconds)
                 self._running[job.job_id] = running
                 depth = len(self._waiting)
             self._notify("queue_depth", depth)
@@ -225,6 +230,10 @@ class JobQueue:
                 outcome = JobOutcome(SUCCEEDED, result=result)
             elif running.cancelled.is_set():
                 outcome = JobOutcome(CANCELLED, result=result)
+            elif running.timed_out.is_set():
+                outcome = JobOutcome(FAILED, result=result, error=(
+                    f"stopped after running longer than this server's limit of "
+                    f"{self.max_run_seconds:g} s; resume it to continue from its checkpoint"))
         except Exception as error:  # a failed job must never take the service down
             log.exception("job %s failed", job_id)
             message = str(error) or type(error).__name__
@@ -271,11 +280,16 @@ class JobQueue:
 
 
 class _RunningJob:
-    def __init__(self, job: QueuedJob):
+    def __init__(self, job: QueuedJob, deadline: float = math.inf):
         self.job = job
+        self.deadline = deadline  # time.monotonic()
         self.cancelled = threading.Event()
         self.interrupted = threading.Event()
+        self.timed_out = threading.Event()
         self.thread: threading.Thread | None = None
 
     def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.interrupted.is_set()
+        if time.monotonic() >= self.deadline:
+            self.timed_out.set()
+        return (self.cancelled.is_set() or self.interrupted.is_set()
+                or self.timed_out.is_set())

@@ -142,7 +142,8 @@ def serve(
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port)
     queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
-                     observers=[service] + ([metrics] if metrics is not None else []))
+                     observers=[service] + ([metrics] if metrics is not None else []),
+                     max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
     server = grpc.server(

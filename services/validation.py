@@ -5,11 +5,18 @@ Validation is resolving the job (worker/resolved_job.py: the very code whose res
 the runner and the replicas consume, so a spec that passes here cannot fail there for a spec
 reason) plus what only this server decides: whether the data set exists for this tenant, and
 the limits one job must stay within. `chainrule train` runs the same checks before Ray starts.
+
+What a spec costs to check is bounded too: its size and its layer count are judged first, in
+time proportional to the limits (never to the spec), before resolving walks the layers.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
+
+import numpy as np
 
 from chainrule.v1 import job_pb2
 from scheduler.datasets import BUILTIN_DATASETS, is_builtin
@@ -31,6 +38,22 @@ class Limits:
     max_epochs: int = 10_000
     max_micro_batches: int = 4096
     max_gradient_accumulation_steps: int = 1024
+    # Checked before anything else, so that a huge spec costs microseconds to refuse.
+    max_spec_bytes: int = 256 * 1024
+    # Layers, counting those nested in residual blocks and every stacked recurrent layer
+    # (num_layers): a 1,000-layer spec is already a very deep network.
+    max_layers: int = 1000
+    max_total_steps: int = 10_000_000  # optimizer steps over all epochs
+    # Longest a run of a job may train before it is stopped FAILED (it can be resumed).
+    max_wall_seconds: float = 7 * 24 * 3600.0
+    # Activations of one micro-batch's forward pass on one worker (see activation_bytes).
+    max_activation_bytes: int = 2 * 1024**3
+
+
+# A job's name is shown in listings and logs: printable, short, never a path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:+@()-]*")
+MAX_NAME_LENGTH = 128
+RECURRENT_KINDS = ("lstm", "gru", "rnn")
 
 
 def upload_name(dataset: str) -> str | None:
@@ -57,6 +80,8 @@ def check_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits, *,
                weights: WeightsShape | None = None) -> ResolvedJob:
     """`validate_spec` with SpecError (for `chainrule train`, which also passes its
     --workers and --parameter-servers overrides)."""
+    check_spec_size(spec, limits)
+    check_name(spec.name)
     name = spec.data.dataset
     if not name:
         raise SpecError("data.dataset", f"required: a built-in ({', '.join(BUILTIN_DATASETS)}) "
@@ -68,6 +93,66 @@ def check_spec(spec: job_pb2.JobSpec, data: DataShape | None, limits: Limits, *,
                   weights=weights, max_parameters=limits.max_parameters)
     check_limits(job, limits)
     return job
+
+
+def check_spec_size(spec: job_pb2.JobSpec, limits: Limits) -> None:
+    """SpecError when the spec has more layers or bytes than this server takes. The layers are
+    counted first and the count stops past the limit, so a spec of millions of layers costs
+    no more to refuse than one just over it (the byte size walks every layer)."""
+    layers = count_layers(spec.model, stop_after=limits.max_layers)
+    if layers > limits.max_layers:
+        raise SpecError("model.layers", f"has more than {limits.max_layers:,} layers (counting "
+                                        f"those in residual blocks and each of a recurrent "
+                                        f"layer's num_layers), this server's limit")
+    size = spec.ByteSize()
+    if size > limits.max_spec_bytes:
+        raise SpecError("spec", f"is {size:,} bytes, more than this server's limit of "
+                                f"{limits.max_spec_bytes:,}")
+
+
+def count_layers(model: job_pb2.ModelSpec, stop_after: int) -> int:
+    """The model's layers: those nested in residual blocks included, a recurrent layer counted
+    once per stacked layer. Stops counting once past `stop_after` (so at most that + 1 of
+    millions are visited); iterative, so nesting depth costs no stack."""
+    count = 0
+    pending = [iter(model.layers)]
+    while pending and count <= stop_after:
+        layer = next(pending[-1], None)
+        if layer is None:
+            pending.pop()
+            continue
+        kind = layer.WhichOneof("kind")
+        if kind in RECURRENT_KINDS:
+            count += max(getattr(layer, kind).num_layers, 1)
+        else:
+            count += 1
+        if kind == "residual":
+            pending.append(iter(layer.residual.layers))
+    return count
+
+
+def check_name(name: str) -> None:
+    """SpecError unless the job's name is empty or printable, short and free of path
+    separators (it once named shared-memory folders: `evil/../../x` escaped /dev/shm)."""
+    if not name:
+        return
+    if len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise SpecError("name", f"must be at most {MAX_NAME_LENGTH} characters: letters, digits, "
+                                f"spaces and . _ - : + @ ( ), starting with a letter or digit; "
+                                f"got {shown!r} ({len(name)} characters)")
+
+
+def activation_bytes(job: ResolvedJob) -> tuple[int, int, int]:
+    """(bytes, samples, values per sample): an estimate of the activations one worker holds
+    for backward. A worker runs forward and backward one micro-batch at a time, and keeps
+    every layer's output of that micro-batch until backward: its samples times the input's
+    and every top-level layer's output size (worker/model_builder.py's plan), in the job's
+    dtype. A lower bound: layers inside a block keep their own outputs too."""
+    samples = math.ceil(job.batch_size / job.micro_batches)
+    values = math.prod(job.model.input_shape) + sum(math.prod(layer.output_shape)
+                                                    for layer in job.model.layers)
+    return samples * values * np.dtype(job.dtype).itemsize, samples, values
 
 
 def check_limits(job: ResolvedJob, limits: Limits) -> None:
@@ -85,3 +170,21 @@ def check_limits(job: ResolvedJob, limits: Limits) -> None:
     if job.model.parameters > limits.max_parameters:
         raise SpecError("model", f"has {job.model.parameters:,} parameters, more than this "
                                  f"server's limit of {limits.max_parameters:,}")
+    if job.total_steps > limits.max_total_steps:
+        raise SpecError("data.epochs", f"{job.epochs:,} epochs of {job.steps_per_epoch:,} steps "
+                                       f"are {job.total_steps:,} optimizer steps, more than this "
+                                       f"server's limit of {limits.max_total_steps:,}")
+    size, samples, values = activation_bytes(job)
+    if size > limits.max_activation_bytes:
+        raise SpecError("data.batch_size", f"a micro-batch of {samples:,} samples (batch_size "
+                                           f"{job.batch_size:,} / {job.micro_batches} "
+                                           f"micro_batches) keeps about {_mib(size)} of "
+                                           f"activations on a worker ({values:,} values per "
+                                           f"sample, {job.dtype}), more than this server's "
+                                           f"limit of {_mib(limits.max_activation_bytes)}; "
+                                           f"lower batch_size, raise micro_batches or narrow "
+                                           f"the model")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
