@@ -256,11 +256,15 @@ class JobRunner:
         group = self.worker_group
         worker_setup = dataclasses.replace(replica_setup,
                                            blas_threads=group.placement.blas_threads)
+        # K-FAC's layers (None for other optimizers): a shard owns whole layers, and their
+        # factor statistics travel beside the gradients (worker/kfac_layout.py).
+        kfac = self.evaluator.kfac
         align = not _is_elementwise(self.rule_name)
-        bounds = self.layout.shard_bounds(settings.shards, align_to_parameters=align)
+        bounds = self.layout.shard_bounds(settings.shards, align_to_parameters=align,
+                                          keep_together=kfac.parameter_ranges if kfac else ())
         clip_value = self.job.clipping.max_value
         shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
-                                   self.rule_name, self.hyper, clip_value)
+                                   self.rule_name, self.hyper, clip_value, kfac)
                         for k in range(settings.shards)]
         locations = group.start(worker_setup, shard_setups, self.dataset.x, self.dataset.y)
         self.actor_nodes = {"workers": [node for _, node in locations.workers],
@@ -279,11 +283,15 @@ class JobRunner:
                 slots=len(self.layout.slots),
                 max_samples=settings.batch_size * settings.accumulation,
                 max_micro_batches=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
-                timeout_seconds=settings.step_timeout_seconds)
+                timeout_seconds=settings.step_timeout_seconds,
+                statistics_size=kfac.statistics_size if kfac else 0,
+                kfac_layers=len(kfac.layers) if kfac else 0)
         else:
             self.transport = ObjectStoreTransport(
                 group, self.parameters, bounds, list(self.layout.slots),
-                self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds)
+                self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
+                statistics_bounds=[kfac.statistics_bounds(lo, hi) for lo, hi in bounds]
+                if kfac else [])
 
     # --- the step loop ---------------------------------------------------------------------
 
@@ -400,6 +408,8 @@ class JobRunner:
             samples=sum(len(indices) for _, indices in micro_batches),
             lr=self.schedule.lr_at(step - 1), max_norm=self.max_norm,
             master_buffers=master_buffers,
+            carries_statistics=self.evaluator.carries_statistics(step),
+            kl_clip=self.hyper.kl_clip if self.evaluator.kfac is not None else None,
         )
         outcome = self.transport.run_step(work)
         while not isinstance(outcome, StepOutcome):
@@ -579,9 +589,11 @@ def _split_evenly(items: list, parts: int) -> list[list]:
 
 
 def _is_elementwise(rule_name: str) -> bool:
+    """Whether any cut of the vector suits the rule and its state concatenates over shards;
+    not K-FAC's (whole layers, state by layer), which is no rule of RULES."""
     from worker.backprop.optim import RULES
 
-    return RULES[rule_name].elementwise
+    return rule_name in RULES and RULES[rule_name].elementwise
 
 
 def _use_shared_memory(transport: str) -> bool:
