@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from worker.backprop import tensor as _tensor
-from worker.backprop.parallel import run_blocks
+from worker.backprop.parallel import blocks_of, run_blocks
 from worker.backprop.tensor import Node, Op, Tensor, unbroadcast
 
 T = TypeVar("T")
@@ -997,27 +997,31 @@ def _window_view(xp: np.ndarray, windows: Windows, output_size) -> np.ndarray:
         (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), writeable=False)
 
 
-# The im2col workspace is cut into chunks of whole samples of at most this many bytes: the
-# same GEMMs, but a 1 MiB buffer (it stays in the L2 cache, and a step's peak memory does not
-# grow by the full im2col matrix, 25x the input for a 5x5 kernel).
+# Each kernel below works on blocks of the batch (parallel.run_blocks: blocks fixed by the batch
+# size, never by the thread count, so the bits are the same on any number of threads). Within
+# a block the im2col workspace is cut into chunks of whole samples of at most this many bytes:
+# the same GEMMs, but a buffer that stays in the L2 cache, and a step's peak memory grows by
+# one such buffer per running thread, not by the whole im2col matrix (25x the input for a 5x5
+# kernel).
 _IM2COL_CHUNK_BYTES = 1 << 20
 
 
-def _im2col_chunks(x: np.ndarray, windows: Windows, groups: int, output_size):
-    """Consecutive slices of the batch with their columns (n, G, C/G * kh * kw, Ho * Wo): each
-    output position's receptive field, in the weight's (C, kh, kw) order. Every chunk is
-    copied into one reused workspace of at most _IM2COL_CHUNK_BYTES (whole samples)."""
-    n = x.shape[0]
+def _im2col_chunks(x: np.ndarray, windows: Windows, groups: int, output_size, block: slice):
+    """Consecutive slices of `block` of the batch, cut evenly, with their columns (n, G,
+    C/G * kh * kw, Ho * Wo): each output position's receptive field, in the weight's (C, kh,
+    kw) order, copied into one reused workspace (the im2col copy)."""
+    count = block.stop - block.start
     rows = x.shape[1] // groups * windows.kernel_size[0] * windows.kernel_size[1]
     positions = output_size[0] * output_size[1]
-    per_sample = groups * rows * positions * x.itemsize
-    step = builtins.max(1, builtins.min(n, _IM2COL_CHUNK_BYTES // builtins.max(per_sample, 1)))
-    workspace = np.empty((step, groups, rows, positions), dtype=x.dtype)
-    for start in range(0, n, step):
-        part = slice(start, builtins.min(start + step, n))
+    bytes_per_sample = groups * rows * positions * x.itemsize
+    chunks = builtins.max(1, -(-count * bytes_per_sample // _IM2COL_CHUNK_BYTES))
+    step = builtins.max(1, -(-count // chunks))
+    workspace = np.empty((builtins.min(step, count), groups, rows, positions), dtype=x.dtype)
+    for start in range(block.start, block.stop, step):
+        part = slice(start, builtins.min(start + step, block.stop))
         view = _window_view(_pad_spatial(x[part], windows.padding), windows, output_size)
         cols = workspace[:view.shape[0]]
-        np.copyto(cols.reshape(view.shape), view)  # the im2col copy
+        np.copyto(cols.reshape(view.shape), view)
         yield part, cols
 
 
@@ -1027,9 +1031,13 @@ def _conv2d_forward(x, weight, bias=None, *, windows, groups):
     kernels = weight.reshape(groups, out_channels // groups, -1)  # (G, O/G, K)
     out = np.empty((n, out_channels, ho, wo), dtype=np.result_type(x, weight))
     out_by_group = out.reshape(n, groups, out_channels // groups, ho * wo)
-    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
-        # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), written in place.
-        np.matmul(kernels, cols, out=out_by_group[part])
+
+    def convolve(block: slice) -> None:
+        for part, cols in _im2col_chunks(x, windows, groups, (ho, wo), block):
+            # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), written in place.
+            np.matmul(kernels, cols, out=out_by_group[part])
+
+    run_blocks(convolve, n)
     if bias is not None:
         out += bias.reshape(-1, 1, 1)
     return out
@@ -1037,23 +1045,32 @@ def _conv2d_forward(x, weight, bias=None, *, windows, groups):
 
 def _conv_transpose2d_forward(g, weight, *, windows, groups, input_size):
     """conv2d's adjoint in its input: each kernel offset (i, j) sends W[:, :, i, j]^T G back
-    to the input positions it read, one GEMM per offset over the whole batch, added into a
-    channel-major (C, N, H, W) buffer so that every GEMM output is one contiguous block."""
+    to the input positions it read, one GEMM per offset over a block of the batch, added into
+    a channel-major (C, n, H, W) buffer so that every GEMM output is one contiguous block."""
     n, out_channels, ho, wo = g.shape
     per_group, channels = out_channels // groups, weight.shape[1] * groups
-    # (G, O/G, N * Ho * Wo): the batch joins the GEMM's long axis.
-    g_rows = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(groups, per_group, -1)
     # (kh, kw, G, C/G, O/G): W[:, :, i, j]^T per group, for each offset.
     kernels = np.ascontiguousarray(
         weight.reshape((groups, per_group) + weight.shape[1:]).transpose(3, 4, 0, 2, 1))
     dtype = np.result_type(g, weight)
-    dxp = np.zeros((channels, n) + windows.padded_size(input_size), dtype=dtype)
-    contribution = np.empty((groups, weight.shape[1], n * ho * wo), dtype=dtype)
-    for (i, j), where in windows.offsets((ho, wo)):
-        np.matmul(kernels[i, j], g_rows, out=contribution)
-        dxp[where] += contribution.reshape(channels, n, ho, wo)  # overlapping windows add
-    return np.ascontiguousarray(_crop_spatial(dxp.transpose(1, 0, 2, 3), windows.padding,
-                                              input_size))
+    (top, _), (left, _) = windows.padding
+    h, w = input_size
+    out = np.empty((n, channels, h, w), dtype=dtype)
+
+    def transpose_block(block: slice) -> None:
+        count = block.stop - block.start
+        # (G, O/G, n * Ho * Wo): the block's samples join the GEMM's long axis.
+        g_rows = np.ascontiguousarray(g[block].transpose(1, 0, 2, 3)).reshape(
+            groups, per_group, -1)
+        dxp = np.zeros((channels, count) + windows.padded_size(input_size), dtype=dtype)
+        contribution = np.empty((groups, weight.shape[1], count * ho * wo), dtype=dtype)
+        for (i, j), where in windows.offsets((ho, wo)):
+            np.matmul(kernels[i, j], g_rows, out=contribution)
+            dxp[where] += contribution.reshape(channels, count, ho, wo)  # windows overlap: add
+        out[block] = dxp[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+
+    run_blocks(transpose_block, n)
+    return out
 
 
 def _conv2d_weight_grad_forward(x, g, *, windows, groups):
@@ -1061,11 +1078,19 @@ def _conv2d_weight_grad_forward(x, g, *, windows, groups):
     n, out_channels, ho, wo = g.shape
     g_cols = g.reshape(n, groups, out_channels // groups, ho * wo)  # (N, G, O/G, P)
     weight_shape = (out_channels, x.shape[1] // groups) + tuple(windows.kernel_size)
-    total = np.zeros((groups, out_channels // groups, math.prod(weight_shape[1:])),
-                     dtype=np.result_type(x, g))
-    for part, cols in _im2col_chunks(x, windows, groups, (ho, wo)):
-        total += np.matmul(g_cols[part], _swap_last_axes(cols)).sum(axis=0)  # (G, O/G, K)
-    return total.reshape(weight_shape)
+    blocks = blocks_of(n)
+    # One partial sum per block, added in block order: the same bits on any thread count.
+    partial = np.zeros((builtins.max(len(blocks), 1), groups, out_channels // groups,
+                        math.prod(weight_shape[1:])), dtype=np.result_type(x, g))
+    position = {block.start: index for index, block in enumerate(blocks)}
+
+    def accumulate(block: slice) -> None:
+        total = partial[position[block.start]]
+        for part, cols in _im2col_chunks(x, windows, groups, (ho, wo), block):
+            total += np.matmul(g_cols[part], _swap_last_axes(cols)).sum(axis=0)  # (G, O/G, K)
+
+    run_blocks(accumulate, n)
+    return partial.sum(axis=0).reshape(weight_shape)
 
 
 # Dual helpers: the forward kernels on arrays, the recorded ops on Tensors (second order).
@@ -1117,13 +1142,19 @@ CONV2D_WEIGHT_GRAD = Op("conv2d_weight_grad", _conv2d_weight_grad_forward, (
 
 
 def _max_pool2d_forward(x, *, windows):
-    xp = _pad_spatial(x, windows.padding, -np.inf)  # padding never wins a max
-    out = None
-    for _, where in windows.offsets(windows.output_size(x.shape[2:])):
-        if out is None:
-            out = xp[where].copy()
-        else:
-            np.maximum(out, xp[where], out=out)
+    n, channels = x.shape[:2]
+    out = np.empty((n, channels) + windows.output_size(x.shape[2:]), dtype=x.dtype)
+
+    def pool(block: slice) -> None:
+        xp = _pad_spatial(x[block], windows.padding, -np.inf)  # padding never wins a max
+        target = out[block]
+        for index, (_, where) in enumerate(windows.offsets(out.shape[2:])):
+            if index == 0:
+                np.copyto(target, xp[where])
+            else:
+                np.maximum(target, xp[where], out=target)
+
+    run_blocks(pool, n)
     return out
 
 
@@ -1140,17 +1171,26 @@ def _max_pool2d_winners(x: np.ndarray, ans: np.ndarray, windows: Windows):
 
 
 def _max_pool2d_backward(g, x, ans, windows):
-    dxp = np.zeros(x.shape[:2] + windows.padded_size(x.shape[2:]), dtype=g.dtype)
+    dx = np.zeros(x.shape, dtype=g.dtype)
+    padded = windows.padding != ((0, 0), (0, 0))
     # Windows that do not overlap (stride >= kernel reach, the usual 2x2/2) give each input at
     # most one gradient, written in place with no temporary; overlapping windows add.
     overlapping = builtins.any(s < d * (k - 1) + 1 for k, s, d in zip(
         windows.kernel_size, windows.stride, windows.dilation))
-    for _, where, hit in _max_pool2d_winners(x, ans, windows):
-        if overlapping:
-            dxp[where] += g * hit
-        else:
-            np.multiply(g, hit, out=dxp[where])
-    return _crop_spatial(dxp, windows.padding, x.shape[2:])
+
+    def scatter(block: slice) -> None:
+        shape = (block.stop - block.start, x.shape[1]) + windows.padded_size(x.shape[2:])
+        dxp = np.zeros(shape, dtype=g.dtype) if padded else dx[block]
+        for _, where, hit in _max_pool2d_winners(x[block], ans[block], windows):
+            if overlapping:
+                dxp[where] += g[block] * hit
+            else:
+                np.multiply(g[block], hit, out=dxp[where])
+        if padded:
+            dx[block] = _crop_spatial(dxp, windows.padding, x.shape[2:])
+
+    run_blocks(scatter, x.shape[0])
+    return dx
 
 
 def _max_pool2d_argmax_index(x, ans, windows):

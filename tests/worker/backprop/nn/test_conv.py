@@ -359,9 +359,13 @@ def test_same_padding_keeps_the_spatial_size_for_even_and_odd_kernels():
         assert out.shape == (1, 3, 7, 6)
 
 
-def test_conv2d_allocates_its_output_and_a_bounded_workspace_not_the_whole_im2col_matrix():
+def test_conv2d_allocates_its_output_and_a_bounded_workspace_not_the_whole_im2col_matrix(
+    monkeypatch,
+):
     # LeNet's first layer: the whole im2col matrix (25 values per output position) would be
-    # 5 MB, four times the 1.2 MB output; the workspace is at most 1 MiB of whole samples.
+    # 5 MB, four times the 1.2 MB output; the workspace is at most 1 MiB of whole samples (on
+    # one thread; each thread has its own).
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     conv = nn.Conv2d(1, 6, 5, padding=2)
     x = Tensor(np.random.default_rng(12).standard_normal((64, 1, 28, 28)).astype(np.float32))
     output_bytes = 64 * 6 * 28 * 28 * 4
@@ -373,3 +377,27 @@ def test_conv2d_allocates_its_output_and_a_bounded_workspace_not_the_whole_im2co
     tracemalloc.stop()
 
     assert peak - base <= output_bytes + 2**20 + 300_000  # + a padded chunk of the input
+
+
+def cnn_step(threads: str, monkeypatch) -> list[np.ndarray]:
+    """A small CNN's output, input gradient and parameter gradients, float32."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
+    rng = np.random.default_rng(13)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2, rng=rng), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 5, rng=rng),
+    )
+    x = Tensor(rng.standard_normal((10, 3, 14, 14)).astype(np.float32), requires_grad=True)
+    out = model(x)
+    out.backward(rng.standard_normal(out.shape).astype(np.float32))
+    return [out.data, x.grad] + [p.grad for p in model.parameters()]
+
+
+def test_a_cnn_step_gives_the_same_bits_on_one_thread_and_on_two(monkeypatch):
+    # The kernels split the batch into blocks fixed by its size, so the thread count cannot
+    # change a sum's grouping: the distributed runtime's same-bits guarantee holds.
+    one, two = cnn_step("1", monkeypatch), cnn_step("2", monkeypatch)
+
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
