@@ -224,6 +224,7 @@ class JobQueue:
                 resume_from=self.host.load_checkpoint(job_id),
                 cpus_per_worker=self._cpus_per_worker(resolved),
                 placement_timeout_seconds=self.placement_timeout_seconds,
+                job_id=job_id,
             )
             result = runner.run()
             if not result.stopped_early:

@@ -136,18 +136,22 @@ class JobRunner:
         placement_timeout_seconds: float = 60.0,
         transport: str = "auto",
         failure_policy: FailurePolicy | None = None,
+        job_id: str | None = None,
     ):
         """Train `job` on `dataset`, which must be its data set as prepared for it
         (scheduler.training.prepare_dataset). `cpus_per_worker` overrides the job's (the service
         divides the cluster between concurrent jobs); `placement_timeout_seconds` bounds the
         wait for room on the cluster; `transport` is "shared_memory", "object_store", or
         "auto": shared memory when every node of the cluster is on the runner's host.
-        `failure_policy` decides what a failure costs (default: FailurePolicy())."""
+        `failure_policy` decides what a failure costs (default: FailurePolicy()). `job_id`
+        (the service's) names the job's shared-memory folder; never the spec's name, which a
+        tenant chooses."""
         if transport not in ("auto", "shared_memory", "object_store"):
             raise ValueError(f"transport must be auto, shared_memory or object_store, "
                              f"got {transport!r}")
         _check_prepared_for(job, dataset)
         self.transport_name = transport
+        self.job_id = job_id
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
                                 else job.cpus_per_worker)
         self.placement_timeout_seconds = placement_timeout_seconds
@@ -210,7 +214,7 @@ class JobRunner:
         model = build_planned_model(self.job.model, settings.dtype, seed=self.job.seed)
         _load_initial_weights(model, self.job)
         self.layout = ParameterLayout.of(model)
-        self.shared = SharedArrayGroup(self.job.name or "job")
+        self.shared = SharedArrayGroup(self.job_id)
         shared_memory = _use_shared_memory(self.transport_name)
         group: WorkerGroup | None = None  # what this run started, for the tear-down
         transport: StepTransport | None = None

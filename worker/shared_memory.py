@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _shared_root() -> Path:
+def shared_root() -> Path:
+    """Where shared arrays live: /dev/shm (memory), else the temporary folder."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
@@ -53,11 +55,21 @@ class SharedArraySpec:
         return np.ndarray(self.shape, dtype=self.dtype, buffer=mapping)
 
 
-class SharedArrayGroup:
-    """The shared arrays of one job, created together and removed together."""
+# What may name a job's folder: a service job id ("job-" and hex digits) or the like, never a
+# path. The spec's name is the tenant's free choice and never names anything on disk.
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-    def __init__(self, name: str):
-        self.directory = Path(tempfile.mkdtemp(prefix=f"chainrule-{name}-", dir=_shared_root()))
+
+class SharedArrayGroup:
+    """The shared arrays of one job, created together and removed together, in a fresh folder
+    `chainrule-<job id>-<random>` (`chainrule-<random>` for a job without an id, as in
+    `chainrule train`) that only this user may open."""
+
+    def __init__(self, job_id: str | None = None):
+        if job_id is not None and not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        prefix = f"chainrule-{job_id}-" if job_id else "chainrule-"
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=shared_root()))
 
     def create(self, label: str, shape: tuple[int, ...], dtype: str) -> SharedArraySpec:
         spec = SharedArraySpec(str(self.directory / label), tuple(shape), np.dtype(dtype).name)
