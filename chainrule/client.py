@@ -306,3 +306,83 @@ class Client:
             partial.unlink(missing_ok=True)
         Path(f"{path}.json").write_text(header.manifest_json)
         return header
+
+    # --- using a model -------------------------------------------------------------------------
+
+    def predict(self, job_id: str, x) -> Predictions:
+        """The job's model on rows `x` (array-like, samples first), standardised on the server
+        as its training rows were; sent PREDICT_ROWS_PER_REQUEST rows per request."""
+        import numpy as np
+
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim < 2:
+            raise ValueError(f"x must have a sample axis and feature axes, got shape {x.shape}")
+        rows = max(1, min(PREDICT_ROWS_PER_REQUEST, PREDICT_VALUES_PER_REQUEST
+                          // max(1, x[0].size)))
+        responses = [self._call(self.stub.Predict, pb.PredictRequest(
+            job_id=job_id, rows=pb.Rows(values=x[start:start + rows].reshape(-1).tolist(),
+                                        shape=x[start:start + rows].shape)))
+            for start in range(0, len(x), rows)]
+        return Predictions.from_responses(responses)
+
+    def predict_dataset(self, job_id: str, dataset: str) -> Predictions:
+        """The job's model on an upload's `x`."""
+        return Predictions.from_responses([self._call(
+            self.stub.Predict, pb.PredictRequest(job_id=job_id, dataset=dataset))])
+
+    def evaluate(self, job_id: str, dataset: str,
+                 timeout: float | None = None) -> pb.EvaluateJobResponse:
+        """Loss (and for classifiers accuracy and the confusion matrix) of the job's model on
+        an uploaded labelled data set."""
+        return self._call(self.stub.EvaluateJob,
+                          pb.EvaluateJobRequest(job_id=job_id, dataset=dataset), timeout)
+
+    def generate(self, job_id: str, prompt: str, *, max_tokens: int = 0,
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+                 timeout: float | None = None) -> Iterator[bytes]:
+        """A language model's continuation of `prompt`, as bytes while they are sampled (a
+        UTF-8 character may span two of them)."""
+        for message in self.stub.Generate(
+                pb.GenerateRequest(job_id=job_id, prompt=prompt, max_tokens=max_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed),
+                timeout=timeout or self.timeout * 10, metadata=self.metadata):
+            yield message.data
+
+    def logs(self, job_id: str, follow: bool = False,
+             timeout: float | None = None) -> Iterator[pb.LogEntry]:
+        """The job's log entries; with `follow`, then new ones until the job ends (`timeout`
+        None: no limit when following)."""
+        yield from self.stub.GetJobLogs(
+            pb.GetJobLogsRequest(job_id=job_id, follow=follow),
+            timeout=timeout if timeout is not None or follow else self.timeout,
+            metadata=self.metadata)
+
+
+PREDICT_ROWS_PER_REQUEST = 4096  # the server's bound per Predict request
+PREDICT_VALUES_PER_REQUEST = 1 << 20
+
+
+class Predictions:
+    """A Predict answer as arrays: `classes` (n,) and `probabilities` (n, k) for classifiers
+    (`classes` None for multi-label), `values` (n, ...) for regression."""
+
+    def __init__(self, task: str, classes, probabilities, values):
+        self.task, self.classes, self.probabilities, self.values = (task, classes,
+                                                                    probabilities, values)
+
+    @classmethod
+    def from_responses(cls, responses: list[pb.PredictResponse]) -> Predictions:
+        import numpy as np
+
+        first = responses[0]
+        classes = probabilities = values = None
+        if first.task == "classification":
+            probabilities = np.concatenate([np.asarray(r.probabilities).reshape(
+                r.samples, r.num_classes) for r in responses])
+            if len(first.classes):
+                classes = np.concatenate([np.asarray(r.classes, dtype=np.int64)
+                                          for r in responses])
+        else:
+            values = np.concatenate([np.asarray(r.values).reshape(r.samples, *r.value_shape)
+                                     for r in responses])
+        return cls(first.task, classes, probabilities, values)

@@ -27,6 +27,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,6 +60,8 @@ class JobOutcome:
     state: str  # SUCCEEDED, FAILED or CANCELLED
     error: str = ""
     result: TrainingResult | None = None
+    # A failure's formatted traceback, for the job's log (not only the server's stderr).
+    traceback: str = ""
 
 
 class JobHost(Protocol):
@@ -238,7 +241,8 @@ class JobQueue:
         except Exception as error:  # a failed job must never take the service down
             log.exception("job %s failed", job_id)
             message = str(error) or type(error).__name__
-            outcome = JobOutcome(FAILED, error=f"{type(error).__name__}: {message}")
+            outcome = JobOutcome(FAILED, error=f"{type(error).__name__}: {message}",
+                                 traceback=traceback.format_exc())
         try:
             if outcome is None:  # stopped by shutdown: resumed from its checkpoint next start
                 self.host.job_requeued(job_id)

@@ -296,6 +296,100 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rows(path: str, label_column: str | None) -> object:
+    """A CSV's (header row, then numbers; `label_column` dropped) or an .npz's `x` rows."""
+    import numpy as np
+
+    file = Path(path)
+    if file.suffix.lower() == ".npz":
+        with np.load(file, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise UsageError(f"{path}: an .npz needs an array named x")
+            return archive["x"]
+    if file.suffix.lower() != ".csv":
+        raise UsageError(f"{path}: rows come from a .csv or .npz file")
+    import csv
+
+    with open(file, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise UsageError(f"{path}: empty file")
+        keep = [i for i, name in enumerate(header) if name != label_column]
+        try:
+            rows = [[float(row[i]) for i in keep] for row in reader if row]
+        except (ValueError, IndexError) as error:
+            raise UsageError(f"{path}: every row needs {len(header)} numbers ({error})") from None
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
+
+
+def _predictions_csv(predictions) -> list[list[str]]:
+    if predictions.task == "classification":
+        k = predictions.probabilities.shape[1]
+        header = ([] if predictions.classes is None else ["class"]) + [f"p{j}" for j in range(k)]
+        rows = [([] if predictions.classes is None else [str(int(predictions.classes[i]))])
+                + [repr(float(p)) for p in predictions.probabilities[i]]
+                for i in range(len(predictions.probabilities))]
+        return [header, *rows]
+    values = predictions.values.reshape(len(predictions.values), -1)
+    header = ["value"] if values.shape[1] == 1 else [f"value{j}" for j in range(values.shape[1])]
+    return [header, *([repr(float(v)) for v in row] for row in values)]
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import csv
+
+    x = _read_rows(args.file, args.label_column)
+    with _client(args) as client:
+        table = _predictions_csv(client.predict(args.job, x))
+    if args.output:
+        with open(args.output, "w", newline="") as handle:
+            csv.writer(handle).writerows(table)
+        print(f"wrote {args.output} ({len(table) - 1} rows)")
+    else:
+        csv.writer(sys.stdout).writerows(table)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.evaluate(args.job, args.dataset)
+    lines = [f"samples  {result.samples}", f"loss     {result.loss:.6g}"]
+    if result.HasField("accuracy"):
+        lines.append(f"accuracy {result.accuracy:.4f}")
+        k = result.num_classes
+        lines.append("confusion matrix (rows: true class, columns: predicted)")
+        lines += ["  " + " ".join(f"{n:>6}" for n in result.confusion_matrix[row * k:
+                                                                         (row + 1) * k])
+                  for row in range(k)]
+    _print(args, result, "\n".join(lines))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from services.inference import utf8_text
+
+    with _client(args) as client:
+        for text in utf8_text(client.generate(args.job, args.prompt, max_tokens=args.max_tokens,
+                                              temperature=args.temperature, top_k=args.top_k,
+                                              seed=args.seed)):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import datetime
+
+    with _client(args) as client:
+        for entry in client.logs(args.job, follow=args.follow):
+            when = datetime.datetime.fromtimestamp(entry.time.ToNanoseconds() / 1e9,
+                                                   datetime.timezone.utc)
+            print(f"{when:%Y-%m-%d %H:%M:%S}Z  {entry.kind:<18} {entry.message}", flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
     from services.server import configure_process
@@ -393,6 +487,33 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, type=_weights_path,
                           help="weights file (.safetensors or .npz)")
+    predict = client_command("predict", "a finished job's predictions on rows of a .csv or "
+                                        ".npz file", _predict)
+    predict.add_argument("job")
+    predict.add_argument("file", help=".csv (header row, then numbers) or .npz (array x)")
+    predict.add_argument("-o", "--output", help="write the predictions as CSV here (default: "
+                                                "stdout); classifiers get a class column")
+    predict.add_argument("--label-column", help="CSV: a column to leave out of the features")
+    evaluate = client_command("evaluate", "a finished job's loss, accuracy and confusion "
+                                          "matrix on an uploaded data set", _evaluate)
+    evaluate.add_argument("job")
+    evaluate.add_argument("dataset", help="the upload's name")
+    generate = client_command("generate", "a finished language model's text after a prompt",
+                              _generate)
+    generate.add_argument("job")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=128, help="bytes to write "
+                                                                       "(default: 128)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy "
+                                                                           "(default: 1)")
+    generate.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest "
+                                                               "bytes (default 0: all)")
+    generate.add_argument("--seed", type=int, default=0, help="default: 0")
+    logs = client_command("logs", "a job's log: states, evaluations, recoveries, warnings, "
+                                  "a failure's traceback", _logs)
+    logs.add_argument("job")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new entries until the job ends")
 
     demo = commands.add_parser("demo", help="serve, train the digits MLP over gRPC, shut down")
     demo.add_argument("--spec", default=None, help="job spec (default: the digits MLP)")

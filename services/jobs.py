@@ -388,6 +388,8 @@ class JobService:
 
     def job_finished(self, job_id: str, outcome: JobOutcome) -> None:
         self._flush_progress(job_id)
+        if outcome.traceback:  # the job's log shows why it failed, before the FAILED state
+            self.store.add_event(job_id, "traceback", {"text": outcome.traceback})
         final, weights = None, ""
         result = outcome.result
         if outcome.state == SUCCEEDED and result is not None:

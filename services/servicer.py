@@ -30,6 +30,8 @@ from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from services import convert
 from services.auth import Authenticator
 from services.errors import DeadlineExceeded, InvalidArgument, ServiceError, disk_full
+from services.inference import ModelServing
+from services.job_logs import job_log
 from services.jobs import JobService
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def __init__(self, service: JobService, authenticator: Authenticator):
         self.service = service
         self.auth = authenticator
+        self.models = ModelServing(service)
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return self.auth.tenant(context.invocation_metadata())
@@ -158,6 +161,54 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         data = memoryview(download.data)
         for start in range(0, len(data), CHUNK_BYTES):
             yield pb.DownloadModelResponse(chunk=bytes(data[start:start + CHUNK_BYTES]))
+
+    @_handles_errors
+    def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        rows = None
+        if request.WhichOneof("input") == "rows":
+            rows = (list(request.rows.values), list(request.rows.shape))
+        elif request.WhichOneof("input") is None:
+            raise InvalidArgument("input", "required: rows, or the name of an upload (dataset)")
+        result = self.models.predict(self._tenant(context), request.job_id, rows,
+                                     request.dataset)
+        response = pb.PredictResponse(task=result.task, samples=result.samples)
+        if result.classes is not None:
+            response.classes.extend(result.classes.tolist())
+        if result.probabilities is not None:
+            response.num_classes = result.probabilities.shape[-1]
+            response.probabilities.extend(result.probabilities.reshape(-1).tolist())
+        if result.values is not None:
+            response.value_shape.extend(result.values.shape[1:])
+            response.values.extend(result.values.reshape(-1).tolist())
+        return response
+
+    @_handles_errors
+    def EvaluateJob(self, request: pb.EvaluateJobRequest, context) -> pb.EvaluateJobResponse:
+        result = self.models.evaluate(self._tenant(context), request.job_id, request.dataset)
+        response = pb.EvaluateJobResponse(samples=result.samples, loss=result.loss)
+        if result.accuracy is not None:
+            response.accuracy = result.accuracy
+        if result.confusion_matrix is not None:
+            response.num_classes = len(result.confusion_matrix)
+            response.confusion_matrix.extend(result.confusion_matrix.reshape(-1).tolist())
+        return response
+
+    @_handles_errors
+    def Generate(self, request: pb.GenerateRequest, context) -> Iterator[pb.GenerateResponse]:
+        for data in self.models.generate(self._tenant(context), request.job_id, request.prompt,
+                                         request.temperature, request.top_k,
+                                         request.max_tokens, request.seed):
+            if not context.is_active():
+                return
+            yield pb.GenerateResponse(data=data)
+
+    @_handles_errors
+    def GetJobLogs(self, request: pb.GetJobLogsRequest, context) -> Iterator[pb.LogEntry]:
+        for line in job_log(self.service, self._tenant(context), request.job_id,
+                            request.follow, context.is_active):
+            entry = pb.LogEntry(kind=line.kind, message=line.message)
+            entry.time.FromNanoseconds(int(line.time * 1e9))
+            yield entry
 
 
 def _chunks(requests: Iterator[Any]) -> Iterator[bytes]:

@@ -266,3 +266,101 @@ class ModelHeader(_message.Message):
     model_spec_json: str
     manifest_json: str
     def __init__(self, format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class Rows(_message.Message):
+    __slots__ = ("values", "shape")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("job_id", "rows", "dataset")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    rows: Rows
+    dataset: str
+    def __init__(self, job_id: _Optional[str] = ..., rows: _Optional[_Union[Rows, _Mapping]] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("task", "samples", "classes", "probabilities", "num_classes", "values", "value_shape")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    samples: int
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    num_classes: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    value_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task: _Optional[str] = ..., samples: _Optional[int] = ..., classes: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., value_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EvaluateJobRequest(_message.Message):
+    __slots__ = ("job_id", "dataset")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    dataset: str
+    def __init__(self, job_id: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class EvaluateJobResponse(_message.Message):
+    __slots__ = ("samples", "loss", "accuracy", "num_classes", "confusion_matrix")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    loss: float
+    accuracy: float
+    num_classes: int
+    confusion_matrix: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, samples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_classes: _Optional[int] = ..., confusion_matrix: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("job_id", "prompt", "temperature", "top_k", "max_tokens", "seed")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    prompt: str
+    temperature: float
+    top_k: int
+    max_tokens: int
+    seed: int
+    def __init__(self, job_id: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class GetJobLogsRequest(_message.Message):
+    __slots__ = ("job_id", "follow")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    follow: bool
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogEntry(_message.Message):
+    __slots__ = ("time", "kind", "message")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    kind: str
+    message: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -89,6 +89,26 @@ class TrainingServiceStub:
                 request_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/chainrule.v1.TrainingService/Predict',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.PredictRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.PredictResponse.FromString,
+                _registered_method=True)
+        self.EvaluateJob = channel.unary_unary(
+                '/chainrule.v1.TrainingService/EvaluateJob',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.EvaluateJobRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.EvaluateJobResponse.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/chainrule.v1.TrainingService/Generate',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.GetJobLogs = channel.unary_stream(
+                '/chainrule.v1.TrainingService/GetJobLogs',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.LogEntry.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -181,6 +201,41 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """A SUCCEEDED job's model on new rows, standardised exactly as its training data was.
+        Runs on the service process: at most 4096 rows and 1,048,576 values per request
+        (INVALID_ARGUMENT beyond; Client.predict cuts larger inputs into such requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateJob(self, request, context):
+        """A SUCCEEDED job's model on an uploaded labelled data set (its `x`, `y`, then `x_val`,
+        `y_val` when present), in batches of 256 samples: the loss, and for classifiers the
+        accuracy and the confusion matrix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """A SUCCEEDED language model's (loss next_token_cross_entropy) continuation of a prompt,
+        one message per sampled byte.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobLogs(self, request, context):
+        """The job's stored log (state changes, evaluations, recoveries, warnings, corrupt
+        checkpoints, a failure's traceback), oldest first. With `follow`, new entries as they
+        are stored, until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +293,26 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadModelRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadModelResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.PredictRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.PredictResponse.SerializeToString,
+            ),
+            'EvaluateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateJob,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.EvaluateJobRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.EvaluateJobResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.GenerateRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetJobLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobLogs,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.LogEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,6 +612,114 @@ class TrainingService:
             '/chainrule.v1.TrainingService/DownloadModel',
             chainrule_dot_v1_dot_training__service__pb2.DownloadModelRequest.SerializeToString,
             chainrule_dot_v1_dot_training__service__pb2.DownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/Predict',
+            chainrule_dot_v1_dot_training__service__pb2.PredictRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/EvaluateJob',
+            chainrule_dot_v1_dot_training__service__pb2.EvaluateJobRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.EvaluateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/Generate',
+            chainrule_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/GetJobLogs',
+            chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.LogEntry.FromString,
             options,
             channel_credentials,
             insecure,

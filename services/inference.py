@@ -1,0 +1,332 @@
+"""A SUCCEEDED job's model put to use on the service process: Predict, EvaluateJob, Generate.
+
+The model is rebuilt from the job's spec (resolved against its data set, as in training, so
+the same layer plan and input shape) and its stored weights; new rows go through the same
+standardisation as the training rows (the manifest's feature_mean/feature_std, computed in
+float64, then cast to the job's dtype: `scheduler.datasets._apply_standardization`).
+
+Bounds, because this runs on the RPC threads of the API process:
+- Predict takes at most MAX_PREDICT_ROWS rows and MAX_PREDICT_VALUES values per request;
+- forward passes run MAX_BATCH rows at a time (EvaluateJob's memory stays at one batch's
+  activations whatever the data set's size);
+- Generate writes at most MAX_GENERATE_TOKENS bytes after a prompt of at most
+  MAX_PROMPT_BYTES;
+- at most CACHED_MODELS loaded models are kept (least recently used dropped first).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.datasets import _apply_standardization
+from scheduler.job_states import SUCCEEDED
+from scheduler.storage import load_weights, manifest_path
+from services import uploads
+from services.errors import FailedPrecondition, InvalidArgument
+from services.jobs import JobService
+from services.validation import upload_name
+from worker.backprop import nn
+from worker.backprop.tensor import Tensor, no_grad
+from worker.model_builder import build_loss, build_planned_model
+from worker.resolved_job import resolve
+from worker.text_sampling import BYTE_VALUES, _longest_window
+
+MAX_PREDICT_ROWS = 4096
+MAX_PREDICT_VALUES = 1 << 20
+MAX_BATCH = 256
+MAX_GENERATE_TOKENS = 4096
+DEFAULT_GENERATE_TOKENS = 128
+MAX_PROMPT_BYTES = 4096
+CACHED_MODELS = 4
+
+CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy_with_logits")
+LANGUAGE_MODEL_LOSS = "next_token_cross_entropy"
+
+
+@dataclass
+class LoadedModel:
+    job_id: str
+    model: nn.Sequential
+    loss: str
+    dtype: np.dtype
+    feature_shape: tuple[int, ...]
+    integer_features: bool
+    feature_mean: np.ndarray | None
+    feature_std: np.ndarray | None
+    # Forward passes of one model one at a time: modules keep per-call state (eval mode).
+    lock: threading.Lock
+
+    @property
+    def task(self) -> str:
+        if self.loss in CLASSIFICATION_LOSSES:
+            return "classification"
+        if self.loss == LANGUAGE_MODEL_LOSS:
+            return "next_token"
+        return "regression"
+
+    def standardize(self, x: np.ndarray) -> np.ndarray:
+        """Raw rows as the model saw its training rows."""
+        if self.integer_features:
+            return x.astype(np.int64)
+        return _apply_standardization(x, self.feature_mean, self.feature_std, self.dtype)
+
+    def forward(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, outputs) per batch of at most MAX_BATCH standardised rows."""
+        with self.lock, no_grad():
+            self.model.eval()
+            for start in range(0, len(x), MAX_BATCH):
+                yield start, self.model(Tensor(self.standardize(x[start:start + MAX_BATCH]))).data
+
+
+@dataclass(frozen=True)
+class Predictions:
+    task: str
+    samples: int
+    classes: np.ndarray | None = None  # (n,) int64
+    probabilities: np.ndarray | None = None  # (n, k)
+    values: np.ndarray | None = None  # (n, *value_shape)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    samples: int
+    loss: float
+    accuracy: float | None
+    confusion_matrix: np.ndarray | None  # (k, k): row the true class, column the predicted
+
+
+class ModelServing:
+    def __init__(self, service: JobService, cached_models: int = CACHED_MODELS):
+        self.service = service
+        self.cached_models = cached_models
+        self._cache: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- the RPCs ----------------------------------------------------------------------------
+
+    def predict(self, tenant: str, job_id: str, rows: tuple[list[float], list[int]] | None,
+                dataset: str = "") -> Predictions:
+        loaded = self.load(tenant, job_id)
+        if loaded.task == "next_token":
+            raise FailedPrecondition(f"job_id: job {job_id} is a language model; use Generate")
+        if rows is not None:
+            x = _rows(rows[0], rows[1], loaded, "rows")
+        else:
+            x = self._dataset_arrays(tenant, dataset, "dataset")[0]
+            _check_features(x, loaded, "dataset")
+        outputs = np.concatenate([out for _, out in loaded.forward(x)]) if len(x) else None
+        assert outputs is not None
+        return _predictions(loaded, outputs)
+
+    def evaluate(self, tenant: str, job_id: str, dataset: str) -> Evaluation:
+        loaded = self.load(tenant, job_id)
+        if loaded.task == "next_token":
+            raise FailedPrecondition(f"job_id: job {job_id} is a language model; EvaluateJob "
+                                     f"takes array data sets")
+        x, y = self._dataset_arrays(tenant, dataset, "dataset")
+        _check_features(x, loaded, "dataset")
+        job = self.service.get(tenant, job_id)
+        loss = build_loss(job.spec, "sum")
+        total, correct = 0.0, 0
+        classes = _class_count(loaded, x[:1]) if loaded.task == "classification" else 0
+        confusion = np.zeros((classes, classes), dtype=np.int64) if classes else None
+        if loaded.task == "classification" and (y.dtype.kind not in "iu" or (
+                len(y) and (y.min() < 0 or y.max() >= classes))):
+            raise InvalidArgument("dataset", f"the labels must be classes 0 to {classes - 1} "
+                                             f"for this model")
+        for start, out in loaded.forward(x):
+            target = y[start:start + len(out)]
+            total += float(loss(Tensor(out), target).data)
+            if confusion is not None:
+                predicted = _classes(loaded, out)
+                np.add.at(confusion, (target.reshape(-1), predicted), 1)
+                correct += int((predicted == target.reshape(-1)).sum())
+        samples = len(x)
+        return Evaluation(samples, total / samples,
+                          correct / samples if confusion is not None else None, confusion)
+
+    def generate(self, tenant: str, job_id: str, prompt: str, temperature: float, top_k: int,
+                 max_tokens: int, seed: int) -> Iterator[bytes]:
+        """The sampled bytes after `prompt`, one at a time (each draw after the previous one
+        was sent, so a cancelled stream stops the work)."""
+        tokens = list(prompt.encode("utf-8"))
+        if not tokens:
+            raise InvalidArgument("prompt", "must be at least one byte")
+        if len(tokens) > MAX_PROMPT_BYTES:
+            raise InvalidArgument("prompt", f"must be at most {MAX_PROMPT_BYTES} bytes, got "
+                                            f"{len(tokens)}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidArgument("temperature", f"must be >= 0, got {temperature}")
+        if top_k > BYTE_VALUES:
+            raise InvalidArgument("top_k", f"must be at most {BYTE_VALUES}, got {top_k}")
+        if max_tokens > MAX_GENERATE_TOKENS:
+            raise InvalidArgument("max_tokens", f"must be at most {MAX_GENERATE_TOKENS}, got "
+                                                f"{max_tokens}")
+        count = max_tokens or DEFAULT_GENERATE_TOKENS
+        loaded = self.load(tenant, job_id)
+        if loaded.task != "next_token":
+            raise FailedPrecondition(f"job_id: job {job_id} is not a language model (loss "
+                                     f"{loaded.loss}); use Predict")
+        window = _longest_window(loaded.model) or loaded.feature_shape[0]
+        rng = np.random.default_rng(seed)
+        for _ in range(count):
+            context = np.asarray([tokens[-window:]], dtype=np.int64)
+            with loaded.lock, no_grad():
+                loaded.model.eval()
+                logits = loaded.model(Tensor(context)).data[0, -1].astype(np.float64)
+            token = _next_byte(logits, temperature, top_k, rng)
+            tokens.append(token)
+            yield bytes([token])
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def load(self, tenant: str, job_id: str) -> LoadedModel:
+        """The job's model, from the cache when its weights file has not changed."""
+        job = self.service.get(tenant, job_id)  # NOT_FOUND for another tenant's job
+        if job.state != SUCCEEDED or not job.weights_path:
+            raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; only a SUCCEEDED "
+                                     f"job has a model")
+        path = Path(job.weights_path)
+        key = (job_id, str(path), path.stat().st_mtime_ns)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        loaded = self._build(tenant, job_id, job.spec, path)
+        with self._lock:
+            self._cache[key] = loaded
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cached_models:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def _build(self, tenant: str, job_id: str, spec, path: Path) -> LoadedModel:
+        import json
+
+        shape = self.service._data_shape(tenant, spec.data.dataset)
+        if shape is None:
+            raise FailedPrecondition(f"job_id: the data set {spec.data.dataset!r} job {job_id} "
+                                     f"was trained on was deleted; its input shape is not known")
+        resolved = resolve(spec, shape)
+        model = build_planned_model(resolved.model, resolved.dtype, seed=0)
+        model.load_state_dict(load_weights(path))
+        manifest_file = manifest_path(path)
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+        mean, std = manifest.get("feature_mean"), manifest.get("feature_std")
+        return LoadedModel(
+            job_id, model, resolved.loss, np.dtype(resolved.dtype),
+            tuple(resolved.model.input_shape), np.dtype(resolved.model.input_dtype).kind in "iu",
+            None if mean is None else np.asarray(mean, dtype=np.float64),
+            None if std is None else np.asarray(std, dtype=np.float64),
+            threading.Lock())
+
+    def _dataset_arrays(self, tenant: str, name: str, field: str) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+        upload = upload_name(name) if name else None
+        if not name or upload is None:
+            raise InvalidArgument(field, f"must name an upload of yours (npz or csv), got "
+                                         f"{name!r}")
+        record = self.service.store.get_dataset(tenant, upload)
+        if record is None:
+            raise InvalidArgument(field, f"no uploaded data set {upload!r}")
+        if record.format not in ("npz", "csv"):
+            raise InvalidArgument(field, f"{upload!r} is a {record.format} upload; an npz or "
+                                         f"csv data set is needed")
+        arrays = uploads.load_arrays(record.path)
+        x, y = arrays["x"], arrays["y"]
+        if "x_val" in arrays and "y_val" in arrays:
+            x = np.concatenate([x, arrays["x_val"]])
+            y = np.concatenate([y, arrays["y_val"]])
+        return x, y
+
+
+def _rows(values: list[float], shape: list[int], loaded: LoadedModel, field: str) -> np.ndarray:
+    if len(values) > MAX_PREDICT_VALUES:
+        raise InvalidArgument(f"{field}.values", f"at most {MAX_PREDICT_VALUES} values per "
+                                                 f"request, got {len(values)}")
+    if not shape:
+        raise InvalidArgument(f"{field}.shape", "required: (samples, *feature shape)")
+    if shape[0] < 1 or shape[0] > MAX_PREDICT_ROWS:
+        raise InvalidArgument(f"{field}.shape", f"1 to {MAX_PREDICT_ROWS} rows per request, got "
+                                                f"{shape[0]}")
+    if math.prod(shape) != len(values):
+        raise InvalidArgument(f"{field}.values", f"shape {list(shape)} needs "
+                                                 f"{math.prod(shape)} values, got {len(values)}")
+    x = np.asarray(values, dtype=np.float64).reshape(tuple(shape))
+    _check_features(x, loaded, field)
+    return x
+
+
+def _check_features(x: np.ndarray, loaded: LoadedModel, field: str) -> None:
+    if tuple(x.shape[1:]) != loaded.feature_shape:
+        raise InvalidArgument(f"{field}.shape", f"this model takes samples of shape "
+                                                f"{list(loaded.feature_shape)}, got "
+                                                f"{list(x.shape[1:])}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise InvalidArgument(f"{field}.values", "must be finite numbers (no NaN or inf)")
+    if loaded.integer_features and (np.any(x != np.round(x)) or np.any(x < 0)):
+        raise InvalidArgument(f"{field}.values", "this model takes token ids: whole numbers "
+                                                 ">= 0")
+
+
+def _class_count(loaded: LoadedModel, x: np.ndarray) -> int:
+    width = next(loaded.forward(x))[1].shape[-1]
+    return 2 if loaded.loss == "binary_cross_entropy_with_logits" and width == 1 else width
+
+
+def _classes(loaded: LoadedModel, outputs: np.ndarray) -> np.ndarray:
+    if loaded.loss == "binary_cross_entropy_with_logits":
+        return (outputs[:, 0] > 0).astype(np.int64)
+    return outputs.argmax(axis=-1).astype(np.int64)
+
+
+def _predictions(loaded: LoadedModel, outputs: np.ndarray) -> Predictions:
+    samples = len(outputs)
+    if loaded.task != "classification":
+        return Predictions("regression", samples, values=outputs.astype(np.float64))
+    logits = outputs.astype(np.float64)
+    if loaded.loss == "cross_entropy":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+        return Predictions("classification", samples, probabilities.argmax(axis=-1),
+                           probabilities)
+    positive = 1.0 / (1.0 + np.exp(-logits))
+    if logits.shape[-1] == 1:  # one-logit binary: P(class 1) = sigmoid(logit)
+        probabilities = np.concatenate([1.0 - positive, positive], axis=-1)
+        return Predictions("classification", samples, (logits[:, 0] > 0).astype(np.int64),
+                           probabilities)
+    # Multi-label: each label's own probability; no single class.
+    return Predictions("classification", samples, None, positive)
+
+
+def _next_byte(logits: np.ndarray, temperature: float, top_k: int,
+               rng: np.random.Generator) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits / temperature
+    if top_k:
+        cutoff = np.sort(scaled)[-top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probabilities = np.exp(scaled - scaled.max())  # shifted so that exp cannot overflow
+    probabilities /= probabilities.sum()
+    return int(rng.choice(BYTE_VALUES, p=probabilities))
+
+
+def utf8_text(chunks: Iterator[bytes]) -> Iterator[str]:
+    """Decoded text from a stream of bytes whose characters may span chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in chunks:
+        text = decoder.decode(chunk)
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

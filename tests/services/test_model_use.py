@@ -1,0 +1,246 @@
+"""Using a trained job's model over real gRPC: Predict, EvaluateJob, Generate, and a job's log
+(GetJobLogs, `chainrule logs`). References are computed here by hand with the engine on the
+downloaded weights and the manifest's standardisation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer, load_iris
+
+from chainrule.client import state_name
+from chainrule.spec_file import job_spec_from_dict
+from scheduler.storage import load_weights
+from services import cli
+from tests.services.helpers import iris_spec, rpc_error, wait_until_done
+from worker.backprop.tensor import Tensor, no_grad
+from worker.model_builder import build_model
+from worker.text_sampling import sample_text
+
+pytestmark = [pytest.mark.distributed]
+
+
+def _trained(client, spec):
+    job = client.submit(spec)
+    done = wait_until_done(client, job.id)
+    assert state_name(done.state) == "SUCCEEDED", done.error
+    return job.id
+
+
+def _engine_outputs(client, tmp_path, job_id, spec, x_raw):
+    """The engine's forward on the downloaded weights, rows standardised as the manifest says
+    (float64 arithmetic, then the job's float32)."""
+    path = tmp_path / f"{job_id}.safetensors"
+    client.download(job_id, path)
+    manifest = json.loads((tmp_path / f"{job_id}.safetensors.json").read_text())
+    mean, std = np.asarray(manifest["feature_mean"]), np.asarray(manifest["feature_std"])
+    model = build_model(spec.model, x_raw.shape[1:], seed=0)
+    model.load_state_dict(load_weights(path))
+    model.eval()
+    with no_grad():
+        return model(Tensor(((x_raw - mean) / std).astype(np.float32))).data.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def iris_job(server):
+    from chainrule.client import Client
+
+    spec = iris_spec(epochs=30)
+    with Client(server.address, timeout=30) as client:
+        return _trained(client, spec), spec
+
+
+def test_predict_gives_the_engines_softmax_on_the_downloaded_weights(client, iris_job,
+                                                                     tmp_path):
+    job_id, spec = iris_job
+    x = load_iris().data
+    logits = _engine_outputs(client, tmp_path, job_id, spec, x)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+
+    predictions = client.predict(job_id, x)
+
+    assert predictions.task == "classification"
+    np.testing.assert_allclose(predictions.probabilities, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(predictions.classes, logits.argmax(axis=1))
+    assert (predictions.classes == load_iris().target).mean() > 0.9  # raw rows, standardised
+
+
+def test_one_logit_binary_predictions_are_sigmoid_thresholded_at_zero(client, tmp_path):
+    spec = job_spec_from_dict({
+        "name": "cancer-binary",
+        "model": {"layers": [{"linear": {"out_features": 1}}]},
+        "loss": "binary_cross_entropy_with_logits",
+        "optimizer": {"adam": {"lr": 0.01}},
+        "data": {"dataset": "sklearn:breast_cancer", "batch_size": 64, "epochs": 3,
+                 "validation_fraction": 0.2},
+        "resources": {"workers": 1, "parameter_servers": 1}, "seed": 0})
+    job_id = _trained(client, spec)
+    x, y = load_breast_cancer(return_X_y=True)
+    logit = _engine_outputs(client, tmp_path, job_id, spec, x)[:, 0]
+
+    predictions = client.predict(job_id, x)
+
+    p = 1 / (1 + np.exp(-logit))
+    np.testing.assert_allclose(predictions.probabilities, np.stack([1 - p, p], axis=1),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(predictions.classes, (logit > 0).astype(int))
+    assert (predictions.classes == y).mean() > 0.9
+
+
+def test_a_wrong_feature_width_is_invalid_argument_naming_the_field(client, iris_job):
+    job_id, _ = iris_job
+    error = rpc_error(lambda: client.predict(job_id, np.ones((3, 5))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("rows.shape: this model takes samples of shape [4]")
+    error = rpc_error(lambda: client.predict(job_id, [[1.0, 2.0, float("nan"), 4.0]]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("rows.values")
+    assert rpc_error(lambda: client.predict("job-000000000000", [[1, 2, 3, 4]])).code() == (
+        grpc.StatusCode.NOT_FOUND)
+
+
+def test_more_rows_than_one_request_takes_is_rejected_by_the_server(client, iris_job):
+    from chainrule.v1 import training_service_pb2 as pb
+
+    job_id, _ = iris_job
+    request = pb.PredictRequest(job_id=job_id, rows=pb.Rows(values=[0.0] * 4097 * 4,
+                                                            shape=[4097, 4]))
+    error = rpc_error(lambda: client.stub.Predict(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("rows.shape: 1 to 4096 rows per request")
+
+
+def test_chainrule_predict_writes_a_class_column(server, iris_job, tmp_path, capsys):
+    job_id, _ = iris_job
+    iris = load_iris()
+    rows = tmp_path / "rows.csv"
+    with open(rows, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["a", "b", "c", "d"])
+        writer.writerows(iris.data[:10].tolist())
+    out = tmp_path / "out.csv"
+
+    assert cli.main(["predict", job_id, str(rows), "-o", str(out),
+                     "--server", server.address]) == 0
+
+    table = list(csv.reader(open(out)))
+    assert table[0] == ["class", "p0", "p1", "p2"]
+    from chainrule.client import Client
+
+    with Client(server.address) as client:
+        expected = client.predict(job_id, iris.data[:10])
+    assert [int(row[0]) for row in table[1:]] == expected.classes.tolist()
+    np.testing.assert_allclose([[float(v) for v in row[1:]] for row in table[1:]],
+                               expected.probabilities, rtol=1e-15)
+
+
+def test_evaluate_gives_the_loss_accuracy_and_confusion_matrix_computed_by_hand(
+        client, iris_job, tmp_path):
+    job_id, spec = iris_job
+    iris = load_iris()
+    x, y = iris.data[::2], iris.target[::2]  # 75 samples: one batch of 256 is not all
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    client.upload(tmp_path / "test.npz", "iris-test")
+    logits = _engine_outputs(client, tmp_path, job_id, spec, x)
+    log_softmax = logits - logits.max(axis=1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
+    predicted = logits.argmax(axis=1)
+    confusion = np.zeros((3, 3), dtype=int)
+    for true, guess in zip(y, predicted, strict=True):
+        confusion[true, guess] += 1
+
+    result = client.evaluate(job_id, "iris-test")
+
+    assert result.samples == 75
+    assert result.loss == pytest.approx(-log_softmax[np.arange(75), y].mean(), rel=1e-5)
+    assert result.accuracy == pytest.approx((predicted == y).mean())
+    assert result.num_classes == 3
+    np.testing.assert_array_equal(np.asarray(result.confusion_matrix).reshape(3, 3), confusion)
+    error = rpc_error(lambda: client.evaluate(job_id, "no-such-upload"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("dataset:")
+
+
+def test_a_tiny_language_model_generates_the_requested_bytes_deterministically(
+        client, tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    client.upload(text, "tiny-text", format="text")
+    spec = job_spec_from_dict({
+        "name": "tiny-lm",
+        "model": {"layers": [
+            {"embedding": {"num_embeddings": 256, "embedding_dim": 16}},
+            {"positional_embedding": {}},
+            {"transformer_encoder_layer": {"nhead": 2, "dim_feedforward": 32, "dropout": 0,
+                                           "is_causal": True}},
+            {"linear": {"out_features": 256}}]},
+        "loss": "next_token_cross_entropy",
+        "optimizer": {"adam": {"lr": 0.01}},
+        "data": {"dataset": "tiny-text", "context_length": 16, "batch_size": 16, "epochs": 1,
+                 "validation_fraction": 0.1},
+        "resources": {"workers": 1, "parameter_servers": 1}, "seed": 0})
+    job_id = _trained(client, spec)
+
+    first = b"".join(client.generate(job_id, "the ", max_tokens=40, seed=3))
+    again = b"".join(client.generate(job_id, "the ", max_tokens=40, seed=3))
+    other = b"".join(client.generate(job_id, "the ", max_tokens=40, seed=4))
+
+    assert len(first) == 40
+    assert first == again
+    assert other != first
+    # The same draws as worker/text_sampling.py on the downloaded weights.
+    path = tmp_path / "lm.safetensors"
+    client.download(job_id, path)
+    model = build_model(spec.model, (16,), seed=0, input_dtype=np.int64)
+    model.load_state_dict(load_weights(path))
+    assert first.decode("utf-8", errors="replace") == sample_text(model, "the ", 40, 1.0, 3)
+    greedy = b"".join(client.generate(job_id, "the ", max_tokens=20, temperature=0))
+    assert greedy.decode("utf-8", errors="replace") == sample_text(model, "the ", 20, 0.0)
+    top1 = b"".join(client.generate(job_id, "the ", max_tokens=20, top_k=1, seed=9))
+    assert top1 == greedy  # only the likeliest byte can be drawn
+    error = rpc_error(lambda: list(client.generate(job_id, "", max_tokens=5)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("prompt:")
+
+
+def test_a_failed_jobs_traceback_is_in_chainrule_logs(client, server, monkeypatch, capsys):
+    original = server.service.prepare
+
+    def prepare(job):
+        if job.spec.name == "doomed-logs":
+            raise RuntimeError("the disk is on fire")
+        return original(job)
+
+    monkeypatch.setattr(server.service, "prepare", prepare)
+    job = client.submit(iris_spec(name="doomed-logs"))
+    assert state_name(wait_until_done(client, job.id).state) == "FAILED"
+    capsys.readouterr()
+
+    assert cli.main(["logs", job.id, "--server", server.address]) == 0
+
+    out = capsys.readouterr().out
+    assert "Traceback (most recent call last)" in out
+    assert "RuntimeError: the disk is on fire" in out
+    assert out.rstrip().splitlines()[-1].split(None, 3)[2:] == [
+        "state", "FAILED: RuntimeError: the disk is on fire"]
+
+
+def test_chainrule_logs_follow_prints_until_the_running_job_ends(client, server, capsys):
+    job = client.submit(iris_spec(epochs=20, name="followed"))
+    finished = threading.Event()
+
+    assert cli.main(["logs", job.id, "-f", "--server", server.address]) == 0
+    finished.set()
+
+    assert state_name(client.get(job.id).state) == "SUCCEEDED"
+    lines = capsys.readouterr().out.strip().splitlines()
+    kinds = [line.split()[2] for line in lines]
+    assert lines[-1].endswith("SUCCEEDED")
+    assert "validation" in kinds
+    assert any(line.endswith("RUNNING") for line in lines)
