@@ -168,7 +168,7 @@ class ModelReplica:
         self.model.train()
         accumulator = TreeAccumulator()
         loss_sum, samples, correct = 0.0, 0, 0
-        per_batch_buffers = [] if self.buffer_names else None
+        per_batch_buffers: list[dict[str, np.ndarray]] | None = [] if self.buffer_names else None
         start_buffers = self.buffer_values() if self.buffer_names else None
         captures = self.carries_statistics(global_step)
         if captures and statistics is None:

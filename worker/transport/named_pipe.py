@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import select
 import struct
-from dataclasses import astuple
-from typing import ClassVar, TypeVar
+from dataclasses import Field, astuple
+from typing import Any, ClassVar, TypeVar
 
 Message = TypeVar("Message", bound="Record")
 
@@ -22,6 +22,7 @@ class Record:
     """A dataclass with a struct layout: its fields, in order, packed little-endian."""
 
     layout: ClassVar[struct.Struct]
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # each subclass is a @dataclass
 
     def pack(self) -> bytes:
         return self.layout.pack(*astuple(self))

@@ -48,7 +48,7 @@ from worker.transport.step import (
 if TYPE_CHECKING:
     from worker.flat_parameters import ParameterSlot
     from worker.parameter_server import ApplyResult, ParameterServerShard, ReduceResult
-    from worker.replica import ModelReplica
+    from worker.replica import BlockResult, ModelReplica
 
 
 # --- the runner's side -------------------------------------------------------------------------
@@ -71,7 +71,7 @@ class ObjectStoreTransport:
         self.work: StepWork | None = None
         self.calls: dict[int, list[ray.ObjectRef]] = {}
         self.owners: dict[int, int] = {}
-        self.delivered: dict[int, object] = {}
+        self.delivered: dict[int, BlockResult] = {}
 
     def start(self) -> None:
         self.push_parameters()
@@ -191,8 +191,8 @@ class ObjectStoreTransport:
         shard_stats = [ShardStats(r.squared_norm, r.seconds, a.seconds, a.bytes_updated)
                        for r, a in zip(reduced, applied)]
         micro = None
-        if results[0].buffers is not None:
-            micro = [self.flatten_buffers(values) for r in results for values in r.buffers]
+        if results[0].buffers is not None:  # then every block's are: one model
+            micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
         return StepOutcome(block_stats, shard_stats, norms, micro)
 
 

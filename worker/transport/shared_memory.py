@@ -462,7 +462,7 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
             replica.last_error = f"{type(error).__name__}: {error}"
             runner.send(BlockReport(ReportKind.BLOCK_FAILED, command.step, command.block))
             continue
-        if per_micro_batch is not None:
+        if per_micro_batch is not None and result.buffers is not None:  # both, or neither
             for (m, _), values in zip(micro_batches, result.buffers):
                 per_micro_batch[m] = replica.flatten_buffers(values)
         for shard in shards:
