@@ -51,6 +51,23 @@ def test_tenants_see_only_their_own_jobs_and_data_sets(server, tmp_path):
         assert bob.submit(iris_spec(), request_id="same-key").id != job.id
 
 
+def test_another_tenants_model_and_log_are_not_found(server, tmp_path):
+    path = tmp_path / "rows.npz"
+    np.savez(path, x=np.ones((4, 4)), y=np.arange(4) % 3)
+    with Client(server.address, token=ALICE) as alice, Client(server.address, token=BOB) as bob:
+        job = alice.submit(iris_spec())
+        wait_until_done(alice, job.id)
+        assert alice.predict(job.id, np.ones((2, 4))).classes.shape == (2,)
+        assert [entry.kind for entry in alice.logs(job.id)][-1] == "state"
+        bob.upload(path, "bobs-rows")
+        for call in (lambda: bob.predict(job.id, np.ones((2, 4))),
+                     lambda: bob.evaluate(job.id, "bobs-rows"),
+                     lambda: list(bob.generate(job.id, "hello", max_tokens=1)),
+                     lambda: list(bob.logs(job.id)), lambda: list(bob.logs(job.id, True))):
+            error = rpc_error(call)
+            assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+
+
 def test_a_missing_or_unknown_token_is_unauthenticated(server):
     for token in (None, "not-a-token-at-all-xx"):
         with Client(server.address, token=token) as client:
