@@ -1,7 +1,9 @@
 """Who is calling: a bearer token from the call's metadata names a tenant.
 
-The token file has one `TENANT TOKEN` pair per line (`#` starts a comment). Without a token
-file, every caller is the tenant "default" (and the server binds loopback only).
+The token file has one `TENANT TOKEN [max_priority=N]` line per token (`#` starts a comment).
+`max_priority` is the highest `priority` that tenant's jobs may ask for (the server's
+`--max-priority` when no line of the tenant sets it). Without a token file, every caller is the
+tenant "default" (and the server binds loopback only).
 """
 
 from __future__ import annotations
@@ -9,29 +11,49 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.errors import Unauthenticated
 
 DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_PRIORITY = re.compile(r"max_priority=(-?[0-9]{1,10})")
 
 
-def load_tokens(path: str | Path) -> dict[str, str]:
-    """token -> tenant, from the file; ValueError naming the line for a malformed one."""
+@dataclass(frozen=True)
+class TokenFile:
+    tenants: dict[str, str]  # token -> tenant
+    max_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its cap, when set
+
+
+def load_tokens(path: str | Path) -> TokenFile:
+    """The tokens and tenant settings of the file; ValueError naming the line for a malformed
+    one."""
     tokens: dict[str, str] = {}
+    caps: dict[str, int] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or not _TENANT.fullmatch(parts[0]) or len(parts[1]) < 16:
-            raise ValueError(f"{path}:{number}: expected 'TENANT TOKEN' (tenant from "
-                             f"[A-Za-z0-9._-], token of at least 16 characters)")
-        tokens[parts[1]] = parts[0]
+        if len(parts) not in (2, 3) or not _TENANT.fullmatch(parts[0]) or len(parts[1]) < 16:
+            raise ValueError(f"{path}:{number}: expected 'TENANT TOKEN [max_priority=N]' "
+                             f"(tenant from [A-Za-z0-9._-], token of at least 16 characters)")
+        tenant, token = parts[:2]
+        if len(parts) == 3:
+            match = _MAX_PRIORITY.fullmatch(parts[2])
+            if match is None or not -2**31 <= int(match.group(1)) < 2**31:
+                raise ValueError(f"{path}:{number}: expected max_priority=N (an integer of "
+                                 f"int32's range) after the token, got {parts[2]!r}")
+            cap = int(match.group(1))
+            if caps.setdefault(tenant, cap) != cap:
+                raise ValueError(f"{path}:{number}: {tenant} has max_priority={caps[tenant]} "
+                                 f"on an earlier line")
+        tokens[token] = tenant
     if not tokens:
         raise ValueError(f"{path}: no tokens")
-    return tokens
+    return TokenFile(tokens, caps)
 
 
 class Authenticator:

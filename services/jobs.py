@@ -48,7 +48,7 @@ from services.store import (
     ValidationSummary,
     parse_page_token,
 )
-from services.validation import Limits, upload_name, validate_spec
+from services.validation import Limits, check_priority, upload_name, validate_spec
 from worker.initial_weights import WeightsShape, weights_reference
 from worker.resolved_job import DataShape, ResolvedJob, resolve
 from worker.spec_error import SpecError
@@ -89,7 +89,10 @@ class JobService:
                  max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
                  upload_limits: uploads.UploadLimits | None = None,
                  keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
-                 checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS):
+                 checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
+                 tenant_max_priority: dict[str, int] | None = None):
+        """`tenant_max_priority`: the tenants whose priority cap is not `limits.max_priority`
+        (from the token file)."""
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = JobStorage(self.data_dir, keep_checkpoints)
@@ -98,6 +101,7 @@ class JobService:
         # sweep), so that the sweep never deletes the checkpoint a resume has just relied on.
         self._files_lock = threading.Lock()
         self.limits = limits or Limits()
+        self.tenant_max_priority = dict(tenant_max_priority or {})
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
         self.events = EventHub()
@@ -126,6 +130,7 @@ class JobService:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
         validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits,
                       self._weights_shape(tenant, spec))
+        check_priority(spec.priority, self._max_priority(tenant), tenant)
         record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
                            state=QUEUED, created_at=time.time(), request_id=request_id)
         digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
@@ -182,6 +187,7 @@ class JobService:
         spec.data.epochs += epochs
         validate_spec(spec, self._data_shape(tenant, spec.data.dataset), self.limits,
                       self._weights_shape(tenant, spec))
+        check_priority(spec.priority, self._max_priority(tenant), tenant)  # the cap may be new
         with self._files_lock:
             if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
                 days = self.checkpoint_retention_seconds / 86400
@@ -453,6 +459,9 @@ class JobService:
             self.store.set_progress(job_id, progress)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _max_priority(self, tenant: str) -> int:
+        return self.tenant_max_priority.get(tenant, self.limits.max_priority)
 
     def _data_shape(self, tenant: str, dataset: str) -> DataShape | None:
         name = upload_name(dataset)

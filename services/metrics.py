@@ -10,10 +10,13 @@ Every metric is declared once, in `_Families`, on the registry passed in (tests 
 `chainrule_` prefix, base units (`_seconds`, `_bytes`, `_ratio`), `_total` on counters.
 
 Labels are bounded. `job_id` appears only on per-job series, and those are removed
-`job_series_ttl_seconds` after the job reaches a terminal state; `parameter` is a parameter name
-of the job's model; `phase`, `state`, `direction` and gRPC `code` are fixed sets; `method` is a
-method of a registered gRPC service (anything else counts as "unknown"). No step, sample or
-request ids, ever.
+`job_series_ttl_seconds` after the job reaches a terminal state; `parameter` is a parameter (or
+layer) name of the job's model, at most `ParameterSeries.limit` of them per job however large
+the model, the rest summed into one `(others)` series; `phase`, `state`, `direction` and gRPC
+`code` are fixed sets; `method` is a method of a registered gRPC service (anything else counts
+as "unknown"). No step, sample or request ids, ever.
+
+/metrics listens on loopback unless told otherwise: it names every tenant's job ids and losses.
 
 The label is `job_id`, not `job`: Prometheus attaches its own `job` label (the scrape job) to
 every series it scrapes, and a clash would rename ours to `exported_job`.
@@ -24,11 +27,12 @@ lookups): about 14 us per step, under 1% of the demo job's 1.5-2 ms step (bench/
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,6 +61,40 @@ GRPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 OBJECT_STORE_REFRESH_SECONDS = 10.0
 UNKNOWN_METHOD = "unknown"
 METRICS_ADDRESS_VARIABLE = "CHAINRULE_METRICS_ADDRESS"
+OTHER_PARAMETERS = "(others)"  # the `parameter` label of the norms past the limit, together
+
+
+@dataclass(frozen=True)
+class ParameterSeries:
+    """Which gradient norms get a series of their own. One series per parameter tensor would
+    let one job of 50,000 tensors add 50,000 series (a 4.7 MiB scrape); here a job exports at
+    most `limit` + 1: the `limit` largest norms of each step (by parameter, or by layer: the
+    norm of all of a layer's parameters), and the norm of all the others as `(others)`. A
+    name that leaves the largest is removed, so the live series stay within the bound."""
+
+    by: str = "parameter"  # or "layer": "3.weight" and "3.bias" count as layer "3"
+    limit: int = 32
+
+    def __post_init__(self):
+        if self.by not in ("parameter", "layer"):
+            raise ValueError(f"parameter series by 'parameter' or 'layer', got {self.by!r}")
+        if self.limit < 1:
+            raise ValueError(f"parameter series limit must be at least 1, got {self.limit}")
+
+    def select(self, norms: Mapping[str, float]) -> Mapping[str, float]:
+        """The norms to export, by label; `norms` itself when it is within the limit."""
+        if self.by == "layer":
+            squares: dict[str, float] = {}
+            for name, norm in norms.items():
+                layer = name.rpartition(".")[0] or name
+                squares[layer] = squares.get(layer, 0.0) + norm * norm
+            norms = {layer: math.sqrt(total) for layer, total in squares.items()}
+        if len(norms) <= self.limit:
+            return norms
+        kept = dict(heapq.nlargest(self.limit, norms.items(), key=lambda item: item[1]))
+        rest = sum(norm * norm for name, norm in norms.items() if name not in kept)
+        kept[OTHER_PARAMETERS] = math.sqrt(rest)
+        return kept
 
 
 class _Families:
@@ -159,6 +197,7 @@ class _JobSeries:
 
     job_id: str
     families: _Families
+    parameter_series: ParameterSeries = field(default_factory=ParameterSeries)
     state: str | None = None
     expires_at: float | None = None  # monotonic time; set when the job ends
     worker_failures: int = 0  # cumulative counts already exported
@@ -199,12 +238,17 @@ class _JobSeries:
         self.samples_per_second.set(record.samples_per_second)
         self.learning_rate.set(record.learning_rate)
         self.gradient_norm.set(record.gradient_norm)
-        for name, norm in record.parameter_gradient_norms.items():
+        norms = self.parameter_series.select(record.parameter_gradient_norms)
+        for name, norm in norms.items():
             gauge = self.parameters.get(name)
             if gauge is None:
                 gauge = self.parameters[name] = \
                     self.families.parameter_gradient_norm.labels(self.job_id, name)
             gauge.set(norm)
+        if len(self.parameters) > len(norms):  # some left the largest: their series go
+            for name in [name for name in self.parameters if name not in norms]:
+                del self.parameters[name]
+                _remove(self.families.parameter_gradient_norm, self.job_id, name)
         self.sent.inc(record.bytes_sent_per_worker * record.workers)
         self.received.inc(record.bytes_received_per_worker * record.workers)
         self.parameter_bytes.set(record.parameter_bytes)
@@ -251,9 +295,11 @@ class TrainingMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None,
                  job_series_ttl_seconds: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 parameter_series: ParameterSeries | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.job_series_ttl_seconds = job_series_ttl_seconds
+        self.parameter_series = parameter_series or ParameterSeries()
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, _JobSeries] = {}
@@ -335,7 +381,8 @@ class TrainingMetrics:
         Caller holds the lock."""
         series = self._jobs.get(job_id)
         if series is None:
-            series = self._jobs[job_id] = _JobSeries(job_id, self.families)
+            series = self._jobs[job_id] = _JobSeries(job_id, self.families,
+                                                     self.parameter_series)
         return series
 
 

@@ -21,7 +21,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import ray
@@ -33,12 +33,15 @@ from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
 from scheduler.job_queue import JobQueue
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS
-from services.auth import Authenticator, load_tokens
+from services.auth import Authenticator, TokenFile, load_tokens
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.store import Store
 from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
+
+if TYPE_CHECKING:  # the exporter is imported when metrics are on (_start_metrics)
+    from services.metrics import ParameterSeries
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +121,15 @@ def serve(
     max_rpc_threads: int = 64,
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
     checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
+    parameter_series: ParameterSeries | None = None,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
     `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
-    tokens = load_tokens(tokens_file) if tokens_file else {}
+    token_file = load_tokens(tokens_file) if tokens_file else TokenFile({})
+    tokens = token_file.tenants
     host = address.rsplit(":", 1)[0]
     if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
@@ -138,8 +143,10 @@ def serve(
     service = JobService(store, data_dir, keep_checkpoints=keep_checkpoints,
                          checkpoint_retention_seconds=checkpoint_retention_seconds,
                          limits=limits, max_upload_bytes=max_upload_bytes,
-                         upload_limits=upload_limits)
-    metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port)
+                         upload_limits=upload_limits,
+                         tenant_max_priority=token_file.max_priority)
+    metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
+                                                                        parameter_series)
     queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
                      observers=[service] + ([metrics] if metrics is not None else []),
@@ -198,7 +205,8 @@ def _sweep_checkpoints_periodically(service: JobService, stopped: threading.Even
     threading.Thread(target=sweep, name="checkpoint-retention", daemon=True).start()
 
 
-def _start_metrics(port: int | None) -> tuple[Any, Any, str, list]:
+def _start_metrics(port: int | None,
+                   parameter_series: ParameterSeries | None) -> tuple[Any, Any, str, list]:
     """The metrics observer, its HTTP server, its URL and gRPC interceptors; nothing when
     metrics are off or the exporter is not installed."""
     if port is None:
@@ -210,7 +218,7 @@ def _start_metrics(port: int | None) -> tuple[Any, Any, str, list]:
     except ImportError:
         return None, None, "", []
     registry = CollectorRegistry()
-    metrics = TrainingMetrics(registry)
+    metrics = TrainingMetrics(registry, parameter_series=parameter_series)
     http_server, bound = start_metrics_server(port, registry)
     return (metrics, http_server, f"http://127.0.0.1:{bound}/metrics",
             [metrics.grpc_interceptor()])

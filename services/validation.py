@@ -48,6 +48,9 @@ class Limits:
     max_wall_seconds: float = 7 * 24 * 3600.0
     # Activations of one micro-batch's forward pass on one worker (see activation_bytes).
     max_activation_bytes: int = 2 * 1024**3
+    # The highest `priority` a tenant's job may ask for, unless the token file gives that
+    # tenant its own (services/auth.py). 0: going ahead of others is the operator's to grant.
+    max_priority: int = 0
 
 
 # A job's name is shown in listings and logs: printable, short, never a path.
@@ -153,6 +156,16 @@ def activation_bytes(job: ResolvedJob) -> tuple[int, int, int]:
     values = math.prod(job.model.input_shape) + sum(math.prod(layer.output_shape)
                                                     for layer in job.model.layers)
     return samples * values * np.dtype(job.dtype).itemsize, samples, values
+
+
+def check_priority(priority: int, max_priority: int, tenant: str) -> None:
+    """InvalidArgument when a tenant asks for a priority above its cap: refused rather than
+    lowered, so that no job runs at a priority its owner did not choose."""
+    if priority > max_priority:
+        raise InvalidArgument("priority", f"must be at most {max_priority} for tenant "
+                                          f"{tenant!r} on this server, got {priority} (the "
+                                          f"operator sets the cap: serve --max-priority, or "
+                                          f"max_priority= in the token file)")
 
 
 def check_limits(job: ResolvedJob, limits: Limits) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shutil
 import subprocess
 import sys
@@ -14,13 +16,18 @@ import numpy as np
 import pytest
 import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from chainrule.spec_file import load_job_spec
 from scheduler.job_runner import JobRunner
 from scheduler.records import EvaluationRecord, StepRecord
 from scheduler.training import prepare_dataset, resolve_builtin_job
-from services.metrics import TrainingMetrics, start_metrics_server
+from services.metrics import (
+    OTHER_PARAMETERS,
+    ParameterSeries,
+    TrainingMetrics,
+    start_metrics_server,
+)
 
 SPEC = """
 name: metrics-test
@@ -435,3 +442,51 @@ def test_interceptor_counts_client_and_bidirectional_streams(health_server):
                  code="OK") == 1
     assert value(registry, "chainrule_grpc_request_duration_seconds_count",
                  method="/test.Bytes/Echo") == 2
+
+
+# --- bounded series ---------------------------------------------------------------------------
+
+
+def _parameter_norms(registry: CollectorRegistry, job_id: str) -> dict[str, float]:
+    return {sample.labels["parameter"]: sample.value
+            for family in registry.collect() for sample in family.samples
+            if sample.name == "chainrule_training_parameter_gradient_norm"
+            and sample.labels["job_id"] == job_id}
+
+
+def test_a_model_of_50000_parameter_tensors_exports_the_largest_norms_and_the_rest_as_one(
+        trained):
+    _, _, steps, _, _ = trained
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry, parameter_series=ParameterSeries(limit=32))
+    norms = {f"{i}.weight": float(i) for i in range(50_000)}
+    metrics.job_step("big", dataclasses.replace(steps[0], parameter_gradient_norms=norms))
+    exported = _parameter_norms(registry, "big")
+    assert set(exported) == {f"{i}.weight" for i in range(49_968, 50_000)} | {OTHER_PARAMETERS}
+    assert exported[OTHER_PARAMETERS] == pytest.approx(math.sqrt(sum(i * i
+                                                                     for i in range(49_968))))
+    assert len(generate_latest(registry)) < 64 * 1024  # the audit's scrape was 4.7 MiB
+    # The next step's largest norms are others: the series of the old ones are removed.
+    norms = {f"{i}.weight": float(50_000 - i) for i in range(50_000)}
+    metrics.job_step("big", dataclasses.replace(steps[1], parameter_gradient_norms=norms))
+    assert set(_parameter_norms(registry, "big")) == (
+        {f"{i}.weight" for i in range(32)} | {OTHER_PARAMETERS})
+
+
+def test_parameter_series_by_layer_export_each_layers_norm(trained):
+    _, _, steps, _, _ = trained
+    registry = CollectorRegistry()
+    metrics = TrainingMetrics(registry, parameter_series=ParameterSeries(by="layer", limit=8))
+    norms = {"0.weight": 3.0, "0.bias": 4.0, "2.layers.1.weight": 1.0}
+    metrics.job_step("layers", dataclasses.replace(steps[0], parameter_gradient_norms=norms))
+    assert _parameter_norms(registry, "layers") == {"0": 5.0, "2.layers.1": 1.0}
+
+
+def test_the_metrics_endpoint_listens_on_loopback_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("CHAINRULE_METRICS_ADDRESS", raising=False)
+    server, _ = start_metrics_server(0, CollectorRegistry())
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
