@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from worker.backprop import tensor as _tensor
-from worker.backprop.parallel import blocks_of, run_blocks
+from worker.backprop.parallel import blocks_of, run_blocks, thread_count
 from worker.backprop.tensor import Node, Op, Tensor, unbroadcast
 
 T = TypeVar("T")
@@ -1006,6 +1006,16 @@ def _window_view(xp: np.ndarray, windows: Windows, output_size) -> np.ndarray:
 _IM2COL_CHUNK_BYTES = 1 << 20
 
 
+def _run_exact(work, count: int) -> None:
+    """run_blocks for work whose every value is computed the same way however the batch is cut
+    (elementwise work, one GEMM per sample): on one thread, one block, which spares the
+    per-block loops; the bits are the same either way."""
+    if thread_count() <= 1:
+        work(slice(0, count))
+    else:
+        run_blocks(work, count)
+
+
 def _im2col_chunks(x: np.ndarray, windows: Windows, groups: int, output_size, block: slice):
     """Consecutive slices of `block` of the batch, cut evenly, with their columns (n, G,
     C/G * kh * kw, Ho * Wo): each output position's receptive field, in the weight's (C, kh,
@@ -1037,7 +1047,7 @@ def _conv2d_forward(x, weight, bias=None, *, windows, groups):
             # y[n, g] = W[g] @ cols[n, g]: a GEMM per (sample, group), written in place.
             np.matmul(kernels, cols, out=out_by_group[part])
 
-    run_blocks(convolve, n)
+    _run_exact(convolve, n)  # one GEMM per sample: the same bits however it is cut
     if bias is not None:
         out += bias.reshape(-1, 1, 1)
     return out
@@ -1154,7 +1164,7 @@ def _max_pool2d_forward(x, *, windows):
             else:
                 np.maximum(target, xp[where], out=target)
 
-    run_blocks(pool, n)
+    _run_exact(pool, n)
     return out
 
 
@@ -1189,7 +1199,7 @@ def _max_pool2d_backward(g, x, ans, windows):
         if padded:
             dx[block] = _crop_spatial(dxp, windows.padding, x.shape[2:])
 
-    run_blocks(scatter, x.shape[0])
+    _run_exact(scatter, x.shape[0])
     return dx
 
 
