@@ -65,15 +65,21 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from services.server import configure_process, serve
+    from services.single_instance import AlreadyInUse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_process()
-    server = serve(args.address, args.data_dir, ray_address=args.ray_address,
-                   metrics_port=args.metrics_port, max_concurrent_jobs=args.max_concurrent_jobs,
-                   tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                   tls_client_ca=args.client_ca,
-                   keep_checkpoints=args.keep_checkpoints,
-                   checkpoint_retention_seconds=args.checkpoint_retention_days * 86400)
+    try:
+        server = serve(args.address, args.data_dir, ray_address=args.ray_address,
+                       metrics_port=args.metrics_port,
+                       max_concurrent_jobs=args.max_concurrent_jobs,
+                       tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_client_ca=args.client_ca,
+                       keep_checkpoints=args.keep_checkpoints,
+                       checkpoint_retention_seconds=args.checkpoint_retention_days * 86400)
+    except AlreadyInUse as error:  # another server has the folder or the port: say whose
+        print(f"chainrule: {error}", file=sys.stderr, flush=True)
+        return 1
     # After serve(): ray.init installs its own SIGTERM handler, which would kill us uncleanly.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS
 from services.auth import Authenticator, TokenFile, load_tokens
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
+from services.single_instance import AlreadyInUse, DataFolderLock, check_port_free
 from services.store import Store
 from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
@@ -80,6 +81,7 @@ class RunningServer:
     _store: Store
     _owns_ray: bool
     _metrics_server: Any = None
+    _lock: DataFolderLock | None = None  # this server's hold on data_dir, until stop()
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
@@ -98,6 +100,8 @@ class RunningServer:
         self._store.close()
         if self._owns_ray:
             ray.shutdown()
+        if self._lock is not None:
+            self._lock.release()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._grpc.wait_for_termination(timeout)
@@ -136,7 +140,15 @@ def serve(
                          f"--tokens and TLS (--tls-cert, --tls-key)")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(data_dir / "chainrule.db")
+    # One server per data folder and per port: a second one is refused here, before it opens
+    # the store or starts Ray (services/single_instance.py).
+    lock = DataFolderLock.acquire(data_dir, address)
+    try:
+        check_port_free(address)
+        store = Store(data_dir / "chainrule.db")
+    except BaseException:
+        lock.release()
+        raise
     owns_ray = not ray.is_initialized()
     ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
@@ -158,29 +170,38 @@ def serve(
         # Metrics outermost, so they count the status the decoding interceptor answers.
         interceptors=[*interceptors, RequestDecodingInterceptor()],
         options=[("grpc.max_receive_message_length", MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MESSAGE_BYTES)])
+                 ("grpc.max_send_message_length", MESSAGE_BYTES),
+                 # gRPC's default lets a second server bind the same port and take half
+                 # the connections; a busy port must be an error.
+                 ("grpc.so_reuseport", 0)])
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(service, Authenticator(tokens)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls_cert and tls_key:
-        client_ca = Path(tls_client_ca).read_bytes() if tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())],
-            root_certificates=client_ca, require_client_auth=client_ca is not None)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls_cert and tls_key:
+            client_ca = Path(tls_client_ca).read_bytes() if tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())],
+                root_certificates=client_ca, require_client_auth=client_ca is not None)
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind": taken since check_port_free looked
+        port = 0
     if port == 0:
         store.close()
-        raise OSError(f"cannot bind {address!r} (in use?)")
+        lock.release()
+        raise AlreadyInUse(f"cannot bind {address!r}: port {address.rsplit(':', 1)[-1]} is "
+                           f"in use (another server?); choose another --address")
+    lock.record(f"{host}:{port}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(f"{host}:{port}", port, data_dir, metrics_url, service, queue,
-                            server, health_servicer, store, owns_ray, metrics_server)
+                            server, health_servicer, store, owns_ray, metrics_server, lock)
     _sweep_checkpoints_periodically(service, running._stopped)
     resumed = service.resume_queued_jobs()
     if resumed:
