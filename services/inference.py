@@ -61,8 +61,21 @@ class LoadedModel:
     integer_features: bool
     feature_mean: np.ndarray | None
     feature_std: np.ndarray | None
+    output_width: int
     # Forward passes of one model one at a time: modules keep per-call state (eval mode).
     lock: threading.Lock
+
+    @property
+    def vocabulary(self) -> float:
+        """How many token ids the model's first embedding takes (inf without one)."""
+        for module in self.model.modules():
+            if isinstance(module, nn.Embedding):
+                return module.num_embeddings
+        return math.inf
+
+    @property
+    def multi_label(self) -> bool:
+        return self.loss == "binary_cross_entropy_with_logits" and self.output_width > 1
 
     @property
     def task(self) -> str:
@@ -136,22 +149,24 @@ class ModelServing:
         job = self.service.get(tenant, job_id)
         loss = build_loss(job.spec, "sum")
         total, correct = 0.0, 0
-        classes = _class_count(loaded, x[:1]) if loaded.task == "classification" else 0
+        single_class = loaded.task == "classification" and not loaded.multi_label
+        classes = _class_count(loaded) if single_class else 0
         confusion = np.zeros((classes, classes), dtype=np.int64) if classes else None
-        if loaded.task == "classification" and (y.dtype.kind not in "iu" or (
-                len(y) and (y.min() < 0 or y.max() >= classes))):
+        if single_class and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes):
             raise InvalidArgument("dataset", f"the labels must be classes 0 to {classes - 1} "
                                              f"for this model")
         for start, out in loaded.forward(x):
             target = y[start:start + len(out)]
             total += float(loss(Tensor(out), target).data)
+            correct += loss.correct(out, target)
             if confusion is not None:
-                predicted = _classes(loaded, out)
-                np.add.at(confusion, (target.reshape(-1), predicted), 1)
-                correct += int((predicted == target.reshape(-1)).sum())
+                np.add.at(confusion, (target.reshape(-1), _classes(loaded, out)), 1)
         samples = len(x)
-        return Evaluation(samples, total / samples,
-                          correct / samples if confusion is not None else None, confusion)
+        # Multi-label: the share of right labels (each sample has output_width of them).
+        per_sample = loaded.output_width if loaded.multi_label else 1
+        accuracy = (correct / (samples * per_sample)
+                    if loaded.task == "classification" else None)
+        return Evaluation(samples, total / samples, accuracy, confusion)
 
     def generate(self, tenant: str, job_id: str, prompt: str, temperature: float, top_k: int,
                  max_tokens: int, seed: int) -> Iterator[bytes]:
@@ -226,7 +241,7 @@ class ModelServing:
             tuple(resolved.model.input_shape), np.dtype(resolved.model.input_dtype).kind in "iu",
             None if mean is None else np.asarray(mean, dtype=np.float64),
             None if std is None else np.asarray(std, dtype=np.float64),
-            threading.Lock())
+            resolved.model.output_shape[-1], threading.Lock())
 
     def _dataset_arrays(self, tenant: str, name: str, field: str) -> tuple[np.ndarray,
                                                                           np.ndarray]:
@@ -272,14 +287,14 @@ def _check_features(x: np.ndarray, loaded: LoadedModel, field: str) -> None:
                                                 f"{list(x.shape[1:])}")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise InvalidArgument(f"{field}.values", "must be finite numbers (no NaN or inf)")
-    if loaded.integer_features and (np.any(x != np.round(x)) or np.any(x < 0)):
-        raise InvalidArgument(f"{field}.values", "this model takes token ids: whole numbers "
-                                                 ">= 0")
+    if loaded.integer_features and (np.any(x != np.round(x)) or np.any(x < 0)
+                                    or np.any(x >= loaded.vocabulary)):
+        raise InvalidArgument(f"{field}.values", f"this model takes token ids: whole numbers "
+                                                 f"from 0 to {loaded.vocabulary - 1}")
 
 
-def _class_count(loaded: LoadedModel, x: np.ndarray) -> int:
-    width = next(loaded.forward(x))[1].shape[-1]
-    return 2 if loaded.loss == "binary_cross_entropy_with_logits" and width == 1 else width
+def _class_count(loaded: LoadedModel) -> int:
+    return 2 if loaded.loss == "binary_cross_entropy_with_logits" else loaded.output_width
 
 
 def _classes(loaded: LoadedModel, outputs: np.ndarray) -> np.ndarray:

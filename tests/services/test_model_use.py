@@ -11,7 +11,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from sklearn.datasets import load_breast_cancer, load_iris
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 
 from chainrule.client import state_name
 from chainrule.spec_file import job_spec_from_dict
@@ -91,6 +91,33 @@ def test_one_logit_binary_predictions_are_sigmoid_thresholded_at_zero(client, tm
                                rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(predictions.classes, (logit > 0).astype(int))
     assert (predictions.classes == y).mean() > 0.9
+
+
+def test_regression_gives_the_engines_values_and_evaluates_the_mean_squared_error(
+        client, tmp_path):
+    spec = job_spec_from_dict({
+        "name": "diabetes-regression",
+        "model": {"layers": [{"linear": {"out_features": 8}}, {"relu": {}},
+                             {"linear": {"out_features": 1}}]},
+        "loss": "mse",
+        "optimizer": {"adam": {"lr": 0.01}},
+        "data": {"dataset": "sklearn:diabetes", "batch_size": 64, "epochs": 2,
+                 "validation_fraction": 0.2},
+        "resources": {"workers": 1, "parameter_servers": 1}, "seed": 0})
+    job_id = _trained(client, spec)
+    x, y = load_diabetes(return_X_y=True)
+    expected = _engine_outputs(client, tmp_path, job_id, spec, x)
+
+    predictions = client.predict(job_id, x)
+
+    assert predictions.task == "regression" and predictions.classes is None
+    np.testing.assert_allclose(predictions.values, expected, rtol=1e-12)
+    np.savez(tmp_path / "diabetes.npz", x=x[:300], y=y[:300])  # two batches: 256 + 44
+    client.upload(tmp_path / "diabetes.npz", "diabetes-test")
+    result = client.evaluate(job_id, "diabetes-test")
+    assert result.samples == 300
+    assert result.loss == pytest.approx(((expected[:300, 0] - y[:300]) ** 2).mean(), rel=1e-5)
+    assert not result.HasField("accuracy") and len(result.confusion_matrix) == 0
 
 
 def test_a_wrong_feature_width_is_invalid_argument_naming_the_field(client, iris_job):
