@@ -168,7 +168,7 @@ def test_chainrule_predict_writes_a_class_column(server, iris_job, tmp_path, cap
 
 
 def test_evaluate_gives_the_loss_accuracy_and_confusion_matrix_computed_by_hand(
-        client, iris_job, tmp_path):
+        client, server, iris_job, tmp_path, capsys):
     job_id, spec = iris_job
     iris = load_iris()
     x, y = iris.data[::2], iris.target[::2]  # 75 samples: one batch of 256 is not all
@@ -189,13 +189,18 @@ def test_evaluate_gives_the_loss_accuracy_and_confusion_matrix_computed_by_hand(
     assert result.accuracy == pytest.approx((predicted == y).mean())
     assert result.num_classes == 3
     np.testing.assert_array_equal(np.asarray(result.confusion_matrix).reshape(3, 3), confusion)
+    capsys.readouterr()
+    assert cli.main(["evaluate", job_id, "iris-test", "--server", server.address]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"accuracy {(predicted == y).mean():.4f}" in printed
+    assert [int(n) for n in printed[-1].split()] == confusion[2].tolist()
     error = rpc_error(lambda: client.evaluate(job_id, "no-such-upload"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("dataset:")
 
 
 def test_a_tiny_language_model_generates_the_requested_bytes_deterministically(
-        client, tmp_path):
+        client, server, tmp_path, capsys):
     text = tmp_path / "tiny.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     client.upload(text, "tiny-text", format="text")
@@ -231,6 +236,10 @@ def test_a_tiny_language_model_generates_the_requested_bytes_deterministically(
     assert greedy.decode("utf-8", errors="replace") == sample_text(model, "the ", 20, 0.0)
     top1 = b"".join(client.generate(job_id, "the ", max_tokens=20, top_k=1, seed=9))
     assert top1 == greedy  # only the likeliest byte can be drawn
+    capsys.readouterr()
+    assert cli.main(["generate", job_id, "--prompt", "the ", "--max-tokens", "40", "--seed", "3",
+                     "--server", server.address]) == 0
+    assert capsys.readouterr().out == first.decode("utf-8", errors="replace") + "\n"
     error = rpc_error(lambda: list(client.generate(job_id, "", max_tokens=5)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("prompt:")
