@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from services.auth import Authenticator, TokenFile, load_tokens
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.single_instance import AlreadyInUse, DataFolderLock, check_port_free
+from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
@@ -138,6 +140,7 @@ def serve(
     if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
                          f"--tokens and TLS (--tls-cert, --tls-key)")
+    started_at = time.time()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     # One server per data folder and per port: a second one is refused here, before it opens
@@ -145,6 +148,7 @@ def serve(
     lock = DataFolderLock.acquire(data_dir, address)
     try:
         check_port_free(address)
+        sweep_leftovers(data_dir, started_at)  # what killed processes left behind
         store = Store(data_dir / "chainrule.db")
     except BaseException:
         lock.release()
