@@ -871,7 +871,7 @@ def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, con
                 dw_parts[block.start] = np.einsum("ij,ij->j", g_block, normalized)
             if needs[2]:
                 db_parts[block.start] = g_block.sum(axis=0)
-            if needs[0]:
+            if dx is not None:  # needs[0]
                 d = dx[block]
                 if scale is None:
                     d[...] = g_block
@@ -895,9 +895,10 @@ def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, con
 
 def _sum_in_order(parts, shape):
     """The blocks' partial sums added in block order (the same bits for any thread count)."""
-    total = None
-    for start in sorted(parts):
-        total = parts[start] if total is None else total + parts[start]
+    first, *rest = sorted(parts)
+    total = parts[first]
+    for start in rest:
+        total = total + parts[start]
     return total.reshape(shape)
 
 
