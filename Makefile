@@ -19,6 +19,7 @@ demo: install
 
 test: install prometheus
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # promtool and the Prometheus server for the deploy tests. Debian's package only; its service
@@ -27,8 +28,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 prometheus:
 	command -v promtool >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
+# mypy checks services/, scheduler/, worker/ and chainrule/ ([tool.mypy] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The service fuzz (tests/services/test_fuzz.py) for longer than CI's fixed 2,000 requests, from
 # a fresh seed each run (Hypothesis prints the seed with any failure, to replay it).
