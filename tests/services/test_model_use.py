@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 
 import grpc
 import numpy as np
@@ -269,10 +268,8 @@ def test_a_failed_jobs_traceback_is_in_chainrule_logs(client, server, monkeypatc
 
 def test_chainrule_logs_follow_prints_until_the_running_job_ends(client, server, capsys):
     job = client.submit(iris_spec(epochs=20, name="followed"))
-    finished = threading.Event()
 
     assert cli.main(["logs", job.id, "-f", "--server", server.address]) == 0
-    finished.set()
 
     assert state_name(client.get(job.id).state) == "SUCCEEDED"
     lines = capsys.readouterr().out.strip().splitlines()
