@@ -60,7 +60,8 @@ def describe(event: EventRecord) -> str:
     if event.kind == "resumed":
         return f"resumed from the checkpoint of step {payload.get('step')}"
     if event.kind == "checkpoint_corrupt":
-        return f"corrupt checkpoint set aside: {payload.get('file', '')}"
+        return (f"corrupt checkpoint {payload.get('file', '')} set aside as "
+                f"{payload.get('set_aside_as', '')}: {payload.get('reason', '')}")
     if event.kind == "traceback":
         return payload.get("text", "")
     if "message" in payload:
