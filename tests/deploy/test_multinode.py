@@ -37,8 +37,9 @@ seed: 2
 DRIVER = """
 import json, sys
 import ray
+from chainrule.spec_file import load_job_spec
 from scheduler.training import train_job
-result = train_job(sys.argv[1], ray_address=sys.argv[2])
+result = train_job(load_job_spec(sys.argv[1]), ray_address=sys.argv[2])
 print(json.dumps({
     "steps": result.steps,
     "accuracy": result.final_evaluation.accuracy,
