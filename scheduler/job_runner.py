@@ -83,6 +83,10 @@ class TrainingResult:
     # The standardisation fitted on the training split (None: none), which new inputs need.
     feature_mean: np.ndarray | None = None
     feature_std: np.ndarray | None = None
+    # One sample's shape and dtype name as the model takes them (the model plan's): with the
+    # spec, enough to rebuild the model without its data set.
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str = ""
 
 
 @dataclass(frozen=True)
@@ -341,7 +345,8 @@ class JobRunner:
             final = evaluations[-1] if already else self._evaluate(step, epoch)
         return TrainingResult(self._state_dict(), self.history, final, step, stopped,
                               self.actor_nodes, triggered, self.dataset.feature_mean,
-                              self.dataset.feature_std)
+                              self.dataset.feature_std, tuple(self.job.model.input_shape),
+                              self.job.model.input_dtype)
 
     # --- early stopping ------------------------------------------------------------------------
 

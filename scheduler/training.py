@@ -134,6 +134,8 @@ def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:
         "validation_accuracy": final.accuracy if final else None,
         "feature_mean": _as_list(result.feature_mean),
         "feature_std": _as_list(result.feature_std),
+        "input_shape": None if result.input_shape is None else list(result.input_shape),
+        "input_dtype": result.input_dtype or None,
     }
 
 

@@ -1,7 +1,8 @@
 """A SUCCEEDED job's model put to use on the service process: Predict, EvaluateJob, Generate.
 
-The model is rebuilt from the job's spec (resolved against its data set, as in training, so
-the same layer plan and input shape) and its stored weights; new rows go through the same
+The model is rebuilt from the job's spec, the input shape its manifest records (for a model
+saved before the manifest did: the spec resolved against its data set, as in training) and its
+stored weights; new rows go through the same
 standardisation as the training rows (the manifest's feature_mean/feature_std, computed in
 float64, then cast to the job's dtype: `scheduler.datasets._apply_standardization`).
 
@@ -17,6 +18,7 @@ Bounds, because this runs on the RPC threads of the API process:
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import threading
 from collections import OrderedDict
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chainrule.v1 import job_pb2
 from scheduler.datasets import _apply_standardization
 from scheduler.job_states import SUCCEEDED
 from scheduler.storage import load_weights, manifest_path
@@ -35,7 +38,13 @@ from services.jobs import JobService
 from services.validation import upload_name
 from worker.backprop import nn
 from worker.backprop.tensor import Tensor, no_grad
-from worker.model_builder import build_loss, build_planned_model
+from worker.model_builder import (
+    ModelPlan,
+    build_loss,
+    build_planned_model,
+    plan_model,
+    resolve_dtype,
+)
 from worker.resolved_job import resolve
 from worker.text_sampling import BYTE_VALUES, _longest_window
 
@@ -223,25 +232,35 @@ class ModelServing:
                 self._cache.popitem(last=False)
         return loaded
 
-    def _build(self, tenant: str, job_id: str, spec, path: Path) -> LoadedModel:
-        import json
+    def _build(self, tenant: str, job_id: str, spec: job_pb2.JobSpec,
+               path: Path) -> LoadedModel:
+        manifest_file = manifest_path(path)
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+        plan = self._plan(tenant, job_id, spec, manifest)
+        dtype = resolve_dtype(spec)
+        model = build_planned_model(plan, dtype, seed=0)
+        model.load_state_dict(load_weights(path))
+        mean, std = manifest.get("feature_mean"), manifest.get("feature_std")
+        return LoadedModel(
+            job_id, model, spec.loss, dtype, tuple(plan.input_shape),
+            np.dtype(plan.input_dtype).kind in "iu",
+            None if mean is None else np.asarray(mean, dtype=np.float64),
+            None if std is None else np.asarray(std, dtype=np.float64),
+            plan.output_shape[-1], threading.Lock())
 
+    def _plan(self, tenant: str, job_id: str, spec: job_pb2.JobSpec,
+              manifest: dict) -> ModelPlan:
+        """The model's layer plan: from the input shape the manifest records, or (a model
+        saved before it did) from the spec resolved against the job's data set."""
+        if manifest.get("input_shape") and manifest.get("input_dtype"):
+            return plan_model(spec.model, tuple(manifest["input_shape"]),
+                              manifest["input_dtype"])
         shape = self.service._data_shape(tenant, spec.data.dataset)
         if shape is None:
             raise FailedPrecondition(f"job_id: the data set {spec.data.dataset!r} job {job_id} "
-                                     f"was trained on was deleted; its input shape is not known")
-        resolved = resolve(spec, shape)
-        model = build_planned_model(resolved.model, resolved.dtype, seed=0)
-        model.load_state_dict(load_weights(path))
-        manifest_file = manifest_path(path)
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
-        mean, std = manifest.get("feature_mean"), manifest.get("feature_std")
-        return LoadedModel(
-            job_id, model, resolved.loss, np.dtype(resolved.dtype),
-            tuple(resolved.model.input_shape), np.dtype(resolved.model.input_dtype).kind in "iu",
-            None if mean is None else np.asarray(mean, dtype=np.float64),
-            None if std is None else np.asarray(std, dtype=np.float64),
-            resolved.model.output_shape[-1], threading.Lock())
+                                     f"was trained on was deleted, and its model's manifest "
+                                     f"predates input_shape: its input shape is not known")
+        return resolve(spec, shape).model
 
     def _dataset_arrays(self, tenant: str, name: str, field: str) -> tuple[np.ndarray,
                                                                           np.ndarray]:

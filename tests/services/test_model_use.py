@@ -119,6 +119,23 @@ def test_regression_gives_the_engines_values_and_evaluates_the_mean_squared_erro
     assert not result.HasField("accuracy") and len(result.confusion_matrix) == 0
 
 
+def test_a_model_predicts_after_its_training_data_set_is_deleted(client, tmp_path):
+    iris = load_iris()
+    np.savez(tmp_path / "iris.npz", x=iris.data, y=iris.target)
+    client.upload(tmp_path / "iris.npz", "iris-upload")
+    spec = iris_spec(data={"dataset": "iris-upload", "batch_size": 32, "epochs": 2,
+                           "validation_fraction": 0.2})
+    job_id = _trained(client, spec)
+    client.delete_dataset("iris-upload")  # before the model was ever loaded for Predict
+
+    predictions = client.predict(job_id, iris.data)
+
+    logits = _engine_outputs(client, tmp_path, job_id, spec, iris.data)
+    np.testing.assert_array_equal(predictions.classes, logits.argmax(axis=1))
+    manifest = json.loads((tmp_path / f"{job_id}.safetensors.json").read_text())
+    assert manifest["input_shape"] == [4] and manifest["input_dtype"] == "float32"
+
+
 def test_a_wrong_feature_width_is_invalid_argument_naming_the_field(client, iris_job):
     job_id, _ = iris_job
     error = rpc_error(lambda: client.predict(job_id, np.ones((3, 5))))
