@@ -359,7 +359,7 @@ class Client:
 
 
 PREDICT_ROWS_PER_REQUEST = 4096  # the server's bound per Predict request
-PREDICT_VALUES_PER_REQUEST = 1 << 20
+PREDICT_VALUES_PER_REQUEST = 1 << 19
 
 
 class Predictions:

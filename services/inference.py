@@ -49,7 +49,7 @@ from worker.resolved_job import resolve
 from worker.text_sampling import BYTE_VALUES, _longest_window
 
 MAX_PREDICT_ROWS = 4096
-MAX_PREDICT_VALUES = 1 << 20
+MAX_PREDICT_VALUES = 1 << 19  # 4 MiB of doubles: well under gRPC's 8 MiB message limit
 MAX_BATCH = 256
 MAX_GENERATE_TOKENS = 4096
 DEFAULT_GENERATE_TOKENS = 128

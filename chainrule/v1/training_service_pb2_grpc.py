@@ -203,7 +203,7 @@ class TrainingServiceServicer:
 
     def Predict(self, request, context):
         """A SUCCEEDED job's model on new rows, standardised exactly as its training data was.
-        Runs on the service process: at most 4096 rows and 1,048,576 values per request
+        Runs on the service process: at most 4096 rows and 524,288 values per request
         (INVALID_ARGUMENT beyond; Client.predict cuts larger inputs into such requests).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -68,6 +68,9 @@ def test_predict_gives_the_engines_softmax_on_the_downloaded_weights(client, iri
     np.testing.assert_allclose(predictions.probabilities, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(predictions.classes, logits.argmax(axis=1))
     assert (predictions.classes == load_iris().target).mean() > 0.9  # raw rows, standardised
+    many = np.tile(x, (30, 1))  # 4500 rows: the client sends two requests
+    np.testing.assert_array_equal(client.predict(job_id, many).probabilities,
+                                  np.tile(predictions.probabilities, (30, 1)))
 
 
 def test_one_logit_binary_predictions_are_sigmoid_thresholded_at_zero(client, tmp_path):
