@@ -172,7 +172,7 @@ def main() -> int:
     for i in range(100):  # history for ListJobs to page through
         store.create_job(JobRecord(f"job-old{i:08d}", "default", iris_spec(), "QUEUED",
                                    time.time()), "")
-        store.set_state(f"job-old{i:08d}", "SUCCEEDED", finished=True)
+        store.set_state(f"job-old{i:08d}", "SUCCEEDED", from_states={"QUEUED"}, finished=True)
 
     # The reference MLP of bench/distributed.py (two 1024-wide hidden layers) on digits.
     spec = load_job_spec(ROOT / "services" / "specs" / "digits-mlp.yaml")

@@ -17,6 +17,8 @@ Stopping: a runner polls `should_stop` at every step boundary; when it stops ear
 handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stopped by
 `shutdown` goes back to QUEUED (the next server start resumes it from the checkpoint); a run
 longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
+A host that fails to record a run's end (a full disk) is asked again, with backoff, until it
+records it: the result waits in memory, and the job is never left RUNNING with it lost.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from scheduler.records import EvaluationRecord, StepRecord
 from worker.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
+
+
+# Retrying to record a job's end: first after this long, doubling up to the maximum.
+RECORD_RETRY_FIRST_SECONDS = 0.5
+RECORD_RETRY_MAX_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -244,15 +251,9 @@ class JobQueue:
             outcome = JobOutcome(FAILED, error=f"{type(error).__name__}: {message}",
                                  traceback=traceback.format_exc())
         try:
-            if outcome is None:  # stopped by shutdown: resumed from its checkpoint next start
-                self.host.job_requeued(job_id)
-                state = QUEUED
-            else:
-                self.host.job_finished(job_id, outcome)
-                state = outcome.state
-            self._notify("job_state_changed", job_id, state)
-        except Exception:
-            log.exception("recording the end of job %s failed", job_id)
+            state = self._record_end(running, outcome)
+            if state is not None:
+                self._notify("job_state_changed", job_id, state)
         finally:
             with self._lock:
                 # Once its end is recorded a job may be resumed, and its next run started,
@@ -261,6 +262,36 @@ class JobQueue:
                     del self._running[job_id]
                 self._idle.notify_all()
             self._dispatch()
+
+    def _record_end(self, running: _RunningJob, outcome: JobOutcome | None) -> str | None:
+        """Have the host record how the run ended (outcome None: stopped by shutdown, back to
+        QUEUED), and return the state recorded. A failure to record (a full disk, a locked
+        store) is retried with backoff, the result kept in memory meanwhile, until it works:
+        a job whose training ended never stays RUNNING with its result lost. Only a shutdown
+        ends the retries (None): the job is still RUNNING in the store then, and the next start
+        runs it again from its last checkpoint."""
+        job_id = running.job.job_id
+        delay = RECORD_RETRY_FIRST_SECONDS
+        for attempt in itertools.count(1):
+            try:
+                if outcome is None:  # stopped by shutdown: resumed from its checkpoint next start
+                    self.host.job_requeued(job_id)
+                    return QUEUED
+                self.host.job_finished(job_id, outcome)
+                return outcome.state
+            except Exception as error:
+                if attempt == 1:
+                    log.exception("recording the end of job %s failed; retrying until it "
+                                  "works", job_id)
+                else:
+                    log.warning("recording the end of job %s failed again (attempt %d): %s",
+                                job_id, attempt, error)
+            if running.interrupted.wait(delay):
+                log.warning("job %s: its end is not recorded; the next start runs it again "
+                            "from its last checkpoint", job_id)
+                return None
+            delay = min(2 * delay, RECORD_RETRY_MAX_SECONDS)
+        raise AssertionError("unreachable")
 
     def _cpus_per_worker(self, job: ResolvedJob) -> float | None:
         """The cluster's CPUs / slots / the job's workers, less the shards' token CPUs, so that

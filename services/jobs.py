@@ -84,6 +84,15 @@ class _LiveJob:
     validation: ValidationSummary | None = None
 
 
+@dataclass
+class _Ending:
+    """A run's end while it is being recorded (retried until the store takes it): what the
+    first attempt read or wrote, which a later attempt must not read or write again."""
+
+    progress: ProgressSummary | None
+    traceback_recorded: bool = False
+
+
 class JobService:
     def __init__(self, store: Store, data_dir: str | Path, *, limits: Limits | None = None,
                  max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
@@ -107,6 +116,10 @@ class JobService:
         self.events = EventHub()
         self.queue: JobQueue | None = None
         self._live: dict[str, _LiveJob] = {}
+        self._ending: dict[str, _Ending] = {}
+        # A job's newest checkpoint that the disk refused (full, say): written when the run's
+        # end is recorded, unless a later one is written first.
+        self._unsaved: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()
 
     def attach_queue(self, queue: JobQueue) -> None:
@@ -118,7 +131,7 @@ class JobService:
         jobs = self.store.jobs_in_states([QUEUED, RUNNING])
         for job in jobs:
             if job.state == RUNNING:
-                self.store.set_state(job.id, QUEUED)
+                self.store.set_state(job.id, QUEUED, from_states={RUNNING})
         assert self.queue is not None
         self.queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in jobs)
         return len(jobs)
@@ -163,8 +176,10 @@ class JobService:
             return job
         assert self.queue is not None
         if not self.queue.cancel(job_id):  # not held by the queue (the server is stopping)
-            self.store.set_state(job_id, CANCELLED, finished=True)
-            self.events.publish(JobEvent(job_id, time.time(), "state", state=CANCELLED))
+            # Compare-and-set: a job that ended meanwhile (SUCCEEDED, say) keeps its end.
+            if self.store.set_state(job_id, CANCELLED, from_states={QUEUED, RUNNING},
+                                    finished=True):
+                self.events.publish(JobEvent(job_id, time.time(), "state", state=CANCELLED))
         return self.get(tenant, job_id)
 
     def resume(self, tenant: str, job_id: str, epochs: int = 0) -> JobRecord:
@@ -381,21 +396,67 @@ class JobService:
         return latest.checkpoint
 
     def save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
+        """Write a checkpoint. One the disk refuses (full, say) does not stop the job: the
+        runner keeps its state in memory, the previous checkpoint stays on disk (an interrupted
+        job resumes from it and replays to the same bits), and the refused one is written when
+        the run's end is recorded."""
+        try:
+            self.storage.save_checkpoint(job_id, checkpoint)
+        except OSError as error:
+            with self._lock:
+                self._unsaved[job_id] = checkpoint
+            log.warning("job %s: the checkpoint of step %d was not written (%s); training goes "
+                        "on", job_id, checkpoint.step, error)
+            return
+        with self._lock:
+            self._unsaved.pop(job_id, None)
+
+    def _write_unsaved_checkpoint(self, job_id: str) -> None:
+        """The newest checkpoint the disk refused, if any, written now (OSError: not yet)."""
+        with self._lock:
+            checkpoint = self._unsaved.get(job_id)
+        if checkpoint is None:
+            return
         self.storage.save_checkpoint(job_id, checkpoint)
+        with self._lock:
+            if self._unsaved.get(job_id) is checkpoint:
+                del self._unsaved[job_id]
 
     def job_started(self, job_id: str) -> None:
         with self._lock:
             self._live[job_id] = _LiveJob(time.monotonic())  # its epochs once it is resolved
-        self.store.set_state(job_id, RUNNING, started=True)
+        if not self.store.set_state(job_id, RUNNING, from_states={QUEUED}, started=True):
+            raise RuntimeError(f"job {job_id} is no longer QUEUED (cancelled meanwhile?): "
+                               f"not started")
 
     def job_requeued(self, job_id: str) -> None:
+        self._write_unsaved_checkpoint(job_id)  # the stop's own: the next start resumes there
         self._flush_progress(job_id)
-        self.store.set_state(job_id, QUEUED)
+        # Compare-and-set: a cancel that came while the job stopped stays CANCELLED.
+        self.store.set_state(job_id, QUEUED, from_states={RUNNING})
 
     def job_finished(self, job_id: str, outcome: JobOutcome) -> None:
-        self._flush_progress(job_id)
-        if outcome.traceback:  # the job's log shows why it failed, before the FAILED state
+        """Record how a run ended: its last checkpoint and progress, its model when it
+        SUCCEEDED, then its state, compare-and-set from QUEUED or RUNNING (an ended job keeps
+        its end). Nothing is deleted here. The queue calls this again until it succeeds (a
+        full disk, a locked store): the result stays in memory meanwhile, and what the first
+        attempt read (the live progress) or recorded (a traceback) is not read or recorded
+        twice."""
+        ending = self._ending.get(job_id)
+        if ending is None:  # the first attempt
+            ending = self._ending[job_id] = _Ending(self._latest_progress(job_id))
+            # This run's bookkeeping goes before its end is recorded: from then on a resume
+            # may start the job's next run, whose own bookkeeping must stay.
+            with self._lock:
+                self._live.pop(job_id, None)
+            self.events.forget(job_id)
+        self._write_unsaved_checkpoint(job_id)
+        if ending.progress is not None:
+            self.store.set_progress(job_id, ending.progress)
+        if outcome.traceback and not ending.traceback_recorded:
+            # The job's log shows why it failed, before the FAILED state.
             self.store.add_event(job_id, "traceback", {"text": outcome.traceback})
+            ending.traceback_recorded = True
         final, weights = None, ""
         result = outcome.result
         if outcome.state == SUCCEEDED and result is not None:
@@ -406,13 +467,13 @@ class JobService:
             path = save_trained_weights(self.storage.model_path(job_id), job.spec, result,
                                         job_id=job_id)
             weights = str(path)
-        # This run's bookkeeping goes before its end is recorded: from then on a resume may
-        # start the job's next run, whose own bookkeeping must stay.
-        with self._lock:
-            self._live.pop(job_id, None)
-        self.events.forget(job_id)
-        self.store.set_state(job_id, outcome.state, error=outcome.error, finished=True,
-                             final_validation=final, weights_path=weights)
+        recorded = self.store.set_state(job_id, outcome.state, from_states={QUEUED, RUNNING},
+                                        error=outcome.error, finished=True,
+                                        final_validation=final, weights_path=weights)
+        del self._ending[job_id]
+        if not recorded:
+            log.warning("job %s ended %s, but its record had ended already: kept as it was",
+                        job_id, outcome.state)
 
     # --- the queue's observer ------------------------------------------------------------------
 
@@ -449,6 +510,12 @@ class JobService:
 
     def _flush_progress(self, job_id: str) -> None:
         """The latest progress into the store (writes are throttled while running)."""
+        progress = self._latest_progress(job_id)
+        if progress is not None:
+            self.store.set_progress(job_id, progress)
+
+    def _latest_progress(self, job_id: str) -> ProgressSummary | None:
+        """The running job's latest progress, with its latest validation."""
         progress = self.events.latest_progress(job_id)
         if progress is not None:
             with self._lock:
@@ -456,7 +523,7 @@ class JobService:
                 if live is not None and live.validation is not None:
                     progress = ProgressSummary(**{**progress.__dict__,
                                                   "validation": live.validation})
-            self.store.set_progress(job_id, progress)
+        return progress
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,23 +286,32 @@ class Store:
             [tenant, *dataset_names]).fetchall()
         return [row["id"] for row in rows]
 
-    def set_state(self, job_id: str, state: str, *, error: str = "", started: bool = False,
-                  finished: bool = False, final_validation: ValidationSummary | None = None,
-                  weights_path: str = "") -> None:
-        """A state change and its event, in one transaction."""
+    def set_state(self, job_id: str, state: str, *, from_states: Collection[str],
+                  error: str = "", started: bool = False, finished: bool = False,
+                  final_validation: ValidationSummary | None = None,
+                  weights_path: str = "") -> bool:
+        """A state change and its event, in one transaction. Compare-and-set: only a job in
+        one of `from_states` changes; otherwise nothing is written and the answer is False
+        (a cancel that lost the race to the job's end never overwrites SUCCEEDED)."""
+        if not from_states:
+            raise ValueError("from_states: name the states the change may start from")
         self._forget(job_id)
         now = time.time()
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, error = ?, "
-                "started_at = CASE WHEN ? THEN coalesce(started_at, ?) ELSE started_at END, "
-                "finished_at = CASE WHEN ? THEN ? ELSE NULL END, "
-                "final_validation = coalesce(?, final_validation), "
-                "weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END WHERE id = ?",
+            changed = db.execute(
+                f"UPDATE jobs SET state = ?, error = ?, "
+                f"started_at = CASE WHEN ? THEN coalesce(started_at, ?) ELSE started_at END, "
+                f"finished_at = CASE WHEN ? THEN ? ELSE NULL END, "
+                f"final_validation = coalesce(?, final_validation), "
+                f"weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END "
+                f"WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
                 (state, error, started, now, finished, now,
                  json.dumps(asdict(final_validation)) if final_validation else None,
-                 weights_path, weights_path, job_id))
-            self._add_event(db, job_id, "state", {"state": state, "error": error}, now)
+                 weights_path, weights_path, job_id, *sorted(from_states))).rowcount
+            if changed:
+                self._add_event(db, job_id, "state", {"state": state, "error": error}, now)
+        self._forget(job_id)  # a reader may have cached the row meanwhile
+        return bool(changed)
 
     def set_progress(self, job_id: str, progress: ProgressSummary) -> None:
         self._forget(job_id)

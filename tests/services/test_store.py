@@ -48,14 +48,28 @@ def test_a_failed_write_leaves_no_row(tmp_path):
 def test_a_state_change_and_its_event_are_written_together(tmp_path):
     store = Store(tmp_path / "db")
     store.create_job(_job("job-1"), "d")
-    store.set_state("job-1", "RUNNING", started=True)
-    store.set_state("job-1", "SUCCEEDED", finished=True,
+    store.set_state("job-1", "RUNNING", from_states={"QUEUED"}, started=True)
+    store.set_state("job-1", "SUCCEEDED", from_states={"RUNNING"}, finished=True,
                     final_validation=ValidationSummary(3, 0.5, 0.9, 30))
     job = store.get_job("job-1")
     assert job.state == "SUCCEEDED" and job.started_at and job.finished_at
     assert job.final_validation.accuracy == 0.9
     assert [e.payload["state"] for e in store.events("job-1")] == ["QUEUED", "RUNNING",
                                                                    "SUCCEEDED"]
+
+
+def test_a_state_change_from_another_state_than_expected_writes_nothing(tmp_path):
+    # Compare-and-set: a cancel that lost the race to the job's end must not overwrite it.
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    assert store.set_state("job-1", "RUNNING", from_states={"QUEUED"}, started=True)
+    assert store.set_state("job-1", "SUCCEEDED", from_states={"QUEUED", "RUNNING"},
+                           finished=True, weights_path="/models/job-1.safetensors")
+    before = store.snapshot()
+    assert not store.set_state("job-1", "CANCELLED", from_states={"QUEUED", "RUNNING"},
+                               finished=True)
+    assert store.snapshot() == before
+    assert store.get_job("job-1").state == "SUCCEEDED"
 
 
 def test_progress_round_trips(tmp_path):
