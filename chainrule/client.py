@@ -2,7 +2,7 @@
 
     from chainrule import Client
 
-    with Client("127.0.0.1:50051") as client:
+    with Client() as client:  # $CHAINRULE_SERVER, else 127.0.0.1:50051
         job = client.submit("digits.yaml", request_id="digits-1")
         for event in client.watch(job.id):
             ...
@@ -11,14 +11,29 @@
 Every call has a deadline (`timeout` seconds, per call), so a dead or silent server is an
 error, never a hang. `watch` is a long stream: instead of one deadline it fails when nothing
 arrives for `idle_timeout` seconds (the server repeats the job's state every 15 s of silence),
-or when the whole watch exceeds `timeout` if given. Errors are `grpc.RpcError`s with the
-server's status code and message (`data.batch_size: must be ...`).
+or when the whole watch exceeds `timeout` if given. Errors are typed by status
+(`chainrule.NotFound`, `chainrule.InvalidArgument` with `.field`, `chainrule.Unavailable`, ...,
+see chainrule/errors.py), each a `grpc.RpcError` with the server's code and message
+(`data.batch_size: must be ...`).
+
+Ray's JobSubmissionClient and this client, verb by verb:
+
+    submit_job(entrypoint=...)    submit(spec)           a path, YAML text, a dict or a JobSpec
+    get_job_status(id)            status(id)             "RUNNING"; get(id) for the whole Job
+    get_job_info(id)              get(id)
+    get_job_logs(id)              logs(id)               LogEntry messages
+    tail_job_logs(id)             logs(id, follow=True)  or watch(id) for progress events
+    stop_job(id)                  cancel(id)
+    list_jobs()                   jobs() / list()        every job / one page
+    delete_job(id)                delete(id)             with its checkpoints and model
+    (polling get_job_status)      wait(id, timeout)      the final Job
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -27,7 +42,8 @@ from typing import cast
 
 import grpc
 
-from chainrule.spec_file import load_job_spec
+from chainrule.errors import DeadlineExceeded, typed_error
+from chainrule.spec_file import job_spec_from_dict, load_job_spec
 from chainrule.v1 import job_pb2
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
@@ -39,18 +55,20 @@ TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED,
                              pb.JOB_STATE_CANCELLED})
 
 
-class WatchTimeout(grpc.RpcError):
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+SERVER_VARIABLE = "CHAINRULE_SERVER"
+
+
+def default_address() -> str:
+    """$CHAINRULE_SERVER when set, else the address `chainrule serve` binds by default."""
+    return os.environ.get(SERVER_VARIABLE) or DEFAULT_ADDRESS
+
+
+class WatchTimeout(DeadlineExceeded):
     """No event within the idle timeout: the server or the connection is silent."""
 
     def __init__(self, message: str):
-        super().__init__(message)
-        self._message = message
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return self._message
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
 
 def state_name(state: int) -> str:
@@ -109,11 +127,12 @@ def is_local_address(address: str) -> bool:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, *,
+    def __init__(self, address: str | None = None, token: str | None = None, *,
                  timeout: float = 30.0, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
                  tls: bool = False):
-        """Connect to `address` (host:port, or unix:PATH).
+        """Connect to `address` (host:port, or unix:PATH; None: $CHAINRULE_SERVER, else
+        127.0.0.1:50051).
 
         TLS: `root_certificates` (PEM) are the CAs that may sign the server's certificate
         (None: the system's); `certificate_chain` and `private_key` (PEM) are this client's
@@ -121,6 +140,7 @@ class Client:
         them, or `tls=True`, switches to TLS. `token` is sent as a bearer token, and never
         in clear text across a network: without TLS, only to a loopback address or a unix
         socket (a ValueError otherwise, before anything is sent)."""
+        address = address or default_address()
         self.address, self.timeout = address, timeout
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("a client certificate needs both certificate_chain and "
@@ -153,15 +173,27 @@ class Client:
         self.channel.close()
 
     def _call(self, method, request, timeout: float | None = None):
-        return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise typed_error(error, self.address) from None
+
+    def _stream(self, messages: Iterable) -> Iterator:
+        """A server stream's messages, its errors typed as `_call`'s."""
+        try:
+            yield from messages
+        except grpc.RpcError as error:
+            raise typed_error(error, self.address) from None
 
     # --- jobs --------------------------------------------------------------------------------
 
-    def submit(self, spec: job_pb2.JobSpec | str | Path, request_id: str | None = None,
+    def submit(self, spec: job_pb2.JobSpec | dict | str | Path, request_id: str | None = None,
                watch: bool = False) -> pb.Job:
-        """Submit a spec (a JobSpec, a .yaml/.json path or YAML text). With `watch`, block
-        until the job ends and return its final state."""
-        if not isinstance(spec, job_pb2.JobSpec):
+        """Submit a spec (a JobSpec, a dict as a spec file holds it, a .yaml/.json path or
+        YAML text). With `watch`, block until the job ends and return its final state."""
+        if isinstance(spec, dict):
+            spec = job_spec_from_dict(spec)
+        elif not isinstance(spec, job_pb2.JobSpec):
             spec = load_job_spec(spec)
         job = self._call(self.stub.SubmitJob,
                          pb.SubmitJobRequest(spec=spec, request_id=request_id or ""))
@@ -173,6 +205,21 @@ class Client:
 
     def get(self, job_id: str) -> pb.Job:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def status(self, job_id: str) -> str:
+        """The job's state by name: "QUEUED", "RUNNING", "SUCCEEDED", ..."""
+        return state_name(self.get(job_id).state)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> pb.Job:
+        """Block until the job ends and return it; a `DeadlineExceeded` after `timeout`
+        seconds (None: no limit)."""
+        try:
+            for _ in self.watch(job_id, timeout=timeout):
+                pass
+        except DeadlineExceeded as error:
+            raise DeadlineExceeded(error.code(), f"{job_id} did not end within {timeout:g} s"
+                                   if timeout is not None else error.details()) from None
+        return self.get(job_id)
 
     def list(self, states: Iterable[pb.JobState | str] = (), page_size: int = 0,
              page_token: str = "") -> pb.ListJobsResponse:
@@ -239,7 +286,7 @@ class Client:
                 if isinstance(item, grpc.RpcError):
                     if item.code() == grpc.StatusCode.CANCELLED:
                         return
-                    raise item
+                    raise typed_error(item, self.address)
                 yield item
         finally:
             call.cancel()
@@ -289,8 +336,9 @@ class Client:
         header, size, digest = None, 0, hashlib.sha256()
         try:
             with open(partial, "wb") as out:
-                for message in self._call(self.stub.DownloadModel,
-                                          pb.DownloadModelRequest(job_id=job_id, format=format)):
+                for message in self._stream(self._call(
+                        self.stub.DownloadModel,
+                        pb.DownloadModelRequest(job_id=job_id, format=format))):
                     if message.HasField("header"):
                         header = message.header
                     else:
@@ -342,20 +390,20 @@ class Client:
                  timeout: float | None = None) -> Iterator[bytes]:
         """A language model's continuation of `prompt`, as bytes while they are sampled (a
         UTF-8 character may span two of them)."""
-        for message in self.stub.Generate(
+        for message in self._stream(self.stub.Generate(
                 pb.GenerateRequest(job_id=job_id, prompt=prompt, max_tokens=max_tokens,
                                    temperature=temperature, top_k=top_k, seed=seed),
-                timeout=timeout or self.timeout * 10, metadata=self.metadata):
+                timeout=timeout or self.timeout * 10, metadata=self.metadata)):
             yield message.data
 
     def logs(self, job_id: str, follow: bool = False,
              timeout: float | None = None) -> Iterator[pb.LogEntry]:
         """The job's log entries; with `follow`, then new ones until the job ends (`timeout`
         None: no limit when following)."""
-        yield from self.stub.GetJobLogs(
+        yield from self._stream(self.stub.GetJobLogs(
             pb.GetJobLogsRequest(job_id=job_id, follow=follow),
             timeout=timeout if timeout is not None or follow else self.timeout,
-            metadata=self.metadata)
+            metadata=self.metadata))
 
 
 PREDICT_ROWS_PER_REQUEST = 4096  # the server's bound per Predict request

@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # --- the service ---------------------------------------------------------------------------------
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_SERVER = "127.0.0.1:50051"  # where `serve` binds; client commands: $CHAINRULE_SERVER first
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -147,10 +147,38 @@ def _print(args: argparse.Namespace, message, text: str) -> None:
         print(text)
 
 
+def _duration(seconds: float) -> str:
+    """"42s", "3m05s", "2h01m"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _times(job, now: float | None = None) -> str:
+    """When the job was submitted (UTC), how long it queued and how long it ran (so far)."""
+    import datetime
+    import time
+
+    now = time.time() if now is None else now
+    created = job.created_at.ToNanoseconds() / 1e9
+    text = f"{datetime.datetime.fromtimestamp(created, datetime.timezone.utc):%Y-%m-%d %H:%M}Z"
+    if not job.HasField("started_at"):
+        return f"{text}  queued {_duration(now - created)}"
+    started = job.started_at.ToNanoseconds() / 1e9
+    if job.HasField("finished_at"):
+        return f"{text}  ran {_duration(job.finished_at.ToNanoseconds() / 1e9 - started)}"
+    return f"{text}  running {_duration(now - started)}"
+
+
 def _job_line(job) -> str:
     from chainrule.client import state_name
 
     line = f"{job.id}  {state_name(job.state):<9}  {job.name or '-'}"
+    if job.HasField("created_at"):
+        line += f"  {_times(job)}"
     if job.progress.total_steps:
         line += f"  step {job.progress.step}/{job.progress.total_steps}"
     if job.HasField("final_validation"):
@@ -278,11 +306,43 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(size_bytes: int) -> str:
+    """"812 bytes", "1.4 MiB"."""
+    if size_bytes < 1024:
+        return f"{size_bytes} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        size_bytes /= 1024
+        if size_bytes < 1024 or unit == "GiB":
+            break
+    return f"{size_bytes:.1f} {unit}"
+
+
+def _dataset_line(d) -> str:
+    """An upload: its name, format, and for arrays samples, shape, task and classes; the size
+    on disk for every upload (texts and weights have no samples)."""
+    line = f"{d.name}  {d.format}"
+    if d.format not in ("text", "safetensors"):
+        line += f"  {d.samples} samples  shape {tuple(d.feature_shape)}  {d.task}"
+        if d.task == "classification":
+            line += f" ({d.num_classes} classes)"
+    return f"{line}  {_size(d.size_bytes)}"
+
+
 def _datasets(args: argparse.Namespace) -> int:
+    if args.action == "delete":
+        if not args.name:
+            raise UsageError("datasets delete: name the upload to delete")
+        with _client(args) as client:
+            client.delete_dataset(args.name)
+        if not args.json:
+            print(f"deleted data set {args.name}")
+        return 0
+    if args.name:
+        raise UsageError(f"datasets: unexpected {args.name!r} (did you mean "
+                         f"`chainrule datasets delete {args.name}`?)")
     with _client(args) as client:
         listing = client.datasets()
-        lines = [f"{d.name}  {d.format}  {d.samples} samples  {tuple(d.feature_shape)}  "
-                 f"{d.task}" for d in listing.datasets]
+        lines = [_dataset_line(d) for d in listing.datasets]
         lines += [f"{name}  (built-in)" for name in listing.builtin]
         _print(args, listing, "\n".join(lines))
     return 0
@@ -415,9 +475,77 @@ def _weights_path(text: str) -> str:
     return text
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none (None, off) or the
+    help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chainrule")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _completion(args: argparse.Namespace) -> int:
+    print(bash_completion(build_parser()))
+    return 0
+
+
+def bash_completion(parser: argparse.ArgumentParser) -> str:
+    """A bash completion script for `chainrule`: its commands, then each command's options
+    (file names elsewhere). Load it with `source <(chainrule completion bash)`."""
+    commands = next(action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction)).choices
+    def options(command: argparse.ArgumentParser) -> str:
+        return " ".join(sorted(option for action in command._actions
+                               if action.help != argparse.SUPPRESS
+                               for option in action.option_strings))
+
+    cases = "\n".join(f"        {name}) options='{options(command)}' ;;"
+                      for name, command in commands.items())
+    return f"""# bash completion for chainrule (chainrule completion bash)
+_chainrule() {{
+    local current=${{COMP_WORDS[COMP_CWORD]}}
+    if [[ $COMP_CWORD -eq 1 ]]; then
+        COMPREPLY=($(compgen -W '{' '.join(commands)} --help --version' -- "$current"))
+        return
+    fi
+    local options=''
+    case ${{COMP_WORDS[1]}} in
+{cases}
+    esac
+    if [[ $current == -* ]]; then
+        COMPREPLY=($(compgen -W "$options" -- "$current"))
+    elif [[ ${{COMP_WORDS[1]}} == datasets && $COMP_CWORD -eq 2 ]]; then
+        COMPREPLY=($(compgen -W 'delete' -- "$current"))
+    else
+        COMPREPLY=($(compgen -f -- "$current"))
+    fi
+}}
+complete -o filenames -F _chainrule chainrule"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chainrule", description=__doc__)
+    from chainrule.client import default_address
+
+    parser = argparse.ArgumentParser(prog="chainrule", description=__doc__,
+                                     formatter_class=_HelpWithDefaults)
+    parser.add_argument("--version", action="version", version=f"chainrule {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_parser = commands.add_parser
+
+    def add_command(name: str, **options) -> argparse.ArgumentParser:
+        return add_parser(name, formatter_class=_HelpWithDefaults, **options)
+
+    commands.add_parser = add_command  # type: ignore[method-assign]
 
     train = commands.add_parser("train", help="train a job spec on Ray without the service")
     train.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
@@ -433,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
     serve.add_argument("--metrics-port", type=int, default=9464,
                        help="Prometheus /metrics port on loopback (0: any free port)")
-    serve.add_argument("--max-concurrent-jobs", type=int, default=1)
+    serve.add_argument("--max-concurrent-jobs", type=int, default=1,
+                       help="jobs that train at once; the others queue")
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
@@ -449,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help: str, run) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
-        command.add_argument("--server", default=DEFAULT_SERVER, help="the service's host:port")
+        command.add_argument("--server", default=default_address(),
+                             help="the service's host:port; $CHAINRULE_SERVER sets the "
+                                  "default")
         command.add_argument("--token-file", help="file holding the bearer token (default: "
                                                   "$CHAINRULE_TOKEN)")
         command.add_argument("--token", help=argparse.SUPPRESS)  # refused, with the reason
@@ -488,7 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--format", choices=("npz", "csv", "text", "safetensors"),
                         help="default: from the suffix (.txt: text)")
     upload.add_argument("--label-column", help="CSV: the target column")
-    client_command("datasets", "list uploaded and built-in data sets", _datasets)
+    datasets = client_command("datasets", "list uploaded and built-in data sets; "
+                                           "`datasets delete NAME` deletes an upload", _datasets)
+    datasets.add_argument("action", nargs="?", choices=("delete",),
+                          help="delete: delete the upload NAME")
+    datasets.add_argument("name", nargs="?", help="the upload to delete")
     download = client_command("download", "download a finished job's weights", _download)
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, type=_weights_path,
@@ -523,8 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="serve, train the digits MLP over gRPC, shut down")
     demo.add_argument("--spec", default=None, help="job spec (default: the digits MLP)")
-    demo.add_argument("--metrics-port", type=int, default=0)
+    demo.add_argument("--metrics-port", type=int, default=0,
+                      help="Prometheus port (0: any free one)")
     demo.set_defaults(run=_demo)
+    completion = commands.add_parser("completion", help="print a shell completion script: "
+                                                        "source <(chainrule completion bash)")
+    completion.add_argument("shell", choices=("bash",))
+    completion.set_defaults(run=_completion)
     return parser
 
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+import chainrule
 from chainrule import Client
 from chainrule.client import WatchTimeout, state_name
 from chainrule.v1 import training_service_pb2 as pb
@@ -175,3 +176,118 @@ def test_download_refuses_a_suffix_it_would_not_write_before_asking_the_server(c
     assert "model.pt: weights are written as .safetensors or .npz" in capsys.readouterr().err
     with Client("127.0.0.1:9", timeout=1.0) as client, pytest.raises(ValueError, match=".pt"):
         client.download("job-1", "model.pt")
+
+
+# --- where the client connects, and its typed errors ------------------------------------------
+
+
+def _closed_port_address() -> str:
+    """A loopback address where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_refused_connection_names_the_address_and_how_to_start_or_point_at_a_server():
+    address = _closed_port_address()
+    with Client(address, timeout=5) as client:
+        error = rpc_error(lambda: client.get("job-1"))
+    assert isinstance(error, chainrule.Unavailable) and isinstance(error, chainrule.ServiceError)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    message = error.details()
+    assert f"no chainrule server answered at {address}" in message
+    assert "chainrule serve" in message and "--server" in message
+    assert "CHAINRULE_SERVER" in message
+
+
+def test_the_client_connects_to_CHAINRULE_SERVER_by_default(monkeypatch):
+    address = _closed_port_address()
+    monkeypatch.setenv("CHAINRULE_SERVER", address)
+    with Client(timeout=5) as client:
+        assert client.address == address
+        assert address in rpc_error(lambda: client.list()).details()
+    monkeypatch.delenv("CHAINRULE_SERVER")
+    with Client() as client:
+        assert client.address == "127.0.0.1:50051"
+
+
+def test_server_errors_are_typed_and_still_grpc_errors_with_their_code(client, tmp_path):
+    error = rpc_error(lambda: client.get("job-404"))
+    assert isinstance(error, chainrule.NotFound)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "job-404" in error.details()
+
+    with pytest.raises(chainrule.InvalidArgument) as invalid:
+        client.submit(iris_spec(optimizer={"adam": {"lr": -1}}))
+    assert invalid.value.field == "optimizer.adam.lr"
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    np.savez(tmp_path / "twice.npz", x=np.zeros((20, 2)), y=np.zeros(20))
+    client.upload(tmp_path / "twice.npz", "twice")
+    with pytest.raises(chainrule.AlreadyExists):
+        client.upload(tmp_path / "twice.npz", "twice")
+    client.delete_dataset("twice")
+    with pytest.raises(chainrule.NotFound):
+        client.delete_dataset("twice")
+
+
+@pytest.mark.parametrize("code, kind", [
+    (grpc.StatusCode.FAILED_PRECONDITION, "FailedPrecondition"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "ResourceExhausted"),
+    (grpc.StatusCode.PERMISSION_DENIED, "PermissionDenied"),
+    (grpc.StatusCode.UNAUTHENTICATED, "Unauthenticated"),
+])
+def test_each_status_has_its_error_type(code, kind):
+    from chainrule.errors import typed_error
+
+    class Raw(grpc.RpcError):
+        def code(self):
+            return code
+
+        def details(self):
+            return "why"
+
+    error = typed_error(Raw())
+    assert type(error) is getattr(chainrule, kind)
+    assert error.code() == code and error.details() == "why"
+
+
+def test_submit_takes_a_dict_status_is_a_name_and_wait_returns_the_final_job(client):
+    from google.protobuf import json_format
+
+    spec = json_format.MessageToDict(iris_spec(epochs=2), preserving_proto_field_name=True)
+    job = client.submit(spec)
+    with pytest.raises(chainrule.DeadlineExceeded, match=f"{job.id} did not end within"):
+        client.wait(job.id, timeout=0.01)
+    final = client.wait(job.id, timeout=120)
+    assert final.id == job.id and state_name(final.state) == "SUCCEEDED"
+    assert client.status(job.id) == "SUCCEEDED"
+
+
+def test_a_dict_spec_is_checked_as_a_spec_file_is(client):
+    from worker.spec_error import SpecError
+
+    with pytest.raises(SpecError, match="data: unknown field 'batch_sise' \\(did you mean "
+                                        "'batch_size'"):
+        client.submit({"name": "x", "data": {"batch_sise": 3}})
+
+
+def test_cli_datasets_shows_shape_task_classes_and_size_and_deletes_by_name(
+        server, capsys, tmp_path):  # noqa: F811
+    where = ("--server", server.address)
+    np.savez(tmp_path / "blobs.npz", x=np.zeros((30, 4)), y=np.arange(30) % 3)
+    (tmp_path / "story.txt").write_text("once upon a time " * 10)
+    assert _cli(capsys, "upload", str(tmp_path / "blobs.npz"), *where)[0] == 0
+    assert _cli(capsys, "upload", str(tmp_path / "story.txt"), *where)[0] == 0
+    code, out = _cli(capsys, "datasets", *where)
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 0
+    assert "30 samples  shape (4,)  classification (3 classes)" in lines["blobs"]
+    assert lines["blobs"].endswith(("bytes", "KiB"))
+    assert lines["story"] == "story  text  170 bytes"
+    code, out = _cli(capsys, "datasets", "delete", "blobs", *where)
+    assert code == 0 and out.strip() == "deleted data set blobs"
+    assert "blobs" not in _cli(capsys, "datasets", *where)[1]
+    assert cli.main(["datasets", "delete", "blobs", *where]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert cli.main(["datasets", "delete", *where]) == 2
+    assert "name the upload to delete" in capsys.readouterr().err

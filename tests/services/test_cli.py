@@ -123,3 +123,72 @@ def test_a_spec_error_found_while_running_is_still_exit_2_naming_the_field(
     spec_path.write_text(SPEC)
     assert cli.main(["train", str(spec_path)]) == 2
     assert "chainrule: data.dataset: the features contain NaN" in capsys.readouterr().err
+
+
+# --- help, version, completion, the server's address, data sets, times ---------------------------
+
+
+def test_help_shows_each_options_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--data-dir DATA_DIR the job store, uploads, models (default: data)" in out
+    assert "(default: 2)" in out  # --keep-checkpoints
+    assert "--max-concurrent-jobs MAX_CONCURRENT_JOBS jobs that train at once; the others " \
+           "queue (default: 1)" in out
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"chainrule {version('chainrule')}"
+
+
+def _complete(script: str, *words: str) -> list[str]:
+    """What bash offers after `chainrule WORDS...` (the last word being typed)."""
+    line = " ".join(words)
+    done = subprocess.run(
+        ["bash", "-c", f"{script}\nCOMP_WORDS=(chainrule {line}); COMP_CWORD={len(words)}; "
+                       f"_chainrule; printf '%s\\n' \"${{COMPREPLY[@]}}\""],
+        capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.split()
+
+
+def test_bash_completion_offers_the_commands_and_each_commands_options(capsys):
+    assert cli.main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "complete -o filenames -F _chainrule chainrule" in script
+    assert _complete(script, "da") == ["datasets"]
+    assert _complete(script, "serve", "--keep") == ["--keep-checkpoints"]
+    assert _complete(script, "datasets", "d") == ["delete"]
+    assert "--token" not in _complete(script, "submit", "--to")  # refused, so not offered
+
+
+def test_the_cli_reads_CHAINRULE_SERVER_and_a_refusal_says_how_to_start_a_server(
+        capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("CHAINRULE_SERVER", address)
+    assert cli.main(["jobs", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"no chainrule server answered at {address}" in err
+    assert "chainrule serve" in err and "--server" in err
+
+
+def test_job_times_say_when_submitted_and_how_long_it_queued_or_ran():
+    from chainrule.v1 import training_service_pb2 as pb
+
+    job = pb.Job(id="job-1")
+    job.created_at.FromSeconds(1_790_000_000)
+    assert cli._times(job, now=1_790_000_042) == "2026-09-21 14:13Z  queued 42s"
+    job.started_at.FromSeconds(1_790_000_010)
+    assert cli._times(job, now=1_790_003_710) == "2026-09-21 14:13Z  running 1h01m"
+    job.finished_at.FromSeconds(1_790_000_075)
+    assert cli._times(job) == "2026-09-21 14:13Z  ran 1m05s"
+    assert "ran 1m05s" in cli._job_line(job)
