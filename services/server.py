@@ -40,6 +40,7 @@ from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.single_instance import AlreadyInUse, DataFolderLock, check_port_free
 from services.startup_sweep import sweep_leftovers
 from services.store import Store
+from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
 from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
 
@@ -85,6 +86,7 @@ class RunningServer:
     _metrics_server: Any = None
     _lock: DataFolderLock | None = None  # this server's hold on data_dir, until stop()
     _stopped: threading.Event = field(default_factory=threading.Event)
+    streams: StreamSlots | None = None  # the streaming calls open now, by tenant
 
     def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
         """Checkpoint and requeue running jobs, then close the server (idempotent)."""
@@ -128,12 +130,22 @@ def serve(
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
     checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
     parameter_series: ParameterSeries | None = None,
+    stream_limits: StreamLimits | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
     `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
+    # Streams hold an RPC thread each (services/streams.py): capped below the pool, so unary
+    # calls and the health check always find one. Calls past `max_concurrent_rpcs` (default
+    # 4 per thread) are refused RESOURCE_EXHAUSTED at once rather than queued without bound.
+    stream_limits = stream_limits or StreamLimits()
+    if stream_limits.total >= max_rpc_threads:
+        raise ValueError(f"stream limit {stream_limits.total} must be below the "
+                         f"{max_rpc_threads} RPC threads, or streams could take them all")
+    max_concurrent_rpcs = max_concurrent_rpcs or 4 * max_rpc_threads
     token_file = load_tokens(tokens_file) if tokens_file else TokenFile({})
     tokens = token_file.tenants
     host = address.rsplit(":", 1)[0]
@@ -169,17 +181,21 @@ def serve(
                      max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
+    auth = Authenticator(tokens)
+    streams = StreamSlots(stream_limits)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_rpc_threads, thread_name_prefix="rpc"),
         # Metrics outermost, so they count the status the decoding interceptor answers.
-        interceptors=[*interceptors, RequestDecodingInterceptor()],
+        interceptors=[*interceptors, StreamLimitInterceptor(streams, auth),
+                      RequestDecodingInterceptor()],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MESSAGE_BYTES),
                  # gRPC's default lets a second server bind the same port and take half
                  # the connections; a busy port must be an error.
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(service, Authenticator(tokens)), server)
+        TrainingServicer(service, auth), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -205,7 +221,8 @@ def serve(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(f"{host}:{port}", port, data_dir, metrics_url, service, queue,
-                            server, health_servicer, store, owns_ray, metrics_server, lock)
+                            server, health_servicer, store, owns_ray, metrics_server, lock,
+                            streams=streams)
     _sweep_checkpoints_periodically(service, running._stopped)
     resumed = service.resume_queued_jobs()
     if resumed:

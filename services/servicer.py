@@ -122,7 +122,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     @_handles_errors
     def WatchJob(self, request: pb.WatchJobRequest, context) -> Iterator[pb.JobEvent]:
         events = self.service.watch(self._tenant(context), request.job_id,
-                                    request.min_progress_interval_ms / 1000.0)
+                                    request.min_progress_interval_ms / 1000.0,
+                                    is_active=context.is_active)
         for event in events:
             if not context.is_active():
                 return
