@@ -683,6 +683,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, grpc.RpcError):  # the server's status and message, no trace
             print(f"chainrule: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
+        # Joining a Ray cluster without its token: one line on where it goes (the module is
+        # only loaded by the commands that start Ray, so this costs the others no import).
+        ray_cluster = sys.modules.get("scheduler.ray_cluster")
+        if ray_cluster is not None and isinstance(error, ray_cluster.RayTokenMissing):
+            print(f"chainrule: {error}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -192,3 +192,23 @@ def test_job_times_say_when_submitted_and_how_long_it_queued_or_ran():
     job.finished_at.FromSeconds(1_790_000_075)
     assert cli._times(job) == "2026-09-21 14:13Z  ran 1m05s"
     assert "ran 1m05s" in cli._job_line(job)
+
+
+@pytest.mark.parametrize("command", ["serve", "train"])
+def test_joining_a_ray_cluster_without_its_token_is_one_line_naming_where_it_goes(
+        tmp_path, command):
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    arguments = {"serve": ["serve", "--address", "127.0.0.1:0", "--metrics-port", "0",
+                           "--data-dir", str(tmp_path / "data")],
+                 "train": ["train", str(tmp_path / "spec.yaml")]}[command]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    done = subprocess.run([sys.executable, "-m", "services.cli", *arguments,
+                           "--ray-address", "127.0.0.1:1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    # train's progress bar may have drawn its first line; besides it, one line of error.
+    lines = [line for line in done.stderr.strip().splitlines() if "epoch" not in line]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("chainrule: no Ray auth token found")
+    assert "RAY_AUTH_MODE=token" in lines[0] and f"{tmp_path}/.ray/auth_token" in lines[0]
