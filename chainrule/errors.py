@@ -22,12 +22,18 @@ class ServiceError(grpc.RpcError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
         self._code, self._details = code, details
+        self.original: grpc.RpcError | None = None  # the gRPC call's own error, if any
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
         return self._details
+
+    def trailing_metadata(self) -> tuple:
+        """The original call's trailing metadata (empty for an error raised here)."""
+        metadata = getattr(self.original, "trailing_metadata", None)
+        return (metadata() or ()) if callable(metadata) else ()
 
     def __str__(self) -> str:
         return f"{self._code.name}: {self._details}"
@@ -110,6 +116,6 @@ def typed_error(error: grpc.RpcError, address: str = "") -> grpc.RpcError:
     kind = ERRORS_BY_CODE.get(code)
     if kind is None:
         return error
-    if kind is Unavailable:
-        return Unavailable(code, details, address)
-    return kind(code, details)
+    typed = Unavailable(code, details, address) if kind is Unavailable else kind(code, details)
+    typed.original = error
+    return typed

@@ -291,3 +291,11 @@ def test_cli_datasets_shows_shape_task_classes_and_size_and_deletes_by_name(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert cli.main(["datasets", "delete", *where]) == 2
     assert "name the upload to delete" in capsys.readouterr().err
+
+
+def test_a_typed_error_keeps_the_original_calls_trailing_metadata():
+    address = _closed_port_address()
+    with Client(address, timeout=5) as client:
+        error = rpc_error(lambda: client.get("job-1"))
+    assert error.original is not None and error.original.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.trailing_metadata() == (error.original.trailing_metadata() or ())
