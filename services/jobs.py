@@ -296,7 +296,8 @@ class JobService:
         header = uploads.check_header(header, self.max_upload_bytes)
         if self.store.get_dataset(tenant, header.name) is not None:
             raise AlreadyExists(f"header.name: a data set named {header.name!r} already "
-                                f"exists; delete it first")
+                                f"exists; delete it first (`chainrule datasets delete "
+                                f"{header.name}`, Client.delete_dataset)")
         received = uploads.receive(header, chunks, self.data_dir / "tmp")
         folder = self.data_dir / "datasets" / _tenant_folder(tenant)
         suffix = uploads.STORED_SUFFIXES[header.format]

@@ -223,7 +223,7 @@ def test_server_errors_are_typed_and_still_grpc_errors_with_their_code(client, t
 
     np.savez(tmp_path / "twice.npz", x=np.zeros((20, 2)), y=np.zeros(20))
     client.upload(tmp_path / "twice.npz", "twice")
-    with pytest.raises(chainrule.AlreadyExists):
+    with pytest.raises(chainrule.AlreadyExists, match="chainrule datasets delete twice"):
         client.upload(tmp_path / "twice.npz", "twice")
     client.delete_dataset("twice")
     with pytest.raises(chainrule.NotFound):
