@@ -51,6 +51,7 @@ from scheduler.records import (
     TrainingHistory,
 )
 from scheduler.sampler import EpochSampler, StepSamples
+from scheduler.step_deadline import StepDeadline
 from scheduler.storage import read_tensors
 from scheduler.worker_group import WorkerGroup
 from worker.flat_parameters import ParameterLayout
@@ -149,7 +150,9 @@ class JobRunner:
         "auto": shared memory when every node of the cluster is on the runner's host.
         `failure_policy` decides what a failure costs (default: FailurePolicy()). `job_id`
         (the service's) names the job's shared-memory folder; never the spec's name, which a
-        tenant chooses."""
+        tenant chooses. `step_timeout_seconds` bounds the calls the job's step time does not
+        predict (starting actors, a checkpoint's state) and a run's first steps; after those,
+        a step's deadline follows the job's own pace (scheduler/step_deadline.py)."""
         if transport not in ("auto", "shared_memory", "object_store"):
             raise ValueError(f"transport must be auto, shared_memory or object_store, "
                              f"got {transport!r}")
@@ -163,6 +166,7 @@ class JobRunner:
         self.on_checkpoint = on_checkpoint
         self.resume_from = resume_from
         self.settings = RunSettings.of(job, step_timeout_seconds)
+        self.deadline = StepDeadline(job.step_deadline, step_timeout_seconds)
         self.on_step = on_step or (lambda record: None)
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.should_stop = should_stop or (lambda: False)
@@ -419,6 +423,7 @@ class JobRunner:
             master_buffers=master_buffers,
             carries_statistics=self.evaluator.carries_statistics(step),
             kl_clip=self.hyper.kl_clip if self.evaluator.kfac is not None else None,
+            deadline_seconds=self.deadline.seconds,
         )
         outcome = self.transport.run_step(work)
         while not isinstance(outcome, StepOutcome):
@@ -427,7 +432,9 @@ class JobRunner:
         self._replace_lost_workers()
         if outcome.micro_batch_buffers is not None:
             self._average_buffers(outcome.micro_batch_buffers)
-        return self._record(step, epoch, work, outcome, time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        self.deadline.observe(wall)
+        return self._record(step, epoch, work, outcome, wall)
 
     def _on_failure(self, failure: StepFailure) -> dict[int, int]:
         """Ask the failure policy about `failure` and have it carried out. RECOMPUTE: the group

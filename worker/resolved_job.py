@@ -43,6 +43,11 @@ from worker.spec_error import SpecError
 # and 4 workers with aligned subtrees of the reduction tree.
 DEFAULT_MICRO_BATCHES = 4
 PLACEMENT_STRATEGIES = ("", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# A step's deadline when the spec does not say (resources.step_deadline): ten times the job's
+# median step, and never under 3 s, so that a busy shared machine's pauses are not failures
+# while a stopped worker of a millisecond step is still found in seconds, not minutes.
+DEFAULT_DEADLINE_MULTIPLIER = 10.0
+DEFAULT_DEADLINE_FLOOR_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,15 @@ class EarlyStoppingRule:
 
 
 @dataclass(frozen=True)
+class StepDeadlineRule:
+    """A step's deadline: max(multiplier x the median of the job's recent step times, floor)
+    (scheduler/step_deadline.py keeps the times)."""
+
+    multiplier: float = DEFAULT_DEADLINE_MULTIPLIER
+    floor_seconds: float = DEFAULT_DEADLINE_FLOOR_SECONDS
+
+
+@dataclass(frozen=True)
 class ResolvedJob:
     name: str
     seed: int  # initial weights, validation split, sample order, dropout masks
@@ -165,6 +179,8 @@ class ResolvedJob:
     # model.init_from: the file and the keys the runner loads before the first step; None: the
     # seed's initialisation only.
     init_weights: InitialWeights | None = None
+    # --- failure detection (does not change the result) --------------------------------------
+    step_deadline: StepDeadlineRule = StepDeadlineRule()
 
 
 def validation_split_size(samples: int, fraction: float) -> int:
@@ -283,6 +299,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         workers=workers, parameter_servers=parameter_servers,
         cpus_per_worker=resources.cpus_per_worker,
         placement_strategy=resources.placement_strategy,
+        step_deadline=_step_deadline(resources.step_deadline),
         dataset=spec.data.dataset, validation_fraction=fraction,
         context_length=spec.data.context_length,
         training_samples=training, validation_samples=validation,
@@ -299,6 +316,21 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         checkpoint_interval=checkpoint_interval,
         init_weights=init_weights,
     )
+
+
+def _step_deadline(spec: job_pb2.StepDeadlineSpec) -> StepDeadlineRule:
+    """resources.step_deadline with its defaults (0 means the default), or a SpecError."""
+    multiplier = spec.multiplier or DEFAULT_DEADLINE_MULTIPLIER
+    if not 2.0 <= multiplier <= 1000.0:  # also refuses nan and inf
+        raise SpecError("resources.step_deadline.multiplier",
+                        f"must be in [2, 1000] (0: {DEFAULT_DEADLINE_MULTIPLIER:g}), got "
+                        f"{spec.multiplier!r}")
+    floor = spec.floor_seconds or DEFAULT_DEADLINE_FLOOR_SECONDS
+    if not 0.5 <= floor <= 86400.0:
+        raise SpecError("resources.step_deadline.floor_seconds",
+                        f"must be in [0.5, 86400] seconds (0: "
+                        f"{DEFAULT_DEADLINE_FLOOR_SECONDS:g}), got {spec.floor_seconds!r}")
+    return StepDeadlineRule(multiplier, floor)
 
 
 def _initial_weights(spec: job_pb2.JobSpec, model: ModelPlan,

@@ -521,16 +521,26 @@ class DataSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_batches: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class ResourceSpec(_message.Message):
-    __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy")
+    __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy", "step_deadline")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SERVERS_FIELD_NUMBER: _ClassVar[int]
     CPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STEP_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     workers: int
     parameter_servers: int
     cpus_per_worker: float
     placement_strategy: str
-    def __init__(self, workers: _Optional[int] = ..., parameter_servers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[str] = ...) -> None: ...
+    step_deadline: StepDeadlineSpec
+    def __init__(self, workers: _Optional[int] = ..., parameter_servers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[str] = ..., step_deadline: _Optional[_Union[StepDeadlineSpec, _Mapping]] = ...) -> None: ...
+
+class StepDeadlineSpec(_message.Message):
+    __slots__ = ("multiplier", "floor_seconds")
+    MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    multiplier: float
+    floor_seconds: float
+    def __init__(self, multiplier: _Optional[float] = ..., floor_seconds: _Optional[float] = ...) -> None: ...
 
 class CheckpointSpec(_message.Message):
     __slots__ = ("interval_steps",)

@@ -12,7 +12,13 @@ from chainrule.v1 import job_pb2
 from scheduler.datasets import builtin_shape, load_builtin, split_and_standardize
 from worker.backprop.optim import Constant, CosineWithWarmup
 from worker.model_builder import build_planned_model, count_parameters
-from worker.resolved_job import DataShape, EarlyStoppingRule, resolve, validation_split_size
+from worker.resolved_job import (
+    DataShape,
+    EarlyStoppingRule,
+    StepDeadlineRule,
+    resolve,
+    validation_split_size,
+)
 from worker.spec_error import SpecError
 
 DIGITS = """
@@ -183,6 +189,22 @@ def test_a_count_left_out_of_resources_is_one_as_the_proto_documents():
 
 def test_an_override_below_one_is_refused_naming_the_count():
     refused(spec(), "resources.workers", "override", workers=0)
+
+
+def test_the_step_deadline_defaults_to_ten_median_steps_and_three_seconds_at_least():
+    assert digits(spec()).step_deadline == StepDeadlineRule(10.0, 3.0)
+    job = digits(spec(resources__step_deadline__multiplier=4.0,
+                      resources__step_deadline__floor_seconds=1.5))
+    assert job.step_deadline == StepDeadlineRule(4.0, 1.5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("multiplier", 1.5), ("multiplier", -3.0), ("multiplier", float("nan")),
+    ("floor_seconds", 0.1), ("floor_seconds", float("inf")),
+])
+def test_a_step_deadline_that_would_drop_healthy_workers_or_none_is_refused(field, value):
+    refused(spec(**{f"resources__step_deadline__{field}": value}),
+            f"resources.step_deadline.{field}", "must be in")
 
 
 def test_a_split_from_a_single_sample_is_refused():

@@ -130,7 +130,7 @@ class ObjectStoreTransport:
         pending = {block: call[-1] for block, call in self.calls.items()
                    if block not in self.delivered}
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending),
-                            timeout=self.timeout_seconds)
+                            timeout=work.deadline_seconds)
         lost = set()
         for block, ref in pending.items():
             if ref not in ready:
@@ -161,20 +161,20 @@ class ObjectStoreTransport:
         if not work.waits_for_coefficients:
             calls = [shard.reduce_apply_chunks.options(num_returns=3).remote(work.lr, *chunks)
                      for shard, chunks in zip(shards, chunks_of_shard)]
-            reduced = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
-            applied = ray.get([c[1] for c in calls], timeout=self.timeout_seconds)
+            reduced = ray.get([c[0] for c in calls], timeout=work.deadline_seconds)
+            applied = ray.get([c[1] for c in calls], timeout=work.deadline_seconds)
             self.slices = [c[2] for c in calls]
         else:
             reduced = ray.get([shard.reduce_chunks.remote(*chunks)
                                for shard, chunks in zip(shards, chunks_of_shard)],
-                              timeout=self.timeout_seconds)
+                              timeout=work.deadline_seconds)
             coefficient, nu = apply_coefficients(
                 work, sum(r.squared_norm for r in reduced),
                 [dot for r in reduced for dot in r.direction_dots.values()])
             calls = [shard.apply_and_return.options(num_returns=2).remote(work.lr, coefficient,
                                                                           nu)
                      for shard in shards]
-            applied = ray.get([c[0] for c in calls], timeout=self.timeout_seconds)
+            applied = ray.get([c[0] for c in calls], timeout=work.deadline_seconds)
             self.slices = [c[1] for c in calls]
         norms = np.zeros(len(self.slots))
         index = {slot.name: i for i, slot in enumerate(self.slots)}

@@ -327,7 +327,7 @@ class SharedMemoryTransport:
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
         self._write_plan(work)
-        step = self.current = _StepInProgress(work, {}, time.monotonic() + self.timeout_seconds)
+        step = self.current = _StepInProgress(work, {}, time.monotonic() + work.deadline_seconds)
         for block, worker in enumerate(work.block_owners):
             self._send_block(step, block, worker)
         op = Op.REDUCE_THEN_WAIT if work.waits_for_coefficients else Op.REDUCE_AND_APPLY
@@ -423,7 +423,7 @@ class SharedMemoryTransport:
                 silent = min(k for k in range(len(self.shard_loops)) if k not in step.applied)
                 return ShardLost(silent, f"silent past the deadline of step {work.step}")
             lost |= {step.owners[b] for b in unfinished}
-            step.deadline = time.monotonic() + self.timeout_seconds
+            step.deadline = time.monotonic() + work.deadline_seconds
         if not lost:
             return None
         for worker in lost:

@@ -37,6 +37,9 @@ class StepWork:
     # bound (None: off), for which the shards report v.g before they apply.
     carries_statistics: bool = False
     kl_clip: float | None = None
+    # A peer that has not answered this long into the step is lost: the runner's adaptive
+    # deadline (scheduler/step_deadline.py), a few times the job's own median step.
+    deadline_seconds: float = 120.0
 
     @property
     def waits_for_coefficients(self) -> bool:
