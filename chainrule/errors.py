@@ -112,7 +112,7 @@ def typed_error(error: grpc.RpcError, address: str = "") -> grpc.RpcError:
     type of its own: CANCELLED, INTERNAL, ...)."""
     if isinstance(error, ServiceError) or not callable(getattr(error, "code", None)):
         return error
-    code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
+    code, details = error.code(), error.details() or ""
     kind = ERRORS_BY_CODE.get(code)
     if kind is None:
         return error

@@ -310,11 +310,12 @@ def _size(size_bytes: int) -> str:
     """"812 bytes", "1.4 MiB"."""
     if size_bytes < 1024:
         return f"{size_bytes} bytes"
+    size = float(size_bytes)
     for unit in ("KiB", "MiB", "GiB"):
-        size_bytes /= 1024
-        if size_bytes < 1024 or unit == "GiB":
+        size /= 1024
+        if size < 1024 or unit == "GiB":
             break
-    return f"{size_bytes:.1f} {unit}"
+    return f"{size:.1f} {unit}"
 
 
 def _dataset_line(d) -> str:
