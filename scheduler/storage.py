@@ -37,22 +37,43 @@ from worker.spec_error import SpecError
 # --- writing a file safely ---------------------------------------------------------------------
 
 
-def write_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write through `write(handle)` to a temporary file beside `path`, fsync, rename."""
+def write_atomically(path: str | Path, write: Callable[[IO[bytes]], object], *,
+                     private: bool = False) -> Path:
+    """Write through `write(handle)` to a temporary file beside `path`, fsync, rename.
+    `private`: a tenant's file in the service's data folder, readable by this user only
+    (0600, in folders made 0700); otherwise the umask's usual mode (`chainrule train -o`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        make_private_folders(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; these are not secrets
+        if not private:  # mkstemp makes 0600
+            os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def make_private_folders(folder: Path) -> None:
+    """`folder` and its missing parents, each made 0700 (mkdir -p would give the parents the
+    umask's mode)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another thread
+            pass
 
 
 def _umask() -> int:
@@ -71,16 +92,19 @@ def manifest_path(weights_path: str | Path) -> Path:
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, np.ndarray],
-                 manifest: Mapping[str, Any] | None = None) -> Path:
-    """Write the state dict (format from the suffix) and, beside it, `<path>.json`."""
+                 manifest: Mapping[str, Any] | None = None, *, private: bool = False) -> Path:
+    """Write the state dict (format from the suffix) and, beside it, `<path>.json`
+    (`private`: see write_atomically)."""
     path = Path(path)
     if path.suffix not in FORMATS:
         raise ValueError(f"weights file must end in {' or '.join(FORMATS)}, got {path.name!r}")
     arrays = {key: _contiguous(value) for key, value in state_dict.items()}
-    write_atomically(path, lambda handle: _serialize(path.suffix, arrays, handle))
+    write_atomically(path, lambda handle: _serialize(path.suffix, arrays, handle),
+                     private=private)
     if manifest is not None:
         text = json.dumps(dict(manifest), indent=2, sort_keys=True, default=str).encode()
-        write_atomically(manifest_path(path), lambda handle: handle.write(text))
+        write_atomically(manifest_path(path), lambda handle: handle.write(text),
+                         private=private)
     return path
 
 
@@ -212,15 +236,15 @@ def checksum_path(checkpoint_path: str | Path) -> Path:
     return Path(f"{checkpoint_path}.json")
 
 
-def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, private: bool = False) -> Path:
     """The .npz, then its checksum file. A crash between the two leaves an .npz without a
     checksum, which `load_checkpoint` refuses like any other damage."""
     data = _encode_checkpoint(checkpoint)
-    path = write_atomically(path, lambda handle: handle.write(data))
+    path = write_atomically(path, lambda handle: handle.write(data), private=private)
     sidecar = {"format": CHECKPOINT_FORMAT, "step": checkpoint.step, "size_bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest()}
     text = json.dumps(sidecar, sort_keys=True).encode()
-    write_atomically(checksum_path(path), lambda handle: handle.write(text))
+    write_atomically(checksum_path(path), lambda handle: handle.write(text), private=private)
     return path
 
 
@@ -296,6 +320,9 @@ class LatestCheckpoint:
 
 
 class JobStorage:
+    """A service's job files (checkpoints, models) under its data folder: each tenant's, so
+    readable by the server's user only (0600 files in 0700 folders)."""
+
     def __init__(self, data_dir: str | Path, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1, got {keep_checkpoints}")
@@ -329,7 +356,7 @@ class JobStorage:
     def save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> Path:
         """Write it, then delete all but the newest `keep_checkpoints`."""
         path = save_checkpoint(self.checkpoint_folder(job_id) / f"step-{checkpoint.step:010d}.npz",
-                               checkpoint)
+                               checkpoint, private=True)
         for old in self.checkpoints(job_id)[self.keep_checkpoints:]:
             checksum_path(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)

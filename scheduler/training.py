@@ -110,13 +110,14 @@ def run_job(
 
 
 def save_trained_weights(path: str | Path, spec: job_pb2.JobSpec, result: TrainingResult, *,
-                         job_id: str | None = None) -> Path:
+                         job_id: str | None = None, private: bool = False) -> Path:
     """The trained weights and their manifest `<path>.json`, written the same way by
-    `chainrule train -o` and by the service (which adds the job's id)."""
+    `chainrule train -o` and by the service (which adds the job's id, and keeps them private
+    to its user: `private`)."""
     manifest = weights_manifest(spec, result)
     if job_id is not None:
         manifest["job_id"] = job_id
-    return save_weights(path, result.state_dict, manifest=manifest)
+    return save_weights(path, result.state_dict, manifest=manifest, private=private)
 
 
 def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:

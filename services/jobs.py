@@ -469,7 +469,7 @@ class JobService:
             if result.final_evaluation is not None:
                 final = _validation(result.final_evaluation)
             path = save_trained_weights(self.storage.model_path(job_id), job.spec, result,
-                                        job_id=job_id)
+                                        job_id=job_id, private=True)
             weights = str(path)
         recorded = self.store.set_state(job_id, outcome.state, from_states={QUEUED, RUNNING},
                                         error=outcome.error, finished=True,

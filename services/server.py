@@ -10,12 +10,17 @@ the gRPC server closes. The next start runs every QUEUED job again, each resumin
 checkpoint by deterministic replay.
 
 Secure by default: without a token file every caller is the tenant "default", so the server
-refuses any address but loopback; a non-loopback bind needs tokens and TLS.
+refuses any address but loopback or a unix socket; a non-loopback bind needs tokens and TLS.
+The data folder is the server's user's alone (0700; its files 0600), and a unix socket
+(`unix:PATH`) is made `socket_mode` (0600: only this user may call) before serving: its file
+permissions decide who may call.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -29,15 +34,22 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chainrule.client import is_local_address
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
 from scheduler.job_queue import JobQueue
-from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS
+from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, make_private_folders
 from services.auth import Authenticator, TokenFile, load_tokens
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
-from services.single_instance import AlreadyInUse, DataFolderLock, check_port_free
+from services.single_instance import (
+    UNIX_PREFIX,
+    AlreadyInUse,
+    DataFolderLock,
+    check_port_free,
+    unix_socket_path,
+)
 from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
@@ -50,7 +62,6 @@ if TYPE_CHECKING:  # the exporter is imported when metrics are on (_start_metric
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MESSAGE_BYTES = 8 * 1024 * 1024  # upload/download chunks are 1 MiB; specs are small
 SWITCH_INTERVAL_SECONDS = 0.0005
 
@@ -129,6 +140,7 @@ def serve(
     max_rpc_threads: int = 64,
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
     checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
+    socket_mode: int = 0o600,
     parameter_series: ParameterSeries | None = None,
     stream_limits: StreamLimits | None = None,
     max_concurrent_rpcs: int | None = None,
@@ -149,12 +161,13 @@ def serve(
     token_file = load_tokens(tokens_file) if tokens_file else TokenFile({})
     tokens = token_file.tenants
     host = address.rsplit(":", 1)[0]
-    if host not in LOOPBACK_HOSTS and not (tokens and tls_cert and tls_key):
+    if not is_local_address(address) and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
                          f"--tokens and TLS (--tls-cert, --tls-key)")
     started_at = time.time()
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_folders(data_dir)
+    _make_private(data_dir)
     # One server per data folder and per port: a second one is refused here, before it opens
     # the store or starts Ray (services/single_instance.py).
     lock = DataFolderLock.acquire(data_dir, address)
@@ -216,11 +229,17 @@ def serve(
         lock.release()
         raise AlreadyInUse(f"cannot bind {address!r}: port {address.rsplit(':', 1)[-1]} is "
                            f"in use (another server?); choose another --address")
-    lock.record(f"{host}:{port}")
+    bound = address if address.startswith(UNIX_PREFIX) else f"{host}:{port}"
+    if address.startswith(UNIX_PREFIX):
+        # Before start(), so no call is served before the mode says who may make one.
+        # (Connecting needs write permission: the umask's usual 0755 lets none but this user
+        # in meanwhile; the socket's folder can close that window for any umask.)
+        os.chmod(unix_socket_path(address), socket_mode)
+    lock.record(bound)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(f"{host}:{port}", port, data_dir, metrics_url, service, queue,
+    running = RunningServer(bound, port, data_dir, metrics_url, service, queue,
                             server, health_servicer, store, owns_ray, metrics_server, lock,
                             streams=streams)
     _sweep_checkpoints_periodically(service, running._stopped)
@@ -228,6 +247,17 @@ def serve(
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
     return running
+
+
+def _make_private(data_dir: Path) -> None:
+    """The data folder readable, writable and searchable by this user only: it holds every
+    tenant's data sets, specs, checkpoints and models. A wider folder (from an older version,
+    or made by hand) is narrowed, and the log says so."""
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    if mode != 0o700:
+        os.chmod(data_dir, 0o700)
+        log.warning("data folder %s was mode %o; made 0700 (it holds every tenant's data)",
+                    data_dir, mode)
 
 
 def _sweep_checkpoints_periodically(service: JobService, stopped: threading.Event) -> None:

@@ -17,10 +17,12 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
 LOCK_FILE = "chainrule.lock"
+UNIX_PREFIX = "unix:"
 
 
 class AlreadyInUse(OSError):
@@ -38,7 +40,7 @@ class DataFolderLock:
     def acquire(cls, data_dir: str | Path, address: str) -> DataFolderLock:
         """Lock `data_dir` for this process, or AlreadyInUse naming the holder."""
         path = Path(data_dir) / LOCK_FILE
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # in a private folder
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -80,6 +82,9 @@ def check_port_free(address: str) -> None:
     """AlreadyInUse naming the port when something listens on any address `address` resolves
     to. gRPC alone would not say: on a name with several addresses (localhost: 127.0.0.1 and
     ::1) it serves on whichever it could bind, and counts that as success."""
+    if address.startswith(UNIX_PREFIX):
+        _check_socket_free(unix_socket_path(address))
+        return
     host, _, port_text = address.rpartition(":")
     port = int(port_text)
     if port == 0:
@@ -98,3 +103,28 @@ def check_port_free(address: str) -> None:
                 raise AlreadyInUse(f"port {port} is in use on {socket_address[0]} (another "
                                    f"server?); choose another --address") from None
             # Anything else (no IPv6 here, say) is gRPC's to judge when it binds.
+
+
+def unix_socket_path(address: str) -> str:
+    """The file of a gRPC unix address: unix:PATH or unix:///ABSOLUTE/PATH."""
+    path = address.removeprefix(UNIX_PREFIX)
+    return path[2:] if path.startswith("//") else path
+
+
+def _check_socket_free(path: str) -> None:
+    """AlreadyInUse when a server answers on the socket `path`, or `path` is not a socket.
+    gRPC would unlink a live server's socket and take its place; a stale one (nobody
+    answers: its server was killed) is left for gRPC to replace."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise AlreadyInUse(f"{path} exists and is not a socket; choose another --address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return
+    raise AlreadyInUse(f"another server listens on {path}; stop it, or choose another "
+                       f"--address")

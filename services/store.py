@@ -12,6 +12,7 @@ The records here are plain dataclasses; protobuf conversion lives in `services/c
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -173,6 +174,10 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Every tenant's specs: the server's user's only. SQLite gives the -wal and -shm files
+        # the database's mode; an older, wider database is narrowed here.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self._local = threading.local()
         # Ended jobs never change again: keep their records, so GetJob and ListJobs (the
         # hottest calls) skip parsing the spec and the JSON columns. Bounded, oldest out.

@@ -2,16 +2,27 @@
 
 Over a real server and real gRPC channels: a job's shared-memory folder is named by its job id
 (the spec's name is the tenant's choice: `evil/../../../x` once put a job's arrays and pipes
-outside /dev/shm); a tenant's priority is capped by the server's configuration."""
+outside /dev/shm); the data folder and every file in it are the server's user's alone (they
+were world-readable); a unix socket's permissions decide who may call; a tenant's priority is
+capped by the server's configuration."""
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
 import grpc
+import numpy as np
 import pytest
 
 from chainrule.client import Client, state_name
 from services.auth import load_tokens
 from services.server import serve
+from services.single_instance import AlreadyInUse
+from services.store import Store
 from services.validation import Limits
 from tests.services.helpers import iris_spec, rpc_error, wait_for, wait_until_done
 from worker.shared_memory import SharedArrayGroup, shared_root
@@ -20,8 +31,18 @@ pytestmark = [pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def server(local_ray, tmp_path_factory):
-    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"))
+def usual_umask():
+    """The usual umask (022: files 0644, folders 0755 unless asked otherwise), whatever the
+    test runner's, so that a private mode here is the server's doing."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, tmp_path_factory, usual_umask):
+    # A folder the server makes itself (pytest's own are 0700 already).
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data") / "service-data")
     yield running
     running.stop()
 
@@ -52,6 +73,87 @@ def test_a_running_jobs_shared_memory_folder_is_named_by_its_job_id_only(client)
 def test_a_shared_memory_folder_refuses_anything_but_a_job_id(job_id):
     with pytest.raises(ValueError, match="not a job id"):
         SharedArrayGroup(job_id)
+
+
+# --- files and sockets ---------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_data_folder_is_private_and_every_file_in_it_is_the_server_users_only(
+        server, client, tmp_path):
+    upload = tmp_path / "points.npz"
+    np.savez(upload, x=np.ones((16, 4)), y=np.arange(16) % 2)
+    client.upload(upload, "points")
+    job = wait_until_done(client, client.submit(iris_spec(epochs=2)).id)
+    assert state_name(job.state) == "SUCCEEDED"
+    client.download(job.id, tmp_path / "weights.safetensors")
+    files = [path for path in server.data_dir.rglob("*") if path.is_file()]
+    kinds = {path.suffix for path in files}
+    assert {".db", ".npz", ".safetensors", ".json", ".lock"} <= kinds, kinds
+    assert _mode(server.data_dir) == 0o700
+    wider = {str(path.relative_to(server.data_dir)): oct(_mode(path)) for path in files
+             if _mode(path) & 0o077}
+    assert wider == {}
+    for folder in ("checkpoints", "models"):
+        assert _mode(server.data_dir / folder) == 0o700
+
+
+def test_a_world_readable_data_folder_is_narrowed_at_start(local_ray, tmp_path, usual_umask):
+    data = tmp_path / "old-data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    Store(data / "chainrule.db").close()
+    (data / "chainrule.db").chmod(0o644)
+    running = serve("127.0.0.1:0", data)
+    try:
+        assert _mode(data) == 0o700
+        assert _mode(data / "chainrule.db") == 0o600
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def socket_folder():
+    """A folder every user may enter (pytest's are 0700), so that only the socket's own mode
+    stands between another user and the server."""
+    folder = Path(tempfile.mkdtemp(prefix="chainrule-socket-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+def _connects_as_nobody(socket_path: Path) -> bool:
+    """Whether another user (nobody, uid 65534) can open a connection to the socket."""
+    probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n")
+    done = subprocess.run(["/usr/bin/python3", "-c", probe, str(socket_path)],
+                          user=65534, group=65534, capture_output=True, timeout=30)
+    assert done.returncode in (0, 13), done.stderr
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("mode, others_may_call", [(0o600, False), (0o666, True)])
+def test_a_unix_socket_serves_and_its_file_mode_decides_who_may_call(
+        local_ray, tmp_path, socket_folder, usual_umask, mode, others_may_call):
+    path = socket_folder / "chainrule.sock"
+    running = serve(f"unix:{path}", tmp_path / "data", socket_mode=mode)
+    try:
+        assert running.address == f"unix:{path}"
+        assert _mode(path) == mode
+        with Client(running.address, timeout=10) as client:
+            assert client.submit(iris_spec(epochs=1)).id
+        if os.geteuid() == 0:  # only root can be another user here
+            assert _connects_as_nobody(path) is others_may_call
+        with pytest.raises(AlreadyInUse, match="another server listens"):
+            serve(f"unix:{path}", tmp_path / "other-data")
+    finally:
+        running.stop()
+    assert not path.exists()
 
 
 # --- priority ---------------------------------------------------------------------------------
