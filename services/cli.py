@@ -64,8 +64,11 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from services.metrics import ParameterSeries
     from services.server import configure_process, serve
     from services.single_instance import AlreadyInUse
+    from services.streams import StreamLimits
+    from services.validation import Limits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_process()
@@ -76,10 +79,17 @@ def _serve(args: argparse.Namespace) -> int:
                        tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        tls_client_ca=args.client_ca,
                        keep_checkpoints=args.keep_checkpoints,
-                       checkpoint_retention_seconds=args.checkpoint_retention_days * 86400)
+                       checkpoint_retention_seconds=args.checkpoint_retention_days * 86400,
+                       socket_mode=args.socket_mode,
+                       limits=Limits(max_priority=args.max_priority),
+                       stream_limits=StreamLimits(args.streams_per_tenant, args.streams),
+                       parameter_series=ParameterSeries(args.metrics_parameter_series_by,
+                                                        args.metrics_parameter_series))
     except AlreadyInUse as error:  # another server has the folder or the port: say whose
         print(f"chainrule: {error}", file=sys.stderr, flush=True)
         return 1
+    except ValueError as error:  # a setting it cannot serve with (an address, a limit, a file)
+        raise UsageError(str(error)) from None
     # After serve(): ray.init installs its own SIGTERM handler, which would kill us uncleanly.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -279,6 +289,18 @@ def _count(minimum: int):
         return value
     parse.__name__ = "integer"  # argparse names the type in its "invalid ... value" message
     return parse
+
+
+def _octal(text: str) -> int:
+    """A file mode in octal ("600", "0660"); argparse reports anything else (exit 2)."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an octal file mode like 600, got {text}") \
+            from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be a file mode from 000 to 777, got {text}")
+    return value
 
 
 def _days(text: str) -> float:
@@ -557,7 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     serve = commands.add_parser("serve", help="run the gRPC training service")
-    serve.add_argument("--address", default=DEFAULT_SERVER, help="host:port to bind")
+    serve.add_argument("--address", default=DEFAULT_SERVER,
+                       help="host:port to bind, or unix:PATH (a socket whose file mode, "
+                            "--socket-mode, decides who may call)")
+    serve.add_argument("--socket-mode", type=_octal, default=0o600,
+                       help="a unix socket's mode (default 600: this user only; 660: and "
+                            "the socket's group)")
     serve.add_argument("--data-dir", default="data", help="the job store, uploads, models")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
     serve.add_argument("--metrics-port", type=int, default=9464,
@@ -567,6 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--max-priority", type=int, default=0,
+                       help="highest job priority a tenant may ask for, unless the token "
+                            "file gives it its own (max_priority=N after its token)")
+    serve.add_argument("--streams-per-tenant", type=_count(1), default=8,
+                       help="streaming calls (watch, follow, upload, download) a tenant may "
+                            "hold open at once")
+    serve.add_argument("--streams", type=_count(1), default=32,
+                       help="streaming calls open at once in all (below the 64 RPC threads)")
+    serve.add_argument("--metrics-parameter-series", type=_count(1), default=32,
+                       help="gradient-norm series per job: the largest of each step, the "
+                            "rest as one")
+    serve.add_argument("--metrics-parameter-series-by", choices=("parameter", "layer"),
+                       default="parameter", help="one norm per parameter tensor, or per layer")
     serve.add_argument("--client-ca", help="PEM CA certificate(s): mutual TLS, a client "
                                            "without a certificate signed by one is refused")
     serve.add_argument("--keep-checkpoints", type=_count(1), default=2,

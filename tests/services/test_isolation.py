@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from services.server import serve
 from services.single_instance import AlreadyInUse
 from services.store import Store
 from services.validation import Limits
-from tests.services.helpers import iris_spec, rpc_error, wait_for, wait_until_done
+from tests.services.helpers import ROOT, iris_spec, rpc_error, wait_for, wait_until_done
 from worker.shared_memory import SharedArrayGroup, shared_root
 
 pytestmark = [pytest.mark.distributed]
@@ -154,6 +155,35 @@ def test_a_unix_socket_serves_and_its_file_mode_decides_who_may_call(
     finally:
         running.stop()
     assert not path.exists()
+
+
+def test_chainrule_serve_takes_a_unix_socket_its_mode_and_the_limits(tmp_path, socket_folder):
+    path = socket_folder / "api.sock"
+    command = [sys.executable, "-m", "services.cli", "serve", "--address", f"unix:{path}",
+               "--socket-mode", "660", "--data-dir", str(tmp_path / "data"),
+               "--metrics-port", "0", "--max-priority", "2", "--streams-per-tenant", "2",
+               "--metrics-parameter-series-by", "layer"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith(f"chainrule: serving gRPC on unix:{path}"), line
+        assert _mode(path) == 0o660
+        with Client(f"unix:{path}", timeout=30) as client:
+            error = rpc_error(lambda: client.submit(iris_spec(priority=3)))
+            assert error.details().startswith("priority: must be at most 2")
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    assert server.returncode == 0
+
+
+def test_chainrule_serve_refuses_streams_that_could_take_every_rpc_thread(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--streams", "64",
+                           "--data-dir", str(tmp_path / "data")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "must be below the 64 RPC threads" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- priority ---------------------------------------------------------------------------------
