@@ -1,7 +1,7 @@
 """Whole-model training steps against PyTorch eager, measured side by side in one run.
 
-    python bench/models.py [--rounds 3] [--n 30] [--only lenet|transformer]
-                           [--optimizer sgd|adam] [--threads N]
+    python bench/models.py [--rounds 3] [--n 30] [--only lenet|transformer|lenet_ddp]
+                           [--optimizer sgd|adam] [--threads N] [--ddp-batch 64] [--ddp-steps 60]
 
 Each model has one section below: a function that builds our training step and PyTorch's
 (forward, cross-entropy, backward, optimizer update, float32, the same shapes), times both
@@ -20,9 +20,16 @@ a backward pass reads that the step itself creates. The input batch exists befor
 (the data loader's), so it is in neither figure. PyTorch's own saved-tensor bytes (measured
 with torch.autograd.graph.saved_tensors_hooks in the peer) are printed beside them.
 
+Distributed (`lenet_ddp`): the same LeNet-5 trained on 2 workers by our runtime (JobRunner on
+embedded Ray, 2 parameter-server shards, one micro-batch per worker, SGD) against Ray Train's
+TorchTrainer running it in PyTorch with DDP on 2 workers (bench/peer_ray_train_cnn.py, after
+../shared/bench/peer_ray_train.py), alternately for --rounds rounds, each with its own Ray:
+the best steady samples/s of each over --ddp-steps steps after 5 warm-up steps, on synthetic
+1x28x28 images.
+
 Targets (issue 9): LeNet-5 step <= 1.3x PyTorch eager; the causal transformer's step (always
 with Adam, as the issue states it; --optimizer is LeNet's) <= 1.2x; peak memory <= 1.5x the
-minimum.
+minimum; LeNet-5 on 2 workers >= 1.5x Ray Train DDP's samples/s.
 """
 
 from __future__ import annotations
@@ -331,6 +338,97 @@ def torch_transformer_step(torch, optimizer: str):
     return step, model, inputs
 
 
+# --- LeNet-5 on 2 workers against Ray Train (PyTorch DDP) on 2 workers -----------------------
+
+LENET_DDP = "lenet_ddp"  # its --only name
+DDP_WORKERS = 2
+DDP_WARMUP_STEPS = 5  # as the peer: steps before the clock starts
+DDP_TARGET = 1.5  # samples/s against Ray Train's (issue 9)
+
+
+@dataclass
+class DistributedResult:
+    """Steady samples/s of LeNet-5 trained on DDP_WORKERS workers, ours and Ray Train's."""
+
+    batch: int
+    ours_step_seconds: float
+    peer: dict | None  # the peer's JSON line; None when it could not run
+
+    def ratio(self) -> float | None:
+        return None if self.peer is None else self.peer["step_ms"] / 1e3 / self.ours_step_seconds
+
+
+def lenet_job_spec(batch: int) -> dict:
+    """`lenet` as a job spec: the same layers, SGD lr 0.01 (the peer's), one micro-batch per
+    worker (the spec's `micro_batches`, as the peer splits its batch), no standardisation."""
+    layers = [
+        {"conv2d": {"out_channels": 6, "kernel_size": 5, "padding": 2}}, {"relu": {}},
+        {"max_pool2d": {"kernel_size": 2}},
+        {"conv2d": {"out_channels": 16, "kernel_size": 5}}, {"relu": {}},
+        {"max_pool2d": {"kernel_size": 2}}, {"flatten": {}},
+        {"linear": {"out_features": 120}}, {"relu": {}}, {"linear": {"out_features": 84}},
+        {"relu": {}}, {"linear": {"out_features": 10}},
+    ]
+    return {"name": "bench-lenet", "model": {"layers": layers}, "loss": "cross_entropy",
+            "optimizer": {"sgd": {"lr": 0.01}},
+            "data": {"dataset": "bench-images", "batch_size": batch, "epochs": 1,
+                     "micro_batches": DDP_WORKERS, "standardize": False},
+            "resources": {"workers": DDP_WORKERS, "parameter_servers": DDP_WORKERS}, "seed": 0}
+
+
+def run_lenet_job(batch: int, steps: int) -> float:
+    """Seconds per step of our runtime (scheduler.job_runner.JobRunner on embedded Ray) over
+    `steps` steps after the warm-up, by the wall clock between step ends: everything the
+    runner does between steps counts, as everything in the peer's loop does."""
+    import ray
+
+    from chainrule.spec_file import job_spec_from_dict
+    from scheduler import ray_cluster
+    from scheduler.datasets import from_arrays
+    from scheduler.job_runner import JobRunner
+
+    rng = np.random.default_rng(0)
+    samples = batch * (DDP_WARMUP_STEPS + steps)
+    images = from_arrays(rng.standard_normal((samples, 1, 28, 28), dtype=np.float32),
+                         rng.integers(0, 10, samples))
+    ends: list[float] = []
+    ray_cluster.connect()
+    try:
+        JobRunner.for_spec(job_spec_from_dict(lenet_job_spec(batch)), images,
+                           on_step=lambda record: ends.append(time.perf_counter())).run()
+    finally:
+        ray.shutdown()
+    timed = ends[DDP_WARMUP_STEPS - 1:]
+    return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def run_ray_train_lenet(batch: int, steps: int) -> dict | None:
+    """The peer (bench/peer_ray_train_cnn.py) in its own process, with its own Ray."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("peer_ray_train_cnn.py")),
+         "--workers", str(DDP_WORKERS), "--batch", str(batch), "--steps", str(steps),
+         "--cpus", str(os.cpu_count())],
+        capture_output=True, text=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"  Ray Train peer failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(lines[-1])
+
+
+def bench_lenet_on_two_workers(args) -> DistributedResult:
+    """Ours and the peer alternately for args.rounds rounds, the best of each (the load of a
+    shared machine drifts over the minute one run of each takes)."""
+    ours, peer = float("inf"), None
+    for _ in range(args.rounds):
+        ours = min(ours, run_lenet_job(args.ddp_batch, args.ddp_steps))
+        run = run_ray_train_lenet(args.ddp_batch, args.ddp_steps)
+        if run is not None and (peer is None or run["step_ms"] < peer["step_ms"]):
+            peer = run
+    return DistributedResult(args.ddp_batch, ours, peer)
+
+
 # --- the sections ----------------------------------------------------------------------------
 
 # name -> (our section, PyTorch's step for the peer). A new model adds one entry.
@@ -368,7 +466,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=30, help="steps per timing")
-    parser.add_argument("--only", choices=sorted(MODELS), action="append")
+    parser.add_argument("--only", choices=sorted(MODELS) + [LENET_DDP], action="append")
+    parser.add_argument("--ddp-batch", type=int, default=64, help="global batch of lenet_ddp")
+    parser.add_argument("--ddp-steps", type=int, default=60, help="timed steps of lenet_ddp")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--peer", choices=sorted(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=blas_threads(),
@@ -381,7 +481,9 @@ def main() -> None:
     print(f"float32, {blas_threads()} BLAS threads on both sides, best of "
           f"{args.rounds} rounds x mean of {args.n} steps; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    results = [MODELS[name][0](args) for name in (args.only or MODELS)]
+    selected = args.only or [*MODELS, LENET_DDP]
+    results = [MODELS[name][0](args) for name in selected if name in MODELS]
+    distributed = bench_lenet_on_two_workers(args) if LENET_DDP in selected else None
     for r in results:
         print(f"\n{r.name} ({r.optimizer}): ours {r.ours.wall * 1e3:.2f} ms/step "
               f"(CPU {r.ours.cpu * 1e3:.2f}), "
@@ -390,12 +492,24 @@ def main() -> None:
               f"{r.peak_bytes / 2**20:.2f} MiB, minimum {r.minimum_bytes / 2**20:.2f} MiB "
               f"(PyTorch saves {r.torch_saved_bytes / 2**20:.2f} MiB); our graph holds "
               f"{r.held_after_forward_bytes / 2**20:.2f} MiB when backward starts")
+    if distributed is not None:
+        peer = distributed.peer
+        print(f"\nLeNet-5 on {DDP_WORKERS} workers, global batch {distributed.batch}: ours "
+              f"{distributed.ours_step_seconds * 1e3:.2f} ms/step "
+              f"({distributed.batch / distributed.ours_step_seconds:.0f} samples/s), Ray Train DDP "
+              + ("failed" if peer is None else f"{peer['step_ms']:.2f} ms/step "
+                 f"({peer['samples_per_s']:.0f} samples/s, fit {peer['fit_wall_s']:.1f} s)"))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("\nratios (target)")
     for result in results:
         for label, value, target in result.rows():
             verdict = "met" if value <= target else "NOT MET"
             print(f"  {label:40s} {value:6.3f}  (<= {target})  {verdict}")
+    if distributed is not None and distributed.ratio() is not None:
+        ratio = distributed.ratio()
+        verdict = "met" if ratio >= DDP_TARGET else "NOT MET"
+        print(f"  {'lenet 2 workers samples/s vs Ray Train DDP':40s} {ratio:6.3f}  "
+              f"(>= {DDP_TARGET})  {verdict}")
     for result in results:
         print(json.dumps({"model": result.name, "optimizer": result.optimizer,
                           "threads": blas_threads(),
@@ -405,6 +519,11 @@ def main() -> None:
                           "peak_bytes": result.peak_bytes, "minimum_bytes": result.minimum_bytes,
                           "held_after_forward_bytes": result.held_after_forward_bytes,
                           "pytorch_saved_bytes": result.torch_saved_bytes}))
+    if distributed is not None:
+        print(json.dumps({"model": LENET_DDP, "workers": DDP_WORKERS, "batch": distributed.batch,
+                          "ours_step_ms": distributed.ours_step_seconds * 1e3,
+                          "ray_train_step_ms": distributed.peer and distributed.peer["step_ms"],
+                          "ratio": distributed.ratio()}))
 
 
 if __name__ == "__main__":
