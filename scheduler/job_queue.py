@@ -9,9 +9,9 @@ The queue knows nothing about gRPC or SQLite. It reports through two narrow inte
   - a `JobHost` (the service's store) that resolves a job and loads its data, keeps its
     checkpoints and records the transitions that must be durable (started, finished,
     requeued);
-  - observers (metrics, live WatchJob streams) called with every state change, step and
-    evaluation. Observers run in the job's thread between steps, so they must be quick; one
-    that raises is logged and ignored, never allowed to fail the job.
+  - observers (metrics, live WatchJob streams) called with every state change, step,
+    evaluation and recovery. Observers run in the job's thread between steps, so they must
+    be quick; one that raises is logged and ignored, never allowed to fail the job.
 
 Stopping: a runner polls `should_stop` at every step boundary; when it stops early it has
 handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stopped by
@@ -40,7 +40,7 @@ from scheduler.datasets import Dataset
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from scheduler.placement import PARAMETER_SERVER_CPUS
-from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from worker.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class JobObserver(Protocol):
     def job_step(self, job_id: str, record: StepRecord) -> None: ...
 
     def job_evaluation(self, job_id: str, record: EvaluationRecord) -> None: ...
+
+    def job_recovery(self, job_id: str, record: RecoveryRecord) -> None: ...
 
     def queue_depth(self, depth: int) -> None: ...
 
@@ -229,6 +231,7 @@ class JobQueue:
                 resolved, dataset,
                 on_step=lambda record: self._notify("job_step", job_id, record),
                 on_evaluation=lambda record: self._notify("job_evaluation", job_id, record),
+                on_recovery=lambda record: self._notify("job_recovery", job_id, record),
                 should_stop=running.should_stop,
                 on_checkpoint=lambda checkpoint: self.host.save_checkpoint(job_id, checkpoint),
                 resume_from=self.host.load_checkpoint(job_id),

@@ -46,6 +46,7 @@ from scheduler.placement import reserve
 from scheduler.ray_cluster import alive_nodes
 from scheduler.records import (
     EvaluationRecord,
+    RecoveryRecord,
     StepRecord,
     StepTimings,
     TrainingHistory,
@@ -69,6 +70,7 @@ from worker.transport.step import (
     StepTransport,
     StepWork,
     WorkersLost,
+    describe,
 )
 
 
@@ -134,6 +136,7 @@ class JobRunner:
         step_timeout_seconds: float = 120.0,
         on_step: Callable[[StepRecord], None] | None = None,
         on_evaluation: Callable[[EvaluationRecord], None] | None = None,
+        on_recovery: Callable[[RecoveryRecord], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_checkpoint: Callable[[Checkpoint], None] | None = None,
         resume_from: Checkpoint | None = None,
@@ -169,6 +172,8 @@ class JobRunner:
         self.deadline = StepDeadline(job.step_deadline, step_timeout_seconds)
         self.on_step = on_step or (lambda record: None)
         self.on_evaluation = on_evaluation or (lambda record: None)
+        self.on_recovery = on_recovery or (lambda record: None)
+        self.current_step = 0  # the step being computed, or the last one done between steps
         self.should_stop = should_stop or (lambda: False)
         self.policy = failure_policy or FailurePolicy()  # for the whole job, across restarts
         self.history = TrainingHistory()
@@ -409,6 +414,7 @@ class JobRunner:
 
     def _step(self, step: int, epoch: int, group: list[StepSamples]) -> StepRecord:
         start = time.perf_counter()
+        self.current_step = step
         micro_batches = _micro_batches_in_tree_order(group)
         blocks = _split_evenly(list(range(len(micro_batches))), self.settings.workers)
         master_buffers = None
@@ -429,7 +435,7 @@ class JobRunner:
         while not isinstance(outcome, StepOutcome):
             outcome = self.transport.recompute(self._on_failure(outcome))
         self.history.worker_failures = self.policy.worker_failures
-        self._replace_lost_workers()
+        self._replace_lost_workers(step)
         if outcome.micro_batch_buffers is not None:
             self._average_buffers(outcome.micro_batch_buffers)
         wall = time.perf_counter() - start
@@ -446,19 +452,42 @@ class JobRunner:
         decision = self.policy.decide(failure, survivors)
         if decision is Decision.RECOMPUTE and isinstance(failure, WorkersLost):
             group.remove(failure.workers)
-            return {block: group.owner_for(i)
-                    for i, block in enumerate(failure.unfinished_blocks)}
+            owners = {block: group.owner_for(i)
+                      for i, block in enumerate(failure.unfinished_blocks)}
+            by = ", ".join(str(w) for w in sorted(set(owners.values()))) or "none"
+            for worker in failure.workers:
+                why = (f"silent past the step's {self.deadline.seconds:.3g} s deadline"
+                       if worker in failure.silent else "its process died")
+                self._recovered("worker_lost", failure.step,
+                                f"worker {worker} lost at step {failure.step} ({why}): its "
+                                f"micro-batches recomputed in-step by worker(s) {by}")
+            return owners
         if decision is Decision.RESTART:
+            restart = self.last_checkpoint.step if self.last_checkpoint is not None else 0
+            self._recovered("shard_lost", self.current_step,
+                            f"{describe(failure)}: every actor restarts from the checkpoint "
+                            f"of step {restart} and replays from there (restart "
+                            f"{self.policy.shard_restarts} of at most "
+                            f"{self.policy.max_shard_restarts})")
             raise _RestartFromCheckpoint(failure)
         raise JobFailed(self.policy.why_failed(failure), failure)
 
-    def _replace_lost_workers(self) -> None:
+    def _recovered(self, kind: str, step: int, message: str) -> None:
+        """Report a recovery as it is carried out (the service logs, stores, streams and
+        counts it; `chainrule train` prints it)."""
+        record = RecoveryRecord(step, kind, message)
+        self.history.recoveries.append(record)
+        self.on_recovery(record)
+
+    def _replace_lost_workers(self, step: int) -> None:
         """Elasticity: a lost worker's placement bundle is free again, so a new replica starts
         there when the policy allows; it joins at the first step boundary after it is ready
         (the step loop never waits for it). Its blocks are the same blocks, so the weights do
-        not change."""
+        not change. `step` is the step just done."""
         for worker in self.worker_group.admit_ready():
             self.transport.worker_replaced(worker)
+            self._recovered("worker_replaced", step + 1,
+                            f"a replacement for worker {worker} joined at step {step + 1}")
         for worker in self.policy.workers_to_replace(self.worker_group.vacant_slots()):
             self.worker_group.replace(worker)
 

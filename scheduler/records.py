@@ -1,4 +1,5 @@
-"""What the runner reports: one record per optimizer step and per evaluation, as plain data.
+"""What the runner reports: one record per optimizer step, per evaluation and per recovery, as
+plain data.
 
 These are what the metrics exporter, the progress display and the gRPC WatchJob stream read;
 they carry no Ray or protobuf types.
@@ -55,9 +56,27 @@ class EvaluationRecord:
     samples: int
 
 
+# What a job recovered from (RecoveryRecord.kind): a bounded set, a Prometheus label.
+RECOVERY_KINDS = (
+    "worker_lost",  # a worker died or fell silent: its blocks recomputed by others, same step
+    "worker_replaced",  # a new replica took a lost worker's place at a step boundary
+    "shard_lost",  # a parameter-server shard died: every actor restarted from a checkpoint
+)
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """A failure the job recovered from, when the runner carried the recovery out."""
+
+    step: int  # the step it happened in (worker_replaced: the first step the new one computes)
+    kind: str  # one of RECOVERY_KINDS
+    message: str  # for a person: "worker 1 lost at step 5086 (...): recomputed in-step"
+
+
 @dataclass
 class TrainingHistory:
     steps: list[StepRecord] = field(default_factory=list)
     evaluations: list[EvaluationRecord] = field(default_factory=list)
     worker_failures: int = 0
     shard_failures: int = 0  # each one restarted the job from its last checkpoint
+    recoveries: list[RecoveryRecord] = field(default_factory=list)  # as they were carried out

@@ -30,7 +30,7 @@ from scheduler.datasets import (
     split_and_standardize,
 )
 from scheduler.job_runner import JobRunner, TrainingResult
-from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import FORMATS, local_weights_shape, save_weights
 from worker.resolved_job import ResolvedJob, resolve
 
@@ -80,6 +80,7 @@ def train_job(
     output: str | Path | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     on_evaluation: Callable[[EvaluationRecord], None] | None = None,
+    on_recovery: Callable[[RecoveryRecord], None] | None = None,
 ) -> TrainingResult:
     """Train on embedded Ray (or the cluster at `ray_address`); write weights to `output`.
     A bad spec (SpecError) or output path (ValueError) fails before Ray starts."""
@@ -87,7 +88,7 @@ def train_job(
     if output is not None:
         check_output_path(output)
     return run_job(job, spec, ray_address=ray_address, output=output, on_step=on_step,
-                   on_evaluation=on_evaluation)
+                   on_evaluation=on_evaluation, on_recovery=on_recovery)
 
 
 def run_job(
@@ -98,12 +99,14 @@ def run_job(
     output: str | Path | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     on_evaluation: Callable[[EvaluationRecord], None] | None = None,
+    on_recovery: Callable[[RecoveryRecord], None] | None = None,
 ) -> TrainingResult:
     """Train an already resolved job (`spec` is the one it was resolved from, recorded in the
     weights' manifest) on its built-in data set."""
     dataset = prepare_dataset(job)
     ray_cluster.connect(ray_address)
-    result = JobRunner(job, dataset, on_step=on_step, on_evaluation=on_evaluation).run()
+    result = JobRunner(job, dataset, on_step=on_step, on_evaluation=on_evaluation,
+                       on_recovery=on_recovery).run()
     if output is not None:
         save_trained_weights(output, spec, result)
     return result

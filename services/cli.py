@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace) -> int:
             on_step=lambda r: progress.step(r.step, r.total_steps, r.epoch, r.loss,
                                             r.samples_per_second),
             on_evaluation=lambda e: progress.evaluation(e.loss, e.accuracy),
+            on_recovery=lambda r: progress.note(f"recovered: {r.message}"),
         )
     final = result.final_evaluation
     if final is not None:
@@ -252,6 +253,8 @@ def _follow(args: argparse.Namespace, client, job_id: str) -> int:
                 elif kind == "validation":
                     v = event.validation
                     progress.evaluation(v.loss, v.accuracy if v.HasField("accuracy") else None)
+                elif kind == "recovery":
+                    progress.note(f"recovered: {event.recovery.message}")
     job = client.get(job_id)
     if not getattr(args, "json", False):
         print(_job_line(job))

@@ -70,6 +70,10 @@ def event_to_proto(event: JobEvent) -> pb.JobEvent:
         message.progress.CopyFrom(progress_to_proto(event.progress))
     elif event.kind == "validation" and event.validation is not None:
         message.validation.CopyFrom(validation_to_proto(event.validation))
+    elif event.kind == "recovery" and event.recovery is not None:
+        message.recovery.CopyFrom(pb.JobEvent.Recovery(step=event.recovery.step,
+                                                       kind=event.recovery.kind,
+                                                       message=event.recovery.message))
     return message
 
 

@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
+from scheduler.records import RecoveryRecord
 from services.store import ProgressSummary, ValidationSummary
 
 _QUEUE_LIMIT = 1000
@@ -22,11 +23,12 @@ _QUEUE_LIMIT = 1000
 class JobEvent:
     job_id: str
     time: float
-    kind: str  # "state", "progress" or "validation"
+    kind: str  # "state", "progress", "validation" or "recovery"
     state: str = ""
     error: str = ""
     progress: ProgressSummary | None = None
     validation: ValidationSummary | None = None
+    recovery: RecoveryRecord | None = None
 
 
 class Subscription:

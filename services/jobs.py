@@ -28,7 +28,7 @@ from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import BUILTIN_DATASETS, Dataset, builtin_shape, from_text, text_shape
 from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
 from scheduler.job_states import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES
-from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import (
     DEFAULT_KEEP_CHECKPOINTS,
     JobStorage,
@@ -511,6 +511,15 @@ class JobService:
                 self._live[job_id].validation = validation
         self.store.add_event(job_id, "validation", validation.__dict__)
         self.events.publish(JobEvent(job_id, time.time(), "validation", validation=validation))
+
+    def job_recovery(self, job_id: str, record: RecoveryRecord) -> None:
+        """A recovery, as it happens: in the server's log, the job's stored events (its log)
+        and its watchers' streams. Published first: a store that refuses the write (a full
+        disk) must not keep it from the watchers."""
+        log.warning("job %s: %s", job_id, record.message)
+        self.events.publish(JobEvent(job_id, time.time(), "recovery", recovery=record))
+        self.store.add_event(job_id, "recovery", {"step": record.step, "kind": record.kind,
+                                                  "message": record.message})
 
     def _flush_progress(self, job_id: str) -> None:
         """The latest progress into the store (writes are throttled while running)."""

@@ -12,9 +12,9 @@ Every metric is declared once, in `_Families`, on the registry passed in (tests 
 Labels are bounded. `job_id` appears only on per-job series, and those are removed
 `job_series_ttl_seconds` after the job reaches a terminal state; `parameter` is a parameter (or
 layer) name of the job's model, at most `ParameterSeries.limit` of them per job however large
-the model, the rest summed into one `(others)` series; `phase`, `state`, `direction` and gRPC
-`code` are fixed sets; `method` is a method of a registered gRPC service (anything else counts
-as "unknown"). No step, sample or request ids, ever.
+the model, the rest summed into one `(others)` series; `phase`, `state`, `direction`, a
+recovery's `kind` and gRPC `code` are fixed sets; `method` is a method of a registered gRPC
+service (anything else counts as "unknown"). No step, sample or request ids, ever.
 
 /metrics listens on loopback unless told otherwise: it names every tenant's job ids and losses.
 
@@ -47,7 +47,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.job_states import JOB_STATES, TERMINAL_STATES
-from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.records import RECOVERY_KINDS, EvaluationRecord, RecoveryRecord, StepRecord
 
 # StepTimings field -> the phase label a reader expects (the optimizer step is `apply` in code).
 STEP_PHASES = (("compute", "compute"), ("reduce", "reduce"), ("apply", "optimizer"),
@@ -165,6 +165,11 @@ class _Families:
         self.straggler_spread = gauge(
             "chainrule_straggler_spread_seconds",
             "Slowest minus median worker compute time in the last step.", job)
+        self.recoveries = counter(
+            "chainrule_recoveries_total",
+            "Failures jobs recovered from, by kind: worker_lost (recomputed in the same step), "
+            "worker_replaced (a new replica joined), shard_lost (restarted from a checkpoint).",
+            ("kind",))
         # --- service ----------------------------------------------------------------------
         self.jobs = gauge("chainrule_jobs", "Jobs known to this process, by state.", ("state",))
         self.job_state = gauge("chainrule_job_state",
@@ -310,6 +315,8 @@ class TrainingMetrics:
         for state in JOB_STATES:
             self.families.jobs.labels(state).set(0)
             self.families.job_transitions.labels(state)
+        for kind in RECOVERY_KINDS:  # at 0 from the start, so rate() and increase() work
+            self.families.recoveries.labels(kind)
         self.families.queue_depth.set(0)
 
     # --- the observer interface (called by the job queue) ----------------------------------
@@ -353,6 +360,12 @@ class TrainingMetrics:
         families.validation_loss.labels(job_id).set(record.loss)
         if record.accuracy is not None:  # regression jobs have none, and export none
             families.validation_accuracy.labels(job_id).set(record.accuracy)
+
+    def job_recovery(self, job_id: str, record: RecoveryRecord) -> None:
+        if record.kind not in RECOVERY_KINDS:  # a label: a bounded set
+            raise ValueError(f"recovery kind {record.kind!r} is not one of "
+                             f"{', '.join(RECOVERY_KINDS)}")
+        self.families.recoveries.labels(record.kind).inc()
 
     def queue_depth(self, depth: int) -> None:
         self.families.queue_depth.set(depth)

@@ -1,4 +1,5 @@
-"""The live progress bar: step/total, epoch, loss, samples/s, ETA and the last validation.
+"""The live progress bar: step/total, epoch, loss, samples/s, ETA and the last validation, and
+above it a line for each recovery.
 
 Fed plain numbers, so the same display serves `chainrule train` (records from the runner) and
 `chainrule watch` (events from the gRPC stream).
@@ -57,3 +58,7 @@ class TrainingProgress:
         if accuracy is not None:
             text += f" acc {accuracy:.3f}"
         self.progress.update(self.task, validation=text)
+
+    def note(self, text: str) -> None:
+        """A line above the bar, kept when the bar moves on (a recovery, say)."""
+        self.progress.console.print(text, markup=False, highlight=False)

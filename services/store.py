@@ -165,7 +165,8 @@ class EventRecord:
     job_id: str
     time: float
     # "state", "validation", "resumed" (from a checkpoint, at payload["step"]),
-    # "checkpoint_corrupt" (payload["file"] set aside) or "warning" (payload["message"])
+    # "checkpoint_corrupt" (payload["file"] set aside), "warning" (payload["message"]),
+    # "recovery" (payload["step"], ["kind"], ["message"]: scheduler/records.py) or "traceback"
     kind: str
     payload: dict
 

@@ -149,7 +149,7 @@ class ValidationMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "time", "state", "progress", "validation")
+    __slots__ = ("job_id", "time", "state", "progress", "validation", "recovery")
     class StateChange(_message.Message):
         __slots__ = ("state", "error")
         STATE_FIELD_NUMBER: _ClassVar[int]
@@ -157,17 +157,28 @@ class JobEvent(_message.Message):
         state: JobState
         error: str
         def __init__(self, state: _Optional[_Union[JobState, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    class Recovery(_message.Message):
+        __slots__ = ("step", "kind", "message")
+        STEP_FIELD_NUMBER: _ClassVar[int]
+        KIND_FIELD_NUMBER: _ClassVar[int]
+        MESSAGE_FIELD_NUMBER: _ClassVar[int]
+        step: int
+        kind: str
+        message: str
+        def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     time: _timestamp_pb2.Timestamp
     state: JobEvent.StateChange
     progress: Progress
     validation: ValidationMetrics
-    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobEvent.StateChange, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., validation: _Optional[_Union[ValidationMetrics, _Mapping]] = ...) -> None: ...
+    recovery: JobEvent.Recovery
+    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobEvent.StateChange, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., validation: _Optional[_Union[ValidationMetrics, _Mapping]] = ..., recovery: _Optional[_Union[JobEvent.Recovery, _Mapping]] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("header", "chunk")

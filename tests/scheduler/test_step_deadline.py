@@ -96,6 +96,10 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     assert stopped["deadline"] == 3.0  # the floor: 10 median steps are milliseconds
     assert stopped["deadline"] <= stalled.timings.wall < stopped["deadline"] + 1.5
     assert result.history.worker_failures == 1
+    lost, replaced = result.history.recoveries
+    assert lost.message == ("worker 1 lost at step 11 (silent past the step's 3 s deadline): "
+                            "its micro-batches recomputed in-step by worker(s) 0")
+    assert replaced.kind == "worker_replaced" and replaced.step > 11
     workers = [record.workers for record in result.history.steps]
     assert workers[:10] == [2] * 10 and workers[10] == 1 and workers[-1] == 2
     for key, value in undisturbed.state_dict.items():

@@ -206,7 +206,8 @@ def test_live_scrape_during_a_real_job_passes_promtool_check_metrics(trained):
 
 def test_series_never_carry_step_sample_or_request_ids(trained):
     _, _, _, _, scraped = trained
-    allowed = {"job_id", "phase", "parameter", "direction", "state", "method", "code", "le"}
+    allowed = {"job_id", "phase", "parameter", "direction", "state", "method", "code", "kind",
+               "le"}
     for line in scraped["text"].splitlines():
         if line.startswith("#") or "{" not in line:
             continue

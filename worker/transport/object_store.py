@@ -131,10 +131,11 @@ class ObjectStoreTransport:
                    if block not in self.delivered}
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending),
                             timeout=work.deadline_seconds)
-        lost = set()
+        lost: set[int] = set()  # died
+        silent: set[int] = set()  # past the deadline
         for block, ref in pending.items():
             if ref not in ready:
-                lost.add(self.owners[block])
+                silent.add(self.owners[block])
                 continue
             try:
                 self.delivered[block] = ray.get(ref)
@@ -144,11 +145,12 @@ class ObjectStoreTransport:
                 cause = error.cause
                 return BlockFailed(work.step, block, self.owners[block],
                                    f"{type(cause).__name__}: {cause}")
-        if not lost:
+        if not lost | silent:
             return None
-        return WorkersLost(work.step, tuple(sorted(lost)),
+        return WorkersLost(work.step, tuple(sorted(lost | silent)),
                            tuple(b for b in range(len(work.block_ranges))
-                                 if b not in self.delivered))
+                                 if b not in self.delivered),
+                           tuple(sorted(silent - lost)))
 
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))

@@ -417,19 +417,22 @@ class SharedMemoryTransport:
         serving = {w: loop for w, loop in self.worker_loops.items() if loop is not None}
         ended, _ = ray.wait(list(serving.values()), num_returns=len(serving), timeout=0)
         lost = {w for w, loop in serving.items() if loop in ended}
+        silent: set[int] = set()
         unfinished = [b for b in range(len(work.block_ranges)) if b not in step.blocks]
         if time.monotonic() > step.deadline:
             if not unfinished:
-                silent = min(k for k in range(len(self.shard_loops)) if k not in step.applied)
-                return ShardLost(silent, f"silent past the deadline of step {work.step}")
-            lost |= {step.owners[b] for b in unfinished}
+                shard = min(k for k in range(len(self.shard_loops)) if k not in step.applied)
+                return ShardLost(shard, f"silent past the deadline of step {work.step}")
+            silent = {step.owners[b] for b in unfinished} - lost
+            lost |= silent
             step.deadline = time.monotonic() + work.deadline_seconds
         if not lost:
             return None
         for worker in lost:
             self.worker_loops[worker] = None  # reported once; a replacement brings a new loop
         return WorkersLost(work.step, tuple(sorted(lost)),
-                           tuple(b for b in unfinished if step.owners[b] in lost))
+                           tuple(b for b in unfinished if step.owners[b] in lost),
+                           tuple(sorted(silent)))
 
 
 # --- the actors' side ----------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class WorkersLost:
     step: int
     workers: tuple[int, ...]
     unfinished_blocks: tuple[int, ...]
+    silent: tuple[int, ...] = ()  # those of `workers` lost to the deadline; the rest died
 
 
 @dataclass(frozen=True)
