@@ -757,30 +757,15 @@ SELF_ATTENTION = Op("self_attention", _self_attention_forward, (_self_attention_
 # backward. Unfused, the block would hold both, each (B, L, dim_feedforward).
 
 
-def _by_rows(array):
-    return array.reshape((-1, array.shape[-1])) if array.ndim else array.reshape((1, 1))
-
-
 def _linear_relu_forward(x, weight, bias=None, context=None):
-    out = _by_rows(_linear_forward(x, weight, bias))
-    run_blocks(lambda rows: np.maximum(out[rows], 0, out=out[rows]), len(out))
-    return out.reshape(x.shape[:-1] + (weight.shape[0],))
-
-
-def _through_relu(g, ans):
-    """g * [ans > 0] (relu' = [out > 0]), by blocks of rows on arrays."""
-    if _is_tensor(g):
-        return g * (_mask(ans) > 0)
-    g_rows, ans_rows = _by_rows(g), _by_rows(ans)
-    out = np.empty_like(g_rows)
-    run_blocks(lambda rows: np.multiply(g_rows[rows], ans_rows[rows] > 0, out=out[rows]),
-               len(out))
-    return out.reshape(g.shape)
+    out = _linear_forward(x, weight, bias)
+    np.maximum(out, 0, out=out)
+    return out
 
 
 def _linear_relu_vjp(g, ans, x, weight, bias=None, context=None, *, index=0):
     def compute_all(needs):
-        g_before_relu = _through_relu(g, ans)
+        g_before_relu = g * (_mask(ans) > 0)  # relu' = [out > 0]
         return [_linear_vjp_x(g_before_relu, ans, x, weight) if needs[0] else None,
                 _linear_vjp_weight(g_before_relu, ans, x, weight) if needs[1] else None,
                 _linear_vjp_bias(g_before_relu, ans, x, weight) if needs[2] else None]
@@ -817,26 +802,19 @@ def _as_rows(x, axes):
 
 def _layer_norm_forward(x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None):
     rows = _as_rows(x, axes)
-    count, width = rows.shape
-    out = np.empty(rows.shape, dtype=x.dtype)
-    mean, rstd = np.empty(count, dtype=x.dtype), np.empty(count, dtype=x.dtype)
-    scale = None if weight is None else weight.reshape(-1)
-    shift = None if bias is None else bias.reshape(-1)
-
-    def normalize(block):  # one block of rows, on its own thread
-        mean[block] = _row_sums(rows[block]) / width
-        centered = np.subtract(rows[block], mean[block, None], out=out[block])
-        rstd[block] = (np.einsum("ij,ij->i", centered, centered) / width + eps) ** -0.5
-        centered *= rstd[block, None]
-        if scale is not None:
-            centered *= scale
-        if shift is not None:
-            centered += shift
-
-    run_blocks(normalize, count)
+    width = rows.shape[1]
+    mean = _row_sums(rows) / width
+    normalized = rows - mean[:, None]
+    rstd = (np.einsum("ij,ij->i", normalized, normalized) / width + eps) ** -0.5
     if context is not None:
         context.saved = mean, rstd
-    return out.reshape(x.shape)
+    normalized *= rstd[:, None]  # in place: normalized is a fresh array
+    normalized = normalized.reshape(x.shape)
+    if weight is not None:
+        normalized *= weight
+    if bias is not None:
+        normalized += bias
+    return normalized
 
 
 def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, context=None, *,
@@ -855,51 +833,27 @@ def _layer_norm_vjp(g, ans, x, weight=None, bias=None, axes=(-1,), eps=1e-5, con
                 g.sum(axis=batch_axes) if needs[2] else None]
 
     def compute_arrays(needs):
-        # By blocks of rows; dw and db add up the blocks' partial sums in block order.
         mean, rstd = context.saved
-        rows, g_rows = _as_rows(x, axes), _as_rows(g, axes)
-        count, width = rows.shape
-        scale = None if weight is None else weight.reshape(-1)
-        dx = np.empty(g_rows.shape, dtype=g.dtype) if needs[0] else None
-        dw_parts, db_parts = {}, {}
-
-        def backward(block):
-            normalized = rows[block] - mean[block, None]
-            normalized *= rstd[block, None]
-            g_block = g_rows[block]
-            if needs[1]:
-                dw_parts[block.start] = np.einsum("ij,ij->j", g_block, normalized)
-            if needs[2]:
-                db_parts[block.start] = g_block.sum(axis=0)
-            if dx is not None:  # needs[0]
-                d = dx[block]
-                if scale is None:
-                    d[...] = g_block
-                else:
-                    np.multiply(g_block, scale, out=d)
-                along_normalized = np.einsum("ij,ij->i", d, normalized) / width
-                d -= (_row_sums(d) / width)[:, None]
-                normalized *= along_normalized[:, None]
-                d -= normalized
-                d *= rstd[block, None]
-
-        run_blocks(backward, count)
+        normalized = _as_rows(x, axes) - mean[:, None]
+        normalized *= rstd[:, None]
+        g_rows = _as_rows(g, axes)
+        width = g_rows.shape[1]
         shape = x.shape[x.ndim - len(axes):]
-        return [None if dx is None else dx.reshape(x.shape),
-                _sum_in_order(dw_parts, shape) if needs[1] else None,
-                _sum_in_order(db_parts, shape) if needs[2] else None]
+        dw = np.einsum("ij,ij->j", g_rows, normalized).reshape(shape) if needs[1] else None
+        db = g_rows.sum(axis=0).reshape(shape) if needs[2] else None
+        dx = None
+        if needs[0]:
+            dx = g_rows * weight.reshape(-1) if weight is not None else g_rows.copy()
+            along_normalized = np.einsum("ij,ij->i", dx, normalized) / width
+            dx -= (_row_sums(dx) / width)[:, None]
+            normalized *= along_normalized[:, None]
+            dx -= normalized
+            dx *= rstd[:, None]
+            dx = dx.reshape(x.shape)
+        return [dx, dw, db]
 
     tensors = _is_tensor(g) or _is_tensor(x) or context is None or context.saved is None
     return _shared_gradient(context, index, compute_tensors if tensors else compute_arrays)
-
-
-def _sum_in_order(parts, shape):
-    """The blocks' partial sums added in block order (the same bits for any thread count)."""
-    first, *rest = sorted(parts)
-    total = parts[first]
-    for start in rest:
-        total = total + parts[start]
-    return total.reshape(shape)
 
 
 LAYER_NORM = Op("layer_norm", _layer_norm_forward, (

@@ -1,9 +1,12 @@
 """Run NumPy work on independent blocks of a batch in parallel threads.
 
-BLAS spreads each large matrix product over the cores, but NumPy runs the elementwise work
-around them (attention's softmax, LayerNorm, relu's mask) on one core, where PyTorch spreads
-it too. NumPy releases the GIL inside ufuncs, reductions, einsum and matmul, so threads working
-on disjoint blocks of the same arrays run in parallel.
+BLAS spreads each large matrix product over the cores, but attention's work is many small
+per-head products and softmax passes, which NumPy runs on one core where PyTorch spreads them.
+NumPy releases the GIL inside ufuncs, reductions, einsum and matmul, so threads working on
+disjoint blocks of the same arrays run in parallel. Measured on the benchmark's attention
+(batch 32, 4 heads, 64 positions) with two threads: forward 2.2 -> 1.7 ms, backward 3.4 ->
+2.7 ms. Bandwidth-bound passes (LayerNorm, relu's mask) got slower on threads, next to
+BLAS's own spinning workers, so they stay on one.
 
 Blocks are fixed by the data (`blocks_of`), never by the thread count, and a block is computed
 exactly as it would be on its own, so results are bitwise the same for any number of threads:
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 BLOCKS = 4  # enough for the few cores a worker has; each block still a few hundred KiB
 
+_THREAD_NAME = "backprop-block"
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -43,7 +47,8 @@ def run_blocks(work: Callable[[slice], None], count: int) -> None:
     """work(block) for every block of range(count), on up to thread_count() threads; returns
     when all are done and re-raises the first error."""
     blocks = blocks_of(count)
-    if len(blocks) <= 1 or thread_count() <= 1:
+    nested = threading.current_thread().name.startswith(_THREAD_NAME)  # would wait on itself
+    if len(blocks) <= 1 or thread_count() <= 1 or nested:
         for block in blocks:
             work(block)
         return
@@ -55,5 +60,5 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(thread_count(), thread_name_prefix="backprop-block")
+            _pool = ThreadPoolExecutor(thread_count(), thread_name_prefix=_THREAD_NAME)
         return _pool

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,21 @@ def test_run_blocks_runs_every_block_and_re_raises_an_error(monkeypatch):
 
     with pytest.raises(ValueError, match="block"):
         parallel.run_blocks(fail, 10)
+
+
+def test_run_blocks_inside_a_block_runs_serially_instead_of_waiting_on_itself(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    inner = []
+
+    def outer(block):
+        parallel.run_blocks(lambda b: inner.append((block.start, b.start)), 4)
+
+    runner = threading.Thread(target=parallel.run_blocks, args=(outer, 8), daemon=True)
+    runner.start()  # every pool thread busy in an outer block
+    runner.join(timeout=10)
+
+    assert not runner.is_alive(), "nested run_blocks waited on its own pool"
+    assert sorted(inner) == [(o, i) for o in (0, 2, 4, 6) for i in range(4)]
 
 
 def train_step(threads: str, monkeypatch) -> list[np.ndarray]:
