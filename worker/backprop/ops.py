@@ -672,8 +672,12 @@ ATTENTION_WEIGHTS = Op("attention_weights", _attention_weights_forward, (
 # log-sum-exp: P (B, h, L, L), the largest array of a transformer block, is recomputed in
 # backward as exp(scale q k^T + mask - lse) (one more q k^T, as flash attention does), and
 # q, k, v get their gradients written into one packed array, not one zero-filled (B, L, 3E)
-# scatter each. MultiheadAttention uses it for self-attention when the weights are neither
-# returned nor dropped out; otherwise attention_weights and a matmul.
+# scatter each. With causal=True the queries go in tiles of _CAUSAL_TILE, each against the
+# keys up to its last query only: the scores above the diagonal, half of them, are neither
+# computed nor exponentiated. MultiheadAttention uses this op for self-attention when the
+# weights are neither returned nor dropped out; otherwise attention_weights and a matmul.
+
+_CAUSAL_TILE = 32  # queries per tile of a causal self-attention
 
 
 def _split_heads(qkv, num_heads):
@@ -689,23 +693,51 @@ def _heads_of(x, num_heads):
     return x.reshape((batch, length, num_heads, width // num_heads)).transpose((0, 2, 1, 3))
 
 
-def _batch_rows(mask, rows):
-    """The part of a mask broadcastable to (B, h, L, S) that goes with batch items `rows`."""
-    if mask is None or mask.ndim < 4 or mask.shape[0] == 1:
-        return mask  # the same for every batch item
-    return mask[rows]
+def _mask_part(mask, rows, queries, keys):
+    """The part of a mask broadcastable to (B, h, L, L) for batch items `rows`, queries
+    `queries` and keys `keys` (slices), its broadcast axes left as they are."""
+    if mask is None:
+        return None
+    index = [slice(None)] * mask.ndim
+    for axis, part in ((-4, rows), (-2, queries), (-1, keys)):
+        if mask.ndim >= -axis and mask.shape[axis] != 1:
+            index[axis] = part
+    return mask[tuple(index)]
 
 
-def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0, context=None):
+def _query_tiles(length, causal):
+    """(queries, keys) slice pairs: all against all, or causal tiles against keys up to their
+    last query (the last tile first, so that it writes every key's gradient before the others
+    add theirs)."""
+    if not causal:
+        return [(slice(0, length), slice(0, length))]
+    stops = list(range(_CAUSAL_TILE, length, _CAUSAL_TILE)) + [length]
+    starts = [0] + stops[:-1]
+    return [(slice(a, b), slice(0, b)) for a, b in zip(starts, stops)][::-1]
+
+
+def _tile_scores(q, k, mask, causal, rows, queries, keys, scale):
+    scores = _attention_scores(q[:, :, queries], k[:, :, keys],
+                               _mask_part(mask, rows, queries, keys), scale)
+    if causal:  # -inf above the diagonal, the tile's queries against keys 0..their last
+        scores += np.triu(np.full((queries.stop - queries.start, keys.stop), -np.inf,
+                                  dtype=scores.dtype), queries.start + 1)
+    return scores
+
+
+def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0, causal=False, context=None):
     batch, length, width = qkv.shape
     out = np.empty((batch, length, width // 3), dtype=qkv.dtype)
     row_logsumexp = np.empty((batch, num_heads, length, 1), dtype=qkv.dtype)
+    masked = mask is not None or causal
 
     def attend(rows):  # one block of batch items, on its own thread
         q, k, v = _split_heads(qkv[rows], num_heads)
-        weights = _attention_scores(q, k, _batch_rows(mask, rows), scale)
-        row_logsumexp[rows] = _softmax_rows(weights, mask is not None)
-        np.matmul(weights, v, out=_heads_of(out[rows], num_heads))  # P V, heads side by side
+        out_heads = _heads_of(out[rows], num_heads)
+        for queries, keys in _query_tiles(length, causal):
+            weights = _tile_scores(q, k, mask, causal, rows, queries, keys, scale)
+            row_logsumexp[rows, :, queries] = _softmax_rows(weights, masked)
+            np.matmul(weights, v[:, :, keys], out=out_heads[:, :, queries])  # P V, heads merged
 
     run_blocks(attend, batch)
     if context is not None:
@@ -713,38 +745,48 @@ def _self_attention_forward(qkv, num_heads, mask=None, scale=1.0, context=None):
     return out
 
 
-def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0, context=None):
+def _self_attention_vjp(g, ans, qkv, num_heads, mask=None, scale=1.0, causal=False,
+                        context=None):
     # O = P v  =>  dv = P^T dO, dP = dO v^T;  P = softmax(S), S = scale q k^T + mask
     #   =>  dS = P (dP - <dP, P>), dq = scale dS k, dk = scale dS^T q
     if _is_tensor(g) or _is_tensor(qkv) or context is None or context.saved is None:
         q, k, v = _split_heads(qkv, num_heads)
+        length = qkv.shape[1]
+        if causal:
+            causal_mask = np.triu(np.full((length, length), -np.inf, dtype=_mask(qkv).dtype), 1)
+            mask = causal_mask if mask is None else mask + causal_mask
         weights = _attention_weights(q, k, mask, scale)
         g_heads = _heads_of(g, num_heads)
         d_scores = _attention_scores_grad(g_heads @ _swap_last_axes(v), weights) * scale
         grads = [d_scores @ k, _swap_last_axes(d_scores) @ q, _swap_last_axes(weights) @ g_heads]
         packed = _stack([d.transpose((0, 2, 1, 3)) for d in grads], axis=2)  # (B, L, 3, h, E/h)
         return packed.reshape(qkv.shape)
-    # The same on arrays, in place, by blocks of batch items, without softmax's max and sum
-    # passes (the saved log-sum-exp gives P directly) and with <dP, P> = <dO, O> row by row (a
-    # sum over E/h, not over L).
+    # The same on arrays, in place, by blocks of batch items (and causal tiles), without
+    # softmax's max and sum passes (the saved log-sum-exp gives P directly) and with
+    # <dP, P> = <dO, O> row by row (a sum over E/h, not over L).
     batch, length, width = qkv.shape
     packed = np.empty((batch, length, 3, num_heads, width // (3 * num_heads)), dtype=g.dtype)
 
     def backward(rows):
         q, k, v = _split_heads(qkv[rows], num_heads)
-        weights = _attention_scores(q, k, _batch_rows(mask, rows), scale)
-        weights -= context.saved[rows]
-        np.exp(weights, out=weights)
-        g_heads = _heads_of(g[rows], num_heads)
-        d_scores = g_heads @ _swap_last_axes(v)
-        d_scores -= np.einsum("bhld,bhld->bhl", g_heads,
-                              _heads_of(ans[rows], num_heads))[..., None]
-        d_scores *= weights
-        d_scores *= scale
-        into = [packed[rows, :, i].transpose((0, 2, 1, 3)) for i in range(3)]
-        np.matmul(d_scores, k, out=into[0])
-        np.matmul(_swap_last_axes(d_scores), q, out=into[1])
-        np.matmul(_swap_last_axes(weights), g_heads, out=into[2])
+        g_heads, out_heads = _heads_of(g[rows], num_heads), _heads_of(ans[rows], num_heads)
+        dq, dk, dv = (packed[rows, :, i].transpose((0, 2, 1, 3)) for i in range(3))
+        for tile, (queries, keys) in enumerate(_query_tiles(length, causal)):
+            weights = _tile_scores(q, k, mask, causal, rows, queries, keys, scale)
+            weights -= context.saved[rows, :, queries]
+            np.exp(weights, out=weights)
+            g_tile = g_heads[:, :, queries]
+            d_scores = g_tile @ _swap_last_axes(v[:, :, keys])
+            d_scores -= np.einsum("bhld,bhld->bhl", g_tile, out_heads[:, :, queries])[..., None]
+            d_scores *= weights
+            d_scores *= scale
+            np.matmul(d_scores, k[:, :, keys], out=dq[:, :, queries])
+            if tile == 0:  # the tile that reaches every key writes; the others add
+                np.matmul(_swap_last_axes(d_scores), q[:, :, queries], out=dk[:, :, keys])
+                np.matmul(_swap_last_axes(weights), g_tile, out=dv[:, :, keys])
+            else:
+                dk[:, :, keys] += _swap_last_axes(d_scores) @ q[:, :, queries]
+                dv[:, :, keys] += _swap_last_axes(weights) @ g_tile
 
     run_blocks(backward, batch)
     return packed.reshape(qkv.shape)
@@ -1519,10 +1561,11 @@ def attention_weights(query: Tensor, key: Tensor, mask: Any = None,
 
 
 def self_attention(qkv: Tensor, num_heads: int, mask: Any = None,
-                   scale: float | None = None) -> Tensor:
+                   scale: float | None = None, causal: bool = False) -> Tensor:
     """Multi-head self-attention from packed projections: qkv (B, L, 3E) holds [q | k | v],
     each split into num_heads heads; returns (B, L, E), the heads side by side. `mask` is
-    additive, broadcastable to (B, num_heads, L, L); scale defaults to 1/sqrt(E / num_heads).
+    additive, broadcastable to (B, num_heads, L, L); causal=True also masks every key after
+    its query (and skips computing those scores); scale defaults to 1/sqrt(E / num_heads).
     One op that keeps no attention weights (they are recomputed in backward)."""
     if qkv.ndim != 3 or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"self_attention: qkv must be (batch, L, 3 * num_heads * head_dim) "
@@ -1531,7 +1574,7 @@ def self_attention(qkv: Tensor, num_heads: int, mask: Any = None,
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     return apply(SELF_ATTENTION, qkv, num_heads=num_heads, mask=mask, scale=scale,
-                 context=_OpContext(qkv))
+                 causal=bool(causal), context=_OpContext(qkv))
 
 
 def _attention_mask(mask: Any, dtype: Any, name: str) -> np.ndarray | None:

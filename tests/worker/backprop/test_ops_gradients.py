@@ -591,7 +591,8 @@ def _self_attention(d: Draw) -> Case:
                                       for n in ("batch", "L", "heads", "head_dim"))
     mask = additive_mask(d, (batch, heads, length, length))
     scale = d(st.sampled_from([None, 0.7]), label="scale")
-    return Case(lambda qkv: ops.self_attention(qkv, heads, mask, scale),
+    causal = d(st.booleans(), label="causal")
+    return Case(lambda qkv: ops.self_attention(qkv, heads, mask, scale, causal),
                 [d.normal((batch, length, 3 * heads * head_dim))])
 
 

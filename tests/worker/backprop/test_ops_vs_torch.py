@@ -144,6 +144,9 @@ def torch_self_attention(heads: int, mask: np.ndarray | None):
 
 SELF_CAUSAL = np.triu(np.full((4, 4), -np.inf), 1)
 SELF_PADDING = PADDING_MASK[..., :4]
+LATE_PADDING = np.zeros((2, 1, 1, 4))  # padding at the end: with causal, every query keeps a key
+LATE_PADDING[0, ..., 2:] = -np.inf
+LATE_PADDING[1, ..., 3] = -np.inf
 
 
 def distinct(shape: tuple[int, ...]):
@@ -323,6 +326,12 @@ PAIRS: dict[str, dict[str, Pair]] = {
                    torch_self_attention(3, mask), normal((2, 4, 18)))
         for name, mask in [("no_mask", None), ("causal", SELF_CAUSAL), ("padding", SELF_PADDING),
                            ("per_head_float", np.linspace(-1, 1, 96).reshape(2, 3, 4, 4))]
+    } | {
+        f"causal_flag-{name}": Pair(
+            lambda qkv, mask=mask: ops.self_attention(qkv, 3, mask, causal=True),
+            torch_self_attention(3, SELF_CAUSAL if mask is None else mask + SELF_CAUSAL),
+            normal((2, 4, 18)))
+        for name, mask in [("alone", None), ("with_padding", LATE_PADDING)]
     },
     "linear_relu": {
         "3d_input_with_bias": Pair(ops.linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b)),

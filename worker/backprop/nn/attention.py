@@ -91,15 +91,18 @@ class MultiheadAttention(Module):
             query, key, value = self._each_once(lambda x: x.transpose(1, 0, 2),
                                                 query, key, value)
         batch, length, source = query.shape[0], query.shape[1], key.shape[1]
-        mask = self._merged_mask(key_padding_mask, attn_mask, is_causal, batch, length, source,
-                                 batched, self.in_proj_weight.dtype)
         dropout = self.dropout if self.training else 0.0
+        fused = query is key and key is value and not need_weights and dropout == 0.0
+        # The fused op takes is_causal as such (it then skips the scores above the diagonal);
+        # the other path adds it to the mask.
+        mask = self._merged_mask(key_padding_mask, attn_mask, is_causal and not fused, batch,
+                                 length, source, batched, self.in_proj_weight.dtype)
 
         weights = None
-        if query is key and key is value and not need_weights and dropout == 0.0:
+        if fused:
             # The fused op: keeps no (batch, heads, L, L) weights, recomputes them in backward.
             qkv = ops.linear(query, self.in_proj_weight, self.in_proj_bias)
-            merged = ops.self_attention(qkv, self.num_heads, mask)
+            merged = ops.self_attention(qkv, self.num_heads, mask, causal=is_causal)
         else:
             q, k, v = self._project(query, key, value)
             weights = ops.attention_weights(q, k, mask)  # (batch, heads, L, S)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.backprop import gradcheck, gradgradcheck, nn
+from worker.backprop import gradcheck, gradgradcheck, nn, ops
 from worker.backprop.nn import functional as F
 from worker.backprop.tensor import Tensor
 
@@ -389,3 +389,55 @@ def test_inputs_of_the_wrong_width_are_refused_naming_them():
 
     with pytest.raises(ValueError, match="key has 9 features"):
         ours(x, wide, wide)
+
+
+# --- the fused self-attention op's causal tiles ----------------------------------------------
+
+
+def torch_causal_self_attention(qkv: torch.Tensor, heads: int, padding: np.ndarray | None):
+    batch, length, width = qkv.shape
+    q, k, v = qkv.reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    if padding is not None:  # True = may take part, as scaled_dot_product_attention reads it
+        mask = mask & ~torch.from_numpy(padding)[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, length, width // 3)
+
+
+@pytest.mark.parametrize("length, tile", [(40, None), (7, 2), (6, 3)],
+                         ids=["length_40_real_tiles", "tiles_of_2", "tiles_of_3"])
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal_and_padding"])
+def test_causal_self_attention_in_tiles_matches_torch(length, tile, padded, monkeypatch):
+    """Queries in tiles, each against the keys up to its last query: the same values and
+    gradients as the full masked attention, with the key gradients summed over tiles."""
+    if tile is not None:
+        monkeypatch.setattr(ops, "_CAUSAL_TILE", tile)
+    rng = np.random.default_rng(15)
+    heads = 2
+    qkv, qkv_t = leaf(rng.standard_normal((3, length, 3 * heads * 4)))
+    padding = np.zeros((3, length), dtype=bool)
+    padding[1, length - 2:] = True  # at the end: every query keeps a key
+    mask = np.where(padding, -np.inf, 0.0)[:, None, None, :] if padded else None
+
+    out = ops.self_attention(qkv, heads, mask, causal=True)
+    out_t = torch_causal_self_attention(qkv_t, heads, padding if padded else None)
+    probe = rng.standard_normal(out.shape)
+    (out * probe).sum().backward()
+    (out_t * torch.from_numpy(probe)).sum().backward()
+
+    assert_matches(out, out_t, "output")
+    assert_matches(qkv.grad, qkv_t.grad, "qkv gradient")
+
+
+def test_causal_self_attention_in_tiles_gradients_first_and_second_order(monkeypatch):
+    monkeypatch.setattr(ops, "_CAUSAL_TILE", 2)
+    rng = np.random.default_rng(16)
+    qkv = Tensor(rng.standard_normal((2, 5, 12)), requires_grad=True)
+    mask = np.zeros((2, 1, 1, 5))
+    mask[0, ..., 4] = -np.inf
+
+    def attend(qkv):
+        return ops.self_attention(qkv, 2, mask, causal=True)
+
+    gradcheck(attend, [qkv])
+    gradgradcheck(attend, [qkv])
