@@ -1,12 +1,12 @@
 """Run NumPy work on independent blocks of a batch in parallel threads.
 
-BLAS spreads each large matrix product over the cores, but attention's work is many small
-per-head products and softmax passes, which NumPy runs on one core where PyTorch spreads them.
-NumPy releases the GIL inside ufuncs, reductions, einsum and matmul, so threads working on
-disjoint blocks of the same arrays run in parallel. Measured on the benchmark's attention
-(batch 32, 4 heads, 64 positions) with two threads: forward 2.2 -> 1.7 ms, backward 3.4 ->
-2.7 ms. Bandwidth-bound passes (LayerNorm, relu's mask) got slower on threads, next to
-BLAS's own spinning workers, so they stay on one.
+BLAS spreads each large matrix product over the cores, but NumPy runs everything else on one
+core where PyTorch spreads it too. NumPy releases the GIL inside ufuncs, reductions, einsum and
+matmul, so threads working on disjoint blocks of the same arrays run in parallel. Whether that
+pays depends on the work: the transformer's attention ran faster on two threads alone (forward
+2.2 -> 1.7 ms) but slower inside a training step, where BLAS's workers still spin after the
+preceding matrix product, and bandwidth-bound passes (LayerNorm, relu's mask) were slower in
+both; those ops stay on one thread. Measure before using it.
 
 Blocks are fixed by the data (`blocks_of`), never by the thread count, and a block is computed
 exactly as it would be on its own, so results are bitwise the same for any number of threads:
