@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from worker.spec_error import SpecError
 
 
@@ -83,6 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
                        checkpoint_retention_seconds=args.checkpoint_retention_days * 86400,
                        socket_mode=args.socket_mode,
                        limits=Limits(max_priority=args.max_priority),
+                       max_upload_bytes=args.max_upload_bytes,
+                       upload_limits=_upload_limits(args),
                        stream_limits=StreamLimits(args.streams_per_tenant, args.streams),
                        parameter_series=ParameterSeries(args.metrics_parameter_series_by,
                                                         args.metrics_parameter_series))
@@ -304,6 +307,22 @@ def _octal(text: str) -> int:
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError(f"must be a file mode from 000 to 777, got {text}")
     return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _upload_limits(args: argparse.Namespace) -> UploadLimits:
+    """What one upload may cost the server, from serve's flags (the rest as UploadLimits has
+    them)."""
+    return UploadLimits(max_dataset_bytes=args.max_dataset_bytes,
+                        max_expansion=args.max_upload_expansion,
+                        max_csv_rows=args.max_csv_rows, max_csv_columns=args.max_csv_columns,
+                        max_classes=args.max_classes, idle_seconds=args.upload_idle_seconds)
 
 
 def _days(text: str) -> float:
@@ -618,6 +637,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint-retention-days", type=_days, default=3.0,
                        help="an ended job's checkpoints (for `resume`) are deleted this long "
                             "after it ends")
+    uploads = UploadLimits()
+    serve.add_argument("--max-upload-bytes", type=_count(1), default=DEFAULT_MAX_UPLOAD_BYTES,
+                       help="largest upload accepted, in bytes as sent")
+    serve.add_argument("--max-dataset-bytes", type=_count(1), default=uploads.max_dataset_bytes,
+                       help="largest data set accepted, in bytes as a job loads it (8 a value)")
+    serve.add_argument("--max-upload-expansion", type=_positive, default=uploads.max_expansion,
+                       help="uncompressed bytes an .npz may declare per uploaded byte")
+    serve.add_argument("--max-csv-rows", type=_count(1), default=uploads.max_csv_rows,
+                       help="rows of an uploaded CSV")
+    serve.add_argument("--max-csv-columns", type=_count(2), default=uploads.max_csv_columns,
+                       help="columns of an uploaded CSV, its label column included")
+    serve.add_argument("--max-classes", type=_count(2), default=uploads.max_classes,
+                       help="class labels of an uploaded data set (labels 0 to N-1)")
+    serve.add_argument("--upload-idle-seconds", type=_positive,
+                       default=uploads.idle_seconds,
+                       help="an upload whose client sends nothing this long is abandoned")
     serve.set_defaults(run=_serve)
 
     def client_command(name: str, help: str, run) -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ from services.single_instance import (
 from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
-from services.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
+from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
 
 if TYPE_CHECKING:  # the exporter is imported when metrics are on (_start_metrics)

@@ -46,6 +46,10 @@ from scheduler.storage import SAFETENSORS_DTYPES, iter_tensors, safetensors_head
 from services.errors import InvalidArgument
 from services.npz_archive import EntryError, NpyEntry, NpzWriter, iter_values, read_entries
 from services.store import DatasetRecord
+from services.upload_limits import (  # services/jobs.py reads both from here
+    DEFAULT_MAX_UPLOAD_BYTES as DEFAULT_MAX_UPLOAD_BYTES,
+)
+from services.upload_limits import UploadLimits
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader  # what csv.reader() returns: rows and line_num
@@ -57,34 +61,10 @@ STORED_SUFFIXES = {"npz": ".npz", "csv": ".npz", "text": ".txt", "safetensors": 
 TEXT_TRAINING_BYTES = 2 * 8
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 TRAINING_VALUE_BYTES = 8  # int64 tokens and labels, float64 jobs: the widest a job loads
 CSV_BLOCK_ROWS = 4096
 COPY_BYTES = 1 << 20
-MiB = 1024 * 1024
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """What one upload may cost the server, beyond its size (`max_upload_bytes`)."""
-
-    # The data set as a job loads it (8 bytes a value): what training it costs in memory.
-    max_dataset_bytes: int = 1024 * MiB
-    # Uncompressed bytes an .npz may declare per uploaded byte. Real data compresses a few
-    # times, a zip bomb about a thousand times; the limit keeps a small upload small on disk.
-    max_expansion: float = 100.0
-    max_csv_rows: int = 10_000_000
-    max_csv_columns: int = 10_000
-    max_csv_line_chars: int = 1 * MiB
-    # Class labels are 0..max; the model's output needs one unit per class.
-    max_classes: int = 1 << 20
-    # A weights file's tensors, and the length of a tensor's name: their names and shapes are
-    # kept in the store's row.
-    max_weight_tensors: int = 20_000
-    max_weight_key_chars: int = 512
-    # An upload whose client sends nothing for this long is abandoned (its thread freed).
-    idle_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,8 @@ def test_help_shows_each_options_default(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--data-dir DATA_DIR the job store, uploads, models (default: data)" in out
     assert "(default: 2)" in out  # --keep-checkpoints
+    assert "--max-upload-bytes MAX_UPLOAD_BYTES largest upload accepted, in bytes as sent " \
+           "(default: 268435456)" in out
     assert "--max-concurrent-jobs MAX_CONCURRENT_JOBS jobs that train at once; the others " \
            "queue (default: 1)" in out
 

@@ -162,7 +162,8 @@ def test_chainrule_serve_takes_a_unix_socket_its_mode_and_the_limits(tmp_path, s
     command = [sys.executable, "-m", "services.cli", "serve", "--address", f"unix:{path}",
                "--socket-mode", "660", "--data-dir", str(tmp_path / "data"),
                "--metrics-port", "0", "--max-priority", "2", "--streams-per-tenant", "2",
-               "--metrics-parameter-series-by", "layer"]
+               "--metrics-parameter-series-by", "layer", "--max-upload-bytes", "300",
+               "--max-csv-rows", "4"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -171,6 +172,18 @@ def test_chainrule_serve_takes_a_unix_socket_its_mode_and_the_limits(tmp_path, s
         with Client(f"unix:{path}", timeout=30) as client:
             error = rpc_error(lambda: client.submit(iris_spec(priority=3)))
             assert error.details().startswith("priority: must be at most 2")
+            # The upload limits, lowered by flag: 5 rows, in under 300 bytes, are one too many.
+            csv = tmp_path / "five-rows.csv"
+            csv.write_text("a,b,label\n" + "".join(f"{i},{i + 1},{i % 2}\n" for i in range(5)))
+            error = rpc_error(lambda: client.upload(csv, "five-rows", label_column="label"))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details() == ("header.format: the CSV has more than 4 sample rows, "
+                                       "this server's limit for 3 columns")
+            csv.write_text("a,b,label\n" + "1.0,2.0,0\n" * 30)  # 300 bytes and more
+            error = rpc_error(lambda: client.upload(csv, "too-big", label_column="label"))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details() == (f"header.size_bytes: {csv.stat().st_size} bytes is over "
+                                       f"this server's upload limit of 300")
     finally:
         server.terminate()
         server.wait(timeout=120)
