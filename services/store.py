@@ -12,6 +12,7 @@ The records here are plain dataclasses; protobuf conversion lives in `services/c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -71,6 +72,15 @@ CREATE TABLE IF NOT EXISTS datasets (
     tensors TEXT,
     PRIMARY KEY (tenant, name)
 );
+-- Rows of `datasets` that could not be served (written before uploads were validated as they
+-- are now): moved here when the store opens, with why, for the operator to look at.
+CREATE TABLE IF NOT EXISTS quarantined_datasets (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    row TEXT NOT NULL,
+    quarantined_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     tenant TEXT NOT NULL,
     request_id TEXT NOT NULL,
@@ -80,6 +90,8 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 );
 """
 
+
+log = logging.getLogger(__name__)
 
 ENDED_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 ENDED_CACHE_SIZE = 10_000
@@ -186,6 +198,7 @@ class Store:
         self._ended_lock = threading.Lock()
         self._connection().executescript(SCHEMA)  # idempotent; executescript commits itself
         self._add_missing_columns()
+        self._quarantine_unservable_datasets()
 
     def _add_missing_columns(self) -> None:
         """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps an old
@@ -196,6 +209,25 @@ class Store:
             db.execute("ALTER TABLE datasets ADD COLUMN target_shape TEXT")
         if "tensors" not in columns:
             db.execute("ALTER TABLE datasets ADD COLUMN tensors TEXT")
+
+    def _quarantine_unservable_datasets(self) -> None:
+        """Move aside the data set rows that no answer can carry, each with a warning in the
+        log. Older servers stored some (a class label >= 2**32 made num_classes too wide for
+        DatasetInfo), and one such row made ListDatasets fail for its tenant on every call.
+        Their files stay where they are; the tenant can upload the data again, fixed."""
+        for row in self._connection().execute("SELECT * FROM datasets").fetchall():
+            reason = _unservable_dataset(row)
+            if reason is None:
+                continue
+            with self._transaction() as db:
+                db.execute("INSERT INTO quarantined_datasets VALUES (?, ?, ?, ?, ?)",
+                           (row["tenant"], row["name"], reason, json.dumps(dict(row)),
+                            time.time()))
+                db.execute("DELETE FROM datasets WHERE tenant = ? AND name = ?",
+                           (row["tenant"], row["name"]))
+            log.warning("data set %r of tenant %r cannot be listed or used (%s): moved to the "
+                        "table quarantined_datasets of %s; upload it again to use it",
+                        row["name"], row["tenant"], reason, self.path)
 
     # --- connections and transactions ----------------------------------------------------------
 
@@ -449,7 +481,8 @@ class Store:
         """Every row of every table, to compare the store before and after a request."""
         db = self._connection()
         return {table: [tuple(row) for row in db.execute(f"SELECT * FROM {table} ORDER BY 1")]
-                for table in ("jobs", "job_events", "datasets", "idempotency_keys")}
+                for table in ("jobs", "job_events", "datasets", "quarantined_datasets",
+                              "idempotency_keys")}
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -483,6 +516,26 @@ def _dataset(row: sqlite3.Row) -> DatasetRecord:
         tensors=(None if row["tensors"] is None
                  else tuple((key, tuple(shape)) for key, shape in json.loads(row["tensors"]))),
     )
+
+
+UINT32_END = 2**32  # DatasetInfo's num_classes and feature_shape are uint32
+
+
+def _unservable_dataset(row: sqlite3.Row) -> str | None:
+    """Why a stored data set row cannot be read or answered (DatasetInfo), or None."""
+    try:
+        record = _dataset(row)
+    except (ValueError, TypeError) as error:  # JSON columns an older server wrote otherwise
+        return f"unreadable row: {error}"
+    if not 0 <= record.num_classes < UINT32_END:
+        return f"num_classes {record.num_classes} (a class label of {record.num_classes - 1})"
+    if not all(isinstance(size, int) and 0 <= size < UINT32_END
+               for size in record.feature_shape):
+        return f"feature_shape {list(record.feature_shape)}"
+    for field_name in ("samples", "validation_samples", "size_bytes"):
+        if getattr(record, field_name) < 0:
+            return f"{field_name} {getattr(record, field_name)}"
+    return None
 
 
 PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,18}")  # a rowid: positive, below SQLite's 2**63

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 
 import pytest
 
+from services.convert import dataset_to_proto
 from services.errors import AlreadyExists, InvalidArgument
 from services.store import (
     DatasetRecord,
@@ -125,6 +127,40 @@ def test_a_database_from_before_target_shapes_gains_the_column_and_keeps_its_row
     store.add_dataset(DatasetRecord("default", "new", "npz", 10, "0" * 64, "/y", 4, 0, (2,),
                                     False, "regression", 0, target_shape=(3,)))
     assert store.get_dataset("default", "new").target_shape == (3,)
+
+
+def test_an_old_row_with_a_label_past_two_to_the_32_is_quarantined_and_listing_works(
+        tmp_path, caplog):
+    path = tmp_path / "db"
+    with sqlite3.connect(path) as old:  # the datasets table as the first release created it
+        old.execute("CREATE TABLE datasets (tenant TEXT NOT NULL, name TEXT NOT NULL, "
+                    "format TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, "
+                    "path TEXT NOT NULL, samples INTEGER NOT NULL, validation_samples INTEGER "
+                    "NOT NULL, feature_shape TEXT NOT NULL, integer_features INTEGER NOT NULL, "
+                    "task TEXT NOT NULL, num_classes INTEGER NOT NULL, created_at REAL NOT NULL, "
+                    "PRIMARY KEY (tenant, name))")
+        # Labels 0 and 2**32 + 7 were accepted then: num_classes is the largest label + 1.
+        for name, classes, shape in (("good", 3, "[4]"), ("huge-label", 2**32 + 8, "[4]"),
+                                     ("wide", 2, f"[{2**32}]"), ("garbled", 2, "[4")):
+            old.execute("INSERT INTO datasets VALUES ('default', ?, 'npz', 10, ?, '/x', 4, 0, "
+                        "?, 0, 'classification', ?, 1.0)", (name, "0" * 64, shape, classes))
+    old.close()
+    with caplog.at_level(logging.WARNING, logger="services.store"):
+        store = Store(path)
+    # What ListDatasets answers: every remaining row converts to a DatasetInfo.
+    listed = [dataset_to_proto(record) for record in store.list_datasets("default")]
+    assert [info.name for info in listed] == ["good"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3
+    assert any("'huge-label' of tenant 'default'" in w and "num_classes 4294967304 (a class "
+               "label of 4294967303)" in w and "upload it again" in w for w in warnings)
+    quarantined = sqlite3.connect(path).execute(
+        "SELECT name, reason FROM quarantined_datasets ORDER BY name").fetchall()
+    assert [name for name, _ in quarantined] == ["garbled", "huge-label", "wide"]
+    store.close()
+    caplog.clear()
+    Store(path).close()  # once moved, never again
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("token", ["0", "007", str(2**63), "1e3", "\u0661"])
