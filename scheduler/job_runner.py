@@ -179,7 +179,7 @@ class JobRunner:
         self.history = TrainingHistory()
         self.rule_name, self.hyper = job.optimizer, job.hyperparameters
         self.sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches,
-                                    job.seed, job.shuffle)
+                                    job.seed, job.shuffle, job.min_micro_batch_samples)
         self.groups_per_epoch = job.steps_per_epoch
         self.total_steps = job.total_steps
         # Always kept in memory (a lost shard restarts from it) and handed to on_checkpoint

@@ -20,6 +20,7 @@ import numpy as np
 
 from chainrule.v1 import job_pb2
 from scheduler.datasets import BUILTIN_DATASETS, is_builtin
+from scheduler.sampler import filled_micro_batches
 from services.errors import InvalidArgument
 from worker.initial_weights import WeightsShape
 from worker.resolved_job import DataShape, ResolvedJob, resolve
@@ -152,7 +153,8 @@ def activation_bytes(job: ResolvedJob) -> tuple[int, int, int]:
     every layer's output of that micro-batch until backward: its samples times the input's
     and every top-level layer's output size (worker/model_builder.py's plan), in the job's
     dtype. A lower bound: layers inside a block keep their own outputs too."""
-    samples = math.ceil(job.batch_size / job.micro_batches)
+    samples = math.ceil(job.batch_size / filled_micro_batches(
+        job.batch_size, job.micro_batches, job.min_micro_batch_samples))
     values = math.prod(job.model.input_shape) + sum(math.prod(layer.output_shape)
                                                     for layer in job.model.layers)
     return samples * values * np.dtype(job.dtype).itemsize, samples, values

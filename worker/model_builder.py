@@ -109,6 +109,10 @@ class ModelPlan:
     # Parameters of frozen layers (trainable: false): they keep their initial values. The
     # built model has them with requires_grad False, and ParameterLayout marks their slots.
     frozen_parameters: int = 0
+    # The batch norms (their paths) that see one value per channel of a sample: in training
+    # they need a micro-batch of at least 2 samples for a variance, so the job's batches are
+    # cut with that minimum (scheduler/sampler.py).
+    per_sample_batch_norms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,9 @@ class _Context:
     dtype: Any
     rng: np.random.Generator | None
     build: bool
+    # Paths of the batch norms that see one value per channel of a sample (ModelPlan's
+    # `per_sample_batch_norms`), found as the walk meets them, nested layers included.
+    per_sample_batch_norms: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ def _plan_batch_norm(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Pl
                               f"for sequences use layer_norm")
     features = signal.shape[0]
     eps, momentum = _norm_settings(cfg, path)
+    ctx.per_sample_batch_norms.append(path)
     return _Planned(signal, 2 * features,
                     lambda: nn.BatchNorm1d(features, eps, momentum, dtype=ctx.dtype))
 
@@ -463,6 +471,8 @@ def _norm_settings(cfg: Any, path: str) -> tuple[float, float]:
 def _plan_batch_norm2d(cfg: Any, signal: _Signal, path: str, ctx: _Context) -> _Planned:
     channels, *_ = _spatial_input(signal, path, "batch_norm2d", 2)
     eps, momentum = _norm_settings(cfg, path)
+    if math.prod(signal.shape[1:]) == 1:  # a 1x1 map: one value per channel, as batch_norm
+        ctx.per_sample_batch_norms.append(path)
     return _Planned(signal, 2 * channels,
                     lambda: nn.BatchNorm2d(channels, eps, momentum, dtype=ctx.dtype))
 
@@ -724,7 +734,8 @@ def plan_model(model_spec: job_pb2.ModelSpec, input_shape: tuple[int, ...], inpu
                                                 ctx, layers)
     return ModelPlan(model_spec.SerializeToString(deterministic=True),
                      tuple(int(n) for n in input_shape), np.dtype(input_dtype).name,
-                     tuple(layers), output.shape, parameters, frozen)
+                     tuple(layers), output.shape, parameters, frozen,
+                     tuple(ctx.per_sample_batch_norms))
 
 
 def build_planned_model(plan: ModelPlan, dtype: Any, seed: int | None) -> nn.Sequential:

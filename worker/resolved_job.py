@@ -181,6 +181,11 @@ class ResolvedJob:
     init_weights: InitialWeights | None = None
     # --- failure detection (does not change the result) --------------------------------------
     step_deadline: StepDeadlineRule = StepDeadlineRule()
+    # --- batching, for a model with a per-sample batch norm --------------------------------------
+    # The fewest samples of a non-empty micro-batch: 2 when a batch norm sees one value per
+    # channel of a sample (ModelPlan.per_sample_batch_norms), so that a short batch is cut into
+    # fewer, fuller micro-batches (scheduler/sampler.cut_batch); else 1.
+    min_micro_batch_samples: int = 1
 
 
 def validation_split_size(samples: int, fraction: float) -> int:
@@ -285,6 +290,9 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         raise SpecError("model.layers", "every layer with parameters is frozen (trainable: "
                                         "false): nothing would train")
     init_weights = _initial_weights(spec, model, weights)
+    min_micro_batch_samples = 2 if model.per_sample_batch_norms else 1
+    if min_micro_batch_samples > 1:
+        _check_batches_fit_batch_norm(model.per_sample_batch_norms[0], training, batch_size)
     if parameter_servers > model.parameters:
         raise SpecError("resources.parameter_servers",
                         f"{parameter_servers} shards for {model.parameters} parameters: at most "
@@ -314,8 +322,36 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         clipping=clipping,
         evaluation_interval=evaluation_interval, early_stopping=early_stopping,
         checkpoint_interval=checkpoint_interval,
-        init_weights=init_weights,
+        init_weights=init_weights, min_micro_batch_samples=min_micro_batch_samples,
     )
+
+
+def _check_batches_fit_batch_norm(batch_norm: str, training: int, batch_size: int) -> None:
+    """SpecError unless every batch has at least 2 samples: a batch norm that sees one value
+    per channel of a sample has no variance to train on in a micro-batch of 1 sample, and a
+    batch of 1 sample cannot be cut into anything larger. Longer batches too short for every
+    micro-batch to get 2 samples are cut into fewer (scheduler/sampler.cut_batch)."""
+    why = (f"{batch_norm} needs micro-batches of at least 2 samples to train (one value per "
+           f"channel each, no variance from 1)")
+    if batch_size < 2:
+        raise SpecError("data.batch_size", f"a batch of 1 sample makes a micro-batch of 1 "
+                                           f"sample, and {why}; use batch_size >= 2")
+    if training % batch_size == 1:
+        nearest = _nearest_batch_sizes(training, batch_size)
+        raise SpecError("data.batch_size",
+                        f"the training split's {training} samples in batches of {batch_size} "
+                        f"leave a last batch of 1 sample, so a micro-batch of 1 sample, and "
+                        f"{why}; choose a batch_size that leaves 0 or >= 2 samples over (e.g. "
+                        f"{' or '.join(str(size) for size in nearest)})")
+
+
+def _nearest_batch_sizes(training: int, batch_size: int) -> list[int]:
+    """Up to two batch sizes nearest `batch_size`, below and above, that leave no last batch
+    of 1 sample."""
+    below = next((size for size in range(batch_size - 1, 1, -1) if training % size != 1), None)
+    above = next((size for size in range(batch_size + 1, training + 1)
+                  if training % size != 1), None)
+    return [size for size in (below, above) if size is not None]
 
 
 def _step_deadline(spec: job_pb2.StepDeadlineSpec) -> StepDeadlineRule:

@@ -223,6 +223,22 @@ def test_object_store_transport_clips_and_tracks_batch_norm_like_shared_memory(l
         assert np.array_equal(store.state_dict[key], value), key
 
 
+def test_a_batch_norm_job_whose_last_batch_is_short_trains_on_micro_batches_of_two(local_ray):
+    # 1438 training samples in batches of 179 leave a last batch of 6: cut into 4 micro-batches
+    # it would hold 1-sample ones, on which batch norm cannot train ("more than 1 value per
+    # channel"). It is cut into 3 of 2 instead, the same for any worker count.
+    spec = spec_with(**{"data.batch_size": 179, "data.epochs": 1})
+    spec.model.layers.insert(1, spec.model.layers[1].__class__(batch_norm={}))
+    dataset = digits(spec)
+    assert len(dataset.x) % 179 == 6
+    assert min(map(len, np.array_split(np.arange(6), 4))) == 1
+    one = train(spec, 1, 1)
+    two = train(spec, 2, 2)
+    assert one.steps == 9 and np.isfinite(one.final_evaluation.loss)
+    for key, value in one.state_dict.items():
+        assert np.array_equal(two.state_dict[key], value), key
+
+
 def test_early_stopping_ends_a_job_whose_validation_loss_stalls_and_keeps_the_best_weights(
         local_ray):
     spec = spec_with(**{"data.epochs": 40, "optimizer.adamw.lr": 0.05})

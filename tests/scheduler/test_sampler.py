@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scheduler.sampler import EpochSampler
+from scheduler.sampler import EpochSampler, cut_batch
 
 
 def test_every_sample_is_used_exactly_once_per_epoch_including_the_short_last_batch():
@@ -41,3 +41,19 @@ def test_no_shuffle_keeps_the_data_order():
 def test_nonpositive_sizes_are_rejected(bad):
     with pytest.raises(ValueError):
         EpochSampler(**{"num_samples": 10, "batch_size": 2, "micro_batches": 1, "seed": 0, **bad})
+
+
+def test_a_batch_too_short_for_micro_batches_of_two_is_cut_into_fewer_when_asked():
+    # A batch norm job (min 2 samples per micro-batch): the last batch of 6 is cut into 3.
+    last = EpochSampler(30, 8, 4, seed=0, min_micro_batch_samples=2).epoch(0)[-1]
+    assert [len(s) for s in last.micro_batches] == [2, 2, 2, 0]
+    assert [len(s) for s in cut_batch(np.arange(5), 4, min_samples=2)] == [3, 2, 0, 0]
+    assert [len(s) for s in cut_batch(np.arange(9), 4, min_samples=2)] == [3, 2, 2, 2]
+
+
+def test_the_minimum_of_one_cuts_every_batch_as_it_always_was():
+    for size in range(1, 20):
+        batch = np.arange(100, 100 + size)
+        expected = np.array_split(batch, 4)
+        assert all(np.array_equal(a, b) for a, b in zip(cut_batch(batch, 4), expected,
+                                                        strict=True))

@@ -212,3 +212,43 @@ def test_a_split_from_a_single_sample_is_refused():
     with pytest.raises(SpecError) as info:
         resolve(spec(data__batch_size=1), shape)
     assert info.value.field_path == "data.validation_fraction"
+
+
+BATCH_NORM_MLP = """
+name: digits-bn
+model: {layers: [{linear: {out_features: 16}}, {batch_norm: {}}, {relu: {}},
+                 {linear: {out_features: 10}}]}
+loss: cross_entropy
+optimizer: {adam: {lr: 0.01}}
+data: {dataset: "sklearn:digits", batch_size: 96, epochs: 1, validation_fraction: 0.2,
+       micro_batches: 4}
+"""
+
+
+def test_a_batch_norm_job_needs_micro_batches_of_two_samples_and_others_do_not():
+    assert digits(spec(BATCH_NORM_MLP)).min_micro_batch_samples == 2
+    assert digits(spec()).min_micro_batch_samples == 1
+
+
+def test_a_batch_size_leaving_a_last_batch_of_one_sample_is_refused_for_batch_norm():
+    # 1438 training samples = 3 x 479 + 1: the epoch's last micro-batch would hold 1 sample.
+    refused(spec(BATCH_NORM_MLP, data__batch_size=479), "data.batch_size", "1438 samples",
+            "batches of 479", "last batch of 1 sample", "micro-batch",
+            "model.layers[1].batch_norm", "478 or 480")
+    digits(spec(DIGITS, data__batch_size=479))  # without batch norm, 1 sample trains fine
+
+
+def test_a_batch_norm2d_on_a_one_by_one_map_counts_as_one_value_per_channel():
+    cnn = """
+    name: cnn
+    model: {layers: [{conv2d: {out_channels: 4, kernel_size: 3}}, {batch_norm2d: {}},
+                     {adaptive_avg_pool2d: {output_size: 1}}, {batch_norm2d: {}},
+                     {flatten: {}}, {linear: {out_features: 10}}]}
+    loss: cross_entropy
+    optimizer: {adam: {lr: 0.01}}
+    data: {dataset: "sklearn:digits_images", batch_size: 64, epochs: 1,
+           validation_fraction: 0.2}
+    """
+    job = resolve(spec(cnn), builtin_shape("sklearn:digits_images"))
+    assert job.model.per_sample_batch_norms == ("model.layers[3].batch_norm2d",)
+    assert job.min_micro_batch_samples == 2
