@@ -89,18 +89,19 @@ def state_value(name: str) -> pb.JobState:
     return cast(pb.JobState, pb.JobState.Value("JOB_STATE_" + name.upper()))
 
 
-# A weights file's suffix and the format the service writes for it.
-WEIGHTS_SUFFIXES = {".safetensors": "safetensors", ".npz": "npz"}
+# A downloaded model's suffix and the format the service writes for it: the weights, or the
+# whole network as ONNX.
+WEIGHTS_SUFFIXES = {".safetensors": "safetensors", ".npz": "npz", ".onnx": "onnx"}
 
 
 def weights_format(path: str | Path) -> str:
-    """"safetensors" or "npz" from a file name; a ValueError for any other suffix (a `.pt`
-    file would hold safetensors bytes that torch.load cannot read)."""
+    """"safetensors", "npz" or "onnx" from a file name; a ValueError for any other suffix (a
+    `.pt` file would hold safetensors bytes that torch.load cannot read)."""
     suffix = Path(path).suffix.lower()
     if suffix not in WEIGHTS_SUFFIXES:
-        raise ValueError(f"{path}: weights are written as {' or '.join(WEIGHTS_SUFFIXES)}; "
+        raise ValueError(f"{path}: weights are written as {', '.join(WEIGHTS_SUFFIXES)}; "
                          f"name the file with one of those suffixes (PyTorch reads .safetensors "
-                         f"with safetensors.torch.load_file)")
+                         f"with safetensors.torch.load_file; .onnx is the whole network)")
     return WEIGHTS_SUFFIXES[suffix]
 
 
@@ -326,8 +327,9 @@ class Client:
     # --- models --------------------------------------------------------------------------------
 
     def download(self, job_id: str, path: str | Path, format: str | None = None) -> pb.ModelHeader:
-        """Write the job's weights to `path` (format from its suffix, see `weights_format`) and
-        the manifest beside it as `<path>.json`; returns the header. The bytes stream to a
+        """Write the job's weights to `path` (format from its suffix, see `weights_format`:
+        .safetensors, .npz, or .onnx for the network as an ONNX model) and the manifest beside
+        it as `<path>.json`; returns the header. The bytes stream to a
         temporary file beside `path`, renamed into place once their size and SHA-256 match."""
         path = Path(path)
         format = format or weights_format(path)

@@ -397,11 +397,14 @@ def _download(args: argparse.Namespace) -> int:
     from chainrule.client import weights_format
 
     try:
-        weights_format(args.output)
+        suffix_format = weights_format(args.output)
     except ValueError as error:
         raise UsageError(f"-o/--output: {error}") from None
+    if args.format and args.format != suffix_format:
+        raise UsageError(f"--format {args.format} does not match -o {args.output} (a "
+                         f"{suffix_format} file); name it *.{args.format}")
     with _client(args) as client:
-        header = client.download(args.job, args.output)
+        header = client.download(args.job, args.output, args.format)
         _print(args, header, f"wrote {args.output} ({header.size_bytes} bytes) and "
                              f"{args.output}.json")
     return 0
@@ -703,10 +706,14 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument("action", nargs="?", choices=("delete",),
                           help="delete: delete the upload NAME")
     datasets.add_argument("name", nargs="?", help="the upload to delete")
-    download = client_command("download", "download a finished job's weights", _download)
+    download = client_command("download", "download a finished job's weights, or its "
+                                          "network as ONNX", _download)
     download.add_argument("job")
     download.add_argument("-o", "--output", required=True, type=_weights_path,
-                          help="weights file (.safetensors or .npz)")
+                          help="weights file (.safetensors or .npz), or .onnx: the network as "
+                               "an ONNX model taking raw rows, as predict does")
+    download.add_argument("--format", choices=("safetensors", "npz", "onnx"),
+                          help="default: from -o's suffix, which must match it")
     predict = client_command("predict", "a finished job's predictions on rows of a .csv or "
                                         ".npz file", _predict)
     predict.add_argument("job")

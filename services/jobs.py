@@ -59,7 +59,7 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 WATCH_HEARTBEAT_SECONDS = 15.0  # a quiet watch repeats the state: the client sees we live
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to the store, per job
-MODEL_FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
+MODEL_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "onnx": ".onnx"}
 # How long an ended job's checkpoints stay for ResumeJob before the sweep deletes them.
 DEFAULT_CHECKPOINT_RETENTION_SECONDS = 3 * 24 * 3600.0
 
@@ -334,13 +334,16 @@ class JobService:
     def download(self, tenant: str, job_id: str, format: str = "") -> ModelDownload:
         format = format or "safetensors"
         if format not in MODEL_FORMATS:
-            raise InvalidArgument("format", f"must be 'safetensors' or 'npz', got {format!r}")
+            raise InvalidArgument("format", f"must be 'safetensors', 'npz' or 'onnx', got "
+                                            f"{format!r}")
         job = self.get(tenant, job_id)
         if job.state != SUCCEEDED or not job.weights_path:
             raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; only a SUCCEEDED "
                                      f"job has a model")
         path = Path(job.weights_path)
-        if MODEL_FORMATS[format] == path.suffix:
+        if format == "onnx":
+            data = self._onnx_model(job_id, job.spec, path)
+        elif MODEL_FORMATS[format] == path.suffix:
             data = path.read_bytes()
         else:
             data = weights_bytes(load_weights(path), MODEL_FORMATS[format])
@@ -351,6 +354,16 @@ class JobService:
                                                       preserving_proto_field_name=True),
             manifest_json=manifest.read_text() if manifest.exists() else "{}",
         )
+
+    @staticmethod
+    def _onnx_model(job_id: str, spec: job_pb2.JobSpec, path: Path) -> bytes:
+        from scheduler import onnx_export  # onnx takes half a second to import: when asked
+
+        try:
+            return onnx_export.export_weights_file(spec, path)
+        except onnx_export.OnnxExportError as error:
+            raise FailedPrecondition(f"format: job {job_id}'s model cannot be exported to "
+                                     f"ONNX: {error}") from None
 
     # --- the queue's JobHost -------------------------------------------------------------------
 

@@ -173,7 +173,7 @@ def test_download_refuses_a_suffix_it_would_not_write_before_asking_the_server(c
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["download", "job-1", "-o", "model.pt", "--server", "127.0.0.1:9"])
     assert exit_info.value.code == 2
-    assert "model.pt: weights are written as .safetensors or .npz" in capsys.readouterr().err
+    assert "model.pt: weights are written as .safetensors, .npz, .onnx" in capsys.readouterr().err
     with Client("127.0.0.1:9", timeout=1.0) as client, pytest.raises(ValueError, match=".pt"):
         client.download("job-1", "model.pt")
 

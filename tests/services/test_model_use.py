@@ -297,3 +297,30 @@ def test_chainrule_logs_follow_prints_until_the_running_job_ends(client, server,
     assert lines[-1].endswith("SUCCEEDED")
     assert "validation" in kinds
     assert any(line.endswith("RUNNING") for line in lines)
+
+
+def test_the_onnx_download_takes_raw_rows_and_gives_predicts_probabilities(
+        client, server, iris_job, tmp_path, capsys):
+    import onnxruntime
+
+    job_id, _ = iris_job
+    x = load_iris().data
+    path = tmp_path / "iris.onnx"
+
+    assert cli.main(["download", job_id, "-o", str(path), "--format", "onnx",
+                     "--server", server.address]) == 0
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x})
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    predictions = client.predict(job_id, x)
+    np.testing.assert_allclose(probabilities, predictions.probabilities, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "iris.onnx.json").read_text())["job_id"] == job_id
+    capsys.readouterr()
+    assert cli.main(["download", job_id, "-o", str(tmp_path / "x.npz"), "--format", "onnx",
+                     "--server", server.address]) == 2
+    assert "--format onnx does not match -o" in capsys.readouterr().err
+    error = rpc_error(lambda: client.download(job_id, tmp_path / "x.onnx", format="tflite"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("format: must be 'safetensors', 'npz' or 'onnx'")
