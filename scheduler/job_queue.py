@@ -6,7 +6,7 @@ CPUs are divided evenly between the slots (and within a slot between the job's w
 concurrent jobs always fit and never wait on each other's placement groups.
 
 The queue knows nothing about gRPC or SQLite. It reports through two narrow interfaces:
-  - a `JobHost` (the service's store) that resolves a job and loads its data, keeps its
+  - a `JobHost` (services/job_lifecycle.py) that resolves a job and loads its data, keeps its
     checkpoints and records the transitions that must be durable (started, finished,
     requeued);
   - observers (metrics, live WatchJob streams) called with every state change, step,

@@ -34,6 +34,7 @@ from scheduler.job_states import SUCCEEDED
 from scheduler.storage import load_weights, manifest_path
 from services import uploads
 from services.errors import FailedPrecondition, InvalidArgument
+from services.job_inputs import data_shape
 from services.jobs import JobService
 from services.validation import upload_name
 from worker.backprop import nn
@@ -255,7 +256,7 @@ class ModelServing:
         if manifest.get("input_shape") and manifest.get("input_dtype"):
             return plan_model(spec.model, tuple(manifest["input_shape"]),
                               manifest["input_dtype"])
-        shape = self.service._data_shape(tenant, spec.data.dataset)
+        shape = data_shape(self.service.store, tenant, spec.data.dataset)
         if shape is None:
             raise FailedPrecondition(f"job_id: the data set {spec.data.dataset!r} job {job_id} "
                                      f"was trained on was deleted, and its model's manifest "

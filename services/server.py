@@ -39,8 +39,10 @@ from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
 from scheduler.job_queue import JobQueue
-from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, make_private_folders
+from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
 from services.auth import Authenticator, TokenFile, load_tokens
+from services.events import EventHub
+from services.job_lifecycle import JobLifecycle
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.single_instance import (
@@ -89,6 +91,7 @@ class RunningServer:
     data_dir: Path
     metrics_url: str
     service: JobService
+    lifecycle: JobLifecycle
     queue: JobQueue
     _grpc: grpc.Server
     _health: health.HealthServicer
@@ -181,16 +184,21 @@ def serve(
     owns_ray = not ray.is_initialized()
     ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
-    service = JobService(store, data_dir, keep_checkpoints=keep_checkpoints,
+    # The API and the host the queue talks to share one store, one set of job files and one
+    # event hub; neither calls the other.
+    storage = JobStorage(data_dir, keep_checkpoints)
+    events = EventHub()
+    lifecycle = JobLifecycle(store, storage, events)
+    service = JobService(store, data_dir, storage, events,
                          checkpoint_retention_seconds=checkpoint_retention_seconds,
                          limits=limits, max_upload_bytes=max_upload_bytes,
                          upload_limits=upload_limits,
                          tenant_max_priority=token_file.max_priority)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
-    queue = JobQueue(service, max_concurrent_jobs=max_concurrent_jobs,
+    queue = JobQueue(lifecycle, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
-                     observers=[service] + ([metrics] if metrics is not None else []),
+                     observers=[lifecycle] + ([metrics] if metrics is not None else []),
                      max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
@@ -239,11 +247,11 @@ def serve(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(bound, port, data_dir, metrics_url, service, queue,
+    running = RunningServer(bound, port, data_dir, metrics_url, service, lifecycle, queue,
                             server, health_servicer, store, owns_ray, metrics_server, lock,
                             streams=streams)
     _sweep_checkpoints_periodically(service, running._stopped)
-    resumed = service.resume_queued_jobs()
+    resumed = lifecycle.requeue_unfinished(queue)
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
     return running

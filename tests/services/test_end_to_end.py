@@ -138,14 +138,14 @@ def test_twenty_jobs_submitted_at_once_all_finish_two_at_a_time(client, server):
 
 
 def test_a_failing_job_says_why_and_the_service_keeps_serving(client, server, monkeypatch):
-    original = server.service.prepare
+    original = server.lifecycle.prepare
 
     def prepare(job):
         if job.spec.name == "doomed":
             raise RuntimeError("the disk is on fire")
         return original(job)
 
-    monkeypatch.setattr(server.service, "prepare", prepare)
+    monkeypatch.setattr(server.lifecycle, "prepare", prepare)
     job = client.submit(iris_spec(name="doomed"))
     events = list(client.watch(job.id, timeout=60))
     assert state_name(events[-1].state.state) == "FAILED"

@@ -265,14 +265,14 @@ def test_a_tiny_language_model_generates_the_requested_bytes_deterministically(
 
 
 def test_a_failed_jobs_traceback_is_in_chainrule_logs(client, server, monkeypatch, capsys):
-    original = server.service.prepare
+    original = server.lifecycle.prepare
 
     def prepare(job):
         if job.spec.name == "doomed-logs":
             raise RuntimeError("the disk is on fire")
         return original(job)
 
-    monkeypatch.setattr(server.service, "prepare", prepare)
+    monkeypatch.setattr(server.lifecycle, "prepare", prepare)
     job = client.submit(iris_spec(name="doomed-logs"))
     assert state_name(wait_until_done(client, job.id).state) == "FAILED"
     capsys.readouterr()

@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 
 from scheduler.job_queue import JobOutcome
+from scheduler.storage import JobStorage
+from services.events import EventHub
+from services.job_lifecycle import JobLifecycle
 from services.jobs import JobService
 from services.store import JobRecord, Store
 from tests.services.helpers import iris_spec
@@ -25,13 +28,14 @@ class QueueThatLosesTheRace:
         return False
 
 
-def _running_job(tmp_path) -> tuple[JobService, str]:
-    store = Store(tmp_path / "chainrule.db")
-    service = JobService(store, tmp_path)
+def _running_job(tmp_path) -> tuple[JobService, JobLifecycle, str]:
+    store, storage, events = Store(tmp_path / "chainrule.db"), JobStorage(tmp_path), EventHub()
+    service = JobService(store, tmp_path, storage, events)
+    lifecycle = JobLifecycle(store, storage, events)
     store.create_job(JobRecord("job-0123456789ab", "default", iris_spec(), "QUEUED",
                                time.time()), "digest")
-    service.job_started("job-0123456789ab")
-    return service, "job-0123456789ab"
+    lifecycle.job_started("job-0123456789ab")
+    return service, lifecycle, "job-0123456789ab"
 
 
 def _states(service: JobService, job_id: str) -> list[str]:
@@ -39,18 +43,18 @@ def _states(service: JobService, job_id: str) -> list[str]:
 
 
 def test_a_cancel_that_loses_the_race_to_the_jobs_end_never_overwrites_succeeded(tmp_path):
-    service, job_id = _running_job(tmp_path)
+    service, lifecycle, job_id = _running_job(tmp_path)
     service.attach_queue(QueueThatLosesTheRace(
-        lambda job_id: service.job_finished(job_id, JobOutcome("SUCCEEDED"))))
+        lambda job_id: lifecycle.job_finished(job_id, JobOutcome("SUCCEEDED"))))
     job = service.cancel("default", job_id)  # read RUNNING, then the job ended
     assert job.state == "SUCCEEDED"
     assert _states(service, job_id) == ["QUEUED", "RUNNING", "SUCCEEDED"]
 
 
 def test_a_cancel_while_the_server_stops_stays_cancelled_when_the_job_is_requeued(tmp_path):
-    service, job_id = _running_job(tmp_path)
+    service, lifecycle, job_id = _running_job(tmp_path)
     service.attach_queue(QueueThatLosesTheRace())  # draining: the queue holds no job
     assert service.cancel("default", job_id).state == "CANCELLED"
-    service.job_requeued(job_id)  # the runner stopped at its step boundary for the shutdown
+    lifecycle.job_requeued(job_id)  # the runner stopped at its step boundary for the shutdown
     assert service.get("default", job_id).state == "CANCELLED"
     assert _states(service, job_id) == ["QUEUED", "RUNNING", "CANCELLED"]
