@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.backprop import nn, optim  # noqa: E402
+from worker.backprop import allocator, nn, optim  # noqa: E402
 from worker.backprop.nn import functional as F  # noqa: E402
 from worker.backprop.tensor import Tensor  # noqa: E402
 
@@ -151,6 +151,7 @@ def flops_of(dims: list[int], batch: int) -> float:
 
 
 def main() -> None:
+    allocator.keep_freed_memory()  # a training process's setting (worker/backprop/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=20)

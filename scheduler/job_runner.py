@@ -241,7 +241,7 @@ class JobRunner:
             # copy of the parameters (shared, or gathered from the shards) and of the buffers
             # (BatchNorm statistics); it computes no training gradients.
             self.evaluator = ModelReplica(replica_setup, self.dataset.x[:1], self.dataset.y[:1],
-                                          limit_threads=False)
+                                          owns_process=False)
             self.parameters = self.evaluator.flat
             self.parameters[:] = self.layout.flatten(model)
             if self.job.init_weights is not None:  # the master buffers: BatchNorm statistics

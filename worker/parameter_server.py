@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.backprop import allocator
 from worker.backprop.optim import RULES
 from worker.backprop.optim.clip import squared_norm
 from worker.backprop.optim.kfac import KFACHyper
@@ -70,9 +71,12 @@ class ApplyResult:
 
 
 class ParameterServerShard:
-    def __init__(self, setup: ShardSetup, limit_threads: bool = True):
-        if limit_threads:
+    def __init__(self, setup: ShardSetup, owns_process: bool = True):
+        """`owns_process`: as for `ModelReplica`."""
+        if owns_process:
             from threadpoolctl import threadpool_limits
+
+            allocator.keep_freed_memory()
 
             # One BLAS thread: the shard works while the workers wait, and its norms are then
             # the same in every run.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.backprop import nn
+from worker.backprop import allocator, nn
 from worker.backprop.nn.capture import capture_layers
 from worker.backprop.tensor import Tensor, no_grad
 from worker.flat_parameters import ParameterLayout
@@ -70,9 +70,14 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
 
 class ModelReplica:
     def __init__(self, setup: ReplicaSetup, x: np.ndarray, y: np.ndarray,
-                 limit_threads: bool = True):
-        if limit_threads:
+                 owns_process: bool = True):
+        """`owns_process`: this replica is its process's only tenant (a Ray actor), so it sets
+        the process's BLAS threads and malloc thresholds for training; False in a process that
+        does other work too (the runner's evaluator, tests)."""
+        if owns_process:
             from threadpoolctl import threadpool_limits
+
+            allocator.keep_freed_memory()
 
             # Each worker gets its share of the cores; BLAS threads beyond it only fight.
             self._thread_limit = threadpool_limits(setup.blas_threads, user_api="blas")

@@ -109,7 +109,7 @@ def test_a_shard_never_changes_a_frozen_parameter_nor_its_optimizer_state(rule, 
     updated, states = np.empty_like(start), {}
     for k, (lo, hi) in enumerate(layout.shard_bounds(shards, align_to_parameters=not elementwise)):
         shard = ParameterServerShard(ShardSetup(k, (lo, hi), layout, None, 1, rule, hyper),
-                                     limit_threads=False)
+                                     owns_process=False)
         shard.load_parameters(start[lo:hi])
         for _ in range(3):
             shard.reduce([gradient[lo:hi]])
@@ -132,5 +132,5 @@ def test_nothing_frozen_leaves_a_shard_one_piece_over_its_whole_slice():
                         np.float32, seed=0)
     layout = ParameterLayout.of(model)
     shard = ParameterServerShard(ShardSetup(0, (5, 100), layout, None, 1, "adam",
-                                            optim.functional.AdamHyper()), limit_threads=False)
+                                            optim.functional.AdamHyper()), owns_process=False)
     assert [local for _, local, _ in shard.pieces] == [slice(0, 95)]

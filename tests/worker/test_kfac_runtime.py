@@ -48,7 +48,7 @@ class InProcessJob:
         self.dataset = digits(spec)
         self.job = resolve(spec, self.dataset.shape, workers=workers, parameter_servers=shards)
         setup = ReplicaSetup(self.job, None)
-        self.replicas = [ModelReplica(setup, self.dataset.x, self.dataset.y, limit_threads=False)
+        self.replicas = [ModelReplica(setup, self.dataset.x, self.dataset.y, owns_process=False)
                          for _ in range(workers)]
         first = self.replicas[0]
         self.layout, self.kfac = first.layout, first.kfac
@@ -57,7 +57,7 @@ class InProcessJob:
         self.shards = [ParameterServerShard(ShardSetup(k, bounds, self.layout, None, workers,
                                                        "kfac", self.job.hyperparameters,
                                                        None, self.kfac),
-                                            limit_threads=False)
+                                            owns_process=False)
                        for k, bounds in enumerate(self.bounds)]
         for shard, (lo, hi) in zip(self.shards, self.bounds):
             shard.load_parameters(first.flat[lo:hi])

@@ -7,11 +7,13 @@ Usable on its own, like a small PyTorch:
 It imports nothing but NumPy (no Ray, gRPC or protobuf), so it runs anywhere a model replica or
 a parameter-server shard does.
 
-Importing it keeps freed memory in the process for reuse (allocator.py): NumPy's temporaries
-would otherwise be returned to the OS and page-faulted back at every step.
+A process that trains should keep freed memory for reuse (`allocator.keep_freed_memory()`,
+called by the worker and shard actors and the benchmarks): NumPy's temporaries would otherwise
+be returned to the OS and page-faulted back at every step. Importing the engine changes no
+process-wide setting.
 """
 
-from worker.backprop import allocator, nn, ops, optim
+from worker.backprop import nn, ops, optim
 from worker.backprop.gradcheck import GradcheckError, gradcheck, gradgradcheck
 from worker.backprop.ops import (
     concatenate,
@@ -24,8 +26,6 @@ from worker.backprop.ops import (
     where,
 )
 from worker.backprop.tensor import DEFAULT_DTYPE, Tensor, grad, is_grad_enabled, no_grad
-
-allocator.keep_freed_memory()
 
 __all__ = [
     "DEFAULT_DTYPE", "GradcheckError", "Tensor", "concatenate", "exp", "grad", "gradcheck",
