@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
             on_evaluation=lambda e: progress.evaluation(e.loss, e.accuracy),
             on_recovery=lambda r: progress.note(f"recovered: {r.message}"),
         )
+        progress.finish(result.steps)
     final = result.final_evaluation
     if final is not None:
         summary = f"validation loss {final.loss:.4f}"
@@ -238,7 +239,7 @@ def _watch(args: argparse.Namespace) -> int:
 def _follow(args: argparse.Namespace, client, job_id: str) -> int:
     """Watch a job to its end (a live bar, or one JSON event per line); exit 0 on success."""
     from chainrule.client import state_name
-    from services.progress import TrainingProgress
+    from services.progress import watch_with_progress
 
     if getattr(args, "json", False):
         from google.protobuf import json_format
@@ -246,18 +247,7 @@ def _follow(args: argparse.Namespace, client, job_id: str) -> int:
         for event in client.watch(job_id):
             print(json_format.MessageToJson(event, indent=None), flush=True)
     else:
-        job = client.get(job_id)
-        with TrainingProgress(job.name or job_id, total_steps=0) as progress:
-            for event in client.watch(job_id):
-                kind = event.WhichOneof("kind")
-                if kind == "progress":
-                    p = event.progress
-                    progress.step(p.step, p.total_steps, p.epoch, p.loss, p.samples_per_second)
-                elif kind == "validation":
-                    v = event.validation
-                    progress.evaluation(v.loss, v.accuracy if v.HasField("accuracy") else None)
-                elif kind == "recovery":
-                    progress.note(f"recovered: {event.recovery.message}")
+        job = watch_with_progress(client, job_id, client.get(job_id).name or job_id)
     job = client.get(job_id)
     if not getattr(args, "json", False):
         print(_job_line(job))

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from chainrule.client import Client, state_name
-from services.progress import TrainingProgress
+from services.progress import watch_with_progress
 from services.server import serve
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "digits-mlp.yaml"
@@ -32,18 +32,7 @@ def run_demo(spec_path: str | Path | None = None, metrics_port: int = 0) -> int:
             with Client(server.address) as client:
                 job = client.submit(spec_path, request_id="demo")
                 print(f"submitted {spec_path.name} as {job.id}")
-                with TrainingProgress(job.name or job.id, total_steps=0) as progress:
-                    for event in client.watch(job.id):
-                        kind = event.WhichOneof("kind")
-                        if kind == "progress":
-                            p = event.progress
-                            progress.step(p.step, p.total_steps, p.epoch, p.loss,
-                                          p.samples_per_second)
-                        elif kind == "validation":
-                            v = event.validation
-                            progress.evaluation(v.loss, v.accuracy
-                                                if v.HasField("accuracy") else None)
-                job = client.get(job.id)
+                job = watch_with_progress(client, job.id, job.name or job.id)
                 if state_name(job.state) != "SUCCEEDED":
                     print(f"{job.id} ended {state_name(job.state)}: {job.error}")
                     return 1
