@@ -25,13 +25,16 @@ Ray's JobSubmissionClient and this client, verb by verb:
     tail_job_logs(id)             logs(id, follow=True)  or watch(id) for progress events
     stop_job(id)                  cancel(id)
     list_jobs()                   jobs() / list()        every job / one page
-    delete_job(id)                delete(id)             with its checkpoints and model
+    delete_job(id)                delete(id)             with its checkpoints, model and
+                                                         TensorBoard files
     (polling get_job_status)      wait(id, timeout)      the final Job
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
 import ipaddress
 import os
 import queue
@@ -357,6 +360,41 @@ class Client:
         Path(f"{path}.json").write_text(header.manifest_json)
         return header
 
+    def download_tensorboard(self, job_id: str, directory: str | Path) -> builtins.list[Path]:
+        """Write the job's TensorBoard event files into `directory/<job_id>/` (made when
+        missing; files of an earlier download replaced) and return their paths:
+        `tensorboard --logdir directory` then shows the job as one run. Each file streams to
+        a temporary name, renamed into place once whole. A member that is not a plain file
+        named `<job_id>/<name>` is refused (OSError), so no archive writes outside
+        `directory/<job_id>/`."""
+        import tarfile
+
+        folder = Path(directory) / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        responses = self._stream(self._call(
+            self.stub.DownloadTensorBoard, pb.DownloadTensorBoardRequest(job_id=job_id)))
+        written = []
+        with tarfile.open(fileobj=_ChunkReader(r.chunk for r in responses), mode="r|") as tar:
+            for member in tar:
+                parent, _, name = member.name.partition("/")
+                if (not member.isfile() or parent != job_id or not name or "/" in name
+                        or name.startswith(".")):
+                    raise OSError(f"download of {job_id}: unexpected archive member "
+                                  f"{member.name!r}")
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file's
+                path = folder / name
+                partial = folder / f".{name}.partial"
+                try:
+                    with open(partial, "wb") as out:
+                        while block := source.read(CHUNK_BYTES):
+                            out.write(block)
+                    partial.replace(path)
+                finally:
+                    partial.unlink(missing_ok=True)
+                written.append(path)
+        return written
+
     # --- using a model -------------------------------------------------------------------------
 
     def predict(self, job_id: str, x) -> Predictions:
@@ -406,6 +444,28 @@ class Client:
             pb.GetJobLogsRequest(job_id=job_id, follow=follow),
             timeout=timeout if timeout is not None or follow else self.timeout,
             metadata=self.metadata))
+
+
+class _ChunkReader(io.RawIOBase):
+    """A stream of byte chunks as a readable file (for tarfile's streaming mode)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")  # the unread rest of the current chunk, not copied
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            next_chunk = next(self._chunks, None)
+            if next_chunk is None:
+                return 0
+            self._pending = memoryview(next_chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
 
 
 PREDICT_ROWS_PER_REQUEST = 4096  # the server's bound per Predict request

@@ -6,6 +6,8 @@ corrupt one aside) and where each lives in the service's data folder:
     checkpoints/<job>/step-<N>.npz, step-<N>.npz.json           the newest checkpoints, each
                                                                  with its SHA-256
     checkpoints/<job>/step-<N>.npz.corrupt                      one that failed its check
+    tensorboard/<job>/events.out.tfevents.*                      its TensorBoard event files,
+                                                                 one per run of the job
 
 Every file is written to a temporary name in its folder, fsynced, then renamed: a reader sees
 the old file or the whole new one, never half a file. Arrays are read with allow_pickle=False
@@ -320,8 +322,8 @@ class LatestCheckpoint:
 
 
 class JobStorage:
-    """A service's job files (checkpoints, models) under its data folder: each tenant's, so
-    readable by the server's user only (0600 files in 0700 folders)."""
+    """A service's job files (checkpoints, models, TensorBoard files) under its data folder:
+    each tenant's, so readable by the server's user only (0600 files in 0700 folders)."""
 
     def __init__(self, data_dir: str | Path, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS):
         if keep_checkpoints < 1:
@@ -338,6 +340,14 @@ class JobStorage:
         path = self.model_path(job_id)
         path.unlink(missing_ok=True)
         manifest_path(path).unlink(missing_ok=True)
+
+    # --- TensorBoard event files (services/tracking/tensorboard.py writes them) --------------
+
+    def tensorboard_folder(self, job_id: str) -> Path:
+        return self.data_dir / "tensorboard" / _checked(job_id)
+
+    def delete_tensorboard(self, job_id: str) -> None:
+        shutil.rmtree(self.tensorboard_folder(job_id), ignore_errors=True)
 
     # --- checkpoints -------------------------------------------------------------------------
 

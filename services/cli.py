@@ -494,6 +494,19 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensorboard(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        files = client.download_tensorboard(args.job, args.output)
+    if args.json:
+        import json
+
+        print(json.dumps({"job_id": args.job, "files": [str(path) for path in files]}))
+    else:
+        print(f"wrote {len(files)} event file(s) to {Path(args.output) / args.job}; view "
+              f"them with: tensorboard --logdir {args.output}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
     from services.server import configure_process
@@ -681,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("job")
     resume.add_argument("--epochs", type=_count(1),
                         help="train this many more epochs (required for a SUCCEEDED job)")
-    client_command("delete", "delete an ended job, its checkpoints and its model",
+    client_command("delete", "delete an ended job, its checkpoints, model and TensorBoard "
+                             "files",
                    _delete).add_argument("job")
     upload = client_command("upload", "upload a data set (.npz, .csv), a text or weights",
                             _upload)
@@ -731,6 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("job")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new entries until the job ends")
+
+    tensorboard = client_command("tensorboard", "download a job's TensorBoard event files "
+                                                "(loss, samples/s, learning rate, gradient "
+                                                "norms, validation, recoveries)", _tensorboard)
+    tensorboard.add_argument("job")
+    tensorboard.add_argument("-o", "--output", required=True,
+                             help="folder to write them in, under a subfolder named by the "
+                                  "job (then: tensorboard --logdir FOLDER)")
 
     demo = commands.add_parser("demo", help="serve, train the digits MLP over gRPC, shut down")
     demo.add_argument("--spec", default=None, help="job spec (default: the digits MLP)")

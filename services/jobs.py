@@ -174,7 +174,8 @@ class JobService:
         return self.get(tenant, job_id)
 
     def delete(self, tenant: str, job_id: str) -> None:
-        """Delete an ended job: its record and events, its checkpoints and its model."""
+        """Delete an ended job: its record and events, its checkpoints, its model and its
+        TensorBoard files."""
         job = self.get(tenant, job_id)
         if job.state not in TERMINAL_STATES:
             raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; cancel it first")
@@ -185,6 +186,7 @@ class JobService:
             # retention sweep deletes, never a job whose files are gone.
             self.storage.delete_checkpoints(job_id)
             self.storage.delete_model(job_id)
+            self.storage.delete_tensorboard(job_id)
         self.events.forget(job_id)
 
     def _raise_changed(self, tenant: str, job_id: str) -> None:

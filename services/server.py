@@ -55,6 +55,7 @@ from services.single_instance import (
 from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
+from services.tracking.tensorboard import TensorBoardFiles
 from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
 
@@ -101,6 +102,9 @@ class RunningServer:
     _lock: DataFolderLock | None = None  # this server's hold on data_dir, until stop()
     _stopped: threading.Event = field(default_factory=threading.Event)
     streams: StreamSlots | None = None  # the streaming calls open now, by tenant
+    # Observers that write off the job threads (TensorBoard files, MLflow runs): closed
+    # after the queue stops, so each writes what the jobs reported up to their stop.
+    trackers: list[Any] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
         """Checkpoint and requeue running jobs, then close the server (idempotent)."""
@@ -112,6 +116,8 @@ class RunningServer:
             log.warning("jobs still running after %.0f s; they resume from their last "
                         "checkpoint on the next start", job_timeout)
         self.service.events.close()
+        for tracker in self.trackers:
+            tracker.close()
         self._grpc.stop(grace).wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -196,9 +202,12 @@ def serve(
                          tenant_max_priority=token_file.max_priority)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
+    tensorboard = TensorBoardFiles(storage)
+    trackers: list[Any] = [tensorboard]
     queue = JobQueue(lifecycle, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
-                     observers=[lifecycle] + ([metrics] if metrics is not None else []),
+                     observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
+                                                         else []),
                      max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
@@ -216,7 +225,7 @@ def serve(
                  # the connections; a busy port must be an error.
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(service, auth), server)
+        TrainingServicer(service, auth, tensorboard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -233,6 +242,8 @@ def serve(
     except RuntimeError:  # gRPC's "Failed to bind": taken since check_port_free looked
         port = 0
     if port == 0:
+        for tracker in trackers:
+            tracker.close()
         store.close()
         lock.release()
         raise AlreadyInUse(f"cannot bind {address!r}: port {address.rsplit(':', 1)[-1]} is "
@@ -249,7 +260,7 @@ def serve(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(bound, port, data_dir, metrics_url, service, lifecycle, queue,
                             server, health_servicer, store, owns_ray, metrics_server, lock,
-                            streams=streams)
+                            streams=streams, trackers=trackers)
     _sweep_checkpoints_periodically(service, running._stopped)
     resumed = lifecycle.requeue_unfinished(queue)
     if resumed:

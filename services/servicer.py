@@ -33,6 +33,7 @@ from services.errors import DeadlineExceeded, InvalidArgument, ServiceError, dis
 from services.inference import ModelServing
 from services.job_logs import job_log
 from services.jobs import JobService
+from services.tracking.tensorboard import TensorBoardFiles, tensorboard_archive
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ def _handles_errors(method: Callable) -> Callable:
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
-    def __init__(self, service: JobService, authenticator: Authenticator):
+    def __init__(self, service: JobService, authenticator: Authenticator,
+                 tensorboard: TensorBoardFiles):
         self.service = service
+        self.tensorboard = tensorboard
         self.auth = authenticator
         self.models = ModelServing(service)
 
@@ -210,6 +213,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             entry = pb.LogEntry(kind=line.kind, message=line.message)
             entry.time.FromNanoseconds(int(line.time * 1e9))
             yield entry
+
+    @_handles_errors
+    def DownloadTensorBoard(self, request: pb.DownloadTensorBoardRequest,
+                            context) -> Iterator[pb.DownloadTensorBoardResponse]:
+        for chunk in tensorboard_archive(self.service, self.tensorboard, self._tenant(context),
+                                         request.job_id):
+            if not context.is_active():
+                return
+            yield pb.DownloadTensorBoardResponse(chunk=chunk)
 
 
 def _chunks(requests: Iterator[Any]) -> Iterator[bytes]:

@@ -278,6 +278,18 @@ class ModelHeader(_message.Message):
     manifest_json: str
     def __init__(self, format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
+class DownloadTensorBoardRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DownloadTensorBoardResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
 class Rows(_message.Message):
     __slots__ = ("values", "shape")
     VALUES_FIELD_NUMBER: _ClassVar[int]

@@ -109,6 +109,11 @@ class TrainingServiceStub:
                 request_serializer=chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_training__service__pb2.LogEntry.FromString,
                 _registered_method=True)
+        self.DownloadTensorBoard = channel.unary_stream(
+                '/chainrule.v1.TrainingService/DownloadTensorBoard',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -156,7 +161,8 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Delete an ended job: its record and events, its checkpoints and its model.
+        """Delete an ended job: its record and events, its checkpoints, its model and its
+        TensorBoard files (not its MLflow run, which the MLflow server keeps).
         FAILED_PRECONDITION for a QUEUED or RUNNING job: cancel it first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -231,6 +237,18 @@ class TrainingServiceServicer:
         """The job's stored log (state changes, evaluations, recoveries, warnings, corrupt
         checkpoints, a failure's traceback), oldest first. With `follow`, new entries as they
         are stored, until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadTensorBoard(self, request, context):
+        """The job's TensorBoard event files (written by the server from the job's first step: per
+        step loss, samples/s, learning rate and gradient norm, a histogram of the per-parameter
+        gradient norms, validation loss and accuracy, recoveries as text) as an uncompressed tar
+        in chunks, one member `<job_id>/events.out.tfevents.*` per run of the job. Extract it into
+        a folder and run `tensorboard --logdir FOLDER`. Any state: a running job's files as far
+        as they are flushed (about 2 s behind). FAILED_PRECONDITION before the first step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -313,6 +331,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.GetJobLogs,
                     request_deserializer=chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_training__service__pb2.LogEntry.SerializeToString,
+            ),
+            'DownloadTensorBoard': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadTensorBoard,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -720,6 +743,33 @@ class TrainingService:
             '/chainrule.v1.TrainingService/GetJobLogs',
             chainrule_dot_v1_dot_training__service__pb2.GetJobLogsRequest.SerializeToString,
             chainrule_dot_v1_dot_training__service__pb2.LogEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadTensorBoard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/DownloadTensorBoard',
+            chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.FromString,
             options,
             channel_credentials,
             insecure,
