@@ -98,7 +98,8 @@ def test_the_data_folder_is_private_and_every_file_in_it_is_the_server_users_onl
     wider = {str(path.relative_to(server.data_dir)): oct(_mode(path)) for path in files
              if _mode(path) & 0o077}
     assert wider == {}
-    for folder in ("checkpoints", "models"):
+    assert any(path.name.startswith("events.out.tfevents.") for path in files)
+    for folder in ("checkpoints", "models", "tensorboard"):
         assert _mode(server.data_dir / folder) == 0o700
 
 

@@ -16,6 +16,7 @@ from chainrule.v1 import job_pb2
 from scheduler.records import EvaluationRecord, RecoveryRecord
 from scheduler.storage import JobStorage
 from services.errors import FailedPrecondition, NotFound
+from services.events import EventHub
 from services.jobs import JobService
 from services.store import JobRecord, Store
 from services.tracking.tensorboard import TensorBoardFiles, tensorboard_archive
@@ -145,7 +146,7 @@ def test_the_jobs_thread_never_waits_for_a_stuck_writer_and_new_records_are_drop
 
 def test_the_archive_holds_the_tenants_own_event_files_and_no_one_elses(tmp_path):
     store = Store(tmp_path / "chainrule.db")
-    service = JobService(store, tmp_path / "data")
+    service = JobService(store, tmp_path / "data", JobStorage(tmp_path / "data"), EventHub())
     store.create_job(JobRecord(id=JOB, tenant="alice", spec=job_pb2.JobSpec(name="tiny"),
                                state="QUEUED", created_at=time.time()), "digest")
     tensorboard = TensorBoardFiles(service.storage)
