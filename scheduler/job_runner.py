@@ -49,10 +49,10 @@ from scheduler.records import (
     RecoveryRecord,
     StepRecord,
     StepTimings,
-    TrainingHistory,
 )
 from scheduler.sampler import EpochSampler, StepSamples
 from scheduler.step_deadline import StepDeadline
+from scheduler.step_history import TrainingHistory
 from scheduler.storage import read_tensors
 from scheduler.worker_group import WorkerGroup
 from worker.flat_parameters import ParameterLayout
@@ -207,6 +207,7 @@ class JobRunner:
         # Where a restart goes back to until the first checkpoint: the job's start.
         self.last_checkpoint: Checkpoint | None = self.resume_from
         self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
+        self.history_at_checkpoint = self.history.copy()
         while True:
             try:
                 return self._run_once()
@@ -216,9 +217,9 @@ class JobRunner:
     def _rewind_to(self, checkpoint: Checkpoint | None) -> None:
         """Forget what happened after `checkpoint` (None: the job's start)."""
         self.resume_from = checkpoint
-        step = checkpoint.step if checkpoint is not None else 0
-        self.history.steps = [r for r in self.history.steps if r.step <= step]
-        self.history.evaluations = [e for e in self.history.evaluations if e.step <= step]
+        # The steps and evaluations as they were then (the counts and recoveries go on).
+        self.history.steps = self.history_at_checkpoint.steps.copy()
+        self.history.evaluations = self.history_at_checkpoint.evaluations.copy()
         self.early_stopping = copy.deepcopy(self.early_stopping_at_checkpoint)
         self.history.shard_failures = self.policy.shard_restarts
 
@@ -381,6 +382,7 @@ class JobRunner:
         """Keep the state in memory for shard recovery; hand it to on_checkpoint too."""
         self.last_checkpoint = self.checkpoint(step)
         self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
+        self.history_at_checkpoint = self.history.copy()
         if notify and self.on_checkpoint is not None:
             self.on_checkpoint(self.last_checkpoint)
 

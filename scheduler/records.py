@@ -7,7 +7,7 @@ they carry no Ray or protobuf types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,3 @@ class RecoveryRecord:
     step: int  # the step it happened in (worker_replaced: the first step the new one computes)
     kind: str  # one of RECOVERY_KINDS
     message: str  # for a person: "worker 1 lost at step 5086 (...): recomputed in-step"
-
-
-@dataclass
-class TrainingHistory:
-    steps: list[StepRecord] = field(default_factory=list)
-    evaluations: list[EvaluationRecord] = field(default_factory=list)
-    worker_failures: int = 0
-    shard_failures: int = 0  # each one restarted the job from its last checkpoint
-    recoveries: list[RecoveryRecord] = field(default_factory=list)  # as they were carried out
