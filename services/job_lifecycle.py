@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset, builtin_shape, from_text, text_shape
 from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
+from scheduler.job_runner import TrainingResult
 from scheduler.job_states import QUEUED, RUNNING, SUCCEEDED
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import JobStorage
@@ -170,7 +171,12 @@ class JobLifecycle:
         twice."""
         ending = self._ending.get(job_id)
         if ending is None:  # the first attempt
-            ending = self._ending[job_id] = _Ending(self._latest_progress(job_id))
+            progress = self._latest_progress(job_id)
+            if outcome.state == SUCCEEDED and outcome.result is not None:
+                progress = self._completed(job_id, progress, outcome.result)
+                self.events.publish(JobEvent(job_id, time.time(), "progress",
+                                             progress=progress))
+            ending = self._ending[job_id] = _Ending(progress)
             # This run's bookkeeping goes before its end is recorded: from then on a resume
             # may start the job's next run, whose own bookkeeping must stay.
             with self._lock:
@@ -242,6 +248,32 @@ class JobLifecycle:
         self.events.publish(JobEvent(job_id, time.time(), "recovery", recovery=record))
         self.store.add_event(job_id, "recovery", {"step": record.step, "kind": record.kind,
                                                   "message": record.message})
+
+    def _completed(self, job_id: str, progress: ProgressSummary | None,
+                   result: TrainingResult) -> ProgressSummary:
+        """A SUCCEEDED run's last progress: step = total = the steps the job took (fewer than
+        planned when early stopping ended it), no time left, the final validation. Not simply
+        the run's last step: a run resumed at the job's final checkpoint (its server was
+        killed after it) takes no step, and the progress stored before was throttled, so
+        possibly many steps behind."""
+        if progress is None:
+            job = self.store.get_job(job_id)
+            progress = job.progress if job is not None else None
+        with self._lock:
+            live = self._live.get(job_id)
+            epochs = live.epochs if live is not None and live.epochs else 0
+        last = result.history.steps[-1] if result.history.steps else None
+        if progress is None:
+            progress = ProgressSummary(0, 0, 0, epochs, 0.0, 0.0, 0.0)
+        epochs = epochs or progress.epochs
+        final = result.final_evaluation
+        return replace(
+            progress, step=result.steps, total_steps=result.steps,
+            # Without a step of its own, the run ended on the job's last step: in its last epoch.
+            epoch=last.epoch if last is not None else max(epochs - 1, progress.epoch),
+            epochs=epochs, loss=last.loss if last is not None else progress.loss,
+            eta_seconds=0.0,
+            validation=_validation(final) if final is not None else progress.validation)
 
     def _flush_progress(self, job_id: str) -> None:
         """The latest progress into the store (writes are throttled while running)."""
