@@ -42,6 +42,44 @@ NEXT_TOKEN = "next_token"
 _SPLIT_STREAM = 0x5B17
 
 
+@dataclass(frozen=True)
+class ValidationSplit:
+    """How a job's validation samples were chosen, enough to choose them again outside
+    chainrule; the weights' manifest carries it (README, "Rebuilding a model in PyTorch")."""
+
+    rule: str  # one of SPLIT_RULES
+    samples: int = 0  # the data set's samples (rows, or a text's windows) before the split
+    validation_samples: int = 0
+    seed: int = 0  # seeded_permutation: the job's seed
+    text_bytes: int = 0  # text_tail: the text's length and its first validation byte
+    text_cut: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's "validation_split": the rule, its numbers and, in `how`, the rule
+        in words and NumPy."""
+        common = {"rule": self.rule, "validation_samples": self.validation_samples}
+        if self.rule == SEEDED_PERMUTATION:
+            return {**common, "samples": self.samples, "seed": self.seed,
+                    "stream": _SPLIT_STREAM,
+                    "how": "order = numpy.random.default_rng([seed, stream]).permutation("
+                           "samples); validation rows = sorted(order[:validation_samples]), "
+                           "training rows = sorted(order[validation_samples:]), as indices "
+                           "into the data set's rows in their stored order"}
+        if self.rule == TEXT_TAIL:
+            return {**common, "text_bytes": self.text_bytes, "cut": self.text_cut,
+                    "how": "training windows are cut from the text's bytes [:cut], validation "
+                           "windows from [cut:]: non-overlapping windows of context_length "
+                           "bytes, each byte's target the byte after it"}
+        if self.rule == GIVEN:
+            return {**common, "how": "the data set's own validation part (x_val, y_val)"}
+        return {**common, "how": "no validation split"}
+
+
+SEEDED_PERMUTATION, GIVEN, TEXT_TAIL, NO_VALIDATION = ("seeded_permutation", "given",
+                                                       "text_tail", "none")
+SPLIT_RULES = (SEEDED_PERMUTATION, GIVEN, TEXT_TAIL, NO_VALIDATION)
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A data set ready for training; `x_val`/`y_val` are None when there is no validation part.
@@ -60,6 +98,8 @@ class Dataset:
     feature_mean: np.ndarray | None = None
     feature_std: np.ndarray | None = None
     name: str = ""
+    # How x_val was chosen; None until split_and_standardize (or from_text) says.
+    validation_split: ValidationSplit | None = None
 
     def __post_init__(self) -> None:
         _check_pair(self.x, self.y, "x", "y")
@@ -316,8 +356,12 @@ def from_text(text: bytes, context_length: int, validation_fraction: float, *,
     x_val = y_val = None
     if validation_fraction > 0:
         x_val, y_val = _windows(tokens[windows.cut:], context_length)
+    split = ValidationSplit(TEXT_TAIL, len(x) + (0 if x_val is None else len(x_val)),
+                            0 if x_val is None else len(x_val), text_bytes=len(text),
+                            text_cut=windows.cut)
     return Dataset(x=x, y=y, x_val=x_val, y_val=y_val, task=NEXT_TOKEN,
-                   num_classes=BYTE_VOCABULARY, feature_shape=x.shape[1:], name=name)
+                   num_classes=BYTE_VOCABULARY, feature_shape=x.shape[1:], name=name,
+                   validation_split=split)
 
 
 def _windows(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -344,12 +388,17 @@ def split_and_standardize(dataset: Dataset, validation_fraction: float, standard
         raise SpecError("data.validation_fraction",
                         f"must be in [0, 1), got {validation_fraction}")
     x, y, x_val, y_val = dataset.x, dataset.y, dataset.x_val, dataset.y_val
+    split = dataset.validation_split
     if x_val is None and validation_fraction > 0:
         train, held_out = _split_indices(len(x), validation_fraction, seed)
+        split = ValidationSplit(SEEDED_PERMUTATION, len(x), len(held_out), seed)
         x, y, x_val, y_val = x[train], y[train], x[held_out], y[held_out]
+    elif split is None:
+        split = (ValidationSplit(NO_VALIDATION, len(x)) if x_val is None else
+                 ValidationSplit(GIVEN, len(x) + len(x_val), len(x_val)))
 
     if x.dtype.kind != "f":  # integer tokens: nothing to standardise or convert
-        return replace(dataset, x=x, y=y, x_val=x_val, y_val=y_val)
+        return replace(dataset, x=x, y=y, x_val=x_val, y_val=y_val, validation_split=split)
     dtype = np.dtype(dtype) if dtype is not None else x.dtype
     mean, std = _fit_standardization(x) if standardize else (None, None)
     regression = dataset.task == REGRESSION
@@ -361,6 +410,7 @@ def split_and_standardize(dataset: Dataset, validation_fraction: float, standard
         y_val=y_val.astype(dtype) if regression and y_val is not None else y_val,
         feature_mean=mean,
         feature_std=std,
+        validation_split=split,
     )
 
 

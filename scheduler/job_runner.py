@@ -40,7 +40,7 @@ import numpy as np
 
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
-from scheduler.datasets import Dataset
+from scheduler.datasets import Dataset, ValidationSplit
 from scheduler.failure_policy import Decision, FailurePolicy, JobFailed
 from scheduler.placement import reserve
 from scheduler.ray_cluster import alive_nodes
@@ -90,6 +90,7 @@ class TrainingResult:
     # spec, enough to rebuild the model without its data set.
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = ""
+    validation_split: ValidationSplit | None = None  # how the validation samples were chosen
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ class JobRunner:
         return TrainingResult(self._state_dict(), self.history, final, step, stopped,
                               self.actor_nodes, triggered, self.dataset.feature_mean,
                               self.dataset.feature_std, tuple(self.job.model.input_shape),
-                              self.job.model.input_dtype)
+                              self.job.model.input_dtype, self.dataset.validation_split)
 
     # --- early stopping ------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ from scheduler.datasets import (
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import FORMATS, local_weights_shape, save_weights
+from worker.layer_description import describe_model
+from worker.model_builder import plan_model
 from worker.resolved_job import ResolvedJob, resolve
 
 
@@ -125,10 +127,18 @@ def save_trained_weights(path: str | Path, spec: job_pb2.JobSpec, result: Traini
 
 def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:
     """What a weights file needs beside it to be used: the spec it was trained from, how the
-    training ended, and the feature standardisation every new input must go through."""
+    training ended, the feature standardisation every new input must go through, the layer
+    plan (each layer's kind, PyTorch class and arguments, shapes and state_dict keys) and how
+    the validation samples were chosen: enough to rebuild the network in PyTorch and check
+    its figures there (README, "Rebuilding a model in PyTorch")."""
     from google.protobuf import json_format
 
     final = result.final_evaluation
+    layers = None
+    if result.input_shape is not None:
+        plan = plan_model(spec.model, result.input_shape, result.input_dtype or "float32")
+        layers = [layer.to_json() for layer in describe_model(plan)]
+    split = result.validation_split
     return {
         "format": "chainrule-weights/1",
         "keys": "PyTorch state_dict names",
@@ -140,6 +150,8 @@ def weights_manifest(spec: job_pb2.JobSpec, result: TrainingResult) -> dict:
         "feature_std": _as_list(result.feature_std),
         "input_shape": None if result.input_shape is None else list(result.input_shape),
         "input_dtype": result.input_dtype or None,
+        "layers": layers,
+        "validation_split": None if split is None else split.to_json(),
     }
 
 

@@ -31,3 +31,12 @@ def test_the_train_command_and_the_service_write_the_same_manifest(client, tmp_p
     assert local == served
     assert len(local["feature_mean"]) == len(local["feature_std"]) == 4  # iris has 4 features
     assert local["steps"] == 3 * 4 and local["validation_accuracy"] is not None
+    # The layer plan and the split rule, for rebuilding in PyTorch (README; followed by
+    # tests/scheduler/test_rebuilding_in_pytorch.py).
+    assert [(layer["kind"], layer["torch"], layer["output_shape"]) for layer in local["layers"]] \
+        == [("linear", "torch.nn.Linear", [8]), ("relu", "torch.nn.ReLU", [8]),
+            ("linear", "torch.nn.Linear", [3])]
+    assert local["layers"][0]["parameters"] == {"0.weight": [8, 4], "0.bias": [8]}
+    split = local["validation_split"]
+    assert (split["rule"], split["samples"], split["validation_samples"], split["seed"]) == (
+        "seeded_permutation", 150, 30, 0)
