@@ -19,7 +19,7 @@ import pytest
 from chainrule.spec_file import load_job_spec
 from scheduler.datasets import builtin_text, from_arrays, load_builtin, split_and_standardize
 from scheduler.job_runner import TrainingResult
-from scheduler.records import TrainingHistory
+from scheduler.step_history import TrainingHistory
 from scheduler.training import prepare_dataset, resolve_builtin_job, save_trained_weights
 from worker.backprop import Tensor
 from worker.backprop.tensor import no_grad
