@@ -413,6 +413,24 @@ class Client:
             for start in range(0, len(x), rows)]
         return Predictions.from_responses(responses)
 
+    def predict_file(self, job_id: str, path: str | Path,
+                     label_column: str = "") -> Predictions:
+        """The job's model on the rows of a .csv (a header row, then numbers; `label_column`
+        left out) or an .npz (its array x), parsed by the server as uploads are. Sent as files
+        of at most PREDICT_ROWS_PER_REQUEST rows and PREDICT_FILE_BYTES bytes each: a CSV
+        cut between its lines (each part with the header), an .npz's x cut by rows."""
+        path = Path(path)
+        fmt = path.suffix.lower().lstrip(".")
+        if fmt not in ("csv", "npz"):
+            raise ValueError(f"{str(path)!r}: rows come from a .csv or .npz file")
+        parts = _csv_parts(path) if fmt == "csv" else _npz_parts(path)
+        responses = [self._call(self.stub.Predict, pb.PredictRequest(
+            job_id=job_id, file=pb.RowsFile(format=fmt, data=data, label_column=label_column)))
+            for data in parts]
+        if not responses:
+            raise ValueError(f"{str(path)!r} has no rows")
+        return Predictions.from_responses(responses)
+
     def predict_dataset(self, job_id: str, dataset: str) -> Predictions:
         """The job's model on an upload's `x`."""
         return Predictions.from_responses([self._call(
@@ -470,6 +488,46 @@ class _ChunkReader(io.RawIOBase):
 
 PREDICT_ROWS_PER_REQUEST = 4096  # the server's bound per Predict request
 PREDICT_VALUES_PER_REQUEST = 1 << 19
+PREDICT_FILE_BYTES = 6 * 1024 * 1024  # a file part, well under gRPC's 8 MiB message
+
+
+def _csv_parts(path: Path) -> Iterator[bytes]:
+    """The CSV as parts of at most PREDICT_ROWS_PER_REQUEST rows and PREDICT_FILE_BYTES
+    bytes, each starting with the header line (a line longer than that is sent alone, for
+    the server to refuse by its own line cap)."""
+    with open(path, "rb") as handle:
+        header = handle.readline()
+        part, rows = [header], 0
+        size = len(header)
+        for line in handle:
+            if not line.strip():
+                continue
+            if rows and (rows == PREDICT_ROWS_PER_REQUEST
+                         or size + len(line) > PREDICT_FILE_BYTES):
+                yield b"".join(part)
+                part, rows, size = [header], 0, len(header)
+            part.append(line if line.endswith(b"\n") else line + b"\n")
+            rows, size = rows + 1, size + len(line) + 1
+        if rows or not header.strip():
+            yield b"".join(part)  # an empty file goes too: the server says what is wrong
+
+
+def _npz_parts(path: Path) -> Iterator[bytes]:
+    """The .npz's x as .npz parts of at most PREDICT_ROWS_PER_REQUEST rows and
+    PREDICT_VALUES_PER_REQUEST values (an x too small to need cutting goes as it is)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as archive:
+        if "x" not in archive.files:
+            raise ValueError(f"{str(path)!r}: an .npz needs an array named x, it has "
+                             f"{archive.files}")
+        x = archive["x"]
+    per_row = max(1, int(np.prod(x.shape[1:])))
+    rows = max(1, min(PREDICT_ROWS_PER_REQUEST, PREDICT_VALUES_PER_REQUEST // per_row))
+    for start in range(0, max(len(x), 1), rows):
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x[start:start + rows])
+        yield buffer.getvalue()
 
 
 class Predictions:

@@ -400,33 +400,6 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_rows(path: str, label_column: str | None) -> object:
-    """A CSV's (header row, then numbers; `label_column` dropped) or an .npz's `x` rows."""
-    import numpy as np
-
-    file = Path(path)
-    if file.suffix.lower() == ".npz":
-        with np.load(file, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise UsageError(f"{path}: an .npz needs an array named x")
-            return archive["x"]
-    if file.suffix.lower() != ".csv":
-        raise UsageError(f"{path}: rows come from a .csv or .npz file")
-    import csv
-
-    with open(file, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise UsageError(f"{path}: empty file")
-        keep = [i for i, name in enumerate(header) if name != label_column]
-        try:
-            rows = [[float(row[i]) for i in keep] for row in reader if row]
-        except (ValueError, IndexError) as error:
-            raise UsageError(f"{path}: every row needs {len(header)} numbers ({error})") from None
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
-
-
 def _predictions_csv(predictions) -> list[list[str]]:
     if predictions.task == "classification":
         k = predictions.probabilities.shape[1]
@@ -443,9 +416,13 @@ def _predictions_csv(predictions) -> list[list[str]]:
 def _predict(args: argparse.Namespace) -> int:
     import csv
 
-    x = _read_rows(args.file, args.label_column)
-    with _client(args) as client:
-        table = _predictions_csv(client.predict(args.job, x))
+    if Path(args.file).suffix.lower() not in (".csv", ".npz"):
+        raise UsageError(f"{args.file}: rows come from a .csv or .npz file")
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
+    with _client(args) as client:  # the server parses the file as it parses uploads
+        table = _predictions_csv(client.predict_file(args.job, args.file,
+                                                     args.label_column or ""))
     if args.output:
         with open(args.output, "w", newline="") as handle:
             csv.writer(handle).writerows(table)

@@ -24,6 +24,7 @@ class InvalidArgument(ServiceError):
 
     def __init__(self, field_path: str, message: str):
         self.field_path = field_path
+        self.detail = message  # without the field path
         super().__init__(f"{field_path}: {message}" if field_path else message)
 
 

@@ -7,7 +7,9 @@ standardisation as the training rows (the manifest's feature_mean/feature_std, c
 float64, then cast to the job's dtype: `scheduler.datasets._apply_standardization`).
 
 Bounds, because this runs on the RPC threads of the API process:
-- Predict takes at most MAX_PREDICT_ROWS rows and MAX_PREDICT_VALUES values per request;
+- Predict takes at most MAX_PREDICT_ROWS rows and MAX_PREDICT_VALUES values per request,
+  also from a file sent with it (a CSV or .npz, parsed by services/uploads.py with the
+  server's upload caps, the values counted before they are held);
 - forward passes run MAX_BATCH rows at a time (EvaluateJob's memory stays at one batch's
   activations whatever the data set's size);
 - Generate writes at most MAX_GENERATE_TOKENS bytes after a prompt of at most
@@ -110,6 +112,15 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class RowsFile:
+    """A file of rows sent with a Predict request (RowsFile in the proto)."""
+
+    format: str  # "csv" or "npz"
+    data: bytes
+    label_column: str = ""
+
+
+@dataclass(frozen=True)
 class Predictions:
     task: str
     samples: int
@@ -136,12 +147,22 @@ class ModelServing:
     # --- the RPCs ----------------------------------------------------------------------------
 
     def predict(self, tenant: str, job_id: str, rows: tuple[list[float], list[int]] | None,
-                dataset: str = "") -> Predictions:
+                dataset: str = "", file: RowsFile | None = None) -> Predictions:
+        """The model's predictions on `rows` (values, shape), an upload's x (`dataset`) or the
+        rows of a `file` sent with the request."""
         loaded = self.load(tenant, job_id)
         if loaded.task == "next_token":
             raise FailedPrecondition(f"job_id: job {job_id} is a language model; use Generate")
         if rows is not None:
             x = _rows(rows[0], rows[1], loaded, "rows")
+        elif file is not None:
+            x = uploads.read_rows(file.data, file.format, file.label_column,
+                                  self.service.upload_limits, max_values=MAX_PREDICT_VALUES,
+                                  field="file")
+            if len(x) > MAX_PREDICT_ROWS:
+                raise InvalidArgument("file.data", f"1 to {MAX_PREDICT_ROWS} rows per request, "
+                                                   f"got {len(x)}")
+            _check_features(x, loaded, "file")
         else:
             x = self._dataset_arrays(tenant, dataset, "dataset")[0]
             _check_features(x, loaded, "dataset")

@@ -30,7 +30,7 @@ from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from services import convert
 from services.auth import Authenticator
 from services.errors import DeadlineExceeded, InvalidArgument, ServiceError, disk_full
-from services.inference import ModelServing
+from services.inference import ModelServing, RowsFile
 from services.job_logs import job_log
 from services.jobs import JobService
 from services.tracking.tensorboard import TensorBoardFiles, tensorboard_archive
@@ -168,13 +168,17 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     @_handles_errors
     def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        rows = None
-        if request.WhichOneof("input") == "rows":
+        rows, file = None, None
+        kind = request.WhichOneof("input")
+        if kind == "rows":
             rows = (list(request.rows.values), list(request.rows.shape))
-        elif request.WhichOneof("input") is None:
-            raise InvalidArgument("input", "required: rows, or the name of an upload (dataset)")
+        elif kind == "file":
+            file = RowsFile(request.file.format, request.file.data, request.file.label_column)
+        elif kind is None:
+            raise InvalidArgument("input", "required: rows, a file of rows (file) or the name "
+                                           "of an upload (dataset)")
         result = self.models.predict(self._tenant(context), request.job_id, rows,
-                                     request.dataset)
+                                     request.dataset, file)
         response = pb.PredictResponse(task=result.task, samples=result.samples)
         if result.classes is not None:
             response.classes.extend(result.classes.tolist())

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import hashlib
+import io
+import math
 import os
 import re
 import tempfile
@@ -481,7 +484,7 @@ def _convert_csv(path: Path, label_column: str, limits: UploadLimits,
 def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
                x_raw: IO[bytes], y_raw: IO[bytes]) -> tuple[int, int, _LabelStats]:
     """(rows, features, label statistics); features and labels are appended to the raw
-    files as float64."""
+    files as float64. No `label_column` (""): every column is a feature."""
     header = next((row for row in reader if row), None)
     if header is None:
         raise InvalidArgument("header.format", "a CSV needs a header row and at least one "
@@ -491,7 +494,7 @@ def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
         raise InvalidArgument("header.format", f"the CSV has {len(columns)} columns; this "
                                                f"server accepts at most "
                                                f"{limits.max_csv_columns}")
-    named = columns.count(label_column)
+    named = columns.count(label_column) if label_column else 1
     if named == 0:
         shown = columns if len(columns) <= 20 else columns[:20] + ["..."]
         raise InvalidArgument("header.label_column", f"no column {label_column!r}; the columns "
@@ -499,9 +502,9 @@ def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
     if named > 1:
         raise InvalidArgument("header.label_column", f"the CSV has {named} columns named "
                                                      f"{label_column!r}")
-    if len(columns) < 2:
+    if len(columns) < 1 + bool(label_column):
         raise InvalidArgument("header.label_column", "the CSV has no feature columns")
-    label_index = columns.index(label_column)
+    label_index = columns.index(label_column) if label_column else None
     feature_indices = [i for i in range(len(columns)) if i != label_index]
     max_rows = min(limits.max_csv_rows,
                    limits.max_dataset_bytes // (TRAINING_VALUE_BYTES * len(columns)))
@@ -518,8 +521,9 @@ def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
                                                    f"{columns[column]!r}: {values[row, column]} "
                                                    f"is not finite")
         x_raw.write(values[:, feature_indices].tobytes())
-        y_raw.write(values[:, label_index].tobytes())
-        stats.add(values[:, label_index], lines[:filled], limits.max_classes)
+        if label_index is not None:
+            y_raw.write(values[:, label_index].tobytes())
+            stats.add(values[:, label_index], lines[:filled], limits.max_classes)
 
     for row in reader:
         if not row:
@@ -551,6 +555,74 @@ def _parse_csv(reader: CsvReader, label_column: str, limits: UploadLimits,
         raise InvalidArgument("header.format", "a CSV needs a header row and at least one "
                                                "sample row")
     return rows, len(feature_indices), stats
+
+
+# --- rows sent with a request (Predict) ----------------------------------------------------------
+
+ROWS_FORMATS = ("csv", "npz")
+
+
+def read_rows(data: bytes, format: str, label_column: str, limits: UploadLimits, *,
+              max_values: int, field: str) -> np.ndarray:
+    """The rows of a file sent whole in one request: a .csv (a header row, then numbers;
+    `label_column`, when given, left out) or an .npz's array `x`. Parsed by the upload code,
+    with its caps, and never more than `max_values` values held: an .npz's declared shape is
+    checked before its data is read, a CSV's rows as they are read. Float64 rows (an .npz's
+    integer `x`, tokens, as int64); InvalidArgument naming `field`.format, .data or
+    .label_column."""
+    if format not in ROWS_FORMATS:
+        raise InvalidArgument(f"{field}.format", f"must be one of {', '.join(ROWS_FORMATS)}, "
+                                                 f"got {format!r}")
+    if not data:
+        raise InvalidArgument(f"{field}.data", "is empty")
+    if format == "npz":
+        if label_column:
+            raise InvalidArgument(f"{field}.label_column", "only for CSV; an .npz's rows are "
+                                                           "its array x")
+        return _npz_rows(data, limits, max_values, field)
+    # Values are float64 here as in a data set: the data-set cap is the value cap.
+    capped = dataclasses.replace(limits, max_dataset_bytes=max_values * TRAINING_VALUE_BYTES)
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+    reader = csv.reader(_bounded_lines(text, limits.max_csv_line_chars))
+    x_raw, y_raw = io.BytesIO(), io.BytesIO()
+    try:
+        rows, features, _ = _parse_csv(reader, label_column, capped, x_raw, y_raw)
+    except InvalidArgument as error:  # the upload's fields, as this request names them
+        part = "label_column" if error.field_path.endswith("label_column") else "data"
+        raise InvalidArgument(f"{field}.{part}", error.detail) from error
+    except csv.Error as error:
+        raise InvalidArgument(f"{field}.data", f"CSV line {reader.line_num}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(f"{field}.data", f"a CSV must be UTF-8 text; after line "
+                                               f"{reader.line_num}: {error}") from error
+    return np.frombuffer(x_raw.getbuffer(), np.float64).reshape(rows, features).copy()
+
+
+def _npz_rows(data: bytes, limits: UploadLimits, max_values: int, field: str) -> np.ndarray:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = {entry.key: entry for entry in read_entries(archive)}
+            x = entries.get("x")
+            if x is None:
+                raise EntryError("", f"the archive has no array 'x' (it has "
+                                     f"{sorted(entries)})")
+            _check_declared_sizes([x], len(data), limits)
+            if len(x.shape) < 2 or x.shape[0] == 0:
+                raise EntryError("x", f"must have samples and a feature axis, got shape "
+                                      f"{x.shape}")
+            if math.prod(x.shape) > max_values:
+                raise EntryError("x", f"declares shape {x.shape}: {math.prod(x.shape)} values, "
+                                      f"over this request's limit of {max_values}")
+        # The declared shape is within the caps: numpy reads exactly that many values.
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive_arrays:
+            rows = archive_arrays["x"]
+    except EntryError as error:
+        raise InvalidArgument(f"{field}.data", str(error)) from error
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as error:
+        raise InvalidArgument(f"{field}.data", f"not a readable .npz archive: {error}") from error
+    if rows.dtype.kind not in "biuf":
+        raise InvalidArgument(f"{field}.data", f"x must hold numbers, got {rows.dtype}")
+    return rows.astype(np.int64 if rows.dtype.kind in "biu" else np.float64)
 
 
 def _bounded_lines(text: IO[str], max_chars: int) -> Iterator[str]:

@@ -298,15 +298,27 @@ class Rows(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class RowsFile(_message.Message):
+    __slots__ = ("format", "data", "label_column")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    data: bytes
+    label_column: str
+    def __init__(self, format: _Optional[str] = ..., data: _Optional[bytes] = ..., label_column: _Optional[str] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
-    __slots__ = ("job_id", "rows", "dataset")
+    __slots__ = ("job_id", "rows", "dataset", "file")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rows: Rows
     dataset: str
-    def __init__(self, job_id: _Optional[str] = ..., rows: _Optional[_Union[Rows, _Mapping]] = ..., dataset: _Optional[str] = ...) -> None: ...
+    file: RowsFile
+    def __init__(self, job_id: _Optional[str] = ..., rows: _Optional[_Union[Rows, _Mapping]] = ..., dataset: _Optional[str] = ..., file: _Optional[_Union[RowsFile, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("task", "samples", "classes", "probabilities", "num_classes", "values", "value_shape")

@@ -162,6 +162,67 @@ def test_more_rows_than_one_request_takes_is_rejected_by_the_server(client, iris
     assert error.details().startswith("rows.shape: 1 to 4096 rows per request")
 
 
+def test_predict_takes_a_csv_or_npz_file_in_the_request_as_it_takes_rows(
+        client, iris_job, tmp_path):
+    job_id, _ = iris_job
+    iris = load_iris()
+    expected = client.predict(job_id, iris.data)
+    rows = tmp_path / "rows.csv"
+    with open(rows, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["a", "b", "species", "c", "d"])  # the label column is left out
+        writer.writerows([*row[:2], label, *row[2:]]
+                         for row, label in zip(iris.data.tolist(), iris.target, strict=True))
+    from_csv = client.predict_file(job_id, rows, label_column="species")
+    np.testing.assert_array_equal(from_csv.probabilities, expected.probabilities)
+    np.testing.assert_array_equal(from_csv.classes, expected.classes)
+    # More rows than one request takes: the client sends the file in parts.
+    many = tmp_path / "many.npz"
+    np.savez(many, x=np.tile(iris.data, (30, 1)), y=np.tile(iris.target, 30))
+    from_npz = client.predict_file(job_id, many)
+    np.testing.assert_array_equal(from_npz.probabilities,
+                                  np.tile(expected.probabilities, (30, 1)))
+
+
+def _file_request(job_id, data, fmt="csv", label_column=""):
+    from chainrule.v1 import training_service_pb2 as pb
+
+    return pb.PredictRequest(job_id=job_id, file=pb.RowsFile(format=fmt, data=data,
+                                                             label_column=label_column))
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("request_parts, field, fragment", [
+    (("a,b,c,d\n1,2,x,4\n",), "file.data", "CSV line 2, column 'c': not a number"),
+    (("a,b,c,d\n1,2,3,4\n", "csv", "label"), "file.label_column", "no column 'label'"),
+    (("a,b,c,d\n1,2,3,4\n", "parquet"), "file.format", "must be one of csv, npz"),
+    ((b"not a zip", "npz"), "file.data", "not a readable .npz"),
+    ((_npz_bytes(y=np.zeros(3)), "npz"), "file.data", "no array 'x'"),
+    # 4097 rows: one over Predict's cap; 600,000 values (zeros compress to almost nothing):
+    # refused from the declared shape, before any value is read.
+    ((_npz_bytes(x=np.random.default_rng(0).random((4097, 4))), "npz"), "file.data",
+     "1 to 4096 rows per request"),
+    ((_npz_bytes(x=np.zeros((150_000, 4))), "npz"), "file.data", "declares"),
+    (("a,b,c\n1,2,3\n",), "file.shape", "this model takes samples of shape [4]"),
+])
+def test_a_file_in_the_request_is_parsed_with_the_upload_caps_and_errors_name_the_field(
+        client, iris_job, request_parts, field, fragment):
+    job_id, _ = iris_job
+    data, *rest = request_parts
+    request = _file_request(job_id, data.encode() if isinstance(data, str) else data, *rest)
+    error = rpc_error(lambda: client.stub.Predict(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith(f"{field}: "), error.details()
+    assert fragment in error.details(), error.details()
+
+
 def test_chainrule_predict_writes_a_class_column(server, iris_job, tmp_path, capsys):
     job_id, _ = iris_job
     iris = load_iris()
