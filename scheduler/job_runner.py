@@ -459,8 +459,7 @@ class JobRunner:
                       for i, block in enumerate(failure.unfinished_blocks)}
             by = ", ".join(str(w) for w in sorted(set(owners.values()))) or "none"
             for worker in failure.workers:
-                why = (f"silent past the step's {self.deadline.seconds:.3g} s deadline"
-                       if worker in failure.silent else "its process died")
+                why = _why_lost(worker, failure, self.deadline.seconds)
                 self._recovered("worker_lost", failure.step,
                                 f"worker {worker} lost at step {failure.step} ({why}): its "
                                 f"micro-batches recomputed in-step by worker(s) {by}")
@@ -620,6 +619,14 @@ def _load_initial_weights(model, job: ResolvedJob) -> None:
     # A scalar may come as one value of shape (1,) (initial_weights.fits): the model's shape.
     model.load_state_dict({key: value.reshape(own[key].shape) for key, value in values.items()},
                           strict=False)
+
+
+def _why_lost(worker: int, failure: WorkersLost, deadline_seconds: float) -> str:
+    if worker in failure.silent:
+        return f"silent past the step's {deadline_seconds:.3g} s deadline"
+    if worker in failure.unanswered:
+        return "no answer to its heartbeat: its node or process is gone or stopped"
+    return "its process died"
 
 
 def _micro_batches_in_tree_order(group: list[StepSamples]) -> list[tuple[int, np.ndarray]]:

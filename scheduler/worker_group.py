@@ -20,10 +20,15 @@ import ray
 from scheduler.placement import Placement
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
+from worker.transport.liveness import CONCURRENCY_GROUPS
 from worker.transport.step import ActorFailure, ShardLost
 
-RemoteReplica = ray.remote(ModelReplica)
-RemoteShard = ray.remote(ParameterServerShard)
+# Heartbeats have a thread of their own (worker/transport/liveness.py). Ray's type stubs omit
+# ray.remote's concurrency_groups argument, which Ray 2.60 takes.
+RemoteReplica = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups=CONCURRENCY_GROUPS)(ModelReplica)
+RemoteShard = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups=CONCURRENCY_GROUPS)(ParameterServerShard)
 
 
 @dataclass(frozen=True)

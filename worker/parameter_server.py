@@ -145,6 +145,10 @@ class ParameterServerShard:
 
         return host_identity(), _ray_node_id()
 
+    def heartbeat(self) -> None:
+        """Answered in its own thread while the shard sums and applies: the runner's liveness
+        check (worker/transport/liveness.py)."""
+
     # --- one step ------------------------------------------------------------------------
 
     def reduce(self, parts: list[np.ndarray],

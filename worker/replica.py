@@ -111,6 +111,10 @@ class ModelReplica:
         """(host, Ray node id): replicas on the runner's host share its memory."""
         return host_identity(), _ray_node_id()
 
+    def heartbeat(self) -> None:
+        """Answered in its own thread while blocks compute: the runner's liveness check
+        (worker/transport/liveness.py)."""
+
     # --- the transports' actor ends (worker/transport/): Ray calls reach them here ----------
 
     def serve(self, step: shared_memory.SharedStep, worker: int) -> None:

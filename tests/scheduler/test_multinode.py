@@ -1,7 +1,13 @@
 """Several Ray nodes (separate raylets on this machine, via ray.cluster_utils.Cluster): actors
-spread across them, and the weights are those of a one-node run."""
+spread across them, and the weights are those of a one-node run; a node lost on the
+object-store path is found within 3 s and costs nothing but its worker."""
+
+import os
+import signal
+import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -23,12 +29,21 @@ seed: 3
 """
 
 
-def train(workers: int, shards: int, transport: str = "auto"):
+def runner(workers: int, shards: int, transport: str = "auto", step_deadline_floor: float = 0,
+           **options) -> JobRunner:
     spec = load_job_spec(SPEC)
+    spec.resources.step_deadline.floor_seconds = step_deadline_floor  # 0: the default
     dataset = split_and_standardize(load_builtin(spec.data.dataset, spec.seed),
                                     spec.data.validation_fraction, True, spec.seed)
     return JobRunner.for_spec(spec, dataset, workers=workers, parameter_servers=shards,
-                              transport=transport).run()
+                              transport=transport, **options)
+
+
+LOST_NODE_PIDS: list[int] = []
+
+
+def train(workers: int, shards: int, transport: str = "auto"):
+    return runner(workers, shards, transport).run()
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +65,8 @@ def three_nodes(one_node_result):
     cluster.wait_for_nodes()
     yield cluster
     ray.shutdown()
+    for pid in LOST_NODE_PIDS:  # stopped by the lost-node test: the node is gone for good
+        os.kill(pid, signal.SIGKILL)
     cluster.shutdown()
 
 
@@ -62,5 +79,53 @@ def test_workers_and_shards_spread_over_three_nodes_give_the_one_node_weights(
     result = train(2, 1, transport)
     nodes = result.actor_nodes["workers"] + result.actor_nodes["shards"]
     assert len(set(nodes)) == 3, nodes  # every actor on its own node
+    for key, value in one_node_result.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+
+
+def test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones(
+        one_node_result, three_nodes):
+    # A node lost as a machine that hangs or drops off the network is: its raylet and every
+    # process it started stop (a real SIGSTOP), so nothing answers and no connection is refused.
+    # Ray's own heartbeat declares such a node dead after ~15 s, and the step's deadline here
+    # is a minute (as for a job of slow steps): only the runner's heartbeats
+    # (worker/transport/liveness.py) find it in time. (Processes SIGKILLed on this machine
+    # refuse connections, which Ray reports at once as a dead actor; a SIGKILL of the raylet
+    # alone leaves its workers computing, small results not passing through it.) Runs last:
+    # the node stays lost.
+    lost_after_step = 6  # of 16
+    lost_at: list[float] = []
+    steps_at: list[float] = []  # when each step after the loss ended
+    recoveries: list[tuple[float, str, str]] = []
+    job = runner(2, 1, "object_store", step_deadline_floor=60.0,
+                 on_recovery=lambda record: recoveries.append(
+                     (time.monotonic(), record.kind, record.message)))
+    head = three_nodes.head_node
+
+    def lose_a_workers_node(record):
+        if lost_at:
+            steps_at.append(time.monotonic())
+        if record.step != lost_after_step or lost_at:
+            return
+        nodes = job.actor_nodes
+        node = next(n for n in three_nodes.list_all_nodes() if n is not head
+                    and n.node_id in nodes["workers"] and n.node_id not in nodes["shards"])
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        for process in [raylet, *raylet.children(recursive=True)]:
+            os.kill(process.pid, signal.SIGSTOP)
+            LOST_NODE_PIDS.append(process.pid)
+        lost_at.append(time.monotonic())
+
+    job.on_step = lose_a_workers_node
+    result = job.run()
+
+    lost = [(at, message) for at, kind, message in recoveries if kind == "worker_lost"]
+    assert len(lost) == 1, recoveries
+    found_at, message = lost[0]
+    print(f"\nlost node found in {found_at - lost_at[0]:.2f} s, training again after "
+          f"{steps_at[0] - lost_at[0]:.2f} s: {message}")
+    assert found_at - lost_at[0] < 3.0, message
+    assert "heartbeat" in message and f"step {lost_after_step + 1}" in message
+    assert result.steps == one_node_result.steps and result.history.worker_failures == 1
     for key, value in one_node_result.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key

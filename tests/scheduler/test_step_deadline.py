@@ -94,11 +94,16 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
           f"{stalled.timings.wall:.2f} s; the median step "
           f"{np.median([r.timings.wall for r in result.history.steps]) * 1000:.1f} ms")
     assert stopped["deadline"] == 3.0  # the floor: 10 median steps are milliseconds
-    assert stopped["deadline"] <= stalled.timings.wall < stopped["deadline"] + 1.5
+    if transport == "shared_memory":
+        assert stopped["deadline"] <= stalled.timings.wall < stopped["deadline"] + 1.5
+        why = "silent past the step's 3 s deadline"
+    else:  # the heartbeats (worker/transport/liveness.py) find it first: 0.5 s + 2 s
+        assert 2.0 <= stalled.timings.wall < 3.0
+        why = "no answer to its heartbeat: its node or process is gone or stopped"
     assert result.history.worker_failures == 1
     lost, replaced = result.history.recoveries
-    assert lost.message == ("worker 1 lost at step 11 (silent past the step's 3 s deadline): "
-                            "its micro-batches recomputed in-step by worker(s) 0")
+    assert lost.message == (f"worker 1 lost at step 11 ({why}): its micro-batches recomputed "
+                            f"in-step by worker(s) 0")
     assert replaced.kind == "worker_replaced" and replaced.step > 11
     workers = [record.workers for record in result.history.steps]
     assert workers[:10] == [2] * 10 and workers[10] == 1 and workers[-1] == 2

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from worker.transport.liveness import Liveness
 from worker.transport.step import (
     BlockFailed,
     BlockStats,
@@ -58,8 +59,12 @@ class ObjectStoreTransport:
     def __init__(self, actors: JobActors, parameters: np.ndarray, bounds: list[tuple[int, int]],
                  slots: list[ParameterSlot], flatten_buffers: Callable[[dict], np.ndarray],
                  *, timeout_seconds: float,
-                 statistics_bounds: Sequence[tuple[int, int]] = ()):
+                 statistics_bounds: Sequence[tuple[int, int]] = (),
+                 liveness: Liveness | None = None):
+        """`liveness` (default Liveness()) paces the heartbeats that find a lost actor while
+        a step waits on it."""
         self.actors = actors
+        self.liveness = liveness or Liveness()
         self.parameters, self.bounds, self.slots = parameters, bounds, slots
         # K-FAC: each shard's section of the statistics vector (float64), its chunk's size.
         self.statistics_bytes = sum(hi - lo for lo, hi in statistics_bounds) * 8
@@ -121,21 +126,29 @@ class ObjectStoreTransport:
             return self._reduce_and_apply(work)
         except ray.exceptions.RayActorError:
             return ShardLost(None, f"during step {work.step}")
-        except ray.exceptions.GetTimeoutError:
-            return ShardLost(None, f"silent past the deadline of step {work.step}")
+        except _ShardGone as gone:
+            return gone.failure
 
     def _collect_blocks(self, work: StepWork) -> StepFailure | None:
-        """Wait for every block not yet delivered; the owners of those that do not come, dead
-        or past the deadline, are lost."""
+        """Wait for every block not yet delivered. Owners that die, stop answering their
+        heartbeat (liveness.py: a lost node is found in seconds) or let the step's deadline
+        pass are lost, with the blocks they had not delivered; the other owners' blocks still
+        in progress stay theirs."""
         pending = {block: call[-1] for block, call in self.calls.items()
                    if block not in self.delivered}
-        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending),
-                            timeout=work.deadline_seconds)
+        awaited: dict[int, list[ray.ObjectRef]] = {}
+        for block, ref in pending.items():
+            awaited.setdefault(self.owners[block], []).append(ref)
+        replicas = self.actors.replicas
+        waited = self.liveness.wait(awaited, {w: replicas[w] for w in awaited},
+                                    work.deadline_seconds)
+        ready = set(waited.ready)
         lost: set[int] = set()  # died
-        silent: set[int] = set()  # past the deadline
+        # Past the deadline (every owner still computing), or missed a heartbeat.
+        silent: set[int] = set(waited.unanswered) if waited.unanswered else {
+            self.owners[block] for block, ref in pending.items() if ref not in ready}
         for block, ref in pending.items():
             if ref not in ready:
-                silent.add(self.owners[block])
                 continue
             try:
                 self.delivered[block] = ray.get(ref)
@@ -147,10 +160,12 @@ class ObjectStoreTransport:
                                    f"{type(cause).__name__}: {cause}")
         if not lost | silent:
             return None
-        return WorkersLost(work.step, tuple(sorted(lost | silent)),
+        gone = lost | silent
+        return WorkersLost(work.step, tuple(sorted(gone)),
                            tuple(b for b in range(len(work.block_ranges))
-                                 if b not in self.delivered),
-                           tuple(sorted(silent - lost)))
+                                 if b not in self.delivered and self.owners[b] in gone),
+                           tuple(sorted(silent - lost - waited.unanswered)),
+                           tuple(sorted(waited.unanswered - lost)))
 
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))
@@ -163,20 +178,20 @@ class ObjectStoreTransport:
         if not work.waits_for_coefficients:
             calls = [shard.reduce_apply_chunks.options(num_returns=3).remote(work.lr, *chunks)
                      for shard, chunks in zip(shards, chunks_of_shard)]
-            reduced = ray.get([c[0] for c in calls], timeout=work.deadline_seconds)
-            applied = ray.get([c[1] for c in calls], timeout=work.deadline_seconds)
+            reduced = self._from_shards([c[0] for c in calls], work)
+            applied = self._from_shards([c[1] for c in calls], work)
             self.slices = [c[2] for c in calls]
         else:
-            reduced = ray.get([shard.reduce_chunks.remote(*chunks)
-                               for shard, chunks in zip(shards, chunks_of_shard)],
-                              timeout=work.deadline_seconds)
+            reduced = self._from_shards([shard.reduce_chunks.remote(*chunks)
+                                         for shard, chunks in zip(shards, chunks_of_shard)],
+                                        work)
             coefficient, nu = apply_coefficients(
                 work, sum(r.squared_norm for r in reduced),
                 [dot for r in reduced for dot in r.direction_dots.values()])
             calls = [shard.apply_and_return.options(num_returns=2).remote(work.lr, coefficient,
                                                                           nu)
                      for shard in shards]
-            applied = ray.get([c[0] for c in calls], timeout=work.deadline_seconds)
+            applied = self._from_shards([c[0] for c in calls], work)
             self.slices = [c[1] for c in calls]
         norms = np.zeros(len(self.slots))
         index = {slot.name: i for i, slot in enumerate(self.slots)}
@@ -196,6 +211,27 @@ class ObjectStoreTransport:
         if results[0].buffers is not None:  # then every block's are: one model
             micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
         return StepOutcome(block_stats, shard_stats, norms, micro)
+
+
+    def _from_shards(self, refs: list[ray.ObjectRef], work: StepWork) -> list:
+        """The values of one call per shard (shard k's ref at k). A shard that misses its
+        heartbeat or the step's deadline raises _ShardGone; one that died, RayActorError."""
+        waited = self.liveness.wait({k: [ref] for k, ref in enumerate(refs)},
+                                    dict(enumerate(self.actors.shards)), work.deadline_seconds)
+        if waited.unanswered:
+            raise _ShardGone(ShardLost(min(waited.unanswered),
+                                       f"without answering its heartbeat in step {work.step}"))
+        if len(waited.ready) < len(refs):
+            raise _ShardGone(ShardLost(None, f"silent past the deadline of step {work.step}"))
+        return ray.get(refs)
+
+
+class _ShardGone(Exception):
+    """A shard stopped answering during a step: unwinds _reduce_and_apply to recompute()."""
+
+    def __init__(self, failure: ShardLost):
+        super().__init__(failure.when)
+        self.failure = failure
 
 
 # --- the actors' side ----------------------------------------------------------------------------

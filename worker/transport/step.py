@@ -92,14 +92,16 @@ class StepOutcome:
 
 @dataclass(frozen=True)
 class WorkersLost:
-    """Workers that died, or stayed silent past the step's deadline. The step is not over:
-    the shards still wait for `unfinished_blocks` (blocks the lost workers owned and had not
-    delivered), which `recompute` can hand to survivors; the parameters have not moved."""
+    """Workers that died, stayed silent past the step's deadline, or missed a heartbeat
+    (worker/transport/liveness.py). The step is not over: the shards still wait for
+    `unfinished_blocks` (blocks the lost workers owned and had not delivered), which
+    `recompute` can hand to survivors; the parameters have not moved."""
 
     step: int
     workers: tuple[int, ...]
     unfinished_blocks: tuple[int, ...]
-    silent: tuple[int, ...] = ()  # those of `workers` lost to the deadline; the rest died
+    silent: tuple[int, ...] = ()  # those of `workers` lost to the deadline
+    unanswered: tuple[int, ...] = ()  # those that missed a heartbeat; the rest died
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Whether the actors a runner waits on still live, known in seconds, whatever the step time.
+
+On the object-store path a lost node shows to the runner only as calls that never come back:
+Ray itself declares the node dead after its heartbeat (~15 s), and the step's own deadline
+(scheduler/step_deadline.py) grows with the step time, so a job of minute-long steps would
+wait minutes. So while the runner waits on actors' calls it asks each of them, every
+`interval_seconds`, a heartbeat; one that has not answered within `timeout_seconds` (its
+process stopped, its node gone) is reported lost. A fast step never sends one: pings start
+only once a wait has lasted `interval_seconds`.
+
+Heartbeats run in their own concurrency group (LIVENESS_GROUP, one thread), so an actor busy
+with long blocks, or with two blocks queued on its model's lock, still answers at once.
+
+This is mechanism only: the caller reports the unanswered actors as lost to the failure policy
+(scheduler/failure_policy.py), which decides what that costs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import ray
+
+LIVENESS_GROUP = "liveness"
+# Ray's concurrency groups of an actor class that answers heartbeats (ray.remote's argument).
+CONCURRENCY_GROUPS = {LIVENESS_GROUP: 1}
+HEARTBEAT_INTERVAL_SECONDS = 0.5  # from an answer (or the wait's start) to the next question
+HEARTBEAT_TIMEOUT_SECONDS = 2.0  # unanswered this long: lost. Loss to report: < 3 s.
+POLL_SECONDS = 0.1  # how often a wait looks at its pings
+
+Key = TypeVar("Key", bound=Hashable)  # what names an actor: a worker slot, a shard index
+
+
+def ask_heartbeat(actor) -> ray.ObjectRef:
+    """One heartbeat call to `actor` (a replica or shard: both define heartbeat())."""
+    return actor.heartbeat.options(concurrency_group=LIVENESS_GROUP).remote()
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    ready: list[ray.ObjectRef]  # the awaited refs that are ready (a value or an error)
+    # Keys of the actors that missed their heartbeat (or whose heartbeat failed: the actor
+    # is gone). Empty with refs not ready: the wait's own deadline ended it.
+    unanswered: frozenset
+
+
+@dataclass(frozen=True)
+class Liveness:
+    interval_seconds: float = HEARTBEAT_INTERVAL_SECONDS
+    timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS
+
+    def wait(self, awaited: Mapping[Key, Sequence[ray.ObjectRef]], actors: Mapping[Key, object],
+             deadline_seconds: float) -> WaitResult:
+        """Wait until every ref of `awaited` (actor key -> the refs its calls return) is ready,
+        an actor of `actors` (same keys) misses a heartbeat, or `deadline_seconds` pass.
+        Refs of several actors are waited on together; the result says which are ready."""
+        refs = [ref for owned in awaited.values() for ref in owned]
+        start = time.monotonic()
+        end = start + deadline_seconds
+        ready, _ = ray.wait(refs, num_returns=len(refs),
+                            timeout=min(self.interval_seconds, deadline_seconds))
+        done = set(ready)
+        pings: dict[Key, tuple[ray.ObjectRef, float]] = {}  # key -> (ping, sent at)
+        next_ping: dict[Key, float] = {}
+        while len(done) < len(refs):
+            now = time.monotonic()
+            if now >= end:
+                break
+            waiting_on = [key for key, owned in awaited.items()
+                          if any(ref not in done for ref in owned)]
+            for key in waiting_on:
+                if key not in pings and now >= next_ping.get(key, start):
+                    pings[key] = (ask_heartbeat(actors[key]), now)
+            unanswered = frozenset(key for key, (_, sent) in pings.items()
+                                   if now - sent > self.timeout_seconds)
+            if unanswered:
+                return WaitResult([ref for ref in refs if ref in done], unanswered)
+            pending = [ref for ref in refs if ref not in done]
+            ping_refs = [ping for ping, _ in pings.values()]
+            ready, _ = ray.wait(pending + ping_refs, num_returns=len(pending) + len(ping_refs),
+                                timeout=min(POLL_SECONDS, max(0.0, end - now)))
+            answered = set(ready)
+            done |= answered.intersection(pending)
+            failed = set()
+            for key, (ping, _) in list(pings.items()):
+                if ping not in answered:
+                    continue
+                del pings[key]
+                try:
+                    ray.get(ping)
+                except ray.exceptions.RayError:  # the actor is gone
+                    failed.add(key)
+                next_ping[key] = time.monotonic() + self.interval_seconds
+            if failed:
+                return WaitResult([ref for ref in refs if ref in done], frozenset(failed))
+        return WaitResult([ref for ref in refs if ref in done], frozenset())
