@@ -204,7 +204,7 @@ class WaitingJobs:
             return [self._jobs[heap[0][2]]]
         # Popped and pushed back: O(count log n), where a sorted copy would cost O(n).
         popped: list[tuple[int, float, str]] = []
-        found = []
+        found: list[JobDemand] = []
         while heap and len(found) < count:
             entry = heapq.heappop(heap)
             if entry[2] in self._jobs:
