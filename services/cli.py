@@ -89,7 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
                        upload_limits=_upload_limits(args),
                        stream_limits=StreamLimits(args.streams_per_tenant, args.streams),
                        parameter_series=ParameterSeries(args.metrics_parameter_series_by,
-                                                        args.metrics_parameter_series))
+                                                        args.metrics_parameter_series),
+                       mlflow_tracking_uri=args.mlflow_tracking_uri,
+                       mlflow_artifact_location=args.mlflow_artifact_location)
     except AlreadyInUse as error:  # another server has the folder or the port: say whose
         print(f"chainrule: {error}", file=sys.stderr, flush=True)
         return 1
@@ -636,6 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upload-idle-seconds", type=_positive,
                        default=uploads.idle_seconds,
                        help="an upload whose client sends nothing this long is abandoned")
+    serve.add_argument("--mlflow-tracking-uri",
+                       help="also log each job as an MLflow run there (an http(s):// "
+                            "tracking server, or sqlite:///PATH): the spec as params, metrics "
+                            "per step, the model as artifacts; needs pip install "
+                            "'chainrule[tracking]'")
+    serve.add_argument("--mlflow-artifact-location",
+                       help="where the experiments chainrule creates (one per tenant) keep "
+                            "artifacts (default: the tracking server's choice; MLflow's "
+                            "./mlruns for a sqlite: URI)")
     serve.set_defaults(run=_serve)
 
     def client_command(name: str, help: str, run) -> argparse.ArgumentParser:

@@ -153,6 +153,8 @@ def serve(
     parameter_series: ParameterSeries | None = None,
     stream_limits: StreamLimits | None = None,
     max_concurrent_rpcs: int | None = None,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_artifact_location: str | None = None,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
@@ -173,6 +175,12 @@ def serve(
     if not is_local_address(address) and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
                          f"--tokens and TLS (--tls-cert, --tls-key)")
+    # Checked before anything starts: MLflow missing, or a URI it cannot use, is refused now.
+    mlflow = None
+    if mlflow_tracking_uri:
+        from services.tracking.mlflow_runs import mlflow_client
+
+        mlflow = mlflow_client(mlflow_tracking_uri)
     started_at = time.time()
     data_dir = Path(data_dir)
     make_private_folders(data_dir)
@@ -204,6 +212,11 @@ def serve(
                                                                         parameter_series)
     tensorboard = TensorBoardFiles(storage)
     trackers: list[Any] = [tensorboard]
+    if mlflow is not None:
+        from services.tracking.mlflow_runs import MlflowRuns
+
+        trackers.append(MlflowRuns(mlflow, store.get_job,
+                                   artifact_location=mlflow_artifact_location))
     queue = JobQueue(lifecycle, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None

@@ -1,16 +1,20 @@
 """Experiment tracking through a real server: a short real job's TensorBoard files, fetched
-with `chainrule tensorboard`, hold the losses the job reported; `chainrule delete` deletes
-them."""
+with `chainrule tensorboard`, hold the losses the job reported, and `chainrule delete` deletes
+them; with a tracking URI the job is an MLflow run in a real local store, with its spec, its
+losses, its final validation and the model it downloads."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from mlflow import MlflowClient
 
 from chainrule.client import Client, state_name
 from scheduler.records import EvaluationRecord, StepRecord
 from services import cli
 from services.server import serve
-from tests.services.helpers import iris_spec, rpc_error, wait_until_done
+from tests.services.helpers import iris_spec, rpc_error, wait_for, wait_until_done
 from tests.services.tracking.event_files import float32, read_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -31,8 +35,10 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def server(local_ray, tmp_path_factory):
-    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"))
+def server(local_ray, tmp_path_factory, tracking_uri):
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"),
+                    mlflow_tracking_uri=tracking_uri,
+                    mlflow_artifact_location=str(tmp_path_factory.mktemp("artifacts")))
     yield running
     running.stop()
 
@@ -71,6 +77,35 @@ def test_downloaded_tensorboard_files_hold_the_losses_the_job_reported(server, f
                                                  for e in recorder.evaluations]
     assert logged.scalars["validation/accuracy"][-1] == (
         8, float32(job.final_validation.accuracy))
+
+
+def test_the_job_is_an_mlflow_run_with_its_spec_losses_final_validation_and_model(
+        server, finished_job, tracking_uri, tmp_path):
+    job, recorder = finished_job
+    reader = MlflowClient(tracking_uri)
+    experiment = reader.get_experiment_by_name("chainrule/default")
+    wait_for(lambda: reader.search_runs(
+        [experiment.experiment_id], f"tags.`chainrule.job_id` = '{job.id}' and "
+                                    f"attributes.status = 'FINISHED'"), 30, 0.2,
+             "the run to be FINISHED")  # sent by the tracker's own thread
+    (run,) = reader.search_runs([experiment.experiment_id],
+                                f"tags.`chainrule.job_id` = '{job.id}'")
+    assert run.data.params["data.dataset"] == "sklearn:iris"
+    assert run.data.params["optimizer.adam.lr"] == "0.01"
+    reported = {record.step: record.loss for record in recorder.steps}
+    losses = reader.get_metric_history(run.info.run_id, "train_loss")
+    steps = [metric.step for metric in losses]
+    assert steps[0] == 1 and steps[-1] == 8  # the first, the last, at most one a second between
+    assert all(metric.value == reported[metric.step] for metric in losses)
+    final = reader.get_metric_history(run.info.run_id, "final_validation_accuracy")
+    assert [(m.step, m.value) for m in final] == [(8, pytest.approx(
+        job.final_validation.accuracy))]
+    client_copy = tmp_path / "downloaded.safetensors"
+    with Client(server.address, timeout=30) as client:
+        client.download(job.id, client_copy)
+    logged = reader.download_artifacts(run.info.run_id, "model", str(tmp_path / "mlflow"))
+    assert (Path(logged) / f"{job.id}.safetensors").read_bytes() == client_copy.read_bytes()
+    assert (Path(logged) / f"{job.id}.safetensors.json").exists()
 
 
 def test_delete_deletes_the_jobs_tensorboard_files(server, finished_job, tmp_path):
