@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/distributed.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/metrics.py
+	$(BIN)/python bench/scheduler.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install

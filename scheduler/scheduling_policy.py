@@ -126,8 +126,12 @@ def place(bundles: Sequence[Bundle], nodes: Sequence[Node], spread: bool = False
     """Node ids for every bundle at once, or None. The nodes are not changed. Largest bundles
     first; packed onto the fullest node that fits (fewest nodes used), or spread onto the
     emptiest (and a node already used by this job last)."""
+    # The common answers on a busy cluster, without trying each node:
     if sum(bundle.cpus for bundle in bundles) > sum(node.cpus for node in nodes) + EPSILON:
-        return None  # the common answer on a busy cluster, without trying each node
+        return None
+    if max((b.cpus for b in bundles), default=0.0) > max((n.cpus for n in nodes),
+                                                         default=0.0) + EPSILON:
+        return None
     free = {node.node_id: Node(node.node_id, node.cpus, node.memory_bytes) for node in nodes}
     order = sorted(range(len(bundles)), key=lambda i: (-bundles[i].cpus,
                                                        -bundles[i].memory_bytes))
@@ -277,11 +281,20 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
         return (f"tenant {tenant} runs {usage.get(tenant, 0.0):g} CPUs of its quota of "
                 f"{policy(tenant).max_running_cpus:g}; this job needs {demand.cpus:g}")
 
+    # Room only shrinks within a decision: a shape that did not fit will not fit later in it.
+    # (Thousands of waiting jobs come in a few dozen shapes; this keeps a decision's cost to
+    # one placement attempt per shape.)
+    no_fit: set[tuple[tuple[Bundle, ...], bool]] = set()
+
     def try_start(demand: JobDemand) -> bool:
         if reserved:  # the cluster drains for a reserved head: nothing else takes room
             return False
+        shape = (demand.bundles, demand.spread)
+        if shape in no_fit:
+            return False
         placement = place(demand.bundles, free, demand.spread)
         if placement is None:
+            no_fit.add(shape)
             return False
         for bundle, node_id in zip(demand.bundles, placement, strict=True):
             by_id[node_id].take(bundle)
@@ -336,27 +349,32 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
         if not started:
             candidates.discard(tenant)
 
-    if preemption:
+    if preemption and running:
+        # Lowest priority first, newest first within one: the order victims are taken in.
+        pool = sorted(running, key=lambda job: (job.demand.priority, -job.started))
         for head in sorted(blocked.values(), key=lambda d: (-d.priority, d.arrival)):
+            if head.priority <= pool[0].demand.priority:
+                break  # nothing runs below this head, nor below the ones after it
             if head.job_id in taken or head.job_id in making_room_for or over_quota(head):
                 continue
             excluded = set(stopping) | {p.victim for p in decision.preempt}
             decision.preempt.extend(Preemption(victim, head.job_id)
-                                    for victim in _victims(head, running, free, excluded))
+                                    for victim in _victims(head, pool, free, excluded))
     return decision
 
 
-def _victims(head: JobDemand, running: Sequence[RunningJob], free: Sequence[Node],
+def _victims(head: JobDemand, pool: Sequence[RunningJob], free: Sequence[Node],
              excluded: set[str]) -> list[str]:
-    """The fewest lowest-priority running jobs (priority below the head's; newest first within
-    a priority) whose room, added to what is free, lets the head fit; [] when none would."""
-    pool = sorted((job for job in running
-                   if job.demand.priority < head.priority and job.demand.job_id not in excluded),
-                  key=lambda job: (job.demand.priority, -job.started))
+    """The fewest running jobs of `pool` (in the order they are to be taken) below the head's
+    priority whose room, added to what is free, lets the head fit; [] when none would."""
     trial = [Node(n.node_id, n.cpus, n.memory_bytes) for n in free]
     by_id = {node.node_id: node for node in trial}
     chosen: list[str] = []
     for job in pool:
+        if job.demand.priority >= head.priority:
+            break
+        if job.demand.job_id in excluded:
+            continue
         for bundle, node_id in zip(job.demand.bundles, job.placement, strict=True):
             if node_id in by_id:
                 by_id[node_id].give_back(bundle)
