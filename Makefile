@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench proto clean prometheus fuzz
+.PHONY: install demo test lint bench proto clean prometheus chromium fuzz
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/chainrule demo
 
-test: install prometheus
+test: install prometheus chromium
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -27,6 +27,11 @@ test: install prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 prometheus:
 	command -v promtool >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+
+# A real headless browser for the web UI's tests (tests/services/test_web_ui.py). Debian's
+# package only; nothing is downloaded by the tests themselves.
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 
 # mypy checks services/, scheduler/, worker/ and chainrule/ ([tool.mypy] in pyproject.toml).
 lint: install

@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 # --- the service ---------------------------------------------------------------------------------
 
 DEFAULT_SERVER = "127.0.0.1:50051"  # where `serve` binds; client commands: $CHAINRULE_SERVER first
+DEFAULT_WEB_ADDRESS = "127.0.0.1:9465"  # the web UI of `serve`, next to /metrics on 9464
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -91,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
                        parameter_series=ParameterSeries(args.metrics_parameter_series_by,
                                                         args.metrics_parameter_series),
                        mlflow_tracking_uri=args.mlflow_tracking_uri,
-                       mlflow_artifact_location=args.mlflow_artifact_location)
+                       mlflow_artifact_location=args.mlflow_artifact_location,
+                       web_address=None if args.no_web else args.web_address)
     except AlreadyInUse as error:  # another server has the folder or the port: say whose
         print(f"chainrule: {error}", file=sys.stderr, flush=True)
         return 1
@@ -103,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     print(f"chainrule: serving gRPC on {server.address} (data in {server.data_dir})", flush=True)
     print(f"chainrule: metrics at {server.metrics_url or 'off'}", flush=True)
+    print(f"chainrule: web UI at {server.web_url or 'off'}", flush=True)
     stop.wait()
     print("chainrule: stopping; running jobs are checkpointed and requeued", flush=True)
     server.stop()
@@ -596,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
     serve.add_argument("--metrics-port", type=int, default=9464,
                        help="Prometheus /metrics port on loopback (0: any free port)")
+    serve.add_argument("--web-address", default=DEFAULT_WEB_ADDRESS,
+                       help="host:port of the read-only web UI (jobs, curves, logs; the same "
+                            "tokens as the API; port 0: any free port); only loopback unless "
+                            "--tokens and TLS are set")
+    serve.add_argument("--no-web", action="store_true", help="serve no web UI")
     serve.add_argument("--max-concurrent-jobs", type=int, default=1,
                        help="jobs that train at once; the others queue")
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")

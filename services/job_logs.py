@@ -47,6 +47,13 @@ def job_log(service: JobService, tenant: str, job_id: str, follow: bool = False,
             return
 
 
+def job_events(service: JobService, tenant: str, job_id: str) -> list[EventRecord]:
+    """The job's stored events, oldest first, as they are (the web UI draws its validation
+    curves from their figures); NOT_FOUND for another tenant's job."""
+    service.get(tenant, job_id)
+    return service.store.events(job_id)
+
+
 def describe(event: EventRecord) -> str:
     payload = event.payload
     if event.kind == "state":

@@ -1,5 +1,5 @@
 """Start-up and shut-down of the API process: store, queue, gRPC server, health, reflection,
-metrics.
+metrics, the web UI.
 
     server = serve("127.0.0.1:50051", data_dir="data")   # returns once it is serving
     server.wait_for_termination()                          # or server.stop()
@@ -56,8 +56,10 @@ from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
 from services.tracking.tensorboard import TensorBoardFiles
+from services.training_curves import TrainingCurves
 from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from services.validation import Limits
+from services.web_ui import RunningWebUI, split_address, start_web_ui, tls_context
 
 if TYPE_CHECKING:  # the exporter is imported when metrics are on (_start_metrics)
     from services.metrics import ParameterSeries
@@ -105,6 +107,8 @@ class RunningServer:
     # Observers that write off the job threads (TensorBoard files, MLflow runs): closed
     # after the queue stops, so each writes what the jobs reported up to their stop.
     trackers: list[Any] = field(default_factory=list)
+    web_url: str = ""  # the web UI's address ("" when it is off)
+    _web: RunningWebUI | None = None
 
     def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
         """Checkpoint and requeue running jobs, then close the server (idempotent)."""
@@ -118,6 +122,8 @@ class RunningServer:
         self.service.events.close()
         for tracker in self.trackers:
             tracker.close()
+        if self._web is not None:
+            self._web.stop()
         self._grpc.stop(grace).wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -155,10 +161,14 @@ def serve(
     max_concurrent_rpcs: int | None = None,
     mlflow_tracking_uri: str | None = None,
     mlflow_artifact_location: str | None = None,
+    web_address: str | None = None,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
-    `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed."""
+    `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed.
+    `web_address` ("host:port", port 0: any free port; None: no web UI): the read-only web UI
+    (services/web_ui.py), under the same tokens, and over HTTPS with the same certificates
+    when TLS is on; like the API, only on loopback unless tokens and TLS are configured."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
     # Streams hold an RPC thread each (services/streams.py): capped below the pool, so unary
@@ -181,6 +191,15 @@ def serve(
         from services.tracking.mlflow_runs import mlflow_client
 
         mlflow = mlflow_client(mlflow_tracking_uri)
+    web_tls = None
+    if web_address is not None:
+        split_address(web_address)  # ValueError for a malformed one, before anything starts
+        if not is_local_address(web_address) and not (tokens and tls_cert and tls_key):
+            raise ValueError(f"--web-address {web_address!r} is not loopback: serving the web "
+                             f"UI to other hosts needs --tokens and TLS (--tls-cert, --tls-key)")
+        if tls_cert and tls_key:
+            web_tls = tls_context(str(tls_cert), str(tls_key),
+                                  str(tls_client_ca) if tls_client_ca else None)
     started_at = time.time()
     data_dir = Path(data_dir)
     make_private_folders(data_dir)
@@ -217,10 +236,12 @@ def serve(
 
         trackers.append(MlflowRuns(mlflow, store.get_job,
                                    artifact_location=mlflow_artifact_location))
+    curves = TrainingCurves() if web_address is not None else None  # the web UI's
     queue = JobQueue(lifecycle, max_concurrent_jobs=max_concurrent_jobs,
                      cluster_cpus=ray_cluster.cluster_cpus,
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
-                                                         else []),
+                                                         else [])
+                     + ([curves] if curves is not None else []),
                      max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
@@ -261,6 +282,19 @@ def serve(
         lock.release()
         raise AlreadyInUse(f"cannot bind {address!r}: port {address.rsplit(':', 1)[-1]} is "
                            f"in use (another server?); choose another --address")
+    web = None
+    if web_address is not None:
+        assert curves is not None
+        try:
+            web = start_web_ui(web_address, service, auth, curves, tls=web_tls)
+        except OSError as error:  # the port taken, or an address this host does not have
+            server.stop(None)
+            for tracker in trackers:
+                tracker.close()
+            store.close()
+            lock.release()
+            raise AlreadyInUse(f"cannot bind --web-address {web_address!r} ({error.strerror}); "
+                               f"choose another, or turn the web UI off (--no-web)") from None
     bound = address if address.startswith(UNIX_PREFIX) else f"{host}:{port}"
     if address.startswith(UNIX_PREFIX):
         # Before start(), so no call is served before the mode says who may make one.
@@ -273,7 +307,8 @@ def serve(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(bound, port, data_dir, metrics_url, service, lifecycle, queue,
                             server, health_servicer, store, owns_ray, metrics_server, lock,
-                            streams=streams, trackers=trackers)
+                            streams=streams, trackers=trackers,
+                            web_url=web.url if web else "", _web=web)
     _sweep_checkpoints_periodically(service, running._stopped)
     resumed = lifecycle.requeue_unfinished(queue)
     if resumed:

@@ -200,7 +200,7 @@ def test_job_times_say_when_submitted_and_how_long_it_queued_or_ran():
 def test_joining_a_ray_cluster_without_its_token_is_one_line_naming_where_it_goes(
         tmp_path, command):
     (tmp_path / "spec.yaml").write_text(SPEC)
-    arguments = {"serve": ["serve", "--address", "127.0.0.1:0", "--metrics-port", "0",
+    arguments = {"serve": ["serve", "--address", "127.0.0.1:0", "--metrics-port", "0", "--no-web",
                            "--data-dir", str(tmp_path / "data")],
                  "train": ["train", str(tmp_path / "spec.yaml")]}[command]
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}

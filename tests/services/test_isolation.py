@@ -164,7 +164,7 @@ def test_chainrule_serve_takes_a_unix_socket_its_mode_and_the_limits(tmp_path, s
                "--socket-mode", "660", "--data-dir", str(tmp_path / "data"),
                "--metrics-port", "0", "--max-priority", "2", "--streams-per-tenant", "2",
                "--metrics-parameter-series-by", "layer", "--max-upload-bytes", "300",
-               "--max-csv-rows", "4"]
+               "--max-csv-rows", "4", "--no-web"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -189,6 +189,7 @@ def test_chainrule_serve_takes_a_unix_socket_its_mode_and_the_limits(tmp_path, s
         server.terminate()
         server.wait(timeout=120)
     assert server.returncode == 0
+    assert "chainrule: web UI at off\n" in server.stdout.read()  # --no-web
 
 
 def test_chainrule_serve_refuses_streams_that_could_take_every_rpc_thread(tmp_path):

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _start(address: str, data_dir) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.cli", "serve", "--address", address,
-               "--data-dir", str(data_dir), "--metrics-port", "0"]
+               "--data-dir", str(data_dir), "--metrics-port", "0", "--web-address", "127.0.0.1:0"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -74,6 +74,7 @@ def test_a_job_interrupted_by_sigterm_is_checkpointed_requeued_and_finished_afte
     finally:
         output = _stop(server)
     assert "serving gRPC on" in output and "metrics at http://127.0.0.1:" in output
+    assert "web UI at http://127.0.0.1:" in output  # --web-address 127.0.0.1:0: a free port
 
     store = Store(tmp_path / "chainrule.db")
     stopped = store.get_job(interrupted.id)

@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 def _command(address: str, data_dir) -> list[str]:
     return [sys.executable, "-m", "services.cli", "serve", "--address", address,
-            "--data-dir", str(data_dir), "--metrics-port", "0"]
+            "--data-dir", str(data_dir), "--metrics-port", "0", "--no-web"]
 
 
 def _serving(address: str) -> bool:

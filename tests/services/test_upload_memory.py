@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "serve", "--address", address,
-         "--data-dir", str(folder / "data"), "--metrics-port", "0"],
+         "--data-dir", str(folder / "data"), "--metrics-port", "0", "--no-web"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
