@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     weights_path TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, state);
+-- A tenant's jobs newest first without sorting them all (ListJobs without a state filter: one
+-- tenant's 100,000 jobs took 170 ms to sort for a page of 50), and the jobs in a state in queue
+-- order (the start-up requeue, the queued jobs' users of a data set).
+CREATE INDEX IF NOT EXISTS jobs_newest_by_tenant ON jobs (tenant);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, priority);
 CREATE TABLE IF NOT EXISTS job_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL REFERENCES jobs (id),

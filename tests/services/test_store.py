@@ -96,6 +96,23 @@ def test_jobs_page_newest_first_within_a_tenant(tmp_path):
         parse_page_token("abc")
 
 
+@pytest.mark.parametrize("states", [(), ("QUEUED",), ("QUEUED", "RUNNING")])
+def test_a_page_of_jobs_reads_an_index_in_order_instead_of_sorting_the_tenants_jobs(
+        tmp_path, states):
+    # One tenant's 100,000 jobs took 170 ms to sort for a page of 50 without a state filter.
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-0"), "d")
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    store.list_jobs("default", list(states), limit=50)
+    query = next(sql for sql in statements if sql.lstrip().startswith("SELECT"))
+    plan = sqlite3.connect(tmp_path / "db").execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
+    details = " | ".join(row[-1] for row in plan)
+    assert "USING INDEX" in details
+    if len(states) <= 1:  # several states: their rows are merged, at most one page per state
+        assert "TEMP B-TREE" not in details, details
+
+
 def test_a_data_set_name_is_unique_per_tenant(tmp_path):
     store = Store(tmp_path / "db")
     record = DatasetRecord("default", "d", "npz", 10, "0" * 64, "/x", 4, 0, (2,), False,
