@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/tracking.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install
