@@ -1,6 +1,6 @@
 """Whole-model training steps against PyTorch eager, measured side by side in one run.
 
-    python bench/models.py [--rounds 3] [--n 30] [--only lenet|transformer|lenet_ddp]
+    python bench/models.py [--rounds 3] [--n 30] [--only lenet|transformer|lenet_ddp|generate]
                            [--optimizer sgd|adam] [--threads N] [--ddp-batch 64] [--ddp-steps 60]
 
 Each model has one section below: a function that builds our training step and PyTorch's
@@ -26,6 +26,9 @@ TorchTrainer running it in PyTorch with DDP on 2 workers (bench/peer_ray_train_c
 ../shared/bench/peer_ray_train.py), alternately for --rounds rounds, each with its own Ray:
 the best steady samples/s of each over --ddp-steps steps after 5 warm-up steps, on synthetic
 1x28x28 images.
+
+Generation (`generate`): bytes per second writing text greedily with the key/value cache and
+with a full pass per byte, and PyTorch eager's full-pass loop (issue 14; no target).
 
 Targets (issue 9): LeNet-5 step <= 1.3x PyTorch eager; the causal transformer's step (always
 with Adam, as the issue states it; --optimizer is LeNet's) <= 1.2x; peak memory <= 1.5x the
@@ -338,6 +341,94 @@ def torch_transformer_step(torch, optimizer: str):
     return step, model, inputs
 
 
+# --- generating text: a key/value cache against full passes (issue 14) ------------------------
+#
+# The transformer above (2 pre-norm causal layers, d_model 128, 4 heads) with a window of
+# GENERATE_WINDOW positions writes GENERATE_BYTES bytes greedily after a prompt, all within its
+# window: our engine with the key/value cache (worker/text_sampling.CachedDecoder) and with a
+# full pass over the text so far per byte, and PyTorch eager in the peer process running the
+# same full-pass loop (no cache: nn.TransformerEncoder has none).
+
+GENERATE = "generate"  # its --only name
+GENERATE_WINDOW, GENERATE_BYTES = 256, 192
+GENERATE_PROMPT = b"def main(argv):\n"  # 16 bytes
+
+
+@dataclass
+class GenerationResult:
+    cached: float  # bytes per second
+    uncached: float
+    torch: float | None  # PyTorch eager's full-pass loop; None when the peer failed
+
+
+def generation_model() -> nn.Module:
+    from chainrule.spec_file import job_spec_from_dict
+    from worker.model_builder import build_model
+
+    block = {"transformer_encoder_layer": {"nhead": HEADS, "dim_feedforward": FEED_FORWARD,
+                                           "dropout": 0, "is_causal": True, "norm_first": True}}
+    spec = job_spec_from_dict({"model": {"layers": [
+        {"embedding": {"num_embeddings": TOKENS, "embedding_dim": D_MODEL}},
+        {"positional_embedding": {"num_positions": GENERATE_WINDOW}},
+        *[block] * LAYERS, {"layer_norm": {}}, {"linear": {"out_features": TOKENS}}]}})
+    return build_model(spec.model, (GENERATE_WINDOW,), np.float32, seed=0,
+                       input_dtype=np.int64)
+
+
+def our_generation_rate(model: nn.Module, use_cache: bool) -> float:
+    from worker.text_sampling import generate_bytes
+
+    start = time.perf_counter()
+    written = list(generate_bytes(model, GENERATE_PROMPT, GENERATE_BYTES, temperature=0.0,
+                                  use_cache=use_cache))
+    assert len(written) == GENERATE_BYTES
+    return GENERATE_BYTES / (time.perf_counter() - start)
+
+
+def torch_generation_rate(threads: int) -> float:
+    """PyTorch eager, in this (peer) process: a full pass over the text so far per byte."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tokens_in = torch.nn.Embedding(TOKENS, D_MODEL)
+    positions = torch.nn.Embedding(GENERATE_WINDOW, D_MODEL)
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FEED_FORWARD, dropout=0.0,
+                                             batch_first=True, norm_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, LAYERS, norm=torch.nn.LayerNorm(D_MODEL),
+                                          enable_nested_tensor=False).eval()
+    head = torch.nn.Linear(D_MODEL, TOKENS)
+    tokens = list(GENERATE_PROMPT)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(GENERATE_BYTES):
+            ids = torch.tensor([tokens])
+            length = ids.shape[1]
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(length)
+            x = tokens_in(ids) + positions(torch.arange(length))
+            logits = head(encoder(x, mask=mask, is_causal=True))[0, -1]
+            tokens.append(int(logits.argmax()))
+    return GENERATE_BYTES / (time.perf_counter() - start)
+
+
+def bench_generation(args) -> GenerationResult:
+    model = generation_model()
+    cached = uncached = 0.0
+    torch_rate: float | None = 0.0
+    for _ in range(args.rounds):  # alternately, best of each: the machine is shared
+        cached = max(cached, our_generation_rate(model, use_cache=True))
+        uncached = max(uncached, our_generation_rate(model, use_cache=False))
+        peer = subprocess.run([sys.executable, __file__, "--peer-generate", "--threads",
+                               str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+        if peer.returncode != 0:
+            print(f"PyTorch generation peer failed: {peer.stderr.strip()[-300:]}")
+            torch_rate = None
+        elif torch_rate is not None:
+            rate = json.loads(peer.stdout.strip().splitlines()[-1])["bytes_per_second"]
+            torch_rate = max(torch_rate, rate)
+    return GenerationResult(cached, uncached, torch_rate)
+
+
 # --- LeNet-5 on 2 workers against Ray Train (PyTorch DDP) on 2 workers -----------------------
 
 LENET_DDP = "lenet_ddp"  # its --only name
@@ -467,24 +558,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=30, help="steps per timing")
-    parser.add_argument("--only", choices=sorted(MODELS) + [LENET_DDP], action="append")
+    parser.add_argument("--only", choices=sorted(MODELS) + [LENET_DDP, GENERATE],
+                        action="append")
     parser.add_argument("--ddp-batch", type=int, default=64, help="global batch of lenet_ddp")
     parser.add_argument("--ddp-steps", type=int, default=60, help="timed steps of lenet_ddp")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--peer", choices=sorted(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--peer-generate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=blas_threads(),
                         help="BLAS threads for NumPy and torch threads for PyTorch")
     args = parser.parse_args()
     if args.peer:
         run_as_peer(args.peer, args.n, args.optimizer, args.threads)
         return
+    if args.peer_generate:
+        print(json.dumps({"ref": "pytorch", "bytes_per_second":
+                          torch_generation_rate(args.threads)}))
+        return
 
     print(f"float32, {blas_threads()} BLAS threads on both sides, best of "
           f"{args.rounds} rounds x mean of {args.n} steps; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    selected = args.only or [*MODELS, LENET_DDP]
+    selected = args.only or [*MODELS, LENET_DDP, GENERATE]
     results = [MODELS[name][0](args) for name in selected if name in MODELS]
     distributed = bench_lenet_on_two_workers(args) if LENET_DDP in selected else None
+    generation = bench_generation(args) if GENERATE in selected else None
     for r in results:
         print(f"\n{r.name} ({r.optimizer}): ours {r.ours.wall * 1e3:.2f} ms/step "
               f"(CPU {r.ours.cpu * 1e3:.2f}), "
@@ -500,12 +598,26 @@ def main() -> None:
               f"({distributed.batch / distributed.ours_step_seconds:.0f} samples/s), Ray Train DDP "
               + ("failed" if peer is None else f"{peer['step_ms']:.2f} ms/step "
                  f"({peer['samples_per_s']:.0f} samples/s, fit {peer['fit_wall_s']:.1f} s)"))
+    if generation is not None:
+        peer_rate = ("failed" if generation.torch is None
+                     else f"{generation.torch:.0f} bytes/s")
+        print(f"\ngenerating {GENERATE_BYTES} bytes after {len(GENERATE_PROMPT)} (greedy, "
+              f"window {GENERATE_WINDOW}, {LAYERS} layers d{D_MODEL}): ours with the key/value "
+              f"cache {generation.cached:.0f} bytes/s, with full passes "
+              f"{generation.uncached:.0f} bytes/s, PyTorch eager's full-pass loop {peer_rate}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("\nratios (target)")
     for result in results:
         for label, value, target in result.rows():
             verdict = "met" if value <= target else "NOT MET"
             print(f"  {label:40s} {value:6.3f}  (<= {target})  {verdict}")
+    if generation is not None:
+        speedup = generation.cached / generation.uncached
+        print(f"  {'generate: cached vs full passes':40s} {speedup:6.2f}x  (no target: "
+              f"O(context) vs O(context^2) per byte)")
+        if generation.torch is not None:
+            print(f"  {'generate: cached vs PyTorch full passes':40s} "
+                  f"{generation.cached / generation.torch:6.2f}x  (no target)")
     if distributed is not None and distributed.ratio() is not None:
         ratio = distributed.ratio()
         verdict = "met" if ratio >= DDP_TARGET else "NOT MET"
@@ -520,6 +632,11 @@ def main() -> None:
                           "peak_bytes": result.peak_bytes, "minimum_bytes": result.minimum_bytes,
                           "held_after_forward_bytes": result.held_after_forward_bytes,
                           "pytorch_saved_bytes": result.torch_saved_bytes}))
+    if generation is not None:
+        print(json.dumps({"model": GENERATE, "bytes": GENERATE_BYTES, "window": GENERATE_WINDOW,
+                          "cached_bytes_per_s": generation.cached,
+                          "uncached_bytes_per_s": generation.uncached,
+                          "pytorch_full_pass_bytes_per_s": generation.torch}))
     if distributed is not None:
         print(json.dumps({"model": LENET_DDP, "workers": DDP_WORKERS, "batch": distributed.batch,
                           "ours_step_ms": distributed.ours_step_seconds * 1e3,

@@ -49,7 +49,7 @@ from worker.model_builder import (
     resolve_dtype,
 )
 from worker.resolved_job import resolve
-from worker.text_sampling import BYTE_VALUES, _longest_window
+from worker.text_sampling import BYTE_VALUES, generate_bytes, longest_window
 
 MAX_PREDICT_ROWS = 4096
 MAX_PREDICT_VALUES = 1 << 19  # 4 MiB of doubles: well under gRPC's 8 MiB message limit
@@ -221,15 +221,9 @@ class ModelServing:
         if loaded.task != "next_token":
             raise FailedPrecondition(f"job_id: job {job_id} is not a language model (loss "
                                      f"{loaded.loss}); use Predict")
-        window = _longest_window(loaded.model) or loaded.feature_shape[0]
-        rng = np.random.default_rng(seed)
-        for _ in range(count):
-            context = np.asarray([tokens[-window:]], dtype=np.int64)
-            with loaded.lock, no_grad():
-                loaded.model.eval()
-                logits = loaded.model(Tensor(context)).data[0, -1].astype(np.float64)
-            token = _next_byte(logits, temperature, top_k, rng)
-            tokens.append(token)
+        window = longest_window(loaded.model) or loaded.feature_shape[0]
+        for token in generate_bytes(loaded.model, bytes(tokens), count, temperature, seed,
+                                    top_k=top_k, context_length=window, lock=loaded.lock):
             yield bytes([token])
 
     # --- loading -----------------------------------------------------------------------------
@@ -361,19 +355,6 @@ def _predictions(loaded: LoadedModel, outputs: np.ndarray) -> Predictions:
                            probabilities)
     # Multi-label: each label's own probability; no single class.
     return Predictions("classification", samples, None, positive)
-
-
-def _next_byte(logits: np.ndarray, temperature: float, top_k: int,
-               rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits / temperature
-    if top_k:
-        cutoff = np.sort(scaled)[-top_k]
-        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probabilities = np.exp(scaled - scaled.max())  # shifted so that exp cannot overflow
-    probabilities /= probabilities.sum()
-    return int(rng.choice(BYTE_VALUES, p=probabilities))
 
 
 def utf8_text(chunks: Iterator[bytes]) -> Iterator[str]:

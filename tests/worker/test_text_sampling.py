@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from worker.backprop import Tensor, nn
+from worker.backprop.tensor import no_grad
 from worker.text_sampling import sample_text
 
 
@@ -79,3 +80,64 @@ def test_bad_arguments_are_refused_naming_the_argument(prompt, length, temperatu
 def test_a_model_that_is_not_a_byte_language_model_is_refused():
     with pytest.raises(ValueError, match=r"\(n, T, 256\)"):
         sample_text(nn.Sequential(nn.Embedding(256, 10)), "a", 1)
+
+
+def causal_transformer(norm_first: bool, dtype=np.float64, positions: int = 24,
+                       attention_layer: bool = False) -> nn.Sequential:
+    """A small random causal byte transformer as the model builder makes one."""
+    from chainrule.spec_file import job_spec_from_dict
+    from worker.model_builder import build_model
+
+    block = {"transformer_encoder_layer": {"nhead": 4, "dim_feedforward": 64, "dropout": 0.1,
+                                           "is_causal": True, "norm_first": norm_first}}
+    layers = [{"embedding": {"num_embeddings": 256, "embedding_dim": 32}},
+              {"positional_embedding": {"num_positions": positions}}, block, block]
+    if attention_layer:
+        layers.append({"multihead_attention": {"num_heads": 2, "is_causal": True}})
+    layers += [{"layer_norm": {}}, {"linear": {"out_features": 256}}]
+    spec = job_spec_from_dict({"model": {"layers": layers}})
+    return build_model(spec.model, (positions,), dtype, seed=4, input_dtype=np.int64)
+
+
+@pytest.mark.parametrize("norm_first, attention_layer", [(True, False), (False, True)])
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.8, 10), (0.0, 0)])
+def test_the_key_value_cache_writes_the_bytes_full_passes_write(norm_first, attention_layer,
+                                                                temperature, top_k):
+    # 40 bytes after a 5-byte prompt: the window of 24 fills, then slides (cache refilled).
+    from worker.text_sampling import CachedDecoder
+
+    model = causal_transformer(norm_first, attention_layer=attention_layer)
+    assert CachedDecoder.of(model, 24) is not None
+    args = dict(prompt="print", length=40, temperature=temperature, seed=3, top_k=top_k)
+    assert sample_text(model, **args, use_cache=True) == sample_text(model, **args,
+                                                                     use_cache=False)
+
+
+def test_cached_logits_match_a_full_pass_to_round_off():
+    from worker.text_sampling import CachedDecoder
+
+    model = causal_transformer(norm_first=True, dtype=np.float32)
+    model.eval()
+    decoder = CachedDecoder.of(model, 24)
+    assert decoder is not None
+    tokens = list(b"def sample(")
+    for _ in range(30):
+        with no_grad():
+            cached = decoder.next_logits(tokens)
+            full = model(Tensor(np.asarray([tokens[-24:]]))).data[0, -1]
+        np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-5)
+        tokens.append(int(np.argmax(full)))
+
+
+def test_a_model_the_cache_cannot_serve_gets_full_passes():
+    from worker.text_sampling import CachedDecoder
+
+    non_causal = causal_transformer(norm_first=True)
+    for layer in non_causal.children():
+        if hasattr(layer, "is_causal"):
+            layer.is_causal = False
+    assert CachedDecoder.of(non_causal, 24) is None
+    assert CachedDecoder.of(next_byte_model(), None) is None  # no window: no cache size
+    recorder = nn.Sequential(nn.Embedding(256, 8), nn.PositionalEmbedding(4, 8),
+                             RecordsWindows(), nn.Linear(8, 256))
+    assert CachedDecoder.of(recorder, 4) is None

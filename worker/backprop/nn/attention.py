@@ -19,6 +19,8 @@ may NOT look; float masks are added to the scores. Both are merged into one addi
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,27 @@ def _additive(mask: np.ndarray, dtype: Any) -> np.ndarray:
     if mask.dtype.kind != "f":
         raise ValueError(f"MultiheadAttention: a mask must be boolean or float, got {mask.dtype}")
     return mask.astype(dtype, copy=False)
+
+
+@dataclass
+class KVCache:
+    """One causal self-attention layer's keys and values of the positions it has seen, so that
+    generating a position costs attention over them, not a forward pass over all of them:
+    `keys` and `values` (batch, heads, capacity, head_dim), the first `length` filled."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, capacity: int, head_dim: int,
+              dtype: Any) -> KVCache:
+        shape = (batch, heads, capacity, head_dim)
+        return cls(np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
 
 class MultiheadAttention(Module):
@@ -122,6 +145,41 @@ class MultiheadAttention(Module):
         if average_attn_weights:
             weights = weights.mean(axis=1)
         return output, weights if batched else weights.reshape(weights.shape[1:])
+
+    def cached_causal_self_attention(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Causal self-attention for inference, `x` (batch, n, E) being the n positions after
+        the `cache.length` ones the cache holds: their queries attend over the cached keys and
+        values and their own (position i over those up to i), and their keys and values join
+        the cache. The output is forward(whole, whole, whole, is_causal=True, need_weights=
+        False) at those positions, to round-off, at O(positions so far) per new position
+        instead of a pass over all of them. No gradient and no dropout: eval mode's result."""
+        if not self.batch_first or x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"MultiheadAttention: the cached path takes batch-first (batch, "
+                             f"n, {self.embed_dim}) inputs, got shape {x.shape}")
+        batch, count = x.shape[0], x.shape[1]
+        start, stop = cache.length, cache.length + count
+        if stop > cache.capacity:
+            raise ValueError(f"MultiheadAttention: {stop} positions are more than the cache's "
+                             f"capacity of {cache.capacity}")
+        weight = self.in_proj_weight.data
+        qkv = x.data @ weight.T
+        if self.in_proj_bias is not None:
+            qkv += self.in_proj_bias.data
+        # (batch, n, 3 E) -> (3, batch, heads, n, head_dim), as _heads does
+        q, k, v = qkv.reshape(batch, count, 3, self.num_heads, self.head_dim).transpose(
+            2, 0, 3, 1, 4)
+        cache.keys[:, :, start:stop] = k
+        cache.values[:, :, start:stop] = v
+        cache.length = stop
+        keys, values = cache.keys[:, :, :stop], cache.values[:, :, :stop]
+        scores = (q @ keys.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(self.head_dim))
+        if count > 1:  # new position i sees the cached ones and the new ones up to i
+            scores += np.triu(np.full((count, stop), -np.inf, dtype=scores.dtype), start + 1)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        heads = scores @ values  # (batch, heads, n, head_dim)
+        merged = heads.transpose(0, 2, 1, 3).reshape(batch, count, self.embed_dim)
+        return self.out_proj(Tensor(merged))
 
     # --- the steps --------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from worker.backprop import ops
 from worker.backprop.nn import init
-from worker.backprop.nn.attention import MultiheadAttention
+from worker.backprop.nn.attention import KVCache, MultiheadAttention
 from worker.backprop.nn.layers import Dropout, Linear, Sequential
 from worker.backprop.nn.module import Module, Parameter
 from worker.backprop.nn.norm import LayerNorm
@@ -68,6 +68,21 @@ class TransformerEncoderLayer(Module):
             return x + self._feed_forward_block(self.norm2(x))
         x = self.norm1(x + self._self_attention_block(x, src_mask, src_key_padding_mask,
                                                       is_causal))
+        return self.norm2(x + self._feed_forward_block(x))
+
+    def forward_cached(self, src: Tensor, cache: KVCache) -> Tensor:
+        """forward(whole, is_causal=True) at the positions `src` (batch, n, d_model) adds
+        after the cache's, for inference: self-attention over `cache` (which the new
+        positions join), so that a generated position costs O(positions so far), not a pass
+        over all of them. Eval mode (dropout off) and batch_first only."""
+        def attend(x: Tensor) -> Tensor:
+            return self.dropout1(self.self_attn.cached_causal_self_attention(x, cache))
+
+        x = src
+        if self.norm_first:
+            x = x + attend(self.norm1(x))
+            return x + self._feed_forward_block(self.norm2(x))
+        x = self.norm1(x + attend(x))
         return self.norm2(x + self._feed_forward_block(x))
 
     def _self_attention_block(self, x: Tensor, attn_mask: Any, key_padding_mask: Any,
@@ -132,15 +147,17 @@ class PositionalEmbedding(Module):
                                          dtype=dtype or DEFAULT_DTYPE))
         init.normal_(self.weight, 0.0, 1.0, rng)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """x plus the embeddings of positions start, start + 1, ... (`start` > 0: the rest of
+        a sequence whose first `start` positions were embedded before, as when generating)."""
         if x.ndim < 2 or x.shape[-1] != self.embedding_dim:
             raise ValueError(f"PositionalEmbedding: input must be (..., T, {self.embedding_dim}),"
                              f" got shape {x.shape}")
-        length = x.shape[-2]
-        if length > self.num_positions:
-            raise ValueError(f"PositionalEmbedding: a sequence of {length} positions is longer "
+        stop = start + x.shape[-2]
+        if stop > self.num_positions:
+            raise ValueError(f"PositionalEmbedding: a sequence of {stop} positions is longer "
                              f"than num_positions={self.num_positions}")
-        return x + self.weight[:length]
+        return x + self.weight[start:stop]
 
     def extra_repr(self) -> str:
         return f"{self.num_positions}, {self.embedding_dim}"
