@@ -349,6 +349,10 @@ class JobStorage:
     def delete_tensorboard(self, job_id: str) -> None:
         shutil.rmtree(self.tensorboard_folder(job_id), ignore_errors=True)
 
+    def jobs_with_tensorboard_files(self) -> list[str]:
+        """Ids of the jobs that have a TensorBoard folder (for the sweep of deleted jobs')."""
+        return _job_folders(self.data_dir / "tensorboard")
+
     # --- checkpoints -------------------------------------------------------------------------
 
     def checkpoint_folder(self, job_id: str) -> Path:
@@ -397,11 +401,14 @@ class JobStorage:
 
     def jobs_with_checkpoints(self) -> list[str]:
         """Ids of the jobs that have a checkpoint folder (for the retention sweep)."""
-        root = self.data_dir / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(path.name for path in root.iterdir()
-                      if path.is_dir() and not path.name.startswith("."))
+        return _job_folders(self.data_dir / "checkpoints")
+
+
+def _job_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir()
+                  if path.is_dir() and not path.name.startswith("."))
 
 
 def _checked(job_id: str) -> str:

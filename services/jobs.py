@@ -197,7 +197,8 @@ class JobService:
     # builtins.list: below `def list`, the bare name is that method in this class's scope.
     def delete_expired_checkpoints(self, now: float | None = None) -> builtins.list[str]:
         """The retention sweep: delete the checkpoints of jobs that ended at least
-        `checkpoint_retention_seconds` ago, and of jobs that no longer exist. The ids swept."""
+        `checkpoint_retention_seconds` ago, and of jobs that no longer exist (and those jobs'
+        TensorBoard files). The ids whose checkpoints were swept."""
         now = time.time() if now is None else now
         swept = []
         for job_id in self.storage.jobs_with_checkpoints():
@@ -213,6 +214,11 @@ class JobService:
         if swept:
             log.info("deleted the checkpoints of %d ended job(s) past their retention",
                      len(swept))
+        for job_id in self.storage.jobs_with_tensorboard_files():
+            with self._files_lock:
+                # A deleted job's: its TensorBoard writer, a moment behind, wrote after delete.
+                if self.store.get_job(job_id) is None:
+                    self.storage.delete_tensorboard(job_id)
         return swept
 
     def watch(self, tenant: str, job_id: str, min_progress_interval: float = 0.0,

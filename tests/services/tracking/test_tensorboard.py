@@ -169,3 +169,21 @@ def test_the_archive_holds_the_tenants_own_event_files_and_no_one_elses(tmp_path
     assert len(read_folder(folder).scalars["train/loss"]) == 3
     tensorboard.close()
     store.close()
+
+
+def test_the_sweep_deletes_files_written_for_a_job_after_it_was_deleted(tmp_path):
+    store = Store(tmp_path / "chainrule.db")
+    service = JobService(store, tmp_path / "data", JobStorage(tmp_path / "data"), EventHub())
+    store.create_job(JobRecord(id=JOB, tenant="alice", spec=job_pb2.JobSpec(name="kept"),
+                               state="QUEUED", created_at=time.time()), "digest")
+    tensorboard = TensorBoardFiles(service.storage)
+    run_job(tensorboard, range(1, 3))  # JOB, which exists
+    deleted = "job-ba0000000000"  # its record deleted before the writer reached its records
+    tensorboard.job_step(deleted, step_record(1))
+    tensorboard.close()
+    assert service.storage.tensorboard_folder(deleted).exists()
+
+    service.delete_expired_checkpoints()
+    assert not service.storage.tensorboard_folder(deleted).exists()
+    assert list(service.storage.tensorboard_folder(JOB).iterdir())
+    store.close()
