@@ -10,7 +10,8 @@ import numpy as np
 
 from scheduler.job_queue import JobOutcome, QueuedJob
 from scheduler.job_runner import TrainingResult
-from scheduler.records import EvaluationRecord, StepRecord, StepTimings, TrainingHistory
+from scheduler.records import EvaluationRecord, StepRecord, StepTimings
+from scheduler.step_history import TrainingHistory
 from scheduler.storage import JobStorage
 from services.events import EventHub
 from services.job_lifecycle import JobLifecycle
