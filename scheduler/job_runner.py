@@ -230,7 +230,7 @@ class JobRunner:
         _load_initial_weights(model, self.job)
         self.layout = ParameterLayout.of(model)
         self.shared = SharedArrayGroup(self.job_id)
-        shared_memory = _use_shared_memory(self.transport_name)
+        shared_memory = self.parameters_shared = _use_shared_memory(self.transport_name)
         group: WorkerGroup | None = None  # what this run started, for the tear-down
         transport: StepTransport | None = None
         try:
@@ -285,7 +285,8 @@ class JobRunner:
         shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
                                    self.rule_name, self.hyper, clip_value, kfac)
                         for k in range(settings.shards)]
-        locations = group.start(worker_setup, shard_setups, self.dataset.x, self.dataset.y)
+        locations = group.start(worker_setup, shard_setups, self.dataset.x, self.dataset.y,
+                                self.dataset.x_val, self.dataset.y_val)
         self.actor_nodes = {"workers": [node for _, node in locations.workers],
                             "shards": [node for _, node in locations.shards]}
         hosts = {host for host, _ in locations.workers + locations.shards}
@@ -538,9 +539,8 @@ class JobRunner:
     def _evaluate(self, step: int, epoch: int) -> EvaluationRecord | None:
         if self.dataset.x_val is None or self.dataset.y_val is None:  # both or neither
             return None
-        self.transport.sync_parameters()
-        loss_sum, samples, correct = self.evaluator.evaluate(self.dataset.x_val,
-                                                             self.dataset.y_val)
+        loss_sum, samples, correct = self._evaluate_on_workers(self.dataset.x_val,
+                                                               self.dataset.y_val)
         record = EvaluationRecord(
             step=step, epoch=epoch, loss=loss_sum / max(samples, 1),
             accuracy=self._accuracy(correct, samples),
@@ -549,6 +549,32 @@ class JobRunner:
         self.history.evaluations.append(record)
         self.on_evaluation(record)
         return record
+
+    def _evaluate_on_workers(self, x_val: np.ndarray, y_val: np.ndarray) -> tuple[float, int,
+                                                                                  int]:
+        """(summed loss, samples, correct) on the validation split, computed by the workers
+        in batches of a micro-batch's samples (what the job's activation limit was checked
+        against; a forward pass without gradients holds less), each batch's sum added in batch
+        order, so any worker count gives the same figures. The batches of a worker lost
+        meanwhile are computed here, one at a time; the next step deals with the worker."""
+        self.transport.sync_parameters()
+        size = math.ceil(self.settings.batch_size / self.settings.micro_batches)
+        batches = [(lo, min(lo + size, len(y_val))) for lo in range(0, len(y_val), size)]
+        buffers = (self.evaluator.flatten_buffers(self.evaluator.buffer_values())
+                   if self.evaluator.buffer_names else None)
+        # Shared memory: the workers' parameters are the runner's vector already.
+        parameters = None if self.parameters_shared else self.parameters
+        timeout = self.settings.step_timeout_seconds * math.ceil(
+            len(batches) / max(1, len(self.worker_group.alive)))
+        results = self.worker_group.evaluate(batches, parameters, buffers, timeout)
+        loss_sum, samples, correct = 0.0, 0, 0
+        for (lo, hi), result in zip(batches, results):
+            if result is None:
+                result = self.evaluator.evaluate(x_val[lo:hi], y_val[lo:hi])
+            loss_sum += result[0]
+            samples += result[1]
+            correct += result[2]
+        return loss_sum, samples, correct
 
     def _accuracy(self, correct: int, samples: int) -> float | None:
         """Right predictions over predictions made: per class, next byte or binary label."""

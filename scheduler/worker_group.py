@@ -50,9 +50,13 @@ class WorkerGroup:
         self.starting: dict[int, ray.ObjectRef] = {}  # slot -> its replacement's readiness
 
     def start(self, replica_setup: ReplicaSetup, shard_setups: list[ShardSetup],
-              x: np.ndarray, y: np.ndarray) -> ActorLocations:
-        """Start every replica and shard, and wait until each can say where it runs."""
-        self._replica_arguments = (replica_setup, ray.put(x), ray.put(y))
+              x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None = None,
+              y_val: np.ndarray | None = None) -> ActorLocations:
+        """Start every replica and shard, and wait until each can say where it runs. The
+        splits go to the object store once; every replica reads the same copy."""
+        validation = ((ray.put(x_val), ray.put(y_val)) if x_val is not None and y_val is not None
+                      else (None, None))
+        self._replica_arguments = (replica_setup, ray.put(x), ray.put(y), *validation)
         self.replicas = [self._new_replica(w) for w in range(self.placement.workers)]
         # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
         # (location, checkpoint state, last error) in the other, between steps.
@@ -111,6 +115,32 @@ class WorkerGroup:
             self.alive = sorted({*self.alive, worker})
             admitted.append(worker)
         return admitted
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, batches: list[tuple[int, int]], parameters: np.ndarray | None,
+                 master_buffers: np.ndarray | None, timeout_seconds: float,
+                 ) -> list[tuple[float, int, int] | None]:
+        """Each validation batch's (summed loss, samples, correct), in batch order, computed
+        by the live workers (batch b by owner_for(b)); None for the batches of a worker that
+        died or stayed silent past `timeout_seconds` (the step loop deals with the worker;
+        the caller with its batches)."""
+        workers = sorted({self.owner_for(b) for b in range(len(batches))})
+        assigned = {w: [b for b in range(len(batches)) if self.owner_for(b) == w]
+                    for w in workers}
+        shared = None if parameters is None else ray.put(parameters)
+        calls = {w: self.replicas[w].evaluate_batches.remote(
+            [batches[b] for b in assigned[w]], shared, master_buffers) for w in workers}
+        results: list[tuple[float, int, int] | None] = [None] * len(batches)
+        deadline = time.monotonic() + timeout_seconds
+        for worker, call in calls.items():
+            try:
+                values = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
+            for b, value in zip(assigned[worker], values):
+                results[b] = value
+        return results
 
     # --- shards: their state, for checkpoints ------------------------------------------------
 

@@ -10,8 +10,9 @@ Bounds, because this runs on the RPC threads of the API process:
 - Predict takes at most MAX_PREDICT_ROWS rows and MAX_PREDICT_VALUES values per request,
   also from a file sent with it (a CSV or .npz, parsed by services/uploads.py with the
   server's upload caps, the values counted before they are held);
-- forward passes run MAX_BATCH rows at a time (EvaluateJob's memory stays at one batch's
-  activations whatever the data set's size);
+- forward passes run MAX_BATCH rows at a time; EvaluateJob also reads the upload MAX_BATCH
+  rows at a time, so its memory stays at one batch's rows and activations whatever the data
+  set's size;
 - Generate writes at most MAX_GENERATE_TOKENS bytes after a prompt of at most
   MAX_PROMPT_BYTES;
 - at most CACHED_MODELS loaded models are kept (least recently used dropped first).
@@ -23,6 +24,7 @@ import codecs
 import json
 import math
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,10 +36,11 @@ from chainrule.v1 import job_pb2
 from scheduler.datasets import _apply_standardization
 from scheduler.job_states import SUCCEEDED
 from scheduler.storage import load_weights, manifest_path
-from services import uploads
+from services import npz_archive, uploads
 from services.errors import FailedPrecondition, InvalidArgument
 from services.job_inputs import data_shape
 from services.jobs import JobService
+from services.store import DatasetRecord
 from services.validation import upload_name
 from worker.backprop import nn
 from worker.backprop.tensor import Tensor, no_grad
@@ -171,28 +174,30 @@ class ModelServing:
         return _predictions(loaded, outputs)
 
     def evaluate(self, tenant: str, job_id: str, dataset: str) -> Evaluation:
+        """Loss (and accuracy and confusion matrix for a classifier) of the job's model on an
+        upload, its training and validation parts, read MAX_BATCH rows at a time from the
+        stored file: memory stays at one batch's rows and activations, whatever its size."""
         loaded = self.load(tenant, job_id)
         if loaded.task == "next_token":
             raise FailedPrecondition(f"job_id: job {job_id} is a language model; EvaluateJob "
                                      f"takes array data sets")
-        x, y = self._dataset_arrays(tenant, dataset, "dataset")
-        _check_features(x, loaded, "dataset")
         job = self.service.get(tenant, job_id)
         loss = build_loss(job.spec, "sum")
-        total, correct = 0.0, 0
+        total, correct, samples = 0.0, 0, 0
         single_class = loaded.task == "classification" and not loaded.multi_label
         classes = _class_count(loaded) if single_class else 0
         confusion = np.zeros((classes, classes), dtype=np.int64) if classes else None
-        if single_class and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes):
-            raise InvalidArgument("dataset", f"the labels must be classes 0 to {classes - 1} "
-                                             f"for this model")
-        for start, out in loaded.forward(x):
-            target = y[start:start + len(out)]
-            total += float(loss(Tensor(out), target).data)
-            correct += loss.correct(out, target)
-            if confusion is not None:
-                np.add.at(confusion, (target.reshape(-1), _classes(loaded, out)), 1)
-        samples = len(x)
+        for x, y in self._dataset_batches(tenant, dataset, "dataset", loaded):
+            _check_features(x, loaded, "dataset")
+            if single_class and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes):
+                raise InvalidArgument("dataset", f"the labels must be classes 0 to "
+                                                 f"{classes - 1} for this model")
+            for _, out in loaded.forward(x):  # one pass: x is at most MAX_BATCH rows
+                total += float(loss(Tensor(out), y).data)
+                correct += loss.correct(out, y)
+                if confusion is not None:
+                    np.add.at(confusion, (y.reshape(-1), _classes(loaded, out)), 1)
+            samples += len(x)
         # Multi-label: the share of right labels (each sample has output_width of them).
         per_sample = loaded.output_width if loaded.multi_label else 1
         accuracy = (correct / (samples * per_sample)
@@ -280,6 +285,35 @@ class ModelServing:
 
     def _dataset_arrays(self, tenant: str, name: str, field: str) -> tuple[np.ndarray,
                                                                           np.ndarray]:
+        record = self._array_upload(tenant, name, field)
+        arrays = uploads.load_arrays(record.path)
+        x, y = arrays["x"], arrays["y"]
+        if "x_val" in arrays and "y_val" in arrays:
+            x = np.concatenate([x, arrays["x_val"]])
+            y = np.concatenate([y, arrays["y_val"]])
+        return x, y
+
+
+    def _dataset_batches(self, tenant: str, name: str, field: str, loaded: LoadedModel,
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """An upload's (x, y) rows, MAX_BATCH at a time, its training part then its
+        validation part, read from the stored .npz as a stream; its feature shape checked
+        against the model's from the headers, before a row is read."""
+        record = self._array_upload(tenant, name, field)
+        with zipfile.ZipFile(record.path) as archive:
+            entries = {entry.key: entry for entry in npz_archive.read_entries(archive)}
+            if tuple(entries["x"].shape[1:]) != loaded.feature_shape:
+                raise InvalidArgument(f"{field}.shape", f"this model takes samples of shape "
+                                                        f"{list(loaded.feature_shape)}, got "
+                                                        f"{list(entries['x'].shape[1:])}")
+            parts = [("x", "y")] + ([("x_val", "y_val")]
+                                    if "x_val" in entries and "y_val" in entries else [])
+            blocks = (block for x_key, y_key in parts for block in zip(
+                npz_archive.iter_rows(archive, entries[x_key], MAX_BATCH),
+                npz_archive.iter_rows(archive, entries[y_key], MAX_BATCH)))
+            yield from _in_batches(blocks, MAX_BATCH)
+
+    def _array_upload(self, tenant: str, name: str, field: str) -> DatasetRecord:
         upload = upload_name(name) if name else None
         if not name or upload is None:
             raise InvalidArgument(field, f"must name an upload of yours (npz or csv), got "
@@ -290,12 +324,27 @@ class ModelServing:
         if record.format not in ("npz", "csv"):
             raise InvalidArgument(field, f"{upload!r} is a {record.format} upload; an npz or "
                                          f"csv data set is needed")
-        arrays = uploads.load_arrays(record.path)
-        x, y = arrays["x"], arrays["y"]
-        if "x_val" in arrays and "y_val" in arrays:
-            x = np.concatenate([x, arrays["x_val"]])
-            y = np.concatenate([y, arrays["y_val"]])
-        return x, y
+        return record
+
+
+def _in_batches(blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+                rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) blocks cut again into batches of `rows` (the last may be less), across the
+    parts' boundary: the batches of the parts concatenated, so the figures are those of one
+    pass over them, batch for batch."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    held = 0
+    for x, y in blocks:
+        xs.append(x)
+        ys.append(y)
+        held += len(x)
+        while held >= rows:
+            x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+            yield x_all[:rows], y_all[:rows]
+            xs, ys, held = [x_all[rows:]], [y_all[rows:]], held - rows
+    if held:
+        yield np.concatenate(xs), np.concatenate(ys)
 
 
 def _rows(values: list[float], shape: list[int], loaded: LoadedModel, field: str) -> np.ndarray:

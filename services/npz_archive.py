@@ -49,6 +49,7 @@ class NpyEntry:
     dtype: np.dtype
     shape: tuple[int, ...]
     header_bytes: int  # bytes of the .npy preamble before the data
+    fortran_order: bool = False  # values column-major (numpy saves an F-contiguous array so)
 
     @property
     def data_bytes(self) -> int:
@@ -105,14 +106,13 @@ def _read_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyEntry:
         raise
     except _READ_ERRORS as error:
         raise EntryError(key, f"not a readable .npy entry: {error}") from error
-    del fortran  # the order of the values does not matter to any check, nor to np.load
     if dtype.kind not in NUMERIC_KINDS or dtype.hasobject or dtype.fields is not None:
         raise EntryError(key, f"must hold numbers, got dtype {dtype}"
                               + (" (object arrays are pickles and are never loaded)"
                                  if dtype.hasobject else ""))
     if any(not isinstance(size, int) or size < 0 for size in shape):
         raise EntryError(key, f"invalid shape {shape}")
-    entry = NpyEntry(key, info, dtype, tuple(shape), header_bytes)
+    entry = NpyEntry(key, info, dtype, tuple(shape), header_bytes, bool(fortran))
     if entry.header_bytes + entry.data_bytes != entry.declared_bytes:
         raise EntryError(key, f"its .npy header declares shape {entry.shape} of {dtype} "
                               f"({entry.data_bytes} bytes of data) but the zip entry holds "
@@ -141,6 +141,35 @@ def iter_values(archive: zipfile.ZipFile, entry: NpyEntry,
         raise
     except _READ_ERRORS as error:
         raise EntryError(entry.key, f"unreadable data: {error}") from error
+
+
+def iter_rows(archive: zipfile.ZipFile, entry: NpyEntry, rows: int) -> Iterator[np.ndarray]:
+    """The entry's array `rows` rows (first-axis entries) at a time, each of shape
+    (k, *shape[1:]): memory stays at one block of rows whatever the array's size. A
+    column-major array of two or more axes has no contiguous rows: it is read whole."""
+    if not entry.shape:
+        raise EntryError(entry.key, "a scalar has no rows")
+    if entry.fortran_order and len(entry.shape) > 1:
+        values = np.concatenate(list(iter_values(archive, entry)))
+        whole = values.reshape(entry.shape, order="F")
+        for start in range(0, entry.shape[0], rows):
+            yield whole[start:start + rows]
+        return
+    row_shape = entry.shape[1:]
+    per_row = math.prod(row_shape)
+    if per_row == 0:  # rows of no values: nothing to read
+        for start in range(0, entry.shape[0], rows):
+            yield np.empty((min(rows, entry.shape[0] - start), *row_shape), entry.dtype)
+        return
+    per_block = rows * per_row
+    pending = np.empty(0, dtype=entry.dtype)
+    for chunk in iter_values(archive, entry, chunk_bytes=per_block * entry.dtype.itemsize):
+        pending = np.concatenate([pending, chunk]) if len(pending) else chunk
+        while len(pending) >= per_block:
+            yield pending[:per_block].reshape((rows, *row_shape))
+            pending = pending[per_block:]
+    if len(pending):
+        yield pending.reshape((-1, *row_shape))
 
 
 class NpzWriter:

@@ -70,8 +70,11 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
 
 class ModelReplica:
     def __init__(self, setup: ReplicaSetup, x: np.ndarray, y: np.ndarray,
+                 x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  owns_process: bool = True):
-        """`owns_process`: this replica is its process's only tenant (a Ray actor), so it sets
+        """`x`, `y`: the training split, read by sample index; `x_val`, `y_val`: the
+        validation split, read in batches by `evaluate_batches` (None: the job has none).
+        `owns_process`: this replica is its process's only tenant (a Ray actor), so it sets
         the process's BLAS threads and malloc thresholds for training; False in a process that
         does other work too (the runner's evaluator, tests)."""
         if owns_process:
@@ -100,6 +103,7 @@ class ModelReplica:
         # Regression targets in the model's dtype, or a float64 target would silently turn a
         # float32 model's whole backward pass into float64.
         self.y = y if y.dtype.kind in "iu" or y.dtype == dtype else y.astype(dtype)
+        self.x_val, self.y_val = x_val, y_val
         self.buffer_names = [name for name, value in self.model.named_buffers()
                              if value.dtype.kind == "f"]
         # The actor runs two threads (calls beside the step loop), but one model computes one
@@ -250,6 +254,23 @@ class ModelReplica:
         own = dict(self.model.named_buffers())
         for name, value in values.items():
             np.copyto(own[name], value)
+
+    def evaluate_batches(self, batches: Sequence[tuple[int, int]],
+                         parameters: np.ndarray | None,
+                         master_buffers: np.ndarray | None) -> list[tuple[float, int, int]]:
+        """(summed loss, samples, correct) of each batch [lo, hi) of the validation split, in
+        order, one forward pass per batch: memory is bounded by the batch, not the split.
+        `parameters` (the whole vector; None when this replica's are the shared ones) and
+        `master_buffers` (flat; None without buffers) are the runner's, the model's state
+        after the step just done; the next step brings its own."""
+        if self.x_val is None or self.y_val is None:
+            raise ValueError("this replica was started without a validation split")
+        with self._compute_lock:
+            if parameters is not None:
+                self.flat[:] = parameters
+            if master_buffers is not None:
+                self.load_buffers(self.unflatten_buffers(master_buffers))
+            return [self.evaluate(self.x_val[lo:hi], self.y_val[lo:hi]) for lo, hi in batches]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int, int]:
         """(summed loss, samples, correct) of the current parameters on (x, y), eval mode."""

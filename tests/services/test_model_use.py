@@ -279,6 +279,56 @@ def test_evaluate_gives_the_loss_accuracy_and_confusion_matrix_computed_by_hand(
     assert error.details().startswith("dataset:")
 
 
+def test_evaluate_reads_the_upload_in_batches_with_the_one_pass_figures(
+        client, server, iris_job, tmp_path):
+    """EvaluateJob reads the stored upload MAX_BATCH rows at a time (issue 11): the figures of
+    forwarding the whole loaded set (training then validation part) to 1e-12, with the
+    server's memory bounded by the batch, not the set. Compressed, with a column-major
+    validation part (read whole: it has no contiguous rows)."""
+    import tracemalloc
+
+    from services.inference import MAX_BATCH, ModelServing, _classes
+    from services.uploads import load_arrays
+    from worker.model_builder import build_loss
+
+    job_id, spec = iris_job
+    iris = load_iris()
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 150, 40_000)
+    x = iris.data[rows] + rng.normal(0, 0.05, (40_000, 4))
+    np.savez_compressed(tmp_path / "big.npz", x=x, y=iris.target[rows],
+                        x_val=np.asfortranarray(iris.data[:30]), y_val=iris.target[:30])
+    client.upload(tmp_path / "big.npz", "iris-big")
+    serving = ModelServing(server.service)
+    # What EvaluateJob computed before: the whole set loaded, forwarded 256 rows at a time.
+    arrays = load_arrays(server.service.store.get_dataset("default", "iris-big").path)
+    x_all = np.concatenate([arrays["x"], arrays["x_val"]])
+    y_all = np.concatenate([arrays["y"], arrays["y_val"]])
+    loaded, loss = serving.load("default", job_id), build_loss(spec, "sum")
+    total, correct, confusion = 0.0, 0, np.zeros((3, 3), dtype=np.int64)
+    for start, out in loaded.forward(x_all):
+        target = y_all[start:start + len(out)]
+        total += float(loss(Tensor(out), target).data)
+        correct += loss.correct(out, target)
+        np.add.at(confusion, (target, _classes(loaded, out)), 1)
+
+    tracemalloc.start()  # NumPy reports its arrays' memory to tracemalloc
+    try:
+        local = serving.evaluate("default", job_id, "iris-big")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    result = client.evaluate(job_id, "iris-big")
+
+    assert result.samples == local.samples == 40_030
+    assert result.loss == local.loss == pytest.approx(total / 40_030, rel=1e-12, abs=0)
+    assert local.accuracy == correct / 40_030 == pytest.approx(result.accuracy)
+    np.testing.assert_array_equal(local.confusion_matrix, confusion)
+    # The set's x alone is 1.28 MB; a batch's rows are 8 KiB.
+    assert MAX_BATCH * 4 * 8 == 8192 and x.nbytes == 1_280_000
+    assert peak < x.nbytes / 4, peak
+
+
 def test_a_tiny_language_model_generates_the_requested_bytes_deterministically(
         client, server, tmp_path, capsys):
     text = tmp_path / "tiny.txt"
