@@ -426,8 +426,11 @@ def _predict(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
     with _client(args) as client:  # the server parses the file as it parses uploads
-        table = _predictions_csv(client.predict_file(args.job, args.file,
-                                                     args.label_column or ""))
+        try:
+            predictions = client.predict_file(args.job, args.file, args.label_column or "")
+        except ValueError as error:  # the file, as the client reads it: no rows, no x
+            raise UsageError(str(error)) from None
+        table = _predictions_csv(predictions)
     if args.output:
         with open(args.output, "w", newline="") as handle:
             csv.writer(handle).writerows(table)

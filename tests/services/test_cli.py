@@ -214,3 +214,12 @@ def test_joining_a_ray_cluster_without_its_token_is_one_line_naming_where_it_goe
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("chainrule: no Ray auth token found")
     assert "RAY_AUTH_MODE=token" in lines[0] and f"{tmp_path}/.ray/auth_token" in lines[0]
+
+
+def test_predict_refuses_a_file_without_rows_before_sending_it(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("a,b,c,d\n")
+    assert cli.main(["predict", "job-000000000000", str(empty), "--server", "127.0.0.1:1"]) == 2
+    assert "has no rows" in capsys.readouterr().err
+    assert cli.main(["predict", "job-000000000000", str(tmp_path / "rows.parquet")]) == 2
+    assert "rows come from a .csv or .npz file" in capsys.readouterr().err
