@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -100,6 +101,7 @@ log = logging.getLogger(__name__)
 
 ENDED_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 ENDED_CACHE_SIZE = 10_000
+MAX_VALIDATION_EVENTS = 2048  # per job; older ones are thinned evenly past it
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,8 @@ class Store:
     def add_event(self, job_id: str, kind: str, payload: dict) -> None:
         with self._transaction() as db:
             self._add_event(db, job_id, kind, payload, time.time())
+            if kind == "validation":
+                _thin_validation_events(db, job_id)
 
     def requeue_ended_job(self, job_id: str, spec: job_pb2.JobSpec) -> bool:
         """An ended job back to QUEUED with `spec` (ResumeJob; the spec may ask for more
@@ -521,6 +525,30 @@ def _dataset(row: sqlite3.Row) -> DatasetRecord:
         tensors=(None if row["tensors"] is None
                  else tuple((key, tuple(shape)) for key, shape in json.loads(row["tensors"]))),
     )
+
+
+def _thin_validation_events(db: sqlite3.Connection, job_id: str) -> None:
+    """Keep a job's validation events bounded (a job may evaluate at every one of its
+    millions of steps): past MAX_VALIDATION_EVENTS, keep the first, the latest, and between
+    them about half as many spread evenly over the job's steps; delete the rest."""
+    count = db.execute("SELECT COUNT(*) FROM job_events WHERE job_id = ? AND kind = "
+                       "'validation'", (job_id,)).fetchone()[0]
+    if count <= MAX_VALIDATION_EVENTS:
+        return
+    events = [(row[0], json.loads(row[1]).get("step", 0)) for row in db.execute(
+        "SELECT seq, payload FROM job_events WHERE job_id = ? AND kind = 'validation' "
+        "ORDER BY seq", (job_id,))]
+    # The job's steps so far cut into MAX_VALIDATION_EVENTS // 2 equal spans: the first event
+    # of each span is kept (and the latest); the others, and steps a resume replayed, go.
+    first = events[0][1]
+    spacing = max(1e-9, (events[-1][1] - first) / (MAX_VALIDATION_EVENTS // 2))
+    seen_spans, deleted = {0}, []
+    for seq, step in events[1:-1]:
+        span = math.floor((step - first) / spacing)
+        if span in seen_spans or step < first:
+            deleted.append((seq,))
+        seen_spans.add(span)
+    db.executemany("DELETE FROM job_events WHERE seq = ?", deleted)
 
 
 UINT32_END = 2**32  # DatasetInfo's num_classes and feature_shape are uint32

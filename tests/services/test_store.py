@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from services import store as store_module
 from services.convert import dataset_to_proto
 from services.errors import AlreadyExists, InvalidArgument
 from services.store import (
@@ -72,6 +73,23 @@ def test_a_state_change_from_another_state_than_expected_writes_nothing(tmp_path
                                finished=True)
     assert store.snapshot() == before
     assert store.get_job("job-1").state == "SUCCEEDED"
+
+
+def test_a_jobs_validation_events_stay_bounded_and_evenly_spread(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_VALIDATION_EVENTS", 16)
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    for step in range(1, 201):
+        store.add_event("job-1", "validation", {"step": step})
+        if step == 100:
+            store.add_event("job-1", "recovery", {"step": step})
+    events = store.events("job-1")
+    steps = [e.payload["step"] for e in events if e.kind == "validation"]
+    assert len(steps) <= 16 and steps[0] == 1 and steps[-1] == 200
+    # Spread over the job: no gap wider than twice an even spacing of 8 between 1 and 200.
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= 2 * 199 / 8
+    assert [e.kind for e in events].count("recovery") == 1  # other kinds are all kept
+    assert events[0].kind == "state"
 
 
 def test_progress_round_trips(tmp_path):
