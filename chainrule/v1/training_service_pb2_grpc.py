@@ -247,8 +247,8 @@ class TrainingServiceServicer:
         step loss, samples/s, learning rate and gradient norm, a histogram of the per-parameter
         gradient norms, validation loss and accuracy, recoveries as text) as an uncompressed tar
         in chunks, one member `<job_id>/events.out.tfevents.*` per run of the job. Extract it into
-        a folder and run `tensorboard --logdir FOLDER`. Any state: a running job's files as far
-        as they are flushed (about 2 s behind). FAILED_PRECONDITION before the first step.
+        a folder and run `tensorboard --logdir FOLDER`. A running job's files hold everything it
+        reported before the request. FAILED_PRECONDITION before the job's first step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
