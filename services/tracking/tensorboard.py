@@ -18,9 +18,9 @@ interrupted run wrote past the checkpoint, which the resumed run replays.
 Writing is off the job's thread. tensorboardX's SummaryWriter takes about 65 us per scalar, so
 four per step would cost a millisecond-step job several percent; the observer methods only put
 the record on a bounded queue, and one thread writes every job's files, with tensorboardX's
-own summary and event-file writers (synchronous: `flush` means on disk). A writer that falls
-`queue_limit` records behind drops new ones (counted in `dropped`, logged once) rather than
-ever making a step wait.
+own summary and event-file writers (synchronous: after `flush` a reader sees it all). A
+writer that falls `queue_limit` records behind drops new ones (counted in `dropped`, logged
+once) rather than ever making a step wait.
 
 The files are tenant-private like the job's other files: 0600, in 0700 folders. `chainrule
 delete` deletes them with the job; `tensorboard_archive` streams them to their tenant only.
