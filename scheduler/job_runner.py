@@ -60,9 +60,9 @@ from worker.model_builder import build_planned_model
 from worker.parameter_server import ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
-from worker.shared_memory import SharedArrayGroup, host_identity
+from worker.shared_memory import SharedArrayGroup, SharedMemoryFull, host_identity
 from worker.transport.object_store import ObjectStoreTransport
-from worker.transport.shared_memory import SharedMemoryTransport
+from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
     ActorFailure,
     StepFailure,
@@ -214,6 +214,15 @@ class JobRunner:
                 return self._run_once()
             except _RestartFromCheckpoint:
                 self._rewind_to(self.last_checkpoint)
+            except SharedMemoryFull as full:
+                if self.transport_name != "auto":  # shared memory was asked for by name
+                    raise
+                # Too small a /dev/shm (Docker's default is 64 MiB) costs speed, not the job.
+                self.transport_name = "object_store"
+                self._recovered("shared_memory_full", self.current_step,
+                                f"{full}; the job's steps go through the Ray object store "
+                                f"instead (same results, slower)")
+                self._rewind_to(self.last_checkpoint)
 
     def _rewind_to(self, checkpoint: Checkpoint | None) -> None:
         """Forget what happened after `checkpoint` (None: the job's start)."""
@@ -229,13 +238,15 @@ class JobRunner:
         model = build_planned_model(self.job.model, settings.dtype, seed=self.job.seed)
         _load_initial_weights(model, self.job)
         self.layout = ParameterLayout.of(model)
-        self.shared = SharedArrayGroup(self.job_id)
         shared_memory = self.parameters_shared = _use_shared_memory(self.transport_name)
+        # The job's shared arrays, every page reserved as it is created: no room is a
+        # SharedMemoryFull now (run() then falls back to the object store), never a SIGBUS.
+        self.shared = SharedArrayGroup(self.job_id) if shared_memory else None
         group: WorkerGroup | None = None  # what this run started, for the tear-down
         transport: StepTransport | None = None
         try:
             parameters = None
-            if shared_memory:
+            if self.shared is not None:
                 parameters = self.shared.create("parameters", (self.layout.size,),
                                                 settings.dtype)
             replica_setup = ReplicaSetup(self.job, parameters)
@@ -250,6 +261,8 @@ class JobRunner:
                 self.evaluator.load_buffers(dict(model.named_buffers()))
             if self.resume_from is not None:
                 self._restore_locally(self.resume_from)
+            if self.shared is not None:  # before any actor starts for nothing
+                self.shared.check_room(self._step_array_sizes().arrays())
             group = self.worker_group = WorkerGroup(
                 reserve(settings.workers, settings.shards, self.cpus_per_worker,
                         self.job.placement_strategy, self.placement_timeout_seconds),
@@ -268,7 +281,8 @@ class JobRunner:
                 transport.stop()
             if group is not None:
                 group.stop()
-            self.shared.remove()
+            if self.shared is not None:
+                self.shared.remove()
 
     def _start_actors(self, replica_setup: ReplicaSetup, parameters, shared_memory: bool) -> None:
         settings = self.settings
@@ -295,23 +309,26 @@ class JobRunner:
                 "an actor landed on another host than the runner although every node looked "
                 "local; run with transport='object_store'"
             )
-        if shared_memory:
-            buffer_size = self.evaluator.buffer_size() if self.evaluator.buffer_names else 0
-            micro_count = settings.micro_batches * settings.accumulation
+        if self.shared is not None:
             self.transport = SharedMemoryTransport(
-                self.shared, group, parameter_count=self.layout.size,
-                slots=len(self.layout.slots),
-                max_samples=settings.batch_size * settings.accumulation,
-                max_micro_batches=micro_count, buffer_size=buffer_size, dtype=settings.dtype,
-                timeout_seconds=settings.step_timeout_seconds,
-                statistics_size=kfac.statistics_size if kfac else 0,
-                kfac_layers=len(kfac.layers) if kfac else 0)
+                self.shared, group, self._step_array_sizes(),
+                timeout_seconds=settings.step_timeout_seconds)
         else:
             self.transport = ObjectStoreTransport(
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
                 statistics_bounds=[kfac.statistics_bounds(lo, hi) for lo, hi in bounds]
                 if kfac else [])
+
+    def _step_array_sizes(self) -> StepArraySizes:
+        settings, kfac = self.settings, self.evaluator.kfac
+        return StepArraySizes(
+            workers=settings.workers, shards=settings.shards, parameter_count=self.layout.size,
+            slots=len(self.layout.slots), max_samples=settings.batch_size * settings.accumulation,
+            max_micro_batches=settings.micro_batches * settings.accumulation,
+            buffer_size=self.evaluator.buffer_size() if self.evaluator.buffer_names else 0,
+            dtype=settings.dtype, statistics_size=kfac.statistics_size if kfac else 0,
+            kfac_layers=len(kfac.layers) if kfac else 0)
 
     # --- the step loop ---------------------------------------------------------------------
 

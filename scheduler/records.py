@@ -61,6 +61,7 @@ RECOVERY_KINDS = (
     "worker_lost",  # a worker died or fell silent: its blocks recomputed by others, same step
     "worker_replaced",  # a new replica took a lost worker's place at a step boundary
     "shard_lost",  # a parameter-server shard died: every actor restarted from a checkpoint
+    "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead
 )
 
 

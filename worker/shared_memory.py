@@ -4,10 +4,16 @@ The step's bytes (parameters, gradient blocks) travel through these instead of t
 store: allocated once per job, reused every step, read and written in place. A file under
 /dev/shm is a plain, named, host-wide mapping with none of multiprocessing.SharedMemory's
 resource-tracker surprises (attaching processes unlinking segments when they exit).
+
+Every page of an array is reserved when it is created (posix_fallocate), after checking that
+the folder has room for the arrays and a margin: a sparse file would take its pages only when
+first written, and a write that finds /dev/shm full kills the writing process with SIGBUS. So
+a full /dev/shm is a SharedMemoryFull when a job sets up, never a signal halfway through one.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -20,11 +26,42 @@ from pathlib import Path
 
 import numpy as np
 
+# Where shared arrays live when not /dev/shm: an operator's choice (a bigger tmpfs), or a test's
+# (a small one). Read by the process that creates a job's arrays; actors get full paths.
+ROOT_VARIABLE = "CHAINRULE_SHARED_MEMORY_DIR"
+
+# Room left free on the shared-memory folder besides a job's arrays, for the host's other users
+# of it (Ray's object store, other jobs): a sixteenth of its size, at most 256 MiB.
+MARGIN_FRACTION = 1 / 16
+MAX_MARGIN_BYTES = 256 * 2**20
+PAGE_BYTES = mmap.PAGESIZE
+
+
+class SharedMemoryFull(RuntimeError):
+    """The shared-memory folder has no room for a job's arrays: found before reserving them,
+    or refused by the kernel while reserving (someone else took the room meanwhile)."""
+
 
 def shared_root() -> Path:
-    """Where shared arrays live: /dev/shm (memory), else the temporary folder."""
+    """Where shared arrays live: $CHAINRULE_SHARED_MEMORY_DIR when set, else /dev/shm
+    (memory), else the temporary folder."""
+    configured = os.environ.get(ROOT_VARIABLE)
+    if configured:
+        return Path(configured)
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def room(root: Path) -> tuple[int, int]:
+    """(bytes free to this user, margin to leave free) on the filesystem of `root`."""
+    found = os.statvfs(root)
+    size = found.f_blocks * found.f_frsize
+    return found.f_bavail * found.f_frsize, min(int(size * MARGIN_FRACTION), MAX_MARGIN_BYTES)
+
+
+def reserved_bytes(nbytes: int) -> int:
+    """What an array of `nbytes` takes on a tmpfs: whole pages, at least one."""
+    return max(math.ceil(nbytes / PAGE_BYTES), 1) * PAGE_BYTES
 
 
 def host_identity() -> str:
@@ -68,6 +105,23 @@ UNOWNED_GRACE_SECONDS = 60.0
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+def reserve(path: Path, nbytes: int) -> None:
+    """Create the file `path` (0600) with every page of its `nbytes` allocated; a
+    SharedMemoryFull naming the folder, and no file, when the filesystem has no room left."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(descriptor, 0, max(nbytes, 1))
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        if error.errno != errno.ENOSPC:
+            raise
+        raise SharedMemoryFull(f"{path.parent} filled up while reserving a job's shared "
+                               f"arrays: {nbytes / 2**20:.2f} MiB for {path.name} found no room"
+                               ) from error
+    finally:
+        os.close(descriptor)
+
+
 class SharedArrayGroup:
     """The shared arrays of one job, created together and removed together, in a fresh folder
     `chainrule-<job id>-<random>` (`chainrule-<random>` for a job without an id, as in
@@ -77,17 +131,57 @@ class SharedArrayGroup:
         if job_id is not None and not _JOB_ID.fullmatch(job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         prefix = f"{GROUP_PREFIX}{job_id}-" if job_id else GROUP_PREFIX
-        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=shared_root()))
-        # Who made it, so that a folder left by a killed process can be told from a live one
-        # (remove_stale_groups); a dot name never clashes with an array's label.
-        (self.directory / OWNER_FILE).write_text(_process_identity(os.getpid())
-                                                  or str(os.getpid()))
+        root = shared_root()
+        try:
+            self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+            try:
+                # Who made it, so that a folder left by a killed process can be told from a
+                # live one (remove_stale_groups); a dot name never clashes with an array's.
+                (self.directory / OWNER_FILE).write_text(_process_identity(os.getpid())
+                                                          or str(os.getpid()))
+            except OSError:
+                self.remove()
+                raise
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise SharedMemoryFull(f"{root} is full: no room for a job's shared-memory "
+                                   f"folder") from error
 
     def create(self, label: str, shape: tuple[int, ...], dtype: str) -> SharedArraySpec:
-        spec = SharedArraySpec(str(self.directory / label), tuple(shape), np.dtype(dtype).name)
-        with open(spec.path, "wb") as handle:
-            handle.truncate(max(spec.nbytes, 1))
-        return spec
+        """One array, its pages reserved: see create_all."""
+        return self.create_all([(label, shape, dtype)])[0]
+
+    def check_room(self, arrays: list[tuple[str, tuple[int, ...], str]]) -> None:
+        """SharedMemoryFull unless the folder has room for the arrays of (label, shape, dtype)
+        and the margin besides."""
+        needed = sum(reserved_bytes(math.prod(shape) * np.dtype(dtype).itemsize)
+                     for _, shape, dtype in arrays)
+        free, margin = room(self.directory)
+        if needed + margin > free:
+            raise SharedMemoryFull(
+                f"{self.directory.parent} has {free / 2**20:.2f} MiB free: the job's shared "
+                f"arrays need {needed / 2**20:.2f} MiB and {margin / 2**20:.2f} MiB stay free "
+                f"for the host's other users of it")
+
+    def create_all(self, arrays: list[tuple[str, tuple[int, ...], str]]
+                   ) -> list[SharedArraySpec]:
+        """Arrays of (label, shape, dtype), every page reserved, once the folder is known to
+        have room for all of them and the margin; SharedMemoryFull otherwise, with nothing of
+        them left behind."""
+        specs = [SharedArraySpec(str(self.directory / label), tuple(shape), np.dtype(dtype).name)
+                 for label, shape, dtype in arrays]
+        self.check_room(arrays)
+        created: list[SharedArraySpec] = []
+        try:
+            for spec in specs:
+                reserve(Path(spec.path), spec.nbytes)
+                created.append(spec)
+        except SharedMemoryFull:
+            for spec in created:
+                Path(spec.path).unlink(missing_ok=True)
+            raise
+        return specs
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

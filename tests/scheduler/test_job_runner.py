@@ -13,11 +13,13 @@ from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.failure_policy import FailurePolicy, JobFailed
 from scheduler.job_runner import JobRunner
 from scheduler.sampler import EpochSampler
+from tests.tmpfs import mounted_tmpfs
 from worker.backprop import Tensor, optim
 from worker.backprop.nn import functional as F
 from worker.model_builder import build_model
 from worker.parameter_server import ParameterServerShard
 from worker.replica import ModelReplica
+from worker.shared_memory import ROOT_VARIABLE, SharedMemoryFull
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -381,3 +383,41 @@ def test_an_error_in_the_jobs_own_computation_fails_the_job_naming_worker_step_a
     with pytest.raises(JobFailed, match=r"worker \d failed on step 3: FloatingPointError: "
                                         r"the loss is NaN"):
         train(spec_with(), 2, 1, step_timeout_seconds=30, transport=transport)
+
+
+def shared_memory_of(size, tmp_path, monkeypatch):
+    with mounted_tmpfs(tmp_path / "shm", size) as folder:
+        monkeypatch.setenv(ROOT_VARIABLE, str(folder))
+        yield folder
+
+
+@pytest.fixture
+def small_shared_memory(tmp_path, monkeypatch):
+    """32 KiB: room for the parameters (3 pages), not for the step's arrays on 2 workers
+    besides them (9 more pages), whose room is checked before the actors start."""
+    yield from shared_memory_of("32k", tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def tiny_shared_memory(tmp_path, monkeypatch):
+    """8 KiB: not even room for the parameters."""
+    yield from shared_memory_of("8k", tmp_path, monkeypatch)
+
+
+def test_a_job_without_room_in_shared_memory_runs_on_the_object_store_with_the_same_bits(
+        one_worker_float32, small_shared_memory):
+    recoveries = []
+    result = train(spec_with(), 2, 2, on_recovery=recoveries.append)
+    for key, value in one_worker_float32.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+    assert [(r.kind, r.step) for r in recoveries] == [("shared_memory_full", 0)]
+    assert str(small_shared_memory) in recoveries[0].message
+    assert "Ray object store instead" in recoveries[0].message
+    assert list(small_shared_memory.iterdir()) == []
+
+
+def test_shared_memory_asked_for_by_name_without_room_is_an_error_naming_the_folder(
+        local_ray, tiny_shared_memory):
+    with pytest.raises(SharedMemoryFull, match=f"{tiny_shared_memory} has .* MiB free"):
+        train(spec_with(), 2, 2, transport="shared_memory")
+    assert list(tiny_shared_memory.iterdir()) == []

@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, unique
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import ray
@@ -246,6 +247,45 @@ class SharedStep:
 # --- the runner's side -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepArraySizes:
+    """The sizes of a job's step arrays, known before its actors start, so that the runner can
+    check the shared-memory folder's room for all of them first (a job without room then runs
+    on the object store without having started actors for nothing)."""
+
+    workers: int
+    shards: int
+    parameter_count: int
+    slots: int
+    max_samples: int
+    max_micro_batches: int
+    buffer_size: int
+    dtype: str
+    statistics_size: int = 0
+    kfac_layers: int = 0
+
+    def arrays(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(label, shape, dtype) of every array of the step, as SharedStep maps them."""
+        workers, shards, dtype = self.workers, self.shards, self.dtype
+        wanted: list[tuple[str, tuple[int, ...], str]] = [
+            ("plan-indices", (self.max_samples,), "int64"),
+            ("plan-offsets", (self.max_micro_batches + 1,), "int64"),
+            ("parameter-norms", (shards, self.slots), "float64"),
+            *[(f"gradient-block-{b}", (self.parameter_count,), dtype) for b in range(workers)],
+        ]
+        if self.buffer_size:
+            wanted += [("master-buffers", (self.buffer_size,), dtype),
+                       ("micro-batch-buffers", (self.max_micro_batches, self.buffer_size),
+                        dtype)]
+        if self.statistics_size:
+            wanted += [(f"statistics-block-{b}", (self.statistics_size,), "float64")
+                       for b in range(workers)]
+        if self.kfac_layers:
+            wanted.append(("direction-dots", (shards, self.kfac_layers), "float64"))
+        return wanted
+
+
+
 @dataclass
 class _StepInProgress:
     work: StepWork
@@ -257,29 +297,23 @@ class _StepInProgress:
 
 
 class SharedMemoryTransport:
-    def __init__(self, shared: SharedArrayGroup, actors: JobActors, *, parameter_count: int,
-                 slots: int, max_samples: int, max_micro_batches: int, buffer_size: int,
-                 dtype: str, timeout_seconds: float, statistics_size: int = 0,
-                 kfac_layers: int = 0):
+    def __init__(self, shared: SharedArrayGroup, actors: JobActors, sizes: StepArraySizes,
+                 timeout_seconds: float):
         self.actors = actors
         self.timeout_seconds = timeout_seconds
-        workers, shards = len(actors.replicas), len(actors.shards)
-        create = shared.create
+        workers, shards = sizes.workers, sizes.shards
+        statistics_size = sizes.statistics_size
+        wanted = sizes.arrays()
+        arrays = {Path(spec.path).name: spec for spec in shared.create_all(wanted)}
         self.step_spec = SharedStep(
             ChannelPaths(str(shared.directory), workers, shards),
-            StepPlanSpec(
-                create("plan-indices", (max_samples,), "int64"),
-                create("plan-offsets", (max_micro_batches + 1,), "int64"),
-                create("master-buffers", (buffer_size,), dtype) if buffer_size else None,
-                create("micro-batch-buffers", (max_micro_batches, buffer_size), dtype)
-                if buffer_size else None,
-            ),
-            tuple(create(f"gradient-block-{b}", (parameter_count,), dtype)
-                  for b in range(workers)),
-            create("parameter-norms", (shards, slots), "float64"),
-            tuple(create(f"statistics-block-{b}", (statistics_size,), "float64")
-                  for b in range(workers)) if statistics_size else (),
-            create("direction-dots", (shards, kfac_layers), "float64") if kfac_layers else None,
+            StepPlanSpec(arrays["plan-indices"], arrays["plan-offsets"],
+                         arrays.get("master-buffers"), arrays.get("micro-batch-buffers")),
+            tuple(arrays[f"gradient-block-{b}"] for b in range(workers)),
+            arrays["parameter-norms"],
+            tuple(arrays[f"statistics-block-{b}"] for b in range(workers))
+            if statistics_size else (),
+            arrays.get("direction-dots"),
         )
         self.worker_loops: dict[int, ray.ObjectRef | None] = {}
         self.shard_loops: list[ray.ObjectRef] = []
