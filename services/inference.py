@@ -159,6 +159,10 @@ class ModelServing:
         if rows is not None:
             x = _rows(rows[0], rows[1], loaded, "rows")
         elif file is not None:
+            if len(file.data) > self.service.max_upload_bytes:
+                raise InvalidArgument("file.data", f"{len(file.data)} bytes is over this "
+                                                   f"server's upload limit of "
+                                                   f"{self.service.max_upload_bytes}")
             x = uploads.read_rows(file.data, file.format, file.label_column,
                                   self.service.upload_limits, max_values=MAX_PREDICT_VALUES,
                                   field="file")

@@ -223,6 +223,16 @@ def test_a_file_in_the_request_is_parsed_with_the_upload_caps_and_errors_name_th
     assert fragment in error.details(), error.details()
 
 
+def test_a_file_over_the_servers_upload_limit_is_refused(server, client, iris_job,
+                                                         monkeypatch):
+    job_id, _ = iris_job
+    monkeypatch.setattr(server.service, "max_upload_bytes", 16)  # `serve --max-upload-bytes`
+    error = rpc_error(lambda: client.stub.Predict(
+        _file_request(job_id, b"a,b,c,d\n1,2,3,4\n5,6,7,8\n"), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "file.data: 24 bytes is over this server's upload limit of 16"
+
+
 def test_chainrule_predict_writes_a_class_column(server, iris_job, tmp_path, capsys):
     job_id, _ = iris_job
     iris = load_iris()
