@@ -36,6 +36,10 @@ def _train(args: argparse.Namespace) -> int:
             check_output_path(args.output)
         except ValueError as error:
             raise UsageError(f"-o/--output: {error}") from None
+    from scheduler import ray_cluster
+
+    # Joined (or started) before the bar is drawn: a cluster that refuses us is one line.
+    ray_cluster.connect(args.ray_address)
     progress = TrainingProgress(spec.name or "training", total_steps=0)
     with progress:
         result = run_job(

@@ -209,8 +209,10 @@ def test_joining_a_ray_cluster_without_its_token_is_one_line_naming_where_it_goe
                            "--ray-address", "127.0.0.1:1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    # train's progress bar may have drawn its first line; besides it, one line of error.
-    lines = [line for line in done.stderr.strip().splitlines() if "epoch" not in line]
+    # One line of error (not Ray's wall of auth warnings), and no progress bar of a job that
+    # never started. (serve may log its start-up sweep of what killed processes left.)
+    lines = [line for line in done.stderr.strip().splitlines()
+             if "left by processes that are gone" not in line]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("chainrule: no Ray auth token found")
     assert "RAY_AUTH_MODE=token" in lines[0] and f"{tmp_path}/.ray/auth_token" in lines[0]
