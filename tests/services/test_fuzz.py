@@ -204,6 +204,20 @@ def messages(draw, descriptor: descriptors.Descriptor, depth: int = 0):
             continue
         if not draw(st.booleans()):
             continue
+        if field.type == FD.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            # A map (google.protobuf.Struct's fields, inside the spec's Value fields): its
+            # container takes items by key, not add().
+            key_field = field.message_type.fields_by_name["key"]
+            value_field = field.message_type.fields_by_name["value"]
+            entries = draw(st.lists(st.tuples(SCALARS[key_field.type],
+                                              _field_values(value_field, depth)), max_size=2))
+            container = getattr(message, field.name)
+            for key, value in entries:
+                if value_field.type == FD.TYPE_MESSAGE:
+                    container[key].CopyFrom(value)
+                else:
+                    container[key] = value
+            continue
         values = _field_values(field, depth)
         if field.is_repeated:
             items = draw(st.lists(values, max_size=4 if depth < 2 else 2))
