@@ -1,9 +1,13 @@
-"""Which job runs when: a priority queue feeding a fixed number of concurrent job runners.
+"""Which job runs when, carried out: the scheduling policy (scheduler/scheduling_policy.py)
+decides, this queue starts what it says, each job by its own `JobRunner` in its own thread.
 
-Policy: higher `priority` first, first-in-first-out within a priority; at most
-`max_concurrent_jobs` run at once, each by its own `JobRunner` in its own thread. The cluster's
-CPUs are divided evenly between the slots (and within a slot between the job's workers), so
-concurrent jobs always fit and never wait on each other's placement groups.
+A job starts when the cluster has room for all of its actors at once (its bundles: workers with
+the CPUs its spec asks for, shards with a token CPU; scheduler/job_resources.py), as many jobs
+at once as fit; between tenants by weighted fair share, within one by higher `priority` then
+first in, first out. Room is the nodes' sizes (a `ClusterView`, polled every
+`node_poll_seconds` so nodes that join or leave are seen at once) less what the running jobs
+reserved. The queue decides again whenever a job is submitted, cancelled or ends and when the
+nodes change. `max_concurrent_jobs` (0: none) caps how many run at once whatever room is left.
 
 The queue knows nothing about gRPC or SQLite. It reports through two narrow interfaces:
   - a `JobHost` (services/job_lifecycle.py) that resolves a job and loads its data, keeps its
@@ -23,24 +27,35 @@ records it: the result waits in memory, and the job is never left RUNNING with i
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import math
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
+from scheduler.cluster_view import ClusterView, free_nodes
 from scheduler.datasets import Dataset
+from scheduler.job_resources import job_bundles, spreads, worker_and_shard_counts
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
+from scheduler.scheduling_policy import (
+    JobDemand,
+    Node,
+    RunningJob,
+    TenantPolicy,
+    WaitingJobs,
+    decide,
+    fits_ever,
+)
 from worker.resolved_job import ResolvedJob
 
 log = logging.getLogger(__name__)
@@ -106,47 +121,65 @@ class JobObserver(Protocol):
 RunnerFactory = Callable[..., Any]  # JobRunner's signature; tests pass a fake
 
 
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a QUEUED job stands: `position` 1 is its tenant's next job to start."""
+
+    position: int
+    reason: str
+
+
 class JobQueue:
     def __init__(
         self,
         host: JobHost,
         *,
-        max_concurrent_jobs: int = 1,
-        cluster_cpus: Callable[[], float] | float = 0.0,
+        cluster: ClusterView,
+        max_concurrent_jobs: int = 0,
+        tenants: dict[str, TenantPolicy] | None = None,
         observers: Sequence[Any] = (),
         runner_factory: RunnerFactory = JobRunner,
         placement_timeout_seconds: float = 120.0,
         max_run_seconds: float = math.inf,
+        node_poll_seconds: float = 1.0,
     ):
-        """`cluster_cpus` (a number or a function giving it) is what the slots divide; 0 lets
-        each runner take its spec's CPUs (tests with a fake runner). `max_run_seconds` bounds
-        one run of a job, from its start (or resume) to its end."""
-        if max_concurrent_jobs < 1:
-            raise ValueError(f"max_concurrent_jobs must be >= 1, got {max_concurrent_jobs}")
+        """`cluster` gives the nodes' sizes (scheduler/cluster_view.py); `tenants` each
+        tenant's weight and running-CPU quota (TenantPolicy() for a tenant not named);
+        `max_concurrent_jobs` 0 lets as many jobs run as fit. `max_run_seconds` bounds one run
+        of a job, from its start (or resume) to its end."""
+        if max_concurrent_jobs < 0:
+            raise ValueError(f"max_concurrent_jobs must be >= 0, got {max_concurrent_jobs}")
         self.host = host
+        self.cluster = cluster
         self.max_concurrent_jobs = max_concurrent_jobs
-        self._cluster_cpus = cluster_cpus
+        self.tenants = dict(tenants or {})
         self.observers = list(observers)
         self.runner_factory = runner_factory
         self.placement_timeout_seconds = placement_timeout_seconds
         self.max_run_seconds = max_run_seconds
+        self.node_poll_seconds = node_poll_seconds
         self._lock = threading.Lock()
-        self._heap: list[tuple[int, int, str]] = []  # (-priority, arrival, job id)
-        self._waiting: dict[str, QueuedJob] = {}  # queued job id -> job (heap entries may be stale)
-        self._arrival = itertools.count()
+        self._waiting: dict[str, tuple[QueuedJob, JobDemand]] = {}
+        self._demands = WaitingJobs()  # the policy's view of _waiting
+        self._queued_per_tenant: Counter[str] = Counter()
+        self._wait_reasons: dict[str, str] = {}  # the last decision's, by job id
+        self._last_arrival = 0.0
         self._running: dict[str, _RunningJob] = {}
+        self._stopping: dict[str, str] = {}  # preempted job -> the job it makes room for
+        self._capacity: list[Node] = cluster.nodes()
         self._draining = False
         self._idle = threading.Condition(self._lock)
+        self._stop_polling = threading.Event()
+        threading.Thread(target=self._poll_nodes, name="job-queue-nodes", daemon=True).start()
 
     # --- the public operations ---------------------------------------------------------------
 
     def submit(self, job: QueuedJob) -> None:
-        """Queue a job (its record must already say QUEUED); it starts when a slot is free."""
+        """Queue a job (its record must already say QUEUED); it starts when it fits."""
         with self._lock:
             if self._draining:
                 return  # stays QUEUED in the store: the next start runs it
-            self._waiting[job.job_id] = job
-            heapq.heappush(self._heap, (-job.spec.priority, next(self._arrival), job.job_id))
+            self._enqueue(job, self._demand(job, self._next_arrival()))
             depth = len(self._waiting)
         self._notify("job_state_changed", job.job_id, QUEUED)  # counted like every transition
         self._notify("queue_depth", depth)
@@ -160,7 +193,7 @@ class JobQueue:
         """Cancel a queued job now, or ask a running one to stop at its next step boundary.
         False when the queue does not hold the job (already finished, or unknown)."""
         with self._lock:
-            job = self._waiting.pop(job_id, None)
+            job = self._dequeue(job_id)
             running = self._running.get(job_id)
             if running is not None:
                 running.cancelled.set()
@@ -169,8 +202,50 @@ class JobQueue:
             self.host.job_finished(job_id, JobOutcome(CANCELLED))
             self._notify("job_state_changed", job_id, CANCELLED)
             self._notify("queue_depth", depth)
+            self._dispatch()  # the cancelled job may have held a reservation
             return True
         return running is not None
+
+    def never_fits(self, job: QueuedJob) -> str | None:
+        """None when the job fits the cluster's nodes (when empty), else why not with the
+        numbers: such a job would wait forever."""
+        with self._lock:
+            demand = self._demand(job, 0.0)
+            capacity = list(self._capacity)
+        reason = fits_ever(demand, capacity)
+        if reason is None:
+            return None
+        workers, shards = worker_and_shard_counts(job.spec.resources)
+        return (f"{workers} worker(s) x {demand.bundles[0].cpus:g} CPUs and {shards} "
+                f"shard(s) x {PARAMETER_SERVER_CPUS:g}: {reason}")
+
+    def demanded_cpus(self, job: QueuedJob) -> float:
+        """All the CPUs the job's actors reserve while it runs."""
+        with self._lock:
+            return self._demand(job, 0.0).cpus
+
+    def queued_jobs(self, tenant: str) -> int:
+        with self._lock:
+            return self._queued_per_tenant[tenant]
+
+    def place_of(self, job_id: str) -> QueuePlace | None:
+        """A queued job's position among its tenant's queued jobs (higher priority, then
+        earlier, first) and why it is not running; None when the queue does not hold it
+        queued."""
+        with self._lock:
+            entry = self._waiting.get(job_id)
+            if entry is None:
+                return None
+            demand = entry[1]
+            key = (-demand.priority, demand.arrival)
+            ahead = sum(1 for _, other in self._waiting.values()
+                        if other.tenant == demand.tenant
+                        and (-other.priority, other.arrival) < key)
+            reason = self._wait_reasons.get(job_id, "")
+        if not reason:
+            reason = (f"{ahead} job(s) of tenant {demand.tenant} go first (higher priority or "
+                      f"queued earlier)" if ahead else "waiting for the next scheduling decision")
+        return QueuePlace(ahead + 1, reason)
 
     def is_active(self, job_id: str) -> bool:
         with self._lock:
@@ -189,35 +264,96 @@ class JobQueue:
     def shutdown(self, timeout: float = 60.0) -> bool:
         """Stop taking jobs; running jobs stop at their next step boundary, checkpointed, and
         go back to QUEUED. True when every job thread ended within `timeout`."""
+        self._stop_polling.set()
         with self._lock:
             self._draining = True
             for running in self._running.values():
                 running.interrupted.set()
             self._waiting.clear()
-            self._heap.clear()
+            self._demands = WaitingJobs()
+            self._queued_per_tenant.clear()
             return self._idle.wait_for(lambda: not self._running, timeout=timeout)
 
-    # --- running jobs --------------------------------------------------------------------------
+    # --- deciding ------------------------------------------------------------------------------
+
+    def _demand(self, job: QueuedJob, arrival: float) -> JobDemand:
+        cluster_cpus = sum(node.cpus for node in self._capacity)
+        return JobDemand(job.job_id, job.tenant, job.spec.priority, arrival,
+                         job_bundles(job.spec.resources, cluster_cpus),
+                         spreads(job.spec.resources))
+
+    def _next_arrival(self) -> float:
+        """Seconds on the monotonic clock, strictly increasing: first in, first out."""
+        self._last_arrival = max(time.monotonic(), self._last_arrival + 1e-6)
+        return self._last_arrival
+
+    def _enqueue(self, job: QueuedJob, demand: JobDemand) -> None:
+        self._waiting[job.job_id] = (job, demand)
+        self._demands.push(demand)
+        self._queued_per_tenant[job.tenant] += 1
+
+    def _dequeue(self, job_id: str) -> QueuedJob | None:
+        entry = self._waiting.pop(job_id, None)
+        if entry is None:
+            return None
+        self._demands.remove(job_id)
+        self._queued_per_tenant[entry[0].tenant] -= 1
+        return entry[0]
 
     def _dispatch(self) -> None:
-        """Start waiting jobs while slots are free (called on submit and when a job ends)."""
-        while True:
-            with self._lock:
-                if self._draining or len(self._running) >= self.max_concurrent_jobs:
-                    return
-                job = None
-                while self._heap and job is None:
-                    _, _, job_id = heapq.heappop(self._heap)
-                    job = self._waiting.pop(job_id, None)  # None: cancelled while waiting
-                if job is None:
-                    return
-                running = _RunningJob(job, time.monotonic() + self.max_run_seconds)
-                self._running[job.job_id] = running
-                depth = len(self._waiting)
+        """Decide, and start every job the policy says (called on submit and cancel, when a
+        job ends and when the nodes change)."""
+        with self._lock:
+            if self._draining:
+                return
+            now = time.monotonic()
+            running = [job.record for job in self._running.values()]
+            decision = decide(self._demands, running, free_nodes(self._capacity, running),
+                              self.tenants, now, stopping=dict(self._stopping))
+            starts = decision.starts
+            reasons = {wait.job_id: wait.reason for wait in decision.waits}
+            if self.max_concurrent_jobs:
+                room = max(self.max_concurrent_jobs - len(self._running), 0)
+                for start in starts[room:]:
+                    reasons[start.job.job_id] = (
+                        f"waiting for a job slot: this server runs at most "
+                        f"{self.max_concurrent_jobs} job(s) at once")
+                starts = starts[:room]
+            self._wait_reasons = reasons
+            launched = []
+            for start in starts:
+                job = self._dequeue(start.job.job_id)
+                assert job is not None
+                launched.append(_RunningJob(job, RunningJob(start.job, start.placement, now),
+                                            now + self.max_run_seconds))
+                self._running[job.job_id] = launched[-1]
+            depth = len(self._waiting)
+        if launched:
             self._notify("queue_depth", depth)
-            running.thread = threading.Thread(target=self._run, args=(running,),
-                                              name=f"job-{job.job_id}", daemon=True)
-            running.thread.start()
+        for running_job in launched:
+            running_job.thread = threading.Thread(target=self._run, args=(running_job,),
+                                                  name=f"job-{running_job.job.job_id}",
+                                                  daemon=True)
+            running_job.thread.start()
+
+    def _poll_nodes(self) -> None:
+        """Every `node_poll_seconds`: a node that joined or left makes the queue decide again
+        at once (waiting jobs may fit now, or a job's room went with its node)."""
+        while not self._stop_polling.wait(self.node_poll_seconds):
+            try:
+                nodes = self.cluster.nodes()
+            except Exception as error:  # Ray shut down or unreachable: keep the last view
+                log.debug("reading the cluster's nodes failed: %s", error)
+                continue
+            with self._lock:
+                changed = _sizes(nodes) != _sizes(self._capacity)
+                self._capacity = nodes
+            if changed:
+                log.info("the cluster's nodes changed: %d node(s), %g CPUs", len(nodes),
+                         sum(node.cpus for node in nodes))
+                self._dispatch()
+
+    # --- running jobs --------------------------------------------------------------------------
 
     def _run(self, running: _RunningJob) -> None:
         job = running.job
@@ -235,7 +371,7 @@ class JobQueue:
                 should_stop=running.should_stop,
                 on_checkpoint=lambda checkpoint: self.host.save_checkpoint(job_id, checkpoint),
                 resume_from=self.host.load_checkpoint(job_id),
-                cpus_per_worker=self._cpus_per_worker(resolved),
+                cpus_per_worker=running.record.demand.bundles[0].cpus,
                 placement_timeout_seconds=self.placement_timeout_seconds,
                 job_id=job_id,
             )
@@ -296,17 +432,6 @@ class JobQueue:
             delay = min(2 * delay, RECORD_RETRY_MAX_SECONDS)
         raise AssertionError("unreachable")
 
-    def _cpus_per_worker(self, job: ResolvedJob) -> float | None:
-        """The cluster's CPUs / slots / the job's workers, less the shards' token CPUs, so that
-        `max_concurrent_jobs` jobs fit side by side."""
-        total = self._cluster_cpus() if callable(self._cluster_cpus) else self._cluster_cpus
-        if total <= 0:
-            return None
-        workers, shards = job.workers, job.parameter_servers
-        per_slot = total / self.max_concurrent_jobs - shards * PARAMETER_SERVER_CPUS
-        cpus = math.floor(per_slot / workers * 1000) / 1000  # Ray's resource precision
-        return max(cpus, 0.001)
-
     def _notify(self, method: str, *args: Any) -> None:
         for observer in self.observers:
             callback = getattr(observer, method, None)
@@ -318,9 +443,14 @@ class JobQueue:
                 log.exception("observer %r failed in %s", observer, method)
 
 
+def _sizes(nodes: Sequence[Node]) -> list[tuple[str, float, int]]:
+    return sorted((node.node_id, node.cpus, node.memory_bytes) for node in nodes)
+
+
 class _RunningJob:
-    def __init__(self, job: QueuedJob, deadline: float = math.inf):
+    def __init__(self, job: QueuedJob, record: RunningJob, deadline: float = math.inf):
         self.job = job
+        self.record = record  # its bundles and the nodes the policy placed them on
         self.deadline = deadline  # time.monotonic()
         self.cancelled = threading.Event()
         self.interrupted = threading.Event()

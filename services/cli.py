@@ -209,6 +209,8 @@ def _job_line(job) -> str:
         line += f"  val loss {job.final_validation.loss:.4f}"
         if job.final_validation.HasField("accuracy"):
             line += f" acc {job.final_validation.accuracy:.4f}"
+    if job.queue_position:
+        line += f"  queued #{job.queue_position}: {job.wait_reason}"
     if job.error:
         line += f"  error: {job.error}"
     return line
@@ -611,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokens as the API; port 0: any free port); only loopback unless "
                             "--tokens and TLS are set")
     serve.add_argument("--no-web", action="store_true", help="serve no web UI")
-    serve.add_argument("--max-concurrent-jobs", type=int, default=1,
-                       help="jobs that train at once; the others queue")
+    serve.add_argument("--max-concurrent-jobs", type=int, default=0,
+                       help="at most this many jobs train at once (default 0: as many as the "
+                            "cluster's CPUs hold; each job takes the CPUs its spec asks for)")
     serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")

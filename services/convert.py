@@ -53,7 +53,8 @@ def job_to_proto(job: JobRecord) -> pb.Job:
     message = pb.Job(id=job.id, name=job.name, state=state_to_proto(job.state), spec=job.spec,
                      error=job.error, request_id=job.request_id,
                      created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
-                     finished_at=_timestamp(job.finished_at))
+                     finished_at=_timestamp(job.finished_at),
+                     queue_position=job.queue_position, wait_reason=job.wait_reason)
     if job.progress is not None:
         message.progress.CopyFrom(progress_to_proto(job.progress))
     if job.final_validation is not None:

@@ -102,6 +102,7 @@ class JobService:
         validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
                       weights_shape(self.store, tenant, spec))
         check_priority(spec.priority, self._max_priority(tenant), tenant)
+        self._check_fits(tenant, spec)
         record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
                            state=QUEUED, created_at=time.time(), request_id=request_id)
         digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
@@ -117,6 +118,10 @@ class JobService:
             raise NotFound(f"job_id: no job {job_id!r}")
         if job.state == RUNNING:  # fresher than the store's throttled copy
             job.progress = self.events.latest_progress(job_id) or job.progress
+        elif job.state == QUEUED and self.queue is not None:
+            place = self.queue.place_of(job_id)
+            if place is not None:
+                job.queue_position, job.wait_reason = place.position, place.reason
         return job
 
     def list(self, tenant: str, states: Iterable[str] = (), page_size: int = 0,
@@ -161,6 +166,7 @@ class JobService:
         validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
                       weights_shape(self.store, tenant, spec))
         check_priority(spec.priority, self._max_priority(tenant), tenant)  # the cap may be new
+        self._check_fits(tenant, spec)
         with self._files_lock:
             if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
                 days = self.checkpoint_retention_seconds / 86400
@@ -335,6 +341,16 @@ class JobService:
 
     def _max_priority(self, tenant: str) -> int:
         return self.tenant_max_priority.get(tenant, self.limits.max_priority)
+
+    def _check_fits(self, tenant: str, spec: job_pb2.JobSpec) -> None:
+        """A job that could never fit the cluster would wait forever: refused now."""
+        assert self.queue is not None
+        reason = self.queue.never_fits(QueuedJob("", spec, tenant))
+        if reason is not None:
+            field = ("resources.cpus_per_worker" if spec.resources.cpus_per_worker > 0
+                     else "resources.workers")
+            raise FailedPrecondition(f"{field}: the job can never run on this cluster: "
+                                     f"{reason}")
 
 
 

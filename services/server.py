@@ -38,6 +38,7 @@ from chainrule.client import is_local_address
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
+from scheduler.cluster_view import RayNodes
 from scheduler.job_queue import JobQueue
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
 from services.auth import Authenticator, TokenFile, load_tokens
@@ -144,7 +145,7 @@ def serve(
     ray_address: str | None = None,
     ray_cpus: int | None = None,
     metrics_port: int | None = None,
-    max_concurrent_jobs: int = 1,
+    max_concurrent_jobs: int = 0,
     tokens_file: str | Path | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
@@ -237,8 +238,7 @@ def serve(
         trackers.append(MlflowRuns(mlflow, store.get_job,
                                    artifact_location=mlflow_artifact_location))
     curves = TrainingCurves() if web_address is not None else None  # the web UI's
-    queue = JobQueue(lifecycle, max_concurrent_jobs=max_concurrent_jobs,
-                     cluster_cpus=ray_cluster.cluster_cpus,
+    queue = JobQueue(lifecycle, cluster=RayNodes(), max_concurrent_jobs=max_concurrent_jobs,
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
                                                          else [])
                      + ([curves] if curves is not None else []),

@@ -149,6 +149,10 @@ class JobRecord:
     progress: ProgressSummary | None = None
     final_validation: ValidationSummary | None = None
     weights_path: str = ""
+    # While QUEUED, from the queue (JobService.get): its place among its tenant's queued jobs
+    # (1: next) and why it waits. Not stored.
+    queue_position: int = 0
+    wait_reason: str = ""
 
     @property
     def name(self) -> str:

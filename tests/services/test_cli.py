@@ -138,8 +138,9 @@ def test_help_shows_each_options_default(capsys):
     assert "(default: 2)" in out  # --keep-checkpoints
     assert "--max-upload-bytes MAX_UPLOAD_BYTES largest upload accepted, in bytes as sent " \
            "(default: 268435456)" in out
-    assert "--max-concurrent-jobs MAX_CONCURRENT_JOBS jobs that train at once; the others " \
-           "queue (default: 1)" in out
+    assert "--max-concurrent-jobs MAX_CONCURRENT_JOBS at most this many jobs train at once " \
+           "(default 0: as many as the cluster's CPUs hold; each job takes the CPUs its spec " \
+           "asks for)" in out
 
 
 def test_version_comes_from_the_package_metadata(capsys):

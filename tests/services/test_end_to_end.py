@@ -209,3 +209,33 @@ def test_serving_as_a_library_leaves_process_wide_settings_alone(server):
     # `chainrule serve` tunes the GIL switch interval (services.server.configure_process);
     # serve() itself must not, or an application embedding it would be changed behind its back.
     assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+def test_a_job_that_could_never_fit_the_cluster_is_refused_with_the_numbers(client):
+    spec = iris_spec()
+    spec.resources.cpus_per_worker = 3  # the test cluster is one node of 2 CPUs
+    error = rpc_error(lambda: client.submit(spec))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        "resources.cpus_per_worker: the job can never run on this cluster: 1 worker(s) x 3 "
+        "CPUs and 1 shard(s) x 0.01: needs 3.01 CPUs; the cluster has 2")
+
+
+def test_a_queued_job_shows_its_place_and_why_it_waits(client):
+    from services.cli import _job_line
+
+    spec = iris_spec(epochs=10_000)  # runs until cancelled
+    spec.resources.cpus_per_worker = 1.5
+    running = client.submit(spec)
+    waiting = client.submit(spec)
+    try:
+        job = client.get(waiting.id)
+        assert state_name(job.state) == "QUEUED" and job.queue_position == 1
+        assert job.wait_reason == "waiting for 1.51 CPUs in 2 actors; 0.49 free"
+        assert "queued #1: waiting for 1.51 CPUs in 2 actors; 0.49 free" in _job_line(job)
+        assert client.get(running.id).queue_position == 0  # running: no place in the queue
+    finally:
+        for job_id in (waiting.id, running.id):
+            client.cancel(job_id)
+        for job_id in (waiting.id, running.id):
+            wait_until_done(client, job_id)

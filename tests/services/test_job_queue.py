@@ -1,6 +1,7 @@
-"""The job queue's policy with a stand-in runner (no Ray): priorities, FIFO, the concurrency
-limit, cancellation, failures and shutdown. The real runner is exercised end to end in
-test_end_to_end.py."""
+"""The job queue with a stand-in runner and nodes of given sizes (no Ray): placement by the
+CPUs jobs ask for on real node sizes, nodes joining, priorities, FIFO, the concurrency cap,
+queue positions and wait reasons, cancellation, failures and shutdown. The real runner is
+exercised end to end in test_end_to_end.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from scheduler.cluster_view import FixedNodes
 from scheduler.datasets import builtin_shape
 from scheduler.job_queue import JobQueue, QueuedJob
+from scheduler.scheduling_policy import Node
 from tests.services.helpers import iris_spec, wait_for
 from worker.resolved_job import resolve
 
@@ -26,12 +29,15 @@ class FakeRunner:
     steps, step_seconds = 5, 0.01
     started: list = []
 
+    cpus: dict = {}  # job name -> the cpus_per_worker it was given
+
     def __init__(self, spec, dataset, *, should_stop, on_step, on_checkpoint, **options):
         self.spec, self.should_stop, self.on_checkpoint = spec, should_stop, on_checkpoint
         self.options = options
 
     def run(self):
         FakeRunner.started.append(self.spec.name)
+        FakeRunner.cpus[self.spec.name] = self.options["cpus_per_worker"]
         if self.spec.name == "broken":
             raise ValueError("no such thing")
         for _ in range(self.steps):
@@ -86,14 +92,19 @@ def _resolved(spec):
     return resolve(spec, builtin_shape(spec.data.dataset))
 
 
-def _queue(host, max_concurrent_jobs=1, observers=()):
-    FakeRunner.started = []
-    return JobQueue(host, max_concurrent_jobs=max_concurrent_jobs, observers=observers,
-                    runner_factory=FakeRunner)
+def _queue(host, max_concurrent_jobs=1, observers=(), nodes=(("node", 2.0),), **options):
+    FakeRunner.started, FakeRunner.cpus = [], {}
+    return JobQueue(host, cluster=FixedNodes([Node(name, cpus) for name, cpus in nodes]),
+                    max_concurrent_jobs=max_concurrent_jobs, observers=observers,
+                    runner_factory=FakeRunner, **options)
 
 
-def _job(name: str, priority: int = 0) -> QueuedJob:
-    return QueuedJob(name, iris_spec(name=name, priority=priority))
+def _job(name: str, priority: int = 0, cpus_per_worker: float = 0.0,
+         workers: int = 1) -> QueuedJob:
+    spec = iris_spec(name=name, priority=priority)
+    spec.resources.cpus_per_worker = cpus_per_worker
+    spec.resources.workers = workers
+    return QueuedJob(name, spec)
 
 
 def test_higher_priority_first_then_first_in_first_out():
@@ -107,18 +118,79 @@ def test_higher_priority_first_then_first_in_first_out():
     assert FakeRunner.started == ["first", "high", "mid", "low-a", "low-b"]
 
 
-def test_never_more_jobs_at_once_than_the_limit_and_cpus_are_divided():
+def test_jobs_start_while_their_actors_fit_on_the_nodes_as_sized():
+    """A 4-CPU node and a 1-CPU node are not 5 CPUs: 1.5-CPU workers fit two on the first
+    (with their shards' 0.01) and none on the second, so two of four jobs run at once."""
     host, recorder = FakeHost(), Recorder()
-    queue = JobQueue(host, max_concurrent_jobs=2, observers=[recorder], cluster_cpus=2.0,
-                     runner_factory=FakeRunner)
-    for i in range(8):
-        queue.submit(_job(f"job-{i}"))
-    wait_for(lambda: list(host.states.values()).count("SUCCEEDED") == 8, 10)
+    queue = _queue(host, max_concurrent_jobs=0, observers=[recorder],
+                   nodes=[("big", 4.0), ("small", 1.0)])
+    FakeRunner.step_seconds = 0.05
+    for i in range(4):
+        queue.submit(_job(f"job-{i}", cpus_per_worker=1.5))
+    wait_for(lambda: list(host.states.values()).count("SUCCEEDED") == 4, 10)
     assert recorder.most_running == 2
-    spec = iris_spec()
-    spec.resources.workers = 2
-    job = _resolved(spec)
-    assert queue._cpus_per_worker(job) == 0.495  # (2 CPUs / 2 slots - 1 shard's 0.01) / 2
+    assert FakeRunner.cpus == {f"job-{i}": 1.5 for i in range(4)}  # as asked, not divided
+
+
+def test_a_job_asking_for_no_cpus_takes_one_per_worker_shards_included():
+    host, recorder = FakeHost(), Recorder()
+    queue = _queue(host, max_concurrent_jobs=0, observers=[recorder], nodes=[("node", 2.0)])
+    FakeRunner.step_seconds = 0.05
+    for i in range(4):
+        queue.submit(_job(f"job-{i}"))  # 1 worker, 1 shard: 0.99 + 0.01 CPUs
+    wait_for(lambda: list(host.states.values()).count("SUCCEEDED") == 4, 10)
+    assert recorder.most_running == 2
+    assert set(FakeRunner.cpus.values()) == {0.99}
+
+
+def test_the_cap_limits_jobs_at_once_whatever_room_is_left():
+    host, recorder = FakeHost(), Recorder()
+    queue = _queue(host, max_concurrent_jobs=2, observers=[recorder], nodes=[("node", 64.0)])
+    FakeRunner.step_seconds = 0.02
+    for i in range(6):
+        queue.submit(_job(f"job-{i}"))
+    assert queue.place_of("job-5").reason == ("waiting for a job slot: this server runs at "
+                                              "most 2 job(s) at once")
+    wait_for(lambda: list(host.states.values()).count("SUCCEEDED") == 6, 10)
+    assert recorder.most_running == 2
+
+
+def test_a_queued_job_says_its_position_and_what_it_waits_for():
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("node", 2.0)])
+    FakeRunner.step_seconds = 0.2
+    queue.submit(_job("running", cpus_per_worker=1.5))
+    queue.submit(_job("next", cpus_per_worker=1.5))
+    queue.submit(_job("after", cpus_per_worker=1.5))
+    queue.submit(_job("urgent", priority=3, cpus_per_worker=1.5))
+    assert queue.place_of("running") is None  # not queued
+    urgent, following, last = (queue.place_of(j) for j in ("urgent", "next", "after"))
+    assert urgent.position == 1 and urgent.reason == ("waiting for 1.51 CPUs in 2 actors; "
+                                                      "0.49 free")
+    assert (following.position, last.position) == (2, 3)
+    assert last.reason == "2 job(s) of tenant default go first (higher priority or queued " \
+                          "earlier)"
+    queue.shutdown(timeout=5)
+
+
+def test_a_node_that_joins_starts_the_jobs_waiting_for_room_at_once():
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("small", 1.0)], node_poll_seconds=0.05)
+    FakeRunner.step_seconds = 0.01
+    queue.submit(_job("big", cpus_per_worker=3.0))
+    assert queue.place_of("big").reason == "waiting for 3.01 CPUs in 2 actors; 1 free"
+    queue.cluster.sized.append(Node("joined", 4.0))
+    wait_for(lambda: host.states.get("big") == "SUCCEEDED", 5, what="the job on the new node")
+
+
+def test_a_job_that_could_never_fit_says_so_with_the_numbers():
+    queue = _queue(FakeHost(), nodes=[("a", 2.0), ("b", 2.0)])
+    assert queue.never_fits(_job("fits", workers=3, cpus_per_worker=1.0)) is None
+    assert queue.never_fits(_job("wide", workers=4, cpus_per_worker=1.5)) == (
+        "4 worker(s) x 1.5 CPUs and 1 shard(s) x 0.01: needs 6.01 CPUs; the cluster has 4")
+    assert queue.never_fits(_job("tall", cpus_per_worker=3.0)) == (
+        "1 worker(s) x 3 CPUs and 1 shard(s) x 0.01: an actor needs 3 CPUs; the largest node "
+        "has 2")
 
 
 def test_cancelling_a_waiting_job_ends_it_without_running_it():
@@ -182,7 +254,7 @@ def test_an_observer_that_raises_does_not_fail_the_job():
 
 def test_a_submitted_job_is_reported_as_a_transition_to_queued():
     host, recorder = FakeHost(), Recorder()
-    queue = JobQueue(host, observers=[recorder], runner_factory=FakeRunner)
+    queue = _queue(host, observers=[recorder])
     FakeRunner.step_seconds = 0.01
     queue.submit(_job("only"))
     wait_for(lambda: host.states.get("only") == "SUCCEEDED", 10)

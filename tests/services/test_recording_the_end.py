@@ -21,7 +21,9 @@ import pytest
 from chainrule.client import Client, state_name
 from chainrule.spec_file import load_job_spec
 from scheduler import job_queue
+from scheduler.cluster_view import FixedNodes
 from scheduler.job_queue import JobQueue, QueuedJob
+from scheduler.scheduling_policy import Node
 from scheduler.storage import JobStorage
 from services.server import serve
 from tests.services.helpers import DIGITS_SPEC, iris_spec, wait_for, wait_until_done
@@ -47,7 +49,8 @@ class HostWithAFullDisk(FakeHost):
 def test_a_failed_record_of_the_end_is_retried_until_it_works(monkeypatch):
     monkeypatch.setattr(job_queue, "RECORD_RETRY_FIRST_SECONDS", 0.01)
     host = HostWithAFullDisk()
-    queue = JobQueue(host, runner_factory=FakeRunner)
+    queue = JobQueue(host, cluster=FixedNodes([Node("node", 2.0)]),
+                     runner_factory=FakeRunner)
     FakeRunner.step_seconds = 0.001
     queue.submit(QueuedJob("job-1", iris_spec()))
     wait_for(lambda: host.attempts >= 3, 10, what="three attempts")
@@ -60,7 +63,8 @@ def test_a_failed_record_of_the_end_is_retried_until_it_works(monkeypatch):
 def test_a_shutdown_ends_the_retries_at_once_leaving_the_job_to_the_next_start(monkeypatch):
     monkeypatch.setattr(job_queue, "RECORD_RETRY_FIRST_SECONDS", 0.01)
     host = HostWithAFullDisk()
-    queue = JobQueue(host, runner_factory=FakeRunner)
+    queue = JobQueue(host, cluster=FixedNodes([Node("node", 2.0)]),
+                     runner_factory=FakeRunner)
     queue.submit(QueuedJob("job-1", iris_spec()))
     wait_for(lambda: host.attempts >= 2, 10, what="two attempts")
     assert queue.shutdown(timeout=5)
