@@ -1,16 +1,23 @@
 """Who is calling: a bearer token from the call's metadata names a tenant.
 
-The token file has one `TENANT TOKEN [max_priority=N]` line per token (`#` starts a comment).
-`max_priority` is the highest `priority` that tenant's jobs may ask for (the server's
-`--max-priority` when no line of the tenant sets it). Without a token file, every caller is the
-tenant "default" (and the server binds loopback only).
+The token file has one `TENANT TOKEN [SETTING=VALUE ...]` line per token (`#` starts a
+comment). A tenant's settings, on any of its lines (the same value on each):
+  - `max_priority=N`: the highest `priority` its jobs may ask for (the server's
+    `--max-priority` when not set);
+  - `weight=W`: its share of the cluster against the other tenants' (weighted fair share;
+    default 1);
+  - `max_running_cpus=C`: the CPUs its running jobs may hold at once (default: no quota);
+  - `max_queued_jobs=Q`: the jobs it may have queued at once (default: no quota).
+Without a token file, every caller is the tenant "default" (and the server binds loopback
+only).
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,42 +25,88 @@ from services.errors import Unauthenticated
 
 DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_MAX_PRIORITY = re.compile(r"max_priority=(-?[0-9]{1,10})")
+_SETTING = re.compile(r"([a-z_]+)=(.*)")
+
+
+def _int32(text: str) -> int | None:
+    return int(text) if re.fullmatch(r"-?[0-9]{1,10}", text) and -2**31 <= int(text) < 2**31 \
+        else None
+
+
+def _positive_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def _count(text: str) -> int | None:
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) and int(text) > 0 else None
+
+
+# setting -> (its parser, returning None for a bad value; what a good value is)
+_SETTINGS: dict[str, tuple[Callable[[str], float | int | None], str]] = {
+    "max_priority": (_int32, "an integer of int32's range"),
+    "weight": (_positive_number, "a number > 0"),
+    "max_running_cpus": (_positive_number, "a number of CPUs > 0"),
+    "max_queued_jobs": (_count, "a whole number > 0"),
+}
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    weight: float = 1.0
+    max_running_cpus: float = math.inf
+    max_queued_jobs: int = 0  # 0: no quota
 
 
 @dataclass(frozen=True)
 class TokenFile:
     tenants: dict[str, str]  # token -> tenant
     max_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its cap, when set
+    settings: dict[str, TenantSettings] = field(default_factory=dict)  # tenant -> when set
 
 
 def load_tokens(path: str | Path) -> TokenFile:
     """The tokens and tenant settings of the file; ValueError naming the line for a malformed
     one."""
     tokens: dict[str, str] = {}
-    caps: dict[str, int] = {}
+    values: dict[str, dict[str, float | int]] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) not in (2, 3) or not _TENANT.fullmatch(parts[0]) or len(parts[1]) < 16:
-            raise ValueError(f"{path}:{number}: expected 'TENANT TOKEN [max_priority=N]' "
+        if len(parts) < 2 or not _TENANT.fullmatch(parts[0]) or len(parts[1]) < 16:
+            raise ValueError(f"{path}:{number}: expected 'TENANT TOKEN [SETTING=VALUE ...]' "
                              f"(tenant from [A-Za-z0-9._-], token of at least 16 characters)")
         tenant, token = parts[:2]
-        if len(parts) == 3:
-            match = _MAX_PRIORITY.fullmatch(parts[2])
-            if match is None or not -2**31 <= int(match.group(1)) < 2**31:
-                raise ValueError(f"{path}:{number}: expected max_priority=N (an integer of "
-                                 f"int32's range) after the token, got {parts[2]!r}")
-            cap = int(match.group(1))
-            if caps.setdefault(tenant, cap) != cap:
-                raise ValueError(f"{path}:{number}: {tenant} has max_priority={caps[tenant]} "
-                                 f"on an earlier line")
+        for part in parts[2:]:
+            match = _SETTING.fullmatch(part)
+            if match is None or match.group(1) not in _SETTINGS:
+                raise ValueError(f"{path}:{number}: expected SETTING=VALUE after the token, "
+                                 f"one of max_priority=N, weight=W, max_running_cpus=C, "
+                                 f"max_queued_jobs=Q; got {part!r}")
+            name, text = match.groups()
+            parse, expected = _SETTINGS[name]
+            value = parse(text)
+            if value is None:
+                raise ValueError(f"{path}:{number}: {name} must be {expected}, got {text!r}")
+            if values.setdefault(tenant, {}).setdefault(name, value) != value:
+                raise ValueError(f"{path}:{number}: {tenant} has {name}="
+                                 f"{values[tenant][name]} on an earlier line")
         tokens[token] = tenant
     if not tokens:
         raise ValueError(f"{path}: no tokens")
-    return TokenFile(tokens, caps)
+    caps = {tenant: int(own["max_priority"]) for tenant, own in values.items()
+            if "max_priority" in own}
+    settings = {tenant: TenantSettings(
+        weight=float(own.get("weight", 1.0)),
+        max_running_cpus=float(own.get("max_running_cpus", math.inf)),
+        max_queued_jobs=int(own.get("max_queued_jobs", 0)))
+        for tenant, own in values.items() if set(own) - {"max_priority"}}
+    return TokenFile(tokens, caps, settings)
 
 
 class Authenticator:

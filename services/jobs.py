@@ -34,7 +34,14 @@ from scheduler.storage import (
     weights_bytes,
 )
 from services import uploads
-from services.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.auth import TenantSettings
+from services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.events import EventHub, JobEvent
 from services.job_inputs import data_shape, initialises_from, weights_shape
 from services.store import (
@@ -74,9 +81,10 @@ class JobService:
                  max_upload_bytes: int = uploads.DEFAULT_MAX_UPLOAD_BYTES,
                  upload_limits: uploads.UploadLimits | None = None,
                  checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
-                 tenant_max_priority: dict[str, int] | None = None):
-        """`tenant_max_priority`: the tenants whose priority cap is not `limits.max_priority`
-        (from the token file)."""
+                 tenant_max_priority: dict[str, int] | None = None,
+                 tenant_settings: dict[str, TenantSettings] | None = None):
+        """`tenant_max_priority`: the tenants whose priority cap is not `limits.max_priority`;
+        `tenant_settings`: the tenants with a weight or quotas (both from the token file)."""
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = storage
@@ -87,6 +95,7 @@ class JobService:
         self._files_lock = threading.Lock()
         self.limits = limits or Limits()
         self.tenant_max_priority = dict(tenant_max_priority or {})
+        self.tenant_settings = dict(tenant_settings or {})
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
         self.queue: JobQueue | None = None
@@ -343,14 +352,26 @@ class JobService:
         return self.tenant_max_priority.get(tenant, self.limits.max_priority)
 
     def _check_fits(self, tenant: str, spec: job_pb2.JobSpec) -> None:
-        """A job that could never fit the cluster would wait forever: refused now."""
+        """A job that could never fit the cluster, or its tenant's running-CPU quota, would
+        wait forever; one past the tenant's queued-jobs quota would be over it: refused now."""
         assert self.queue is not None
-        reason = self.queue.never_fits(QueuedJob("", spec, tenant))
+        job = QueuedJob("", spec, tenant)
+        reason = self.queue.never_fits(job)
         if reason is not None:
             field = ("resources.cpus_per_worker" if spec.resources.cpus_per_worker > 0
                      else "resources.workers")
             raise FailedPrecondition(f"{field}: the job can never run on this cluster: "
                                      f"{reason}")
+        quota = self.tenant_settings.get(tenant, TenantSettings())
+        cpus = self.queue.demanded_cpus(job)
+        if cpus > quota.max_running_cpus:
+            raise ResourceExhausted(f"max_running_cpus: the job needs {cpus:g} CPUs, more than "
+                                    f"tenant {tenant}'s quota of {quota.max_running_cpus:g} "
+                                    f"running CPUs")
+        queued = self.queue.queued_jobs(tenant)
+        if quota.max_queued_jobs and queued >= quota.max_queued_jobs:
+            raise ResourceExhausted(f"max_queued_jobs: tenant {tenant} has {queued} queued "
+                                    f"job(s), its quota")
 
 
 

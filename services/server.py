@@ -40,6 +40,7 @@ from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster
 from scheduler.cluster_view import RayNodes
 from scheduler.job_queue import JobQueue
+from scheduler.scheduling_policy import TenantPolicy
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
 from services.auth import Authenticator, TokenFile, load_tokens
 from services.events import EventHub
@@ -227,7 +228,8 @@ def serve(
                          checkpoint_retention_seconds=checkpoint_retention_seconds,
                          limits=limits, max_upload_bytes=max_upload_bytes,
                          upload_limits=upload_limits,
-                         tenant_max_priority=token_file.max_priority)
+                         tenant_max_priority=token_file.max_priority,
+                         tenant_settings=token_file.settings)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
     tensorboard = TensorBoardFiles(storage)
@@ -239,6 +241,8 @@ def serve(
                                    artifact_location=mlflow_artifact_location))
     curves = TrainingCurves() if web_address is not None else None  # the web UI's
     queue = JobQueue(lifecycle, cluster=RayNodes(), max_concurrent_jobs=max_concurrent_jobs,
+                     tenants={tenant: TenantPolicy(own.weight, own.max_running_cpus)
+                              for tenant, own in token_file.settings.items()},
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
                                                          else [])
                      + ([curves] if curves is not None else []),

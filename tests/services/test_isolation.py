@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, state_name
-from services.auth import load_tokens
+from services.auth import TenantSettings, load_tokens
 from services.server import serve
 from services.single_instance import AlreadyInUse
 from services.store import Store
@@ -204,12 +204,14 @@ def test_chainrule_serve_refuses_streams_that_could_take_every_rpc_thread(tmp_pa
 # --- priority ---------------------------------------------------------------------------------
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
+CAROL = "carol-token-0123456789"
 
 
 @pytest.fixture(scope="module")
 def tenant_server(local_ray, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("config") / "tokens"
-    tokens.write_text(f"alice {ALICE} max_priority=5\nbob {BOB}\n")
+    tokens.write_text(f"alice {ALICE} max_priority=5\nbob {BOB}\n"
+                      f"carol {CAROL} max_running_cpus=1 max_queued_jobs=1 weight=2\n")
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), tokens_file=tokens,
                     limits=Limits(max_priority=1))
     yield running
@@ -232,9 +234,13 @@ def test_a_priority_above_the_tenants_cap_is_refused_naming_priority(tenant_serv
 
 
 @pytest.mark.parametrize("line, message", [
-    (f"alice {ALICE} max_priority=high", "max_priority=N"),
-    (f"alice {ALICE} max_priority=2147483648", "max_priority=N"),
-    (f"alice {ALICE} priority=3", "max_priority=N"),
+    (f"alice {ALICE} max_priority=high", "max_priority must be an integer of int32's range"),
+    (f"alice {ALICE} max_priority=2147483648", "max_priority must be an integer"),
+    (f"alice {ALICE} priority=3", "one of max_priority=N, weight=W, max_running_cpus=C"),
+    (f"alice {ALICE} weight=0", "weight must be a number > 0, got '0'"),
+    (f"alice {ALICE} max_running_cpus=-1", "max_running_cpus must be a number of CPUs > 0"),
+    (f"alice {ALICE} max_queued_jobs=1.5", "max_queued_jobs must be a whole number > 0"),
+    (f"alice {ALICE} weight=2\nalice {BOB} weight=3", "earlier line"),
     (f"alice {ALICE} max_priority=3\nalice {BOB} max_priority=4", "earlier line"),
 ])
 def test_a_malformed_priority_cap_in_the_token_file_is_refused_naming_the_line(
@@ -245,10 +251,38 @@ def test_a_malformed_priority_cap_in_the_token_file_is_refused_naming_the_line(
         load_tokens(tokens)
 
 
+def test_over_quota_submits_are_refused_resource_exhausted_naming_the_quota(tenant_server):
+    with Client(tenant_server.address, token=CAROL) as client:
+        big = iris_spec()
+        big.resources.cpus_per_worker = 1.5
+        error = rpc_error(lambda: client.submit(big))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == ("max_running_cpus: the job needs 1.51 CPUs, more than "
+                                   "tenant carol's quota of 1 running CPUs")
+        running = client.submit(iris_spec(epochs=10_000))  # 1 CPU: carol's whole quota
+        queued = client.submit(iris_spec(epochs=10_000))
+        try:
+            wait_for(lambda: state_name(client.get(running.id).state) == "RUNNING", 60)
+            assert client.get(queued.id).wait_reason == (
+                "tenant carol runs 1 CPUs of its quota of 1; this job needs 1")
+            error = rpc_error(lambda: client.submit(iris_spec()))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details() == ("max_queued_jobs: tenant carol has 1 queued job(s), its "
+                                       "quota")
+        finally:
+            for job in (queued, running):
+                client.cancel(job.id)
+            for job in (queued, running):
+                wait_until_done(client, job.id)
+
+
 def test_the_token_file_maps_tokens_to_tenants_and_tenants_to_their_caps(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# tenant token [max_priority=N]\nalice {ALICE} max_priority=-2\n"
-                      f"bob {BOB}\n")
+                      f"bob {BOB}\ncarol {CAROL} weight=2.5 max_running_cpus=8\n"
+                      f"carol {CAROL}x max_queued_jobs=100  # a second token, more settings\n")
     loaded = load_tokens(tokens)
-    assert loaded.tenants == {ALICE: "alice", BOB: "bob"}
+    assert loaded.tenants == {ALICE: "alice", BOB: "bob", CAROL: "carol", CAROL + "x": "carol"}
     assert loaded.max_priority == {"alice": -2}
+    assert loaded.settings == {"carol": TenantSettings(weight=2.5, max_running_cpus=8.0,
+                                                       max_queued_jobs=100)}
