@@ -31,6 +31,7 @@ from worker.resolved_job import (
     validation_split_size,
 )
 from worker.spec_error import SpecError
+from worker.training_rows import InMemoryRows
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -53,6 +54,7 @@ class ValidationSplit:
     seed: int = 0  # seeded_permutation: the job's seed
     text_bytes: int = 0  # text_tail: the text's length and its first validation byte
     text_cut: int = 0
+    fraction: float = 0.0  # hashed_rows: the job's validation_fraction
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's "validation_split": the rule, its numbers and, in `how`, the rule
@@ -70,6 +72,12 @@ class ValidationSplit:
                     "how": "training windows are cut from the text's bytes [:cut], validation "
                            "windows from [cut:]: non-overlapping windows of context_length "
                            "bytes, each byte's target the byte after it"}
+        if self.rule == HASHED_ROWS:
+            return {**common, "samples": self.samples, "seed": self.seed,
+                    "fraction": self.fraction,
+                    "how": "row r (0-based, in the Parquet file's order) is a validation row "
+                           "when splitmix64((r + seed * 2**32 + 0x5B17) mod 2**64) < "
+                           "fraction * 2**64 (worker/parquet_rows.py's held_out)"}
         if self.rule == GIVEN:
             return {**common, "how": "the data set's own validation part (x_val, y_val)"}
         return {**common, "how": "no validation split"}
@@ -77,7 +85,8 @@ class ValidationSplit:
 
 SEEDED_PERMUTATION, GIVEN, TEXT_TAIL, NO_VALIDATION = ("seeded_permutation", "given",
                                                        "text_tail", "none")
-SPLIT_RULES = (SEEDED_PERMUTATION, GIVEN, TEXT_TAIL, NO_VALIDATION)
+HASHED_ROWS = "hashed_rows"  # a Parquet data set's (scheduler/parquet_dataset.py)
+SPLIT_RULES = (SEEDED_PERMUTATION, GIVEN, TEXT_TAIL, NO_VALIDATION, HASHED_ROWS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,13 +142,23 @@ class Dataset:
                          tuple(self.feature_shape), self.integer_features, self.task,
                          self.num_classes, tuple(self.target_shape))
 
+    def training_rows(self) -> InMemoryRows:
+        """What the replicas read their micro-batches from: these arrays, whole."""
+        return InMemoryRows(self.x, self.y)
+
+    @property
+    def training_row_groups(self) -> tuple[int, ...]:
+        """Training samples per row group, for a windowed shuffle; none for arrays (one
+        permutation of every sample)."""
+        return ()
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         """New features (validation, test, serving) through the transform fitted on training:
         the same standardisation and the same dtype as `self.x`."""
         x = np.asarray(x)
         if self.integer_features:
             return x.astype(np.int64, copy=False)
-        return _apply_standardization(x, self.feature_mean, self.feature_std, self.x.dtype)
+        return apply_standardization(x, self.feature_mean, self.feature_std, self.x.dtype)
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) -> None:
@@ -404,9 +423,9 @@ def split_and_standardize(dataset: Dataset, validation_fraction: float, standard
     regression = dataset.task == REGRESSION
     return replace(
         dataset,
-        x=_apply_standardization(x, mean, std, dtype),
+        x=apply_standardization(x, mean, std, dtype),
         y=y.astype(dtype) if regression else y,
-        x_val=None if x_val is None else _apply_standardization(x_val, mean, std, dtype),
+        x_val=None if x_val is None else apply_standardization(x_val, mean, std, dtype),
         y_val=y_val.astype(dtype) if regression and y_val is not None else y_val,
         feature_mean=mean,
         feature_std=std,
@@ -430,13 +449,20 @@ def _fit_standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = x.astype(np.float64)
     mean = values.mean(axis=axes, keepdims=images)[0] if images else values.mean(axis=axes)
     std = values.std(axis=axes, keepdims=images)[0] if images else values.std(axis=axes)
+    return usable_statistics(mean, std)
+
+
+def usable_statistics(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fitted (mean, std) made safe to divide by: a constant feature's standard deviation is
+    taken as 1 (it is only centred); SpecError when the features held NaN or infinities."""
+    std = std.copy()
     std[~(std > 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0))] = 1.0
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
         raise SpecError("data.dataset", "the features contain NaN or infinite values")
     return mean, std
 
 
-def _apply_standardization(x: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None,
+def apply_standardization(x: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None,
                            dtype: Any) -> np.ndarray:
     """(x - mean) / std computed in float64, then stored as `dtype`; just the cast when no
     standardisation was fitted."""

@@ -2,9 +2,10 @@
 
 Set-up: build the model from the seed, load `model.init_from`'s tensors into it when the job
 has them (its flat parameter vector and buffers are the initial state), put the
-training data in the object store once, allocate in shared memory the parameter vector, one
-gradient block per worker and the step plan, reserve a placement group, start N replicas and K
-parameter-server shards, and start their step loops.
+training rows' source in the object store once (arrays whole; a Parquet file only as where
+each replica reads its row groups: worker/training_rows.py), allocate in shared memory the
+parameter vector, one gradient block per worker and the step plan, reserve a placement group,
+start N replicas and K parameter-server shards, and start their step loops.
 
 One optimizer step:
   1. the runner writes the step's plan (the sample indices of its M logical micro-batches, or
@@ -42,6 +43,7 @@ from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset, ValidationSplit
 from scheduler.failure_policy import Decision, FailurePolicy, JobFailed
+from scheduler.parquet_dataset import ParquetDataset
 from scheduler.placement import reserve
 from scheduler.ray_cluster import alive_nodes
 from scheduler.records import (
@@ -132,7 +134,7 @@ class JobRunner:
     def __init__(
         self,
         job: ResolvedJob,
-        dataset: Dataset,
+        dataset: Dataset | ParquetDataset,
         *,
         step_timeout_seconds: float = 120.0,
         on_step: Callable[[StepRecord], None] | None = None,
@@ -180,7 +182,8 @@ class JobRunner:
         self.history = TrainingHistory()
         self.rule_name, self.hyper = job.optimizer, job.hyperparameters
         self.sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches,
-                                    job.seed, job.shuffle, job.min_micro_batch_samples)
+                                    job.seed, job.shuffle, job.min_micro_batch_samples,
+                                    dataset.training_row_groups)
         self.groups_per_epoch = job.steps_per_epoch
         self.total_steps = job.total_steps
         # Always kept in memory (a lost shard restarts from it) and handed to on_checkpoint
@@ -253,7 +256,7 @@ class JobRunner:
             # The runner's own replica evaluates on the validation split and holds the master
             # copy of the parameters (shared, or gathered from the shards) and of the buffers
             # (BatchNorm statistics); it computes no training gradients.
-            self.evaluator = ModelReplica(replica_setup, self.dataset.x[:1], self.dataset.y[:1],
+            self.evaluator = ModelReplica(replica_setup, self.dataset.training_rows(),
                                           owns_process=False)
             self.parameters = self.evaluator.flat
             self.parameters[:] = self.layout.flatten(model)
@@ -299,7 +302,7 @@ class JobRunner:
         shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
                                    self.rule_name, self.hyper, clip_value, kfac)
                         for k in range(settings.shards)]
-        locations = group.start(worker_setup, shard_setups, self.dataset.x, self.dataset.y,
+        locations = group.start(worker_setup, shard_setups, self.dataset.training_rows(),
                                 self.dataset.x_val, self.dataset.y_val)
         self.actor_nodes = {"workers": [node for _, node in locations.workers],
                             "shards": [node for _, node in locations.shards]}
@@ -637,7 +640,7 @@ class EarlyStopping:
         return self.triggered
 
 
-def _check_prepared_for(job: ResolvedJob, dataset: Dataset) -> None:
+def _check_prepared_for(job: ResolvedJob, dataset: Dataset | ParquetDataset) -> None:
     """ValueError unless `dataset` is the one `job` was resolved for, split as it says: the
     sampler and the evaluation trust the job's sizes."""
     shape = dataset.shape

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worker.parquet_rows import windowed_order
+
 
 @dataclass(frozen=True)
 class StepSamples:
@@ -52,7 +54,10 @@ def cut_batch(batch: np.ndarray, micro_batches: int,
 
 class EpochSampler:
     def __init__(self, num_samples: int, batch_size: int, micro_batches: int, seed: int,
-                 shuffle: bool = True, min_micro_batch_samples: int = 1):
+                 shuffle: bool = True, min_micro_batch_samples: int = 1,
+                 row_groups: tuple[int, ...] = ()):
+        """`row_groups`: the training samples of each row group of a Parquet data set, whose
+        order is shuffled in windows of row groups (worker/parquet_rows.py); () for arrays."""
         if num_samples < 1:
             raise ValueError("the training split is empty")
         if batch_size < 1 or micro_batches < 1:
@@ -62,6 +67,7 @@ class EpochSampler:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.micro_batches, self.seed, self.shuffle = micro_batches, seed, shuffle
         self.min_micro_batch_samples = min_micro_batch_samples
+        self.row_groups = row_groups
 
     @property
     def steps_per_epoch(self) -> int:
@@ -70,6 +76,8 @@ class EpochSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_samples)
+        if self.row_groups:
+            return windowed_order(self.row_groups, self.seed, epoch)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     def epoch(self, epoch: int) -> list[StepSamples]:

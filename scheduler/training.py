@@ -30,11 +30,12 @@ from scheduler.datasets import (
     split_and_standardize,
 )
 from scheduler.job_runner import JobRunner, TrainingResult
+from scheduler.parquet_dataset import ParquetDataset, is_parquet, load_parquet, parquet_shape
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import FORMATS, local_weights_shape, save_weights
 from worker.layer_description import describe_model
 from worker.model_builder import plan_model
-from worker.resolved_job import ResolvedJob, resolve
+from worker.resolved_job import DataShape, ResolvedJob, resolve
 
 
 def resolve_builtin_job(spec: job_pb2.JobSpec, *, workers: int | None = None,
@@ -42,8 +43,24 @@ def resolve_builtin_job(spec: job_pb2.JobSpec, *, workers: int | None = None,
     """The spec resolved against its built-in data set (SpecError naming the field), with
     `workers` and `parameter_servers` in place of its resources when given, and its
     model.init_from against the local file it names."""
-    return resolve(spec, builtin_shape(spec.data.dataset), workers=workers,
+    return resolve(spec, local_data_shape(spec), workers=workers,
                    parameter_servers=parameter_servers, weights=local_weights_shape(spec))
+
+
+def local_data_shape(spec: job_pb2.JobSpec) -> DataShape:
+    """The shape of a data set this process reads itself: a built-in, or a local Parquet file
+    (read from its metadata; split by the spec's seed). SpecError naming the field."""
+    if is_parquet(spec.data.dataset):
+        return parquet_shape(spec.data, spec.seed)
+    return builtin_shape(spec.data.dataset)
+
+
+def prepare_local_dataset(job: ResolvedJob) -> Dataset | ParquetDataset:
+    """The job's data set as this process reads it: a local Parquet file prepared in one
+    streaming pass (its training rows stay in the file), or a built-in, whole."""
+    if is_parquet(job.dataset):
+        return load_parquet(job)
+    return prepare_dataset(job)
 
 
 def prepare_dataset(job: ResolvedJob, loaded: Dataset | None = None) -> Dataset:
@@ -104,8 +121,8 @@ def run_job(
     on_recovery: Callable[[RecoveryRecord], None] | None = None,
 ) -> TrainingResult:
     """Train an already resolved job (`spec` is the one it was resolved from, recorded in the
-    weights' manifest) on its built-in data set."""
-    dataset = prepare_dataset(job)
+    weights' manifest) on its built-in or local Parquet data set."""
+    dataset = prepare_local_dataset(job)
     ray_cluster.connect(ray_address)
     result = JobRunner(job, dataset, on_step=on_step, on_evaluation=on_evaluation,
                        on_recovery=on_recovery).run()

@@ -20,6 +20,7 @@ import ray
 from scheduler.placement import Placement
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
+from worker.training_rows import TrainingRows
 from worker.transport.liveness import CONCURRENCY_GROUPS
 from worker.transport.step import ActorFailure, ShardLost
 
@@ -50,13 +51,14 @@ class WorkerGroup:
         self.starting: dict[int, ray.ObjectRef] = {}  # slot -> its replacement's readiness
 
     def start(self, replica_setup: ReplicaSetup, shard_setups: list[ShardSetup],
-              x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None = None,
+              rows: TrainingRows, x_val: np.ndarray | None = None,
               y_val: np.ndarray | None = None) -> ActorLocations:
         """Start every replica and shard, and wait until each can say where it runs. The
-        splits go to the object store once; every replica reads the same copy."""
+        training rows' source and the validation split go to the object store once (arrays
+        whole, a Parquet source as where to read); every replica reads the same copy."""
         validation = ((ray.put(x_val), ray.put(y_val)) if x_val is not None and y_val is not None
                       else (None, None))
-        self._replica_arguments = (replica_setup, ray.put(x), ray.put(y), *validation)
+        self._replica_arguments = (replica_setup, ray.put(rows), *validation)
         self.replicas = [self._new_replica(w) for w in range(self.placement.workers)]
         # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
         # (location, checkpoint state, last error) in the other, between steps.

@@ -19,13 +19,16 @@ class UsageError(Exception):
 def _train(args: argparse.Namespace) -> int:
     from chainrule.spec_file import load_job_spec
     from scheduler.datasets import builtin_shape, is_builtin
+    from scheduler.parquet_dataset import is_parquet, parquet_shape
     from scheduler.storage import local_weights_shape
     from services.validation import Limits, check_spec
 
     # Everything a default service would check, then the output path, before Ray starts.
     spec = load_job_spec(args.spec)
     name = spec.data.dataset
-    job = check_spec(spec, builtin_shape(name) if is_builtin(name) else None, Limits(),
+    shape = (parquet_shape(spec.data, spec.seed) if is_parquet(name) else
+             builtin_shape(name) if is_builtin(name) else None)
+    job = check_spec(spec, shape, Limits(),
                      workers=args.workers, parameter_servers=args.parameter_servers,
                      weights=local_weights_shape(spec))
     from scheduler.training import check_output_path, run_job  # imports Ray, starts nothing

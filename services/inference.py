@@ -4,7 +4,7 @@ The model is rebuilt from the job's spec, the input shape its manifest records (
 saved before the manifest did: the spec resolved against its data set, as in training) and its
 stored weights; new rows go through the same
 standardisation as the training rows (the manifest's feature_mean/feature_std, computed in
-float64, then cast to the job's dtype: `scheduler.datasets._apply_standardization`).
+float64, then cast to the job's dtype: `scheduler.datasets.apply_standardization`).
 
 Bounds, because this runs on the RPC threads of the API process:
 - Predict takes at most MAX_PREDICT_ROWS rows and MAX_PREDICT_VALUES values per request,
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from chainrule.v1 import job_pb2
-from scheduler.datasets import _apply_standardization
+from scheduler.datasets import apply_standardization
 from scheduler.job_states import SUCCEEDED
 from scheduler.storage import load_weights, manifest_path
 from services import npz_archive, uploads
@@ -104,7 +104,7 @@ class LoadedModel:
         """Raw rows as the model saw its training rows."""
         if self.integer_features:
             return x.astype(np.int64)
-        return _apply_standardization(x, self.feature_mean, self.feature_std, self.dtype)
+        return apply_standardization(x, self.feature_mean, self.feature_std, self.dtype)
 
     def forward(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(start, outputs) per batch of at most MAX_BATCH standardised rows."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from chainrule.v1 import job_pb2
 from scheduler.datasets import builtin_shape, text_shape
+from scheduler.parquet_dataset import is_parquet
 from services import uploads
 from services.errors import InvalidArgument
 from services.store import Store
@@ -18,6 +19,9 @@ from worker.spec_error import SpecError
 def data_shape(store: Store, tenant: str, dataset: str) -> DataShape | None:
     """The shape of the data set a spec names: a built-in one's, or the tenant's upload's from
     the store's row. None when there is no such data set (validation names the field)."""
+    if is_parquet(dataset):
+        raise InvalidArgument("data.dataset", "the service reads no local files: train a local "
+                                              "Parquet file with chainrule train")
     name = upload_name(dataset)
     if name is None:
         return builtin_shape(dataset) if dataset else None

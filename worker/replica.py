@@ -39,6 +39,7 @@ from worker.kfac_layout import (
 from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
+from worker.training_rows import TrainingRows
 from worker.transport import object_store, shared_memory
 from worker.tree_sum import TreeAccumulator
 
@@ -69,11 +70,12 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
 
 
 class ModelReplica:
-    def __init__(self, setup: ReplicaSetup, x: np.ndarray, y: np.ndarray,
+    def __init__(self, setup: ReplicaSetup, rows: TrainingRows,
                  x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                  owns_process: bool = True):
-        """`x`, `y`: the training split, read by sample index; `x_val`, `y_val`: the
-        validation split, read in batches by `evaluate_batches` (None: the job has none).
+        """`rows`: the training split's samples by index (worker/training_rows.py); `x_val`,
+        `y_val`: the validation split, read in batches by `evaluate_batches` (None: the job
+        has none).
         `owns_process`: this replica is its process's only tenant (a Ray actor), so it sets
         the process's BLAS threads and malloc thresholds for training; False in a process that
         does other work too (the runner's evaluator, tests)."""
@@ -98,11 +100,9 @@ class ModelReplica:
         modules = dict(self.model.named_modules())
         self.kfac_modules = [modules[layer.name] for layer in self.kfac.layers] if self.kfac else []
         self.loss = Loss(self.job.loss, "sum", self.job.label_smoothing)
-        self.x = x if x.dtype.kind != "f" or x.dtype == dtype else x.astype(dtype)
+        self.rows = rows
+        self.dtype = dtype
         self.scores_accuracy = self.job.predictions_per_sample > 0
-        # Regression targets in the model's dtype, or a float64 target would silently turn a
-        # float32 model's whole backward pass into float64.
-        self.y = y if y.dtype.kind in "iu" or y.dtype == dtype else y.astype(dtype)
         self.x_val, self.y_val = x_val, y_val
         self.buffer_names = [name for name, value in self.model.named_buffers()
                              if value.dtype.kind == "f"]
@@ -192,7 +192,8 @@ class ModelReplica:
                 self.load_buffers(start_buffers)  # each micro-batch starts from the step's stats
             nn.init.manual_seed(micro_batch_seed(self.job.seed, global_step, micro_batch))
             gradients, batch_loss, batch_correct = self._micro_batch_gradient(
-                indices, batch_size, self.kfac if captures else None)
+                indices, batch_size, self.kfac if captures else None,
+                epoch=(global_step - 1) // self.job.steps_per_epoch)
             accumulator.push(gradients)  # with K-FAC statistics: the leaf's last array
             loss_sum += batch_loss
             samples += len(indices)
@@ -218,7 +219,7 @@ class ModelReplica:
                            time.perf_counter() - computed, per_batch_buffers)
 
     def _micro_batch_gradient(self, indices: np.ndarray, batch_size: int,
-                              kfac: KFACLayout | None = None):
+                              kfac: KFACLayout | None = None, epoch: int = 0):
         """(gradients, and last the K-FAC statistics of `kfac`'s layers when given; loss sum;
         correct)."""
         for parameter in self.parameters:
@@ -228,9 +229,9 @@ class ModelReplica:
             if kfac is not None:
                 empty.append(empty_micro_batch_statistics(kfac))
             return empty, 0.0, 0
+        features, target = self._samples(indices, epoch)
         with capture_layers(self.kfac_modules if kfac is not None else []) as recorded:
-            output = self.model(Tensor(self.x[indices]))
-            target = self.y[indices]
+            output = self.model(Tensor(features))
             loss = self.loss(output, target)
             (loss * (1.0 / batch_size)).backward()
         gradients = [p.grad if p.grad is not None else np.zeros_like(p.data)
@@ -239,6 +240,16 @@ class ModelReplica:
             gradients.append(micro_batch_statistics(kfac, recorded, batch_size))
         correct = self.loss.correct(output.data, target) if self.scores_accuracy else 0
         return gradients, float(loss.data), correct
+
+    def _samples(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The micro-batch's features and targets, floats in the model's dtype: a float64
+        regression target would silently turn a float32 model's backward pass into float64."""
+        x, y = self.rows.take(indices, epoch)
+        if x.dtype.kind == "f" and x.dtype != self.dtype:
+            x = x.astype(self.dtype)
+        if y.dtype.kind == "f" and y.dtype != self.dtype:
+            y = y.astype(self.dtype)
+        return x, y
 
     def buffer_values(self) -> dict[str, np.ndarray]:
         buffers = dict(self.model.named_buffers())
@@ -276,7 +287,8 @@ class ModelReplica:
         """(summed loss, samples, correct) of the current parameters on (x, y), eval mode."""
         self.model.eval()
         with no_grad():
-            output = self.model(Tensor(x if x.dtype == self.x.dtype else x.astype(self.x.dtype)))
+            dtype = self.rows.feature_dtype
+            output = self.model(Tensor(x if x.dtype == dtype else x.astype(dtype)))
             loss = float(self.loss(output, y).data)
         correct = self.loss.correct(output.data, y) if self.scores_accuracy else 0
         return loss, len(y), correct

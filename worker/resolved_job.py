@@ -186,6 +186,9 @@ class ResolvedJob:
     # channel of a sample (ModelPlan.per_sample_batch_norms), so that a short batch is cut into
     # fewer, fuller micro-batches (scheduler/sampler.cut_batch); else 1.
     min_micro_batch_samples: int = 1
+    # --- a Parquet data set's columns (scheduler/parquet_dataset.py) ----------------------------
+    label_column: str = ""
+    feature_columns: tuple[str, ...] = ()  # (): every column but the labels
 
 
 def validation_split_size(samples: int, fraction: float) -> int:
@@ -218,6 +221,10 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
     fraction = spec.data.validation_fraction
     if not 0.0 <= fraction < 1.0:
         raise SpecError("data.validation_fraction", f"must be in [0, 1), got {fraction!r}")
+    if not spec.data.dataset.startswith("parquet:"):
+        for field in ("label_column", "feature_columns"):
+            if getattr(spec.data, field):
+                raise SpecError(f"data.{field}", "is for Parquet data sets (parquet:PATH) only")
     data = _windowed(data, spec.data.context_length, fraction)
     if data.validation_samples:  # the set's own validation part wins; the fraction is ignored
         training, validation = data.samples, data.validation_samples
@@ -323,6 +330,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         evaluation_interval=evaluation_interval, early_stopping=early_stopping,
         checkpoint_interval=checkpoint_interval,
         init_weights=init_weights, min_micro_batch_samples=min_micro_batch_samples,
+        label_column=spec.data.label_column, feature_columns=tuple(spec.data.feature_columns),
     )
 
 

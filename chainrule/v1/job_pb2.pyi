@@ -501,7 +501,7 @@ class ClippingSpec(_message.Message):
     def __init__(self, max_norm: _Optional[float] = ..., max_value: _Optional[float] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_batches", "standardize", "shuffle", "context_length")
+    __slots__ = ("dataset", "batch_size", "epochs", "validation_fraction", "micro_batches", "standardize", "shuffle", "context_length", "label_column", "feature_columns")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -510,6 +510,8 @@ class DataSpec(_message.Message):
     STANDARDIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     epochs: int
@@ -518,7 +520,9 @@ class DataSpec(_message.Message):
     standardize: bool
     shuffle: bool
     context_length: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_batches: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ...) -> None: ...
+    label_column: str
+    feature_columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_batches: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ..., label_column: _Optional[str] = ..., feature_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResourceSpec(_message.Message):
     __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy", "step_deadline")

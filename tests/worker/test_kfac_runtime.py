@@ -48,7 +48,7 @@ class InProcessJob:
         self.dataset = digits(spec)
         self.job = resolve(spec, self.dataset.shape, workers=workers, parameter_servers=shards)
         setup = ReplicaSetup(self.job, None)
-        self.replicas = [ModelReplica(setup, self.dataset.x, self.dataset.y, owns_process=False)
+        self.replicas = [ModelReplica(setup, self.dataset.training_rows(), owns_process=False)
                          for _ in range(workers)]
         first = self.replicas[0]
         self.layout, self.kfac = first.layout, first.kfac

@@ -32,7 +32,7 @@ def _replica() -> ModelReplica:
     raw = from_arrays(rng.standard_normal((SAMPLES, 32)), rng.integers(0, 5, SAMPLES))
     dataset = split_and_standardize(raw, 0.5, True, 1, dtype="float64")
     job = resolve(load_job_spec(SPEC), dataset.shape)
-    replica = ModelReplica(ReplicaSetup(job, None), dataset.x, dataset.y, dataset.x_val,
+    replica = ModelReplica(ReplicaSetup(job, None), dataset.training_rows(), dataset.x_val,
                            dataset.y_val, owns_process=False)
     # Trained-looking state: BatchNorm's running statistics away from their start.
     replica.load_buffers({name: value + 0.3 for name, value in replica.buffer_values().items()

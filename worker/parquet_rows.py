@@ -1,0 +1,215 @@
+"""A Parquet data set read in row groups, never whole: the split, the order and the reader.
+
+The three rules every process must agree on, functions of the spec alone (never of the worker
+count):
+
+- Validation split (`held_out`): row r (0-based, in file order) is held out when
+  splitmix64(r + seed * 2**32 + 0x5B17) < validation_fraction * 2**64. A hash per row, so the
+  split needs no pass over the data and no permutation of every row, and a row group's split
+  is known from its first row and length alone.
+- Training order (`windowed_order`): each epoch the row groups in a seeded order, then the
+  training rows of each window of SHUFFLE_WINDOW_GROUPS consecutive row groups of that order
+  in a seeded order. A batch then reads from a few row groups instead of all of them.
+- Training index i: the i-th training row of the file, counting row groups in file order.
+
+`ParquetRows` is what a replica holds: where the file is and how to turn a row group into
+standardised features. It reads a row group when a step first needs it, keeps at most
+`2 * SHUFFLE_WINDOW_GROUPS` row groups (the current window and the next, read ahead by one
+thread), so a worker's memory is bounded by the batch and a few row groups, not the file.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+SHUFFLE_WINDOW_GROUPS = 4
+_SPLIT_STREAM = 0x5B17  # the same stream as the in-memory split's (scheduler/datasets.py)
+_ORDER_STREAM = 0x0DE5  # keeps the row-group order apart from every other use of the seed
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """Sebastiano Vigna's splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = values + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def held_out(first_row: int, rows: int, seed: int, fraction: float) -> np.ndarray:
+    """Which of the rows [first_row, first_row + rows) are validation rows (a bool mask)."""
+    if fraction <= 0:
+        return np.zeros(rows, dtype=bool)
+    key = (seed * (1 << 32) + _SPLIT_STREAM + first_row) & _MASK64
+    with np.errstate(over="ignore"):
+        hashes = _splitmix64(np.arange(rows, dtype=np.uint64) + np.uint64(key))
+    return hashes < np.uint64(int(fraction * 2.0**64))
+
+
+def group_order(groups: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The row groups in the order epoch `epoch` visits them."""
+    if not shuffle:
+        return np.arange(groups)
+    return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(groups)
+
+
+def windowed_order(training_per_group: Sequence[int], seed: int, epoch: int,
+                   shuffle: bool = True) -> np.ndarray:
+    """Epoch `epoch`'s order of the training indices: row groups in `group_order`, the rows of
+    each window of SHUFFLE_WINDOW_GROUPS of them shuffled together."""
+    counts = np.asarray(training_per_group, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    if not shuffle:
+        return np.arange(starts[-1])
+    rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
+    groups = rng.permutation(len(counts))  # the first draw: group_order's
+    parts = []
+    for first in range(0, len(groups), SHUFFLE_WINDOW_GROUPS):
+        window = groups[first:first + SHUFFLE_WINDOW_GROUPS]
+        indices = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in window])
+        parts.append(rng.permutation(indices))
+    return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    """Everything a process needs to read a job's Parquet rows: plain data, cheap to send."""
+
+    path: str
+    feature_columns: tuple[str, ...]
+    label_column: str
+    regression: bool  # float targets of shape (n, 1); else int64 class labels
+    dtype: str  # the job's float type, of the features (and regression targets)
+    feature_mean: np.ndarray | None  # None: not standardised
+    feature_std: np.ndarray | None
+    seed: int
+    validation_fraction: float
+    group_rows: tuple[int, ...]  # every row group's rows, in file order
+    training_per_group: tuple[int, ...]  # its training rows (the rest are held out)
+    shuffle: bool = True
+
+    def read_group(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row group `group`'s training rows as (features, targets), standardised and in the
+        job's dtype."""
+        features, labels, validation = self.read_raw(parquet_file, group)
+        features, labels = features[~validation], labels[~validation]
+        if self.feature_mean is not None and self.feature_std is not None:
+            features -= self.feature_mean
+            features /= self.feature_std
+        return features.astype(self.dtype, copy=False), self.targets(labels)
+
+    def read_raw(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row of row group `group`: (float64 features as stored, labels as stored,
+        which rows are held out for validation)."""
+        table = parquet_file.read_row_group(group, columns=[*self.feature_columns,
+                                                            self.label_column])
+        features = np.empty((table.num_rows, len(self.feature_columns)), dtype=np.float64)
+        for column, name in enumerate(self.feature_columns):
+            features[:, column] = _column(table, name, group)
+        labels = _column(table, self.label_column, group)
+        first_row = int(sum(self.group_rows[:group]))
+        return features, labels, held_out(first_row, table.num_rows, self.seed,
+                                          self.validation_fraction)
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        """Labels as the loss takes them: int64 classes, or (n, 1) floats in the job's dtype."""
+        if self.regression:
+            return labels.astype(self.dtype).reshape(-1, 1)
+        return labels.astype(np.int64)
+
+
+def _column(table, name: str, group: int) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise ValueError(f"column {name!r} has missing values in row group {group}")
+    values = column.to_numpy()
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise ValueError(f"column {name!r} has NaN or infinite values in row group {group}")
+    return values
+
+
+class ParquetRows:
+    """A replica's reader of a Parquet training split (worker.training_rows.TrainingRows)."""
+
+    def __init__(self, source: ParquetSource):
+        self.source = source
+        starts = np.concatenate([[0], np.cumsum(source.training_per_group)])
+        self._training_starts = starts.astype(np.int64)
+        self._capacity = 2 * SHUFFLE_WINDOW_GROUPS
+        # Opened on first use, in the process that reads (a replica's actor).
+        self._file = None
+        self._reads: ThreadPoolExecutor | None = None
+        self._cache: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self.groups_read = 0  # row groups read from the file (a test counts them)
+
+    def __reduce__(self):  # travels as its source; threads and the open file stay home
+        return ParquetRows, (self.source,)
+
+    @property
+    def feature_dtype(self) -> np.dtype:
+        return np.dtype(self.source.dtype)
+
+    def take(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        groups = np.searchsorted(self._training_starts, indices, side="right") - 1
+        needed = [int(g) for g in np.unique(groups)]
+        loaded = {g: self._group(g).result() for g in needed}
+        self._read_ahead(needed, epoch)
+        x = np.empty((len(indices), len(self.source.feature_columns)),
+                     dtype=self.source.dtype)
+        y_first = next(iter(loaded.values()))[1] if loaded else np.empty(0, np.int64)
+        y = np.empty((len(indices), *y_first.shape[1:]), dtype=y_first.dtype)
+        for group, (gx, gy) in loaded.items():
+            at = groups == group
+            offsets = indices[at] - self._training_starts[group]
+            x[at], y[at] = gx[offsets], gy[offsets]
+        return x, y
+
+    def _group(self, group: int) -> Future:
+        with self._lock:
+            if group in self._cache:
+                self._cache.move_to_end(group)
+                return self._cache[group]
+            if self._reads is None:
+                self._reads = ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="parquet-read")
+            future = self._reads.submit(self._read, group)
+            self._cache[group] = future
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+            return future
+
+    def _read(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._file is None:
+            import pyarrow.parquet as pq  # imported where rows are read, not by every replica
+
+            self._file = pq.ParquetFile(self.source.path)
+        self.groups_read += 1
+        return self.source.read_group(self._file, group)
+
+    def _read_ahead(self, needed: list[int], epoch: int) -> None:
+        """Start reading the window after the latest one this step touched (in the epoch's
+        row-group order; the next epoch's first window after the last)."""
+        order = group_order(len(self.source.group_rows), self.source.seed, epoch,
+                            self.source.shuffle)
+        position = {int(g): i for i, g in enumerate(order)}
+        latest = max(position[g] for g in needed) // SHUFFLE_WINDOW_GROUPS
+        with self._lock:  # the current window's groups outlive the older windows' in the cache
+            for group in order[latest * SHUFFLE_WINDOW_GROUPS:
+                               (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
+                if int(group) in self._cache:
+                    self._cache.move_to_end(int(group))
+        first = (latest + 1) * SHUFFLE_WINDOW_GROUPS
+        if first >= len(order):
+            order, first = group_order(len(order), self.source.seed, epoch + 1,
+                                       self.source.shuffle), 0
+        for group in order[first:first + SHUFFLE_WINDOW_GROUPS]:
+            if self.source.training_per_group[int(group)]:
+                self._group(int(group))
