@@ -23,6 +23,13 @@ handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stop
 longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
 A host that fails to record a run's end (a full disk) is asked again, with backoff, until it
 records it: the result waits in memory, and the job is never left RUNNING with it lost.
+
+Taking jobs back (`take_back_running`): when the Ray a run trains on is lost, its runner may
+never return (its calls wait on processes that are gone). The run is given up without waiting:
+from then on nothing it reports, checkpoints or returns is recorded, and it stops at its next
+step boundary if it reaches one. The job gets a recovery record saying why and goes back to
+QUEUED (compare-and-set from RUNNING: a job that ended meanwhile keeps its end), to run again
+from its last checkpoint (after `pause`: in the next server's queue).
 """
 
 from __future__ import annotations
@@ -103,6 +110,11 @@ class JobHost(Protocol):
 
     def job_finished(self, job_id: str, outcome: JobOutcome) -> None: ...
 
+    def job_taken_back(self, job_id: str, reason: str) -> bool:
+        """A run given up without its runner's word: back to QUEUED with `reason`, only from
+        RUNNING. False when the job had left RUNNING meanwhile (ended, cancelled)."""
+        ...
+
 
 class JobObserver(Protocol):
     """Anything that follows jobs: metrics, live event streams. Every method is optional."""
@@ -168,6 +180,7 @@ class JobQueue:
         self._stopping: dict[str, str] = {}  # preempted job -> the job it makes room for
         self._capacity: list[Node] = cluster.nodes()
         self._draining = False
+        self._paused = False  # no job starts: the Ray jobs would run on is gone
         self._idle = threading.Condition(self._lock)
         self._stop_polling = threading.Event()
         threading.Thread(target=self._poll_nodes, name="job-queue-nodes", daemon=True).start()
@@ -274,6 +287,40 @@ class JobQueue:
             self._queued_per_tenant.clear()
             return self._idle.wait_for(lambda: not self._running, timeout=timeout)
 
+    def pause(self) -> None:
+        """Start no more jobs (submitted ones wait; running ones go on): the Ray they would
+        run on is gone, and the process is about to restart or exit."""
+        with self._lock:
+            self._paused = True
+
+    def take_back_running(self, kind: str, reason: str) -> list[str]:
+        """Give up every running run at once, without waiting for its runner (see the module
+        docstring): each job gets a recovery record (`kind`, one of RECOVERY_KINDS, and
+        `reason`) and goes back to the queue. The ids of the jobs requeued."""
+        with self._lock:
+            runs = list(self._running.values())
+            self._running.clear()
+            self._stopping.clear()
+            self._idle.notify_all()
+        requeued = []
+        for running in runs:
+            with running.starting:  # a run that had not started stays unstarted
+                running.abandoned.set()
+            job_id = running.job.job_id
+            self._notify("job_recovery", job_id, RecoveryRecord(
+                running.last_step, kind, f"{reason}: the run was given up at step "
+                f"{running.last_step}; the job goes back to the queue and resumes from its "
+                f"last checkpoint"))
+            try:
+                taken_back = self.host.job_taken_back(job_id, reason)
+            except Exception:  # the store refused: the next start finds it RUNNING, requeues it
+                log.exception("job %s: requeueing it failed", job_id)
+                continue
+            if taken_back:
+                requeued.append(job_id)
+                self.submit(running.job)
+        return requeued
+
     # --- deciding ------------------------------------------------------------------------------
 
     def _demand(self, job: QueuedJob, arrival: float) -> JobDemand:
@@ -304,7 +351,7 @@ class JobQueue:
         """Decide, and start every job the policy says (called on submit and cancel, when a
         job ends and when the nodes change)."""
         with self._lock:
-            if self._draining:
+            if self._draining or self._paused:
                 return
             now = time.monotonic()
             running = [job.record for job in self._running.values()]
@@ -360,17 +407,25 @@ class JobQueue:
         job_id = job.job_id
         outcome: JobOutcome | None = None
         try:
-            self.host.job_started(job_id)
+            with running.starting:
+                if running.abandoned.is_set():
+                    return
+                self.host.job_started(job_id)
             self._notify("job_state_changed", job_id, RUNNING)
             resolved, dataset = self.host.prepare(job)
+            resume_from = self.host.load_checkpoint(job_id)
+            if resume_from is not None:
+                running.last_step = resume_from.step
             runner = self.runner_factory(
                 resolved, dataset,
-                on_step=lambda record: self._notify("job_step", job_id, record),
-                on_evaluation=lambda record: self._notify("job_evaluation", job_id, record),
-                on_recovery=lambda record: self._notify("job_recovery", job_id, record),
+                on_step=lambda record: self._on_step(running, record),
+                on_evaluation=lambda record: self._notify_unless_abandoned(
+                    running, "job_evaluation", record),
+                on_recovery=lambda record: self._notify_unless_abandoned(
+                    running, "job_recovery", record),
                 should_stop=running.should_stop,
-                on_checkpoint=lambda checkpoint: self.host.save_checkpoint(job_id, checkpoint),
-                resume_from=self.host.load_checkpoint(job_id),
+                on_checkpoint=lambda checkpoint: self._save_checkpoint(running, checkpoint),
+                resume_from=resume_from,
                 cpus_per_worker=running.record.demand.bundles[0].cpus,
                 placement_timeout_seconds=self.placement_timeout_seconds,
                 job_id=job_id,
@@ -385,10 +440,17 @@ class JobQueue:
                     f"stopped after running longer than this server's limit of "
                     f"{self.max_run_seconds:g} s; resume it to continue from its checkpoint"))
         except Exception as error:  # a failed job must never take the service down
+            if running.abandoned.is_set():  # its Ray gone under it: expected, not the job's
+                log.info("job %s: a run given up ended (%s: %s)", job_id,
+                         type(error).__name__, error)
+                return
             log.exception("job %s failed", job_id)
             message = str(error) or type(error).__name__
             outcome = JobOutcome(FAILED, error=f"{type(error).__name__}: {message}",
                                  traceback=traceback.format_exc())
+        if running.abandoned.is_set():  # the job is back in the queue: this run's end is moot
+            log.info("job %s: a run given up ended", job_id)
+            return
         try:
             state = self._record_end(running, outcome)
             if state is not None:
@@ -432,6 +494,19 @@ class JobQueue:
             delay = min(2 * delay, RECORD_RETRY_MAX_SECONDS)
         raise AssertionError("unreachable")
 
+    def _on_step(self, running: _RunningJob, record: StepRecord) -> None:
+        running.last_step = record.step
+        self._notify_unless_abandoned(running, "job_step", record)
+
+    def _notify_unless_abandoned(self, running: _RunningJob, method: str, *args: Any) -> None:
+        if not running.abandoned.is_set():
+            self._notify(method, running.job.job_id, *args)
+
+    def _save_checkpoint(self, running: _RunningJob, checkpoint: Checkpoint) -> None:
+        """A run given up writes no more checkpoints: the job's next run writes its own."""
+        if not running.abandoned.is_set():
+            self.host.save_checkpoint(running.job.job_id, checkpoint)
+
     def _notify(self, method: str, *args: Any) -> None:
         for observer in self.observers:
             callback = getattr(observer, method, None)
@@ -455,10 +530,16 @@ class _RunningJob:
         self.cancelled = threading.Event()
         self.interrupted = threading.Event()
         self.timed_out = threading.Event()
+        # Given up (take_back_running): nothing it reports is recorded any more. Set under
+        # `starting`, which the run holds while it records its start: a run is either given
+        # up before it starts, or started and then taken back.
+        self.abandoned = threading.Event()
+        self.starting = threading.Lock()
+        self.last_step = 0  # the last step it reported (or resumed from)
         self.thread: threading.Thread | None = None
 
     def should_stop(self) -> bool:
         if time.monotonic() >= self.deadline:
             self.timed_out.set()
         return (self.cancelled.is_set() or self.interrupted.is_set()
-                or self.timed_out.is_set())
+                or self.timed_out.is_set() or self.abandoned.is_set())

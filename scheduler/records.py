@@ -62,6 +62,7 @@ RECOVERY_KINDS = (
     "worker_replaced",  # a new replica took a lost worker's place at a step boundary
     "shard_lost",  # a parameter-server shard died: every actor restarted from a checkpoint
     "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead
+    "ray_lost",  # the service's Ray died: the run given up, the job requeued from a checkpoint
 )
 
 

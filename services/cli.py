@@ -72,10 +72,12 @@ DEFAULT_WEB_ADDRESS = "127.0.0.1:9465"  # the web UI of `serve`, next to /metric
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import os
     import signal
     import threading
 
     from services.metrics import ParameterSeries
+    from services.ray_recovery import RAY_LOST_EXIT_STATUS, Action, restart_in_place
     from services.server import configure_process, serve
     from services.single_instance import AlreadyInUse
     from services.streams import StreamLimits
@@ -113,7 +115,13 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"chainrule: serving gRPC on {server.address} (data in {server.data_dir})", flush=True)
     print(f"chainrule: metrics at {server.metrics_url or 'off'}", flush=True)
     print(f"chainrule: web UI at {server.web_url or 'off'}", flush=True)
-    stop.wait()
+    while not stop.wait(0.25):
+        if server.failed.is_set():  # its Ray lost (logged); its running jobs requeued
+            # Not stop() nor a normal exit: both would wait on calls to the Ray that is gone.
+            if server.failure_action is Action.RESTART:
+                restart_in_place()  # a new process image with a new Ray; resumes the jobs
+            logging.shutdown()
+            os._exit(RAY_LOST_EXIT_STATUS)
     print("chainrule: stopping; running jobs are checkpointed and requeued", flush=True)
     server.stop()
     print("chainrule: stopped", flush=True)

@@ -162,6 +162,20 @@ class JobLifecycle:
         # Compare-and-set: a cancel that came while the job stopped stays CANCELLED.
         self.store.set_state(job_id, QUEUED, from_states={RUNNING})
 
+    def job_taken_back(self, job_id: str, reason: str) -> bool:
+        """A run the queue gave up (its Ray lost): its latest progress and any checkpoint the
+        disk refused written, then QUEUED with `reason` as the state's error (GetJob and
+        WatchJob show why until it runs again), compare-and-set from RUNNING."""
+        try:
+            self._write_unsaved_checkpoint(job_id)
+        except OSError as error:  # the disk still refuses: resume from the one before
+            log.warning("job %s: its newest checkpoint is still not written (%s)", job_id,
+                        error)
+        self._flush_progress(job_id)
+        with self._lock:
+            self._live.pop(job_id, None)
+        return self.store.set_state(job_id, QUEUED, from_states={RUNNING}, error=reason)
+
     def job_finished(self, job_id: str, outcome: JobOutcome) -> None:
         """Record how a run ended: its last checkpoint and progress, its model when it
         SUCCEEDED, then its state, compare-and-set from QUEUED or RUNNING (an ended job keeps

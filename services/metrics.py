@@ -168,7 +168,8 @@ class _Families:
         self.recoveries = counter(
             "chainrule_recoveries_total",
             "Failures jobs recovered from, by kind: worker_lost (recomputed in the same step), "
-            "worker_replaced (a new replica joined), shard_lost (restarted from a checkpoint).",
+            "worker_replaced (a new replica joined), shard_lost (restarted from a checkpoint), "
+            "ray_lost (the service's Ray died: requeued from a checkpoint).",
             ("kind",))
         # --- service ----------------------------------------------------------------------
         self.jobs = gauge("chainrule_jobs", "Jobs known to this process, by state.", ("state",))

@@ -14,6 +14,11 @@ refuses any address but loopback or a unix socket; a non-loopback bind needs tok
 The data folder is the server's user's alone (0700; its files 0600), and a unix socket
 (`unix:PATH`) is made `socket_mode` (0600: only this user may call) before serving: its file
 permissions decide who may call.
+
+A server that started its Ray (embedded, or by joining `ray_address`) watches it: when it dies,
+the running jobs go back to the queue, and `failed` is set with what to do (restart with a new
+Ray, or exit for a supervisor) and why, for the process's owner to carry out
+(services/ray_recovery.py; `chainrule serve` does).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from services.auth import Authenticator, TokenFile, load_tokens
 from services.events import EventHub
 from services.job_lifecycle import JobLifecycle
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
+from services.ray_recovery import Action, RayRecovery
 from services.servicer import RequestDecodingInterceptor, TrainingServicer
 from services.single_instance import (
     UNIX_PREFIX,
@@ -111,12 +117,25 @@ class RunningServer:
     trackers: list[Any] = field(default_factory=list)
     web_url: str = ""  # the web UI's address ("" when it is off)
     _web: RunningWebUI | None = None
+    _ray_recovery: RayRecovery | None = None  # None: Ray is its starter's to watch
+    # Set when the server cannot go on (its Ray lost), with what to do and why: the process
+    # should restart or exit, without stop(), whose checkpoints would wait on the Ray that is
+    # gone. Its running jobs are back in the queue already.
+    failed: threading.Event = field(default_factory=threading.Event)
+    failure: str = ""
+    failure_action: Action = Action.EXIT
+
+    def _ray_lost(self, action: Action, reason: str) -> None:
+        self.failure, self.failure_action = reason, action
+        self.failed.set()
 
     def stop(self, grace: float = 5.0, job_timeout: float = 120.0) -> None:
         """Checkpoint and requeue running jobs, then close the server (idempotent)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._ray_recovery is not None:  # before Ray is shut down below, on purpose
+            self._ray_recovery.stop()
         self._health.enter_graceful_shutdown()
         if not self.queue.shutdown(timeout=job_timeout):
             log.warning("jobs still running after %.0f s; they resume from their last "
@@ -306,6 +325,12 @@ def serve(
         # in meanwhile; the socket's folder can close that window for any umask.)
         os.chmod(unix_socket_path(address), socket_mode)
     lock.record(bound)
+    # Jobs left QUEUED or RUNNING by the last process go back to the queue before a call is
+    # served: a job submitted meanwhile could otherwise be taken for one of them, set back to
+    # QUEUED while it runs, and queued twice.
+    resumed = lifecycle.requeue_unfinished(queue)
+    if resumed:
+        log.info("resumed %d queued job(s)", resumed)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -313,10 +338,10 @@ def serve(
                             server, health_servicer, store, owns_ray, metrics_server, lock,
                             streams=streams, trackers=trackers,
                             web_url=web.url if web else "", _web=web)
+    if owns_ray:
+        running._ray_recovery = RayRecovery(queue, ray_address=ray_address,
+                                            on_lost=running._ray_lost).start()
     _sweep_checkpoints_periodically(service, running._stopped)
-    resumed = lifecycle.requeue_unfinished(queue)
-    if resumed:
-        log.info("resumed %d queued job(s)", resumed)
     return running
 
 

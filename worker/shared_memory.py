@@ -231,6 +231,23 @@ def remove_stale_groups(root: Path | None = None, now: float | None = None) -> l
     return removed
 
 
+def remove_groups_of_this_process(root: Path | None = None) -> list[Path]:
+    """Remove the groups this process made, and return them: for a process about to replace
+    itself (exec), whose PID and start time live on, so no later sweep would find them stale."""
+    root = shared_root() if root is None else root
+    me = _process_identity(os.getpid())
+    removed = []
+    for folder in sorted(root.glob(f"{GROUP_PREFIX}*")):
+        try:
+            owner = (folder / OWNER_FILE).read_text()
+        except OSError:
+            continue
+        if me is not None and owner.strip() == me:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def _process_identity(pid: int) -> str | None:
     """"PID START_TICKS BOOT_ID": a PID names one process only together with its start time
     (PIDs are reused) and the boot (start times restart at 0). None when there is no such

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule.client import Client, state_name
 from chainrule.spec_file import job_spec_from_dict
@@ -60,3 +65,35 @@ def rpc_error(call) -> grpc.RpcError:
     except grpc.RpcError as error:
         return error
     raise AssertionError("the call succeeded; expected an error")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_serve_process(address: str, data_dir, *options: str,
+                        environment: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real `chainrule serve` subprocess (its output, merged, on .stdout), once it serves,
+    with its metrics and web UI on free ports; `environment` is added to this process's."""
+    command = [sys.executable, "-m", "services.cli", "serve", "--address", address,
+               "--data-dir", str(data_dir), "--metrics-port", "0",
+               "--web-address", "127.0.0.1:0", *options]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                    **(environment or {})})
+
+    def serving() -> bool:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            with grpc.insecure_channel(address) as channel:
+                response = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+                return response.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    wait_for(serving, 90, interval=0.2, what="the server to serve")
+    return process

@@ -1,0 +1,159 @@
+"""Whether the Ray this process trains on is still there, found in seconds.
+
+Ray 2.60's own reaction is slow and silent: a driver whose raylet is SIGKILLed exits about 13 s
+later, one whose GCS server is killed about 62 s later, without a line of its own, and its
+calls meanwhile wait (RAY-NOTES.md). A watch here looks every `interval` seconds and reports
+the loss once, with what was lost; what to do about it is the caller's (services/ray_recovery.py).
+
+Two ways to look:
+  - embedded Ray: the GCS server and the raylet that `ray.init` started are children of this
+    process; each look reads their /proc entries (dead, a zombie, or its PID reused is gone);
+  - a cluster joined by address: the GCS must answer a call (`ray.nodes()`) within a timeout,
+    asked from a helper thread, so a call that hangs is an answer too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# The processes of an embedded instance whose loss ends it (the others, log monitor and
+# dashboard, are Ray's helpers).
+ESSENTIAL_PROCESSES = ("gcs_server", "raylet")
+WATCH_INTERVAL_SECONDS = 0.5
+CLUSTER_PROBE_TIMEOUT_SECONDS = 4.0
+
+# A check answers None while Ray is there, else what was lost ("raylet (pid 123) exited").
+Check = Callable[[], "str | None"]
+
+
+@dataclass(frozen=True)
+class RayProcess:
+    name: str
+    pid: int
+    start_ticks: str  # with the PID, names one process (PIDs are reused)
+
+    def gone(self) -> bool:
+        stat = _read_stat(self.pid)
+        return stat is None or stat[1] in ("Z", "X") or stat[3] != self.start_ticks
+
+
+def embedded_processes(parent: int | None = None) -> list[RayProcess]:
+    """The GCS server and raylet that `parent` (default: this process) started, as
+    `ray.init(address="local")` does; [] when it started none (Ray joined by address)."""
+    return [process for process in child_processes(parent)
+            if process.name in ESSENTIAL_PROCESSES]
+
+
+def child_processes(parent: int | None = None) -> list[RayProcess]:
+    """Every live process whose parent is `parent` (default: this process), by name."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None and stat[2] == parent and stat[1] not in ("Z", "X"):
+            found.append(RayProcess(stat[0], int(entry.name), stat[3]))
+    return sorted(found, key=lambda process: process.name)
+
+
+def processes_exited(processes: list[RayProcess]) -> Check:
+    """A check that names the first of `processes` to have exited."""
+    if not processes:
+        raise ValueError("no Ray processes to watch: was Ray started by this process?")
+
+    def check() -> str | None:
+        for process in processes:
+            if process.gone():
+                return f"its {process.name} (pid {process.pid}) exited"
+        return None
+
+    return check
+
+
+def cluster_unanswered(timeout: float = CLUSTER_PROBE_TIMEOUT_SECONDS,
+                       call: Callable[[], object] = ray.nodes) -> Check:
+    """A check that names a GCS that failed or did not answer `call` (a GCS call) within
+    `timeout`. One call at a time: a call still waiting is not made again, it is waited for."""
+    answered = threading.Event()
+    probe = _Probe()
+
+    def ask() -> None:
+        try:
+            call()
+        except Exception as error:  # any failure to answer is an answer
+            probe.error = f"{type(error).__name__}: {error}"
+        answered.set()
+
+    def check() -> str | None:
+        if probe.asked_at is None:
+            answered.clear()
+            probe.asked_at, probe.error = time.monotonic(), None
+            threading.Thread(target=ask, name="ray-probe", daemon=True).start()
+        if answered.wait(min(timeout, WATCH_INTERVAL_SECONDS)):
+            probe.asked_at = None
+            return None if probe.error is None else f"its GCS failed a call ({probe.error})"
+        waited = time.monotonic() - probe.asked_at
+        if waited >= timeout:
+            return f"its GCS did not answer for {waited:.1f} s"
+        return None
+
+    return check
+
+
+@dataclass
+class _Probe:
+    asked_at: float | None = None  # time.monotonic() of the call waited for; None: none
+    error: str | None = None
+
+
+class RayWatch:
+    """Runs `check` every `interval` seconds on a daemon thread and calls `on_lost(what)` once,
+    from that thread, when it reports a loss; then it stops."""
+
+    def __init__(self, check: Check, on_lost: Callable[[str], None],
+                 interval: float = WATCH_INTERVAL_SECONDS):
+        self.check, self.on_lost, self.interval = check, on_lost, interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ray-watch", daemon=True)
+
+    def start(self) -> RayWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                lost = self.check()
+            except Exception:  # a bug in a check must not pass for a loss, nor end the watch
+                log.exception("checking Ray failed")
+                continue
+            if lost is not None and not self._stopped.is_set():
+                self.on_lost(lost)
+                return
+
+
+def _read_stat(pid: int) -> tuple[str, str, int, str] | None:
+    """(command name, state, parent PID, start time in ticks) from /proc/PID/stat; None when
+    there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split around the last ")".
+    name = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return name, fields[0], int(fields[1]), fields[19]
