@@ -107,8 +107,10 @@ class ParquetSource:
     def read_raw(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every row of row group `group`: (float64 features as stored, labels as stored,
         which rows are held out for validation)."""
+        # One thread decodes: Arrow's pool threads would each keep an arena of freed memory.
         table = parquet_file.read_row_group(group, columns=[*self.feature_columns,
-                                                            self.label_column])
+                                                            self.label_column],
+                                            use_threads=False)
         features = np.empty((table.num_rows, len(self.feature_columns)), dtype=np.float64)
         for column, name in enumerate(self.feature_columns):
             features[:, column] = _column(table, name, group)
