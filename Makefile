@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/metrics.py
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/tracking.py
+	$(BIN)/python bench/hostile.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install
