@@ -19,8 +19,10 @@ The queue knows nothing about gRPC or SQLite. It reports through two narrow inte
 
 Stopping: a runner polls `should_stop` at every step boundary; when it stops early it has
 handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stopped by
-`shutdown` goes back to QUEUED (the next server start resumes it from the checkpoint); a run
-longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
+`shutdown` goes back to QUEUED (the next server start resumes it from the checkpoint); a job
+preempted (the policy's choice, to make room for a waiting job of higher priority) goes back to
+QUEUED in this queue at its first arrival and resumes from the checkpoint once room is back; a
+run longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
 A host that fails to record a run's end (a full disk) is asked again, with backoff, until it
 records it: the result waits in memory, and the job is never left RUNNING with it lost.
 
@@ -357,7 +359,7 @@ class JobQueue:
             running = [job.record for job in self._running.values()]
             decision = decide(self._demands, running, free_nodes(self._capacity, running),
                               self.tenants, now, stopping=dict(self._stopping))
-            starts = decision.starts
+            starts, preemptions = decision.starts, decision.preempt
             reasons = {wait.job_id: wait.reason for wait in decision.waits}
             if self.max_concurrent_jobs:
                 room = max(self.max_concurrent_jobs - len(self._running), 0)
@@ -365,8 +367,18 @@ class JobQueue:
                     reasons[start.job.job_id] = (
                         f"waiting for a job slot: this server runs at most "
                         f"{self.max_concurrent_jobs} job(s) at once")
-                starts = starts[:room]
+                if len(starts) > room:
+                    # The policy counted the starts the cap holds back as running: room it
+                    # found missing for others is not missing, and nothing is preempted.
+                    starts, preemptions = starts[:room], []
             self._wait_reasons = reasons
+            preempted = []
+            for preemption in preemptions:
+                victim = self._running.get(preemption.victim)
+                if victim is not None and not victim.preempted.is_set():
+                    victim.preempted.set()  # it stops at its next step boundary
+                    self._stopping[preemption.victim] = preemption.for_job
+                    preempted.append(preemption)
             launched = []
             for start in starts:
                 job = self._dequeue(start.job.job_id)
@@ -375,6 +387,10 @@ class JobQueue:
                                             now + self.max_run_seconds))
                 self._running[job.job_id] = launched[-1]
             depth = len(self._waiting)
+        for preemption in preempted:
+            log.info("job %s is preempted for job %s: it stops at its next step boundary "
+                     "and queues again", preemption.victim, preemption.for_job)
+            self._notify("job_preempted", preemption.victim, preemption.for_job)
         if launched:
             self._notify("queue_depth", depth)
         for running_job in launched:
@@ -451,6 +467,7 @@ class JobQueue:
         if running.abandoned.is_set():  # the job is back in the queue: this run's end is moot
             log.info("job %s: a run given up ended", job_id)
             return
+        state = None
         try:
             state = self._record_end(running, outcome)
             if state is not None:
@@ -461,6 +478,12 @@ class JobQueue:
                 # before this thread gets here: remove this run only.
                 if self._running.get(job_id) is running:
                     del self._running[job_id]
+                self._stopping.pop(job_id, None)
+                if (outcome is None and state == QUEUED and running.preempted.is_set()
+                        and not self._draining):
+                    # Back in the queue at its first arrival: it resumes from the stop's
+                    # checkpoint once room is back, ahead of its tenant's later jobs.
+                    self._enqueue(job, running.record.demand)
                 self._idle.notify_all()
             self._dispatch()
 
@@ -528,7 +551,8 @@ class _RunningJob:
         self.record = record  # its bundles and the nodes the policy placed them on
         self.deadline = deadline  # time.monotonic()
         self.cancelled = threading.Event()
-        self.interrupted = threading.Event()
+        self.interrupted = threading.Event()  # by shutdown
+        self.preempted = threading.Event()  # to make room for a job of higher priority
         self.timed_out = threading.Event()
         # Given up (take_back_running): nothing it reports is recorded any more. Set under
         # `starting`, which the run holds while it records its start: a run is either given
@@ -542,4 +566,5 @@ class _RunningJob:
         if time.monotonic() >= self.deadline:
             self.timed_out.set()
         return (self.cancelled.is_set() or self.interrupted.is_set()
-                or self.timed_out.is_set() or self.abandoned.is_set())
+                or self.preempted.is_set() or self.timed_out.is_set()
+                or self.abandoned.is_set())

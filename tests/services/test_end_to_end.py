@@ -239,3 +239,31 @@ def test_a_queued_job_shows_its_place_and_why_it_waits(client):
             client.cancel(job_id)
         for job_id in (waiting.id, running.id):
             wait_until_done(client, job_id)
+
+
+def test_a_preempted_job_resumes_later_and_ends_with_the_bits_of_an_unpreempted_run(
+        client, tmp_path):
+    from tests.services.test_resume import assert_same_weights, downloaded
+
+    def job(priority: int, seed: int):
+        spec = iris_spec(epochs=12, seed=seed, priority=priority)  # 48 steps
+        spec.resources.cpus_per_worker = 1.5  # one such job at a time on the 2 test CPUs
+        return spec
+
+    low = client.submit(job(priority=-1, seed=3))
+    wait_for(lambda: client.get(low.id).progress.step >= 3, 60, what="3 steps")
+    urgent = client.submit(job(priority=0, seed=4))  # fits only in the low one's room
+    wait_for(lambda: state_name(client.get(low.id).state) == "QUEUED", 30, what="preemption")
+    stopped_at = client.get(low.id).progress.step
+    events = list(client.watch(low.id, timeout=120))  # to its end, after the urgent job's
+    states = [(i, state_name(e.state.state)) for i, e in enumerate(events) if e.HasField("state")]
+    assert [state for _, state in states] == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    resumed = next(e.progress.step for e in events[states[1][0]:] if e.HasField("progress"))
+    assert 3 <= stopped_at < resumed  # from the stop's checkpoint, not from step 0
+    urgent_job, low_job = client.get(urgent.id), client.get(low.id)
+    assert state_name(urgent_job.state) == "SUCCEEDED"
+    assert urgent_job.finished_at.ToNanoseconds() <= low_job.finished_at.ToNanoseconds()
+    alone = client.submit(job(priority=-1, seed=3), request_id="the same, unpreempted")
+    assert state_name(wait_until_done(client, alone.id).state) == "SUCCEEDED"
+    assert_same_weights(downloaded(client, low.id, tmp_path),
+                        downloaded(client, alone.id, tmp_path))

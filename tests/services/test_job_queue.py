@@ -259,3 +259,18 @@ def test_a_submitted_job_is_reported_as_a_transition_to_queued():
     queue.submit(_job("only"))
     wait_for(lambda: host.states.get("only") == "SUCCEEDED", 10)
     assert [state for _, state in recorder.calls] == ["QUEUED", "RUNNING", "SUCCEEDED"]
+
+
+def test_a_preempted_job_stops_with_a_checkpoint_queues_again_and_ends_after_the_urgent_one():
+    host, recorder = FakeHost(), Recorder()
+    queue = _queue(host, max_concurrent_jobs=0, observers=[recorder], nodes=[("node", 2.0)])
+    FakeRunner.step_seconds = 0.1
+    queue.submit(_job("low", priority=0, cpus_per_worker=1.5))
+    wait_for(lambda: host.states.get("low") == "RUNNING", 5)
+    queue.submit(_job("urgent", priority=1, cpus_per_worker=1.5))  # fits only without "low"
+    wait_for(lambda: host.states.get("low") == "SUCCEEDED", 10, what="low's second run")
+    assert host.states["urgent"] == "SUCCEEDED"
+    assert host.checkpoints["low"] == "checkpoint"  # handed over when it stopped
+    assert FakeRunner.started == ["low", "urgent", "low"]
+    assert [state for job, state in recorder.calls if job == "low"] == [
+        "QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"]
