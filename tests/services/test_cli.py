@@ -71,6 +71,19 @@ def test_train_refuses_a_bad_spec_naming_the_field_within_seconds_and_before_ray
     assert_refused_early(done, seconds, field)
 
 
+def test_train_reads_a_local_parquet_files_columns_and_refuses_a_missing_one_before_ray(
+        tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"a": [0.5] * 40, "b": [1.5] * 40, "label": [0, 1] * 20}), path)
+    spec = SPEC.replace("sklearn:iris", f"parquet:{path}\", label_column: \"species")
+    done, seconds = run_train(tmp_path, spec)
+    assert_refused_early(done, seconds, "data.label_column", "no column 'species'",
+                         "a, b, label")
+
+
 def test_train_checks_what_the_service_checks_including_its_default_limits(tmp_path):
     done, seconds = run_train(tmp_path, SPEC + "early_stopping: {patience: 0}\n")
     assert_refused_early(done, seconds, "early_stopping.patience")
