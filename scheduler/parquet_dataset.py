@@ -32,7 +32,7 @@ from scheduler.datasets import (
     apply_standardization,
     usable_statistics,
 )
-from worker.parquet_rows import ParquetRows, ParquetSource, held_out
+from worker.parquet_rows import ParquetRows, ParquetSource, held_out, open_parquet
 from worker.resolved_job import DataShape, ResolvedJob
 from worker.spec_error import SpecError
 
@@ -78,17 +78,20 @@ def parquet_layout(dataset: str, label_column: str, feature_columns: tuple[str, 
                    shuffle: bool = True) -> ParquetLayout:
     """The layout of the file `dataset` names, or a SpecError naming the field at fault."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = dataset[len(PARQUET_PREFIX):]
     if not path:
         raise SpecError("data.dataset", "parquet: needs a path, as in parquet:data.parquet")
-    if not os.path.isfile(path):
+    remote = "://" in path
+    if not remote and not os.path.isfile(path):
         raise SpecError("data.dataset", f"no Parquet file at {path!r}")
     try:
-        parquet_file = pq.ParquetFile(path)
+        parquet_file = open_parquet(path)
+    except FileNotFoundError as error:
+        raise SpecError("data.dataset", f"no Parquet file at {path!r}") from error
     except (pa.ArrowInvalid, OSError) as error:
-        raise SpecError("data.dataset", f"{path!r} is not a Parquet file: {error}") from error
+        problem = "cannot be read" if remote else "is not a Parquet file"
+        raise SpecError("data.dataset", f"{path!r} {problem}: {error}") from error
     schema = parquet_file.schema_arrow
     if not label_column:
         raise SpecError("data.label_column", "a Parquet data set needs the column of its labels")
@@ -196,12 +199,10 @@ class ParquetDataset:
 def load_parquet(job: ResolvedJob) -> ParquetDataset:
     """The job's Parquet data set after one streaming pass: the training rows' feature
     statistics (when the job standardises) and the validation rows."""
-    import pyarrow.parquet as pq
-
     layout = parquet_layout(job.dataset, job.label_column, job.feature_columns, job.seed,
                             job.validation_fraction, job.dtype, job.shuffle)
     raw = layout.source
-    parquet_file = pq.ParquetFile(raw.path)
+    parquet_file = open_parquet(raw.path)
     moments = _Moments(len(raw.feature_columns))
     validation_x, validation_y = [], []
     for group in range(len(raw.group_rows)):

@@ -20,8 +20,9 @@ def data_shape(store: Store, tenant: str, dataset: str) -> DataShape | None:
     """The shape of the data set a spec names: a built-in one's, or the tenant's upload's from
     the store's row. None when there is no such data set (validation names the field)."""
     if is_parquet(dataset):
-        raise InvalidArgument("data.dataset", "the service reads no local files: train a local "
-                                              "Parquet file with chainrule train")
+        raise InvalidArgument("data.dataset", "the service reads uploaded data sets only: "
+                                              "train a Parquet file or object with chainrule "
+                                              "train")
     name = upload_name(dataset)
     if name is None:
         return builtin_shape(dataset) if dataset else None

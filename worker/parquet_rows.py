@@ -81,7 +81,7 @@ def windowed_order(training_per_group: Sequence[int], seed: int, epoch: int,
 class ParquetSource:
     """Everything a process needs to read a job's Parquet rows: plain data, cheap to send."""
 
-    path: str
+    path: str  # a local path or a URI (s3://bucket/key)
     feature_columns: tuple[str, ...]
     label_column: str
     regression: bool  # float targets of shape (n, 1); else int64 class labels
@@ -134,6 +134,19 @@ def _column(table, name: str, group: int) -> np.ndarray:
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise ValueError(f"column {name!r} has NaN or infinite values in row group {group}")
     return values
+
+
+def open_parquet(location: str):
+    """A pyarrow ParquetFile of a local path, or of a URI such as s3://bucket/key through
+    pyarrow.fs, which takes the endpoint and credentials from the environment as every S3
+    client does (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION...)."""
+    import pyarrow.fs
+    import pyarrow.parquet as pq  # imported where rows are read, not by every replica
+
+    if "://" not in location:
+        return pq.ParquetFile(location)
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
+    return pq.ParquetFile(filesystem.open_input_file(path))
 
 
 class ParquetRows:
@@ -190,9 +203,7 @@ class ParquetRows:
 
     def _read(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         if self._file is None:
-            import pyarrow.parquet as pq  # imported where rows are read, not by every replica
-
-            self._file = pq.ParquetFile(self.source.path)
+            self._file = open_parquet(self.source.path)
         self.groups_read += 1
         return self.source.read_group(self._file, group)
 
