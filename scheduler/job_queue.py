@@ -131,6 +131,16 @@ class JobObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
+    def tenant_usage(self, usage: dict[str, tuple[int, float]]) -> None:
+        """Each tenant's (queued jobs, running CPUs), after every scheduling decision."""
+        ...
+
+    def job_waited(self, tenant: str, seconds: float) -> None:
+        """A job started after `seconds` queued."""
+        ...
+
+    def job_preempted(self, tenant: str, victim: str, for_job: str) -> None: ...
+
 
 RunnerFactory = Callable[..., Any]  # JobRunner's signature; tests pass a fake
 
@@ -378,7 +388,7 @@ class JobQueue:
                 if victim is not None and not victim.preempted.is_set():
                     victim.preempted.set()  # it stops at its next step boundary
                     self._stopping[preemption.victim] = preemption.for_job
-                    preempted.append(preemption)
+                    preempted.append((victim.job.tenant, preemption))
             launched = []
             for start in starts:
                 job = self._dequeue(start.job.job_id)
@@ -387,10 +397,15 @@ class JobQueue:
                                             now + self.max_run_seconds))
                 self._running[job.job_id] = launched[-1]
             depth = len(self._waiting)
-        for preemption in preempted:
+            usage = self._tenant_usage()
+        for victim_tenant, preemption in preempted:
             log.info("job %s is preempted for job %s: it stops at its next step boundary "
                      "and queues again", preemption.victim, preemption.for_job)
-            self._notify("job_preempted", preemption.victim, preemption.for_job)
+            self._notify("job_preempted", victim_tenant, preemption.victim, preemption.for_job)
+        for running_job in launched:
+            self._notify("job_waited", running_job.job.tenant,
+                         now - running_job.record.demand.arrival)
+        self._notify("tenant_usage", usage)
         if launched:
             self._notify("queue_depth", depth)
         for running_job in launched:
@@ -398,6 +413,15 @@ class JobQueue:
                                                   name=f"job-{running_job.job.job_id}",
                                                   daemon=True)
             running_job.thread.start()
+
+    def _tenant_usage(self) -> dict[str, tuple[int, float]]:
+        """Each tenant's queued jobs and running CPUs. Caller holds the lock."""
+        cpus: dict[str, float] = {}
+        for running in self._running.values():
+            tenant = running.job.tenant
+            cpus[tenant] = cpus.get(tenant, 0.0) + running.record.demand.cpus
+        return {tenant: (self._queued_per_tenant[tenant], cpus.get(tenant, 0.0))
+                for tenant in set(cpus) | {t for t, n in self._queued_per_tenant.items() if n}}
 
     def _poll_nodes(self) -> None:
         """Every `node_poll_seconds`: a node that joined or left makes the queue decide again

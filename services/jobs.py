@@ -99,6 +99,8 @@ class JobService:
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
         self.queue: JobQueue | None = None
+        # Told of each submit refused for a quota (tenant, quota): the metrics count them.
+        self.on_quota_rejection: Callable[[str, str], None] = lambda tenant, quota: None
 
     def attach_queue(self, queue: JobQueue) -> None:
         self.queue = queue
@@ -365,11 +367,13 @@ class JobService:
         quota = self.tenant_settings.get(tenant, TenantSettings())
         cpus = self.queue.demanded_cpus(job)
         if cpus > quota.max_running_cpus:
+            self.on_quota_rejection(tenant, "max_running_cpus")
             raise ResourceExhausted(f"max_running_cpus: the job needs {cpus:g} CPUs, more than "
                                     f"tenant {tenant}'s quota of {quota.max_running_cpus:g} "
                                     f"running CPUs")
         queued = self.queue.queued_jobs(tenant)
         if quota.max_queued_jobs and queued >= quota.max_queued_jobs:
+            self.on_quota_rejection(tenant, "max_queued_jobs")
             raise ResourceExhausted(f"max_queued_jobs: tenant {tenant} has {queued} queued "
                                     f"job(s), its quota")
 

@@ -179,6 +179,26 @@ class _Families:
         self.job_transitions = counter("chainrule_job_transitions_total",
                                        "Jobs entering each state.", ("state",))
         self.queue_depth = gauge("chainrule_queue_depth", "Jobs waiting in the queue.")
+        # --- scheduling (labels: the tenants of the token file, a bounded set) ------------------
+        tenant = ("tenant",)
+        self.tenant_queued_jobs = gauge("chainrule_tenant_queued_jobs",
+                                        "Jobs of the tenant waiting in the queue.", tenant)
+        self.tenant_running_cpus = gauge("chainrule_tenant_running_cpus",
+                                         "CPUs reserved by the tenant's running jobs.", tenant)
+        self.queue_wait = Histogram(
+            "chainrule_queue_wait_seconds",
+            "Time from a job's queueing to its start, by tenant (a preempted job's second "
+            "start counts from its first queueing).", tenant, registry=registry,
+            buckets=(0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0,
+                     24 * 3600.0))
+        self.preemptions = counter("chainrule_preemptions_total",
+                                   "Running jobs asked to stop and queue again to make room "
+                                   "for a job of higher priority, by the victim's tenant.",
+                                   tenant)
+        self.quota_rejections = counter("chainrule_quota_rejections_total",
+                                        "Submits refused for a tenant quota, by tenant and "
+                                        "quota (max_running_cpus, max_queued_jobs).",
+                                        ("tenant", "quota"))
         self.grpc_requests = counter("chainrule_grpc_requests_total",
                                      "gRPC requests handled, by method and status code.",
                                      ("method", "code"))
@@ -310,6 +330,7 @@ class TrainingMetrics:
         self._lock = threading.Lock()
         self._jobs: dict[str, _JobSeries] = {}
         self._state_counts = dict.fromkeys(JOB_STATES, 0)
+        self._tenants: dict[str, tuple[int, float]] = {}  # every tenant reported so far
         # Registered before the families: a scrape expires old jobs first, then collects.
         self.registry.register(_Housekeeping(self))
         self.families = _Families(self.registry)
@@ -370,6 +391,25 @@ class TrainingMetrics:
 
     def queue_depth(self, depth: int) -> None:
         self.families.queue_depth.set(depth)
+
+    def tenant_usage(self, usage: Mapping[str, tuple[int, float]]) -> None:
+        """Each tenant's queued jobs and running CPUs, after every scheduling decision; a
+        tenant seen before and absent now has none."""
+        with self._lock:
+            self._tenants.update(usage)
+            for tenant in self._tenants:
+                queued, cpus = usage.get(tenant, (0, 0.0))
+                self.families.tenant_queued_jobs.labels(tenant).set(queued)
+                self.families.tenant_running_cpus.labels(tenant).set(cpus)
+
+    def job_waited(self, tenant: str, seconds: float) -> None:
+        self.families.queue_wait.labels(tenant).observe(seconds)
+
+    def job_preempted(self, tenant: str, victim: str, for_job: str) -> None:
+        self.families.preemptions.labels(tenant).inc()
+
+    def quota_rejected(self, tenant: str, quota: str) -> None:
+        self.families.quota_rejections.labels(tenant, quota).inc()
 
     # --- gRPC --------------------------------------------------------------------------
 

@@ -251,6 +251,8 @@ def serve(
                          tenant_settings=token_file.settings)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
+    if metrics is not None:
+        service.on_quota_rejection = metrics.quota_rejected
     tensorboard = TensorBoardFiles(storage)
     trackers: list[Any] = [tensorboard]
     if mlflow is not None:

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -213,7 +214,7 @@ def tenant_server(local_ray, tmp_path_factory):
     tokens.write_text(f"alice {ALICE} max_priority=5\nbob {BOB}\n"
                       f"carol {CAROL} max_running_cpus=1 max_queued_jobs=1 weight=2\n")
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), tokens_file=tokens,
-                    limits=Limits(max_priority=1))
+                    limits=Limits(max_priority=1), metrics_port=0)
     yield running
     running.stop()
 
@@ -269,6 +270,11 @@ def test_over_quota_submits_are_refused_resource_exhausted_naming_the_quota(tena
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error.details() == ("max_queued_jobs: tenant carol has 1 queued job(s), its "
                                        "quota")
+            with urllib.request.urlopen(tenant_server.metrics_url, timeout=10) as reply:
+                scraped = reply.read().decode()
+            for quota in ("max_running_cpus", "max_queued_jobs"):
+                assert (f'chainrule_quota_rejections_total{{quota="{quota}",tenant="carol"}} '
+                        f'1.0') in scraped
         finally:
             for job in (queued, running):
                 client.cancel(job.id)

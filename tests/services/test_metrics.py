@@ -491,3 +491,26 @@ def test_the_metrics_endpoint_listens_on_loopback_unless_told_otherwise(monkeypa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_scheduling_metrics_follow_queue_waits_tenant_usage_and_preemptions():
+    """The queue (with its stand-in runner) feeds the observer: each tenant's queued jobs and
+    running CPUs, how long each job queued, and preemptions by the victim's tenant."""
+    from tests.services.helpers import wait_for
+    from tests.services.test_job_queue import FakeHost, FakeRunner, _job, _queue
+
+    registry = CollectorRegistry()
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("node", 2.0)],
+                   observers=[TrainingMetrics(registry)])
+    FakeRunner.step_seconds = 0.1
+    queue.submit(_job("low", priority=0, cpus_per_worker=1.5))
+    assert value(registry, "chainrule_tenant_running_cpus", tenant="default") == 1.51
+    queue.submit(_job("urgent", priority=1, cpus_per_worker=1.5))  # preempts "low"
+    assert value(registry, "chainrule_tenant_queued_jobs", tenant="default") == 1
+    wait_for(lambda: host.states.get("low") == "SUCCEEDED", 10, what="low's second run")
+    assert value(registry, "chainrule_preemptions_total", tenant="default") == 1
+    assert value(registry, "chainrule_queue_wait_seconds_count", tenant="default") == 3
+    wait_for(lambda: value(registry, "chainrule_tenant_running_cpus", tenant="default") == 0,
+             5, what="nothing running")
+    assert value(registry, "chainrule_tenant_queued_jobs", tenant="default") == 0
