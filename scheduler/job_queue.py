@@ -32,6 +32,11 @@ from then on nothing it reports, checkpoints or returns is recorded, and it stop
 step boundary if it reaches one. The job gets a recovery record saying why and goes back to
 QUEUED (compare-and-set from RUNNING: a job that ended meanwhile keeps its end), to run again
 from its last checkpoint (after `pause`: in the next server's queue).
+
+Leases (scheduler/job_lease.py): every run holds a lease on its job in the store, renewed from
+its step boundaries. The queue checks for leases that ran out (`_check_leases`, the one place
+that decides a runner is gone or wedged): such a run is given up the same way, and its job,
+requeued compare-and-set on that lease with the reason, runs again from its checkpoint.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.cluster_view import ClusterView, free_nodes
 from scheduler.datasets import Dataset
+from scheduler.job_lease import Lease, LeaseOwners, LeaseTerms, lease_until
 from scheduler.job_resources import job_bundles, spreads, worker_and_shard_counts
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -106,11 +112,23 @@ class JobHost(Protocol):
 
     def save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None: ...
 
-    def job_started(self, job_id: str) -> None: ...
+    def job_started(self, job_id: str, lease: Lease) -> None: ...
 
     def job_requeued(self, job_id: str) -> None: ...
 
     def job_finished(self, job_id: str, outcome: JobOutcome) -> None: ...
+
+    def renew_lease(self, job_id: str, lease: Lease) -> bool:
+        """Extend the lease; False when the job is no longer RUNNING under its owner."""
+        ...
+
+    def expired_leases(self) -> list[tuple[str, Lease]]:
+        """The RUNNING jobs whose lease has run out, with it."""
+        ...
+
+    def requeue_expired(self, job_id: str, lease: Lease, reason: str) -> QueuedJob | None:
+        """Back to QUEUED with `reason` if it still holds that lease; the job to run again."""
+        ...
 
     def job_taken_back(self, job_id: str, reason: str) -> bool:
         """A run given up without its runner's word: back to QUEUED with `reason`, only from
@@ -166,11 +184,13 @@ class JobQueue:
         placement_timeout_seconds: float = 120.0,
         max_run_seconds: float = math.inf,
         node_poll_seconds: float = 1.0,
+        lease_terms: LeaseTerms | None = None,
     ):
         """`cluster` gives the nodes' sizes (scheduler/cluster_view.py); `tenants` each
         tenant's weight and running-CPU quota (TenantPolicy() for a tenant not named);
         `max_concurrent_jobs` 0 lets as many jobs run as fit. `max_run_seconds` bounds one run
-        of a job, from its start (or resume) to its end."""
+        of a job, from its start (or resume) to its end. `lease_terms`: how long a run's lease
+        lasts (LeaseTerms())."""
         if max_concurrent_jobs < 0:
             raise ValueError(f"max_concurrent_jobs must be >= 0, got {max_concurrent_jobs}")
         self.host = host
@@ -194,8 +214,11 @@ class JobQueue:
         self._draining = False
         self._paused = False  # no job starts: the Ray jobs would run on is gone
         self._idle = threading.Condition(self._lock)
+        self.lease_terms = lease_terms or LeaseTerms()
+        self._lease_owners = LeaseOwners()
         self._stop_polling = threading.Event()
         threading.Thread(target=self._poll_nodes, name="job-queue-nodes", daemon=True).start()
+        threading.Thread(target=self._check_leases, name="job-queue-leases", daemon=True).start()
 
     # --- the public operations ---------------------------------------------------------------
 
@@ -450,7 +473,9 @@ class JobQueue:
             with running.starting:
                 if running.abandoned.is_set():
                     return
-                self.host.job_started(job_id)
+                running.lease = lease_until(self.lease_terms.startup_seconds,
+                                            self._lease_owners.next())
+                self.host.job_started(job_id, running.lease)
             self._notify("job_state_changed", job_id, RUNNING)
             resolved, dataset = self.host.prepare(job)
             resume_from = self.host.load_checkpoint(job_id)
@@ -543,7 +568,70 @@ class JobQueue:
 
     def _on_step(self, running: _RunningJob, record: StepRecord) -> None:
         running.last_step = record.step
+        self._renew_lease(running)
         self._notify_unless_abandoned(running, "job_step", record)
+
+    def _renew_lease(self, running: _RunningJob) -> None:
+        """From the run's own thread, at a step boundary: at most every `renew_every` seconds
+        (the first step's at once: it ends the longer start-up lease). A run whose lease was
+        taken from it (expired, its job requeued) stops at once, recording nothing."""
+        now = time.monotonic()
+        if running.lease is None or (running.renewed_at is not None
+                                     and now - running.renewed_at < self.lease_terms.renew_every):
+            return
+        running.renewed_at = now
+        lease = lease_until(self.lease_terms.seconds, running.lease.owner)
+        try:
+            renewed = self.host.renew_lease(running.job.job_id, lease)
+        except Exception as error:  # a store that refuses now: again after renew_every
+            log.warning("job %s: renewing its lease failed: %s", running.job.job_id, error)
+            return
+        if renewed:
+            running.lease = lease
+        elif not running.abandoned.is_set():
+            log.warning("job %s: this run lost its lease (it ran out and the job was "
+                        "requeued): it stops", running.job.job_id)
+            running.abandoned.set()
+
+    def _check_leases(self) -> None:
+        """Every `check_every` seconds: a run whose lease ran out is given up (module
+        docstring), and its job requeued with the reason, to resume from its checkpoint."""
+        while not self._stop_polling.wait(self.lease_terms.check_every):
+            try:
+                expired = self.host.expired_leases()
+            except Exception as error:  # the store refused: look again next time
+                log.warning("checking the jobs' leases failed: %s", error)
+                continue
+            for job_id, lease in expired:
+                self._requeue_expired(job_id, lease)
+
+    def _requeue_expired(self, job_id: str, lease: Lease) -> None:
+        with self._lock:
+            running = self._running.get(job_id)
+            if running is not None and running.lease is not None \
+                    and running.lease.owner == lease.owner:
+                del self._running[job_id]
+                self._idle.notify_all()
+            else:
+                running = None  # not this queue's run (another process's): requeued all the same
+        if running is not None:
+            with running.starting:
+                running.abandoned.set()
+        late = time.time() - lease.expires_at
+        reason = (f"its runner stopped renewing its lease (expired {late:.1f} s ago): the "
+                  f"runner is gone or wedged")
+        try:
+            job = self.host.requeue_expired(job_id, lease, reason)
+        except Exception:  # the store refused: found expired again next time
+            log.exception("job %s: requeueing it after its lease expired failed", job_id)
+            return
+        if job is None:  # renewed or ended meanwhile
+            return
+        step = running.last_step if running is not None else 0
+        self._notify("job_recovery", job_id, RecoveryRecord(
+            step, "lease_expired", f"{reason}: the run was given up at step {step}; the job "
+            f"goes back to the queue and resumes from its last checkpoint"))
+        self.submit(job)
 
     def _notify_unless_abandoned(self, running: _RunningJob, method: str, *args: Any) -> None:
         if not running.abandoned.is_set():
@@ -584,6 +672,8 @@ class _RunningJob:
         self.abandoned = threading.Event()
         self.starting = threading.Lock()
         self.last_step = 0  # the last step it reported (or resumed from)
+        self.lease: Lease | None = None  # held from its start
+        self.renewed_at: float | None = None  # time.monotonic() of its last renewal
         self.thread: threading.Thread | None = None
 
     def should_stop(self) -> bool:

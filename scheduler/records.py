@@ -63,6 +63,7 @@ RECOVERY_KINDS = (
     "shard_lost",  # a parameter-server shard died: every actor restarted from a checkpoint
     "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead
     "ray_lost",  # the service's Ray died: the run given up, the job requeued from a checkpoint
+    "lease_expired",  # the runner stopped renewing its lease: the job requeued from a checkpoint
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scheduler.checkpoint import Checkpoint
 from scheduler.datasets import Dataset, builtin_shape, from_text, text_shape
+from scheduler.job_lease import Lease
 from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
 from scheduler.job_runner import TrainingResult
 from scheduler.job_states import QUEUED, RUNNING, SUCCEEDED
@@ -149,10 +150,11 @@ class JobLifecycle:
             if self._unsaved.get(job_id) is checkpoint:
                 del self._unsaved[job_id]
 
-    def job_started(self, job_id: str) -> None:
+    def job_started(self, job_id: str, lease: Lease) -> None:
         with self._lock:
             self._live[job_id] = _LiveJob(time.monotonic())  # its epochs once it is resolved
-        if not self.store.set_state(job_id, RUNNING, from_states={QUEUED}, started=True):
+        if not self.store.set_state(job_id, RUNNING, from_states={QUEUED}, started=True,
+                                    lease=lease):
             raise RuntimeError(f"job {job_id} is no longer QUEUED (cancelled meanwhile?): "
                                f"not started")
 
@@ -161,6 +163,22 @@ class JobLifecycle:
         self._flush_progress(job_id)
         # Compare-and-set: a cancel that came while the job stopped stays CANCELLED.
         self.store.set_state(job_id, QUEUED, from_states={RUNNING})
+
+    def renew_lease(self, job_id: str, lease: Lease) -> bool:
+        return self.store.renew_lease(job_id, lease)
+
+    def expired_leases(self) -> list[tuple[str, Lease]]:
+        return self.store.expired_leases(time.time())
+
+    def requeue_expired(self, job_id: str, lease: Lease, reason: str) -> QueuedJob | None:
+        """A job whose lease ran out back to QUEUED with `reason` (compare-and-set on that
+        lease), as the queue needs it to run it again; None when it was not requeued."""
+        if not self.store.requeue_expired(job_id, lease, reason):
+            return None
+        with self._lock:
+            self._live.pop(job_id, None)
+        job = self.store.get_job(job_id)
+        return QueuedJob(job.id, job.spec, job.tenant) if job is not None else None
 
     def job_taken_back(self, job_id: str, reason: str) -> bool:
         """A run the queue gave up (its Ray lost): its latest progress and any checkpoint the

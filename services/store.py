@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chainrule.v1 import job_pb2
+from scheduler.job_lease import Lease
 from services.errors import AlreadyExists, InvalidArgument
 
 SCHEMA = """
@@ -44,7 +45,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     progress TEXT,
     final_validation TEXT,
-    weights_path TEXT NOT NULL DEFAULT ''
+    weights_path TEXT NOT NULL DEFAULT '',
+    -- A RUNNING job's lease (scheduler/job_lease.py): its runner's id and when it runs out.
+    lease_owner TEXT NOT NULL DEFAULT '',
+    lease_expires_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, state);
 -- A tenant's jobs newest first without sorting them all (ListJobs without a state filter: one
@@ -215,6 +219,11 @@ class Store:
         """Columns added since a database was created (CREATE TABLE IF NOT EXISTS keeps an old
         table as it was)."""
         db = self._connection()
+        job_columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "lease_owner" not in job_columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
+        if "lease_expires_at" not in job_columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN lease_expires_at REAL")
         columns = {row["name"] for row in db.execute("PRAGMA table_info(datasets)")}
         if "target_shape" not in columns:
             db.execute("ALTER TABLE datasets ADD COLUMN target_shape TEXT")
@@ -338,10 +347,11 @@ class Store:
     def set_state(self, job_id: str, state: str, *, from_states: Collection[str],
                   error: str = "", started: bool = False, finished: bool = False,
                   final_validation: ValidationSummary | None = None,
-                  weights_path: str = "") -> bool:
+                  weights_path: str = "", lease: Lease | None = None) -> bool:
         """A state change and its event, in one transaction. Compare-and-set: only a job in
         one of `from_states` changes; otherwise nothing is written and the answer is False
-        (a cancel that lost the race to the job's end never overwrites SUCCEEDED)."""
+        (a cancel that lost the race to the job's end never overwrites SUCCEEDED). The job's
+        lease becomes `lease` (a change to RUNNING takes one), or none."""
         if not from_states:
             raise ValueError("from_states: name the states the change may start from")
         self._forget(job_id)
@@ -352,14 +362,55 @@ class Store:
                 f"started_at = CASE WHEN ? THEN coalesce(started_at, ?) ELSE started_at END, "
                 f"finished_at = CASE WHEN ? THEN ? ELSE NULL END, "
                 f"final_validation = coalesce(?, final_validation), "
-                f"weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END "
+                f"weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END, "
+                f"lease_owner = ?, lease_expires_at = ? "
                 f"WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
                 (state, error, started, now, finished, now,
                  json.dumps(asdict(final_validation)) if final_validation else None,
-                 weights_path, weights_path, job_id, *sorted(from_states))).rowcount
+                 weights_path, weights_path, lease.owner if lease else "",
+                 lease.expires_at if lease else None, job_id, *sorted(from_states))).rowcount
             if changed:
                 self._add_event(db, job_id, "state", {"state": state, "error": error}, now)
         self._forget(job_id)  # a reader may have cached the row meanwhile
+        return bool(changed)
+
+    def renew_lease(self, job_id: str, lease: Lease) -> bool:
+        """Extend a RUNNING job's lease to `lease.expires_at`; only its owner may. False when
+        the job is no longer RUNNING under that owner (its lease expired and it was requeued)."""
+        with self._transaction() as db:
+            return bool(db.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND state = 'RUNNING' AND "
+                "lease_owner = ?", (lease.expires_at, job_id, lease.owner)).rowcount)
+
+    def lease_of(self, job_id: str) -> Lease | None:
+        row = self._connection().execute(
+            "SELECT lease_owner, lease_expires_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["lease_expires_at"] is None:
+            return None
+        return Lease(row["lease_owner"], row["lease_expires_at"])
+
+    def expired_leases(self, now: float) -> list[tuple[str, Lease]]:
+        """The RUNNING jobs whose lease ran out before `now`, with it."""
+        rows = self._connection().execute(
+            "SELECT id, lease_owner, lease_expires_at FROM jobs WHERE state = 'RUNNING' AND "
+            "lease_expires_at < ?", (now,)).fetchall()
+        return [(row["id"], Lease(row["lease_owner"], row["lease_expires_at"])) for row in rows]
+
+    def requeue_expired(self, job_id: str, lease: Lease, reason: str) -> bool:
+        """A job whose lease ran out back to QUEUED with `reason`, and its event.
+        Compare-and-set on the same lease: False, and nothing written, when the job left
+        RUNNING or its owner renewed meanwhile."""
+        now = time.time()
+        self._forget(job_id)
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = 'QUEUED', error = ?, lease_owner = '', "
+                "lease_expires_at = NULL WHERE id = ? AND state = 'RUNNING' AND "
+                "lease_owner = ? AND lease_expires_at = ?",
+                (reason, job_id, lease.owner, lease.expires_at)).rowcount
+            if changed:
+                self._add_event(db, job_id, "state", {"state": "QUEUED", "error": reason}, now)
+        self._forget(job_id)
         return bool(changed)
 
     def set_progress(self, job_id: str, progress: ProgressSummary) -> None:

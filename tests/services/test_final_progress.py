@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from scheduler.job_lease import Lease
 from scheduler.job_queue import JobOutcome, QueuedJob
 from scheduler.job_runner import TrainingResult
 from scheduler.records import EvaluationRecord, StepRecord, StepTimings
@@ -41,7 +42,7 @@ def started(store: Store, storage: JobStorage, events: EventHub) -> JobLifecycle
     lifecycle = JobLifecycle(store, storage, events)
     job = store.get_job(JOB)
     assert job is not None
-    lifecycle.job_started(JOB)
+    lifecycle.job_started(JOB, Lease("test", time.time() + 60))
     lifecycle.prepare(QueuedJob(JOB, job.spec, job.tenant))
     return lifecycle
 

@@ -64,8 +64,14 @@ class FakeHost:
     def save_checkpoint(self, job_id, checkpoint):
         self.checkpoints[job_id] = checkpoint
 
-    def job_started(self, job_id):
+    def job_started(self, job_id, lease):
         self.states[job_id] = "RUNNING"
+
+    def renew_lease(self, job_id, lease):
+        return True
+
+    def expired_leases(self):
+        return []  # leases are tested on a real store: test_job_leases.py
 
     def job_requeued(self, job_id):
         self.states[job_id] = "QUEUED"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from scheduler.job_lease import Lease
 from scheduler.job_queue import JobOutcome
 from scheduler.storage import JobStorage
 from services.events import EventHub
@@ -34,7 +35,7 @@ def _running_job(tmp_path) -> tuple[JobService, JobLifecycle, str]:
     lifecycle = JobLifecycle(store, storage, events)
     store.create_job(JobRecord("job-0123456789ab", "default", iris_spec(), "QUEUED",
                                time.time()), "digest")
-    lifecycle.job_started("job-0123456789ab")
+    lifecycle.job_started("job-0123456789ab", Lease("test", time.time() + 60))
     return service, lifecycle, "job-0123456789ab"
 
 
