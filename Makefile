@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/tracking.py
 	$(BIN)/python bench/hostile.py
+	$(BIN)/python bench/chaos.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install

@@ -15,6 +15,7 @@ from ray.cluster_utils import Cluster
 from chainrule.spec_file import load_job_spec
 from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.job_runner import JobRunner
+from tests.chaos.recovery_report import report_recovery
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -122,8 +123,8 @@ def test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones(
     lost = [(at, message) for at, kind, message in recoveries if kind == "worker_lost"]
     assert len(lost) == 1, recoveries
     found_at, message = lost[0]
-    print(f"\nlost node found in {found_at - lost_at[0]:.2f} s, training again after "
-          f"{steps_at[0] - lost_at[0]:.2f} s: {message}")
+    report_recovery("lost node (object store)", steps_at[0] - lost_at[0], 0,
+                    f"found in {found_at - lost_at[0]:.2f} s: {message}")
     assert found_at - lost_at[0] < 3.0, message
     assert "heartbeat" in message and f"step {lost_after_step + 1}" in message
     assert result.steps == one_node_result.steps and result.history.worker_failures == 1

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule.client import Client, state_name
-from chainrule.spec_file import job_spec_from_dict
+from chainrule.spec_file import job_spec_from_dict, load_job_spec
 from chainrule.v1 import job_pb2
+from scheduler.storage import load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_SPEC = ROOT / "services" / "specs" / "digits-mlp.yaml"
@@ -97,3 +99,64 @@ def start_serve_process(address: str, data_dir, *options: str,
 
     wait_for(serving, 90, interval=0.2, what="the server to serve")
     return process
+
+
+# --- one long job, stopped mid-run and compared bitwise with its undisturbed run ---------------
+
+
+def long_spec() -> job_pb2.JobSpec:
+    """Digits, 240 steps of 2 workers and 2 shards, a checkpoint every 6 steps: long enough to
+    be stopped mid-run with two checkpoints on disk."""
+    spec = load_job_spec(DIGITS_SPEC)
+    spec.data.epochs = 20
+    spec.checkpoint.interval_steps = 6
+    return spec
+
+
+# Undisturbed weights by spec: trained once per test session, by whichever module asks first
+# (replay is deterministic, so every server trains the same bits; nor does how often a job is
+# checkpointed change them).
+_UNDISTURBED: dict[bytes, dict[str, np.ndarray]] = {}
+
+
+def undisturbed_weights(client: Client, spec: job_pb2.JobSpec,
+                        folder: Path) -> dict[str, np.ndarray]:
+    """The weights of `spec` trained from start to end without interruption."""
+    unchecked = job_pb2.JobSpec()
+    unchecked.CopyFrom(spec)
+    unchecked.ClearField("checkpoint")
+    key = unchecked.SerializeToString(deterministic=True)
+    if key not in _UNDISTURBED:
+        job = client.submit(spec)
+        done = wait_until_done(client, job.id, timeout=300)
+        assert state_name(done.state) == "SUCCEEDED", done.error
+        _UNDISTURBED[key] = downloaded(client, job.id, folder)
+    return _UNDISTURBED[key]
+
+
+def downloaded(client: Client, job_id: str, folder: Path) -> dict[str, np.ndarray]:
+    path = folder / f"{job_id}.safetensors"
+    client.download(job_id, path)
+    return load_weights(path)
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(actual[key], expected[key]), key
+
+
+def stopped_mid_run(client: Client, spec: job_pb2.JobSpec) -> str:
+    """Submit, let it train 20 steps, cancel: a CANCELLED job with checkpoints on disk."""
+    job = client.submit(spec)
+    wait_for(lambda: client.get(job.id).progress.step >= 20, 120, what="20 steps")
+    client.cancel(job.id)
+    done = wait_until_done(client, job.id)
+    assert state_name(done.state) == "CANCELLED", done.error
+    assert done.progress.step < done.progress.total_steps
+    return job.id
+
+
+def events(server, job_id: str, kind: str) -> list[dict]:
+    """The payloads of the job's stored events of `kind` (an in-process server's store)."""
+    return [event.payload for event in server.service.store.events(job_id) if event.kind == kind]

@@ -1,7 +1,7 @@
 """Ended jobs, on a real server over gRPC: ResumeJob runs a CANCELLED or FAILED job again from
-its checkpoint and continues a SUCCEEDED one for more epochs; a corrupt checkpoint is set aside
-and the one before it used (none left: step 0, with a warning), never a FAILED job; an ended
-job's checkpoints go after the retention; DeleteJob removes a job with its files.
+its checkpoint and continues a SUCCEEDED one for more epochs; an ended job's checkpoints go
+after the retention; DeleteJob removes a job with its files. (A corrupt checkpoint is set
+aside and the one before it used: tests/chaos/test_storage_faults.py.)
 
 Replay is deterministic, so every resumed job must end with bitwise the weights of a run that
 was never disturbed."""
@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, state_name
-from chainrule.spec_file import load_job_spec
-from scheduler.storage import JobStorage, load_checkpoint, load_weights
+from scheduler.storage import JobStorage, load_checkpoint
 from services import cli
 from services.server import serve
-from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error, wait_for, wait_until_done
+from tests.services.helpers import (
+    assert_same_weights,
+    downloaded,
+    events,
+    iris_spec,
+    long_spec,
+    rpc_error,
+    stopped_mid_run,
+    undisturbed_weights,
+    wait_for,
+    wait_until_done,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -37,60 +47,11 @@ def client(server):
         yield c
 
 
-def long_spec():
-    """Digits, 240 steps of 2 workers and 2 shards, a checkpoint every 6 steps: long enough to
-    be stopped mid-run with two checkpoints on disk."""
-    spec = load_job_spec(DIGITS_SPEC)
-    spec.data.epochs = 20
-    spec.checkpoint.interval_steps = 6
-    return spec
-
-
 @pytest.fixture(scope="module")
 def undisturbed(server, tmp_path_factory):
     """The weights of long_spec() trained from start to end without interruption."""
     with Client(server.address, timeout=30) as client:
-        job = client.submit(long_spec())
-        done = wait_until_done(client, job.id, timeout=300)
-        assert state_name(done.state) == "SUCCEEDED", done.error
-        return downloaded(client, job.id, tmp_path_factory.mktemp("undisturbed"))
-
-
-def downloaded(client: Client, job_id: str, folder) -> dict[str, np.ndarray]:
-    path = folder / f"{job_id}.safetensors"
-    client.download(job_id, path)
-    return load_weights(path)
-
-
-def assert_same_weights(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        assert np.array_equal(actual[key], expected[key]), key
-
-
-def stopped_mid_run(client: Client, spec) -> str:
-    """Submit, let it train 20 steps, cancel: a CANCELLED job with checkpoints on disk."""
-    job = client.submit(spec)
-    wait_for(lambda: client.get(job.id).progress.step >= 20, 120, what="20 steps")
-    client.cancel(job.id)
-    done = wait_until_done(client, job.id)
-    assert state_name(done.state) == "CANCELLED", done.error
-    assert done.progress.step < done.progress.total_steps
-    return job.id
-
-
-def events(server, job_id: str, kind: str) -> list[dict]:
-    return [event.payload for event in server.service.store.events(job_id) if event.kind == kind]
-
-
-def truncate(path) -> None:
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-
-
-def flip_byte(path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01  # inside the flat parameter vector's raw bytes
-    path.write_bytes(bytes(data))
+        return undisturbed_weights(client, long_spec(), tmp_path_factory.mktemp("undisturbed"))
 
 
 # --- ResumeJob ---------------------------------------------------------------------------------
@@ -184,70 +145,6 @@ def test_an_unknown_job_is_not_found(client):
         error = rpc_error(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert "job-000000000000" in error.details()
-
-
-# --- corrupt checkpoints -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("damage", [truncate, flip_byte], ids=["truncated", "bit-flipped"])
-def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
-        server, client, undisturbed, tmp_path, damage):
-    job_id = stopped_mid_run(client, long_spec())
-    newest, previous = JobStorage(server.data_dir).checkpoints(job_id)[:2]
-    previous_step = load_checkpoint(previous).step
-    damage(newest)
-    client.resume(job_id)
-    done = wait_until_done(client, job_id, timeout=300)
-    assert state_name(done.state) == "SUCCEEDED", done.error
-    assert_same_weights(downloaded(client, job_id, tmp_path), undisturbed)
-    [corrupt] = events(server, job_id, "checkpoint_corrupt")
-    assert corrupt["file"] == newest.name
-    assert corrupt["set_aside_as"] == f"{newest.name}.corrupt"
-    assert (newest.parent / f"{newest.name}.corrupt").exists()
-    assert [payload["step"] for payload in events(server, job_id, "resumed")] == [previous_step]
-    assert events(server, job_id, "warning") == []
-
-
-def test_with_every_checkpoint_corrupt_the_job_restarts_from_step_0_with_a_warning(
-        server, client, undisturbed, tmp_path):
-    job_id = stopped_mid_run(client, long_spec())
-    checkpoints = JobStorage(server.data_dir).checkpoints(job_id)
-    assert len(checkpoints) == 2  # the server keeps two
-    for path in checkpoints:
-        truncate(path)
-    client.resume(job_id)
-    done = wait_until_done(client, job_id, timeout=300)
-    assert state_name(done.state) == "SUCCEEDED", done.error
-    assert_same_weights(downloaded(client, job_id, tmp_path), undisturbed)
-    assert [e["file"] for e in events(server, job_id, "checkpoint_corrupt")] == [
-        path.name for path in checkpoints]
-    [warning] = events(server, job_id, "warning")
-    assert "step 0" in warning["message"]
-    assert events(server, job_id, "resumed") == []
-
-
-def test_after_a_restart_a_bit_flipped_newest_checkpoint_falls_back_to_the_previous(
-        server, undisturbed, tmp_path):
-    first = serve("127.0.0.1:0", tmp_path / "data")
-    try:
-        with Client(first.address, timeout=30) as client:
-            job = client.submit(long_spec())
-            wait_for(lambda: client.get(job.id).progress.step >= 20, 120, what="20 steps")
-    finally:
-        first.stop()  # the running job is checkpointed and requeued
-    newest, previous = JobStorage(tmp_path / "data").checkpoints(job.id)[:2]
-    previous_step = load_checkpoint(previous).step
-    flip_byte(newest)
-    second = serve("127.0.0.1:0", tmp_path / "data")  # runs the requeued job again
-    try:
-        with Client(second.address, timeout=30) as client:
-            done = wait_until_done(client, job.id, timeout=300)
-            assert state_name(done.state) == "SUCCEEDED", done.error
-            assert_same_weights(downloaded(client, job.id, tmp_path), undisturbed)
-        assert [e["file"] for e in events(second, job.id, "checkpoint_corrupt")] == [newest.name]
-        assert events(second, job.id, "resumed")[-1]["step"] == previous_step
-    finally:
-        second.stop()
 
 
 # --- retention and DeleteJob -------------------------------------------------------------------
