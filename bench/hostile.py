@@ -5,7 +5,8 @@
 One run, a real server over loopback (its own process, embedded Ray, as `chainrule serve` runs
 it, with a token file naming tenants A and B):
   - tenant A (one process, asyncio gRPC) holds `--watches` WatchJob streams on its running job,
-    every step's event asked for (min_progress_interval_ms 0), `--uploads` uploads that send a
+    every step's event asked for (min_progress_interval_ms 0; the server sends at most 4
+    progress events a second per stream, besides every validation), `--uploads` uploads that send a
     few bytes every 2 s and never finish, and submits spec after spec, each as soon as the
     last one is answered;
   - tenant B (another process) calls GetJob and ListJobs, alternately, at `--rate` calls/s
@@ -72,13 +73,13 @@ def run_server(data_dir: str, tokens: str, streams_per_tenant: int, streams: int
 # --- tenant A: the attack ------------------------------------------------------------------
 
 
-def run_attacker(address: str, watched_job: str, watches: int, uploads: int, ready, stop,
-                 results) -> None:
-    asyncio.run(_attack(address, watched_job, watches, uploads, ready, stop, results))
+def run_attacker(address: str, watched_job: str, watches: int, uploads: int, submits: bool,
+                 ready, stop, results) -> None:
+    asyncio.run(_attack(address, watched_job, watches, uploads, submits, ready, stop, results))
 
 
-async def _attack(address: str, watched_job: str, watches: int, uploads: int, ready, stop,
-                  results) -> None:
+async def _attack(address: str, watched_job: str, watches: int, uploads: int, submits: bool,
+                  ready, stop, results) -> None:
     import grpc
 
     from chainrule.v1 import training_service_pb2 as pb
@@ -167,7 +168,8 @@ async def _attack(address: str, watched_job: str, watches: int, uploads: int, re
         except grpc.aio.AioRpcError as error:
             refusals.append((error.code().name, time.perf_counter() - asked))
     ready.put((open_streams, open_seconds, refusals))
-    tasks.append(asyncio.ensure_future(submit_forever()))
+    if submits:
+        tasks.append(asyncio.ensure_future(submit_forever()))
     await asyncio.get_running_loop().run_in_executor(None, stop.wait)
     for task in tasks:
         task.cancel()
@@ -277,6 +279,9 @@ def main() -> int:
     parser.add_argument("--watches", type=int, default=200)
     parser.add_argument("--uploads", type=int, default=20)
     parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--submits", action=argparse.BooleanOptionalAction, default=True,
+                        help="A submits spec after spec (--no-submits: streams only, to see "
+                             "which part of the attack costs B what)")
     args = parser.parse_args()
 
     from chainrule.client import Client
@@ -310,7 +315,7 @@ def main() -> int:
         rss_before = rss_bytes(server.pid)
         ready, stop_attack, attack_results = context.Queue(), context.Event(), context.Queue()
         attacker = context.Process(target=run_attacker, args=(
-            address, a_job.id, args.watches, args.uploads, ready, stop_attack,
+            address, a_job.id, args.watches, args.uploads, args.submits, ready, stop_attack,
             attack_results))
         attacker.start()
         opened, open_seconds, refusals = ready.get(timeout=300)

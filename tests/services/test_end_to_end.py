@@ -38,7 +38,8 @@ def test_digits_job_trains_over_grpc_and_its_downloaded_weights_reproduce_its_ac
     states = [state_name(e.state.state) for e in events if e.HasField("state")]
     assert states[-1] == "SUCCEEDED" and "RUNNING" in states
     steps = [e.progress.step for e in events if e.HasField("progress")]
-    assert steps == sorted(steps) and len(steps) >= 200  # a progress event per step
+    # At most 4 progress events a second (services/jobs.py), the final one always.
+    assert steps == sorted(steps) and len(steps) >= 2
     progress = [e.progress for e in events if e.HasField("progress")]
     assert progress[-1].step == progress[-1].total_steps == 240
     assert progress[-1].epochs == 20 and progress[-1].samples_per_second > 0

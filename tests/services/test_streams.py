@@ -154,3 +154,25 @@ def test_a_stream_whose_client_has_gone_gives_its_slot_back_within_seconds(clien
 def test_stream_limits_must_leave_threads_for_unary_calls(local_ray, tmp_path):
     with pytest.raises(ValueError, match="below the 8 RPC threads"):
         serve("127.0.0.1:0", tmp_path, max_rpc_threads=8, stream_limits=StreamLimits(2, 8))
+
+
+def test_a_watch_gets_at_most_four_progress_events_a_second_whatever_it_asks(clients,
+                                                                              long_jobs):
+    alice = clients["alice"]
+    job_id = long_jobs["alice"]
+    wait_for(lambda: alice.get(job_id).progress.step > 0, 120, what="alice's job to train")
+    request = pb.WatchJobRequest(job_id=job_id, min_progress_interval_ms=0)  # "every step"
+    call = alice.stub.WatchJob(request, metadata=alice.metadata)
+    times, steps = [], []
+    try:
+        for event in call:
+            if event.WhichOneof("kind") == "progress":
+                times.append(event.time.ToDatetime().timestamp())
+                steps.append(event.progress.step)
+            if len(times) == 6:
+                break
+    finally:
+        call.cancel()
+    gaps = [later - earlier for earlier, later in zip(times[1:], times[2:])]  # after the first
+    assert min(gaps) >= 0.25, gaps
+    assert steps[-1] - steps[1] > len(gaps), steps  # steps went by unsent: the floor held
