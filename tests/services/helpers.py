@@ -97,7 +97,12 @@ def start_serve_process(address: str, data_dir, *options: str,
         except grpc.RpcError:
             return False
 
-    wait_for(serving, 90, interval=0.2, what="the server to serve")
+    try:
+        wait_for(serving, 90, interval=0.2, what="the server to serve")
+    except BaseException:  # not left running (with its Ray) for the rest of the session
+        process.kill()
+        process.wait()
+        raise
     return process
 
 
