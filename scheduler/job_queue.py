@@ -41,6 +41,7 @@ requeued compare-and-set on that lease with the reason, runs again from its chec
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -149,8 +150,9 @@ class JobObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
-    def tenant_usage(self, usage: dict[str, tuple[int, float]]) -> None:
-        """Each tenant's (queued jobs, running CPUs), after every scheduling decision."""
+    def tenant_usage(self, usage: dict[str, TenantUsage]) -> None:
+        """Each tenant's queued jobs, running CPUs and oldest queued job, after every
+        scheduling decision."""
         ...
 
     def job_waited(self, tenant: str, seconds: float) -> None:
@@ -161,6 +163,13 @@ class JobObserver(Protocol):
 
 
 RunnerFactory = Callable[..., Any]  # JobRunner's signature; tests pass a fake
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    queued_jobs: int
+    running_cpus: float
+    oldest_queued_at: float | None  # Unix time its longest-waiting queued job was queued
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,8 @@ class JobQueue:
         self._waiting: dict[str, tuple[QueuedJob, JobDemand]] = {}
         self._demands = WaitingJobs()  # the policy's view of _waiting
         self._queued_per_tenant: Counter[str] = Counter()
+        # Each tenant's queued jobs by arrival (heap entries of jobs gone are dropped when on top)
+        self._arrivals: dict[str, list[tuple[float, str]]] = {}
         self._wait_reasons: dict[str, str] = {}  # the last decision's, by job id
         self._last_arrival = 0.0
         self._running: dict[str, _RunningJob] = {}
@@ -373,6 +384,7 @@ class JobQueue:
         self._waiting[job.job_id] = (job, demand)
         self._demands.push(demand)
         self._queued_per_tenant[job.tenant] += 1
+        heapq.heappush(self._arrivals.setdefault(job.tenant, []), (demand.arrival, job.job_id))
 
     def _dequeue(self, job_id: str) -> QueuedJob | None:
         entry = self._waiting.pop(job_id, None)
@@ -437,14 +449,27 @@ class JobQueue:
                                                   daemon=True)
             running_job.thread.start()
 
-    def _tenant_usage(self) -> dict[str, tuple[int, float]]:
-        """Each tenant's queued jobs and running CPUs. Caller holds the lock."""
+    def _tenant_usage(self) -> dict[str, TenantUsage]:
+        """Each tenant's queued jobs, running CPUs and oldest queued job. Caller holds the
+        lock."""
         cpus: dict[str, float] = {}
         for running in self._running.values():
             tenant = running.job.tenant
             cpus[tenant] = cpus.get(tenant, 0.0) + running.record.demand.cpus
-        return {tenant: (self._queued_per_tenant[tenant], cpus.get(tenant, 0.0))
-                for tenant in set(cpus) | {t for t, n in self._queued_per_tenant.items() if n}}
+        wall_clock_offset = time.time() - time.monotonic()
+        usage = {}
+        for tenant in set(cpus) | {t for t, n in self._queued_per_tenant.items() if n}:
+            oldest = self._oldest_arrival(tenant)
+            usage[tenant] = TenantUsage(
+                self._queued_per_tenant[tenant], cpus.get(tenant, 0.0),
+                None if oldest is None else oldest + wall_clock_offset)
+        return usage
+
+    def _oldest_arrival(self, tenant: str) -> float | None:
+        heap = self._arrivals.get(tenant, [])
+        while heap and heap[0][1] not in self._waiting:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def _poll_nodes(self) -> None:
         """Every `node_poll_seconds`: a node that joined or left makes the queue decide again

@@ -46,6 +46,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from scheduler.job_queue import TenantUsage
 from scheduler.job_states import JOB_STATES, TERMINAL_STATES
 from scheduler.records import RECOVERY_KINDS, EvaluationRecord, RecoveryRecord, StepRecord
 
@@ -186,6 +187,10 @@ class _Families:
                                         "Jobs of the tenant waiting in the queue.", tenant)
         self.tenant_running_cpus = gauge("chainrule_tenant_running_cpus",
                                          "CPUs reserved by the tenant's running jobs.", tenant)
+        self.tenant_oldest_queued = gauge(
+            "chainrule_tenant_oldest_queued_job_timestamp_seconds",
+            "Unix time at which the tenant's longest-waiting queued job was queued; absent "
+            "while it has none queued.", tenant)
         self.queue_wait = Histogram(
             "chainrule_queue_wait_seconds",
             "Time from a job's queueing to its start, by tenant (a preempted job's second "
@@ -331,7 +336,7 @@ class TrainingMetrics:
         self._lock = threading.Lock()
         self._jobs: dict[str, _JobSeries] = {}
         self._state_counts = dict.fromkeys(JOB_STATES, 0)
-        self._tenants: dict[str, tuple[int, float]] = {}  # every tenant reported so far
+        self._tenants: dict[str, TenantUsage] = {}  # every tenant reported so far
         # Registered before the families: a scrape expires old jobs first, then collects.
         self.registry.register(_Housekeeping(self))
         self.families = _Families(self.registry)
@@ -393,15 +398,20 @@ class TrainingMetrics:
     def queue_depth(self, depth: int) -> None:
         self.families.queue_depth.set(depth)
 
-    def tenant_usage(self, usage: Mapping[str, tuple[int, float]]) -> None:
-        """Each tenant's queued jobs and running CPUs, after every scheduling decision; a
-        tenant seen before and absent now has none."""
+    def tenant_usage(self, usage: Mapping[str, TenantUsage]) -> None:
+        """Each tenant's queued jobs, running CPUs and oldest queued job, after every
+        scheduling decision; a tenant seen before and absent now has none."""
+        families = self.families
         with self._lock:
             self._tenants.update(usage)
             for tenant in self._tenants:
-                queued, cpus = usage.get(tenant, (0, 0.0))
-                self.families.tenant_queued_jobs.labels(tenant).set(queued)
-                self.families.tenant_running_cpus.labels(tenant).set(cpus)
+                now = usage.get(tenant, TenantUsage(0, 0.0, None))
+                families.tenant_queued_jobs.labels(tenant).set(now.queued_jobs)
+                families.tenant_running_cpus.labels(tenant).set(now.running_cpus)
+                if now.oldest_queued_at is None:  # absent: no queued job to be old
+                    _remove(families.tenant_oldest_queued, tenant)
+                else:
+                    families.tenant_oldest_queued.labels(tenant).set(now.oldest_queued_at)
 
     def job_waited(self, tenant: str, seconds: float) -> None:
         self.families.queue_wait.labels(tenant).observe(seconds)
