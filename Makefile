@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/tracking.py
 	$(BIN)/python bench/hostile.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/parquet.py
 
 # Regenerate chainrule/v1 from proto/ (the generated code is committed; a test diffs it).
 proto: install

@@ -163,6 +163,9 @@ class ParquetRows:
         self._cache: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
         self.groups_read = 0  # row groups read from the file (a test counts them)
+        # The last epoch's row-group order and each group's place in it.
+        self._order_of: tuple[int, np.ndarray, dict[int, int]] = (-1, np.empty(0), {})
+        self._read_ahead_of = (-1, -1)  # (epoch, window) whose next window was asked for
 
     def __reduce__(self):  # travels as its source; threads and the open file stay home
         return ParquetRows, (self.source,)
@@ -210,10 +213,15 @@ class ParquetRows:
     def _read_ahead(self, needed: list[int], epoch: int) -> None:
         """Start reading the window after the latest one this step touched (in the epoch's
         row-group order; the next epoch's first window after the last)."""
-        order = group_order(len(self.source.group_rows), self.source.seed, epoch,
-                            self.source.shuffle)
-        position = {int(g): i for i, g in enumerate(order)}
+        if self._order_of[0] != epoch:  # once per epoch, not per micro-batch
+            order = group_order(len(self.source.group_rows), self.source.seed, epoch,
+                                self.source.shuffle)
+            self._order_of = (epoch, order, {int(g): i for i, g in enumerate(order)})
+        _, order, position = self._order_of
         latest = max(position[g] for g in needed) // SHUFFLE_WINDOW_GROUPS
+        if self._read_ahead_of == (epoch, latest):  # asked for at an earlier micro-batch
+            return
+        self._read_ahead_of = (epoch, latest)
         with self._lock:  # the current window's groups outlive the older windows' in the cache
             for group in order[latest * SHUFFLE_WINDOW_GROUPS:
                                (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
