@@ -111,9 +111,8 @@ class ParquetSource:
         table = parquet_file.read_row_group(group, columns=[*self.feature_columns,
                                                             self.label_column],
                                             use_threads=False)
-        features = np.empty((table.num_rows, len(self.feature_columns)), dtype=np.float64)
-        for column, name in enumerate(self.feature_columns):
-            features[:, column] = _column(table, name, group)
+        features = np.column_stack([_column(table, name, group).astype(np.float64, copy=False)
+                                    for name in self.feature_columns])
         labels = _column(table, self.label_column, group)
         first_row = int(sum(self.group_rows[:group]))
         return features, labels, held_out(first_row, table.num_rows, self.seed,
