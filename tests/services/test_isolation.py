@@ -261,9 +261,10 @@ def test_over_quota_submits_are_refused_resource_exhausted_naming_the_quota(tena
         assert error.details() == ("max_running_cpus: the job needs 1.51 CPUs, more than "
                                    "tenant carol's quota of 1 running CPUs")
         running = client.submit(iris_spec(epochs=10_000))  # 1 CPU: carol's whole quota
+        # (Other tests' cancelled jobs may still hold the cluster for a moment.)
+        wait_for(lambda: state_name(client.get(running.id).state) == "RUNNING", 60)
         queued = client.submit(iris_spec(epochs=10_000))
         try:
-            wait_for(lambda: state_name(client.get(running.id).state) == "RUNNING", 60)
             assert client.get(queued.id).wait_reason == (
                 "tenant carol runs 1 CPUs of its quota of 1; this job needs 1")
             error = rpc_error(lambda: client.submit(iris_spec()))
