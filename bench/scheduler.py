@@ -126,7 +126,7 @@ def bench_service(queued: int, seconds: float) -> dict[str, float]:
     server = serve("127.0.0.1:0", data_dir)
     try:
         with Client(server.address) as client:
-            busy = client.submit(iris_spec(epochs=100_000, name="keeps-the-cluster-busy"))
+            busy = client.submit(iris_spec(epochs=10_000, name="keeps-the-cluster-busy"))
             wait_for(lambda: client.get(busy.id).progress.step > 0, 120, what="the busy job")
             store, spec, began = server.service.store, iris_spec(), time.perf_counter()
             for i in range(queued):

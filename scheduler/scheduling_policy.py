@@ -23,6 +23,7 @@ The rules, in the order they apply:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Iterable, Sequence
@@ -74,8 +75,8 @@ class JobDemand:
     bundles: tuple[Bundle, ...]
     spread: bool = False  # one bundle per node where possible (SPREAD), else packed
 
-    @property
-    def cpus(self) -> float:
+    @functools.cached_property
+    def cpus(self) -> float:  # asked for many times in every decision
         return sum(bundle.cpus for bundle in self.bundles)
 
 
@@ -240,6 +241,7 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
     blocked: dict[str, JobDemand] = {}  # each tenant's head that waits, by tenant
     reserved: list[JobDemand] = []  # heads nothing may take room from
     taken: set[str] = set()  # started by this decision
+    taken_from: dict[str, int] = {}  # how many of each tenant's jobs it started
 
     def policy(tenant: str) -> TenantPolicy:
         return tenants.get(tenant, TenantPolicy())
@@ -300,6 +302,7 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
             by_id[node_id].take(bundle)
         usage[demand.tenant] = usage.get(demand.tenant, 0.0) + demand.cpus
         taken.add(demand.job_id)
+        taken_from[demand.tenant] = taken_from.get(demand.tenant, 0) + 1
         decision.starts.append(Start(demand, placement))
         return True
 
@@ -307,6 +310,7 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
     # now or keeps its room from everything after it.
     making_room_for = set(stopping.values())
     heads = [jobs[0] for tenant in waiting.tenants() if (jobs := waiting.first(tenant, 1))]
+    arrived = {head.tenant: head.arrival for head in heads}  # ties between equal shares
     # (A tenant at its share waits because the others want theirs, not for room: its heads
     # are served by fair share, or the reservations would undo it.)
     urgent = sorted((head for head in heads if head.job_id in making_room_for
@@ -322,15 +326,10 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
 
     # Then fair share: the tenant furthest below its weight next, backfilling behind a head
     # that does not fit; a tenant whose head holds a reservation waits with it.
-    candidates = {tenant for tenant in waiting.tenants()
-                  if not any(head.tenant == tenant for head in reserved)}
+    candidates = set(arrived) - {head.tenant for head in reserved}
     while candidates:
-        def turn(tenant: str) -> tuple[float, float]:
-            first = waiting.first(tenant, 1)
-            return share(tenant), first[0].arrival if first else math.inf
-
-        tenant = min(candidates, key=turn)
-        jobs = [job for job in waiting.first(tenant, BACKFILL_DEPTH + len(taken))
+        tenant = min(candidates, key=lambda t: (share(t), arrived[t]))
+        jobs = [job for job in waiting.first(tenant, BACKFILL_DEPTH + taken_from.get(tenant, 0))
                 if job.job_id not in taken]
         started = False
         for position, demand in enumerate(jobs):
