@@ -30,6 +30,8 @@ from pathlib import Path
 
 STATE_FILE = Path(tempfile.gettempdir()) / "chainrule-netns-hosts.json"
 SUBNET = "10.231.0"
+INTERFACE = "eth0"  # every host's one link has this name (in its own namespace), as on a real
+# cluster's machines: PyTorch's gloo picks its interface by name (GLOO_SOCKET_IFNAME)
 RAY_PORT = 6379
 
 
@@ -67,7 +69,7 @@ class Hosts:
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
             _ip("-n", self.switch, "link", "set", "br0", "up")
             for host in range(self.count):
-                ns, inside, outside = self.namespace(host), f"eth{host}", f"port{host}"
+                ns, inside, outside = self.namespace(host), INTERFACE, f"port{host}"
                 _ip("netns", "add", ns)
                 _ip("-n", ns, "link", "set", "lo", "up")
                 # Both ends made inside the namespaces: the root namespace never sees them.
@@ -148,7 +150,7 @@ class RayOnHosts:
     @property
     def env(self) -> dict[str, str]:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": INTERFACE}
 
     def _ray_start(self, host: int, *extra: str) -> subprocess.Popen:
         ray = str(Path(sys.executable).with_name("ray"))

@@ -122,7 +122,7 @@ def test_a_host_off_the_network_is_found_within_3_s_and_costs_nothing(cluster,
             lost = next(ip for ip in placed["workers"] if ip not in placed["shards"])
             host = next(i for i in range(3) if cluster.hosts.address(i) == lost)
             subprocess.run(["ip", "-n", cluster.hosts.namespace(host), "link", "set",
-                            f"eth{host}", "down"], check=True)
+                            netns_hosts.INTERFACE, "down"], check=True)
             cut_at = time.time()
     assert driver.wait(timeout=120) == 0, "".join(stderr)[-3000:]
     assert cut_at is not None, out[-3:]
