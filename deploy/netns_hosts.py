@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,7 @@ class RayOnHosts:
                 current.unlink()
         except OSError:
             pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the nodes' logs and Ray's session
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,10 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.verb == "up":
         hosts = Hosts(args.count, args.rate).up()
-        state = {"count": hosts.count, "rate": hosts.rate, "prefix": hosts.prefix, "env": {}}
+        state = {"count": hosts.count, "rate": hosts.rate, "prefix": hosts.prefix, "env": {},
+                 "ray_temp_dir": ""}
         if args.ray:
             ray = RayOnHosts(hosts, args.cpus_per_host).up()
-            state["env"] = ray.env
+            state["env"], state["ray_temp_dir"] = ray.env, str(ray.temp_dir)
             print(f"Ray cluster at {ray.address}: run drivers on host 0 with "
                   f"`{sys.argv[0]} run 0 -- COMMAND`")
         STATE_FILE.write_text(json.dumps(state))
@@ -270,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         return hosts.run(args.host, command, state["env"]).returncode
     hosts.down()
+    if state.get("ray_temp_dir"):
+        shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     return 0
 
