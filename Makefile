@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench proto clean prometheus chromium fuzz
+.PHONY: install demo test lint bench proto clean prometheus chromium iproute2 fuzz
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/chainrule demo
 
-test: install prometheus chromium
+test: install prometheus chromium iproute2
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -32,6 +32,10 @@ prometheus:
 # package only; nothing is downloaded by the tests themselves.
 chromium:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+
+# ip and tc for the hosts made of network namespaces (deploy/netns_hosts.py and its tests).
+iproute2:
+	command -v ip >/dev/null && command -v tc >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2)
 
 # mypy checks services/, scheduler/, worker/ and chainrule/ ([tool.mypy] in pyproject.toml).
 lint: install
