@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -170,19 +171,25 @@ def fits_ever(demand: JobDemand, capacity: Sequence[Node]) -> str | None:
 
 class WaitingJobs:
     """The queued jobs, by tenant: each tenant's a heap in (priority desc, arrival) order.
-    Pushing and popping cost O(log n); a decision looks only at each tenant's first jobs."""
+    Pushing and popping cost O(log n); a decision looks only at each tenant's first jobs.
+    Removal is lazy: an entry is dropped when it reaches the top. Each push numbers its entry,
+    so a job removed and pushed again (preempted, then requeued) has one live entry, not two."""
 
     def __init__(self) -> None:
-        self._heaps: dict[str, list[tuple[int, float, str]]] = {}
+        self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
         self._jobs: dict[str, JobDemand] = {}
+        self._entry: dict[str, int] = {}  # job id -> the number of its live heap entry
+        self._pushes = itertools.count()
 
     def push(self, demand: JobDemand) -> None:
+        number = next(self._pushes)
         self._jobs[demand.job_id] = demand
+        self._entry[demand.job_id] = number
         heapq.heappush(self._heaps.setdefault(demand.tenant, []),
-                       (-demand.priority, demand.arrival, demand.job_id))
+                       (-demand.priority, demand.arrival, number, demand.job_id))
 
     def remove(self, job_id: str) -> JobDemand | None:
-        """Lazy: the heap entry is dropped when it reaches the top."""
+        self._entry.pop(job_id, None)
         return self._jobs.pop(job_id, None)
 
     def __len__(self) -> int:
@@ -194,27 +201,28 @@ class WaitingJobs:
     def tenants(self) -> list[str]:
         return [tenant for tenant in list(self._heaps) if self.first(tenant, 1)]
 
+    def _live(self, entry: tuple[int, float, int, str]) -> bool:
+        return self._entry.get(entry[3]) == entry[2]
+
     def first(self, tenant: str, count: int) -> list[JobDemand]:
-        """The tenant's first `count` waiting jobs in order (heap entries of removed jobs are
-        dropped on the way)."""
+        """The tenant's first `count` waiting jobs in order (dead entries are dropped on the
+        way)."""
         heap = self._heaps.get(tenant)
-        if not heap:
-            return []
-        while heap and heap[0][2] not in self._jobs:
+        while heap and not self._live(heap[0]):
             heapq.heappop(heap)
         if not heap:
-            del self._heaps[tenant]
+            self._heaps.pop(tenant, None)
             return []
         if count == 1:
-            return [self._jobs[heap[0][2]]]
+            return [self._jobs[heap[0][3]]]
         # Popped and pushed back: O(count log n), where a sorted copy would cost O(n).
-        popped: list[tuple[int, float, str]] = []
+        popped: list[tuple[int, float, int, str]] = []
         found: list[JobDemand] = []
         while heap and len(found) < count:
             entry = heapq.heappop(heap)
-            if entry[2] in self._jobs:
+            if self._live(entry):
                 popped.append(entry)
-                found.append(self._jobs[entry[2]])
+                found.append(self._jobs[entry[3]])
         for entry in popped:
             heapq.heappush(heap, entry)
         return found

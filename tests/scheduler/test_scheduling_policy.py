@@ -131,3 +131,11 @@ def test_no_preemption_for_an_equal_priority_or_when_eviction_would_not_be_enoug
                   {}, 0.0).preempt == []
     assert decide(queue(job("huge", priority=9, cpus=(3.0,))), running, [Node("n", 0.0)],
                   {}, 0.0).preempt == []
+
+
+def test_a_job_removed_and_queued_again_is_waiting_once():
+    waiting = queue(job("a0", arrival=0), job("a1", arrival=1))
+    waiting.remove("a0")  # started, then preempted and requeued at its first arrival
+    waiting.push(job("a0", arrival=0))
+    assert [demand.job_id for demand in waiting.first("a", 5)] == ["a0", "a1"]
+    assert len(waiting) == 2
