@@ -230,6 +230,11 @@ def serve(
     lock = DataFolderLock.acquire(data_dir, address)
     try:
         check_port_free(address)
+        if metrics_port:  # before Ray starts, as for the gRPC port (the exporter binds later)
+            from services.metrics import METRICS_ADDRESS_VARIABLE
+
+            metrics_host = os.environ.get(METRICS_ADDRESS_VARIABLE) or "127.0.0.1"
+            check_port_free(f"{metrics_host}:{metrics_port}", "--metrics-port")
         sweep_leftovers(data_dir, started_at)  # what killed processes left behind
         store = Store(data_dir / "chainrule.db")
     except BaseException:

@@ -78,10 +78,11 @@ def _describe_holder(path: Path) -> str:
         return "its PID is not recorded yet"  # it is writing the file this very moment
 
 
-def check_port_free(address: str) -> None:
-    """AlreadyInUse naming the port when something listens on any address `address` resolves
-    to. gRPC alone would not say: on a name with several addresses (localhost: 127.0.0.1 and
-    ::1) it serves on whichever it could bind, and counts that as success."""
+def check_port_free(address: str, option: str = "--address") -> None:
+    """AlreadyInUse naming the port (and the `option` that chose it) when something listens
+    on any address `address` resolves to. gRPC alone would not say: on a name with several
+    addresses (localhost: 127.0.0.1 and ::1) it serves on whichever it could bind, and counts
+    that as success."""
     if address.startswith(UNIX_PREFIX):
         _check_socket_free(unix_socket_path(address))
         return
@@ -101,7 +102,7 @@ def check_port_free(address: str) -> None:
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise AlreadyInUse(f"port {port} is in use on {socket_address[0]} (another "
-                                   f"server?); choose another --address") from None
+                                   f"server?); choose another {option}") from None
             # Anything else (no IPv6 here, say) is gRPC's to judge when it binds.
 
 

@@ -518,3 +518,21 @@ def test_scheduling_metrics_follow_queue_waits_tenant_usage_and_preemptions():
              5, what="nothing running")
     assert value(registry, "chainrule_tenant_queued_jobs", tenant="default") == 0
     assert value(registry, oldest, tenant="default") is None  # nothing queued to be old
+
+
+def test_a_metrics_port_in_use_is_refused_naming_the_option_before_ray_starts(tmp_path):
+    # Two servers on one host both defaulting to 9464: the second crashed ~10 s later, after
+    # starting Ray, with a traceback from the exporter's bind.
+    import socket
+
+    from services.server import serve
+    from services.single_instance import AlreadyInUse
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = ray.is_initialized()
+        with pytest.raises(AlreadyInUse, match=f"port {port} is in use .*--metrics-port"):
+            serve("127.0.0.1:0", tmp_path / "data", metrics_port=port)
+        assert ray.is_initialized() == started
