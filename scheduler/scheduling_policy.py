@@ -283,13 +283,14 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
             decision.waits.append(Wait(demand.job_id, reason))
 
     def no_room(demand: JobDemand) -> str:
-        return (f"waiting for {demand.cpus:g} CPUs in {len(demand.bundles)} actors; "
-                f"{sum(node.cpus for node in free):g} free")
+        return (f"waiting for {_cpus(demand.cpus)} CPUs in {len(demand.bundles)} actors; "
+                f"{_cpus(sum(node.cpus for node in free))} free")
 
     def quota_reason(demand: JobDemand) -> str:
         tenant = demand.tenant
-        return (f"tenant {tenant} runs {usage.get(tenant, 0.0):g} CPUs of its quota of "
-                f"{policy(tenant).max_running_cpus:g}; this job needs {demand.cpus:g}")
+        return (f"tenant {tenant} runs {_cpus(usage.get(tenant, 0.0))} CPUs of its quota of "
+                f"{_cpus(policy(tenant).max_running_cpus)}; this job needs "
+                f"{_cpus(demand.cpus)}")
 
     # Room only shrinks within a decision: a shape that did not fit will not fit later in it.
     # (Thousands of waiting jobs come in a few dozen shapes; this keeps a decision's cost to
@@ -368,6 +369,11 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
             decision.preempt.extend(Preemption(victim, head.job_id)
                                     for victim in _victims(head, pool, free, excluded))
     return decision
+
+
+def _cpus(count: float) -> str:
+    """A CPU count for people: sums of fractions leave float dust (1.7e-17 free is 0 free)."""
+    return f"{max(0.0, round(count, 3)):g}"
 
 
 def _victims(head: JobDemand, pool: Sequence[RunningJob], free: Sequence[Node],

@@ -139,3 +139,12 @@ def test_a_job_removed_and_queued_again_is_waiting_once():
     waiting.push(job("a0", arrival=0))
     assert [demand.job_id for demand in waiting.first("a", 5)] == ["a0", "a1"]
     assert len(waiting) == 2
+
+
+def test_a_wait_reason_has_no_float_dust():
+    # 0.99 + 0.01 taken from 1.0 left 1.7e-17 CPUs "free" in the message.
+    node = Node("n", 1.0)
+    for taken in (0.33, 0.33, 0.33, 0.01):
+        node.take(Bundle(taken))
+    decision = decide(queue(job("j", cpus=(1.0,))), [], [node], {}, now=0.0)
+    assert decision.waits[0].reason == "waiting for 1 CPUs in 1 actors; 0 free"
