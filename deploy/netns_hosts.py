@@ -254,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.verb == "up":
+        if STATE_FILE.exists():  # a second set would share the addresses and be forgotten
+            state = json.loads(STATE_FILE.read_text())
+            print(f"hosts {state['prefix']}-* are up already: `{sys.argv[0]} down` first",
+                  file=sys.stderr)
+            return 2
         hosts = Hosts(args.count, args.rate).up()
         state = {"count": hosts.count, "rate": hosts.rate, "prefix": hosts.prefix, "env": {},
                  "ray_temp_dir": ""}
@@ -267,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{hosts.count} hosts {hosts.address(0)}..{hosts.address(hosts.count - 1)}, "
               f"{hosts.rate} each way")
         return 0
+    if not STATE_FILE.exists():
+        print(f"no hosts are up (no {STATE_FILE}): `{sys.argv[0]} up N` first", file=sys.stderr)
+        return 2
     state = json.loads(STATE_FILE.read_text())
     hosts = Hosts(state["count"], state["rate"], state["prefix"])
     if args.verb == "run":
