@@ -683,8 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--server", default=default_address(),
                              help="the service's host:port; $CHAINRULE_SERVER sets the "
                                   "default")
-        command.add_argument("--token-file", help="file holding the bearer token (default: "
-                                                  "$CHAINRULE_TOKEN)")
+        command.add_argument("--token-file", help="file holding the bearer token (without "
+                                                  "it: the token itself in $CHAINRULE_TOKEN)")
         command.add_argument("--token", help=argparse.SUPPRESS)  # refused, with the reason
         command.add_argument("--ca-cert", help="PEM CA certificate(s) that sign the server's "
                                                "certificate: connect with TLS")
