@@ -193,19 +193,20 @@ def _duration(seconds: float) -> str:
 
 
 def _times(job, now: float | None = None) -> str:
-    """When the job was submitted (UTC), how long it queued and how long it ran (so far)."""
+    """When the job was submitted (UTC), how long it has queued (before its first run) or
+    how long it has run: the time RUNNING over all its runs, without the waits between them."""
     import datetime
     import time
+
+    from chainrule.client import state_name
 
     now = time.time() if now is None else now
     created = job.created_at.ToNanoseconds() / 1e9
     text = f"{datetime.datetime.fromtimestamp(created, datetime.timezone.utc):%Y-%m-%d %H:%M}Z"
     if not job.HasField("started_at"):
         return f"{text}  queued {_duration(now - created)}"
-    started = job.started_at.ToNanoseconds() / 1e9
-    if job.HasField("finished_at"):
-        return f"{text}  ran {_duration(job.finished_at.ToNanoseconds() / 1e9 - started)}"
-    return f"{text}  running {_duration(now - started)}"
+    verb = "running" if state_name(job.state) == "RUNNING" else "ran"
+    return f"{text}  {verb} {_duration(job.running_seconds)}"
 
 
 def _job_line(job) -> str:

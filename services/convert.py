@@ -3,6 +3,8 @@ field themselves."""
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chainrule.v1 import training_service_pb2 as pb
@@ -54,7 +56,8 @@ def job_to_proto(job: JobRecord) -> pb.Job:
                      error=job.error, request_id=job.request_id,
                      created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
                      finished_at=_timestamp(job.finished_at),
-                     queue_position=job.queue_position, wait_reason=job.wait_reason)
+                     queue_position=job.queue_position, wait_reason=job.wait_reason,
+                     running_seconds=job.seconds_running(time.time()))
     if job.progress is not None:
         message.progress.CopyFrom(progress_to_proto(job.progress))
     if job.final_validation is not None:

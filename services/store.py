@@ -48,7 +48,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     weights_path TEXT NOT NULL DEFAULT '',
     -- A RUNNING job's lease (scheduler/job_lease.py): its runner's id and when it runs out.
     lease_owner TEXT NOT NULL DEFAULT '',
-    lease_expires_at REAL
+    lease_expires_at REAL,
+    -- Seconds spent RUNNING in the runs that ended, and when the current run started: the
+    -- time a job waited between runs (queued again after a resume, a restart, a preemption)
+    -- is not time it ran.
+    running_seconds REAL NOT NULL DEFAULT 0,
+    run_started_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, state);
 -- A tenant's jobs newest first without sorting them all (ListJobs without a state filter: one
@@ -153,6 +158,9 @@ class JobRecord:
     progress: ProgressSummary | None = None
     final_validation: ValidationSummary | None = None
     weights_path: str = ""
+    # Seconds RUNNING in the ended runs, and the start of the current run (None unless RUNNING).
+    running_seconds: float = 0.0
+    run_started_at: float | None = None
     # While QUEUED, from the queue (JobService.get): its place among its tenant's queued jobs
     # (1: next) and why it waits. Not stored.
     queue_position: int = 0
@@ -161,6 +169,11 @@ class JobRecord:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def seconds_running(self, now: float) -> float:
+        """Time spent RUNNING over every run, the current one up to `now`."""
+        current = max(0.0, now - self.run_started_at) if self.run_started_at is not None else 0.0
+        return self.running_seconds + current
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,10 @@ class Store:
             db.execute("ALTER TABLE jobs ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
         if "lease_expires_at" not in job_columns:
             db.execute("ALTER TABLE jobs ADD COLUMN lease_expires_at REAL")
+        if "running_seconds" not in job_columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN running_seconds REAL NOT NULL DEFAULT 0")
+        if "run_started_at" not in job_columns:
+            db.execute("ALTER TABLE jobs ADD COLUMN run_started_at REAL")
         columns = {row["name"] for row in db.execute("PRAGMA table_info(datasets)")}
         if "target_shape" not in columns:
             db.execute("ALTER TABLE datasets ADD COLUMN target_shape TEXT")
@@ -361,11 +378,12 @@ class Store:
                 f"UPDATE jobs SET state = ?, error = ?, "
                 f"started_at = CASE WHEN ? THEN coalesce(started_at, ?) ELSE started_at END, "
                 f"finished_at = CASE WHEN ? THEN ? ELSE NULL END, "
+                f"{_RUN_CLOCK}, "
                 f"final_validation = coalesce(?, final_validation), "
                 f"weights_path = CASE WHEN ? != '' THEN ? ELSE weights_path END, "
                 f"lease_owner = ?, lease_expires_at = ? "
                 f"WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
-                (state, error, started, now, finished, now,
+                (state, error, started, now, finished, now, now, state, now,
                  json.dumps(asdict(final_validation)) if final_validation else None,
                  weights_path, weights_path, lease.owner if lease else "",
                  lease.expires_at if lease else None, job_id, *sorted(from_states))).rowcount
@@ -404,10 +422,10 @@ class Store:
         self._forget(job_id)
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE jobs SET state = 'QUEUED', error = ?, lease_owner = '', "
-                "lease_expires_at = NULL WHERE id = ? AND state = 'RUNNING' AND "
-                "lease_owner = ? AND lease_expires_at = ?",
-                (reason, job_id, lease.owner, lease.expires_at)).rowcount
+                f"UPDATE jobs SET state = 'QUEUED', error = ?, lease_owner = '', "
+                f"lease_expires_at = NULL, {_RUN_CLOCK} WHERE id = ? AND state = 'RUNNING' AND "
+                f"lease_owner = ? AND lease_expires_at = ?",
+                (reason, now, "QUEUED", now, job_id, lease.owner, lease.expires_at)).rowcount
             if changed:
                 self._add_event(db, job_id, "state", {"state": "QUEUED", "error": reason}, now)
         self._forget(job_id)
@@ -555,6 +573,14 @@ class Store:
             self._local.connection = None
 
 
+# The run clock in one state change (SET's right-hand sides read the row before it): a run
+# that ends adds its seconds, and one that starts is timed from now. Parameters: now, the new
+# state, now.
+_RUN_CLOCK = ("running_seconds = running_seconds + CASE WHEN state = 'RUNNING' AND "
+              "run_started_at IS NOT NULL THEN max(0, ? - run_started_at) ELSE 0 END, "
+              "run_started_at = CASE WHEN ? = 'RUNNING' THEN ? ELSE NULL END")
+
+
 def _job(row: sqlite3.Row) -> JobRecord:
     final = json.loads(row["final_validation"]) if row["final_validation"] else None
     return JobRecord(
@@ -563,7 +589,8 @@ def _job(row: sqlite3.Row) -> JobRecord:
         error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"],
         progress=ProgressSummary.from_json(row["progress"]),
         final_validation=ValidationSummary(**final) if final else None,
-        weights_path=row["weights_path"],
+        weights_path=row["weights_path"], running_seconds=row["running_seconds"],
+        run_started_at=row["run_started_at"],
     )
 
 

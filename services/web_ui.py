@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ def job_page(service: JobService, curves: TrainingCurves, tenant: str,
     training = curves.points(job_id)
     return {
         **_job_summary(job),
+        # While QUEUED (0 and "" otherwise), as GetJob says: its place among its tenant's
+        # queued jobs and why it waits.
+        "queue_position": job.queue_position,
+        "wait_reason": job.wait_reason,
         "error": job.error,
         "final_validation": _validation(job.final_validation),
         "spec": json_format.MessageToDict(job.spec, preserving_proto_field_name=True),
@@ -117,6 +122,7 @@ def _validation_points(events: list) -> list[list]:
 def _job_summary(job: JobRecord) -> dict[str, Any]:
     return {"id": job.id, "name": job.name, "state": job.state, "created_at": job.created_at,
             "started_at": job.started_at, "finished_at": job.finished_at,
+            "running_seconds": job.seconds_running(time.time()),
             "progress": _progress(job.progress)}
 
 

@@ -91,7 +91,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., min_progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "name", "state", "spec", "error", "created_at", "started_at", "finished_at", "progress", "final_validation", "request_id", "queue_position", "wait_reason")
+    __slots__ = ("id", "name", "state", "spec", "error", "created_at", "started_at", "finished_at", "progress", "final_validation", "request_id", "queue_position", "wait_reason", "running_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class Job(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: JobState
@@ -118,7 +119,8 @@ class Job(_message.Message):
     request_id: str
     queue_position: int
     wait_reason: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., final_validation: _Optional[_Union[ValidationMetrics, _Mapping]] = ..., request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., wait_reason: _Optional[str] = ...) -> None: ...
+    running_seconds: float
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., final_validation: _Optional[_Union[ValidationMetrics, _Mapping]] = ..., request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., wait_reason: _Optional[str] = ..., running_seconds: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total_steps", "epoch", "epochs", "loss", "samples_per_second", "eta_seconds", "validation")

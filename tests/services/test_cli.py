@@ -202,13 +202,17 @@ def test_the_cli_reads_CHAINRULE_SERVER_and_a_refusal_says_how_to_start_a_server
 def test_job_times_say_when_submitted_and_how_long_it_queued_or_ran():
     from chainrule.v1 import training_service_pb2 as pb
 
-    job = pb.Job(id="job-1")
+    job = pb.Job(id="job-1", state=pb.JOB_STATE_QUEUED)
     job.created_at.FromSeconds(1_790_000_000)
     assert cli._times(job, now=1_790_000_042) == "2026-09-21 14:13Z  queued 42s"
     job.started_at.FromSeconds(1_790_000_010)
-    assert cli._times(job, now=1_790_003_710) == "2026-09-21 14:13Z  running 1h01m"
-    job.finished_at.FromSeconds(1_790_000_075)
-    assert cli._times(job) == "2026-09-21 14:13Z  ran 1m05s"
+    job.state, job.running_seconds = pb.JOB_STATE_RUNNING, 3_660
+    assert cli._times(job) == "2026-09-21 14:13Z  running 1h01m"
+    # Queued again (a resume, a restart): what it ran so far, not the time since it first started.
+    job.state, job.running_seconds = pb.JOB_STATE_QUEUED, 65
+    assert cli._times(job, now=1_790_009_999) == "2026-09-21 14:13Z  ran 1m05s"
+    job.state = pb.JOB_STATE_SUCCEEDED
+    job.finished_at.FromSeconds(1_790_009_000)
     assert "ran 1m05s" in cli._job_line(job)
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from scheduler.job_lease import Lease
 from services import store as store_module
 from services.convert import dataset_to_proto
 from services.errors import AlreadyExists, InvalidArgument
@@ -59,6 +60,33 @@ def test_a_state_change_and_its_event_are_written_together(tmp_path):
     assert job.final_validation.accuracy == 0.9
     assert [e.payload["state"] for e in store.events("job-1")] == ["QUEUED", "RUNNING",
                                                                    "SUCCEEDED"]
+
+
+def test_the_time_running_sums_the_runs_and_not_the_waits_between_them(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "time", lambda: clock[0])
+    store = Store(tmp_path / "db")
+    store.create_job(_job("job-1"), "d")
+    clock[0] = 1010.0  # queued 10 s
+    store.set_state("job-1", "RUNNING", from_states={"QUEUED"}, started=True)
+    clock[0] = 1015.0
+    assert store.get_job("job-1").seconds_running(clock[0]) == 5.0
+    store.set_state("job-1", "CANCELLED", from_states={"RUNNING"}, finished=True)
+    clock[0] = 1100.0  # ended, then resumed 85 s later and queued
+    store.requeue_ended_job("job-1", iris_spec())
+    assert store.get_job("job-1").seconds_running(clock[0]) == 5.0
+    clock[0] = 1200.0
+    lease = Lease("runner-a", 1203.0)
+    store.set_state("job-1", "RUNNING", from_states={"QUEUED"}, started=True, lease=lease)
+    clock[0] = 1207.0  # its runner died; the lease ran out and the job was requeued
+    assert store.requeue_expired("job-1", lease, "lease expired")
+    clock[0] = 1300.0
+    store.set_state("job-1", "RUNNING", from_states={"QUEUED"}, started=True)
+    clock[0] = 1301.0
+    store.set_state("job-1", "SUCCEEDED", from_states={"RUNNING"}, finished=True)
+    job = store.get_job("job-1")
+    assert job.started_at == 1010.0  # the first start
+    assert job.seconds_running(5000.0) == 5.0 + 7.0 + 1.0
 
 
 def test_a_state_change_from_another_state_than_expected_writes_nothing(tmp_path):

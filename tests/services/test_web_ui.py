@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789ab"
+CAROL = "carol-token-0123456789"  # a quota of one running job's CPUs
 # What a hostile tenant might write where the page shows text: were it parsed as HTML, the
 # image's handler and the script would mark the body.
 HOSTILE = ("<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"
@@ -46,7 +47,7 @@ CURVE_BLUE = (11, 99, 197)  # the training curve's stroke, #0b63c5 in services/w
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tokens"
-    path.write_text(f"alice {ALICE}\nbob {BOB}\n")
+    path.write_text(f"alice {ALICE}\nbob {BOB}\ncarol {CAROL} max_running_cpus=0.6\n")
     return path
 
 
@@ -155,6 +156,29 @@ def test_the_curves_grow_while_the_job_runs(server, jobs):
     assert any(0 < length < len(final["training_loss"]) for length in training), training
     validation = [len(page["curves"]["validation"]) for page in jobs.seen_running]
     assert validation == sorted(validation) and validation[0] < len(final["validation"])
+
+
+def test_a_job_page_says_how_long_it_ran_and_where_a_queued_job_waits(server, jobs):
+    trained = get_json(server, f"/api/jobs/{jobs.trained}", ALICE)
+    assert 0 < trained["running_seconds"] <= trained["finished_at"] - trained["started_at"]
+    # Carol's quota holds one of these jobs at a time: the second waits, and its page says so.
+    spec = iris_spec(epochs=10_000, resources={"workers": 1, "parameter_servers": 1,
+                                                 "cpus_per_worker": 0.5})
+    with Client(server.address, token=CAROL, timeout=30) as client:
+        first = client.submit(spec).id
+        second = client.submit(spec).id
+        try:
+            wait_for(lambda: get_json(server, f"/api/jobs/{first}", CAROL)["state"] == "RUNNING",
+                     timeout=60, what=f"{first} to run")
+            waiting = wait_for(lambda: (lambda page: page if page["wait_reason"] else None)(
+                get_json(server, f"/api/jobs/{second}", CAROL)), timeout=30,
+                what=f"{second}'s wait reason")
+            assert waiting["state"] == "QUEUED" and waiting["queue_position"] == 1
+            assert "quota" in waiting["wait_reason"]
+            assert get_json(server, f"/api/jobs/{first}", CAROL)["queue_position"] == 0
+        finally:
+            client.cancel(second)
+            client.cancel(first)
 
 
 def test_a_wrong_or_missing_token_is_401_and_another_tenants_job_404(server, jobs):
@@ -334,6 +358,7 @@ def test_the_browser_shows_a_jobs_curves_spec_log_and_recoveries(server, jobs, t
     page = get_json(server, f"/api/jobs/{jobs.trained}", ALICE)
     html, dom, shot = browse(f"{server.web_url}#/jobs/{jobs.trained}?token={ALICE}", tmp_path)
     assert dom.find("td", id="job-state").all_text() == "SUCCEEDED"
+    assert re.fullmatch(r"\d+s", dom.find("td", id="job-running").all_text())  # iris: seconds
     loss_chart = dom.find("svg", id="loss-chart")
     training = loss_chart.find("polyline", data_series="training").attrs["points"].split()
     assert len(training) == len(page["curves"]["training_loss"]) == page["progress"]["step"]
