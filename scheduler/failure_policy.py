@@ -9,9 +9,10 @@ out; the runner hands every failure to this policy and does what it says:
   a lost worker's slot    -> REPLACE at the next step boundary: a new replica in its placement
                              bundle, at most `max_worker_replacements` over the whole job (past
                              that the job goes on with the workers it has left).
-  a parameter-server shard lost -> RESTART every actor from the last checkpoint (or from the
-                             job's start if none was taken yet) and replay deterministically,
-                             at most `max_shard_restarts` times; then FAIL.
+  a parameter-server shard lost -> RESTART every actor, at most `max_shard_restarts` times;
+                             then FAIL. (Where from is the runner's mechanism: the state the
+                             shards kept after the last step when they keep one, else the
+                             last checkpoint, or the job's start, and replay.)
   the job's own computation raised on a worker -> FAIL: recomputing it elsewhere would raise
                              the same error.
 
@@ -37,7 +38,7 @@ MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has 
 
 class Decision(Enum):
     RECOMPUTE = "recompute the lost workers' blocks on survivors, in the same step"
-    RESTART = "restart every actor from the last checkpoint and replay"
+    RESTART = "restart every actor from the last kept state or checkpoint and replay"
     FAIL = "fail the job"
 
 

@@ -23,7 +23,9 @@ same sums through the object store (worker/transport/object_store.py).
 Mechanism and policy are apart: the worker group (worker_group.py) starts, kills and replaces
 actors; a transport runs a step and returns its outcome or what went wrong; the failure policy
 (failure_policy.py) decides what to do about it; the runner has it carried out (_on_failure).
-A step or a stop can be checkpointed; a checkpoint resumes by deterministic replay.
+A step or a stop can be checkpointed; a checkpoint resumes by deterministic replay. On shared
+memory the shards also keep their state after every step (worker/shard_state_replica.py), so
+a lost shard costs no step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from worker.model_builder import build_planned_model
 from worker.parameter_server import ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
+from worker.shard_state_replica import state_keys_of
 from worker.shared_memory import SharedArrayGroup, SharedMemoryFull, host_identity
 from worker.transport.object_store import ObjectStoreTransport
 from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
@@ -177,6 +180,7 @@ class JobRunner:
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.on_recovery = on_recovery or (lambda record: None)
         self.current_step = 0  # the step being computed, or the last one done between steps
+        self.completed_step = 0  # the last step whose update every shard applied
         self.should_stop = should_stop or (lambda: False)
         self.policy = failure_policy or FailurePolicy()  # for the whole job, across restarts
         self.history = TrainingHistory()
@@ -206,8 +210,10 @@ class JobRunner:
 
     def run(self) -> TrainingResult:
         """Train to the end (or until should_stop / early stopping). A lost parameter-server
-        shard restarts the job's actors from the last checkpoint and replays: the sampler and
-        every seed are functions of the step, so the weights come out the same."""
+        shard restarts the job's actors from the state the shards kept after the last step
+        (shared memory, elementwise rules: worker/shard_state_replica.py), else from the last
+        checkpoint, and replays: the sampler and every seed are functions of the step, so the
+        weights come out the same."""
         # Where a restart goes back to until the first checkpoint: the job's start.
         self.last_checkpoint: Checkpoint | None = self.resume_from
         self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
@@ -247,6 +253,7 @@ class JobRunner:
         self.shared = SharedArrayGroup(self.job_id) if shared_memory else None
         group: WorkerGroup | None = None  # what this run started, for the tear-down
         transport: StepTransport | None = None
+        self.steps_started = False  # whether self.transport is this run's, stepping
         try:
             parameters = None
             if self.shared is not None:
@@ -275,6 +282,7 @@ class JobRunner:
             if self.resume_from is not None:
                 self._restore_shards(self.resume_from)
             transport.start()
+            self.steps_started = True
             return self._train()
         except ActorFailure as found:  # outside a step: a shard dead at start or checkpoint
             self._on_failure(found.failure)  # raises: restart or fail
@@ -331,14 +339,27 @@ class JobRunner:
             max_micro_batches=settings.micro_batches * settings.accumulation,
             buffer_size=self.evaluator.buffer_size() if self.evaluator.buffer_names else 0,
             dtype=settings.dtype, statistics_size=kfac.statistics_size if kfac else 0,
-            kfac_layers=len(kfac.layers) if kfac else 0)
+            kfac_layers=len(kfac.layers) if kfac else 0,
+            replicated_state=self._replicated_state_keys())
+
+    def _replicated_state_keys(self) -> tuple[str, ...] | None:
+        """The optimizer state's array names when the shards keep a replica of their state in
+        shared memory (elementwise rules; worker/shard_state_replica.py), else None."""
+        if not _is_elementwise(self.rule_name):
+            return None
+        from worker.backprop.optim import RULES
+
+        return state_keys_of(RULES[self.rule_name], self.hyper)
 
     # --- the step loop ---------------------------------------------------------------------
 
     def _train(self) -> TrainingResult:
         settings = self.settings
         step = self.resume_from.step if self.resume_from is not None else 0
-        self._take_checkpoint(step, notify=False)  # where a lost shard would restart from
+        self.completed_step = step
+        # Where a lost shard restarts from when its state was not kept (worker/
+        # shard_state_replica.py): the last checkpoint.
+        self._take_checkpoint(step, notify=False)
         epoch, stopped = step // self.groups_per_epoch, False
         batches_of_epoch: tuple[int, list[StepSamples]] = (-1, [])
         while step < self.total_steps:
@@ -353,6 +374,7 @@ class JobRunner:
             group = batches[first:first + settings.accumulation]
             step += 1
             record = self._step(step, epoch, group)
+            self.completed_step = step
             self.history.steps.append(record)
             self.on_step(record)
             interval = settings.evaluation_interval
@@ -486,14 +508,36 @@ class JobRunner:
                                 f"micro-batches recomputed in-step by worker(s) {by}")
             return owners
         if decision is Decision.RESTART:
-            restart = self.last_checkpoint.step if self.last_checkpoint is not None else 0
+            if self._restart_point_from_kept_state():
+                where = (f"from step {self.completed_step}, the state its shards kept in "
+                         f"shared memory (no step is trained again)")
+            else:
+                restart = self.last_checkpoint.step if self.last_checkpoint is not None else 0
+                where = f"from the checkpoint of step {restart} and replays from there"
             self._recovered("shard_lost", self.current_step,
-                            f"{describe(failure)}: every actor restarts from the checkpoint "
-                            f"of step {restart} and replays from there (restart "
+                            f"{describe(failure)}: every actor restarts {where} (restart "
                             f"{self.policy.shard_restarts} of at most "
                             f"{self.policy.max_shard_restarts})")
             raise _RestartFromCheckpoint(failure)
         raise JobFailed(self.policy.why_failed(failure), failure)
+
+    def _restart_point_from_kept_state(self) -> bool:
+        """Make the state the shards kept after the last completed step (worker/
+        shard_state_replica.py) the point a restart goes back to, when they kept it; False
+        when they did not (another transport, a rule without a replica, nothing kept yet)."""
+        if not self.steps_started:  # lost while starting: nothing of this run was kept
+            return False
+        kept = self.transport.kept_state(self.completed_step)
+        if kept is None:
+            return False
+        # The runner's own state is at that step too: its buffers were averaged and its
+        # history recorded at the end of the step, and the lost one never got there.
+        buffers = self.evaluator.buffer_values() if self.evaluator.buffer_names else {}
+        self.last_checkpoint = Checkpoint(kept.step, kept.parameters, kept.optimizer_steps,
+                                          kept.optimizer_state, buffers)
+        self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
+        self.history_at_checkpoint = self.history.copy()
+        return True
 
     def _recovered(self, kind: str, step: int, message: str) -> None:
         """Report a recovery as it is carried out (the service logs, stores, streams and

@@ -96,6 +96,11 @@ class ObjectStoreTransport:
     def worker_replaced(self, worker: int) -> None:
         pass  # a replica is stateless here: each call brings the parameters it needs
 
+    def kept_state(self, step: int) -> None:
+        """Shards on other hosts keep no replica of their state (it would cross the network
+        every step): a lost one restarts the job from its last checkpoint."""
+        return None
+
     def stop(self) -> None:
         pass
 

@@ -43,6 +43,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import ray
 
+from worker.shard_state_replica import (
+    KeptState,
+    ShardReplicaSpec,
+    ShardStateWriter,
+    read_kept_state,
+    replica_arrays,
+)
 from worker.shared_memory import SharedArrayGroup, SharedArraySpec
 from worker.transport.named_pipe import Channel, ChannelTimeout, Record
 from worker.transport.step import (
@@ -242,6 +249,8 @@ class SharedStep:
     # k's v.g per K-FAC layer (zero for the layers it does not own).
     statistics_blocks: tuple[SharedArraySpec, ...] = ()
     direction_dots: SharedArraySpec | None = None
+    # Where each shard keeps a copy of its state after every step (worker/shard_state_replica.py)
+    shard_state: ShardReplicaSpec | None = None
 
 
 # --- the runner's side -------------------------------------------------------------------------
@@ -263,6 +272,9 @@ class StepArraySizes:
     dtype: str
     statistics_size: int = 0
     kfac_layers: int = 0
+    # The optimizer state's array names when the shards keep a replica of their state (an
+    # elementwise rule: worker/shard_state_replica.py); None: no replica.
+    replicated_state: tuple[str, ...] | None = None
 
     def arrays(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(label, shape, dtype) of every array of the step, as SharedStep maps them."""
@@ -282,6 +294,8 @@ class StepArraySizes:
                        for b in range(workers)]
         if self.kfac_layers:
             wanted.append(("direction-dots", (shards, self.kfac_layers), "float64"))
+        if self.replicated_state is not None:
+            wanted += replica_arrays(shards, self.parameter_count, self.replicated_state, dtype)
         return wanted
 
 
@@ -314,6 +328,9 @@ class SharedMemoryTransport:
             tuple(arrays[f"statistics-block-{b}"] for b in range(workers))
             if statistics_size else (),
             arrays.get("direction-dots"),
+            ShardReplicaSpec((arrays["shard-replica-0"], arrays["shard-replica-1"]),
+                             arrays["shard-replica-steps"], sizes.replicated_state)
+            if sizes.replicated_state is not None else None,
         )
         self.worker_loops: dict[int, ray.ObjectRef | None] = {}
         self.shard_loops: list[ray.ObjectRef] = []
@@ -336,7 +353,15 @@ class SharedMemoryTransport:
                               for k in range(spec.channels.shards)]
         self.worker_loops = {w: replica.serve.remote(spec, w)
                              for w, replica in enumerate(self.actors.replicas)}
+        if spec.shard_state is not None:  # nothing kept yet (not step 0's zeros)
+            spec.shard_state.steps.attach()[:] = -1
         self.shard_loops = [shard.serve.remote(spec) for shard in self.actors.shards]
+
+    def kept_state(self, step: int) -> KeptState | None:
+        """What the shards kept after `step` (worker/shard_state_replica.py), or None."""
+        if self.step_spec.shard_state is None:
+            return None
+        return read_kept_state(self.step_spec.shard_state, step)
 
     def sync_parameters(self) -> None:
         pass  # the runner's vector is the shared one
@@ -528,12 +553,17 @@ def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:
     dots_row = spec.direction_dots.attach()[index] if spec.direction_dots else None
     layer_index = ({layer.name: i for i, layer in enumerate(kfac.kfac_layout.layers)}
                    if kfac is not None else {})
+    keeper = (ShardStateWriter(spec.shard_state, index, shard.setup.bounds, shard.parameters,
+                               shard.slice_state)
+              if spec.shard_state is not None else None)
     while True:
         command = commands.receive(ShardCommand)
         if command.op == Op.STOP:
             return
         if command.op == Op.APPLY:
             applied = shard.apply(command.lr, command.coefficient, command.kl_coefficient)
+            if keeper is not None:  # before the report: a step reported applied is kept
+                keeper.keep(command.step, shard.steps_taken)
             runner.send(ShardReport(ReportKind.SHARD_APPLIED, command.step, index,
                                     apply_seconds=applied.seconds,
                                     bytes_updated=applied.bytes_updated))
@@ -557,6 +587,8 @@ def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:
                                     reduced.squared_norm, reduced.seconds))
             continue
         applied = shard.apply(command.lr)
+        if keeper is not None:
+            keeper.keep(command.step, shard.steps_taken)
         runner.send(ShardReport(ReportKind.SHARD_APPLIED, command.step, index,
                                 reduced.squared_norm, reduced.seconds, applied.seconds,
                                 applied.bytes_updated))

@@ -21,6 +21,7 @@ import numpy as np
 
 from worker.backprop.optim.clip import clip_coefficient
 from worker.backprop.optim.kfac import kl_clip_coefficient
+from worker.shard_state_replica import KeptState
 
 
 @dataclass(frozen=True)
@@ -175,5 +176,9 @@ class StepTransport(Protocol):
 
     def worker_replaced(self, worker: int) -> None:
         """A new replica took slot `worker`: connect it before its first block."""
+
+    def kept_state(self, step: int) -> KeptState | None:
+        """The job's parameters and optimizer state as the shards kept them after `step`
+        (worker/shard_state_replica.py), or None when they keep none."""
 
     def stop(self) -> None: ...
