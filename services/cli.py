@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -278,8 +280,18 @@ def _follow(args: argparse.Namespace, client, job_id: str) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    import time
+
+    from chainrule.client import TERMINAL_STATES
+
     with _client(args) as client:
         job = client.cancel(args.job)
+        # A running job stops at its next step boundary, after the call answers: show its end,
+        # not the RUNNING it was in when asked.
+        deadline = time.monotonic() + args.timeout
+        while job.state not in TERMINAL_STATES and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = client.get(args.job)
         _print(args, job, _job_line(job))
     return 0
 
@@ -707,7 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only jobs in this state (repeatable)")
     client_command("status", "one job's state and progress", _status).add_argument("job")
     client_command("watch", "follow a job with a live progress bar", _watch).add_argument("job")
-    client_command("cancel", "cancel a job", _cancel).add_argument("job")
+    client_command("cancel", "cancel a job: a queued one at once, a running one at its next step "
+                             "boundary with a checkpoint (resume continues it); waits for its "
+                             "end, at most --timeout seconds", _cancel).add_argument("job")
     resume = client_command("resume", "run an ended job again from its checkpoint", _resume)
     resume.add_argument("job")
     resume.add_argument("--epochs", type=_count(1),
@@ -785,11 +799,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.run(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at exit after a traceback
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`chainrule jobs --json | head`): end quietly, as
+        # Unix tools do. Python would hit the closed pipe again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (SpecError, UsageError) as error:  # the input is at fault: name it, no traceback
         print(f"chainrule: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from chainrule.client import WatchTimeout, state_name
 from chainrule.v1 import training_service_pb2 as pb
 from services import cli
 from tests.services.conftest import server  # noqa: F401  (a module fixture)
-from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error
+from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error, wait_for
 
 pytestmark = [pytest.mark.distributed]
 
@@ -142,6 +142,17 @@ def test_cli_submit_watch_status_jobs_download(server, capsys, tmp_path):  # noq
     assert "sklearn:iris  (built-in)" in out
     code, out = _cli(capsys, "cancel", job_id, *where)
     assert "SUCCEEDED" in out  # cancelling a finished job changes nothing
+
+
+@pytest.mark.slow
+def test_cli_cancel_shows_a_running_job_ended_not_the_state_it_was_asked_in(
+        server, capsys):  # noqa: F811
+    with Client(server.address) as client:
+        job_id = client.submit(iris_spec(epochs=10_000)).id
+        wait_for(lambda: state_name(client.get(job_id).state) == "RUNNING", timeout=60,
+                 what=f"{job_id} to run")
+    code, out = _cli(capsys, "cancel", job_id, "--server", server.address)
+    assert code == 0 and f"{job_id}  CANCELLED" in out
 
 
 def test_cli_reports_a_bad_spec_with_its_field_and_no_trace(server, capsys, tmp_path):  # noqa: F811

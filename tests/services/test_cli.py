@@ -5,6 +5,7 @@ wrong is a bug and surfaces as one, with its traceback."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -245,3 +246,14 @@ def test_predict_refuses_a_file_without_rows_before_sending_it(tmp_path, capsys)
     assert "has no rows" in capsys.readouterr().err
     assert cli.main(["predict", "job-000000000000", str(tmp_path / "rows.parquet")]) == 2
     assert "rows come from a .csv or .npz file" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `chainrule jobs --json | head`: the pipe closes before the output is written.
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "completion", "bash"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err
