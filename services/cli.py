@@ -428,6 +428,9 @@ def _download(args: argparse.Namespace) -> int:
     if args.format and args.format != suffix_format:
         raise UsageError(f"--format {args.format} does not match -o {args.output} (a "
                          f"{suffix_format} file); name it *.{args.format}")
+    folder = Path(args.output).parent
+    if not folder.is_dir():  # as `train -o`: a typo in the path is not a folder to make
+        raise UsageError(f"-o/--output: the folder {str(folder)!r} does not exist")
     with _client(args) as client:
         header = client.download(args.job, args.output, args.format)
         _print(args, header, f"wrote {args.output} ({header.size_bytes} bytes) and "

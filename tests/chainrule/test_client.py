@@ -180,6 +180,13 @@ def test_client_state_names_come_from_the_schema():
         state_value("DONE")
 
 
+def test_download_refuses_a_missing_folder_before_asking_the_server(capsys, tmp_path):
+    output = tmp_path / "missing" / "model.onnx"
+    assert cli.main(["download", "job-1", "-o", str(output), "--server", "127.0.0.1:9"]) == 2
+    assert "-o/--output: the folder" in capsys.readouterr().err
+    assert not output.parent.exists()
+
+
 def test_download_refuses_a_suffix_it_would_not_write_before_asking_the_server(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["download", "job-1", "-o", "model.pt", "--server", "127.0.0.1:9"])
