@@ -238,7 +238,9 @@ def _check_integer(value: Any, cpp: int, path: str) -> int:
     low, high = _INT_RANGES[cpp]
     if not low <= number <= high:
         if low == 0 and number < 0:
-            raise SpecError(path, f"must be >= 0, got {number}")
+            # The field's type says no more: the spec's validation may ask more (out_features
+            # >= 1), so this must not suggest that 0 would do.
+            raise SpecError(path, f"must not be negative, got {number}")
         raise SpecError(path, f"must lie in [{low}, {high}], got {number}")
     return number
 
