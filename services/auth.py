@@ -122,8 +122,10 @@ class Authenticator:
             return DEFAULT_TENANT
         header = next((value for key, value in metadata if key == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
-            raise Unauthenticated("authorization: send the metadata 'authorization: Bearer "
-                                  "TOKEN'")
+            raise Unauthenticated("authorization: this server needs a token, sent as the "
+                                  "metadata 'authorization: Bearer TOKEN' (the chainrule "
+                                  "command: --token-file FILE or $CHAINRULE_TOKEN; Python: "
+                                  "Client(token=...))")
         presented = header.removeprefix("Bearer ").strip().encode()
         # compare_digest against every token: the time taken says nothing about which is close
         found = None

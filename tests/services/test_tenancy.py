@@ -74,6 +74,8 @@ def test_a_missing_or_unknown_token_is_unauthenticated(server):
             error = rpc_error(lambda: client.list())
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "authorization" in error.details()
+            if token is None:  # says how a user of the command or the client sends one
+                assert "--token-file" in error.details() and "$CHAINRULE_TOKEN" in error.details()
 
 
 def test_without_tokens_the_server_refuses_a_non_loopback_address(local_ray, tmp_path):
