@@ -9,6 +9,12 @@ for Conv, LSTM, GRU, RNN or Erf. Output `output` is the network's raw output (lo
 classifier, as the engine's forward returns them), (batch, *output shape). Dropout is the
 identity and batch norms use their running statistics, as in evaluation.
 
+A sequence model (recurrent, attention or transformer layers, and nothing that needs a fixed
+length: no flatten, convolution or pooling) takes sequences of any length up to the one it
+was trained on: its time axis is the symbolic dimension "sequence", in the output too unless
+the model reduces it (last_step, mean_pool). A causal language model so reads a prompt shorter
+than its context, and its output at each position is the engine's on the same prefix.
+
 Every layer kind the model builder supports has a translation here; a model with another kind
 raises OnnxExportError naming the layer.
 """
@@ -42,8 +48,10 @@ class OnnxExportError(ValueError):
 class _Graph:
     """Nodes and constants being collected; every value gets a fresh name."""
 
-    def __init__(self, state_dict: Mapping[str, np.ndarray]):
+    def __init__(self, state_dict: Mapping[str, np.ndarray], sequence_input: bool = False):
         self.state_dict = state_dict
+        # The time axis (axis 1) is as long as the input's, not the planned length.
+        self.sequence_input = sequence_input
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
@@ -66,6 +74,15 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [output], **attributes))
         return output
 
+    def first_steps(self, table: str, like: str, axes: list[int]) -> str:
+        """`table` cut to the length of `like`'s time axis (axis 1) along each of `axes`."""
+        length = self.op("Slice", [self.op("Shape", [like]),
+                                   self.constant([1], dtype=np.int64),
+                                   self.constant([2], dtype=np.int64)])
+        ends = self.op("Concat", [length] * len(axes), axis=0)
+        return self.op("Slice", [table, self.constant([0] * len(axes), dtype=np.int64), ends,
+                                 self.constant(axes, dtype=np.int64)])
+
 
 def export_weights_file(spec: job_pb2.JobSpec, weights_path: str | Path) -> bytes:
     """The ONNX model of a trained job's weights file: its layer plan from the spec and the
@@ -87,7 +104,8 @@ def export_onnx(layers: tuple[LayerDescription, ...], state_dict: Mapping[str, n
                 feature_mean: np.ndarray | None, feature_std: np.ndarray | None,
                 name: str = "chainrule") -> bytes:
     """The serialized ONNX model (checked by onnx.checker) of a planned, trained model."""
-    graph = _Graph(state_dict)
+    sequence_input = takes_any_length(layers)
+    graph = _Graph(state_dict, sequence_input)
     tokens = np.dtype(input_dtype).kind in "iu"
     x = INPUT_NAME
     if tokens:
@@ -101,18 +119,40 @@ def export_onnx(layers: tuple[LayerDescription, ...], state_dict: Mapping[str, n
     x = _sequence(graph, layers, x)
     graph.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME]))
 
-    output_shape = layers[-1].output_shape
+    input_dims: list[str | int] = ["batch", *input_shape]
+    output_dims: list[str | int] = ["batch", *layers[-1].output_shape]
+    if sequence_input:
+        input_dims[1] = "sequence"
+        if not any(layer.kind in _TIME_REDUCING_KINDS for layer in layers):
+            output_dims[1] = "sequence"
     inputs = [helper.make_tensor_value_info(
-        INPUT_NAME, TensorProto.INT64 if tokens else TensorProto.DOUBLE,
-        ["batch", *input_shape])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
-                                             ["batch", *output_shape])]
+        INPUT_NAME, TensorProto.INT64 if tokens else TensorProto.DOUBLE, input_dims)]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, output_dims)]
     model = helper.make_model(
         helper.make_graph(graph.nodes, name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], producer_name="chainrule")
     model.ir_version = 8  # the newest most runtimes read (ONNX Runtime >= 1.14)
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+# What a sequence model is made of: layers that act per position, or over the time axis
+# whatever its length. One other kind (flatten, a convolution, a pooling) fixes the length.
+_SEQUENCE_KINDS = frozenset({"lstm", "gru", "rnn", "multihead_attention",
+                             "transformer_encoder_layer", "positional_embedding", "last_step",
+                             "mean_pool"})
+_TIME_REDUCING_KINDS = frozenset({"last_step", "mean_pool"})
+_PER_POSITION_KINDS = frozenset({"linear", "relu", "tanh", "sigmoid", "gelu", "silu",
+                                 "leaky_relu", "dropout", "layer_norm", "embedding", "residual"})
+
+
+def takes_any_length(layers: tuple[LayerDescription, ...]) -> bool:
+    """Whether the model is a sequence model that reads any length up to its planned one."""
+    def kinds(described: tuple[LayerDescription, ...]) -> set[str]:
+        return {kind for layer in described for kind in (layer.kind, *kinds(layer.layers))}
+
+    found = kinds(layers)
+    return bool(found & _SEQUENCE_KINDS) and found <= _SEQUENCE_KINDS | _PER_POSITION_KINDS
 
 
 def _sequence(graph: _Graph, layers: tuple[LayerDescription, ...], x: str) -> str:
@@ -328,8 +368,7 @@ def _recurrent(graph: _Graph, layer: LayerDescription, x: str) -> str:
 
 
 def _last_step(graph: _Graph, layer: LayerDescription, x: str) -> str:
-    return graph.op("Gather", [x, graph.constant(layer.input_shape[0] - 1, dtype=np.int64)],
-                    axis=1)
+    return graph.op("Gather", [x, graph.constant(-1, dtype=np.int64)], axis=1)
 
 
 def _mean_pool(graph: _Graph, layer: LayerDescription, x: str) -> str:
@@ -337,9 +376,12 @@ def _mean_pool(graph: _Graph, layer: LayerDescription, x: str) -> str:
 
 
 def _positional_embedding(graph: _Graph, layer: LayerDescription, x: str) -> str:
-    steps = layer.input_shape[0]
-    positions = np.asarray(graph.state_dict[_keys(layer)["weight"]])[:steps]
-    return graph.op("Add", [x, graph.constant(positions, "positions")])
+    table = np.asarray(graph.state_dict[_keys(layer)["weight"]])
+    if graph.sequence_input:
+        positions = graph.first_steps(graph.constant(table, "positions"), x, axes=[0])
+    else:
+        positions = graph.constant(table[:layer.input_shape[0]], "positions")
+    return graph.op("Add", [x, positions])
 
 
 def _self_attention(graph: _Graph, x: str, keys: dict[str, str], prefix: str,
@@ -358,8 +400,10 @@ def _self_attention(graph: _Graph, x: str, keys: dict[str, str], prefix: str,
                                                               perm=[0, 1, 3, 2])]),
                               graph.constant(1 / math.sqrt(head_dim))])
     if causal:
-        mask = np.triu(np.full((steps, steps), -np.inf), k=1)
-        scores = graph.op("Add", [scores, graph.constant(mask, "causal_mask")])
+        mask = graph.constant(np.triu(np.full((steps, steps), -np.inf), k=1), "causal_mask")
+        if graph.sequence_input:
+            mask = graph.first_steps(mask, x, axes=[0, 1])
+        scores = graph.op("Add", [scores, mask])
     weights = graph.op("Softmax", [scores], axis=-1)
     merged = graph.op("Reshape", [graph.op("Transpose", [graph.op("MatMul", [weights, v])],
                                            perm=[0, 2, 1, 3]),

@@ -21,6 +21,7 @@ from scheduler.onnx_export import (
     OnnxExportError,
     adaptive_average_matrix,
     export_onnx,
+    takes_any_length,
 )
 from worker.backprop import Tensor
 from worker.backprop.tensor import no_grad
@@ -165,6 +166,35 @@ def test_the_graph_declares_raw_rows_in_and_a_batch_of_outputs():
     assert dims == ["batch", 2, 9, 8]
     assert [d.dim_param or d.dim_value
             for d in graph_output.type.tensor_type.shape.dim] == ["batch", 5]
+
+
+def test_a_language_model_reads_a_prompt_shorter_than_its_context():
+    layers, shape, dtype = FAMILIES["causal_language_model"]
+    rng = np.random.default_rng(2)
+    plan = plan_model(_model_spec(layers), shape, dtype)
+    state = _trained_like_weights(plan, rng)
+    exported = export_onnx(describe_model(plan), state, plan.input_shape, plan.input_dtype,
+                           None, None)
+    tokens = rng.integers(0, 40, size=(3, *shape)).astype(np.int64)
+    full = _engine_outputs(plan, state, tokens)
+    for length in (1, 5, shape[0]):  # causal: position t sees only the tokens up to t
+        outputs = _onnx_outputs(exported, tokens[:, :length])
+        np.testing.assert_allclose(outputs, full[:, :length], rtol=0, atol=TOLERANCE)
+    (graph_input,), (graph_output,) = onnx.load_from_string(exported).graph.input, \
+        onnx.load_from_string(exported).graph.output
+    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [
+        "batch", "sequence"]
+    assert [d.dim_param or d.dim_value for d in graph_output.type.tensor_type.shape.dim] == [
+        "batch", "sequence", 40]
+
+
+@pytest.mark.parametrize("family, sequence", [("lstm", True), ("transformer_classifier", True),
+                                              ("mlp", False), ("cnn", False),
+                                              ("conv1d", False)])
+def test_only_sequence_models_take_any_length(family, sequence):
+    layers, shape, dtype = FAMILIES[family]
+    assert takes_any_length(describe_model(plan_model(_model_spec(layers), shape, dtype))) \
+        == sequence
 
 
 def test_a_layer_kind_without_a_translation_is_named():
