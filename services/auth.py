@@ -9,7 +9,8 @@ comment). A tenant's settings, on any of its lines (the same value on each):
   - `max_running_cpus=C`: the CPUs its running jobs may hold at once (default: no quota);
   - `max_queued_jobs=Q`: the jobs it may have queued at once (default: no quota).
 Without a token file, every caller is the tenant "default" (and the server binds loopback
-only).
+only). The server's YAML configuration file (services/server_config.py, `serve --config`)
+names the same settings and more (a lowest priority, stored-bytes and streams quotas).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from services.errors import Unauthenticated
 
 DEFAULT_TENANT = "default"
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MIN_TOKEN_CHARS = 16
 _SETTING = re.compile(r"([a-z_]+)=(.*)")
 
 
@@ -59,16 +61,21 @@ class TenantSettings:
     weight: float = 1.0
     max_running_cpus: float = math.inf
     max_queued_jobs: int = 0  # 0: no quota
+    max_stored_bytes: int = 0  # uploads + checkpoints + models kept; 0: no quota
+    max_streams: int = 0  # streaming calls open at once; 0: the server's per-tenant limit
 
 
 @dataclass(frozen=True)
-class TokenFile:
+class Tenancy:
+    """Who the tenants are and what each may do: from a token file or a configuration file."""
+
     tenants: dict[str, str]  # token -> tenant
     max_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its cap, when set
     settings: dict[str, TenantSettings] = field(default_factory=dict)  # tenant -> when set
+    min_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its floor, when set
 
 
-def load_tokens(path: str | Path) -> TokenFile:
+def load_tokens(path: str | Path) -> Tenancy:
     """The tokens and tenant settings of the file; ValueError naming the line for a malformed
     one."""
     tokens: dict[str, str] = {}
@@ -78,7 +85,8 @@ def load_tokens(path: str | Path) -> TokenFile:
         if not line:
             continue
         parts = line.split()
-        if len(parts) < 2 or not _TENANT.fullmatch(parts[0]) or len(parts[1]) < 16:
+        if (len(parts) < 2 or not TENANT_NAME.fullmatch(parts[0])
+                or len(parts[1]) < MIN_TOKEN_CHARS):
             raise ValueError(f"{path}:{number}: expected 'TENANT TOKEN [SETTING=VALUE ...]' "
                              f"(tenant from [A-Za-z0-9._-], token of at least 16 characters)")
         tenant, token = parts[:2]
@@ -106,7 +114,7 @@ def load_tokens(path: str | Path) -> TokenFile:
         max_running_cpus=float(own.get("max_running_cpus", math.inf)),
         max_queued_jobs=int(own.get("max_queued_jobs", 0)))
         for tenant, own in values.items() if set(own) - {"max_priority"}}
-    return TokenFile(tokens, caps, settings)
+    return Tenancy(tokens, caps, settings)
 
 
 class Authenticator:

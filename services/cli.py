@@ -91,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
         server = serve(args.address, args.data_dir, ray_address=args.ray_address,
                        metrics_port=args.metrics_port,
                        max_concurrent_jobs=args.max_concurrent_jobs,
-                       tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tokens_file=args.tokens, tenancy=args.config,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key,
                        tls_client_ca=args.client_ca,
                        keep_checkpoints=args.keep_checkpoints,
                        checkpoint_retention_seconds=args.checkpoint_retention_days * 86400,
@@ -348,6 +349,17 @@ def _upload_limits(args: argparse.Namespace) -> UploadLimits:
                         max_expansion=args.max_upload_expansion,
                         max_csv_rows=args.max_csv_rows, max_csv_columns=args.max_csv_columns,
                         max_classes=args.max_classes, idle_seconds=args.upload_idle_seconds)
+
+
+def _server_config(path: str):
+    """The tenants of a configuration file; argparse reports a bad one, naming the key (exit
+    2)."""
+    from services.server_config import load_server_config
+
+    try:
+        return load_server_config(path)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _days(text: str) -> float:
@@ -643,15 +655,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent-jobs", type=int, default=0,
                        help="at most this many jobs train at once (default 0: as many as the "
                             "cluster's CPUs hold; each job takes the CPUs its spec asks for)")
-    serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy")
+    serve.add_argument("--config", type=_server_config,
+                       help="the server's YAML configuration file: its tenants, with their "
+                            "tokens, weight, priority range and quotas (README: Security)")
+    serve.add_argument("--tokens", help="file of 'TENANT TOKEN' lines: bearer-token tenancy "
+                                        "(the older form of --config; give one of them)")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve over TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--max-priority", type=int, default=0,
-                       help="highest job priority a tenant may ask for, unless the token "
-                            "file gives it its own (max_priority=N after its token)")
+                       help="highest job priority a tenant may ask for, unless --config or "
+                            "the token file gives it its own (max_priority)")
     serve.add_argument("--streams-per-tenant", type=_count(1), default=8,
                        help="streaming calls (watch, follow, upload, download) a tenant may "
-                            "hold open at once")
+                            "hold open at once, unless --config gives it its own (max_streams)")
     serve.add_argument("--streams", type=_count(1), default=32,
                        help="streaming calls open at once in all (below the 64 RPC threads)")
     serve.add_argument("--metrics-parameter-series", type=_count(1), default=32,

@@ -87,9 +87,11 @@ class JobService:
                  upload_limits: uploads.UploadLimits | None = None,
                  checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
                  tenant_max_priority: dict[str, int] | None = None,
+                 tenant_min_priority: dict[str, int] | None = None,
                  tenant_settings: dict[str, TenantSettings] | None = None):
         """`tenant_max_priority`: the tenants whose priority cap is not `limits.max_priority`;
-        `tenant_settings`: the tenants with a weight or quotas (both from the token file)."""
+        `tenant_min_priority`: the tenants with a lowest priority; `tenant_settings`: the
+        tenants with a weight or quotas (all from the token or configuration file)."""
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = storage
@@ -100,6 +102,7 @@ class JobService:
         self._files_lock = threading.Lock()
         self.limits = limits or Limits()
         self.tenant_max_priority = dict(tenant_max_priority or {})
+        self.tenant_min_priority = dict(tenant_min_priority or {})
         self.tenant_settings = dict(tenant_settings or {})
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
@@ -117,8 +120,9 @@ class JobService:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
         validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
                       weights_shape(self.store, tenant, spec))
-        check_priority(spec.priority, self._max_priority(tenant), tenant)
+        self._check_priority(tenant, spec.priority)
         self._check_fits(tenant, spec)
+        self._check_stored_bytes(tenant)
         record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
                            state=QUEUED, created_at=time.time(), request_id=request_id)
         digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
@@ -181,7 +185,7 @@ class JobService:
         spec.data.epochs += epochs
         validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
                       weights_shape(self.store, tenant, spec))
-        check_priority(spec.priority, self._max_priority(tenant), tenant)  # the cap may be new
+        self._check_priority(tenant, spec.priority)  # the range may be new
         self._check_fits(tenant, spec)
         with self._files_lock:
             if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
@@ -288,6 +292,7 @@ class JobService:
     def upload(self, tenant: str, header: uploads.UploadHeader | None,
                chunks: Iterable[bytes]) -> DatasetRecord:
         header = uploads.check_header(header, self.max_upload_bytes)
+        self._check_stored_bytes(tenant, adding=header.size_bytes)
         if self.store.get_dataset(tenant, header.name) is not None:
             raise AlreadyExists(f"header.name: a data set named {header.name!r} already "
                                 f"exists; delete it first (`chainrule datasets delete "
@@ -361,8 +366,33 @@ class JobService:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _max_priority(self, tenant: str) -> int:
-        return self.tenant_max_priority.get(tenant, self.limits.max_priority)
+    def _check_priority(self, tenant: str, priority: int) -> None:
+        check_priority(priority, self.tenant_max_priority.get(tenant, self.limits.max_priority),
+                       tenant, self.tenant_min_priority.get(tenant))
+
+    def stored_bytes(self, tenant: str) -> int:
+        """What the tenant keeps on this server's disk: its uploaded data sets, and its jobs'
+        checkpoints and models."""
+        files = [Path(record.path) for record in self.store.list_datasets(tenant)]
+        for job_id in self.store.job_ids(tenant):
+            files += [*self.storage.checkpoint_folder(job_id).glob("*"),
+                      self.storage.model_path(job_id)]
+        return sum(_size(path) for path in files)
+
+    def _check_stored_bytes(self, tenant: str, adding: int = 0) -> None:
+        """ResourceExhausted when the tenant keeps its quota of bytes already (a job would
+        write checkpoints and a model), or would with `adding` more (an upload)."""
+        quota = self.tenant_settings.get(tenant, TenantSettings()).max_stored_bytes
+        if not quota:
+            return
+        kept = self.stored_bytes(tenant)
+        if (kept + adding > quota) if adding else (kept >= quota):
+            self.on_quota_rejection(tenant, "max_stored_bytes")
+            over = (f"; this upload's {adding} bytes more would be over its quota of {quota}"
+                    if adding else f", at or over its quota of {quota}")
+            raise ResourceExhausted(f"max_stored_bytes: tenant {tenant} keeps {kept} bytes "
+                                    f"(uploads, checkpoints, models){over}; delete data sets "
+                                    f"or jobs first")
 
     def _check_fits(self, tenant: str, spec: job_pb2.JobSpec) -> None:
         """A job that could never fit the cluster, or its tenant's running-CPU quota, would
@@ -388,6 +418,14 @@ class JobService:
             raise ResourceExhausted(f"max_queued_jobs: tenant {tenant} has {queued} queued "
                                     f"job(s), its quota")
 
+
+
+def _size(path: Path) -> int:
+    """A file's bytes; 0 when it is gone (deleted since it was listed) or not a file."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def _tenant_folder(tenant: str) -> str:

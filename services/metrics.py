@@ -202,8 +202,9 @@ class _Families:
                                    "for a job of higher priority, by the victim's tenant.",
                                    tenant)
         self.quota_rejections = counter("chainrule_quota_rejections_total",
-                                        "Submits refused for a tenant quota, by tenant and "
-                                        "quota (max_running_cpus, max_queued_jobs).",
+                                        "Submits, uploads and streams refused for a tenant "
+                                        "quota, by tenant and quota (max_running_cpus, "
+                                        "max_queued_jobs, max_stored_bytes, max_streams).",
                                         ("tenant", "quota"))
         self.grpc_requests = counter("chainrule_grpc_requests_total",
                                      "gRPC requests handled, by method and status code.",

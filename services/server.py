@@ -47,7 +47,7 @@ from scheduler.cluster_view import RayNodes
 from scheduler.job_queue import JobQueue
 from scheduler.scheduling_policy import TenantPolicy
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
-from services.auth import Authenticator, TokenFile, load_tokens
+from services.auth import Authenticator, Tenancy, load_tokens
 from services.events import EventHub
 from services.job_lifecycle import JobLifecycle
 from services.jobs import DEFAULT_CHECKPOINT_RETENTION_SECONDS, JobService
@@ -167,6 +167,7 @@ def serve(
     metrics_port: int | None = None,
     max_concurrent_jobs: int = 0,
     tokens_file: str | Path | None = None,
+    tenancy: Tenancy | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     tls_client_ca: str | Path | None = None,
@@ -189,7 +190,9 @@ def serve(
     `tls_cert` and `tls_key`): mutual TLS, a client must present a certificate it signed.
     `web_address` ("host:port", port 0: any free port; None: no web UI): the read-only web UI
     (services/web_ui.py), under the same tokens, and over HTTPS with the same certificates
-    when TLS is on; like the API, only on loopback unless tokens and TLS are configured."""
+    when TLS is on; like the API, only on loopback unless tokens and TLS are configured.
+    `tenancy`: the tenants of the configuration file (services/server_config.py);
+    `tokens_file`: the older token file's (services/auth.py); at most one of them."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
     # Streams hold an RPC thread each (services/streams.py): capped below the pool, so unary
@@ -200,8 +203,12 @@ def serve(
         raise ValueError(f"stream limit {stream_limits.total} must be below the "
                          f"{max_rpc_threads} RPC threads, or streams could take them all")
     max_concurrent_rpcs = max_concurrent_rpcs or 4 * max_rpc_threads
-    token_file = load_tokens(tokens_file) if tokens_file else TokenFile({})
-    tokens = token_file.tenants
+    if tokens_file and tenancy is not None:
+        raise ValueError("--tokens and --config both name the tenants: give one (the "
+                         "configuration file holds everything the token file does)")
+    if tenancy is None:
+        tenancy = load_tokens(tokens_file) if tokens_file else Tenancy({})
+    tokens = tenancy.tenants
     host = address.rsplit(":", 1)[0]
     if not is_local_address(address) and not (tokens and tls_cert and tls_key):
         raise ValueError(f"--address {address!r} is not loopback: serving other hosts needs "
@@ -252,8 +259,9 @@ def serve(
                          checkpoint_retention_seconds=checkpoint_retention_seconds,
                          limits=limits, max_upload_bytes=max_upload_bytes,
                          upload_limits=upload_limits,
-                         tenant_max_priority=token_file.max_priority,
-                         tenant_settings=token_file.settings)
+                         tenant_max_priority=tenancy.max_priority,
+                         tenant_min_priority=tenancy.min_priority,
+                         tenant_settings=tenancy.settings)
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
     if metrics is not None:
@@ -268,7 +276,7 @@ def serve(
     curves = TrainingCurves() if web_address is not None else None  # the web UI's
     queue = JobQueue(lifecycle, cluster=RayNodes(), max_concurrent_jobs=max_concurrent_jobs,
                      tenants={tenant: TenantPolicy(own.weight, own.max_running_cpus)
-                              for tenant, own in token_file.settings.items()},
+                              for tenant, own in tenancy.settings.items()},
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
                                                          else [])
                      + ([curves] if curves is not None else []),
@@ -276,7 +284,10 @@ def serve(
     service.attach_queue(queue)
 
     auth = Authenticator(tokens)
-    streams = StreamSlots(stream_limits)
+    streams = StreamSlots(stream_limits,
+                          {tenant: own.max_streams for tenant, own in tenancy.settings.items()
+                           if own.max_streams},
+                          on_quota_rejection=service.on_quota_rejection)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_rpc_threads, thread_name_prefix="rpc"),
         # Metrics outermost, so they count the status the decoding interceptor answers.

@@ -347,6 +347,12 @@ class Store:
         cursor = rows[limit - 1]["rowid"] if len(rows) > limit else None
         return [self._record(row) for row in rows[:limit]], cursor
 
+    def job_ids(self, tenant: str) -> list[str]:
+        """Every job id of the tenant (for what its jobs keep on disk)."""
+        rows = self._connection().execute("SELECT id FROM jobs WHERE tenant = ?",
+                                          [tenant]).fetchall()
+        return [row["id"] for row in rows]
+
     def jobs_in_states(self, states: Sequence[str]) -> list[JobRecord]:
         """Every tenant's jobs in these states, in queue order (priority, then arrival)."""
         rows = self._connection().execute(

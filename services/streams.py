@@ -6,7 +6,8 @@ trickle in, a reflection stream until its client closes it. Unbounded, one tenan
 streams took every thread, and other tenants' calls and the health check timed out. So every
 streaming call takes a slot first: at most `per_tenant` per tenant and `total` in all, with
 `total` below the pool's size, so unary calls (GetJob, ListJobs, SubmitJob, the health check)
-always find a thread. A call over a limit gets RESOURCE_EXHAUSTED naming the limit, at once.
+always find a thread. A tenant's own quota (`max_streams` in the configuration file) replaces
+`per_tenant` for it. A call over a limit gets RESOURCE_EXHAUSTED naming the limit, at once.
 
 The tenant is the one the call's token names; calls without a valid token share one slot
 budget (they are refused by the service itself, but reflection asks for no token). The health
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +47,13 @@ class StreamLimits:
 class StreamSlots:
     """The open streams, by tenant: `acquire` a slot before a stream, `release` it after."""
 
-    def __init__(self, limits: StreamLimits):
+    def __init__(self, limits: StreamLimits, tenant_quotas: Mapping[str, int] | None = None,
+                 on_quota_rejection: Callable[[str, str], None] = lambda tenant, quota: None):
+        """`tenant_quotas`: the tenants whose streams quota is not `limits.per_tenant`;
+        `on_quota_rejection(tenant, "max_streams")` is told of each stream refused for one."""
         self.limits = limits
+        self.tenant_quotas = dict(tenant_quotas or {})
+        self.on_quota_rejection = on_quota_rejection
         self._lock = threading.Lock()
         self._held: Counter[str] = Counter()
         self._total = 0
@@ -58,7 +65,14 @@ class StreamSlots:
                 raise ResourceExhausted(
                     f"streams: the server has {self._total} streams open, its limit in total "
                     f"(StreamLimits.total); retry later")
-            if self._held[tenant] >= self.limits.per_tenant:
+            quota = self.tenant_quotas.get(tenant)
+            if quota is not None and self._held[tenant] >= quota:
+                self.on_quota_rejection(tenant, "max_streams")
+                raise ResourceExhausted(
+                    f"max_streams: tenant {tenant!r} has {self._held[tenant]} streams open, its "
+                    f"quota; close one first (WatchJob, GetJobLogs with follow, uploads and "
+                    f"downloads all count)")
+            if quota is None and self._held[tenant] >= self.limits.per_tenant:
                 raise ResourceExhausted(
                     f"streams: tenant {tenant!r} has {self._held[tenant]} streams open, this "
                     f"server's limit per tenant (StreamLimits.per_tenant); close one first "

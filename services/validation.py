@@ -160,14 +160,20 @@ def activation_bytes(job: ResolvedJob) -> tuple[int, int, int]:
     return samples * values * np.dtype(job.dtype).itemsize, samples, values
 
 
-def check_priority(priority: int, max_priority: int, tenant: str) -> None:
-    """InvalidArgument when a tenant asks for a priority above its cap: refused rather than
-    lowered, so that no job runs at a priority its owner did not choose."""
+def check_priority(priority: int, max_priority: int, tenant: str,
+                   min_priority: int | None = None) -> None:
+    """InvalidArgument when a tenant asks for a priority outside its range: refused rather than
+    changed, so that no job runs at a priority its owner did not choose."""
+    if min_priority is not None and not min_priority <= priority <= max_priority:
+        raise InvalidArgument("priority", f"must be from {min_priority} to {max_priority} for "
+                                          f"tenant {tenant!r} on this server, got {priority} "
+                                          f"(the operator sets the range: min_priority and "
+                                          f"max_priority in serve's --config file)")
     if priority > max_priority:
         raise InvalidArgument("priority", f"must be at most {max_priority} for tenant "
                                           f"{tenant!r} on this server, got {priority} (the "
                                           f"operator sets the cap: serve --max-priority, or "
-                                          f"max_priority= in the token file)")
+                                          f"max_priority in --config or the token file)")
 
 
 def check_limits(job: ResolvedJob, limits: Limits) -> None:

@@ -4,7 +4,7 @@ Over a real server and real gRPC channels: a job's shared-memory folder is named
 (the spec's name is the tenant's choice: `evil/../../../x` once put a job's arrays and pipes
 outside /dev/shm); the data folder and every file in it are the server's user's alone (they
 were world-readable); a unix socket's permissions decide who may call; a tenant's priority is
-capped by the server's configuration."""
+bounded by the server's configuration: its priority range and its quotas."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +22,10 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, state_name
+from chainrule.v1 import training_service_pb2 as pb
 from services.auth import TenantSettings, load_tokens
 from services.server import serve
+from services.server_config import load_server_config
 from services.single_instance import AlreadyInUse
 from services.store import Store
 from services.validation import Limits
@@ -208,13 +211,26 @@ ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 CAROL = "carol-token-0123456789"
 
 
+RANGED, KEEPER, WATCHER = ("ranged-token-01234567", "keeper-token-01234567",
+                           "watcher-token-0123456")
+
+
 @pytest.fixture(scope="module")
 def tenant_server(local_ray, tmp_path_factory):
-    tokens = tmp_path_factory.mktemp("config") / "tokens"
-    tokens.write_text(f"alice {ALICE} max_priority=5\nbob {BOB}\n"
-                      f"carol {CAROL} max_running_cpus=1 max_queued_jobs=1 weight=2\n")
-    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), tokens_file=tokens,
-                    limits=Limits(max_priority=1), metrics_port=0)
+    """Tenants of a configuration file (`serve --config`); test_tenancy.py's server reads the
+    older token file."""
+    config = tmp_path_factory.mktemp("config") / "server.yaml"
+    config.write_text(f"tenants:\n"
+                      f"  alice: {{tokens: [{ALICE}], max_priority: 5}}\n"
+                      f"  bob: {{tokens: [{BOB}]}}\n"
+                      f"  carol: {{tokens: [{CAROL}], max_running_cpus: 1, max_queued_jobs: 1,"
+                      f" weight: 2}}\n"
+                      f"  ranged: {{tokens: [{RANGED}], min_priority: 2, max_priority: 5}}\n"
+                      f"  keeper: {{tokens: [{KEEPER}], max_stored_bytes: 1000}}\n"
+                      f"  watcher: {{tokens: [{WATCHER}], max_streams: 1}}\n")
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"),
+                    tenancy=load_server_config(config), limits=Limits(max_priority=1),
+                    metrics_port=0)
     yield running
     running.stop()
 
@@ -281,6 +297,73 @@ def test_over_quota_submits_are_refused_resource_exhausted_naming_the_quota(tena
                 client.cancel(job.id)
             for job in (queued, running):
                 wait_until_done(client, job.id)
+
+
+@pytest.mark.parametrize("priority", [1, 6])
+def test_a_priority_outside_the_tenants_range_is_refused_naming_the_range(tenant_server,
+                                                                          priority):
+    with Client(tenant_server.address, token=RANGED) as client:
+        error = rpc_error(lambda: client.submit(iris_spec(priority=priority)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith(
+            f"priority: must be from 2 to 5 for tenant 'ranged' on this server, got {priority}")
+        inside = client.submit(iris_spec(priority=2))
+        client.cancel(inside.id)
+
+
+def test_a_tenant_at_its_stored_bytes_quota_can_neither_upload_nor_submit(tenant_server,
+                                                                         tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("a" * 1000)  # stored as sent: exactly the quota
+    with Client(tenant_server.address, token=KEEPER) as client:
+        client.upload(text, "corpus")
+        error = rpc_error(lambda: client.upload(text, "again"))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details() == (
+            "max_stored_bytes: tenant keeper keeps 1000 bytes (uploads, checkpoints, models); "
+            "this upload's 1000 bytes more would be over its quota of 1000; delete data sets "
+            "or jobs first")
+        error = rpc_error(lambda: client.submit(iris_spec()))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.details().startswith("max_stored_bytes: tenant keeper keeps 1000 bytes "
+                                          "(uploads, checkpoints, models), at or over its "
+                                          "quota of 1000")
+        client.delete_dataset("corpus")
+        client.cancel(client.submit(iris_spec()).id)  # room again
+    assert scraped_rejections(tenant_server, "keeper", "max_stored_bytes") == 2.0
+
+
+def test_a_stream_over_the_tenants_streams_quota_is_refused_naming_it(tenant_server):
+    release = threading.Event()
+
+    def stalled_chunks():
+        release.wait(60)
+        yield b"x"
+
+    header = pb.DatasetHeader(name="stalled", format="text", size_bytes=1, sha256="0" * 64)
+    with Client(tenant_server.address, token=WATCHER) as client:
+        first = threading.Thread(target=lambda: rpc_error(
+            lambda: client.upload_stream(header, stalled_chunks())))
+        first.start()
+        try:
+            wait_for(lambda: tenant_server.streams.held("watcher") == 1, 30,
+                     what="the first stream to hold its slot")
+            error = rpc_error(lambda: client.upload_stream(header, iter([b"x"])))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details().startswith("max_streams: tenant 'watcher' has 1 streams "
+                                              "open, its quota")
+        finally:
+            release.set()
+            first.join(60)
+    assert scraped_rejections(tenant_server, "watcher", "max_streams") == 1.0
+
+
+def scraped_rejections(server, tenant: str, quota: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    line = f'chainrule_quota_rejections_total{{quota="{quota}",tenant="{tenant}"}} '
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
 
 
 def test_the_token_file_maps_tokens_to_tenants_and_tenants_to_their_caps(tmp_path):
