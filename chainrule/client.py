@@ -299,17 +299,25 @@ class Client:
 
     def upload(self, path: str | Path, name: str, label_column: str | None = None,
                format: str | None = None) -> pb.DatasetInfo:
-        """Upload a file: a data set ("npz", "csv"), a UTF-8 text for language models
-        ("text") or model weights for a spec's model.init_from ("safetensors"). The format
-        comes from the suffix unless given (.txt: text)."""
+        """Upload a file: a data set ("npz", "csv", "parquet"), a UTF-8 text for language
+        models ("text") or model weights for a spec's model.init_from ("safetensors"). The
+        format comes from the suffix unless given (.txt: text). The file is read twice, a chunk
+        at a time (its SHA-256 goes in the header, before the bytes): never whole in memory."""
         path = Path(path)
-        data = path.read_bytes()
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+                digest.update(chunk)
         suffix = path.suffix.lower().lstrip(".")
         format = format or {"txt": "text"}.get(suffix, suffix)
         header = pb.DatasetHeader(name=name, format=format, label_column=label_column or "",
-                                  size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        return self.upload_stream(header, (data[i:i + CHUNK_BYTES]
-                                           for i in range(0, len(data), CHUNK_BYTES)))
+                                  size_bytes=path.stat().st_size, sha256=digest.hexdigest())
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as handle:
+                yield from iter(lambda: handle.read(CHUNK_BYTES), b"")
+
+        return self.upload_stream(header, chunks())
 
     def upload_stream(self, header: pb.DatasetHeader,
                       chunks: Iterable[bytes]) -> pb.DatasetInfo:

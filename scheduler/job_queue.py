@@ -61,6 +61,7 @@ from scheduler.job_lease import Lease, LeaseOwners, LeaseTerms, lease_until
 from scheduler.job_resources import job_bundles, spreads, worker_and_shard_counts
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from scheduler.parquet_dataset import ParquetDataset
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.scheduling_policy import (
@@ -105,7 +106,7 @@ class JobOutcome:
 class JobHost(Protocol):
     """The durable side of a job (implemented by the service's store adapter)."""
 
-    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset]:
+    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset | ParquetDataset]:
         """The job resolved against its data set, and the data set split for it."""
         ...
 

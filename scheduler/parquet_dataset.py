@@ -12,7 +12,8 @@ the one streaming pass that prepares it for training.
   file: each replica reads the row groups its micro-batches fall in (worker/parquet_rows.py).
 
 Only `chainrule train` (this process's own files) reads a local path; the service refuses one
-(services/job_inputs.py).
+and reads its tenants' uploaded Parquet files instead, `parquet:upload:NAME`
+(services/job_inputs.py and services/parquet_upload.py).
 """
 
 from __future__ import annotations
@@ -66,27 +67,31 @@ class ParquetLayout:
                          self.num_classes, (1,) if self.task == REGRESSION else ())
 
 
-def parquet_shape(data: job_pb2.DataSpec, seed: int) -> DataShape:
-    """The shape of the Parquet data set `data` names, split as a job with `seed` splits it:
-    its held-out rows are the set's own validation part (resolve() cuts no other)."""
+def parquet_shape(data: job_pb2.DataSpec, seed: int, location: str | None = None) -> DataShape:
+    """The shape of the Parquet data set `data` names (read from `location` when given, see
+    parquet_layout), split as a job with `seed` splits it: its held-out rows are the set's own
+    validation part (resolve() cuts no other)."""
     return parquet_layout(data.dataset, data.label_column, tuple(data.feature_columns), seed,
-                          data.validation_fraction).shape
+                          data.validation_fraction, location=location).shape
 
 
 def parquet_layout(dataset: str, label_column: str, feature_columns: tuple[str, ...],
                    seed: int, validation_fraction: float, dtype: str = "float32",
-                   shuffle: bool = True) -> ParquetLayout:
-    """The layout of the file `dataset` names, or a SpecError naming the field at fault."""
+                   shuffle: bool = True, location: str | None = None) -> ParquetLayout:
+    """The layout of the file `dataset` names, or a SpecError naming the field at fault.
+    `location`: where the file is read from instead of the path in `dataset` (an upload's
+    stored file, services/parquet_upload.py); the messages name `dataset`'s path."""
     import pyarrow as pa
 
     path = dataset[len(PARQUET_PREFIX):]
     if not path:
         raise SpecError("data.dataset", "parquet: needs a path, as in parquet:data.parquet")
-    remote = "://" in path
-    if not remote and not os.path.isfile(path):
+    location = location or path
+    remote = "://" in location
+    if not remote and not os.path.isfile(location):
         raise SpecError("data.dataset", f"no Parquet file at {path!r}")
     try:
-        parquet_file = open_parquet(path)
+        parquet_file = open_parquet(location)
     except FileNotFoundError as error:
         raise SpecError("data.dataset", f"no Parquet file at {path!r}") from error
     except (pa.ArrowInvalid, OSError) as error:
@@ -128,7 +133,7 @@ def parquet_layout(dataset: str, label_column: str, feature_columns: tuple[str, 
     if validation_fraction > 0 and sum(training) == sum(group_rows):
         raise SpecError("data.validation_fraction",
                         f"holds out none of the {sum(group_rows)} rows of {path!r}")
-    source = ParquetSource(path, tuple(features), label_column, task == REGRESSION, dtype,
+    source = ParquetSource(location, tuple(features), label_column, task == REGRESSION, dtype,
                            None, None, seed, validation_fraction, group_rows, training, shuffle)
     classes = _classes(parquet_file, label_column) if task == CLASSIFICATION else 0
     return ParquetLayout(source, task, classes)
@@ -196,11 +201,12 @@ class ParquetDataset:
         return ParquetRows(self.source)
 
 
-def load_parquet(job: ResolvedJob) -> ParquetDataset:
+def load_parquet(job: ResolvedJob, location: str | None = None) -> ParquetDataset:
     """The job's Parquet data set after one streaming pass: the training rows' feature
-    statistics (when the job standardises) and the validation rows."""
+    statistics (when the job standardises) and the validation rows. `location`: where the
+    file is read from (see parquet_layout)."""
     layout = parquet_layout(job.dataset, job.label_column, job.feature_columns, job.seed,
-                            job.validation_fraction, job.dtype, job.shuffle)
+                            job.validation_fraction, job.dtype, job.shuffle, location)
     raw = layout.source
     parquet_file = open_parquet(raw.path)
     moments = _Moments(len(raw.feature_columns))

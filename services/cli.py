@@ -380,6 +380,10 @@ def _upload(args: argparse.Namespace) -> int:
             summary = f"a text of {info.size_bytes} bytes"
         elif info.format == "safetensors":
             summary = f"weights, {info.size_bytes} bytes"
+        elif info.format == "parquet":
+            summary = (f"{info.samples} rows, {info.feature_shape[0]} numeric columns; a spec "
+                       f"trains on it as data: {{dataset: \"parquet:upload:{info.name}\", "
+                       f"label_column: ...}}")
         else:
             summary = (f"{info.samples} samples, features {tuple(info.feature_shape)}, "
                        f"{info.task}")
@@ -403,7 +407,9 @@ def _dataset_line(d) -> str:
     """An upload: its name, format, and for arrays samples, shape, task and classes; the size
     on disk for every upload (texts and weights have no samples)."""
     line = f"{d.name}  {d.format}"
-    if d.format not in ("text", "safetensors"):
+    if d.format == "parquet":  # a job picks its label and feature columns
+        line += f"  {d.samples} rows  {d.feature_shape[0]} numeric columns"
+    elif d.format not in ("text", "safetensors"):
         line += f"  {d.samples} samples  shape {tuple(d.feature_shape)}  {d.task}"
         if d.task == "classification":
             line += f" ({d.num_classes} classes)"
@@ -748,12 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("delete", "delete an ended job, its checkpoints, model and TensorBoard "
                              "files",
                    _delete).add_argument("job")
-    upload = client_command("upload", "upload a data set (.npz, .csv), a text or weights",
-                            _upload)
+    upload = client_command("upload", "upload a data set (.npz, .csv, .parquet), a text or "
+                                      "weights", _upload)
     upload.add_argument("file")
     upload.add_argument("--name", help="the name specs refer to (default: the file's name "
                                        "without its suffix)")
-    upload.add_argument("--format", choices=("npz", "csv", "text", "safetensors"),
+    upload.add_argument("--format", choices=("npz", "csv", "parquet", "text", "safetensors"),
                         help="default: from the suffix (.txt: text)")
     upload.add_argument("--label-column", help="CSV: the target column")
     datasets = client_command("datasets", "list uploaded and built-in data sets; "

@@ -280,7 +280,7 @@ class ModelServing:
         if manifest.get("input_shape") and manifest.get("input_dtype"):
             return plan_model(spec.model, tuple(manifest["input_shape"]),
                               manifest["input_dtype"])
-        shape = data_shape(self.service.store, tenant, spec.data.dataset)
+        shape = data_shape(self.service.store, tenant, spec)
         if shape is None:
             raise FailedPrecondition(f"job_id: the data set {spec.data.dataset!r} job {job_id} "
                                      f"was trained on was deleted, and its model's manifest "

@@ -6,23 +6,30 @@ from __future__ import annotations
 
 from chainrule.v1 import job_pb2
 from scheduler.datasets import builtin_shape, text_shape
-from scheduler.parquet_dataset import is_parquet
+from scheduler.parquet_dataset import is_parquet, parquet_shape
 from services import uploads
 from services.errors import InvalidArgument
-from services.store import Store
+from services.parquet_upload import PARQUET_UPLOAD_PREFIX, parquet_upload_name
+from services.store import DatasetRecord, Store
 from services.validation import upload_name
 from worker.initial_weights import WeightsShape, weights_reference
 from worker.resolved_job import DataShape
 from worker.spec_error import SpecError
 
 
-def data_shape(store: Store, tenant: str, dataset: str) -> DataShape | None:
-    """The shape of the data set a spec names: a built-in one's, or the tenant's upload's from
-    the store's row. None when there is no such data set (validation names the field)."""
+def data_shape(store: Store, tenant: str, spec: job_pb2.JobSpec) -> DataShape | None:
+    """The shape of the data set a spec names: a built-in one's, the tenant's upload's from
+    the store's row, or an uploaded Parquet file's for the spec's columns and split (from the
+    file's footer). None when there is no such data set (validation names the field)."""
+    dataset = spec.data.dataset
     if is_parquet(dataset):
-        raise InvalidArgument("data.dataset", "the service reads uploaded data sets only: "
-                                              "train a Parquet file or object with chainrule "
-                                              "train")
+        record = parquet_upload(store, tenant, dataset)
+        if record is None:
+            return None
+        try:
+            return parquet_shape(spec.data, spec.seed, location=record.path)
+        except SpecError as error:
+            raise InvalidArgument(error.field_path, error.message) from error
     name = upload_name(dataset)
     if name is None:
         return builtin_shape(dataset) if dataset else None
@@ -32,6 +39,10 @@ def data_shape(store: Store, tenant: str, dataset: str) -> DataShape | None:
     if record.format == "safetensors":
         raise InvalidArgument("data.dataset", f"{name!r} is a safetensors upload: weights "
                                               f"for model.init_from, not a data set")
+    if record.format == "parquet":
+        raise InvalidArgument("data.dataset", f"{name!r} is a Parquet upload: name it as "
+                                              f"\"{PARQUET_UPLOAD_PREFIX}{name}\", with "
+                                              f"data.label_column")
     if record.format == "text":  # a text's samples are its bytes (resolve cuts windows)
         return text_shape(record.size_bytes)
     target_shape = record.target_shape
@@ -40,6 +51,24 @@ def data_shape(store: Store, tenant: str, dataset: str) -> DataShape | None:
                         else uploads.stored_target_shape(record.path))
     return DataShape(record.samples, record.validation_samples, record.feature_shape,
                      record.integer_features, record.task, record.num_classes, target_shape)
+
+
+def parquet_upload(store: Store, tenant: str, dataset: str) -> DatasetRecord | None:
+    """The tenant's Parquet upload a `parquet:upload:NAME` data set names (None: no upload of
+    that name); InvalidArgument for any other `parquet:` location, which the service does not
+    read (a local path is the server's file, and object storage its credentials), or for an
+    upload of another format."""
+    name = parquet_upload_name(dataset)
+    if name is None:
+        raise InvalidArgument("data.dataset", f"the service reads uploaded Parquet files only "
+                                              f"(upload it, then name it as "
+                                              f"\"{PARQUET_UPLOAD_PREFIX}NAME\"), or train "
+                                              f"{dataset!r} with chainrule train")
+    record = store.get_dataset(tenant, name)
+    if record is not None and record.format != "parquet":
+        raise InvalidArgument("data.dataset", f"{name!r} is a {record.format} upload, not a "
+                                              f"Parquet file: name it as \"upload:{name}\"")
+    return record
 
 
 def weights_shape(store: Store, tenant: str, spec: job_pb2.JobSpec) -> WeightsShape | None:

@@ -19,12 +19,13 @@ from scheduler.job_lease import Lease
 from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
 from scheduler.job_runner import TrainingResult
 from scheduler.job_states import QUEUED, RUNNING, SUCCEEDED
+from scheduler.parquet_dataset import ParquetDataset, is_parquet, load_parquet, parquet_shape
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import JobStorage
 from scheduler.training import prepare_dataset, save_trained_weights
 from services import uploads
 from services.events import EventHub, JobEvent
-from services.job_inputs import weights_shape
+from services.job_inputs import parquet_upload, weights_shape
 from services.store import ProgressSummary, Store, ValidationSummary
 from services.validation import upload_name
 from worker.resolved_job import ResolvedJob, resolve
@@ -78,9 +79,19 @@ class JobLifecycle:
         queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in jobs)
         return len(jobs)
 
-    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset]:
+    def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset | ParquetDataset]:
         """The job resolved against its data set (validated at submit, so a spec error here
-        is a bug), and the data set loaded, split and standardised for it."""
+        is a bug), and the data set loaded, split and standardised for it (a Parquet upload:
+        prepared in one streaming pass, its training rows left in the stored file)."""
+        if is_parquet(job.spec.data.dataset):
+            record = parquet_upload(self.store, job.tenant, job.spec.data.dataset)
+            if record is None:
+                raise FileNotFoundError(f"data set {job.spec.data.dataset!r} was deleted")
+            resolved = resolve(job.spec, parquet_shape(job.spec.data, job.spec.seed,
+                                                       location=record.path),
+                               weights=weights_shape(self.store, job.tenant, job.spec))
+            self._note_epochs(job.job_id, resolved.epochs)
+            return resolved, load_parquet(resolved, location=record.path)
         name = upload_name(job.spec.data.dataset)
         loaded, text = None, None
         shape = builtin_shape(job.spec.data.dataset) if name is None else None
@@ -98,9 +109,12 @@ class JobLifecycle:
         if text is not None:
             loaded = from_text(text.read_bytes(), resolved.context_length,
                                resolved.validation_fraction, name=name or "")
-        with self._lock:  # progress says "epoch e of E"
-            self._live.setdefault(job.job_id, _LiveJob(time.monotonic())).epochs = resolved.epochs
+        self._note_epochs(job.job_id, resolved.epochs)
         return resolved, prepare_dataset(resolved, loaded)
+
+    def _note_epochs(self, job_id: str, epochs: int) -> None:
+        with self._lock:  # progress says "epoch e of E"
+            self._live.setdefault(job_id, _LiveJob(time.monotonic())).epochs = epochs
 
     def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         """The newest intact checkpoint. A corrupt one is set aside and named in the job's

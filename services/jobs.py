@@ -44,6 +44,7 @@ from services.errors import (
 )
 from services.events import EventHub, JobEvent
 from services.job_inputs import data_shape, initialises_from, weights_shape
+from services.parquet_upload import PARQUET_UPLOAD_PREFIX
 from services.store import (
     DatasetRecord,
     JobRecord,
@@ -118,7 +119,7 @@ class JobService:
     def submit(self, tenant: str, spec: job_pb2.JobSpec, request_id: str = "") -> JobRecord:
         if len(request_id) > 128:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
-        validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
+        validate_spec(spec, data_shape(self.store, tenant, spec), self.limits,
                       weights_shape(self.store, tenant, spec))
         self._check_priority(tenant, spec.priority)
         self._check_fits(tenant, spec)
@@ -183,7 +184,7 @@ class JobService:
         spec = job_pb2.JobSpec()
         spec.CopyFrom(job.spec)
         spec.data.epochs += epochs
-        validate_spec(spec, data_shape(self.store, tenant, spec.data.dataset), self.limits,
+        validate_spec(spec, data_shape(self.store, tenant, spec), self.limits,
                       weights_shape(self.store, tenant, spec))
         self._check_priority(tenant, spec.priority)  # the range may be new
         self._check_fits(tenant, spec)
@@ -318,7 +319,8 @@ class JobService:
     def delete_dataset(self, tenant: str, name: str) -> None:
         if self.store.get_dataset(tenant, name) is None:
             raise NotFound(f"name: no uploaded data set {name!r}")
-        users = self.store.active_jobs_using(tenant, [name, f"upload:{name}"])
+        users = self.store.active_jobs_using(tenant, [name, f"upload:{name}",
+                                                      f"{PARQUET_UPLOAD_PREFIX}{name}"])
         users += [job.id for job in self.store.jobs_in_states([QUEUED, RUNNING])
                   if job.tenant == tenant and initialises_from(job.spec, name)]
         if users:

@@ -1,5 +1,6 @@
 """Uploaded data sets and weights: receive a stream of chunks, check it, and keep it: arrays as
-a validated .npz, a text or a safetensors weights file as it was sent, once checked.
+a validated .npz, a text, a Parquet file or a safetensors weights file as it was sent, once
+checked.
 
 The bytes go to a temporary file while their size and SHA-256 are counted; only a complete
 stream with the announced size and hash is checked, only a file that forms a valid data set
@@ -17,6 +18,8 @@ What an upload may cost is bounded before it is paid (`UploadLimits`):
   their targets, fit the memory a data set may take;
 - a safetensors file is parsed by safetensors' own header parser (offsets cover the file
   exactly), every tensor's dtype must be one NumPy holds, its floats finite;
+- a Parquet file is read a row group at a time, its declared sizes bounded first
+  (services/parquet_upload.py), and kept as sent: workers read its row groups from it;
 - what the store needs later (shapes, task, class count, a text's length, a weights file's
   tensor names and shapes) is computed on the way and kept in its row, so submitting a job
   never reads the file again.
@@ -48,6 +51,7 @@ from scheduler.datasets import CLASSIFICATION, NEXT_TOKEN, REGRESSION, Dataset, 
 from scheduler.storage import SAFETENSORS_DTYPES, iter_tensors, safetensors_header
 from services.errors import InvalidArgument
 from services.npz_archive import EntryError, NpyEntry, NpzWriter, iter_values, read_entries
+from services.parquet_upload import check_parquet
 from services.store import DatasetRecord
 from services.upload_limits import (  # services/jobs.py reads both from here
     DEFAULT_MAX_UPLOAD_BYTES as DEFAULT_MAX_UPLOAD_BYTES,
@@ -57,9 +61,10 @@ from services.upload_limits import UploadLimits
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader  # what csv.reader() returns: rows and line_num
 
-FORMATS = ("npz", "csv", "text", "safetensors")
+FORMATS = ("npz", "csv", "text", "safetensors", "parquet")
 # Where an accepted upload is kept, by format: arrays (npz, csv) as .npz, the others as sent.
-STORED_SUFFIXES = {"npz": ".npz", "csv": ".npz", "text": ".txt", "safetensors": ".safetensors"}
+STORED_SUFFIXES = {"npz": ".npz", "csv": ".npz", "text": ".txt", "safetensors": ".safetensors",
+                   "parquet": ".parquet"}
 # A text trains as windows of int64 tokens and their int64 targets: 16 bytes per text byte.
 TEXT_TRAINING_BYTES = 2 * 8
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
@@ -162,7 +167,8 @@ def store_upload(header: UploadHeader, received: Path, destination: Path,
     left at `destination` then."""
     checks = {"npz": lambda: _check_npz(received, header.size_bytes, limits),
               "text": lambda: _check_text(received, header.size_bytes, limits),
-              "safetensors": lambda: _check_safetensors(received, limits)}
+              "safetensors": lambda: _check_safetensors(received, limits),
+              "parquet": lambda: _check_parquet(received, header.size_bytes, limits)}
     if header.format in checks:
         summary = checks[header.format]()
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +213,16 @@ def to_dataset(arrays: dict[str, np.ndarray], name: str = "") -> Dataset:
     except ValueError as error:
         field = next((key for key in NPZ_ARRAYS if str(error).startswith(key)), "x")
         raise InvalidArgument(field, str(error)) from error
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+
+def _check_parquet(path: Path, size_bytes: int, limits: UploadLimits) -> DataSummary:
+    """A Parquet file's rows and numeric columns: its task and features are each job's choice
+    of columns (data.label_column, data.feature_columns), resolved when a job names it."""
+    rows, numeric_columns = check_parquet(path, size_bytes, limits)
+    return DataSummary(rows, 0, (numeric_columns,), False, "", 0, ())
 
 
 # --- text ----------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ def test_the_streaming_pass_fits_the_training_rows_statistics_and_keeps_the_vali
 
 def test_the_service_reads_no_local_parquet_file():
     with pytest.raises(InvalidArgument) as refused:
-        data_shape(None, "tenant", "parquet:/etc/hosts")  # type: ignore[arg-type]
+        data_shape(None, "tenant",  # type: ignore[arg-type]
+                   load_job_spec('data: {dataset: "parquet:/etc/hosts", epochs: 1}'))
     assert refused.value.field_path == "data.dataset"
     assert "chainrule train" in str(refused.value)
