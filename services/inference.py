@@ -169,6 +169,8 @@ class ModelServing:
             if len(x) > MAX_PREDICT_ROWS:
                 raise InvalidArgument("file.data", f"1 to {MAX_PREDICT_ROWS} rows per request, "
                                                    f"got {len(x)}")
+            if file.format == "csv":
+                x = _samples_of_flat_rows(x, loaded)
             _check_features(x, loaded, "file")
         else:
             x = self._dataset_arrays(tenant, dataset, "dataset")[0]
@@ -365,6 +367,16 @@ def _rows(values: list[float], shape: list[int], loaded: LoadedModel, field: str
                                                  f"{math.prod(shape)} values, got {len(values)}")
     x = np.asarray(values, dtype=np.float64).reshape(tuple(shape))
     _check_features(x, loaded, field)
+    return x
+
+
+def _samples_of_flat_rows(x: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """A CSV row is flat: for a model whose samples have several axes (an image's channel,
+    row and column), it holds one sample's values in C order, as numpy's reshape reads them
+    (sklearn's 8x8 digits are such rows)."""
+    if x.ndim == 2 and len(loaded.feature_shape) > 1 \
+            and x.shape[1] == math.prod(loaded.feature_shape):
+        return x.reshape(len(x), *loaded.feature_shape)
     return x
 
 

@@ -10,7 +10,7 @@ import json
 import grpc
 import numpy as np
 import pytest
-from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris
 
 from chainrule.client import state_name
 from chainrule.spec_file import job_spec_from_dict
@@ -182,6 +182,29 @@ def test_predict_takes_a_csv_or_npz_file_in_the_request_as_it_takes_rows(
     from_npz = client.predict_file(job_id, many)
     np.testing.assert_array_equal(from_npz.probabilities,
                                   np.tile(expected.probabilities, (30, 1)))
+
+
+def test_a_csv_row_is_an_image_models_sample_flattened(client, tmp_path):
+    spec = job_spec_from_dict({
+        "name": "tiny cnn",
+        "model": {"layers": [{"conv2d": {"out_channels": 2, "kernel_size": 3}}, {"relu": {}},
+                             {"flatten": {}}, {"linear": {"out_features": 10}}]},
+        "loss": "cross_entropy", "optimizer": {"adam": {"lr": 0.01}},
+        "data": {"dataset": "sklearn:digits_images", "batch_size": 256, "epochs": 1},
+        "resources": {"workers": 1, "parameter_servers": 1}, "seed": 0})
+    job_id = _trained(client, spec)
+    images = load_digits().data[:20]
+    expected = client.predict(job_id, images.reshape(20, 1, 8, 8))
+    rows = tmp_path / "digits.csv"
+    np.savetxt(rows, images, delimiter=",", header=",".join(f"p{i}" for i in range(64)),
+               comments="")
+    from_csv = client.predict_file(job_id, rows)
+    np.testing.assert_array_equal(from_csv.probabilities, expected.probabilities)
+    np.savetxt(rows, images[:, :60], delimiter=",", header=",".join(f"p{i}" for i in range(60)),
+               comments="")
+    error = rpc_error(lambda: client.predict_file(job_id, rows))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("file.shape: this model takes samples of shape [1, 8, 8]")
 
 
 def _file_request(job_id, data, fmt="csv", label_column=""):
