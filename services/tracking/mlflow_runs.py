@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -47,6 +45,7 @@ from scheduler.job_states import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import manifest_path
 from services.store import JobRecord
+from services.tracking.record_writer import Record, RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,6 @@ PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARACTERS = 6000
 MLFLOW_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", CANCELLED: "KILLED"}
 TRACKING_URI_FLAG = "--mlflow-tracking-uri"
-
-_STOP = object()
 
 
 class MlflowMissing(ValueError):
@@ -119,9 +116,7 @@ class MlflowRuns:
         self.job_record = job_record
         self.artifact_location = artifact_location
         self.metric_interval_seconds = metric_interval_seconds
-        self.dropped = 0  # records not sent: the queue was full
         self.failed_calls = 0  # MLflow calls that raised (their records dropped)
-        self._records: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
         # Per running job, touched by its own thread only: when a step was last sent, the
         # latest step (sent at the end if the throttle held it back), the recoveries so far.
         self._last_sent: dict[str, float] = {}
@@ -130,23 +125,27 @@ class MlflowRuns:
         # The MLflow thread's own.
         self._run_ids: dict[str, str] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._thread = threading.Thread(target=self._send_records, name="mlflow-runs",
-                                        daemon=True)
-        self._thread.start()
+        self._writer = RecordWriter("MLflow", self._send, limit=queue_limit,
+                                    on_error=self._count_failure)
+
+    @property
+    def dropped(self) -> int:
+        """Records not sent: the queue was full (MLflow too slow or hung)."""
+        return self._writer.dropped
 
     # --- the queue's observer: throttle and enqueue, never wait -------------------------------
 
     def job_state_changed(self, job_id: str, state: str) -> None:
         if state == RUNNING:
-            self._put(("start", job_id, None))
+            self._writer.put("start", job_id, None)
             return
         latest = self._latest.pop(job_id, None)
         if latest is not None:  # the run's last step, which the throttle held back
-            self._put(("step", job_id, latest))
+            self._writer.put("step", job_id, latest)
         self._last_sent.pop(job_id, None)
         if state in MLFLOW_STATUS:  # ended (QUEUED: stopped by a shutdown, resumed later)
             self._recoveries.pop(job_id, None)
-            self._put(("end", job_id, state))
+            self._writer.put("end", job_id, state)
 
     def job_step(self, job_id: str, record: StepRecord) -> None:
         now = time.monotonic()
@@ -155,60 +154,34 @@ class MlflowRuns:
                 or record.step == record.total_steps):
             self._last_sent[job_id] = now
             self._latest.pop(job_id, None)
-            self._put(("step", job_id, record))
+            self._writer.put("step", job_id, record)
         else:
             self._latest[job_id] = record
 
     def job_evaluation(self, job_id: str, record: EvaluationRecord) -> None:
-        self._put(("evaluation", job_id, record))
+        self._writer.put("evaluation", job_id, record)
 
     def job_recovery(self, job_id: str, record: RecoveryRecord) -> None:
         count = self._recoveries[job_id] = self._recoveries.get(job_id, 0) + 1
-        self._put(("recovery", job_id, (record.step, count)))
-
-    def _put(self, item: tuple[str, str, Any]) -> None:
-        try:
-            self._records.put_nowait(item)
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("MLflow: %d records wait to be sent (is the tracking server "
-                            "down?); dropping new ones until it catches up",
-                            self._records.maxsize)
+        self._writer.put("recovery", job_id, (record.step, count))
 
     def close(self, timeout: float = 10.0) -> bool:
         """Send what is queued, then end the thread; False when MLflow did not take it all
         within `timeout` (the rest is dropped: a hung tracking server must not hold the
         server's stop)."""
-        deadline = time.monotonic() + timeout
-        try:
-            self._records.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.warning("MLflow: records still queued after %g s are dropped", timeout)
-            return False
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            log.warning("MLflow: records still queued after %g s are dropped", timeout)
-            return False
-        return True
+        return self._writer.close(timeout)
 
     # --- the MLflow thread --------------------------------------------------------------------
 
-    def _send_records(self) -> None:
-        while True:
-            item = self._records.get()
-            if item is _STOP:
-                return
-            kind, job_id, payload = item
-            try:
-                self._send(kind, job_id, payload)
-            except Exception as error:  # an outage, a refused value: never the job's problem
-                self.failed_calls += 1
-                if (job_id, kind) not in self._warned:
-                    self._warned.add((job_id, kind))
-                    log.warning("MLflow: a %s of job %s was not recorded (%s: %s); further "
-                                "failures of this kind for the job are only counted", kind,
-                                job_id, type(error).__name__, error)
+    def _count_failure(self, record: Record, error: Exception) -> None:
+        # An outage, a refused value: never the job's problem.
+        kind, job_id, _ = record
+        self.failed_calls += 1
+        if (job_id, kind) not in self._warned:
+            self._warned.add((job_id, kind))
+            log.warning("MLflow: a %s of job %s was not recorded (%s: %s); further failures "
+                        "of this kind for the job are only counted", kind, job_id,
+                        type(error).__name__, error)
 
     def _send(self, kind: str, job_id: str, payload: Any) -> None:
         if kind == "start":

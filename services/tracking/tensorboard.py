@@ -17,10 +17,10 @@ interrupted run wrote past the checkpoint, which the resumed run replays.
 
 Writing is off the job's thread. tensorboardX's SummaryWriter takes about 65 us per scalar, so
 four per step would cost a millisecond-step job several percent; the observer methods only put
-the record on a bounded queue, and one thread writes every job's files, with tensorboardX's
-own summary and event-file writers (synchronous: after `flush` a reader sees it all). A
-writer that falls `queue_limit` records behind drops new ones (counted in `dropped`, logged
-once) rather than ever making a step wait.
+the record on a bounded queue (services/tracking/record_writer.py), and one thread writes
+every job's files, with tensorboardX's own summary and event-file writers (synchronous: after
+`flush` a reader sees it all). A writer that falls `queue_limit` records behind drops new ones
+(counted in `dropped`, logged once) rather than ever making a step wait.
 
 The files are tenant-private like the job's other files: 0600, in 0700 folders. `chainrule
 delete` deletes them with the job; `tensorboard_archive` streams them to their tenant only.
@@ -31,12 +31,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +48,13 @@ from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.storage import JobStorage, make_private_folders
 from services.errors import FailedPrecondition
 from services.jobs import JobService
+from services.tracking.record_writer import Record, RecordWriter
 
 log = logging.getLogger(__name__)
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
 
-@dataclass(frozen=True)
-class _Flush:
-    """Marker on the queue: everything before it is written and flushed when `done` is set."""
-
-    done: threading.Event
-
-
-_STOP = object()
 # Equal-width bins over the norms' range (numpy's "auto" rule costs ten times as much).
 HISTOGRAM_BINS = 30
 
@@ -78,77 +68,51 @@ class TensorBoardFiles:
             raise ValueError(f"histogram_every must be at least 1, got {histogram_every}")
         self.storage = storage
         self.histogram_every = histogram_every
-        self.dropped = 0  # records not written because the writer thread fell behind
-        self._records: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
         self._runs: dict[str, _EventFile] = {}  # open files; the writer thread's alone
-        self._thread = threading.Thread(target=self._write_records, name="tensorboard-files",
-                                        daemon=True)
-        self._thread.start()
+        self._writer = RecordWriter("TensorBoard files", self._write, limit=queue_limit,
+                                    on_error=_log_failure, on_flush=self._flush_runs,
+                                    on_stop=self._close_runs)
+
+    @property
+    def dropped(self) -> int:
+        """Records not written because the writer thread fell behind."""
+        return self._writer.dropped
 
     # --- the queue's observer: enqueue only, never wait ---------------------------------------
 
     def job_state_changed(self, job_id: str, state: str) -> None:
         if state == QUEUED or state in TERMINAL_STATES:  # this run is over: close its file
-            self._put(("end", job_id, state))
+            self._writer.put("end", job_id, state)
 
     def job_step(self, job_id: str, record: StepRecord) -> None:
-        self._put(("step", job_id, record))
+        self._writer.put("step", job_id, record)
 
     def job_evaluation(self, job_id: str, record: EvaluationRecord) -> None:
-        self._put(("evaluation", job_id, record))
+        self._writer.put("evaluation", job_id, record)
 
     def job_recovery(self, job_id: str, record: RecoveryRecord) -> None:
-        self._put(("recovery", job_id, record))
-
-    def _put(self, item: tuple[str, str, Any]) -> None:
-        try:
-            self._records.put_nowait(item)
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("TensorBoard files: the writer is %d records behind; dropping new "
-                            "ones until it catches up", self._records.maxsize)
+        self._writer.put("recovery", job_id, record)
 
     # --- waiting for the writer (tests, shutdown) ---------------------------------------------
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every record put so far is written and on disk; False on timeout."""
-        flushed = _Flush(threading.Event())
-        try:
-            self._records.put(flushed, timeout=timeout)
-        except queue.Full:
-            return False
-        return flushed.done.wait(timeout)
+        return self._writer.flush(timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, close every open file and end the writer thread."""
-        try:
-            self._records.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.warning("TensorBoard files: the writer did not catch up within %g s; records "
-                        "still queued are lost", timeout)
-            return
-        self._thread.join(timeout)
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what is queued, close every open file and end the writer thread; False when
+        that took longer than `timeout` (what was still queued is lost)."""
+        return self._writer.close(timeout)
 
     # --- the writer thread --------------------------------------------------------------------
 
-    def _write_records(self) -> None:
-        while True:
-            item = self._records.get()
-            if item is _STOP:
-                for job_id in list(self._runs):
-                    self._close(job_id)
-                return
-            if isinstance(item, _Flush):
-                for run in self._runs.values():
-                    run.flush()
-                item.done.set()
-                continue
-            kind, job_id, payload = item
-            try:
-                self._write(kind, job_id, payload)
-            except Exception:  # a full disk, say: the job goes on without its TensorBoard file
-                log.exception("TensorBoard files: writing a %s of job %s failed", kind, job_id)
+    def _flush_runs(self) -> None:
+        for run in self._runs.values():
+            run.flush()
+
+    def _close_runs(self) -> None:
+        for job_id in list(self._runs):
+            self._close(job_id)
 
     def _write(self, kind: str, job_id: str, payload: Any) -> None:
         if kind == "end":
@@ -197,6 +161,13 @@ class TensorBoardFiles:
         run = self._runs.pop(job_id, None)
         if run is not None:
             run.close()
+
+
+def _log_failure(record: Record, error: Exception) -> None:
+    # A full disk, say: the job goes on without its TensorBoard file.
+    kind, job_id, _ = record
+    log.error("TensorBoard files: writing a %s of job %s failed", kind, job_id,
+              exc_info=error)
 
 
 class _EventFile:
