@@ -22,7 +22,9 @@ What an upload may cost is bounded before it is paid (`UploadLimits`):
   (services/parquet_upload.py), and kept as sent: workers read its row groups from it;
 - what the store needs later (shapes, task, class count, a text's length, a weights file's
   tensor names and shapes) is computed on the way and kept in its row, so submitting a job
-  never reads the file again.
+  never reads the file again. The exception is Parquet: a job picks its label and feature
+  columns, so submitting reads the file's footer (and, for a label column whose row groups
+  carry no statistics, that column a row group at a time: scheduler/parquet_dataset.py).
 
 No pickle, ever: object arrays are refused from their header, and stored files are read with
 `allow_pickle=False`.
