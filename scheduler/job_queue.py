@@ -65,6 +65,7 @@ from scheduler.parquet_dataset import ParquetDataset
 from scheduler.placement import PARAMETER_SERVER_CPUS
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.scheduling_policy import (
+    Bundle,
     JobDemand,
     Node,
     RunningJob,
@@ -276,8 +277,9 @@ class JobQueue:
         if reason is None:
             return None
         workers, shards = worker_and_shard_counts(job.spec.resources)
-        return (f"{workers} worker(s) x {demand.bundles[0].cpus:g} CPUs and {shards} "
-                f"shard(s) x {PARAMETER_SERVER_CPUS:g}: {reason}")
+        worker, shard = demand.bundles[0], demand.bundles[-1]
+        return (f"{workers} worker(s) x {worker.cpus:g} CPUs{_memory(worker)} and {shards} "
+                f"shard(s) x {PARAMETER_SERVER_CPUS:g}{_memory(shard)}: {reason}")
 
     def demanded_cpus(self, job: QueuedJob) -> float:
         """All the CPUs the job's actors reserve while it runs."""
@@ -518,6 +520,7 @@ class JobQueue:
                 on_checkpoint=lambda checkpoint: self._save_checkpoint(running, checkpoint),
                 resume_from=resume_from,
                 cpus_per_worker=running.record.demand.bundles[0].cpus,
+                nodes=running.record.placement,  # each bundle on the node the policy chose
                 placement_timeout_seconds=self.placement_timeout_seconds,
                 job_id=job_id,
             )
@@ -708,3 +711,8 @@ class _RunningJob:
         return (self.cancelled.is_set() or self.interrupted.is_set()
                 or self.preempted.is_set() or self.timed_out.is_set()
                 or self.abandoned.is_set())
+
+
+def _memory(bundle: Bundle) -> str:
+    """A bundle's memory as the never-fits message adds it to its CPUs ("" when none)."""
+    return f" and {bundle.memory_bytes} bytes of memory" if bundle.memory_bytes else ""

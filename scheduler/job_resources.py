@@ -1,6 +1,7 @@
-"""What a job asks the cluster for: one bundle per worker (its CPUs) and one per parameter-server
-shard (a token CPU), as its spec's `resources` say. The queue places these bundles (the
-scheduling policy) and the runner reserves the same ones in a Ray placement group.
+"""What a job asks the cluster for: one bundle per worker (its CPUs and memory) and one per
+parameter-server shard (a token CPU and its memory), as its spec's `resources` say. The queue
+places these bundles (the scheduling policy) and the runner reserves the same ones in a Ray
+placement group, on the nodes the policy chose.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def cpus_per_worker(resources: job_pb2.ResourceSpec, cluster_cpus: float) -> flo
 def job_bundles(resources: job_pb2.ResourceSpec, cluster_cpus: float) -> tuple[Bundle, ...]:
     """The job's actors' bundles, workers first then shards (the runner's bundle order)."""
     workers, shards = worker_and_shard_counts(resources)
-    worker = Bundle(cpus_per_worker(resources, cluster_cpus))
-    return (worker,) * workers + (Bundle(PARAMETER_SERVER_CPUS),) * shards
+    worker = Bundle(cpus_per_worker(resources, cluster_cpus), resources.memory_bytes_per_worker)
+    shard = Bundle(PARAMETER_SERVER_CPUS, resources.memory_bytes_per_shard)
+    return (worker,) * workers + (shard,) * shards
 
 
 def spreads(resources: job_pb2.ResourceSpec) -> bool:

@@ -36,7 +36,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +147,7 @@ class JobRunner:
         on_checkpoint: Callable[[Checkpoint], None] | None = None,
         resume_from: Checkpoint | None = None,
         cpus_per_worker: float | None = None,
+        nodes: Sequence[str] | None = None,
         placement_timeout_seconds: float = 60.0,
         transport: str = "auto",
         failure_policy: FailurePolicy | None = None,
@@ -154,8 +155,9 @@ class JobRunner:
     ):
         """Train `job` on `dataset`, which must be its data set as prepared for it
         (scheduler.training.prepare_dataset). `cpus_per_worker` overrides the job's (the service
-        divides the cluster between concurrent jobs); `placement_timeout_seconds` bounds the
-        wait for room on the cluster; `transport` is "shared_memory", "object_store", or
+        divides the cluster between concurrent jobs); `nodes`: the node of each actor, workers
+        first (the scheduling policy's choice; None: Ray's); `placement_timeout_seconds` bounds
+        the wait for room on the cluster; `transport` is "shared_memory", "object_store", or
         "auto": shared memory when every node of the cluster is on the runner's host.
         `failure_policy` decides what a failure costs (default: FailurePolicy()). `job_id`
         (the service's) names the job's shared-memory folder; never the spec's name, which a
@@ -170,6 +172,7 @@ class JobRunner:
         self.job_id = job_id
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
                                 else job.cpus_per_worker)
+        self.nodes = None if nodes is None else tuple(nodes)
         self.placement_timeout_seconds = placement_timeout_seconds
         self.job, self.dataset = job, dataset
         self.on_checkpoint = on_checkpoint
@@ -275,7 +278,9 @@ class JobRunner:
                 self.shared.check_room(self._step_array_sizes().arrays())
             group = self.worker_group = WorkerGroup(
                 reserve(settings.workers, settings.shards, self.cpus_per_worker,
-                        self.job.placement_strategy, self.placement_timeout_seconds),
+                        self.job.placement_strategy, self.placement_timeout_seconds,
+                        worker_memory_bytes=self.job.memory_bytes_per_worker,
+                        shard_memory_bytes=self.job.memory_bytes_per_shard, nodes=self.nodes),
                 timeout_seconds=settings.step_timeout_seconds)
             self._start_actors(replica_setup, parameters, shared_memory)
             transport = self.transport

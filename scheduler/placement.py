@@ -1,13 +1,17 @@
 """Where a job's actors go: one placement group reserving a bundle per worker and per shard.
 
 Workers get the CPUs (their forward/backward is the work); a parameter-server shard works only
-while the workers wait for it, so it reserves a token fraction of a CPU. With several nodes the
-bundles are spread across them, else packed on the one node.
+while the workers wait for it, so it reserves a token fraction of a CPU. Each bundle may also
+reserve memory (Ray's `memory` resource). The service's queue names the node of every bundle
+(the scheduling policy's choice): each bundle is pinned there with a label selector on Ray's
+node-id label, so what the policy counts as taken is what Ray reserves. Without nodes (a run
+outside the service), the bundles are spread across several nodes, else packed on the one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ray
@@ -17,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from scheduler.ray_cluster import alive_nodes, cluster_cpus
 
 PARAMETER_SERVER_CPUS = 0.01
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node's label with its own id (Ray 2.49 and later)
 
 
 class PlacementError(RuntimeError):
@@ -30,16 +35,19 @@ class Placement:
     shards: int
     worker_cpus: float
     strategy: str
+    worker_memory_bytes: int = 0
+    shard_memory_bytes: int = 0
 
     @property
     def blas_threads(self) -> int:
         return max(1, math.floor(self.worker_cpus + 1e-9))
 
     def worker_options(self, index: int) -> dict:
-        return {"num_cpus": self.worker_cpus, "scheduling_strategy": self._bundle(index)}
+        return {"num_cpus": self.worker_cpus, **_memory(self.worker_memory_bytes),
+                "scheduling_strategy": self._bundle(index)}
 
     def shard_options(self, index: int) -> dict:
-        return {"num_cpus": PARAMETER_SERVER_CPUS,
+        return {"num_cpus": PARAMETER_SERVER_CPUS, **_memory(self.shard_memory_bytes),
                 "scheduling_strategy": self._bundle(self.workers + index)}
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
@@ -52,11 +60,13 @@ class Placement:
 
 
 def reserve(workers: int, shards: int, cpus_per_worker: float = 0.0, strategy: str = "",
-            timeout_seconds: float = 30.0) -> Placement:
+            timeout_seconds: float = 30.0, *, worker_memory_bytes: int = 0,
+            shard_memory_bytes: int = 0, nodes: Sequence[str] | None = None) -> Placement:
     """Reserve bundles for `workers` workers and `shards` shards, or raise PlacementError.
 
     cpus_per_worker 0 shares the cluster's CPUs evenly among the workers (at most 1 each).
-    strategy "" picks SPREAD on a multi-node cluster and PACK on one node.
+    strategy "" picks SPREAD on a multi-node cluster and PACK on one node. `nodes`: the node
+    id of each bundle, workers first, each bundle pinned to its node.
     """
     total = cluster_cpus()
     if cpus_per_worker <= 0:
@@ -70,15 +80,29 @@ def reserve(workers: int, shards: int, cpus_per_worker: float = 0.0, strategy: s
         )
     if not strategy:
         strategy = "SPREAD" if len(alive_nodes()) > 1 else "PACK"
-    bundles = ([{"CPU": cpus_per_worker}] * workers
-               + [{"CPU": PARAMETER_SERVER_CPUS}] * shards)
-    group = placement_group(bundles, strategy=strategy)
+    bundles = ([_bundle(cpus_per_worker, worker_memory_bytes)] * workers
+               + [_bundle(PARAMETER_SERVER_CPUS, shard_memory_bytes)] * shards)
+    if nodes is not None and len(nodes) != len(bundles):
+        raise ValueError(f"{len(nodes)} nodes for {len(bundles)} bundles")
+    selectors = None if nodes is None else [{NODE_ID_LABEL: node} for node in nodes]
+    group = placement_group(bundles, strategy=strategy, bundle_label_selector=selectors)
     try:
         ray.get(group.ready(), timeout=timeout_seconds)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
+        where = f" on nodes {', '.join(sorted(set(nodes)))}" if nodes is not None else ""
         raise PlacementError(
-            f"no room for {workers} workers and {shards} shards ({strategy}) within "
+            f"no room for {workers} workers and {shards} shards ({strategy}){where} within "
             f"{timeout_seconds:g} s"
         ) from None
-    return Placement(group, workers, shards, cpus_per_worker, strategy)
+    return Placement(group, workers, shards, cpus_per_worker, strategy, worker_memory_bytes,
+                     shard_memory_bytes)
+
+
+def _bundle(cpus: float, memory_bytes: int) -> dict[str, float]:
+    return {"CPU": cpus, "memory": float(memory_bytes)} if memory_bytes else {"CPU": cpus}
+
+
+def _memory(memory_bytes: int) -> dict[str, int]:
+    """An actor's `memory` option: the bundle's memory, claimed by the actor in it."""
+    return {"memory": memory_bytes} if memory_bytes else {}

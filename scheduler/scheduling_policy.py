@@ -80,6 +80,10 @@ class JobDemand:
     def cpus(self) -> float:  # asked for many times in every decision
         return sum(bundle.cpus for bundle in self.bundles)
 
+    @functools.cached_property
+    def memory_bytes(self) -> int:
+        return sum(bundle.memory_bytes for bundle in self.bundles)
+
 
 @dataclass(frozen=True)
 class RunningJob:
@@ -165,6 +169,15 @@ def fits_ever(demand: JobDemand, capacity: Sequence[Node]) -> str | None:
         return f"needs {demand.cpus:g} CPUs; the cluster has {total:g}"
     if biggest > largest + EPSILON:
         return f"an actor needs {biggest:g} CPUs; the largest node has {largest:g}"
+    total_memory = sum(node.memory_bytes for node in capacity)
+    largest_memory = max((node.memory_bytes for node in capacity), default=0)
+    biggest_memory = max((bundle.memory_bytes for bundle in demand.bundles), default=0)
+    if demand.memory_bytes > total_memory:
+        return (f"needs {_bytes(demand.memory_bytes)} of memory; the cluster has "
+                f"{_bytes(total_memory)}")
+    if biggest_memory > largest_memory:
+        return (f"an actor needs {_bytes(biggest_memory)} of memory; the largest node has "
+                f"{_bytes(largest_memory)}")
     return (f"its {len(demand.bundles)} actors ({demand.cpus:g} CPUs) do not fit the cluster's "
             f"{len(capacity)} node(s) together")
 
@@ -283,8 +296,12 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
             decision.waits.append(Wait(demand.job_id, reason))
 
     def no_room(demand: JobDemand) -> str:
-        return (f"waiting for {_cpus(demand.cpus)} CPUs in {len(demand.bundles)} actors; "
-                f"{_cpus(sum(node.cpus for node in free))} free")
+        if not demand.memory_bytes:
+            return (f"waiting for {_cpus(demand.cpus)} CPUs in {len(demand.bundles)} actors; "
+                    f"{_cpus(sum(node.cpus for node in free))} free")
+        return (f"waiting for {_cpus(demand.cpus)} CPUs and {_bytes(demand.memory_bytes)} in "
+                f"{len(demand.bundles)} actors; {_cpus(sum(node.cpus for node in free))} CPUs "
+                f"and {_bytes(sum(node.memory_bytes for node in free))} free")
 
     def quota_reason(demand: JobDemand) -> str:
         tenant = demand.tenant
@@ -374,6 +391,14 @@ def decide(waiting: WaitingJobs, running: Iterable[RunningJob], nodes: Sequence[
 def _cpus(count: float) -> str:
     """A CPU count for people: sums of fractions leave float dust (1.7e-17 free is 0 free)."""
     return f"{max(0.0, round(count, 3)):g}"
+
+
+def _bytes(count: int) -> str:
+    """A memory size for people, in the largest binary unit it has one of."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.4g} {unit}"
+    return f"{max(count, 0)} bytes"
 
 
 def _victims(head: JobDemand, pool: Sequence[RunningJob], free: Sequence[Node],

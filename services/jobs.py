@@ -396,6 +396,23 @@ class JobService:
                                     f"(uploads, checkpoints, models){over}; delete data sets "
                                     f"or jobs first")
 
+    def _unfit_field(self, spec: job_pb2.JobSpec) -> str:
+        """The resource field to blame for a job that can never fit: its memory when the same
+        job without memory would fit, else its CPUs."""
+        assert self.queue is not None
+        resources = spec.resources
+        if resources.memory_bytes_per_worker or resources.memory_bytes_per_shard:
+            without_memory = job_pb2.JobSpec()
+            without_memory.CopyFrom(spec)
+            without_memory.resources.ClearField("memory_bytes_per_worker")
+            without_memory.resources.ClearField("memory_bytes_per_shard")
+            if self.queue.never_fits(QueuedJob("", without_memory, "")) is None:
+                return ("resources.memory_bytes_per_worker"
+                        if resources.memory_bytes_per_worker else
+                        "resources.memory_bytes_per_shard")
+        return ("resources.cpus_per_worker" if resources.cpus_per_worker > 0
+                else "resources.workers")
+
     def _check_fits(self, tenant: str, spec: job_pb2.JobSpec) -> None:
         """A job that could never fit the cluster, or its tenant's running-CPU quota, would
         wait forever; one past the tenant's queued-jobs quota would be over it: refused now."""
@@ -403,10 +420,8 @@ class JobService:
         job = QueuedJob("", spec, tenant)
         reason = self.queue.never_fits(job)
         if reason is not None:
-            field = ("resources.cpus_per_worker" if spec.resources.cpus_per_worker > 0
-                     else "resources.workers")
-            raise FailedPrecondition(f"{field}: the job can never run on this cluster: "
-                                     f"{reason}")
+            raise FailedPrecondition(f"{self._unfit_field(spec)}: the job can never run on "
+                                     f"this cluster: {reason}")
         quota = self.tenant_settings.get(tenant, TenantSettings())
         cpus = self.queue.demanded_cpus(job)
         if cpus > quota.max_running_cpus:

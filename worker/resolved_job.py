@@ -143,6 +143,8 @@ class ResolvedJob:
     parameter_servers: int  # shards of the flat parameter vector and its optimizer state
     cpus_per_worker: float  # 0: the cluster's CPUs shared among the workers, at most 1 each
     placement_strategy: str  # "": SPREAD on a multi-node cluster, else PACK (at placement)
+    memory_bytes_per_worker: int  # reserved in each worker's bundle; 0: none
+    memory_bytes_per_shard: int  # reserved in each shard's bundle; 0: none
     # --- data ------------------------------------------------------------------------------
     dataset: str
     validation_fraction: float  # of the samples, when the set brings no validation part
@@ -314,6 +316,8 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         workers=workers, parameter_servers=parameter_servers,
         cpus_per_worker=resources.cpus_per_worker,
         placement_strategy=resources.placement_strategy,
+        memory_bytes_per_worker=resources.memory_bytes_per_worker,
+        memory_bytes_per_shard=resources.memory_bytes_per_shard,
         step_deadline=_step_deadline(resources.step_deadline),
         dataset=spec.data.dataset, validation_fraction=fraction,
         context_length=spec.data.context_length,

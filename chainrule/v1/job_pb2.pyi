@@ -525,18 +525,22 @@ class DataSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., micro_batches: _Optional[int] = ..., standardize: _Optional[bool] = ..., shuffle: _Optional[bool] = ..., context_length: _Optional[int] = ..., label_column: _Optional[str] = ..., feature_columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResourceSpec(_message.Message):
-    __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy", "step_deadline")
+    __slots__ = ("workers", "parameter_servers", "cpus_per_worker", "placement_strategy", "step_deadline", "memory_bytes_per_worker", "memory_bytes_per_shard")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SERVERS_FIELD_NUMBER: _ClassVar[int]
     CPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     STEP_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     workers: int
     parameter_servers: int
     cpus_per_worker: float
     placement_strategy: str
     step_deadline: StepDeadlineSpec
-    def __init__(self, workers: _Optional[int] = ..., parameter_servers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[str] = ..., step_deadline: _Optional[_Union[StepDeadlineSpec, _Mapping]] = ...) -> None: ...
+    memory_bytes_per_worker: int
+    memory_bytes_per_shard: int
+    def __init__(self, workers: _Optional[int] = ..., parameter_servers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[str] = ..., step_deadline: _Optional[_Union[StepDeadlineSpec, _Mapping]] = ..., memory_bytes_per_worker: _Optional[int] = ..., memory_bytes_per_shard: _Optional[int] = ...) -> None: ...
 
 class StepDeadlineSpec(_message.Message):
     __slots__ = ("multiplier", "floor_seconds")

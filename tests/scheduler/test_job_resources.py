@@ -27,3 +27,10 @@ def test_by_default_a_job_takes_one_cpu_per_worker_its_shards_token_cpus_include
 def test_by_default_a_job_with_more_workers_than_cpus_shares_the_cluster():
     assert cpus_per_worker(_resources(workers=4), cluster_cpus=2.0) == 0.497  # (2 - 0.01) / 4
     assert sum(b.cpus for b in job_bundles(_resources(workers=4), 2.0)) <= 2.0
+
+
+def test_memory_asked_for_is_in_every_workers_and_every_shards_bundle():
+    resources = _resources(workers=2, parameter_servers=1, cpus_per_worker=1.0,
+                           memory_bytes_per_worker=3 << 30, memory_bytes_per_shard=1 << 20)
+    assert job_bundles(resources, 8.0) == (Bundle(1.0, 3 << 30), Bundle(1.0, 3 << 30),
+                                           Bundle(0.01, 1 << 20))

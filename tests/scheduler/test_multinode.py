@@ -1,6 +1,7 @@
 """Several Ray nodes (separate raylets on this machine, via ray.cluster_utils.Cluster): actors
-spread across them, and the weights are those of a one-node run; a node lost on the
-object-store path is found within 3 s and costs nothing but its worker."""
+spread across them, and the weights are those of a one-node run; bundles go to the nodes the
+scheduling policy chose; a node lost on the object-store path is found within 3 s and costs
+nothing but its worker."""
 
 import os
 import signal
@@ -11,10 +12,12 @@ import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
 
 from chainrule.spec_file import load_job_spec
 from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.job_runner import JobRunner
+from scheduler.placement import PlacementError, reserve
 from tests.chaos.recovery_report import report_recovery
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -82,6 +85,34 @@ def test_workers_and_shards_spread_over_three_nodes_give_the_one_node_weights(
     assert len(set(nodes)) == 3, nodes  # every actor on its own node
     for key, value in one_node_result.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
+
+
+@ray.remote(num_cpus=0)
+class NodeReporter:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def test_bundles_are_pinned_to_the_nodes_the_policy_chose_with_their_memory(three_nodes):
+    # SPREAD alone would put the two workers on two nodes; the policy's nodes say otherwise.
+    head = three_nodes.head_node.node_id
+    first, second = [n.node_id for n in three_nodes.list_all_nodes() if n.node_id != head]
+    chosen = (second, second, first)  # 2 workers of 0.4 CPU, then the shard
+    placement = reserve(2, 1, 0.4, "SPREAD", 60, worker_memory_bytes=64 << 20,
+                        shard_memory_bytes=1 << 20, nodes=chosen)
+    try:
+        table = placement_group_table(placement.group)
+        assert tuple(table["bundles_to_node_id"][index] for index in range(3)) == chosen
+        assert [bundle.get("memory") for bundle in table["bundles"].values()] == [
+            64 << 20, 64 << 20, 1 << 20]
+        # An actor in a bundle claims its memory, and runs on the bundle's node.
+        reporter = NodeReporter.options(**placement.worker_options(1)).remote()
+        assert ray.get(reporter.node.remote(), timeout=60) == second
+        ray.kill(reporter)
+    finally:
+        placement.release()
+    with pytest.raises(PlacementError, match=f"on nodes {'ab' * 28} within 1 s"):
+        reserve(1, 1, 0.4, timeout_seconds=1, nodes=("ab" * 28,) * 2)  # no such node
 
 
 def test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones(

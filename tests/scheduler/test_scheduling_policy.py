@@ -50,6 +50,26 @@ def test_a_job_that_can_never_fit_is_named_with_the_numbers():
     assert fits_ever(job("j", cpus=(2.0, 2.0, 1.0)), nodes) is None
 
 
+GiB = 1 << 30
+
+
+def test_memory_is_placed_and_counted_like_cpus():
+    nodes = [Node("big", 4.0, 8 * GiB), Node("small", 4.0, 2 * GiB)]
+    hungry = JobDemand("j", "a", 0, 0.0, (Bundle(1.0, 3 * GiB), Bundle(1.0, 3 * GiB)))
+    assert place(hungry.bundles, nodes, spread=True) == ("big", "big")  # small has too little
+    assert fits_ever(hungry, [Node("small", 4.0, 2 * GiB)]) == (
+        "needs 6 GiB of memory; the cluster has 2 GiB")
+    assert fits_ever(hungry, [Node("a", 4.0, 2 * GiB), Node("b", 4.0, 2 * GiB),
+                              Node("c", 4.0, 2 * GiB)]) == (
+        "an actor needs 3 GiB of memory; the largest node has 2 GiB")
+    running = RunningJob(JobDemand("r", "a", 0, 0.0, (Bundle(1.0, 6 * GiB),)), ("big",), 0.0)
+    free = [Node("big", 3.0, 2 * GiB), Node("small", 4.0, 2 * GiB)]  # CPUs enough, memory not
+    decision = decide(queue(hungry), [running], free, {}, now=0.0)
+    assert started(decision) == []
+    assert decision.waits[0].reason == (
+        "waiting for 2 CPUs and 6 GiB in 2 actors; 7 CPUs and 4 GiB free")
+
+
 def test_jobs_keep_starting_while_room_remains():
     nodes = [Node("n", 4.0)]
     decision = decide(queue(*(job(f"j{i}", arrival=i) for i in range(6))), [], nodes, {}, 0.0)

@@ -9,6 +9,7 @@ bounded by the server's configuration: its priority range and its quotas."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -364,6 +365,20 @@ def scraped_rejections(server, tenant: str, quota: str) -> float:
     line = f'chainrule_quota_rejections_total{{quota="{quota}",tenant="{tenant}"}} '
     found = [row for row in text.splitlines() if row.startswith(line)]
     return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_a_job_asking_more_memory_than_the_cluster_has_is_refused_with_the_numbers(
+        tenant_server):
+    with Client(tenant_server.address, token=BOB) as client:
+        spec = iris_spec()
+        spec.resources.memory_bytes_per_worker = 64 << 40
+        error = rpc_error(lambda: client.submit(spec))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert re.fullmatch(
+        r"resources\.memory_bytes_per_worker: the job can never run on this cluster: 1 "
+        r"worker\(s\) x 0\.99 CPUs and 70368744177664 bytes of memory and 1 shard\(s\) x "
+        r"0\.01: needs 64 TiB of memory; the cluster has [0-9.]+ GiB", error.details()
+    ), error.details()
 
 
 def test_the_token_file_maps_tokens_to_tenants_and_tenants_to_their_caps(tmp_path):

@@ -30,6 +30,7 @@ class FakeRunner:
     started: list = []
 
     cpus: dict = {}  # job name -> the cpus_per_worker it was given
+    nodes: dict = {}  # job name -> the node of each of its actors it was given
 
     def __init__(self, spec, dataset, *, should_stop, on_step, on_checkpoint, **options):
         self.spec, self.should_stop, self.on_checkpoint = spec, should_stop, on_checkpoint
@@ -38,6 +39,7 @@ class FakeRunner:
     def run(self):
         FakeRunner.started.append(self.spec.name)
         FakeRunner.cpus[self.spec.name] = self.options["cpus_per_worker"]
+        FakeRunner.nodes[self.spec.name] = self.options["nodes"]
         if self.spec.name == "broken":
             raise ValueError("no such thing")
         for _ in range(self.steps):
@@ -99,8 +101,8 @@ def _resolved(spec):
 
 
 def _queue(host, max_concurrent_jobs=1, observers=(), nodes=(("node", 2.0),), **options):
-    FakeRunner.started, FakeRunner.cpus = [], {}
-    return JobQueue(host, cluster=FixedNodes([Node(name, cpus) for name, cpus in nodes]),
+    FakeRunner.started, FakeRunner.cpus, FakeRunner.nodes = [], {}, {}
+    return JobQueue(host, cluster=FixedNodes([Node(*node) for node in nodes]),
                     max_concurrent_jobs=max_concurrent_jobs, observers=observers,
                     runner_factory=FakeRunner, **options)
 
@@ -111,6 +113,23 @@ def _job(name: str, priority: int = 0, cpus_per_worker: float = 0.0,
     spec.resources.cpus_per_worker = cpus_per_worker
     spec.resources.workers = workers
     return QueuedJob(name, spec)
+
+
+def test_the_runner_is_given_the_nodes_the_policy_chose_for_each_actor():
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("small", 1.0), ("big", 4.0)])
+    queue.submit(_job("wide", workers=2, cpus_per_worker=1.5))  # only "big" holds a worker
+    wait_for(lambda: host.states.get("wide") == "SUCCEEDED", 5, what="the job to run")
+    assert FakeRunner.nodes["wide"] == ("big", "big", "big")  # 2 workers, then the shard
+
+
+def test_a_job_asking_more_memory_than_any_node_has_could_never_fit():
+    queue = _queue(FakeHost(), nodes=[("a", 2.0, 2 << 30), ("b", 2.0, 2 << 30)])
+    job = _job("hungry")
+    job.spec.resources.memory_bytes_per_worker = 3 << 30
+    assert queue.never_fits(job) == (
+        "1 worker(s) x 0.99 CPUs and 3221225472 bytes of memory and 1 shard(s) x 0.01: an "
+        "actor needs 3 GiB of memory; the largest node has 2 GiB")
 
 
 def test_higher_priority_first_then_first_in_first_out():
