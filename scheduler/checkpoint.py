@@ -1,10 +1,13 @@
 """A job's resumable state at an optimizer-step boundary (how it is stored on disk is
 scheduler/storage.py's question).
 
-Resuming is deterministic replay: the sampler is a function of (seed, epoch), so knowing how
-many optimizer steps were done says exactly which batch comes next. A checkpoint therefore
-holds only the step count, the flat parameter vector, the buffers (BatchNorm statistics) and
-the optimizer state, assembled over all shards so that any shard count can resume it.
+Resuming is deterministic replay: the sampler is a function of (seed, epoch), so where the data
+stands is said by the epoch and how many samples of that epoch's order were used. A checkpoint
+holds that data cursor beside the step count, the flat parameter vector, the buffers (BatchNorm
+statistics) and the optimizer state, assembled over all shards so that any shard count can
+resume it. The cursor names the order it counts in (the training split's size, the seed, how
+the order is drawn): a resume on data whose order differs is refused rather than replayed into
+samples used twice or never.
 """
 
 from __future__ import annotations
@@ -12,6 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class DataCursor:
+    """Where the training data stands between two steps, in no unit of the worker count."""
+
+    epoch: int  # 0-based
+    samples_used: int  # of that epoch's order, from its start
+    training_samples: int  # the size of the split the order permutes
+    seed: int
+    order: str  # how an epoch's order is drawn (scheduler/sampler.py's EpochSampler.order_name)
 
 
 @dataclass
@@ -23,3 +37,5 @@ class Checkpoint:
     # Others (Adafactor): "parameter name/state key" for each whole parameter.
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    # None in a checkpoint written before the cursor was kept: its step says where the data is.
+    data_cursor: DataCursor | None = None

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chainrule.v1 import job_pb2
-from scheduler.checkpoint import Checkpoint
+from scheduler.checkpoint import Checkpoint, DataCursor
 from scheduler.datasets import Dataset, ValidationSplit
 from scheduler.failure_policy import Decision, FailurePolicy, JobFailed
 from scheduler.parquet_dataset import ParquetDataset
@@ -360,7 +360,7 @@ class JobRunner:
 
     def _train(self) -> TrainingResult:
         settings = self.settings
-        step = self.resume_from.step if self.resume_from is not None else 0
+        step = self._resume_step(self.resume_from) if self.resume_from is not None else 0
         self.completed_step = step
         # Where a lost shard restarts from when its state was not kept (worker/
         # shard_state_replica.py): the last checkpoint.
@@ -447,9 +447,31 @@ class JobRunner:
         else:
             state = {key: value for _, part in shard_states for key, value in part.items()}
         return Checkpoint(step, np.array(self.parameters), optimizer_steps, state,
-                          self.evaluator.buffer_values() if self.evaluator.buffer_names else {})
+                          self.evaluator.buffer_values() if self.evaluator.buffer_names else {},
+                          self._data_cursor(step))
+
+    def _data_cursor(self, step: int) -> DataCursor:
+        """Where the data stands after `step` optimizer steps: an epoch's steps each use
+        `accumulation` batches, and steps never span epochs."""
+        epoch, steps_in_epoch = divmod(step, self.groups_per_epoch)
+        return self.sampler.cursor(epoch, steps_in_epoch * self.settings.accumulation)
+
+    def _resume_step(self, checkpoint: Checkpoint) -> int:
+        """The step a resume from `checkpoint` continues after: its data cursor's place in
+        this job's epochs, which must be the step it was taken at (ValueError otherwise, or
+        when the cursor counts in another order than this job's data: sampler.position)."""
+        if checkpoint.data_cursor is None:  # written before checkpoints kept the cursor
+            return checkpoint.step
+        epoch, batches = self.sampler.position(checkpoint.data_cursor)
+        steps_in_epoch, inside_a_step = divmod(batches, self.settings.accumulation)
+        if inside_a_step or epoch * self.groups_per_epoch + steps_in_epoch != checkpoint.step:
+            raise ValueError(f"the checkpoint of step {checkpoint.step} has its data cursor at "
+                             f"batch {batches} of epoch {epoch}, which is not where step "
+                             f"{checkpoint.step} of this job ends")
+        return checkpoint.step
 
     def _restore_locally(self, checkpoint: Checkpoint) -> None:
+        self._resume_step(checkpoint)  # refuses a cursor in another order before any actor
         if checkpoint.parameters.shape != self.parameters.shape:
             raise ValueError(
                 f"checkpoint has {checkpoint.parameters.size} parameters, the model "
@@ -539,7 +561,8 @@ class JobRunner:
         # history recorded at the end of the step, and the lost one never got there.
         buffers = self.evaluator.buffer_values() if self.evaluator.buffer_names else {}
         self.last_checkpoint = Checkpoint(kept.step, kept.parameters, kept.optimizer_steps,
-                                          kept.optimizer_state, buffers)
+                                          kept.optimizer_state, buffers,
+                                          self._data_cursor(kept.step))
         self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
         self.history_at_checkpoint = self.history.copy()
         return True

@@ -3,7 +3,9 @@ into M logical micro-batches.
 
 Everything here depends on (seed, epoch, batch size, M) and never on the number of workers, so
 any worker count computes the same gradients. Every sample of an epoch is used exactly once:
-the last batch of an epoch is the remainder, not dropped.
+the last batch of an epoch is the remainder, not dropped. A checkpoint records where an epoch
+stands (`cursor`: the samples of its order used so far) and a resume starts there
+(`position`), whatever the worker count before and after.
 
 A model with a batch norm that sees one value per channel of a sample cannot train on a
 micro-batch of 1 sample (no variance). Its jobs cut a batch too short for M micro-batches of 2
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.parquet_rows import windowed_order
+from scheduler.checkpoint import DataCursor
+from worker.parquet_rows import SHUFFLE_WINDOW_GROUPS, windowed_order
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,42 @@ class EpochSampler:
         if self.row_groups:
             return windowed_order(self.row_groups, self.seed, epoch)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    @property
+    def order_name(self) -> str:
+        """How an epoch's order is drawn, as a data cursor names it."""
+        if not self.shuffle:
+            return "file_order"
+        if self.row_groups:
+            return f"row_group_windows({SHUFFLE_WINDOW_GROUPS})"
+        return "permutation"
+
+    def cursor(self, epoch: int, batches_used: int) -> DataCursor:
+        """The data cursor after the first `batches_used` batches of epoch `epoch`."""
+        samples = min(batches_used * self.batch_size, self.num_samples)
+        return DataCursor(epoch, samples, self.num_samples, self.seed, self.order_name)
+
+    def position(self, cursor: DataCursor) -> tuple[int, int]:
+        """(epoch, batches used in it) where `cursor` stands in this sampler's orders, or
+        ValueError when it counts in another order (other data, seed or shuffle), which would
+        use some samples twice and others never, or stands inside a batch."""
+        own = (self.num_samples, self.seed, self.order_name)
+        theirs = (cursor.training_samples, cursor.seed, cursor.order)
+        if theirs != own:
+            raise ValueError(
+                f"the checkpoint's data cursor counts in the order of {cursor.training_samples} "
+                f"training samples drawn by {cursor.order} with seed {cursor.seed}; this job's "
+                f"data has {self.num_samples}, drawn by {self.order_name} with seed "
+                f"{self.seed}: the data set changed since, so resuming would use samples twice "
+                f"or never"
+            )
+        batches = math.ceil(cursor.samples_used / self.batch_size)
+        if (not 0 <= cursor.samples_used <= self.num_samples or cursor.epoch < 0
+                or min(batches * self.batch_size, self.num_samples) != cursor.samples_used):
+            raise ValueError(f"the checkpoint's data cursor stands at sample "
+                             f"{cursor.samples_used} of epoch {cursor.epoch}, not at the end of "
+                             f"a batch of {self.batch_size}")
+        return cursor.epoch, batches
 
     def epoch(self, epoch: int) -> list[StepSamples]:
         order = self.permutation(epoch)

@@ -17,6 +17,7 @@ the service and `chainrule train` do, through this module.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from typing import IO, Any
 import numpy as np
 
 from chainrule.v1 import job_pb2
-from scheduler.checkpoint import Checkpoint
+from scheduler.checkpoint import Checkpoint, DataCursor
 from worker.initial_weights import WeightsShape, weights_reference
 from worker.spec_error import SpecError
 
@@ -222,10 +223,11 @@ def _serialize(suffix: str, arrays: dict[str, np.ndarray], handle: IO[bytes]) ->
 # --- one checkpoint file -----------------------------------------------------------------------
 #
 # An .npz of the flat parameters, the optimizer state ("optimizer/<key>"), the buffers
-# ("buffer/<name>") and a JSON header (step counts); beside it `<file>.json` with the file's
-# size and SHA-256. The .npz's own zip CRCs would catch some damage, but not a truncation
-# that removes whole members or a flipped bit in an uncompressed array (np.savez stores
-# without compression), so every byte is checked against the sidecar before it is parsed.
+# ("buffer/<name>") and a JSON header (step counts, the data cursor); beside it `<file>.json`
+# with the file's size and SHA-256. The .npz's own zip CRCs would catch some damage, but not a
+# truncation that removes whole members or a flipped bit in an uncompressed array (np.savez
+# stores without compression), so every byte is checked against the sidecar before it is
+# parsed.
 
 CHECKPOINT_FORMAT = "chainrule-checkpoint/1"
 
@@ -276,7 +278,9 @@ def _encode_checkpoint(checkpoint: Checkpoint) -> bytes:
     arrays = {"parameters": checkpoint.parameters}
     arrays.update({f"optimizer/{k}": v for k, v in checkpoint.optimizer_state.items()})
     arrays.update({f"buffer/{k}": v for k, v in checkpoint.buffers.items()})
-    header = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps}
+    header: dict = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps}
+    if checkpoint.data_cursor is not None:
+        header["data_cursor"] = dataclasses.asdict(checkpoint.data_cursor)
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # as in _serialize
@@ -292,8 +296,10 @@ def _decode_checkpoint(data: bytes) -> Checkpoint:
                 optimizer[key.removeprefix("optimizer/")] = archive[key]
             elif key.startswith("buffer/"):
                 buffers[key.removeprefix("buffer/")] = archive[key]
+        cursor = header.get("data_cursor")  # absent from checkpoints of older versions
         return Checkpoint(int(header["step"]), archive["parameters"],
-                          int(header["optimizer_steps"]), optimizer, buffers)
+                          int(header["optimizer_steps"]), optimizer, buffers,
+                          None if cursor is None else DataCursor(**cursor))
 
 
 # --- a data folder: each job's checkpoints and model ------------------------------------------

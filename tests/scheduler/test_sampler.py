@@ -57,3 +57,34 @@ def test_the_minimum_of_one_cuts_every_batch_as_it_always_was():
         expected = np.array_split(batch, 4)
         assert all(np.array_equal(a, b) for a, b in zip(cut_batch(batch, 4), expected,
                                                         strict=True))
+
+
+# --- the data cursor a checkpoint keeps ---------------------------------------------------------
+
+
+def test_a_cursor_counts_the_samples_of_its_epoch_used_and_a_resume_starts_after_them():
+    sampler = EpochSampler(1000, 64, 4, seed=7)
+    cursor = sampler.cursor(2, 5)
+    assert (cursor.epoch, cursor.samples_used, cursor.training_samples) == (2, 320, 1000)
+    assert sampler.position(cursor) == (2, 5)
+    assert sampler.cursor(0, 16).samples_used == 1000  # the short last batch counts its 40
+    assert EpochSampler(1000, 64, 4, seed=7, row_groups=(500, 500)).cursor(0, 1).order \
+        == "row_group_windows(4)"
+
+
+@pytest.mark.parametrize("other, named", [
+    (EpochSampler(999, 64, 4, seed=7), "this job's data has 999"),
+    (EpochSampler(1000, 64, 4, seed=8), "with seed 8"),
+    (EpochSampler(1000, 64, 4, seed=7, shuffle=False), "drawn by file_order"),
+    (EpochSampler(1000, 64, 4, seed=7, row_groups=(400, 600)), "row_group_windows(4)"),
+])
+def test_a_cursor_in_another_order_is_refused_rather_than_replayed(other, named):
+    with pytest.raises(ValueError, match="resuming would use samples twice or never") as refused:
+        other.position(EpochSampler(1000, 64, 4, seed=7).cursor(1, 3))
+    assert named in str(refused.value)
+
+
+def test_a_cursor_inside_a_batch_is_refused():
+    cursor = EpochSampler(1000, 64, 4, seed=7).cursor(1, 3)
+    with pytest.raises(ValueError, match="not at the end of a batch of 50"):
+        EpochSampler(1000, 50, 4, seed=7).position(cursor)

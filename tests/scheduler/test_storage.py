@@ -1,6 +1,7 @@
 """The storage module: weights files with their manifest, and job checkpoints with their
 checksums, rotation and the setting aside of a corrupt one."""
 
+import dataclasses
 import io
 import json
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.checkpoint import Checkpoint
+from scheduler.checkpoint import Checkpoint, DataCursor
 from scheduler.storage import (
     CheckpointCorrupt,
     JobStorage,
@@ -112,6 +113,17 @@ def test_a_checkpoint_round_trips_with_its_checksum_beside_it(tmp_path):
     sidecar = json.loads(checksum_path(path).read_text())
     assert sidecar["step"] == 7 and sidecar["size_bytes"] == path.stat().st_size
     assert len(sidecar["sha256"]) == 64
+
+
+def test_a_checkpoint_keeps_its_data_cursor_and_one_written_without_it_loads_with_none(
+        tmp_path):
+    cursor = DataCursor(epoch=1, samples_used=384, training_samples=1437, seed=5,
+                        order="row_group_windows(4)")
+    with_cursor = dataclasses.replace(checkpoint(7), data_cursor=cursor)
+    assert load_checkpoint(save_checkpoint(tmp_path / "new.npz", with_cursor)).data_cursor \
+        == cursor
+    assert load_checkpoint(save_checkpoint(tmp_path / "old.npz", checkpoint(7))).data_cursor \
+        is None
 
 
 def test_a_checkpoint_with_one_flipped_bit_is_refused(tmp_path):
