@@ -245,6 +245,11 @@ class Client:
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
 
+    def drain_node(self, node: str, undrain: bool = False) -> pb.DrainNodeResponse:
+        """Admin only: drain a Ray node (its id, or its address): nothing new is placed there
+        and the jobs with actors on it checkpoint and queue again; `undrain` gives it back."""
+        return self._call(self.stub.DrainNode, pb.DrainNodeRequest(node=node, undrain=undrain))
+
     def resume(self, job_id: str, epochs: int | None = None) -> pb.Job:
         """Run an ended job again: a CANCELLED or FAILED one from its checkpoint, a SUCCEEDED
         one for `epochs` more epochs (required then; optional otherwise, to train longer)."""

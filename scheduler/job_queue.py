@@ -26,6 +26,13 @@ run longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from
 A host that fails to record a run's end (a full disk) is asked again, with backoff, until it
 records it: the result waits in memory, and the job is never left RUNNING with it lost.
 
+Draining a node (`drain`, e.g. ahead of its maintenance or preemption): the queue places
+nothing on it any more (it leaves the policy's view of the nodes, and placement groups are
+pinned to the policy's nodes), and every running job with actors on it stops at its next step
+boundary the way a shutdown stops it, checkpointed, and goes back to QUEUED at its first
+arrival, to resume from that checkpoint on the other nodes. `undrain` gives the node back; a
+drained node that leaves the cluster is forgotten.
+
 Taking jobs back (`take_back_running`): when the Ray a run trains on is lost, its runner may
 never return (its calls wait on processes that are gone). The run is given up without waiting:
 from then on nothing it reports, checkpoints or returns is recorded, and it stops at its next
@@ -224,6 +231,7 @@ class JobQueue:
         self._running: dict[str, _RunningJob] = {}
         self._stopping: dict[str, str] = {}  # preempted job -> the job it makes room for
         self._capacity: list[Node] = cluster.nodes()
+        self._drained: set[str] = set()  # node ids nothing is placed on (`drain`)
         self._draining = False
         self._paused = False  # no job starts: the Ray jobs would run on is gone
         self._idle = threading.Condition(self._lock)
@@ -336,6 +344,48 @@ class JobQueue:
             self._queued_per_tenant.clear()
             return self._idle.wait_for(lambda: not self._running, timeout=timeout)
 
+    def drain(self, node_ids: Iterable[str]) -> list[str]:
+        """Place nothing on these nodes until `undrain`, and stop every running job with
+        actors on them at its next step boundary, back to the queue. The ids of the jobs
+        stopped."""
+        nodes = set(node_ids)
+        with self._lock:
+            self._drained |= nodes
+            stopped = []
+            for job_id, running in self._running.items():
+                if running.actor_nodes() & nodes and not running.drained.is_set():
+                    running.drained.set()
+                    stopped.append(job_id)
+        for job_id in stopped:
+            log.info("job %s has actors on a drained node: it stops at its next step boundary "
+                     "and queues again", job_id)
+            self._notify("job_recovery", job_id, RecoveryRecord(
+                self._running_step(job_id), "node_drained",
+                f"node(s) {', '.join(sorted(nodes))} drained: the job stops at its next step "
+                f"boundary, checkpointed, and queues again to resume on other nodes"))
+        return stopped
+
+    def _running_step(self, job_id: str) -> int:
+        with self._lock:
+            running = self._running.get(job_id)
+            return running.last_step if running is not None else 0
+
+    def undrain(self, node_ids: Iterable[str]) -> None:
+        """Place jobs on these nodes again."""
+        with self._lock:
+            self._drained -= set(node_ids)
+        self._dispatch()
+
+    def actor_nodes(self, job_id: str) -> set[str] | None:
+        """The Ray node ids of a running job's actors (None: not running)."""
+        with self._lock:
+            running = self._running.get(job_id)
+        return running.actor_nodes() if running is not None else None
+
+    def drained_nodes(self) -> set[str]:
+        with self._lock:
+            return set(self._drained)
+
     def pause(self) -> None:
         """Start no more jobs (submitted ones wait; running ones go on): the Ray they would
         run on is gone, and the process is about to restart or exit."""
@@ -405,7 +455,8 @@ class JobQueue:
                 return
             now = time.monotonic()
             running = [job.record for job in self._running.values()]
-            decision = decide(self._demands, running, free_nodes(self._capacity, running),
+            open_nodes = [node for node in self._capacity if node.node_id not in self._drained]
+            decision = decide(self._demands, running, free_nodes(open_nodes, running),
                               self.tenants, now, stopping=dict(self._stopping))
             starts, preemptions = decision.starts, decision.preempt
             reasons = {wait.job_id: wait.reason for wait in decision.waits}
@@ -486,6 +537,7 @@ class JobQueue:
             with self._lock:
                 changed = _sizes(nodes) != _sizes(self._capacity)
                 self._capacity = nodes
+                self._drained &= {node.node_id for node in nodes}  # a node that left is gone
             if changed:
                 log.info("the cluster's nodes changed: %d node(s), %g CPUs", len(nodes),
                          sum(node.cpus for node in nodes))
@@ -557,10 +609,11 @@ class JobQueue:
                 if self._running.get(job_id) is running:
                     del self._running[job_id]
                 self._stopping.pop(job_id, None)
-                if (outcome is None and state == QUEUED and running.preempted.is_set()
-                        and not self._draining):
+                if (outcome is None and state == QUEUED and not self._draining
+                        and (running.preempted.is_set() or running.drained.is_set())):
                     # Back in the queue at its first arrival: it resumes from the stop's
-                    # checkpoint once room is back, ahead of its tenant's later jobs.
+                    # checkpoint once room is back (off the drained node), ahead of its
+                    # tenant's later jobs.
                     self._enqueue(job, running.record.demand)
                 self._idle.notify_all()
             self._dispatch()
@@ -695,6 +748,7 @@ class _RunningJob:
         self.interrupted = threading.Event()  # by shutdown
         self.preempted = threading.Event()  # to make room for a job of higher priority
         self.timed_out = threading.Event()
+        self.drained = threading.Event()  # a node it has actors on is drained
         # Given up (take_back_running): nothing it reports is recorded any more. Set under
         # `starting`, which the run holds while it records its start: a run is either given
         # up before it starts, or started and then taken back.
@@ -710,7 +764,12 @@ class _RunningJob:
             self.timed_out.set()
         return (self.cancelled.is_set() or self.interrupted.is_set()
                 or self.preempted.is_set() or self.timed_out.is_set()
-                or self.abandoned.is_set())
+                or self.drained.is_set() or self.abandoned.is_set())
+
+    def actor_nodes(self) -> set[str]:
+        """The Ray node ids of its actors: the nodes the policy placed its bundles on, which
+        its placement group is pinned to."""
+        return set(self.record.placement)
 
 
 def _memory(bundle: Bundle) -> str:

@@ -7,10 +7,13 @@ comment). A tenant's settings, on any of its lines (the same value on each):
   - `weight=W`: its share of the cluster against the other tenants' (weighted fair share;
     default 1);
   - `max_running_cpus=C`: the CPUs its running jobs may hold at once (default: no quota);
-  - `max_queued_jobs=Q`: the jobs it may have queued at once (default: no quota).
-Without a token file, every caller is the tenant "default" (and the server binds loopback
-only). The server's YAML configuration file (services/server_config.py, `serve --config`)
-names the same settings and more (a lowest priority, stored-bytes and streams quotas).
+  - `max_queued_jobs=Q`: the jobs it may have queued at once (default: no quota);
+  - `role=admin`: it may also operate the cluster (drain a node: `DrainNode`); the default
+    role, `user`, may not.
+Without a token file, every caller is the tenant "default" and an admin (the server binds
+loopback only: whoever reaches it runs it). The server's YAML configuration file
+(services/server_config.py, `serve --config`) names the same settings and more (a lowest
+priority, stored-bytes and streams quotas).
 """
 
 from __future__ import annotations
@@ -47,12 +50,20 @@ def _count(text: str) -> int | None:
     return int(text) if re.fullmatch(r"[0-9]{1,9}", text) and int(text) > 0 else None
 
 
+ROLES = ("user", "admin")
+
+
+def _role(text: str) -> str | None:
+    return text if text in ROLES else None
+
+
 # setting -> (its parser, returning None for a bad value; what a good value is)
-_SETTINGS: dict[str, tuple[Callable[[str], float | int | None], str]] = {
+_SETTINGS: dict[str, tuple[Callable[[str], float | int | str | None], str]] = {
     "max_priority": (_int32, "an integer of int32's range"),
     "weight": (_positive_number, "a number > 0"),
     "max_running_cpus": (_positive_number, "a number of CPUs > 0"),
     "max_queued_jobs": (_count, "a whole number > 0"),
+    "role": (_role, "user or admin"),
 }
 
 
@@ -73,13 +84,14 @@ class Tenancy:
     max_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its cap, when set
     settings: dict[str, TenantSettings] = field(default_factory=dict)  # tenant -> when set
     min_priority: dict[str, int] = field(default_factory=dict)  # tenant -> its floor, when set
+    admins: frozenset[str] = frozenset()  # tenants with role=admin
 
 
 def load_tokens(path: str | Path) -> Tenancy:
     """The tokens and tenant settings of the file; ValueError naming the line for a malformed
     one."""
     tokens: dict[str, str] = {}
-    values: dict[str, dict[str, float | int]] = {}
+    values: dict[str, dict[str, float | int | str]] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -95,7 +107,7 @@ def load_tokens(path: str | Path) -> Tenancy:
             if match is None or match.group(1) not in _SETTINGS:
                 raise ValueError(f"{path}:{number}: expected SETTING=VALUE after the token, "
                                  f"one of max_priority=N, weight=W, max_running_cpus=C, "
-                                 f"max_queued_jobs=Q; got {part!r}")
+                                 f"max_queued_jobs=Q, role=admin; got {part!r}")
             name, text = match.groups()
             parse, expected = _SETTINGS[name]
             value = parse(text)
@@ -113,13 +125,21 @@ def load_tokens(path: str | Path) -> Tenancy:
         weight=float(own.get("weight", 1.0)),
         max_running_cpus=float(own.get("max_running_cpus", math.inf)),
         max_queued_jobs=int(own.get("max_queued_jobs", 0)))
-        for tenant, own in values.items() if set(own) - {"max_priority"}}
-    return Tenancy(tokens, caps, settings)
+        for tenant, own in values.items() if set(own) - {"max_priority", "role"}}
+    admins = frozenset(tenant for tenant, own in values.items() if own.get("role") == "admin")
+    return Tenancy(tokens, caps, settings, admins=admins)
 
 
 class Authenticator:
-    def __init__(self, tokens: dict[str, str] | None = None):
+    def __init__(self, tokens: dict[str, str] | None = None,
+                 admins: frozenset[str] = frozenset()):
         self.tokens = dict(tokens or {})
+        self.admins = admins
+
+    def is_admin(self, tenant: str) -> bool:
+        """Whether `tenant` (as `tenant()` named it) may operate the cluster: every caller
+        when there are no tokens (module docstring)."""
+        return not self.tokens or tenant in self.admins
 
     @property
     def enabled(self) -> bool:

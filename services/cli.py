@@ -304,6 +304,19 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.drain_node(args.node, undrain=args.undrain)
+    nodes = ", ".join(result.node_ids)
+    if args.undrain:
+        text = f"undrained {nodes}: jobs may be placed there again"
+    else:
+        text = (f"drained {nodes}: nothing new is placed there; jobs stopping at their next "
+                f"step boundary to queue again: {', '.join(result.job_ids) or 'none'}")
+    _print(args, result, text)
+    return 0
+
+
 def _delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.delete(args.job)
@@ -751,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("job")
     resume.add_argument("--epochs", type=_count(1),
                         help="train this many more epochs (required for a SUCCEEDED job)")
+    drain = client_command("drain", "admin: drain a Ray node (its jobs checkpoint and queue "
+                                    "again elsewhere; nothing new goes there)", _drain)
+    drain.add_argument("node", help="the node's Ray id, or its address (every node there)")
+    drain.add_argument("--undrain", action="store_true",
+                       help="give the node back: jobs may be placed there again")
     client_command("delete", "delete an ended job, its checkpoints, model and TensorBoard "
                              "files",
                    _delete).add_argument("job")

@@ -44,6 +44,10 @@ class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(ServiceError):
+    code = "PERMISSION_DENIED"
+
+
 class ResourceExhausted(ServiceError):
     code = "RESOURCE_EXHAUSTED"
 

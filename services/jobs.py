@@ -27,6 +27,7 @@ from chainrule.v1 import job_pb2
 from scheduler.datasets import BUILTIN_DATASETS
 from scheduler.job_queue import JobQueue, QueuedJob
 from scheduler.job_states import CANCELLED, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES
+from scheduler.ray_cluster import alive_nodes
 from scheduler.storage import (
     JobStorage,
     load_weights,
@@ -44,6 +45,7 @@ from services.errors import (
 )
 from services.events import EventHub, JobEvent
 from services.job_inputs import data_shape, initialises_from, weights_shape
+from services.node_drain import DrainResult, drain_node
 from services.parquet_upload import PARQUET_UPLOAD_PREFIX
 from services.store import (
     DatasetRecord,
@@ -165,6 +167,12 @@ class JobService:
                                     finished=True):
                 self.events.publish(JobEvent(job_id, time.time(), "state", state=CANCELLED))
         return self.get(tenant, job_id)
+
+    def drain_node(self, node: str, undrain: bool = False) -> DrainResult:
+        """Drain (or undrain) a Ray node for every tenant (services/node_drain.py); whether the
+        caller may is the servicer's check (an admin)."""
+        assert self.queue is not None
+        return drain_node(self.queue, node, undrain, alive_nodes())
 
     def resume(self, tenant: str, job_id: str, epochs: int = 0) -> JobRecord:
         """Run an ended job again under its id: a CANCELLED or FAILED one from its newest

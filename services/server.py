@@ -283,7 +283,7 @@ def serve(
                      max_run_seconds=service.limits.max_wall_seconds)
     service.attach_queue(queue)
 
-    auth = Authenticator(tokens)
+    auth = Authenticator(tokens, tenancy.admins)
     streams = StreamSlots(stream_limits,
                           {tenant: own.max_streams for tenant, own in tenancy.settings.items()
                            if own.max_streams},

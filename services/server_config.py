@@ -11,6 +11,7 @@ with its bearer tokens, its weight, the priorities it may ask for and its quotas
         max_queued_jobs: 100
         max_stored_bytes: 10GiB            # uploads + checkpoints + models it keeps
         max_streams: 4                     # open WatchJob/log/upload/download streams
+        role: admin                        # may drain nodes (DrainNode); default: user
 
 A file with a mistake is refused whole, with the key at fault (`tenants.alice.weight: must be
 a number > 0, got 0`): a server never runs on half of what its operator wrote. The older token
@@ -26,14 +27,14 @@ from typing import Any
 
 import yaml
 
-from services.auth import MIN_TOKEN_CHARS, TENANT_NAME, Tenancy, TenantSettings
+from services.auth import MIN_TOKEN_CHARS, ROLES, TENANT_NAME, Tenancy, TenantSettings
 
 _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 _INT32 = (-2**31, 2**31 - 1)
 _TENANT_KEYS = ("tokens", "weight", "min_priority", "max_priority", "max_running_cpus",
-                "max_queued_jobs", "max_stored_bytes", "max_streams")
+                "max_queued_jobs", "max_stored_bytes", "max_streams", "role")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,7 @@ def load_server_config(path: str | Path) -> Tenancy:
     max_priority: dict[str, int] = {}
     min_priority: dict[str, int] = {}
     settings: dict[str, TenantSettings] = {}
+    admins: set[str] = set()
     for name, own in tenants.items():
         where = f"tenants.{name}"
         if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
@@ -85,6 +87,11 @@ def load_server_config(path: str | Path) -> Tenancy:
         if low is not None and high is not None and low > high:
             raise ConfigError(path, f"{where}.min_priority",
                               f"must be at most max_priority ({high}), got {low}")
+        role = own.get("role", "user")
+        if role not in ROLES:
+            raise ConfigError(path, f"{where}.role", f"must be user or admin, got {role!r}")
+        if role == "admin":
+            admins.add(name)
         if low is not None:
             min_priority[name] = low
         if high is not None:
@@ -99,7 +106,7 @@ def load_server_config(path: str | Path) -> Tenancy:
                                     own.get("max_stored_bytes")),
             max_streams=_integer(path, f"{where}.max_streams", own.get("max_streams"),
                                  1, 10**6) or 0)
-    return Tenancy(owners, max_priority, settings, min_priority)
+    return Tenancy(owners, max_priority, settings, min_priority, frozenset(admins))
 
 
 def _tokens(path: str | Path, where: str, value: Any) -> list[str]:

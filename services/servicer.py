@@ -29,7 +29,13 @@ from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from services import convert
 from services.auth import Authenticator
-from services.errors import DeadlineExceeded, InvalidArgument, ServiceError, disk_full
+from services.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    disk_full,
+)
 from services.inference import ModelServing, RowsFile
 from services.job_logs import job_log
 from services.jobs import JobService
@@ -116,6 +122,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.Job:
         job = self.service.resume(self._tenant(context), request.job_id, request.epochs)
         return convert.job_to_proto(job)
+
+    @_handles_errors
+    def DrainNode(self, request: pb.DrainNodeRequest, context) -> pb.DrainNodeResponse:
+        tenant = self._tenant(context)
+        if not self.auth.is_admin(tenant):
+            raise PermissionDenied(f"DrainNode is for admins: tenant {tenant!r} has no "
+                                   f"role=admin in the server's token file")
+        result = self.service.drain_node(request.node, request.undrain)
+        return pb.DrainNodeResponse(node_ids=result.node_ids, job_ids=result.job_ids)
 
     @_handles_errors
     def DeleteJob(self, request: pb.DeleteJobRequest, context) -> pb.DeleteJobResponse:

@@ -114,6 +114,11 @@ class TrainingServiceStub:
                 request_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/chainrule.v1.TrainingService/DrainNode',
+                request_serializer=chainrule_dot_v1_dot_training__service__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_training__service__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -254,6 +259,18 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Admin only (a tenant with role admin; every caller when the server has no tenants), else
+        PERMISSION_DENIED. Drain a Ray node ahead of its maintenance or preemption: the scheduler
+        places nothing on it until it is undrained (or leaves the cluster), and every job with
+        actors on it checkpoints at its next step boundary and goes back to QUEUED (not FAILED),
+        to resume from that checkpoint on the other nodes with the same weights. NOT_FOUND
+        naming the field for a node the cluster does not have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -336,6 +353,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.DownloadTensorBoard,
                     request_deserializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=chainrule_dot_v1_dot_training__service__pb2.DrainNodeRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_training__service__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -770,6 +792,33 @@ class TrainingService:
             '/chainrule.v1.TrainingService/DownloadTensorBoard',
             chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardRequest.SerializeToString,
             chainrule_dot_v1_dot_training__service__pb2.DownloadTensorBoardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.TrainingService/DrainNode',
+            chainrule_dot_v1_dot_training__service__pb2.DrainNodeRequest.SerializeToString,
+            chainrule_dot_v1_dot_training__service__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ import pytest
 
 from chainrule.client import Client, state_name
 from chainrule.v1 import training_service_pb2 as pb
-from services.auth import TenantSettings, load_tokens
+from services.auth import Authenticator, TenantSettings, load_tokens
 from services.server import serve
 from services.server_config import load_server_config
 from services.single_instance import AlreadyInUse
@@ -258,6 +258,8 @@ def test_a_priority_above_the_tenants_cap_is_refused_naming_priority(tenant_serv
     (f"alice {ALICE} weight=0", "weight must be a number > 0, got '0'"),
     (f"alice {ALICE} max_running_cpus=-1", "max_running_cpus must be a number of CPUs > 0"),
     (f"alice {ALICE} max_queued_jobs=1.5", "max_queued_jobs must be a whole number > 0"),
+    (f"alice {ALICE} role=root", "role must be user or admin, got 'root'"),
+    (f"alice {ALICE} role=admin\nalice {BOB} role=user", "earlier line"),
     (f"alice {ALICE} weight=2\nalice {BOB} weight=3", "earlier line"),
     (f"alice {ALICE} max_priority=3\nalice {BOB} max_priority=4", "earlier line"),
 ])
@@ -391,3 +393,14 @@ def test_the_token_file_maps_tokens_to_tenants_and_tenants_to_their_caps(tmp_pat
     assert loaded.max_priority == {"alice": -2}
     assert loaded.settings == {"carol": TenantSettings(weight=2.5, max_running_cpus=8.0,
                                                        max_queued_jobs=100)}
+    assert loaded.admins == frozenset()
+
+
+def test_role_admin_in_the_token_file_makes_a_tenant_an_admin(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops {ALICE} role=admin\nbob {BOB} role=user\ncarol {CAROL}\n")
+    loaded = load_tokens(tokens)
+    assert loaded.admins == frozenset({"ops"}) and not loaded.settings
+    auth = Authenticator(loaded.tenants, loaded.admins)
+    assert auth.is_admin("ops") and not auth.is_admin("bob") and not auth.is_admin("carol")
+    assert Authenticator().is_admin("default")  # no tokens: loopback only, its owner's

@@ -29,6 +29,7 @@ def test_the_readmes_example_configures_what_its_comments_say(tmp_path):
     assert config.settings["alice"] == TenantSettings(
         weight=2.0, max_running_cpus=8.0, max_queued_jobs=100, max_stored_bytes=10 * 2**30,
         max_streams=4)
+    assert config.admins == frozenset({"alice"})  # role: admin; bob's role is user
     assert config.settings["bob"] == TenantSettings()  # no quota, weight 1
     assert config.settings["bob"].max_running_cpus == math.inf
 
@@ -55,6 +56,8 @@ ALICE = "    tokens: [alice-token-0123456789]\n"
      "tenants.alice.max_stored_bytes: must be a size in bytes > 0"),
     ("tenants:\n  alice:\n" + ALICE + "    max_streams: 0\n",
      "tenants.alice.max_streams: must be a whole number from 1 to 1000000, got 0"),
+    ("tenants:\n  alice:\n" + ALICE + "    role: root\n",
+     "tenants.alice.role: must be user or admin, got 'root'"),
     ("tenants:\n  al/ice:\n" + ALICE, "tenants.al/ice: a tenant name is 1-64 of"),
     ("tenants: {alice: [\n", "not YAML"),
 ])

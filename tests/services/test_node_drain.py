@@ -1,0 +1,139 @@
+"""Draining a node through the API (DrainNode, `chainrule drain`), on a real two-node Ray cluster
+(ray.cluster_utils.Cluster) under a real server: the jobs with actors on the node checkpoint at
+their next step boundary, go back to QUEUED and resume on the other node with the bits of an
+undisturbed run; nothing new is placed on the node until it is undrained. Only admins may."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from chainrule.client import Client, state_name
+from services import cli
+from services.server import serve
+from tests.services.helpers import (
+    assert_same_weights,
+    downloaded,
+    events,
+    iris_spec,
+    rpc_error,
+    wait_until_done,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ADMIN_TOKEN = "admin-token-0123456789"
+USER_TOKEN = "alice-token-0123456789"
+HELD_AT_STEP = 12  # of 60
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, include_dashboard=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(two_nodes, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"ops {ADMIN_TOKEN} role=admin\nalice {USER_TOKEN}\n")
+    running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), tokens_file=tokens)
+    yield running
+    running.stop()
+
+
+class StepGate:
+    """An observer that holds the job's thread after step `at`, between steps (where drains
+    and shutdowns are seen), until released: the drain lands mid-run however fast the job.
+    It also notes where the actors of the run that computes step `at + 1` are."""
+
+    def __init__(self, queue, at: int):
+        self.queue, self.at = queue, at
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.next_run_nodes: set[str] | None = None
+
+    def job_step(self, job_id: str, record) -> None:
+        if record.step == self.at and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(60)
+        elif record.step == self.at + 1:
+            self.next_run_nodes = self.queue.actor_nodes(job_id)
+
+
+def spec():
+    return iris_spec(epochs=15, resources={"workers": 1, "parameter_servers": 1})
+
+
+def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
+        server, tmp_path):
+    with Client(server.address, ADMIN_TOKEN, timeout=30) as admin:
+        undisturbed = admin.submit(spec())
+        done = wait_until_done(admin, undisturbed.id)
+        assert state_name(done.state) == "SUCCEEDED", done.error
+        expected = downloaded(admin, undisturbed.id, tmp_path)
+
+        gate = StepGate(server.queue, HELD_AT_STEP)
+        server.queue.observers.append(gate)
+        try:
+            job = admin.submit(spec())
+            assert gate.reached.wait(60)
+            [node, *_] = sorted(server.queue.actor_nodes(job.id) or ())
+            drained = admin.drain_node(node)
+        finally:
+            gate.release.set()
+        assert list(drained.node_ids) == [node] and list(drained.job_ids) == [job.id]
+        done = wait_until_done(admin, job.id)
+        assert state_name(done.state) == "SUCCEEDED", done.error
+        states = [payload["state"] for payload in events(server, job.id, "state")]
+        assert states[:4] == ["QUEUED", "RUNNING", "QUEUED", "RUNNING"], states
+        recoveries = [payload for payload in events(server, job.id, "recovery")
+                      if payload.get("kind") == "node_drained"]
+        assert len(recoveries) == 1 and node in recoveries[0]["message"], recoveries
+        # The run after the drain placed nothing on the node, and, resumed from the stop's
+        # checkpoint, ended with the bits of the undisturbed run.
+        assert gate.next_run_nodes and node not in gate.next_run_nodes
+        assert done.progress.step == done.progress.total_steps == 60
+        assert_same_weights(downloaded(admin, job.id, tmp_path), expected)
+
+        undrained = admin.drain_node(node, undrain=True)
+        assert list(undrained.node_ids) == [node] and not server.queue.drained_nodes()
+
+
+def test_draining_is_for_admins_and_names_a_live_node(server, capsys):
+    with Client(server.address, USER_TOKEN, timeout=30) as user:
+        denied = rpc_error(lambda: user.drain_node(ray.nodes()[0]["NodeID"]))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "role=admin" in denied.details()
+    assert not server.queue.drained_nodes()
+    with Client(server.address, ADMIN_TOKEN, timeout=30) as admin:
+        unknown = rpc_error(lambda: admin.drain_node("10.9.9.9"))
+        assert unknown.code() == grpc.StatusCode.NOT_FOUND
+        assert unknown.details().startswith("node: no live node has the id or address "
+                                            "'10.9.9.9'")
+        empty = rpc_error(lambda: admin.drain_node(" "))
+        assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert empty.details().startswith("node: ")
+    # The command, by address: every node at it (here both raylets share this host's IP).
+    address = ray.nodes()[0]["NodeManagerAddress"]
+    arguments = ["--server", server.address]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHAINRULE_TOKEN", ADMIN_TOKEN)
+        assert cli.main(["drain", address, *arguments]) == 0
+        assert len(server.queue.drained_nodes()) == 2
+        assert cli.main(["drain", address, "--undrain", *arguments]) == 0
+    assert not server.queue.drained_nodes()
+    output = capsys.readouterr().out
+    assert "nothing new is placed there; jobs stopping at their next step boundary to queue " \
+           "again: none" in output
+    assert "jobs may be placed there again" in output
