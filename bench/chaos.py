@@ -2,9 +2,11 @@
 
     python bench/chaos.py [pytest arguments, e.g. -k sigkill]
 
-Runs the chaos suite (tests/chaos/, and the lost-node case on a real two-node Ray cluster in
-tests/scheduler/test_multinode.py) with CHAINRULE_CHAOS_REPORT naming a file each case adds its
-figures to (tests/chaos/recovery_report.py), then prints them against issue 12's targets:
+Runs the chaos suite (tests/chaos/, the lost-node case on a real two-node Ray cluster in
+tests/scheduler/test_multinode.py, and a node drained through the API under a real server on
+one, tests/services/test_node_drain.py) with CHAINRULE_CHAOS_REPORT naming a file each case
+adds its figures to (tests/chaos/recovery_report.py), then prints them against issue 12's
+targets:
   - steps lost (steps done before the fault that are trained again): 0, except after a
     corrupt checkpoint, which sends the job back to the checkpoint before it;
   - recovery (from the fault to training going on, or to the refusal for a second server):
@@ -36,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CASES = ["tests/chaos",
          "tests/scheduler/test_multinode.py::"
-         "test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones"]
+         "test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones",
+         "tests/services/test_node_drain.py::"
+         "test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights"]
 RECOVERY_TARGET_SECONDS = 5.0
 # Faults whose recovery starts Ray again (or replays from an older checkpoint): no 5 s target.
 RAY_RESTARTS = ("service SIGTERM",)

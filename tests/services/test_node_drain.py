@@ -6,6 +6,7 @@ undisturbed run; nothing new is placed on the node until it is undrained. Only a
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from ray.cluster_utils import Cluster
 from chainrule.client import Client, state_name
 from services import cli
 from services.server import serve
+from tests.chaos.recovery_report import report_recovery
 from tests.services.helpers import (
     assert_same_weights,
     downloaded,
@@ -56,19 +58,30 @@ def server(two_nodes, tmp_path_factory):
 class StepGate:
     """An observer that holds the job's thread after step `at`, between steps (where drains
     and shutdowns are seen), until released: the drain lands mid-run however fast the job.
-    It also notes where the actors of the run that computes step `at + 1` are."""
+    Then it notes the steps reported, when the first came, and where the actors of the run
+    that computed it are."""
 
     def __init__(self, queue, at: int):
         self.queue, self.at = queue, at
         self.reached, self.release = threading.Event(), threading.Event()
+        self.job_id = ""
+        self.steps_after: list[int] = []
+        self.resumed_at = 0.0  # time.monotonic() of the first step after the release
         self.next_run_nodes: set[str] | None = None
 
     def job_step(self, job_id: str, record) -> None:
-        if record.step == self.at and not self.reached.is_set():
-            self.reached.set()
-            self.release.wait(60)
-        elif record.step == self.at + 1:
+        if not self.reached.is_set():
+            if record.step == self.at:
+                self.job_id = job_id
+                self.reached.set()
+                self.release.wait(60)
+            return
+        if job_id != self.job_id:
+            return
+        if not self.steps_after:
+            self.resumed_at = time.monotonic()
             self.next_run_nodes = self.queue.actor_nodes(job_id)
+        self.steps_after.append(record.step)
 
 
 def spec():
@@ -89,6 +102,7 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
             job = admin.submit(spec())
             assert gate.reached.wait(60)
             [node, *_] = sorted(server.queue.actor_nodes(job.id) or ())
+            drained_at = time.monotonic()
             drained = admin.drain_node(node)
         finally:
             gate.release.set()
@@ -100,11 +114,13 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
         recoveries = [payload for payload in events(server, job.id, "recovery")
                       if payload.get("kind") == "node_drained"]
         assert len(recoveries) == 1 and node in recoveries[0]["message"], recoveries
-        # The run after the drain placed nothing on the node, and, resumed from the stop's
-        # checkpoint, ended with the bits of the undisturbed run.
+        # The run after the drain placed nothing on the node and resumed from the stop's
+        # checkpoint, at the step it stopped at: no step was lost or trained twice. It ended
+        # with the bits of the undisturbed run.
         assert gate.next_run_nodes and node not in gate.next_run_nodes
-        assert done.progress.step == done.progress.total_steps == 60
+        assert gate.steps_after == list(range(HELD_AT_STEP + 1, 61))
         assert_same_weights(downloaded(admin, job.id, tmp_path), expected)
+        report_recovery("node drained", gate.resumed_at - drained_at, 0, recoveries[0]["message"])
 
         undrained = admin.drain_node(node, undrain=True)
         assert list(undrained.node_ids) == [node] and not server.queue.drained_nodes()
