@@ -87,6 +87,20 @@ class TreeAccumulator:
             count, value = left_count + count, left
         self._stack.append((count, value))
 
+    def total_if_pushed_last(self, index: int, value: np.ndarray) -> np.ndarray:
+        """Array `index` of the total were a leaf holding `value` there pushed now, with the
+        same additions in the same order as `push` then `total` (so the same bits), leaving
+        the accumulator as it is: a worker sends one parameter's block sum while backward
+        still computes the last leaf's other arrays."""
+        count, stack = 1, list(self._stack)
+        while stack and stack[-1][0] == count:
+            left_count, left = stack.pop()
+            value = left[index] + value
+            count += left_count
+        for _, left in reversed(stack):
+            value = left[index] + value
+        return value
+
     def total(self) -> list[np.ndarray] | None:
         """The sum of every leaf pushed (partials of unequal size merge right to left)."""
         if not self._stack:

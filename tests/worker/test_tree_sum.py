@@ -83,3 +83,19 @@ def test_a_tree_sum_reuses_its_buffers_from_step_to_step():
     assert [id(buffer) for buffer in tree.buffers] == buffers
     with pytest.raises(ValueError, match="got 6"):
         tree.sum(gradients(6))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 8])
+def test_the_total_with_a_last_leaf_is_known_per_array_before_the_leaf_is_pushed(count):
+    rng = np.random.default_rng(count)
+    leaves = [[rng.standard_normal(5).astype(np.float32) * 10.0 ** rng.integers(-3, 4),
+               rng.standard_normal(3).astype(np.float32)] for _ in range(count)]
+    accumulator = TreeAccumulator()
+    for leaf in leaves[:-1]:
+        accumulator.push([a.copy() for a in leaf])
+    early = [accumulator.total_if_pushed_last(i, leaves[-1][i].copy()) for i in range(2)]
+    accumulator.push([a.copy() for a in leaves[-1]])
+    total = accumulator.total()
+    assert total is not None
+    for i in range(2):
+        assert early[i].tobytes() == total[i].tobytes()

@@ -45,6 +45,7 @@ def apply(op: Op, *args: Any, **params: Any) -> Tensor:
     out.data = ans
     out.grad = None
     out._node = None
+    out._grad_hooks = None
     out.requires_grad = False
     if _tensor._grad_enabled:
         for parent in parents:

@@ -97,7 +97,7 @@ class Tensor:
     array([2., 4.], dtype=float32)
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_node", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_node", "_grad_hooks", "__weakref__")
     __array_priority__ = 1000  # so `ndarray + Tensor` defers to Tensor.__radd__
 
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None):
@@ -117,6 +117,7 @@ class Tensor:
         self.grad: np.ndarray | None = None
         self.requires_grad = requires_grad
         self._node: Node | None = None
+        self._grad_hooks: list[Callable[[Tensor], None]] | None = None
 
     # --- plain properties -------------------------------------------------------------------
 
@@ -175,6 +176,17 @@ class Tensor:
         self.grad = None
 
     # --- the backward sweep -----------------------------------------------------------------
+
+    def register_post_accumulate_grad_hook(self, hook: Callable[[Tensor], None]) -> None:
+        """Call `hook(self)` in every backward sweep once this leaf's `.grad` holds all of the
+        sweep's contributions, while the sweep goes on to the tensors it still has to visit
+        (as in PyTorch). A data-parallel worker starts sending a layer's gradient from here
+        while backward computes the layers below."""
+        if self._node is not None:
+            raise RuntimeError("post-accumulate-grad hooks are for leaf tensors only")
+        if self._grad_hooks is None:
+            self._grad_hooks = []
+        self._grad_hooks.append(hook)
 
     def backward(
         self, grad: Any = None, retain_graph: bool = False, create_graph: bool = False
@@ -347,6 +359,9 @@ def _backward_sweep(
     captured: dict[int, Any] | None = None,
 ) -> None:
     order = _topological_order(root)
+    # Hooked leaves are finished as soon as their last contribution is in, rather than when
+    # the order reaches them (for an MLP that is after the whole sweep).
+    awaited = _hooked_leaf_uses(order) if captured is None else {}
     pending: dict[int, Any] = {id(root): Tensor(grad) if create_graph else grad}
     given_to_leaves: set[int] = set()
     previous, global_grad_enabled = _grad_enabled, create_graph
@@ -377,10 +392,29 @@ def _backward_sweep(
                     pending[key] = pending[key] + parent_grad
                 else:
                     pending[key] = parent_grad
+                if key in awaited:
+                    awaited[key] -= 1
+                    if awaited[key] == 0:  # when the order reaches it, it has nothing pending
+                        _accumulate_into_leaf(parent, pending.pop(key), given_to_leaves,
+                                              create_graph)
             if not retain_graph:
                 node.release()
     finally:
         _set_grad_enabled(previous)
+
+
+def _hooked_leaf_uses(order: list[Tensor]) -> dict[int, int]:
+    """For each leaf with hooks: how many inputs of the sweep's nodes it is."""
+    uses: dict[int, int] = {}
+    for tensor in order:
+        node = tensor._node
+        if node is None:
+            continue
+        for parent in node.parents:
+            if (parent is not None and parent._grad_hooks and parent._node is None
+                    and parent.requires_grad):
+                uses[id(parent)] = uses.get(id(parent), 0) + 1
+    return uses
 
 
 def _set_grad_enabled(flag: bool) -> None:
@@ -421,6 +455,14 @@ def _vjp(node: Node, index: int, g: Any, create_graph: bool) -> Any:
 
 
 def _accumulate_into_leaf(leaf: Tensor, g: Any, given: set[int], create_graph: bool) -> None:
+    """The sweep visits a leaf once, after every tensor computed from it: `g` is its whole
+    gradient, so its hooks may run now."""
+    _add_into_leaf(leaf, g, given, create_graph)
+    for hook in leaf._grad_hooks or ():
+        hook(leaf)
+
+
+def _add_into_leaf(leaf: Tensor, g: Any, given: set[int], create_graph: bool) -> None:
     if create_graph:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
         return

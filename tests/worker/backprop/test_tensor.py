@@ -389,3 +389,41 @@ def test_backward_with_create_graph_leaves_a_differentiable_gradient():
     np.testing.assert_allclose(x.grad.data, 3 * x.data**2)
     (second,) = grad(x.grad.sum(), [x])
     np.testing.assert_allclose(second, 6 * x.data)
+
+
+# --- post-accumulate-grad hooks (a worker sends a layer's gradient from here) -------------
+
+
+def test_a_post_accumulate_grad_hook_sees_the_final_gradient_last_layer_first():
+    from worker.backprop import nn
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Linear(4, 3))
+    seen: list[tuple[str, np.ndarray]] = []
+    for name, parameter in model.named_parameters():
+        parameter.register_post_accumulate_grad_hook(
+            lambda tensor, name=name: seen.append((name, tensor.grad.copy())))
+    model(Tensor(np.random.default_rng(0).standard_normal((2, 6)))).sum().backward()
+
+    # Each parameter once, the layer nearest the loss first: while its hook runs, the
+    # layers below it have not been differentiated yet.
+    assert [name for name, _ in seen] == ["4.weight", "4.bias", "2.weight", "2.bias",
+                                          "0.weight", "0.bias"]
+    final = dict(model.named_parameters())
+    for name, value in seen:
+        np.testing.assert_array_equal(value, final[name].grad)
+
+
+def test_a_hooked_leaf_used_twice_gets_both_contributions_before_its_hook():
+    x = leaf([1.0, 2.0])
+    seen = []
+    x.register_post_accumulate_grad_hook(lambda tensor: seen.append(tensor.grad.copy()))
+    ((x * 3.0) + (x * x)).sum().backward()  # d/dx = 3 + 2x
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], [5.0, 7.0])
+
+
+def test_a_post_accumulate_grad_hook_is_for_leaves_only():
+    y = leaf([1.0]) * 2.0
+    with pytest.raises(RuntimeError, match="leaf"):
+        y.register_post_accumulate_grad_hook(lambda tensor: None)
