@@ -597,7 +597,9 @@ class JobRunner:
         busy = compute + reduce_ + apply_ + outcome.gather_seconds
         timings = StepTimings(compute=compute, reduce=reduce_, apply=apply_,
                               gather=outcome.gather_seconds, wait=max(0.0, wall - busy),
-                              wall=wall, straggler_spread=compute - statistics.median(computes))
+                              wall=wall, straggler_spread=compute - statistics.median(computes),
+                              communication=outcome.communication_seconds,
+                              hidden_communication=outcome.hidden_communication_seconds)
         return StepRecord(
             step=step, total_steps=self.total_steps, epoch=epoch, samples=work.samples,
             loss=sum(b.loss_sum for b in outcome.blocks) / max(work.samples, 1),

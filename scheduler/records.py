@@ -21,6 +21,10 @@ class StepTimings:
     wait: float  # the rest: call latency and synchronisation
     wall: float
     straggler_spread: float  # slowest block's compute minus the median block's
+    # Gradient chunks in flight between workers and shards (object-store transport), summed
+    # over the chunks, and the part of that hidden behind the workers' backward passes.
+    communication: float = 0.0
+    hidden_communication: float = 0.0
 
 
 @dataclass(frozen=True)

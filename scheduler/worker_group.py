@@ -60,10 +60,12 @@ class WorkerGroup:
                       else (None, None))
         self._replica_arguments = (replica_setup, ray.put(rows), *validation)
         self.replicas = [self._new_replica(w) for w in range(self.placement.workers)]
-        # max_concurrency 2: a step loop runs in one thread, the runner's occasional calls
-        # (location, checkpoint state, last error) in the other, between steps.
+        # max_concurrency 2 for a replica: a step loop runs in one thread, the runner's
+        # occasional calls (location, checkpoint state, last error) in the other, between
+        # steps. A shard's reduce may wait for the workers' chunks (object-store transport),
+        # which then arrive in other threads.
         self.shards = [RemoteShard.options(**self.placement.shard_options(k),
-                                           max_concurrency=2).remote(setup)
+                                           max_concurrency=4).remote(setup)
                        for k, setup in enumerate(shard_setups)]
         workers = ray.get([replica.location.remote() for replica in self.replicas],
                           timeout=self.timeout_seconds)

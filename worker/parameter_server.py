@@ -62,6 +62,8 @@ class ReduceResult:
     seconds: float
     # K-FAC: v.g of each layer of the slice (v its preconditioned gradient), for the KL clip.
     direction_dots: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Object-store transport: block -> when (time.time()) its chunk reached this shard.
+    chunk_arrivals: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class ParameterServerShard:
                                   setup.block_count)
         self.rule = RULES["sgd"] if self.kfac is not None else RULES[setup.optimizer]
         self.steps_taken = 0
+        self.inbox = object_store.ChunkInbox()  # the workers' chunks (object-store transport)
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
         # the shard's bounds are then aligned to parameter boundaries by the runner.
         self.pieces = self._pieces()
@@ -201,15 +204,20 @@ class ParameterServerShard:
     def serve(self, step: shared_memory.SharedStep) -> None:
         shared_memory.serve_shard(self, step)
 
-    def reduce_chunks(self, *chunks: np.ndarray) -> ReduceResult:
-        return object_store.reduce_chunks(self, *chunks)
+    def accept_chunk(self, step: int, block: int, gradient: np.ndarray,
+                     statistics: np.ndarray | None = None) -> None:
+        self.inbox.accept(step, block, gradient, statistics)
+
+    def reduce_pushed(self, step: int, blocks: int, timeout_seconds: float) -> ReduceResult:
+        return object_store.reduce_pushed(self, step, blocks, timeout_seconds)
 
     def apply_and_return(self, lr: float, coefficient: float = 1.0,
                          kl_coefficient: float = 1.0) -> tuple:
         return object_store.apply_and_return(self, lr, coefficient, kl_coefficient)
 
-    def reduce_apply_chunks(self, lr: float, *chunks: np.ndarray) -> tuple:
-        return object_store.reduce_apply_chunks(self, lr, *chunks)
+    def reduce_apply_pushed(self, step: int, blocks: int, timeout_seconds: float,
+                            lr: float) -> tuple:
+        return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
 
     # --- checkpoints ---------------------------------------------------------------------
 

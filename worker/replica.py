@@ -19,6 +19,7 @@ worker computed them. Dropout masks are seeded by (seed, step, micro-batch), nev
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -109,6 +110,15 @@ class ModelReplica:
         # The actor runs two threads (calls beside the step loop), but one model computes one
         # block at a time: the engine's graph-recording switch is process-wide.
         self._compute_lock = threading.Lock()
+        # The reduce-scatter overlapped with backward (object-store transport): while the
+        # block's last micro-batch runs backward, each parameter's block sum goes to the
+        # sender as soon as the parameter's gradient is final.
+        self._chunk_sender: object_store.ChunkSender | None = None
+        self._block_sums: TreeAccumulator | None = None
+        if setup.parameters is None:
+            for index, parameter in enumerate(self.parameters):
+                parameter.register_post_accumulate_grad_hook(
+                    functools.partial(self._gradient_ready, index))
         self.last_error = ""  # the job error of the last block that raised, for the runner
 
     def location(self) -> tuple[str, str]:
@@ -124,11 +134,13 @@ class ModelReplica:
     def serve(self, step: shared_memory.SharedStep, worker: int) -> None:
         shared_memory.serve_worker(self, step, worker)
 
-    def compute_chunks(self, micro_batches: list[tuple[int, np.ndarray]], global_step: int,
-                       batch_size: int, master_buffers: np.ndarray | None,
-                       bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
-        return object_store.compute_chunks(self, micro_batches, global_step, batch_size,
-                                           master_buffers, bounds, *slices)
+    def compute_and_send(self, micro_batches: list[tuple[int, np.ndarray]], global_step: int,
+                         batch_size: int, master_buffers: np.ndarray | None,
+                         bounds: list[tuple[int, int]], block_index: int, shards: list,
+                         *slices: np.ndarray) -> tuple:
+        return object_store.compute_and_send(self, micro_batches, global_step, batch_size,
+                                             master_buffers, bounds, block_index, shards,
+                                             *slices)
 
     def last_error_message(self) -> str:
         return self.last_error
@@ -153,18 +165,32 @@ class ModelReplica:
                 micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                 master_buffers: np.ndarray | None = None,
                 parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]] = (),
-                statistics: np.ndarray | None = None) -> BlockResult:
+                statistics: np.ndarray | None = None,
+                chunk_sender: object_store.ChunkSender | None = None) -> BlockResult:
         """Gradient of this block's micro-batches (index, sample indices) into `destination`
         (a view per parameter name); `batch_size` is the whole step's sample count (the loss's
         divisor). `master_buffers` (flat) are the step's starting buffers; `parameter_slices`
         ((lo, hi), values) are written into the parameter vector first. On a K-FAC
-        factor-update step (carries_statistics) the block's statistics go into `statistics`."""
+        factor-update step (carries_statistics) the block's statistics go into `statistics`.
+        `chunk_sender` (object-store transport) is given each parameter's block sum during the
+        last micro-batch's backward, as soon as it is known."""
         with self._compute_lock:
             for (lo, hi), values in parameter_slices:
                 self.flat[lo:hi] = values
             buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
-            return self._compute(destination, micro_batches, global_step, batch_size, buffers,
-                                 statistics)
+            try:
+                return self._compute(destination, micro_batches, global_step, batch_size,
+                                     buffers, statistics, chunk_sender)
+            finally:
+                self._chunk_sender = self._block_sums = None
+
+    def _gradient_ready(self, index: int, parameter: Tensor) -> None:
+        """A parameter's gradient of the block's last micro-batch is final: its block sum,
+        by the tree's additions, goes to the sender (the accumulator is not changed)."""
+        if self._chunk_sender is None or self._block_sums is None or parameter.grad is None:
+            return
+        self._chunk_sender.parameter_ready(
+            index, self._block_sums.total_if_pushed_last(index, parameter.grad))
 
     def carries_statistics(self, step: int) -> bool:
         """Whether step `step` computes K-FAC factor statistics beside the gradients."""
@@ -174,7 +200,8 @@ class ModelReplica:
     def _compute(self, destination: dict[str, np.ndarray],
                  micro_batches: list[tuple[int, np.ndarray]], global_step: int, batch_size: int,
                  buffers: dict[str, np.ndarray] | None,
-                 statistics: np.ndarray | None = None) -> BlockResult:
+                 statistics: np.ndarray | None = None,
+                 chunk_sender: object_store.ChunkSender | None = None) -> BlockResult:
         start = time.perf_counter()
         if buffers is not None:
             self.load_buffers(buffers)
@@ -187,7 +214,9 @@ class ModelReplica:
         if captures and statistics is None:
             raise ValueError(f"step {global_step} computes K-FAC statistics but was given no "
                              f"statistics block to write them to")
-        for micro_batch, indices in micro_batches:
+        for position, (micro_batch, indices) in enumerate(micro_batches):
+            if position == len(micro_batches) - 1 and not captures:
+                self._chunk_sender, self._block_sums = chunk_sender, accumulator
             if start_buffers is not None:
                 self.load_buffers(start_buffers)  # each micro-batch starts from the step's stats
             nn.init.manual_seed(micro_batch_seed(self.job.seed, global_step, micro_batch))

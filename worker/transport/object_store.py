@@ -1,31 +1,45 @@
 """A step through the Ray object store: for actors on other hosts than the runner.
 
-Each worker receives the shards' updated slices (the all-gather), computes its block and
-returns it cut into one chunk per shard (the reduce-scatter); shard k sums the N chunks it is
-given in the fixed tree order, applies the optimizer and returns its updated slice. Every
-worker still sends and receives about one model's worth of bytes per step, but through
-object-store copies and actor calls, which cost milliseconds each: on one host the shared-
-memory transport (shared_memory.py) is used instead.
+Each worker receives the shards' updated slices (the all-gather) and computes its block; it
+sends shard k the block's chunk [lo_k, hi_k) itself, by an actor call, as soon as every
+parameter in that range has its block sum: during the backward pass of its last micro-batch,
+while the layers below are still being differentiated (the reduce-scatter overlapped with
+backward, in buckets as PyTorch's DDP does; here a bucket is a shard's chunk, which the
+object store moves in one transfer). Backward produces the top layers first, and the last
+shard holds them, so its chunk leaves first. Shard k keeps the chunks in an inbox; once every
+block is delivered the runner asks it to sum the N chunks in the fixed tree order, apply the
+optimizer and return its updated slice. Every worker sends and receives about one model's
+worth of bytes per step, through object-store copies and actor calls, which cost milliseconds
+each: on one host the shared-memory transport (shared_memory.py) is used instead.
 
-K-FAC's factor-update steps add to each worker's returns one float64 statistics chunk per
-shard (the section of the statistics vector covering that shard's layers, worker/kfac_layout.py),
-which the shard sums in the same fixed tree as the gradient chunks. With a KL clip the shards
-first return each layer's v.g, and the runner sends K-FAC's coefficient nu with the clipping
-coefficient.
+Why the workers send, rather than return their chunks for the runner to pass on: a transfer
+between two hosts costs ~7 ms before its first byte (measured on the 10 Gbit/s namespace hosts,
+bench/multihost.py), so the only cut is to start it earlier, and a call the worker makes
+during backward starts it while the worker still computes.
+
+K-FAC's factor-update steps add to each chunk the float64 statistics section covering that
+shard's layers (worker/kfac_layout.py), sent after the block is complete, which the shard sums
+in the same fixed tree as the gradient chunks. With a KL clip the shards first return each
+layer's v.g, and the runner sends K-FAC's coefficient nu with the clipping coefficient.
 
 This module owns both ends of the protocol: the runner's side (ObjectStoreTransport) and what
-the actors do when called (compute_chunks, reduce_chunks, apply_and_return,
-reduce_apply_chunks, which ModelReplica and ParameterServerShard expose as their remote
-methods). It lives in worker/ because the actors run it and must not import the scheduler.
+the actors do when called (compute_and_send, ChunkSender, ChunkInbox, reduce_pushed,
+apply_and_return, reduce_apply_pushed, which ModelReplica and ParameterServerShard expose as
+their remote methods). It lives in worker/ because the actors run it and must not import the
+scheduler.
 
 The runner's side reports what went wrong and decides nothing: a worker that dies or misses
-the deadline comes back as WorkersLost (the shards have not been called yet, so `recompute` on
-a survivor completes the step with the same bits), a dead or silent shard as ShardLost, an
+the deadline comes back as WorkersLost (the shards have not been asked to reduce yet, so
+`recompute` on a survivor completes the step with the same bits: its chunks replace any the
+lost worker sent), a dead or silent shard, or one whose chunks never came, as ShardLost, an
 error raised by the job's computation as BlockFailed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,7 +61,7 @@ from worker.transport.step import (
 )
 
 if TYPE_CHECKING:
-    from worker.flat_parameters import ParameterSlot
+    from worker.flat_parameters import ParameterLayout, ParameterSlot
     from worker.parameter_server import ApplyResult, ParameterServerShard, ReduceResult
     from worker.replica import BlockResult, ModelReplica
 
@@ -71,12 +85,13 @@ class ObjectStoreTransport:
         self.flatten_buffers = flatten_buffers
         self.timeout_seconds = timeout_seconds
         self.slices: list = []
-        # The step in progress: each block's call (its chunk refs, then its statistics' ref),
-        # owner and, once delivered, statistics.
+        # The step in progress: each block's call, owner and, once delivered, figures and
+        # when its chunks were sent.
         self.work: StepWork | None = None
-        self.calls: dict[int, list[ray.ObjectRef]] = {}
+        self.calls: dict[int, ray.ObjectRef] = {}
         self.owners: dict[int, int] = {}
         self.delivered: dict[int, BlockResult] = {}
+        self.sends: dict[int, ChunkSends] = {}
 
     def start(self) -> None:
         self.push_parameters()
@@ -107,7 +122,7 @@ class ObjectStoreTransport:
     # --- one step ----------------------------------------------------------------------------
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
-        self.work, self.calls, self.owners, self.delivered = work, {}, {}, {}
+        self.work, self.calls, self.owners, self.delivered, self.sends = work, {}, {}, {}, {}
         self.master_buffers = (None if work.master_buffers is None
                                else ray.put(work.master_buffers))
         return self.recompute(dict(enumerate(work.block_owners)))
@@ -116,14 +131,13 @@ class ObjectStoreTransport:
         work = self.work
         if work is None:
             raise RuntimeError("recompute() needs a step that returned WorkersLost")
-        chunks = len(self.bounds) * (2 if work.carries_statistics else 1)
+        shards = list(self.actors.shards)
         for block, worker in owners.items():
             lo, hi = work.block_ranges[block]
             self.owners[block] = worker
-            self.calls[block] = self.actors.replicas[worker].compute_chunks.options(
-                num_returns=chunks + 1).remote(
+            self.calls[block] = self.actors.replicas[worker].compute_and_send.remote(
                 work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
-                self.bounds, *self.slices)
+                self.bounds, block, shards, *self.slices)
         failure = self._collect_blocks(work)
         if failure is not None:
             return failure
@@ -131,6 +145,8 @@ class ObjectStoreTransport:
             return self._reduce_and_apply(work)
         except ray.exceptions.RayActorError:
             return ShardLost(None, f"during step {work.step}")
+        except ray.exceptions.RayTaskError as error:  # a shard's chunks never all came
+            return ShardLost(None, f"during step {work.step}: {error.cause}")
         except _ShardGone as gone:
             return gone.failure
 
@@ -139,7 +155,7 @@ class ObjectStoreTransport:
         heartbeat (liveness.py: a lost node is found in seconds) or let the step's deadline
         pass are lost, with the blocks they had not delivered; the other owners' blocks still
         in progress stay theirs."""
-        pending = {block: call[-1] for block, call in self.calls.items()
+        pending = {block: call for block, call in self.calls.items()
                    if block not in self.delivered}
         awaited: dict[int, list[ray.ObjectRef]] = {}
         for block, ref in pending.items():
@@ -156,7 +172,7 @@ class ObjectStoreTransport:
             if ref not in ready:
                 continue
             try:
-                self.delivered[block] = ray.get(ref)
+                self.delivered[block], self.sends[block] = ray.get(ref)
             except ray.exceptions.RayActorError:
                 lost.add(self.owners[block])
             except ray.exceptions.RayTaskError as error:  # the job's computation raised
@@ -174,21 +190,17 @@ class ObjectStoreTransport:
 
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))
-        shard_count = len(self.bounds)
-        chunks_of_shard = [[self.calls[b][k] for b in blocks] for k in range(shard_count)]
-        if work.carries_statistics:  # then each shard's statistics chunks, in block order
-            for k in range(shard_count):
-                chunks_of_shard[k] += [self.calls[b][shard_count + k] for b in blocks]
         shards = self.actors.shards
+        # The shard waits for chunks still on their way; past the deadline it gives up.
+        inbox = (work.step, len(work.block_ranges), work.deadline_seconds)
         if not work.waits_for_coefficients:
-            calls = [shard.reduce_apply_chunks.options(num_returns=3).remote(work.lr, *chunks)
-                     for shard, chunks in zip(shards, chunks_of_shard)]
+            calls = [shard.reduce_apply_pushed.options(num_returns=3).remote(*inbox, work.lr)
+                     for shard in shards]
             reduced = self._from_shards([c[0] for c in calls], work)
             applied = self._from_shards([c[1] for c in calls], work)
             self.slices = [c[2] for c in calls]
         else:
-            reduced = self._from_shards([shard.reduce_chunks.remote(*chunks)
-                                         for shard, chunks in zip(shards, chunks_of_shard)],
+            reduced = self._from_shards([shard.reduce_pushed.remote(*inbox) for shard in shards],
                                         work)
             coefficient, nu = apply_coefficients(
                 work, sum(r.squared_norm for r in reduced),
@@ -215,7 +227,11 @@ class ObjectStoreTransport:
         micro = None
         if results[0].buffers is not None:  # then every block's are: one model
             micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
-        return StepOutcome(block_stats, shard_stats, norms, micro)
+        communication, hidden = overlap_seconds(
+            [self.sends[b] for b in blocks], [r.chunk_arrivals for r in reduced])
+        return StepOutcome(block_stats, shard_stats, norms, micro,
+                           communication_seconds=communication,
+                           hidden_communication_seconds=hidden)
 
 
     def _from_shards(self, refs: list[ray.ObjectRef], work: StepWork) -> list:
@@ -239,38 +255,161 @@ class _ShardGone(Exception):
         self.failure = failure
 
 
+# --- when the chunks travelled: the overlap of communication with backward ----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSends:
+    """When (time.time()) a worker sent each shard its chunk of a block, and when its block
+    was complete: the overlap figures compare these with when the chunks arrived."""
+
+    sent_at: dict[int, float]  # shard -> when its chunk was sent
+    computed_at: float
+
+
+def overlap_seconds(sends: Sequence[ChunkSends],
+                    arrivals: Sequence[Mapping[int, float]]) -> tuple[float, float]:
+    """(seconds the step's chunks spent between sender and shard, the part of those seconds
+    during which their senders were still computing), summed over the chunks. `arrivals[k]`:
+    block -> when shard k received that block's chunk. The clocks of two real hosts differ by
+    their skew; the namespace hosts share one clock."""
+    communication = hidden = 0.0
+    for shard, arrived in enumerate(arrivals):
+        for block, at in arrived.items():
+            sent = sends[block].sent_at.get(shard)
+            if sent is None:
+                continue
+            communication += max(0.0, at - sent)
+            hidden += max(0.0, min(at, sends[block].computed_at) - sent)
+    return communication, hidden
+
+
 # --- the actors' side ----------------------------------------------------------------------------
 
 
-def compute_chunks(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
-                   step: int, batch_size: int, master_buffers: np.ndarray | None,
-                   bounds: list[tuple[int, int]], *slices: np.ndarray) -> tuple:
-    """A worker's step: take the shards' updated slices (the all-gather), compute the block,
-    return it cut into one chunk per shard (the reduce-scatter), on a K-FAC factor-update step
-    then its statistics cut into one section per shard, and last the block's figures."""
-    # A fresh block each call: Ray copies the returned chunks after this function returns,
-    # when another call may already be computing.
+class ChunkSender:
+    """A worker's reduce-scatter of one block: shard k is sent block[lo_k:hi_k] as soon as
+    every parameter that overlaps it has its block sum (`parameter_ready`, called from the
+    backward pass's gradient hooks), the rest when the block is complete (`finish`)."""
+
+    def __init__(self, layout: ParameterLayout, block: np.ndarray,
+                 bounds: Sequence[tuple[int, int]],
+                 send: Callable[[int, np.ndarray], None]):
+        self.block, self.bounds, self.send = block, list(bounds), send
+        self.views = layout.views(block)
+        self.names = [slot.name for slot in layout.slots]
+        # Shard k waits for the parameters (by index) that have elements in [lo_k, hi_k).
+        self.shards_of: list[list[int]] = [
+            [k for k, (lo, hi) in enumerate(self.bounds)
+             if slot.offset < hi and lo < slot.offset + slot.size]
+            for slot in layout.slots]
+        self.waiting = [{i for i, shards in enumerate(self.shards_of) if k in shards}
+                        for k in range(len(self.bounds))]
+        self.sent_at: dict[int, float] = {}
+
+    def parameter_ready(self, index: int, block_sum: np.ndarray) -> None:
+        np.copyto(self.views[self.names[index]], block_sum)
+        for k in self.shards_of[index]:
+            self.waiting[k].discard(index)
+            if not self.waiting[k]:
+                self._send(k)
+
+    def finish(self) -> None:
+        """The block is complete: send every chunk not sent yet (parameters without a
+        gradient hook call: unused, frozen, or a block without micro-batches)."""
+        for k in range(len(self.bounds)):
+            self._send(k)
+
+    def _send(self, k: int) -> None:
+        if k in self.sent_at:
+            return
+        self.sent_at[k] = time.time()
+        lo, hi = self.bounds[k]
+        self.send(k, self.block[lo:hi])
+
+
+def compute_and_send(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
+                     step: int, batch_size: int, master_buffers: np.ndarray | None,
+                     bounds: list[tuple[int, int]], block_index: int, shards: Sequence,
+                     *slices: np.ndarray) -> tuple[BlockResult, ChunkSends]:
+    """A worker's step: take the shards' updated slices (the all-gather), compute the block and
+    send each shard its chunk (the reduce-scatter) as soon as it is known; on a K-FAC
+    factor-update step every chunk goes with its statistics section, once the block is
+    complete. Returns the block's figures and when its chunks left."""
+    # A fresh block each call: the arrays of calls sent are copied into the object store when
+    # sent, but a fresh block keeps that from mattering.
     block = np.empty_like(replica.flat)
     kfac = replica.kfac
     statistics = (np.empty(kfac.statistics_size)
                   if kfac is not None and replica.carries_statistics(step) else None)
+
+    def send(k: int, chunk: np.ndarray) -> None:
+        section = None
+        if kfac is not None and statistics is not None:
+            lo, hi = kfac.statistics_bounds(*bounds[k])
+            section = statistics[lo:hi]
+        shards[k].accept_chunk.remote(step, block_index, chunk, section)
+
+    sender = ChunkSender(replica.layout, block, bounds, send)
     result = replica.compute(replica.layout.views(block), micro_batches, step, batch_size,
                              master_buffers, parameter_slices=list(zip(bounds, slices)),
-                             statistics=statistics)
-    chunks = [block[lo:hi] for lo, hi in bounds]
-    if kfac is not None and statistics is not None:
-        sections = [kfac.statistics_bounds(lo, hi) for lo, hi in bounds]
-        chunks += [statistics[lo:hi] for lo, hi in sections]
-    return (*chunks, result)
+                             statistics=statistics,
+                             chunk_sender=sender if statistics is None else None)
+    computed_at = time.time()
+    sender.finish()
+    return result, ChunkSends(sender.sent_at, computed_at)
 
 
-def reduce_chunks(shard: ParameterServerShard, *chunks: np.ndarray) -> ReduceResult:
-    """Gradient chunks in block order, on a K-FAC factor-update step followed by as many
-    statistics chunks."""
-    if shard.expects_statistics():
-        half = len(chunks) // 2
-        return shard.reduce(list(chunks[:half]), list(chunks[half:]))
-    return shard.reduce(list(chunks))
+class ChunkInbox:
+    """A shard's chunks of the step in progress, as the workers send them: block -> chunk
+    (a recomputed block's chunk replaces the lost worker's, which has the same bits)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.gradients: dict[tuple[int, int], np.ndarray] = {}  # (step, block) -> chunk
+        self.statistics: dict[tuple[int, int], np.ndarray] = {}
+        self.arrivals: dict[tuple[int, int], float] = {}
+
+    def accept(self, step: int, block: int, gradient: np.ndarray,
+               statistics: np.ndarray | None) -> None:
+        with self.changed:
+            self.gradients[step, block] = gradient
+            if statistics is not None:
+                self.statistics[step, block] = statistics
+            self.arrivals[step, block] = time.time()
+            self.changed.notify_all()
+
+    def take(self, step: int, blocks: int, with_statistics: bool, timeout_seconds: float
+             ) -> tuple[list[np.ndarray], list[np.ndarray], dict[int, float]]:
+        """Step `step`'s chunks of blocks 0..blocks-1 (then their statistics sections), and
+        when each arrived; raises TimeoutError if they are not all in within the timeout.
+        Empties the inbox: nothing of another step can still be needed."""
+        keys = [(step, b) for b in range(blocks)]
+
+        def complete() -> bool:
+            return all(key in self.gradients and (not with_statistics or key in self.statistics)
+                       for key in keys)
+
+        with self.changed:
+            if not self.changed.wait_for(complete, timeout=timeout_seconds):
+                missing = [b for s, b in keys if (s, b) not in self.gradients]
+                raise TimeoutError(f"step {step}: the chunks of blocks {missing} did not arrive "
+                                   f"within {timeout_seconds:g} s")
+            gradients = [self.gradients[key] for key in keys]
+            statistics = [self.statistics[key] for key in keys] if with_statistics else []
+            arrivals = {b: self.arrivals[s, b] for s, b in keys}
+            self.gradients, self.statistics, self.arrivals = {}, {}, {}
+        return gradients, statistics, arrivals
+
+
+def reduce_pushed(shard: ParameterServerShard, step: int, blocks: int,
+                  timeout_seconds: float) -> ReduceResult:
+    """Sum the step's gradient chunks in block order (on a K-FAC factor-update step also their
+    statistics sections), once all have arrived."""
+    gradients, statistics, arrivals = shard.inbox.take(
+        step, blocks, shard.expects_statistics(), timeout_seconds)
+    reduced = shard.reduce(gradients, statistics) if statistics else shard.reduce(gradients)
+    return dataclasses.replace(reduced, chunk_arrivals=arrivals)
 
 
 def apply_and_return(shard: ParameterServerShard, lr: float, coefficient: float = 1.0,
@@ -279,5 +418,7 @@ def apply_and_return(shard: ParameterServerShard, lr: float, coefficient: float 
     return shard.apply(lr, coefficient, kl_coefficient), shard.parameters
 
 
-def reduce_apply_chunks(shard: ParameterServerShard, lr: float, *chunks: np.ndarray) -> tuple:
-    return (reduce_chunks(shard, *chunks), *apply_and_return(shard, lr))
+def reduce_apply_pushed(shard: ParameterServerShard, step: int, blocks: int,
+                        timeout_seconds: float, lr: float) -> tuple:
+    return (reduce_pushed(shard, step, blocks, timeout_seconds),
+            *apply_and_return(shard, lr))

@@ -86,6 +86,10 @@ class StepOutcome:
     parameter_squared_norms: np.ndarray  # one per parameter slot, summed over shards
     micro_batch_buffers: list[np.ndarray] | None  # flat buffers after each micro-batch
     gather_seconds: float = 0.0
+    # Object-store transport: the seconds gradient chunks spent between worker and shard,
+    # summed over chunks, and the part of them while their workers still computed.
+    communication_seconds: float = 0.0
+    hidden_communication_seconds: float = 0.0
 
 
 # --- what can go wrong in a step: values, for the failure policy to decide on ----------------
