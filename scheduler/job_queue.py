@@ -56,8 +56,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chainrule.v1 import job_pb2
@@ -160,12 +160,12 @@ class JobObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
 
     def tenant_usage(self, usage: dict[str, TenantUsage]) -> None:
-        """Each tenant's queued jobs, running CPUs and oldest queued job, after every
-        scheduling decision."""
+        """Each tenant's queued jobs (in all and by priority), running CPUs and oldest queued
+        job, after every scheduling decision."""
         ...
 
-    def job_waited(self, tenant: str, seconds: float) -> None:
-        """A job started after `seconds` queued."""
+    def job_waited(self, tenant: str, priority: int, seconds: float) -> None:
+        """A job of this priority started after `seconds` queued."""
         ...
 
     def job_preempted(self, tenant: str, victim: str, for_job: str) -> None: ...
@@ -179,6 +179,7 @@ class TenantUsage:
     queued_jobs: int
     running_cpus: float
     oldest_queued_at: float | None  # Unix time its longest-waiting queued job was queued
+    queued_by_priority: Mapping[int, int] = field(default_factory=dict)  # priority -> jobs
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class JobQueue:
         self._waiting: dict[str, tuple[QueuedJob, JobDemand]] = {}
         self._demands = WaitingJobs()  # the policy's view of _waiting
         self._queued_per_tenant: Counter[str] = Counter()
+        self._queued_per_priority: Counter[tuple[str, int]] = Counter()  # (tenant, priority)
         # Each tenant's queued jobs by arrival (heap entries of jobs gone are dropped when on top)
         self._arrivals: dict[str, list[tuple[float, str]]] = {}
         self._wait_reasons: dict[str, str] = {}  # the last decision's, by job id
@@ -342,6 +344,7 @@ class JobQueue:
             self._waiting.clear()
             self._demands = WaitingJobs()
             self._queued_per_tenant.clear()
+            self._queued_per_priority.clear()
             return self._idle.wait_for(lambda: not self._running, timeout=timeout)
 
     def drain(self, node_ids: Iterable[str]) -> list[str]:
@@ -437,6 +440,7 @@ class JobQueue:
         self._waiting[job.job_id] = (job, demand)
         self._demands.push(demand)
         self._queued_per_tenant[job.tenant] += 1
+        self._queued_per_priority[job.tenant, demand.priority] += 1
         heapq.heappush(self._arrivals.setdefault(job.tenant, []), (demand.arrival, job.job_id))
 
     def _dequeue(self, job_id: str) -> QueuedJob | None:
@@ -445,6 +449,10 @@ class JobQueue:
             return None
         self._demands.remove(job_id)
         self._queued_per_tenant[entry[0].tenant] -= 1
+        key = (entry[0].tenant, entry[1].priority)
+        self._queued_per_priority[key] -= 1
+        if not self._queued_per_priority[key]:  # kept to the priorities queued now
+            del self._queued_per_priority[key]
         return entry[0]
 
     def _dispatch(self) -> None:
@@ -493,6 +501,7 @@ class JobQueue:
             self._notify("job_preempted", victim_tenant, preemption.victim, preemption.for_job)
         for running_job in launched:
             self._notify("job_waited", running_job.job.tenant,
+                         running_job.record.demand.priority,
                          now - running_job.record.demand.arrival)
         self._notify("tenant_usage", usage)
         if launched:
@@ -510,13 +519,17 @@ class JobQueue:
         for running in self._running.values():
             tenant = running.job.tenant
             cpus[tenant] = cpus.get(tenant, 0.0) + running.record.demand.cpus
+        by_priority: dict[str, dict[int, int]] = {}
+        for (tenant, priority), count in self._queued_per_priority.items():
+            by_priority.setdefault(tenant, {})[priority] = count
         wall_clock_offset = time.time() - time.monotonic()
         usage = {}
         for tenant in set(cpus) | {t for t, n in self._queued_per_tenant.items() if n}:
             oldest = self._oldest_arrival(tenant)
             usage[tenant] = TenantUsage(
                 self._queued_per_tenant[tenant], cpus.get(tenant, 0.0),
-                None if oldest is None else oldest + wall_clock_offset)
+                None if oldest is None else oldest + wall_clock_offset,
+                by_priority.get(tenant, {}))
         return usage
 
     def _oldest_arrival(self, tenant: str) -> float | None:

@@ -181,10 +181,13 @@ class _Families:
         self.job_transitions = counter("chainrule_job_transitions_total",
                                        "Jobs entering each state.", ("state",))
         self.queue_depth = gauge("chainrule_queue_depth", "Jobs waiting in the queue.")
-        # --- scheduling (labels: the tenants of the token file, a bounded set) ------------------
+        # --- scheduling (labels: the tenants of the configuration, a bounded set; a job's
+        # priority as one of PRIORITY_CLASSES, since priorities themselves are any int32) -------
         tenant = ("tenant",)
         self.tenant_queued_jobs = gauge("chainrule_tenant_queued_jobs",
-                                        "Jobs of the tenant waiting in the queue.", tenant)
+                                        "Jobs of the tenant waiting in the queue, by priority "
+                                        "class (high: priority > 0, normal: 0, low: < 0).",
+                                        ("tenant", "priority_class"))
         self.tenant_running_cpus = gauge("chainrule_tenant_running_cpus",
                                          "CPUs reserved by the tenant's running jobs.", tenant)
         self.tenant_oldest_queued = gauge(
@@ -193,8 +196,9 @@ class _Families:
             "while it has none queued.", tenant)
         self.queue_wait = Histogram(
             "chainrule_queue_wait_seconds",
-            "Time from a job's queueing to its start, by tenant (a preempted job's second "
-            "start counts from its first queueing).", tenant, registry=registry,
+            "Time from a job's queueing to its start, by tenant and priority class (a "
+            "preempted job's second start counts from its first queueing).",
+            ("tenant", "priority_class"), registry=registry,
             buckets=(0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0,
                      24 * 3600.0))
         self.preemptions = counter("chainrule_preemptions_total",
@@ -316,6 +320,15 @@ class _JobSeries:
             _remove(f.parameter_gradient_norm, j, name)
 
 
+PRIORITY_CLASSES = ("high", "normal", "low")
+
+
+def priority_class(priority: int) -> str:
+    """A job's priority as a bounded label: above the server's default of 0 (a priority the
+    operator granted), at it, or below it (a tenant's own background work)."""
+    return "high" if priority > 0 else "normal" if priority == 0 else "low"
+
+
 def _remove(family, *labels: str) -> None:
     try:
         family.remove(*labels)
@@ -407,15 +420,19 @@ class TrainingMetrics:
             self._tenants.update(usage)
             for tenant in self._tenants:
                 now = usage.get(tenant, TenantUsage(0, 0.0, None))
-                families.tenant_queued_jobs.labels(tenant).set(now.queued_jobs)
+                queued = dict.fromkeys(PRIORITY_CLASSES, 0)  # every class: 0 is a value
+                for priority, count in now.queued_by_priority.items():
+                    queued[priority_class(priority)] += count
+                for name, count in queued.items():
+                    families.tenant_queued_jobs.labels(tenant, name).set(count)
                 families.tenant_running_cpus.labels(tenant).set(now.running_cpus)
                 if now.oldest_queued_at is None:  # absent: no queued job to be old
                     _remove(families.tenant_oldest_queued, tenant)
                 else:
                     families.tenant_oldest_queued.labels(tenant).set(now.oldest_queued_at)
 
-    def job_waited(self, tenant: str, seconds: float) -> None:
-        self.families.queue_wait.labels(tenant).observe(seconds)
+    def job_waited(self, tenant: str, priority: int, seconds: float) -> None:
+        self.families.queue_wait.labels(tenant, priority_class(priority)).observe(seconds)
 
     def job_preempted(self, tenant: str, victim: str, for_job: str) -> None:
         self.families.preemptions.labels(tenant).inc()
