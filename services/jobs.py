@@ -196,6 +196,7 @@ class JobService:
                       weights_shape(self.store, tenant, spec))
         self._check_priority(tenant, spec.priority)  # the range may be new
         self._check_fits(tenant, spec)
+        self._check_stored_bytes(tenant)  # a resumed run writes checkpoints and a model too
         with self._files_lock:
             if job.state == SUCCEEDED and not self.storage.has_checkpoint(job_id):
                 days = self.checkpoint_retention_seconds / 86400

@@ -214,6 +214,7 @@ CAROL = "carol-token-0123456789"
 
 RANGED, KEEPER, WATCHER = ("ranged-token-01234567", "keeper-token-01234567",
                            "watcher-token-0123456")
+MODELLER = "modeller-token-012345"
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,8 @@ def tenant_server(local_ray, tmp_path_factory):
                       f" weight: 2}}\n"
                       f"  ranged: {{tokens: [{RANGED}], min_priority: 2, max_priority: 5}}\n"
                       f"  keeper: {{tokens: [{KEEPER}], max_stored_bytes: 1000}}\n"
-                      f"  watcher: {{tokens: [{WATCHER}], max_streams: 1}}\n")
+                      f"  watcher: {{tokens: [{WATCHER}], max_streams: 1}}\n"
+                      f"  modeller: {{tokens: [{MODELLER}], max_stored_bytes: 1}}\n")
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"),
                     tenancy=load_server_config(config), limits=Limits(max_priority=1),
                     metrics_port=0)
@@ -334,6 +336,23 @@ def test_a_tenant_at_its_stored_bytes_quota_can_neither_upload_nor_submit(tenant
         client.delete_dataset("corpus")
         client.cancel(client.submit(iris_spec()).id)  # room again
     assert scraped_rejections(tenant_server, "keeper", "max_stored_bytes") == 2.0
+
+
+def test_a_jobs_checkpoints_and_model_count_against_its_tenants_stored_bytes(tenant_server):
+    with Client(tenant_server.address, token=MODELLER) as client:
+        done = client.submit(iris_spec())  # allowed: the tenant keeps nothing yet
+        wait_until_done(client, done.id)
+        assert state_name(client.get(done.id).state) == "SUCCEEDED"
+        for refused in (lambda: client.submit(iris_spec()),
+                        lambda: client.resume(done.id, epochs=1)):
+            error = rpc_error(refused)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.fullmatch(r"max_stored_bytes: tenant modeller keeps [0-9]{4,} bytes "
+                                r"\(uploads, checkpoints, models\), at or over its quota of 1; "
+                                r"delete data sets or jobs first", error.details()
+                                ), error.details()
+        client.delete(done.id)
+        client.cancel(client.submit(iris_spec()).id)  # nothing kept: room again
 
 
 def test_a_stream_over_the_tenants_streams_quota_is_refused_naming_it(tenant_server):
