@@ -5,9 +5,9 @@ Resuming is deterministic replay: the sampler is a function of (seed, epoch), so
 stands is said by the epoch and how many samples of that epoch's order were used. A checkpoint
 holds that data cursor beside the step count, the flat parameter vector, the buffers (BatchNorm
 statistics) and the optimizer state, assembled over all shards so that any shard count can
-resume it. The cursor names the order it counts in (the training split's size, the seed, how
-the order is drawn): a resume on data whose order differs is refused rather than replayed into
-samples used twice or never.
+resume it, and with gradient compression the workers' error feedback. The cursor names the
+order it counts in (the training split's size, the seed, how the order is drawn): a resume on
+data whose order differs is refused rather than replayed into samples used twice or never.
 """
 
 from __future__ import annotations
@@ -39,3 +39,6 @@ class Checkpoint:
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     # None in a checkpoint written before the cursor was kept: its step says where the data is.
     data_cursor: DataCursor | None = None
+    # Gradient compression (worker/compression.py): "error_feedback/BLOCK" per gradient block,
+    # and PowerSGD's warm start "powersgd_q/MATRIX". Empty without compression.
+    compression_state: dict[str, np.ndarray] = field(default_factory=dict)

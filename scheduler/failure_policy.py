@@ -9,7 +9,8 @@ out; the runner hands every failure to this policy and does what it says:
   a lost worker's slot    -> REPLACE at the next step boundary: a new replica in its placement
                              bundle, at most `max_worker_replacements` over the whole job (past
                              that the job goes on with the workers it has left).
-  a parameter-server shard lost -> RESTART every actor, at most `max_shard_restarts` times;
+  a parameter-server shard lost, or a compressed job's worker (with its blocks' error
+  feedback)               -> RESTART every actor, at most `max_shard_restarts` times;
                              then FAIL. (Where from is the runner's mechanism: the state the
                              shards kept after the last step when they keep one, else the
                              last checkpoint, or the job's start, and replay.)
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from worker.transport.step import (
+    ErrorFeedbackLost,
     ShardLost,
     StepFailure,
     WorkersLost,
@@ -63,7 +65,7 @@ class FailurePolicy:
         if isinstance(failure, WorkersLost):
             self.worker_failures += len(failure.workers)
             return Decision.RECOMPUTE if survivors > 0 else Decision.FAIL
-        if isinstance(failure, ShardLost):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost):
             if self.shard_restarts >= self.max_shard_restarts:
                 return Decision.FAIL
             self.shard_restarts += 1
@@ -81,7 +83,7 @@ class FailurePolicy:
     def why_failed(self, failure: StepFailure) -> str:
         if isinstance(failure, WorkersLost):
             return f"every worker of the job failed ({describe(failure)})"
-        if isinstance(failure, ShardLost):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost):
             return (f"{describe(failure)}, after {self.shard_restarts} restarts from a "
                     f"checkpoint (at most {self.max_shard_restarts})")
         return describe(failure)

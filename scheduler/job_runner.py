@@ -66,6 +66,7 @@ from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
 from worker.shard_state_replica import state_keys_of
 from worker.shared_memory import SharedArrayGroup, SharedMemoryFull, host_identity
+from worker.transport.compressed import CompressedObjectStoreTransport
 from worker.transport.object_store import ObjectStoreTransport
 from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
@@ -168,6 +169,13 @@ class JobRunner:
             raise ValueError(f"transport must be auto, shared_memory or object_store, "
                              f"got {transport!r}")
         _check_prepared_for(job, dataset)
+        if job.compression is not None:
+            # Compression works on the object-store path only; taking it on one host too keeps
+            # a compressed job's result independent of where its actors land.
+            if transport == "shared_memory":
+                raise ValueError("a job with communication.compression runs on the "
+                                 "object-store transport, not shared_memory")
+            transport = "object_store"
         self.transport_name = transport
         self.job_id = job_id
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
@@ -286,6 +294,9 @@ class JobRunner:
             transport = self.transport
             if self.resume_from is not None:
                 self._restore_shards(self.resume_from)
+                if isinstance(transport, CompressedObjectStoreTransport):
+                    transport.load_compression_state(self.resume_from.compression_state,
+                                                     self._block_owners())
             transport.start()
             self.steps_started = True
             return self._train()
@@ -313,7 +324,8 @@ class JobRunner:
                                           keep_together=kfac.parameter_ranges if kfac else ())
         clip_value = self.job.clipping.max_value
         shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
-                                   self.rule_name, self.hyper, clip_value, kfac)
+                                   self.rule_name, self.hyper, clip_value, kfac,
+                                   self.job.compression)
                         for k in range(settings.shards)]
         locations = group.start(worker_setup, shard_setups, self.dataset.training_rows(),
                                 self.dataset.x_val, self.dataset.y_val)
@@ -329,6 +341,11 @@ class JobRunner:
             self.transport = SharedMemoryTransport(
                 self.shared, group, self._step_array_sizes(),
                 timeout_seconds=settings.step_timeout_seconds)
+        elif self.job.compression is not None:
+            self.transport = CompressedObjectStoreTransport(
+                group, self.parameters, bounds, list(self.layout.slots),
+                self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
+                compression=self.job.compression)
         else:
             self.transport = ObjectStoreTransport(
                 group, self.parameters, bounds, list(self.layout.slots),
@@ -446,9 +463,13 @@ class JobRunner:
                      for key in keys}
         else:
             state = {key: value for _, part in shard_states for key, value in part.items()}
+        compression_state = {}
+        if isinstance(self.transport, CompressedObjectStoreTransport):
+            compression_state = self.transport.compression_state(self._block_owners())
         return Checkpoint(step, np.array(self.parameters), optimizer_steps, state,
                           self.evaluator.buffer_values() if self.evaluator.buffer_names else {},
-                          self._data_cursor(step))
+                          data_cursor=self._data_cursor(step),
+                          compression_state=compression_state)
 
     def _data_cursor(self, step: int) -> DataCursor:
         """Where the data stands after `step` optimizer steps: an epoch's steps each use
@@ -469,6 +490,10 @@ class JobRunner:
                              f"batch {batches} of epoch {epoch}, which is not where step "
                              f"{checkpoint.step} of this job ends")
         return checkpoint.step
+
+    def _block_owners(self) -> dict[int, int]:
+        """Gradient block -> the worker computing it (one block per worker slot)."""
+        return {b: self.worker_group.owner_for(b) for b in range(self.settings.workers)}
 
     def _restore_locally(self, checkpoint: Checkpoint) -> None:
         self._resume_step(checkpoint)  # refuses a cursor in another order before any actor

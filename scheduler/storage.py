@@ -278,6 +278,7 @@ def _encode_checkpoint(checkpoint: Checkpoint) -> bytes:
     arrays = {"parameters": checkpoint.parameters}
     arrays.update({f"optimizer/{k}": v for k, v in checkpoint.optimizer_state.items()})
     arrays.update({f"buffer/{k}": v for k, v in checkpoint.buffers.items()})
+    arrays.update({f"compression/{k}": v for k, v in checkpoint.compression_state.items()})
     header: dict = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps}
     if checkpoint.data_cursor is not None:
         header["data_cursor"] = dataclasses.asdict(checkpoint.data_cursor)
@@ -290,16 +291,18 @@ def _encode_checkpoint(checkpoint: Checkpoint) -> bytes:
 def _decode_checkpoint(data: bytes) -> Checkpoint:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         header = json.loads(archive["header"].tobytes().decode())
-        optimizer, buffers = {}, {}
+        optimizer, buffers, compression = {}, {}, {}
         for key in archive.files:
             if key.startswith("optimizer/"):
                 optimizer[key.removeprefix("optimizer/")] = archive[key]
             elif key.startswith("buffer/"):
                 buffers[key.removeprefix("buffer/")] = archive[key]
+            elif key.startswith("compression/"):
+                compression[key.removeprefix("compression/")] = archive[key]
         cursor = header.get("data_cursor")  # absent from checkpoints of older versions
         return Checkpoint(int(header["step"]), archive["parameters"],
                           int(header["optimizer_steps"]), optimizer, buffers,
-                          None if cursor is None else DataCursor(**cursor))
+                          None if cursor is None else DataCursor(**cursor), compression)
 
 
 # --- a data folder: each job's checkpoints and model ------------------------------------------

@@ -147,6 +147,12 @@ class _Families:
             "chainrule_training_communication_bytes_total",
             "Bytes moved between workers and parameter-server shards, summed over workers.",
             job + ("direction",))
+        self.step_communication = gauge(
+            "chainrule_training_step_communication_bytes",
+            "Bytes one worker sent to the parameter-server shards (its gradient messages, "
+            "compressed or whole) and received from them (updated parameters, and PowerSGD's "
+            "factors) in the last step, counted where sent; compare "
+            "chainrule_model_parameter_bytes.", job + ("direction",))
         self.parameter_bytes = gauge("chainrule_model_parameter_bytes",
                                      "Size of the model's flat parameter vector.", job)
         # --- cluster ----------------------------------------------------------------------
@@ -258,6 +264,8 @@ class _JobSeries:
          self.learning_rate, self.gradient_norm, self.parameter_bytes, self.workers_up,
          self.straggler_spread) = (family.labels(self.job_id)
                                    for family in self.families.step_gauges)
+        self.step_sent = self.families.step_communication.labels(self.job_id, "sent")
+        self.step_received = self.families.step_communication.labels(self.job_id, "received")
         self.gauges_bound = True
 
     def observe_step(self, record: StepRecord) -> None:
@@ -288,6 +296,8 @@ class _JobSeries:
                 _remove(self.families.parameter_gradient_norm, self.job_id, name)
         self.sent.inc(record.bytes_sent_per_worker * record.workers)
         self.received.inc(record.bytes_received_per_worker * record.workers)
+        self.step_sent.set(record.bytes_sent_per_worker)
+        self.step_received.set(record.bytes_received_per_worker)
         self.parameter_bytes.set(record.parameter_bytes)
         self.workers_up.set(record.workers)
         self.straggler_spread.set(timings.straggler_spread)
@@ -314,6 +324,7 @@ class _JobSeries:
             _remove(f.step_duration, j, phase)
         for direction in ("sent", "received"):
             _remove(f.communication, j, direction)
+            _remove(f.step_communication, j, direction)
         for state in JOB_STATES:
             _remove(f.job_state, j, state)
         for name in self.parameters:

@@ -32,11 +32,12 @@ from worker.backprop import allocator
 from worker.backprop.optim import RULES
 from worker.backprop.optim.clip import squared_norm
 from worker.backprop.optim.kfac import KFACHyper
+from worker.compression import Compression
 from worker.flat_parameters import ParameterLayout
 from worker.kfac_layout import KFAC, KFACLayout
 from worker.kfac_shard import KFACShard
 from worker.shared_memory import SharedArraySpec, host_identity
-from worker.transport import object_store, shared_memory
+from worker.transport import compressed, object_store, shared_memory
 from worker.tree_sum import TreeSum
 
 
@@ -53,6 +54,7 @@ class ShardSetup:
     hyper: object  # the rule's hyperparameter dataclass
     clip_value: float | None = None
     kfac: KFACLayout | None = None  # K-FAC's layers, for optimizer "kfac"
+    compression: Compression | None = None  # the workers' gradient compression
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class ParameterServerShard:
                 raise ValueError("a K-FAC shard needs the job's KFACLayout and KFACHyper")
             self.kfac = KFACShard(setup.kfac, setup.layout, setup.bounds, setup.hyper,
                                   setup.block_count)
+        # What the compressed step keeps between its rounds (worker/transport/compressed.py).
+        self.compressed = compressed.shard_compression(setup.compression, setup.layout,
+                                                       setup.bounds, setup.block_count)
         self.rule = RULES["sgd"] if self.kfac is not None else RULES[setup.optimizer]
         self.steps_taken = 0
         self.inbox = object_store.ChunkInbox()  # the workers' chunks (object-store transport)
@@ -218,6 +223,15 @@ class ParameterServerShard:
     def reduce_apply_pushed(self, step: int, blocks: int, timeout_seconds: float,
                             lr: float) -> tuple:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
+
+    def reduce_topk(self, lr: float | None, *messages) -> tuple:
+        return compressed.reduce_topk(self, lr, *messages)
+
+    def reduce_powersgd_first(self, *messages: np.ndarray) -> tuple:
+        return compressed.reduce_powersgd_first(self, *messages)
+
+    def reduce_powersgd_second(self, lr: float | None, *messages: np.ndarray) -> tuple:
+        return compressed.reduce_powersgd_second(self, lr, *messages)
 
     # --- checkpoints ---------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import numpy as np
 from worker.backprop import allocator, nn
 from worker.backprop.nn.capture import capture_layers
 from worker.backprop.tensor import Tensor, no_grad
+from worker.compression import ErrorFeedback, PowerSGDWorker
 from worker.flat_parameters import ParameterLayout
 from worker.kfac_layout import (
     KFAC,
@@ -41,7 +42,7 @@ from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.training_rows import TrainingRows
-from worker.transport import object_store, shared_memory
+from worker.transport import compressed, object_store, shared_memory
 from worker.tree_sum import TreeAccumulator
 
 
@@ -120,6 +121,10 @@ class ModelReplica:
                 parameter.register_post_accumulate_grad_hook(
                     functools.partial(self._gradient_ready, index))
         self.last_error = ""  # the job error of the last block that raised, for the runner
+        # Gradient compression (job.compression): each block's error feedback, and PowerSGD's
+        # messages in progress; made at the first compressed block (worker/transport/compressed.py).
+        self.error_feedback_memory: ErrorFeedback | None = None
+        self.powersgd: PowerSGDWorker | None = None
 
     def location(self) -> tuple[str, str]:
         """(host, Ray node id): replicas on the runner's host share its memory."""
@@ -141,6 +146,21 @@ class ModelReplica:
         return object_store.compute_and_send(self, micro_batches, global_step, batch_size,
                                              master_buffers, bounds, block_index, shards,
                                              *slices)
+
+    def compress_block(self, block: int, micro_batches: list[tuple[int, np.ndarray]],
+                       global_step: int, batch_size: int, master_buffers: np.ndarray | None,
+                       bounds: list[tuple[int, int]], *arrays) -> tuple:
+        return compressed.compress_block(self, block, micro_batches, global_step, batch_size,
+                                         master_buffers, bounds, *arrays)
+
+    def powersgd_second(self, block: int, bounds: list[tuple[int, int]], *p_hats) -> tuple:
+        return compressed.powersgd_second(self, block, bounds, *p_hats)
+
+    def error_feedback(self) -> dict[int, np.ndarray]:
+        return compressed.error_feedback(self)
+
+    def load_error_feedback(self, errors: dict[int, np.ndarray]) -> None:
+        compressed.load_error_feedback(self, errors)
 
     def last_error_message(self) -> str:
         return self.last_error

@@ -22,7 +22,9 @@ from typing import Any
 
 from chainrule.v1 import job_pb2
 from worker.backprop.optim import Schedule
+from worker.compression import Compression, PowerSGD, TopK
 from worker.initial_weights import InitialWeights, WeightsShape, match_weights
+from worker.kfac_layout import KFAC
 from worker.model_builder import (
     Clipping,
     ModelPlan,
@@ -191,6 +193,8 @@ class ResolvedJob:
     # --- a Parquet data set's columns (scheduler/parquet_dataset.py) ----------------------------
     label_column: str = ""
     feature_columns: tuple[str, ...] = ()  # (): every column but the labels
+    # --- communication.compression: what the workers send the shards (None: whole gradients) --
+    compression: Compression | None = None
 
 
 def validation_split_size(samples: int, fraction: float) -> int:
@@ -310,6 +314,7 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
     optimizer, hyperparameters = build_optimizer(spec)
     schedule = build_schedule(spec, total_steps)
     clipping = build_clipping(spec)
+    compression = _compression(spec, optimizer)
 
     return ResolvedJob(
         name=spec.name, seed=spec.seed,
@@ -335,7 +340,31 @@ def resolve(spec: job_pb2.JobSpec, data: DataShape, *, workers: int | None = Non
         checkpoint_interval=checkpoint_interval,
         init_weights=init_weights, min_micro_batch_samples=min_micro_batch_samples,
         label_column=spec.data.label_column, feature_columns=tuple(spec.data.feature_columns),
+        compression=compression,
     )
+
+
+def _compression(spec: job_pb2.JobSpec, optimizer: str) -> Compression | None:
+    """communication.compression, checked: None when unset."""
+    if not spec.communication.HasField("compression"):
+        return None
+    compression = spec.communication.compression
+    method = compression.WhichOneof("method")
+    field = f"communication.compression.{method}"
+    if method is None:
+        raise SpecError("communication.compression", "names no method: set powersgd: {rank: R} "
+                                                     "or topk: {ratio: F}")
+    if optimizer == KFAC:
+        raise SpecError("communication.compression", "does not apply with the K-FAC optimizer "
+                                                     "(its factor statistics travel whole)")
+    if method == "powersgd":
+        if compression.powersgd.rank < 1:
+            raise SpecError(f"{field}.rank", f"must be >= 1, got {compression.powersgd.rank}")
+        return PowerSGD(compression.powersgd.rank)
+    ratio = compression.topk.ratio
+    if not 0.0 < ratio <= 1.0:  # also refuses NaN
+        raise SpecError(f"{field}.ratio", f"must be in (0, 1], got {ratio!r}")
+    return TopK(ratio)
 
 
 def _check_batches_fit_batch_norm(batch_norm: str, training: int, batch_size: int) -> None:

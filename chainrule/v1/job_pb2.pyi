@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "loss", "label_smoothing", "optimizer", "schedule", "clipping", "data", "gradient_accumulation_steps", "eval_interval_steps", "resources", "seed", "dtype", "checkpoint", "priority", "early_stopping")
+    __slots__ = ("name", "model", "loss", "label_smoothing", "optimizer", "schedule", "clipping", "data", "gradient_accumulation_steps", "eval_interval_steps", "resources", "seed", "dtype", "checkpoint", "priority", "early_stopping", "communication")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    COMMUNICATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     loss: str
@@ -41,7 +42,34 @@ class JobSpec(_message.Message):
     checkpoint: CheckpointSpec
     priority: int
     early_stopping: EarlyStoppingSpec
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., loss: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., clipping: _Optional[_Union[ClippingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., gradient_accumulation_steps: _Optional[int] = ..., eval_interval_steps: _Optional[int] = ..., resources: _Optional[_Union[ResourceSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., priority: _Optional[int] = ..., early_stopping: _Optional[_Union[EarlyStoppingSpec, _Mapping]] = ...) -> None: ...
+    communication: CommunicationSpec
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., loss: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., clipping: _Optional[_Union[ClippingSpec, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., gradient_accumulation_steps: _Optional[int] = ..., eval_interval_steps: _Optional[int] = ..., resources: _Optional[_Union[ResourceSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., priority: _Optional[int] = ..., early_stopping: _Optional[_Union[EarlyStoppingSpec, _Mapping]] = ..., communication: _Optional[_Union[CommunicationSpec, _Mapping]] = ...) -> None: ...
+
+class CommunicationSpec(_message.Message):
+    __slots__ = ("compression",)
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    compression: CompressionSpec
+    def __init__(self, compression: _Optional[_Union[CompressionSpec, _Mapping]] = ...) -> None: ...
+
+class CompressionSpec(_message.Message):
+    __slots__ = ("powersgd", "topk")
+    POWERSGD_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FIELD_NUMBER: _ClassVar[int]
+    powersgd: PowerSGDSpec
+    topk: TopKSpec
+    def __init__(self, powersgd: _Optional[_Union[PowerSGDSpec, _Mapping]] = ..., topk: _Optional[_Union[TopKSpec, _Mapping]] = ...) -> None: ...
+
+class PowerSGDSpec(_message.Message):
+    __slots__ = ("rank",)
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    def __init__(self, rank: _Optional[int] = ...) -> None: ...
+
+class TopKSpec(_message.Message):
+    __slots__ = ("ratio",)
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    def __init__(self, ratio: _Optional[float] = ...) -> None: ...
 
 class EarlyStoppingSpec(_message.Message):
     __slots__ = ("patience", "min_delta", "restore_best")

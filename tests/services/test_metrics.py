@@ -143,6 +143,10 @@ def test_bytes_communicated_sum_over_workers_and_steps(trained):
                  direction="received") == sum(r.bytes_received_per_worker * r.workers
                                               for r in steps)
     assert sum(r.bytes_sent_per_worker for r in steps) > 0
+    for direction, per_worker in (("sent", steps[-1].bytes_sent_per_worker),
+                                  ("received", steps[-1].bytes_received_per_worker)):
+        assert value(registry, "chainrule_training_step_communication_bytes", job_id=JOB,
+                     direction=direction) == per_worker
 
 
 def test_validation_metrics_follow_the_last_evaluation(trained):

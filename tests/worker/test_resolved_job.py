@@ -252,3 +252,35 @@ def test_a_batch_norm2d_on_a_one_by_one_map_counts_as_one_value_per_channel():
     job = resolve(spec(cnn), builtin_shape("sklearn:digits_images"))
     assert job.model.per_sample_batch_norms == ("model.layers[3].batch_norm2d",)
     assert job.min_micro_batch_samples == 2
+
+
+def test_gradient_compression_resolves_to_its_method_and_is_off_when_unset():
+    from worker.compression import PowerSGD, TopK
+
+    assert digits(spec()).compression is None
+    assert digits(spec(DIGITS + "communication: {compression: {powersgd: {rank: 4}}}\n")
+                  ).compression == PowerSGD(4)
+    assert digits(spec(DIGITS + "communication: {compression: {topk: {ratio: 0.01}}}\n")
+                  ).compression == TopK(0.01)
+
+
+@pytest.mark.parametrize("compression, path, fragment", [
+    ("{powersgd: {}}", "communication.compression.powersgd.rank", ">= 1, got 0"),
+    ("{topk: {}}", "communication.compression.topk.ratio", "(0, 1], got 0.0"),
+    ("{topk: {ratio: 1.5}}", "communication.compression.topk.ratio", "got 1.5"),
+    ("{}", "communication.compression", "powersgd"),
+])
+def test_a_compression_setting_the_job_cannot_run_with_names_its_field(compression, path,
+                                                                        fragment):
+    refused(spec(DIGITS + f"communication: {{compression: {compression}}}\n"), path, fragment)
+
+
+def test_a_nan_top_k_ratio_set_in_the_message_itself_is_refused():
+    refused(spec(communication__compression__topk__ratio=float("nan")),
+            "communication.compression.topk.ratio", "got nan")
+
+
+def test_compression_is_refused_with_kfac_whose_statistics_travel_whole():
+    text = DIGITS.replace("{adamw: {lr: 0.001, weight_decay: 0.01}}", "{kfac: {lr: 0.01}}")
+    refused(spec(text + "communication: {compression: {powersgd: {rank: 2}}}\n"),
+            "communication.compression", "K-FAC")

@@ -128,7 +128,17 @@ class BlockFailed:
     message: str
 
 
-StepFailure = WorkersLost | ShardLost | BlockFailed
+@dataclass(frozen=True)
+class ErrorFeedbackLost:
+    """Workers of a job with gradient compression died or fell silent: the error-feedback
+    memories of their blocks (worker/compression.py) died with them, so no survivor can
+    compute those blocks' messages; only a checkpoint has them."""
+
+    step: int
+    workers: tuple[int, ...]
+
+
+StepFailure = WorkersLost | ShardLost | BlockFailed | ErrorFeedbackLost
 
 
 class ActorFailure(RuntimeError):
@@ -147,6 +157,9 @@ def describe(failure: StepFailure) -> str:
         which = "a parameter-server shard" if failure.shard is None else (
             f"parameter-server shard {failure.shard}")
         return f"{which} died {failure.when}"
+    if isinstance(failure, ErrorFeedbackLost):
+        return (f"workers {list(failure.workers)} lost during step {failure.step}, with their "
+                f"blocks' gradient-compression error feedback")
     return f"worker {failure.worker} failed on step {failure.step}: {failure.message}"
 
 

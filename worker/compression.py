@@ -1,0 +1,311 @@
+"""Gradient compression with error feedback: what a worker sends in place of its gradient block,
+and how a parameter-server shard turns what the workers sent back into its slice's gradient.
+
+Pure NumPy (no Ray): the compressed object-store step (worker/transport/compressed.py) calls
+both ends. Every worker keeps, per gradient block it computes, an error-feedback memory e_b:
+it compresses M_b = G_b + e_b and keeps what its message left out, e_b = M_b - C(M_b), so
+nothing is lost, only delayed (Karimireddy et al. 2019).
+
+Top-k: for each shard's slice, the ratio x size largest |M_b| entries, as sorted (index,
+value) pairs; the shard scatters each block's pairs into a dense part and sums the parts in
+the fixed tree order, as uncompressed gradient chunks are.
+
+PowerSGD (Vogels, Karimireddy and Jaggi 2019): each weight matrix M (n x m; a kernel is
+out_channels x the rest) is sent as rank-r factors, by one power iteration warm-started from
+the previous step's Q (m x r):
+  round 1: worker b sends P_b = M_b Q; the shards sum P = sum_b P_b (fixed tree order) and
+           orthogonalise it (Gram-Schmidt) into P^;
+  round 2: worker b sends Q_b = M_b^T P^; the shards sum Q = sum_b Q_b, and the gradient is
+           P^ Q^T = P^ P^T sum_b M_b. Q is the next step's warm start.
+Vectors (biases, norms' parameters), frozen parameters and matrices for which (n + m) r is
+not smaller than n m travel whole, with the first round. The worker keeps e_b = M_b - P^ Q_b^T,
+its own message's residual: PowerSGD is linear in M, so the errors' sum (which alone decides
+what later steps send) is the paper's, without a third message to bring Q back.
+
+A shard owns a contiguous slice [lo, hi) of the flat vector, which may cut a matrix: every
+shard whose slice touches a matrix receives its factors and sums them (the same bits on each:
+the same parts in the same order), and decompresses only its own part of P^ Q^T. The shard
+holding a matrix's first entry answers for it (its P^ to the workers, its Q to the runner).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.flat_parameters import ParameterLayout
+from worker.tree_sum import TreeSum
+
+# Added to a column's norm before dividing by it, so a zero gradient (a layer not yet reached
+# by any signal) orthogonalises to zeros instead of NaN.
+ORTHOGONALISATION_EPSILON = 1e-12
+
+
+@dataclass(frozen=True)
+class PowerSGD:
+    rank: int
+
+
+@dataclass(frozen=True)
+class TopK:
+    ratio: float
+
+
+Compression = PowerSGD | TopK
+
+
+# --- top-k ------------------------------------------------------------------------------------
+
+
+def topk_count(size: int, ratio: float) -> int:
+    """Entries sent of a slice of `size`: ratio x size rounded up, at least one."""
+    return min(size, max(1, math.ceil(ratio * size)))
+
+
+def topk_select(values: np.ndarray, count: int) -> np.ndarray:
+    """The indices of the `count` largest |values|, ascending. Ties go to the lower index
+    (a stable sort), so the choice is a function of the values alone."""
+    order = np.argsort(-np.abs(values), kind="stable")[:count]
+    return np.sort(order).astype(np.int64)
+
+
+def topk_scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out[...] = 0
+    out[indices] = values
+    return out
+
+
+# --- PowerSGD: which entries travel how ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompressedMatrix:
+    index: int  # among the plan's matrices, in the flat vector's order
+    name: str
+    offset: int  # of its first entry in the flat vector
+    rows: int
+    columns: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.columns
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return self.offset < hi and lo < self.offset + self.size
+
+
+@dataclass(frozen=True)
+class PowerSGDPlan:
+    rank: int
+    matrices: tuple[CompressedMatrix, ...]
+    size: int  # of the flat vector
+
+    @classmethod
+    def of(cls, layout: ParameterLayout, rank: int) -> PowerSGDPlan:
+        matrices: list[CompressedMatrix] = []
+        for slot in layout.slots:
+            if len(slot.shape) < 2 or not slot.trainable:
+                continue
+            rows = slot.shape[0]
+            columns = slot.size // rows
+            if (rows + columns) * rank < rows * columns:  # else the factors are no smaller
+                matrices.append(CompressedMatrix(len(matrices), slot.name, slot.offset, rows,
+                                                 columns))
+        return cls(rank, tuple(matrices), layout.size)
+
+    def matrices_within(self, lo: int, hi: int) -> list[CompressedMatrix]:
+        return [matrix for matrix in self.matrices if matrix.overlaps(lo, hi)]
+
+    def owned_by(self, lo: int, hi: int) -> list[CompressedMatrix]:
+        """The matrices whose first entry is in [lo, hi): that shard answers for them."""
+        return [matrix for matrix in self.matrices if lo <= matrix.offset < hi]
+
+    def dense_runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The runs of [lo, hi) outside every compressed matrix: sent whole."""
+        runs, start = [], lo
+        for matrix in self.matrices_within(lo, hi):
+            if matrix.offset > start:
+                runs.append((start, matrix.offset))
+            start = max(start, matrix.offset + matrix.size)
+        if start < hi:
+            runs.append((start, hi))
+        return runs
+
+    def initial_q(self, seed: int, dtype: np.dtype | str) -> dict[int, np.ndarray]:
+        """The first step's warm start: standard normal, from the job's seed."""
+        return {m.index: np.random.default_rng(np.random.SeedSequence([seed, m.index, 0x5D6]))
+                .standard_normal((m.columns, self.rank)).astype(dtype)
+                for m in self.matrices}
+
+
+def orthogonalise(p: np.ndarray) -> np.ndarray:
+    """Gram-Schmidt on the columns of `p`, in place (torch's PowerSGD hook does the same)."""
+    for i in range(p.shape[1]):
+        column = p[:, i]
+        column /= np.linalg.norm(column) + ORTHOGONALISATION_EPSILON
+        if i + 1 < p.shape[1]:
+            rest = p[:, i + 1:]
+            rest -= np.outer(column, column @ rest)
+    return p
+
+
+def _matrix(flat: np.ndarray, matrix: CompressedMatrix) -> np.ndarray:
+    return flat[matrix.offset:matrix.offset + matrix.size].reshape(matrix.rows, matrix.columns)
+
+
+# --- the worker's end: one memory per gradient block it computes --------------------------------
+
+
+class ErrorFeedback:
+    """A worker's error-feedback memories, by gradient block (blocks, not workers: a block is
+    the same micro-batches at every step, whoever computes it). Zero until a block's first
+    step."""
+
+    def __init__(self, size: int, dtype: np.dtype | str):
+        self.size, self.dtype = size, np.dtype(dtype)
+        self.errors: dict[int, np.ndarray] = {}
+
+    def error(self, block: int) -> np.ndarray:
+        if block not in self.errors:
+            self.errors[block] = np.zeros(self.size, self.dtype)
+        return self.errors[block]
+
+    def state(self) -> dict[int, np.ndarray]:
+        return {block: np.array(error) for block, error in self.errors.items()}
+
+    def load(self, errors: Mapping[int, np.ndarray]) -> None:
+        for block, error in errors.items():
+            np.copyto(self.error(block), error)
+
+
+def topk_messages(memory: ErrorFeedback, block: int, gradient: np.ndarray,
+                  bounds: Sequence[tuple[int, int]],
+                  ratio: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(indices within the slice, values) for each shard's slice of M = gradient + error; the
+    error becomes what was left out."""
+    error = memory.error(block)
+    error += gradient  # now M
+    messages = []
+    for lo, hi in bounds:
+        part = error[lo:hi]
+        indices = topk_select(part, topk_count(hi - lo, ratio))
+        messages.append((indices, part[indices].copy()))
+        part[indices] = 0
+    return messages
+
+
+class PowerSGDWorker:
+    """A worker's two PowerSGD messages per block: `first` keeps M_b until `second`."""
+
+    def __init__(self, plan: PowerSGDPlan, memory: ErrorFeedback):
+        self.plan, self.memory = plan, memory
+        self.pending: dict[int, np.ndarray] = {}  # block -> M over the flat vector
+
+    def first(self, block: int, gradient: np.ndarray, warm_q: Mapping[int, np.ndarray],
+              bounds: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """For each shard: its dense runs of the gradient, then P_b = M_b Q of each matrix
+        its slice touches, flattened and concatenated."""
+        error = self.memory.error(block)
+        m = self.pending[block] = gradient + error  # only the matrices' part of error is used
+        p = {matrix.index: _matrix(m, matrix) @ warm_q[matrix.index]
+             for matrix in self.plan.matrices}
+        return [np.concatenate([m[a:b] for a, b in self.plan.dense_runs(lo, hi)]
+                               + [p[matrix.index].ravel()
+                                  for matrix in self.plan.matrices_within(lo, hi)]
+                               or [np.empty(0, m.dtype)])
+                for lo, hi in bounds]
+
+    def second(self, block: int, p_hat: Mapping[int, np.ndarray],
+               bounds: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """For each shard: Q_b = M_b^T P^ of each matrix its slice touches. The error becomes
+        M_b - P^ Q_b^T on the matrices (the dense entries were sent whole: no error)."""
+        m = self.pending.pop(block)
+        error = self.memory.error(block)
+        q = {}
+        for matrix in self.plan.matrices:
+            mine = _matrix(m, matrix)
+            q[matrix.index] = mine.T @ p_hat[matrix.index]
+            _matrix(error, matrix)[...] = mine - p_hat[matrix.index] @ q[matrix.index].T
+        return [np.concatenate([q[matrix.index].ravel()
+                                for matrix in self.plan.matrices_within(lo, hi)]
+                               or [np.empty(0, m.dtype)])
+                for lo, hi in bounds]
+
+
+# --- the shard's end ----------------------------------------------------------------------------
+
+
+class TopKShard:
+    """Scatters each block's pairs into its own dense part, then the fixed-tree sum (the
+    parts are what ParameterServerShard.reduce sums)."""
+
+    def __init__(self, block_count: int, size: int, dtype: np.dtype | str):
+        self.parts = [np.zeros(size, dtype) for _ in range(block_count)]
+
+    def dense_parts(self, messages: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        return [topk_scatter(part, indices, values)
+                for part, (indices, values) in zip(self.parts, messages)]
+
+
+class PowerSGDShard:
+    """Shard [lo, hi)'s two rounds: sum and orthogonalise P, then sum Q and decompress."""
+
+    def __init__(self, plan: PowerSGDPlan, bounds: tuple[int, int], block_count: int,
+                 dtype: np.dtype | str):
+        self.plan, (self.lo, self.hi) = plan, bounds
+        self.matrices = plan.matrices_within(self.lo, self.hi)
+        self.owned = {m.index for m in plan.owned_by(self.lo, self.hi)}
+        self.runs = plan.dense_runs(self.lo, self.hi)
+        dense = sum(b - a for a, b in self.runs)
+        factors = sum(m.rows for m in self.matrices) * plan.rank
+        self.first_sum = TreeSum(block_count, dense + factors, dtype)
+        self.second_sum = TreeSum(block_count, sum(m.columns for m in self.matrices) * plan.rank,
+                                  dtype)
+        self.gradient = np.zeros(self.hi - self.lo, dtype)
+        self.p_hat: dict[int, np.ndarray] = {}
+
+    def reduce_first(self, messages: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
+        """Sum the blocks' first messages: the dense runs go into the gradient, P is
+        orthogonalised. Returns P^ of the matrices this shard answers for."""
+        total = self.first_sum.sum(messages)
+        at = 0
+        for a, b in self.runs:
+            self.gradient[a - self.lo:b - self.lo] = total[at:at + b - a]
+            at += b - a
+        self.p_hat = {}
+        for matrix in self.matrices:
+            rows = matrix.rows * self.plan.rank
+            self.p_hat[matrix.index] = orthogonalise(
+                total[at:at + rows].reshape(matrix.rows, self.plan.rank).copy())
+            at += rows
+        return {index: p for index, p in self.p_hat.items() if index in self.owned}
+
+    def reduce_second(self, messages: Sequence[np.ndarray]) -> tuple[np.ndarray,
+                                                                      dict[int, np.ndarray]]:
+        """Sum the blocks' Q_b, write P^ Q^T over this shard's part of each matrix. Returns
+        the slice's gradient and Q of the matrices this shard answers for (the next warm
+        start)."""
+        total = self.second_sum.sum(messages)
+        at, warm_q = 0, {}
+        for matrix in self.matrices:
+            size = matrix.columns * self.plan.rank
+            q = total[at:at + size].reshape(matrix.columns, self.plan.rank)
+            at += size
+            if matrix.index in self.owned:
+                warm_q[matrix.index] = q.copy()
+            whole = (self.p_hat[matrix.index] @ q.T).ravel()
+            lo, hi = max(self.lo, matrix.offset), min(self.hi, matrix.offset + matrix.size)
+            self.gradient[lo - self.lo:hi - self.lo] = whole[lo - matrix.offset:hi - matrix.offset]
+        return self.gradient, warm_q
+
+
+def message_bytes(messages: Sequence) -> int:
+    """Bytes of a message list as it travels: its arrays' data."""
+    total = 0
+    for message in messages:
+        parts = message if isinstance(message, tuple) else (message,)
+        total += sum(part.nbytes for part in parts)
+    return total
