@@ -71,6 +71,7 @@ from worker.transport.object_store import ObjectStoreTransport
 from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
     ActorFailure,
+    ErrorFeedbackLost,
     StepFailure,
     StepOutcome,
     StepTransport,
@@ -566,7 +567,8 @@ class JobRunner:
             else:
                 restart = self.last_checkpoint.step if self.last_checkpoint is not None else 0
                 where = f"from the checkpoint of step {restart} and replays from there"
-            self._recovered("shard_lost", self.current_step,
+            kind = "error_feedback_lost" if isinstance(failure, ErrorFeedbackLost) else "shard_lost"
+            self._recovered(kind, self.current_step,
                             f"{describe(failure)}: every actor restarts {where} (restart "
                             f"{self.policy.shard_restarts} of at most "
                             f"{self.policy.max_shard_restarts})")

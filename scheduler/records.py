@@ -65,6 +65,8 @@ RECOVERY_KINDS = (
     "worker_lost",  # a worker died or fell silent: its blocks recomputed by others, same step
     "worker_replaced",  # a new replica took a lost worker's place at a step boundary
     "shard_lost",  # a parameter-server shard died: every actor restarted from its kept state
+    # a compressed job's worker died with its error feedback: restarted from a checkpoint
+    "error_feedback_lost",
     "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead
     "ray_lost",  # the service's Ray died: the run given up, the job requeued from a checkpoint
     "lease_expired",  # the runner stopped renewing its lease: the job requeued from a checkpoint

@@ -102,7 +102,7 @@ def test_a_lost_worker_of_a_compressed_job_restarts_it_from_the_checkpoint_with_
     job.on_step = kill_worker_one
     result = job.run()
     kinds = [recovery.kind for recovery in result.history.recoveries]
-    assert kinds == ["shard_lost"], result.history.recoveries
+    assert kinds == ["error_feedback_lost"], result.history.recoveries
     assert "error feedback" in result.history.recoveries[0].message
     for key, value in powersgd_run.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
