@@ -326,7 +326,7 @@ class JobRunner:
         clip_value = self.job.clipping.max_value
         shard_setups = [ShardSetup(k, bounds[k], self.layout, parameters, settings.workers,
                                    self.rule_name, self.hyper, clip_value, kfac,
-                                   self.job.compression)
+                                   compression=self.job.compression)
                         for k in range(settings.shards)]
         locations = group.start(worker_setup, shard_setups, self.dataset.training_rows(),
                                 self.dataset.x_val, self.dataset.y_val)
