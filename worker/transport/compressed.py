@@ -1,5 +1,8 @@
 """A step through the Ray object store with compressed gradients (the spec's
 communication.compression): what travels in place of the gradient chunks of object_store.py.
+The messages are calls' returns, which the runner passes on to the shards (the shards pull
+them from the workers' object stores); they are small, so the uncompressed step's early
+sending during backward would gain little here.
 
 Top-k, one round, as the uncompressed step: each worker returns one (indices, values) message
 per shard; shard k scatters the blocks' messages into dense parts and sums them in the fixed
@@ -43,10 +46,11 @@ from worker.compression import (
     message_bytes,
     topk_messages,
 )
-from worker.transport.object_store import ObjectStoreTransport, apply_and_return
+from worker.transport.object_store import ObjectStoreTransport, _ShardGone, apply_and_return
 from worker.transport.step import (
     BlockStats,
     ErrorFeedbackLost,
+    ShardLost,
     ShardStats,
     StepFailure,
     StepOutcome,
@@ -73,24 +77,44 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         self.warm_q: list[ray.ObjectRef] = []
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
+        self.messages: dict[int, list[ray.ObjectRef]] = {}  # block -> its first messages
         outcome = super().run_step(work)
         if isinstance(outcome, WorkersLost):
             return ErrorFeedbackLost(work.step, outcome.workers)
         return outcome
 
-    def _start_block(self, work: StepWork, block: int, worker: int) -> list[ray.ObjectRef]:
+    def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
+        """The blocks of `owners` (block -> worker); called by run_step for every block (a
+        lost worker ends the step: run_step reports it as ErrorFeedbackLost)."""
+        work = self.work
+        if work is None:
+            raise RuntimeError("recompute() needs a step in progress")
         if work.carries_statistics:
             raise ValueError("gradient compression does not carry K-FAC statistics")
-        lo, hi = work.block_ranges[block]
-        return self.actors.replicas[worker].compress_block.options(
-            num_returns=len(self.bounds) + 1).remote(
-            block, work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
-            self.bounds, *self.slices, *self.warm_q)
+        for block, worker in owners.items():
+            lo, hi = work.block_ranges[block]
+            self.owners[block] = worker
+            refs = self.actors.replicas[worker].compress_block.options(
+                num_returns=len(self.bounds) + 1).remote(
+                block, work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
+                self.bounds, *self.slices, *self.warm_q)
+            self.messages[block], self.calls[block] = refs[:-1], refs[-1]
+        failure = self._collect_blocks(work)
+        if failure is not None:
+            return failure
+        try:
+            return self._reduce_and_apply(work)
+        except ray.exceptions.RayActorError:
+            return ShardLost(None, f"during step {work.step}")
+        except _ShardGone as gone:
+            return gone.failure
+        except _WorkersGone as gone:
+            return gone.failure
 
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))
         shards = self.actors.shards
-        firsts = [[self.calls[b][k] for b in blocks] for k in range(len(shards))]
+        firsts = [[self.messages[b][k] for b in blocks] for k in range(len(shards))]
         # Bytes each worker receives from shard k: P^ (PowerSGD), the updated slice, Q.
         received = [0 for _ in shards]
         if isinstance(self.compression, PowerSGD):
@@ -174,12 +198,6 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
             raise _WorkersGone(ErrorFeedbackLost(work.step, tuple(sorted(lost))))
         return values
 
-    def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
-        try:
-            return super().recompute(owners)
-        except _WorkersGone as gone:
-            return gone.failure
-
     # --- checkpoints ---------------------------------------------------------------------
 
     def compression_state(self, owners: Mapping[int, int]) -> dict[str, np.ndarray]:
@@ -228,7 +246,8 @@ def compress_block(replica: ModelReplica, block: int,
                    master_buffers: np.ndarray | None, bounds: list[tuple[int, int]],
                    *arrays) -> tuple:
     """Compute block `block` (after taking the shards' slices, the all-gather) and return its
-    first message per shard, then the block's figures (bytes_written: the messages')."""
+    first message per shard, then (the block's figures, bytes_written the messages', None),
+    the shape of compute_and_send's answer."""
     slices, warm = arrays[:len(bounds)], arrays[len(bounds):]
     gradient = np.empty_like(replica.flat)
     result = replica.compute(replica.layout.views(gradient), micro_batches, step, batch_size,
@@ -245,7 +264,7 @@ def compress_block(replica: ModelReplica, block: int,
                                             bounds)
     result = dataclasses.replace(result, bytes_written=message_bytes(messages),
                                  write_seconds=result.write_seconds + time.perf_counter() - start)
-    return (*messages, result)
+    return (*messages, (result, None))  # no chunk sends to time: the runner passes the messages
 
 
 def powersgd_second(replica: ModelReplica, block: int, bounds: list[tuple[int, int]],
