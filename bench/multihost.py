@@ -1,21 +1,27 @@
 """Two hosts on a capped network, chainrule against Ray Train with PyTorch DDP (gloo), in one run.
 
     sudo python bench/multihost.py [--steps 40] [--rates 10gbit,1gbit] [--models mlp,lenet]
+                                   [--accuracy-epochs 20]
 
 Needs root (the hosts are network namespaces: deploy/netns_hosts.py) and Ray Train with torch
 (`make bench` installs them). For each link rate: two hosts with one CPU each, a Ray node on
 each; each model trained with one worker per host, by chainrule (2 workers, 2 shards,
-gradients through Ray's object store between the hosts) and by Ray Train's TorchTrainer (2
-workers, DDP over gloo between the hosts). The models: the reference MLP 784-1024-1024-10 at
+gradients through Ray's object store between the hosts), by chainrule with PowerSGD at rank 4
+(communication.compression) and by Ray Train's TorchTrainer (2 workers, DDP over gloo between
+the hosts). The models: the reference MLP 784-1024-1024-10 at
 global batch 256 (4 micro-batches), and the CNN of the models issue, LeNet-5 on 1x28x28
 images at global batch 64 (bench/models.py; its peer is bench/peer_ray_train_cnn.py). Prints
-each one's step time and samples/s, where chainrule's step goes, the bytes it moves per worker
-and step against the parameter bytes, the share of its gradient communication hidden behind
-backward (the time chunks spend between a worker and a shard while the worker still
-computes, over all their time in flight), and the ratio against the peer.
+each one's step time and samples/s, where chainrule's step goes, the bytes a worker sends
+(gradients) and receives (updated parameters, and PowerSGD's factors) per step against the
+parameter bytes, the share of its gradient communication hidden behind backward (the time
+chunks spend between a worker and a shard while the worker still computes, over all their
+time in flight), and the ratios against the peer. Then, on the last rate's cluster, the MLP's
+hidden layers trained on digits (64 inputs) for --accuracy-epochs epochs with and without
+PowerSGD: validation accuracy after the same steps.
 
 Targets (issue 10): >= 1.5x Ray Train's samples/s at 10 Gbit/s; >= 3x at 1 Gbit/s with
-gradient compression on. Compression (PowerSGD) is not built yet: its row says so.
+gradient compression on; compression sends >= 8x fewer bytes, and its validation accuracy on
+digits is within 0.5 points of the uncompressed run's.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ PEERS = Path(os.environ.get("CHAINRULE_PEERS_DIR", ROOT.parent / "shared" / "ben
 DIMS = [784, 1024, 1024, 10]
 BATCHES = {"mlp": 256, "lenet": 64}
 NAMES = {"mlp": f"MLP {'-'.join(map(str, DIMS))}", "lenet": "LeNet-5 (CNN)"}
+POWERSGD = {"powersgd": {"rank": 4}}
 
 
-def job_and_data(model: str, steps: int):
-    """(job spec, training data) of `model` for `steps` steps of synthetic samples."""
+def job_and_data(model: str, steps: int, compression: dict | None = None):
+    """(job spec, training data) of `model` for `steps` steps of synthetic samples, with the
+    spec's communication.compression when given."""
     import numpy as np
     from distributed import mlp_spec
     from models import lenet_job_spec
@@ -53,10 +61,12 @@ def job_and_data(model: str, steps: int):
     else:
         spec, x = lenet_job_spec(BATCHES[model]), rng.standard_normal(
             (samples, 1, 28, 28), dtype=np.float32)
+    if compression is not None:
+        spec["communication"] = {"compression": compression}
     return job_spec_from_dict(spec), from_arrays(x, rng.integers(0, 10, samples))
 
 
-def drive_ours(address: str, steps: int, model: str) -> dict:
+def drive_ours(address: str, steps: int, model: str, compression: dict | None = None) -> dict:
     """On host 0: chainrule's 2-worker job on the cluster at `address`; medians of the steady
     steps (after the first 5), and the hidden share over all of them."""
     import statistics
@@ -65,7 +75,7 @@ def drive_ours(address: str, steps: int, model: str) -> dict:
     from scheduler.job_runner import JobRunner
 
     ray_cluster.connect(address)
-    spec, data = job_and_data(model, steps)
+    spec, data = job_and_data(model, steps, compression)
     records: list = []
     JobRunner.for_spec(spec, data, on_step=records.append).run()
     steady = records[min(5, len(records) // 2):]
@@ -80,8 +90,40 @@ def drive_ours(address: str, steps: int, model: str) -> dict:
         "hidden_share": (sum(r.timings.hidden_communication for r in steady) / communication
                          if communication > 0 else 0.0),
         "parameter_bytes": records[0].parameter_bytes,
-        "moved_bytes": records[-1].bytes_sent_per_worker + records[-1].bytes_received_per_worker,
+        "sent_bytes": records[-1].bytes_sent_per_worker,
+        "received_bytes": records[-1].bytes_received_per_worker,
     }
+
+
+def drive_accuracy(address: str, epochs: int) -> dict:
+    """On host 0: digits on the reference MLP's hidden layers, 2 workers and 2 shards on the
+    two hosts, without and with PowerSGD: validation accuracy after the same steps."""
+    from chainrule.spec_file import job_spec_from_dict
+    from scheduler import ray_cluster
+    from scheduler.datasets import load_builtin, split_and_standardize
+    from scheduler.job_runner import JobRunner
+
+    ray_cluster.connect(address)
+    layers: list[dict] = []
+    for width in DIMS[1:-1]:
+        layers += [{"linear": {"out_features": width}}, {"relu": {}}]
+    layers.append({"linear": {"out_features": 10}})
+    figures = {}
+    for name, compression in (("whole", None), ("powersgd", POWERSGD)):
+        spec: dict = {"name": "digits", "loss": "cross_entropy", "seed": 0,
+                      "model": {"layers": layers},
+                      "optimizer": {"adamw": {"lr": 0.001, "weight_decay": 0.01}},
+                      "data": {"dataset": "sklearn:digits", "batch_size": BATCHES["mlp"],
+                               "epochs": epochs, "validation_fraction": 0.2,
+                               "micro_batches": 4},
+                      "resources": {"workers": 2, "parameter_servers": 2}}
+        if compression is not None:
+            spec["communication"] = {"compression": compression}
+        data = split_and_standardize(load_builtin("sklearn:digits", 0), 0.2, True, 0)
+        result = JobRunner.for_spec(job_spec_from_dict(spec), data).run()
+        assert result.final_evaluation is not None  # digits has a validation split
+        figures[name] = {"accuracy": result.final_evaluation.accuracy, "steps": result.steps}
+    return figures
 
 
 def drive_peer(address: str, steps: int, model: str) -> dict:
@@ -113,10 +155,11 @@ def drive_peer(address: str, steps: int, model: str) -> dict:
     return {"step_ms": step_s * 1e3}
 
 
-def run_on_host0(ray_cluster, role: str, steps: int, model: str) -> dict:
+def run_on_host0(ray_cluster, role: str, steps: int, model: str, epochs: int = 0) -> dict:
     command = ray_cluster.hosts.command(0, [sys.executable, __file__, "--driver", role,
                                             "--address", ray_cluster.address,
-                                            "--steps", str(steps), "--models", model])
+                                            "--steps", str(steps), "--models", model,
+                                            "--accuracy-epochs", str(epochs)])
     import subprocess
 
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
@@ -132,7 +175,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rates", default="10gbit,1gbit")
     parser.add_argument("--models", default="mlp,lenet", help="of: mlp, lenet")
-    parser.add_argument("--driver", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--accuracy-epochs", type=int, default=20,
+                        help="epochs of digits for the accuracy comparison (0: none)")
+    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -140,8 +186,14 @@ def main() -> int:
         parser.error(f"--models: unknown {sorted(unknown)}; known: {sorted(BATCHES)}")
     if args.driver:
         sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-        drive = drive_ours if args.driver == "ours" else drive_peer
-        print(json.dumps(drive(args.address, args.steps, models[0])), flush=True)
+        if args.driver == "accuracy":
+            figures = drive_accuracy(args.address, args.accuracy_epochs)
+        elif args.driver == "peer":
+            figures = drive_peer(args.address, args.steps, models[0])
+        else:
+            figures = drive_ours(args.address, args.steps, models[0],
+                                 POWERSGD if args.driver == "powersgd" else None)
+        print(json.dumps(figures), flush=True)
         return 0
 
     spec = importlib.util.spec_from_file_location("netns_hosts",
@@ -153,7 +205,9 @@ def main() -> int:
     print("2 hosts x 1 CPU, one worker per host; " + "; ".join(
         f"{NAMES[m]} at global batch {BATCHES[m]}" for m in models))
     results = {}
-    for rate in args.rates.split(","):
+    accuracy = None
+    rates = args.rates.split(",")
+    for rate in rates:
         hosts = netns_hosts.Hosts(2, rate=rate)
         try:
             hosts.up()
@@ -163,31 +217,57 @@ def main() -> int:
                 for model in models:
                     began = time.perf_counter()
                     ours = run_on_host0(cluster, "ours", args.steps, model)
+                    compressed = run_on_host0(cluster, "powersgd", args.steps, model)
                     peer = run_on_host0(cluster, "peer", args.steps, model)
-                    results[rate, model] = (ours, peer)
-                    print(f"{rate:>7} {model:>5}: chainrule {ours['step_ms']:7.2f} ms "
-                          f"({BATCHES[model] / ours['step_ms'] * 1e3:,.0f} samples/s; compute "
-                          f"{ours['compute_ms']:.1f}, reduce-scatter {ours['reduce_ms']:.1f}, "
-                          f"wait {ours['wait_ms']:.1f} ms; "
-                          f"{ours['moved_bytes'] / ours['parameter_bytes']:.2f}x the parameter "
-                          f"bytes moved per worker; {ours['hidden_share']:.0%} of gradient "
-                          f"communication hidden behind backward)  Ray Train DDP "
-                          f"{peer['step_ms']:7.2f} ms  ->  {peer['step_ms'] / ours['step_ms']:.2f}x"
-                          f" ({time.perf_counter() - began:.0f} s)", flush=True)
+                    results[rate, model] = (ours, compressed, peer)
+                    print(f"{rate:>7} {model:>5} ({time.perf_counter() - began:.0f} s): Ray "
+                          f"Train DDP {peer['step_ms']:7.2f} ms "
+                          f"({BATCHES[model] / peer['step_ms'] * 1e3:,.0f} samples/s)")
+                    for label, figures in (("chainrule", ours), ("  with PowerSGD", compressed)):
+                        print(f"    {label:<16} {figures['step_ms']:7.2f} ms "
+                              f"({BATCHES[model] / figures['step_ms'] * 1e3:,.0f} samples/s; "
+                              f"compute {figures['compute_ms']:.1f}, reduce-scatter "
+                              f"{figures['reduce_ms']:.1f}, wait {figures['wait_ms']:.1f} ms; "
+                              f"per worker and step sent {figures['sent_bytes']:,} B, received "
+                              f"{figures['received_bytes']:,} B, parameters "
+                              f"{figures['parameter_bytes']:,} B; "
+                              f"{figures['hidden_share']:.0%} of gradient communication "
+                              f"hidden behind backward)  ->  "
+                              f"{peer['step_ms'] / figures['step_ms']:.2f}x", flush=True)
+                if rate == rates[-1] and args.accuracy_epochs and "mlp" in models:
+                    accuracy = run_on_host0(cluster, "accuracy", 0, "mlp", args.accuracy_epochs)
             finally:
                 cluster.down()
         finally:
             hosts.down()
     print(f"load average after the run: {os.getloadavg()[0]:.2f}")
     print()
-    print(f"{'':<52}{'ratio':>8}{'target':>10}")
+    print(f"{'':<60}{'ratio':>8}{'target':>10}")
+
+    def row(label: str, ratio: float, target: str) -> None:
+        print(f"{label:<60}{ratio:>8.2f}{target:>10}")
+
     for model in models:
         for rate, target in (("10gbit", 1.5), ("1gbit", 3.0)):
             if (rate, model) in results:
-                ours, peer = results[rate, model]
-                note = "" if rate == "10gbit" else "  (target with compression: not built)"
-                print(f"{model + ' samples/s vs Ray Train DDP at ' + rate:<52}"
-                      f"{peer['step_ms'] / ours['step_ms']:>8.2f}{'>= ' + str(target):>10}{note}")
+                ours, compressed, peer = results[rate, model]
+                row(f"{model} samples/s vs Ray Train DDP at {rate}",
+                    peer["step_ms"] / ours["step_ms"], f">= {target}" if rate == "10gbit" else "")
+                row(f"{model} samples/s vs Ray Train DDP at {rate}, PowerSGD",
+                    peer["step_ms"] / compressed["step_ms"],
+                    f">= {target}" if rate == "1gbit" else "")
+        ours, compressed, _ = results[rates[-1], model]
+        row(f"{model} gradient bytes sent, whole / PowerSGD", ours["sent_bytes"]
+            / compressed["sent_bytes"], ">= 8")
+        row(f"{model} bytes sent + received, whole / PowerSGD",
+            (ours["sent_bytes"] + ours["received_bytes"])
+            / (compressed["sent_bytes"] + compressed["received_bytes"]), "")
+    if accuracy is not None:
+        whole, powersgd = accuracy["whole"], accuracy["powersgd"]
+        print(f"digits after {whole['steps']} steps: validation accuracy {whole['accuracy']:.4f} "
+              f"whole, {powersgd['accuracy']:.4f} with PowerSGD "
+              f"({(powersgd['accuracy'] - whole['accuracy']) * 100:+.2f} points; target: "
+              f"within 0.5)")
     return 0
 
 
