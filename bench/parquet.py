@@ -9,18 +9,24 @@ from a Parquet file of 2,000-row row groups that each worker reads a row group a
 5 (start-up excluded), timed as the runner reports each step, the two paths alternated and
 the best of each round kept, in the same run.
 
+Memory: a fresh Ray worker process computes one epoch's gradients as a job's only worker
+would, from each source, and reports its peak RSS (ru_maxrss) beside the data's size: the file,
+and the arrays the in-memory path puts in the object store (which a worker maps whole).
+
 Target: the Parquet path at >= 0.9x the in-memory path's samples/s on data that fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +36,8 @@ from scheduler import ray_cluster  # noqa: E402
 from scheduler.datasets import from_arrays, split_and_standardize  # noqa: E402
 from scheduler.job_runner import JobRunner  # noqa: E402
 from scheduler.parquet_dataset import load_parquet, parquet_shape  # noqa: E402
+from scheduler.sampler import EpochSampler  # noqa: E402
+from worker.replica import ModelReplica, ReplicaSetup  # noqa: E402
 from worker.resolved_job import resolve  # noqa: E402
 
 SPEC = """
@@ -51,6 +59,22 @@ def samples_per_second(runner: JobRunner) -> float:
     runner.run()
     measured = times[SKIPPED_STEPS:]
     return sum(samples for _, samples in measured[1:]) / (measured[-1][0] - measured[0][0])
+
+
+@ray.remote(max_calls=1)  # a fresh worker process: its peak is this replica's alone
+def worker_peak_rss(job, rows, row_groups) -> int:
+    """Peak resident bytes of a process computing every micro-batch of epoch 0 from `rows`."""
+    import resource
+
+    replica = ModelReplica(ReplicaSetup(job, None), rows)
+    destination = {slot.name: np.zeros(slot.shape, dtype=job.dtype)
+                   for slot in replica.layout.slots}
+    sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches, job.seed,
+                           row_groups=row_groups)
+    for step, samples in enumerate(sampler.epoch(0), start=1):
+        replica.compute(destination, list(enumerate(samples.micro_batches)), step,
+                        job.batch_size)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -82,9 +106,20 @@ def main() -> None:
             parquet = max(parquet, samples_per_second(JobRunner(job, load_parquet(job))))
             in_memory = max(in_memory, samples_per_second(JobRunner.for_spec(
                 memory_spec, dataset, workers=args.workers)))
-    print(f"{args.rows} rows x 64 features, {args.workers} workers, batch 256")
+        parquet_data = load_parquet(job)
+        memory_job = resolve(memory_spec, dataset.shape, workers=1)
+        parquet_rss = ray.get(worker_peak_rss.remote(
+            job, parquet_data.training_rows(), parquet_data.training_row_groups))
+        memory_rss = ray.get(worker_peak_rss.remote(memory_job, dataset.training_rows(), ()))
+        file_bytes = path.stat().st_size
+    mib = 2 ** 20
+    print(f"{args.rows} rows x 64 features, {args.workers} workers, batch 256; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"in memory: {in_memory:,.0f} samples/s   Parquet: {parquet:,.0f} samples/s   "
           f"ratio {parquet / in_memory:.2f} (target >= 0.9)")
+    print(f"a worker's peak RSS over an epoch: Parquet {parquet_rss / mib:.0f} MiB (file "
+          f"{file_bytes / mib:.1f} MiB, row groups of 2,000 rows), in memory "
+          f"{memory_rss / mib:.0f} MiB (arrays {dataset.x.nbytes / mib:.1f} MiB)")
 
 
 if __name__ == "__main__":
