@@ -306,8 +306,13 @@ class ChunkSender:
         self.waiting = [{i for i, shards in enumerate(self.shards_of) if k in shards}
                         for k in range(len(self.bounds))]
         self.sent_at: dict[int, float] = {}
+        self.reported: set[int] = set()
 
     def parameter_ready(self, index: int, block_sum: np.ndarray) -> None:
+        if index in self.reported:  # a chunk holding its first value may have left already
+            raise RuntimeError(f"the gradient of {self.names[index]} was final twice in one "
+                               f"backward pass (a weight shared with a recomputed segment?)")
+        self.reported.add(index)
         np.copyto(self.views[self.names[index]], block_sum)
         for k in self.shards_of[index]:
             self.waiting[k].discard(index)

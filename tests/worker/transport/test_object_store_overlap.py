@@ -106,3 +106,12 @@ def test_the_hidden_share_counts_only_what_travelled_while_the_sender_computed()
     sends = [ChunkSends({0: 2.0, 1: 1.0}, computed_at=2.0)]
     communication, hidden = overlap_seconds(sends, [{0: 2.5}, {0: 3.0}])
     assert communication == pytest.approx(2.5) and hidden == pytest.approx(1.0)
+
+
+def test_a_gradient_reported_final_twice_is_an_error_not_a_chunk_with_the_first_value():
+    replica = _replica()
+    block = np.zeros_like(replica.flat)
+    sender = ChunkSender(replica.layout, block, [(0, block.size)], lambda k, c: None)
+    sender.parameter_ready(0, np.ones(replica.parameters[0].shape, np.float32))
+    with pytest.raises(RuntimeError, match="final twice"):
+        sender.parameter_ready(0, np.ones(replica.parameters[0].shape, np.float32))
