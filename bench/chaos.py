@@ -40,7 +40,12 @@ CASES = ["tests/chaos",
          "tests/scheduler/test_multinode.py::"
          "test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones",
          "tests/services/test_node_drain.py::"
-         "test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights"]
+         "test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights",
+
+         "tests/deploy/test_netns_hosts.py::"
+         "test_a_hosts_raylet_killed_mid_job_costs_nothing",
+         "tests/deploy/test_netns_hosts.py::"
+         "test_a_host_off_the_network_is_found_within_3_s_and_costs_nothing"]
 RECOVERY_TARGET_SECONDS = 5.0
 # Faults whose recovery starts Ray again (or replays from an older checkpoint): no 5 s target.
 RAY_RESTARTS = ("service SIGTERM",)

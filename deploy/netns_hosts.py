@@ -211,6 +211,22 @@ class RayOnHosts:
             time.sleep(1.0)
         raise TimeoutError(f"fewer than {count} Ray nodes alive after {timeout:g} s")
 
+    def restart_node(self, host: int, timeout: float = 120.0) -> None:
+        """Start `host`'s Ray node again after it was killed (not the head's): every process
+        left in its namespace is killed first, then a new node joins the head."""
+        if host == 0:
+            raise ValueError("host 0 runs the head; restart the whole cluster instead")
+        for pid in self.hosts.pids(host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.processes[host].wait(timeout=30)
+        (self.temp_dir / f"host{host}.log").unlink(missing_ok=True)
+        self.processes[host] = self._ray_start(host, f"--address={self.address}")
+        self._wait_until_started([host], timeout)
+        self.wait_for_nodes(self.hosts.count, timeout)
+
     def raylet_pid(self, host: int) -> int:
         """The raylet of `host`'s node (a process in its namespace)."""
         for pid in self.hosts.pids(host):
