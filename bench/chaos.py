@@ -41,7 +41,6 @@ CASES = ["tests/chaos",
          "test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones",
          "tests/services/test_node_drain.py::"
          "test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights",
-
          "tests/deploy/test_netns_hosts.py::"
          "test_a_hosts_raylet_killed_mid_job_costs_nothing",
          "tests/deploy/test_netns_hosts.py::"
