@@ -63,6 +63,17 @@ def test_a_powersgd_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_w
     for key, value in powersgd_run.state_dict.items():
         assert np.array_equal(resumed.state_dict[key], value), key
 
+    # On one worker (one block) the errors owed are not lost: block 0 takes their sum.
+    taken = []
+    alone = JobRunner.for_spec(spec, digits(spec), workers=1, parameter_servers=SHARDS,
+                               resume_from=checkpoint, on_checkpoint=taken.append)
+    alone.should_stop = lambda: True
+    assert alone.run().stopped_early
+    assert taken[-1].step == checkpoint.step
+    np.testing.assert_array_equal(taken[-1].compression_state["error_feedback/0"],
+                                  errors[0] + errors[1])
+    assert "error_feedback/1" not in taken[-1].compression_state
+
 
 def test_a_powersgd_worker_sends_its_factors_and_the_vectors_not_the_gradient(powersgd_run):
     spec = compressed_spec("powersgd")
