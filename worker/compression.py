@@ -67,9 +67,10 @@ def topk_count(size: int, ratio: float) -> int:
 
 def topk_select(values: np.ndarray, count: int) -> np.ndarray:
     """The indices of the `count` largest |values|, ascending. Ties go to the lower index
-    (a stable sort), so the choice is a function of the values alone."""
+    (a stable sort), so the choice is a function of the values alone. 32-bit indices when
+    they fit: they travel with the values."""
     order = np.argsort(-np.abs(values), kind="stable")[:count]
-    return np.sort(order).astype(np.int64)
+    return np.sort(order).astype(np.int32 if len(values) < 2**31 else np.int64)
 
 
 def topk_scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -97,7 +97,8 @@ def test_a_top_k_job_gives_the_same_bits_on_a_rerun_and_sends_index_value_pairs(
         assert np.array_equal(second.state_dict[key], value), key
     layout, bounds = layout_and_bounds(spec)
     pairs = sum(topk_count(hi - lo, 0.05) for lo, hi in bounds)
-    assert {r.bytes_sent_per_worker for r in first.history.steps} == {pairs * (8 + 4)}
+    # A 32-bit index and a float32 value per pair.
+    assert {r.bytes_sent_per_worker for r in first.history.steps} == {pairs * (4 + 4)}
 
 
 def test_a_lost_worker_of_a_compressed_job_restarts_it_from_the_checkpoint_with_the_same_bits(
