@@ -10,10 +10,11 @@ out; the runner hands every failure to this policy and does what it says:
                              bundle, at most `max_worker_replacements` over the whole job (past
                              that the job goes on with the workers it has left).
   a parameter-server shard lost, or a compressed job's worker (with its blocks' error
-  feedback)               -> RESTART every actor, at most `max_shard_restarts` times;
-                             then FAIL. (Where from is the runner's mechanism: the state the
-                             shards kept after the last step when they keep one, else the
-                             last checkpoint, or the job's start, and replay.)
+  feedback)               -> RESTART, at most `max_shard_restarts` times; then FAIL. (How is
+                             the runner's mechanism: for a lost shard, new shards from the
+                             state the shards kept after the last step when they keep one,
+                             the step run again; else every actor from the last checkpoint,
+                             or the job's start, and replay.)
   the job's own computation raised on a worker -> FAIL: recomputing it elsewhere would raise
                              the same error.
 
@@ -40,7 +41,7 @@ MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has 
 
 class Decision(Enum):
     RECOMPUTE = "recompute the lost workers' blocks on survivors, in the same step"
-    RESTART = "restart every actor from the last kept state or checkpoint and replay"
+    RESTART = "restart the shards from their kept state, or every actor from a checkpoint"
     FAIL = "fail the job"
 
 

@@ -24,8 +24,9 @@ Mechanism and policy are apart: the worker group (worker_group.py) starts, kills
 actors; a transport runs a step and returns its outcome or what went wrong; the failure policy
 (failure_policy.py) decides what to do about it; the runner has it carried out (_on_failure).
 A step or a stop can be checkpointed; a checkpoint resumes by deterministic replay. On shared
-memory the shards also keep their state after every step (worker/shard_state_replica.py), so
-a lost shard costs no step.
+memory the shards also keep their state after every step (worker/shard_state_replica.py): a
+lost shard is replaced, with the others, from that state, the workers kept, and the step it
+was lost in runs again; no step is lost.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
     ActorFailure,
     ErrorFeedbackLost,
+    ShardLost,
     StepFailure,
     StepOutcome,
     StepTransport,
@@ -221,11 +223,11 @@ class JobRunner:
     # --- set-up and tear-down --------------------------------------------------------------
 
     def run(self) -> TrainingResult:
-        """Train to the end (or until should_stop / early stopping). A lost parameter-server
-        shard restarts the job's actors from the state the shards kept after the last step
-        (shared memory, elementwise rules: worker/shard_state_replica.py), else from the last
-        checkpoint, and replays: the sampler and every seed are functions of the step, so the
-        weights come out the same."""
+        """Train to the end (or until should_stop / early stopping). A shard lost in a step is
+        replaced in place from the state the shards kept after the last step (shared memory,
+        elementwise rules: worker/shard_state_replica.py); otherwise every actor restarts from
+        that state or the last checkpoint and replays: the sampler and every seed are
+        functions of the step, so the weights come out the same."""
         # Where a restart goes back to until the first checkpoint: the job's start.
         self.last_checkpoint: Checkpoint | None = self.resume_from
         self.early_stopping_at_checkpoint = copy.deepcopy(self.early_stopping)
@@ -532,8 +534,13 @@ class JobRunner:
         )
         outcome = self.transport.run_step(work)
         while not isinstance(outcome, StepOutcome):
-            outcome = self.transport.recompute(self._on_failure(outcome))
+            owners = self._on_failure(outcome, in_step=True)
+            # None: new shards took over from the state kept after the last step; the step
+            # runs again on them.
+            outcome = (self.transport.run_step(work) if owners is None
+                       else self.transport.recompute(owners))
         self.history.worker_failures = self.policy.worker_failures
+        self.history.shard_failures = self.policy.shard_restarts
         self._replace_lost_workers(step)
         if outcome.micro_batch_buffers is not None:
             self._average_buffers(outcome.micro_batch_buffers)
@@ -541,10 +548,12 @@ class JobRunner:
         self.deadline.observe(wall)
         return self._record(step, epoch, work, outcome, wall)
 
-    def _on_failure(self, failure: StepFailure) -> dict[int, int]:
+    def _on_failure(self, failure: StepFailure, in_step: bool = False) -> dict[int, int] | None:
         """Ask the failure policy about `failure` and have it carried out. RECOMPUTE: the group
         removes the lost workers, and the returned block -> survivor map goes to the transport.
-        RESTART and FAIL raise (the actors are torn down on the way out)."""
+        RESTART of a shard lost `in_step`: new shards from the state kept after the last
+        step when there is one (None: the step runs again); otherwise RESTART and FAIL raise
+        (the actors are torn down on the way out)."""
         group = self.worker_group
         lost = failure.workers if isinstance(failure, WorkersLost) else ()
         survivors = len([w for w in group.alive if w not in lost])
@@ -561,6 +570,15 @@ class JobRunner:
                                 f"micro-batches recomputed in-step by worker(s) {by}")
             return owners
         if decision is Decision.RESTART:
+            if (in_step and isinstance(failure, ShardLost)
+                    and self._replace_shards_from_kept_state()):
+                self._recovered("shard_lost", self.current_step,
+                                f"{describe(failure)}: new shards took over from the state "
+                                f"the shards kept after step {self.completed_step}, and step "
+                                f"{self.current_step} ran again (no step is trained again; "
+                                f"restart {self.policy.shard_restarts} of at most "
+                                f"{self.policy.max_shard_restarts})")
+                return None
             if self._restart_point_from_kept_state():
                 where = (f"from step {self.completed_step}, the state its shards kept in "
                          f"shared memory (no step is trained again)")
@@ -574,6 +592,29 @@ class JobRunner:
                             f"{self.policy.max_shard_restarts})")
             raise _RestartFromCheckpoint(failure)
         raise JobFailed(self.policy.why_failed(failure), failure)
+
+    def _replace_shards_from_kept_state(self) -> bool:
+        """Replace every shard in its bundle, the workers kept: the parameters and the new
+        shards' optimizer state as the shards kept them after the last completed step
+        (worker/shard_state_replica.py). False when that cannot be done (no state kept, a
+        worker lost meanwhile, a new shard not starting): every actor then restarts."""
+        transport = self.transport
+        if not (self.steps_started and isinstance(transport, SharedMemoryTransport)):
+            return False
+        kept = transport.kept_state(self.completed_step)
+        if kept is None:
+            return False
+        self.worker_group.kill_shards()
+        if not transport.settle_after_lost_shards():
+            return False
+        self.parameters[:] = kept.parameters  # the shared vector, halfway through the step
+        try:
+            self.worker_group.start_shards()
+            self.worker_group.load_shard_states(kept.optimizer_steps, kept.optimizer_state)
+        except ActorFailure:
+            return False
+        transport.shards_replaced()
+        return True
 
     def _restart_point_from_kept_state(self) -> bool:
         """Make the state the shards kept after the last completed step (worker/

@@ -64,7 +64,7 @@ class EvaluationRecord:
 RECOVERY_KINDS = (
     "worker_lost",  # a worker died or fell silent: its blocks recomputed by others, same step
     "worker_replaced",  # a new replica took a lost worker's place at a step boundary
-    "shard_lost",  # a parameter-server shard died: every actor restarted from its kept state
+    "shard_lost",  # a parameter-server shard died: the shards restarted from their kept state
     # a compressed job's worker died with its error feedback: restarted from a checkpoint
     "error_feedback_lost",
     "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead

@@ -60,13 +60,8 @@ class WorkerGroup:
                       else (None, None))
         self._replica_arguments = (replica_setup, ray.put(rows), *validation)
         self.replicas = [self._new_replica(w) for w in range(self.placement.workers)]
-        # max_concurrency 2 for a replica: a step loop runs in one thread, the runner's
-        # occasional calls (location, checkpoint state, last error) in the other, between
-        # steps. A shard's reduce may wait for the workers' chunks (object-store transport),
-        # which then arrive in other threads.
-        self.shards = [RemoteShard.options(**self.placement.shard_options(k),
-                                           max_concurrency=4).remote(setup)
-                       for k, setup in enumerate(shard_setups)]
+        self.shard_setups = shard_setups
+        self.shards = [self._new_shard(k) for k in range(len(shard_setups))]
         workers = ray.get([replica.location.remote() for replica in self.replicas],
                           timeout=self.timeout_seconds)
         shards = self._shard_calls(lambda shard: shard.location.remote(), "while starting")
@@ -76,6 +71,12 @@ class WorkerGroup:
     def _new_replica(self, worker: int):
         return RemoteReplica.options(**self.placement.worker_options(worker),
                                      max_concurrency=2).remote(*self._replica_arguments)
+
+    def _new_shard(self, index: int):
+        # A shard's reduce may wait for the workers' chunks (object-store transport), which
+        # then arrive in other threads: room for those beside the runner's occasional calls.
+        return RemoteShard.options(**self.placement.shard_options(index),
+                                   max_concurrency=4).remote(self.shard_setups[index])
 
     def owner_for(self, position: int) -> int:
         """The worker that computes the block at `position` of a list of blocks to hand out:
@@ -146,7 +147,19 @@ class WorkerGroup:
                 results[b] = value
         return results
 
-    # --- shards: their state, for checkpoints ------------------------------------------------
+    # --- shards: replaced, their state -------------------------------------------------------
+
+    def kill_shards(self) -> None:
+        """Kill every shard (a lost one's survivors too: they may be halfway through a step
+        that is to be done again)."""
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def start_shards(self) -> None:
+        """New shards in the killed ones' bundles (free again once Ray has reaped them), once
+        each can say where it runs; ActorFailure(ShardLost) if one cannot."""
+        self.shards = [self._new_shard(k) for k in range(len(self.shard_setups))]
+        self._shard_calls(lambda shard: shard.location.remote(), "while replacing the shards")
 
     def shard_states(self, when: str) -> list[tuple[int, dict[str, np.ndarray]]]:
         """Every shard's (optimizer steps, state); ActorFailure(ShardLost) if one is dead."""

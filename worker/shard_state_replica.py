@@ -11,7 +11,8 @@ The replica has two halves, by step parity: step s is written into half s % 2 wh
 previous step intact. Each half records, per shard, the job step and the optimizer step count
 it holds, written after the arrays. When a shard is lost during step s, the runner reads half
 (s - 1) % 2: every shard reported step s - 1 applied (after writing it), so the job's whole
-state as of step s - 1 is there and step s is the only one computed again.
+state as of step s - 1 is there. New shards load it, the shared parameters are set back to it,
+and step s runs again: the only one computed twice, none lost.
 
 Only elementwise rules are replicated (their state is one array per key over the slice); K-FAC
 and Adafactor keep their state per layer or per parameter, and a lost shard of theirs still

@@ -2,8 +2,8 @@
 micro-batches recomputed by the others in the same step), a worker SIGSTOPped (dropped within
 the step's adaptive deadline, scheduler/step_deadline.py, or sooner on the object-store path by
 the heartbeats of worker/transport/liveness.py: before, a fixed 120 s let a stopped worker of a
-2 ms step go unnoticed), a parameter-server shard SIGKILLed (every actor restarts from the
-state the shards kept in shared memory after the last step, worker/shard_state_replica.py).
+2 ms step go unnoticed), a parameter-server shard SIGKILLed (new shards, the workers kept, from
+the state the shards kept in shared memory after the last step: worker/shard_state_replica.py).
 Each ends with bitwise the weights of the undisturbed run, and reports its recovery time and
 the steps trained again."""
 
@@ -141,7 +141,7 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     report_recovery(f"worker SIGSTOP ({transport})", stalled.timings.wall, 0, lost.message)
 
 
-def test_a_sigkilled_shard_restarts_from_the_kept_state_losing_no_step(undisturbed):
+def test_a_sigkilled_shard_is_replaced_from_the_kept_state_losing_no_step(undisturbed):
     spec = spec_with()  # Adam: its moments and step count are the state a shard keeps
     runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
                                 transport="shared_memory")
@@ -150,8 +150,8 @@ def test_a_sigkilled_shard_restarts_from_the_kept_state_losing_no_step(undisturb
     result = runner.run()
     [lost] = result.history.recoveries
     assert lost.kind == "shard_lost"
-    assert (f"restarts from step {killed_after}, the state its shards kept in shared memory"
-            in lost.message), lost.message
+    assert (f"new shards took over from the state the shards kept after step {killed_after}, "
+            f"and step {killed_after + 1} ran again" in lost.message), lost.message
     assert result.history.shard_failures == 1
     # Every step is recorded once: none after step 20 was trained again.
     assert [record.step for record in result.history.steps] == list(range(1, 46))

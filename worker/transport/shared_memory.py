@@ -369,6 +369,57 @@ class SharedMemoryTransport:
     def push_parameters(self) -> None:
         pass
 
+    def settle_after_lost_shards(self) -> bool:
+        """After ShardLost in a step, with every shard killed: wait until the shards' step
+        loops have ended (no process writes the parameters any more) and every block of the
+        step is reported (the workers wait for commands). False when that does not happen
+        within the step's deadline, or a worker is lost or fails meanwhile."""
+        step = self.current
+        if step is None:
+            return False
+        deadline = time.monotonic() + step.work.deadline_seconds
+        ended, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops),
+                            timeout=step.work.deadline_seconds)
+        if len(ended) < len(self.shard_loops):
+            return False
+        block_count = len(step.work.block_ranges)
+        while len(step.blocks) < block_count:
+            if time.monotonic() > deadline or self._find_lost_workers():
+                return False
+            try:
+                report = decode_report(self.inbox.receive_bytes(REPORT_BYTES,
+                                                                LIVENESS_CHECK_SECONDS))
+            except ChannelTimeout:
+                continue
+            if isinstance(report, BlockReport) and report.step == step.work.step:
+                if report.kind == ReportKind.BLOCK_FAILED:
+                    return False
+                step.blocks[report.block] = BlockStats(
+                    report.loss_sum, report.samples, report.correct, report.compute_seconds,
+                    report.write_seconds, report.bytes_written)
+        return True
+
+    def _find_lost_workers(self) -> bool:
+        serving = [loop for loop in self.worker_loops.values() if loop is not None]
+        ended, _ = ray.wait(serving, num_returns=len(serving), timeout=0)
+        return bool(ended)
+
+    def shards_replaced(self) -> None:
+        """New shards took every slot (the step's workers idle, settle_after_lost_shards):
+        drop what the old ones were sent or sent back, and start the new ones' step loops."""
+        for inbox in self.shard_inboxes:
+            inbox.discard_pending(ShardCommand)
+        for k in range(len(self.shard_inboxes)):
+            blocks_written = Channel(self.step_spec.channels.shard_blocks(k))
+            blocks_written.discard_pending(BlockWritten)
+            blocks_written.close()
+        while True:  # the runner's inbox: reports of the step as it first ran
+            try:
+                self.inbox.receive_bytes(REPORT_BYTES, 0)
+            except ChannelTimeout:
+                break
+        self.shard_loops = [shard.serve.remote(self.step_spec) for shard in self.actors.shards]
+
     def worker_replaced(self, worker: int) -> None:
         """Start the new replica's step loop on the slot's inbox, emptied first: commands sent
         to the lost replica must not reach its successor."""
