@@ -23,6 +23,8 @@ handed a checkpoint to the host. A cancelled job then ends CANCELLED; a job stop
 preempted (the policy's choice, to make room for a waiting job of higher priority) goes back to
 QUEUED in this queue at its first arrival and resumes from the checkpoint once room is back; a
 run longer than `max_run_seconds` ends FAILED, saying so (it can be resumed from the checkpoint).
+A run whose chosen node left before its actors were placed there (NodeGone) goes back to QUEUED
+the same way, with a "node_gone" recovery record, to be placed again on the nodes left.
 A host that fails to record a run's end (a full disk) is asked again, with backoff, until it
 records it: the result waits in memory, and the job is never left RUNNING with it lost.
 
@@ -69,7 +71,7 @@ from scheduler.job_resources import job_bundles, spreads, worker_and_shard_count
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from scheduler.parquet_dataset import ParquetDataset
-from scheduler.placement import PARAMETER_SERVER_CPUS
+from scheduler.placement import PARAMETER_SERVER_CPUS, NodeGone
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
 from scheduler.scheduling_policy import (
     Bundle,
@@ -598,6 +600,11 @@ class JobQueue:
                 outcome = JobOutcome(FAILED, result=result, error=(
                     f"stopped after running longer than this server's limit of "
                     f"{self.max_run_seconds:g} s; resume it to continue from its checkpoint"))
+        except NodeGone as error:  # not the job's doing: placed again on the nodes left
+            running.unplaced.set()
+            self._notify_unless_abandoned(running, "job_recovery", RecoveryRecord(
+                running.last_step, "node_gone", f"{error}: the job queues again, to be placed "
+                                                f"on the nodes left"))
         except Exception as error:  # a failed job must never take the service down
             if running.abandoned.is_set():  # its Ray gone under it: expected, not the job's
                 log.info("job %s: a run given up ended (%s: %s)", job_id,
@@ -623,7 +630,8 @@ class JobQueue:
                     del self._running[job_id]
                 self._stopping.pop(job_id, None)
                 if (outcome is None and state == QUEUED and not self._draining
-                        and (running.preempted.is_set() or running.drained.is_set())):
+                        and (running.preempted.is_set() or running.drained.is_set()
+                             or running.unplaced.is_set())):
                     # Back in the queue at its first arrival: it resumes from the stop's
                     # checkpoint once room is back (off the drained node), ahead of its
                     # tenant's later jobs.
@@ -762,6 +770,7 @@ class _RunningJob:
         self.preempted = threading.Event()  # to make room for a job of higher priority
         self.timed_out = threading.Event()
         self.drained = threading.Event()  # a node it has actors on is drained
+        self.unplaced = threading.Event()  # a node chosen for it left before it was placed
         # Given up (take_back_running): nothing it reports is recorded any more. Set under
         # `starting`, which the run holds while it records its start: a run is either given
         # up before it starts, or started and then taken back.

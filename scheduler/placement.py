@@ -11,6 +11,7 @@ outside the service), the bundles are spread across several nodes, else packed o
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +25,16 @@ PARAMETER_SERVER_CPUS = 0.01
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node's label with its own id (Ray 2.49 and later)
 
 
+NODE_CHECK_SECONDS = 1.0  # while a pinned group waits: how often its nodes are looked at
+
+
 class PlacementError(RuntimeError):
     """The cluster cannot hold the job's actors."""
+
+
+class NodeGone(PlacementError):
+    """A node the job's bundles were pinned to left before they were placed: the bundles
+    would wait for it forever. Not the job's fault: it can be placed again elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,10 @@ def reserve(workers: int, shards: int, cpus_per_worker: float = 0.0, strategy: s
     selectors = None if nodes is None else [{NODE_ID_LABEL: node} for node in nodes]
     group = placement_group(bundles, strategy=strategy, bundle_label_selector=selectors)
     try:
-        ray.get(group.ready(), timeout=timeout_seconds)
+        _wait_until_placed(group, nodes, timeout_seconds)
+    except PlacementError:
+        remove_placement_group(group)
+        raise
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         where = f" on nodes {', '.join(sorted(set(nodes)))}" if nodes is not None else ""
@@ -97,6 +109,26 @@ def reserve(workers: int, shards: int, cpus_per_worker: float = 0.0, strategy: s
         ) from None
     return Placement(group, workers, shards, cpus_per_worker, strategy, worker_memory_bytes,
                      shard_memory_bytes)
+
+
+def _wait_until_placed(group: PlacementGroup, nodes: Sequence[str] | None,
+                       timeout_seconds: float) -> None:
+    """Until Ray has reserved every bundle; NodeGone as soon as a node a bundle is pinned to
+    is no longer alive; GetTimeoutError after `timeout_seconds`."""
+    ready = group.ready()
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ray.exceptions.GetTimeoutError("placement group not ready")
+        if ray.wait([ready], timeout=min(NODE_CHECK_SECONDS, left))[0]:
+            ray.get(ready)
+            return
+        if nodes is not None:
+            gone = set(nodes) - {node["NodeID"] for node in alive_nodes()}
+            if gone:
+                raise NodeGone(f"node(s) {', '.join(sorted(gone))} left before the job's "
+                               f"actors were placed there")
 
 
 def _bundle(cpus: float, memory_bytes: int) -> dict[str, float]:

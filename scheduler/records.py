@@ -71,6 +71,7 @@ RECOVERY_KINDS = (
     "ray_lost",  # the service's Ray died: the run given up, the job requeued from a checkpoint
     "lease_expired",  # the runner stopped renewing its lease: the job requeued from a checkpoint
     "node_drained",  # a node it had actors on was drained: stopped at a step boundary, requeued
+    "node_gone",  # a node chosen for it left before its actors were placed there: requeued
 )
 
 

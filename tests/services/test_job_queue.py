@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from scheduler.cluster_view import FixedNodes
 from scheduler.datasets import builtin_shape
 from scheduler.job_queue import JobQueue, QueuedJob
+from scheduler.placement import NodeGone
 from scheduler.scheduling_policy import Node
 from tests.services.helpers import iris_spec, wait_for
 from worker.resolved_job import resolve
@@ -42,6 +43,8 @@ class FakeRunner:
         FakeRunner.nodes[self.spec.name] = self.options["nodes"]
         if self.spec.name == "broken":
             raise ValueError("no such thing")
+        if self.spec.name == "unplaced" and FakeRunner.started.count("unplaced") == 1:
+            raise NodeGone("node(s) gone left before the job's actors were placed there")
         for _ in range(self.steps):
             if self.should_stop():
                 self.on_checkpoint("checkpoint")
@@ -249,6 +252,18 @@ def test_a_failing_job_records_why_and_the_next_one_runs():
     wait_for(lambda: host.states.get("fine") == "SUCCEEDED", 5)
     assert host.states["broken"] == "FAILED"
     assert host.errors["broken"] == "ValueError: no such thing"
+
+
+def test_a_job_whose_node_left_before_it_was_placed_queues_again_and_runs():
+    host, recorder = FakeHost(), Recorder()
+    queue = _queue(host, observers=[recorder])
+    recoveries: list = []
+    recorder.job_recovery = lambda job_id, record: recoveries.append((job_id, record.kind))
+    queue.submit(_job("unplaced"))
+    wait_for(lambda: host.states.get("unplaced") == "SUCCEEDED", 5)
+    assert FakeRunner.started == ["unplaced", "unplaced"]  # placed again, not FAILED
+    assert ("unplaced", "RUNNING") in recorder.calls and ("unplaced", "QUEUED") in recorder.calls
+    assert recoveries == [("unplaced", "node_gone")]
 
 
 def test_shutdown_requeues_running_jobs_after_their_checkpoint():
