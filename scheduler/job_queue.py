@@ -42,6 +42,11 @@ step boundary if it reaches one. The job gets a recovery record saying why and g
 QUEUED (compare-and-set from RUNNING: a job that ended meanwhile keeps its end), to run again
 from its last checkpoint (after `pause`: in the next server's queue).
 
+Attaching (`adopt`): a run whose runner lives outside this process (scheduler/detached_runner.py)
+and outlived the server that started it is taken over by the next server's queue as it runs:
+counted as running, followed through `runner_attacher`, its end recorded as any run's. A runner
+that dies (`RunnerLost`) sends its job back to the queue, as a Ray lost does.
+
 Leases (scheduler/job_lease.py): every run holds a lease on its job in the store, renewed from
 its step boundaries. The queue checks for leases that ran out (`_check_leases`, the one place
 that decides a runner is gone or wedged): such a run is given up the same way, and its job,
@@ -66,6 +71,7 @@ from chainrule.v1 import job_pb2
 from scheduler.checkpoint import Checkpoint
 from scheduler.cluster_view import ClusterView, free_nodes
 from scheduler.datasets import Dataset
+from scheduler.detached_runner import RunnerFailed, RunnerLost
 from scheduler.job_lease import Lease, LeaseOwners, LeaseTerms, lease_until
 from scheduler.job_resources import job_bundles, spreads, worker_and_shard_counts
 from scheduler.job_runner import JobRunner, TrainingResult
@@ -82,6 +88,7 @@ from scheduler.scheduling_policy import (
     WaitingJobs,
     decide,
     fits_ever,
+    place,
 )
 from worker.resolved_job import ResolvedJob
 
@@ -206,12 +213,14 @@ class JobQueue:
         max_run_seconds: float = math.inf,
         node_poll_seconds: float = 1.0,
         lease_terms: LeaseTerms | None = None,
+        runner_attacher: RunnerFactory | None = None,
     ):
         """`cluster` gives the nodes' sizes (scheduler/cluster_view.py); `tenants` each
         tenant's weight and running-CPU quota (TenantPolicy() for a tenant not named);
         `max_concurrent_jobs` 0 lets as many jobs run as fit. `max_run_seconds` bounds one run
         of a job, from its start (or resume) to its end. `lease_terms`: how long a run's lease
-        lasts (LeaseTerms())."""
+        lasts (LeaseTerms()). `runner_attacher(job_id, callbacks...)`: a runner that follows a
+        run already going outside this process (`adopt`)."""
         if max_concurrent_jobs < 0:
             raise ValueError(f"max_concurrent_jobs must be >= 0, got {max_concurrent_jobs}")
         self.host = host
@@ -220,6 +229,7 @@ class JobQueue:
         self.tenants = dict(tenants or {})
         self.observers = list(observers)
         self.runner_factory = runner_factory
+        self.runner_attacher = runner_attacher
         self.placement_timeout_seconds = placement_timeout_seconds
         self.max_run_seconds = max_run_seconds
         self.node_poll_seconds = node_poll_seconds
@@ -261,6 +271,27 @@ class JobQueue:
     def submit_all(self, jobs: Iterable[QueuedJob]) -> None:
         for job in jobs:
             self.submit(job)
+
+    def adopt(self, job: QueuedJob, lease: Lease) -> None:
+        """Take over a run that is going on outside this process (its job RUNNING under
+        `lease`): it counts as running here, and is followed until it ends."""
+        if self.runner_attacher is None:
+            raise ValueError("this queue has no runner_attacher: it cannot adopt runs")
+        with self._lock:
+            demand = self._demand(job, self._next_arrival())
+            running = [job.record for job in self._running.values()]
+            placement = place(demand.bundles, free_nodes(self._capacity, running),
+                              demand.spread)
+            if placement is None:  # it runs already, whatever this view says: count it
+                first = self._capacity[0].node_id if self._capacity else ""
+                placement = tuple(first for _ in demand.bundles)
+            adopted = _RunningJob(job, RunningJob(demand, placement, time.monotonic()),
+                                  time.monotonic() + self.max_run_seconds)
+            adopted.lease, adopted.adopted = lease, True
+            self._running[job.job_id] = adopted
+        adopted.thread = threading.Thread(target=self._run, args=(adopted,),
+                                          name=f"job-{job.job_id}", daemon=True)
+        adopted.thread.start()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job now, or ask a running one to stop at its next step boundary.
@@ -406,24 +437,26 @@ class JobQueue:
             self._running.clear()
             self._stopping.clear()
             self._idle.notify_all()
-        requeued = []
-        for running in runs:
-            with running.starting:  # a run that had not started stays unstarted
-                running.abandoned.set()
-            job_id = running.job.job_id
-            self._notify("job_recovery", job_id, RecoveryRecord(
-                running.last_step, kind, f"{reason}: the run was given up at step "
-                f"{running.last_step}; the job goes back to the queue and resumes from its "
-                f"last checkpoint"))
-            try:
-                taken_back = self.host.job_taken_back(job_id, reason)
-            except Exception:  # the store refused: the next start finds it RUNNING, requeues it
-                log.exception("job %s: requeueing it failed", job_id)
-                continue
-            if taken_back:
-                requeued.append(job_id)
-                self.submit(running.job)
-        return requeued
+        return [running.job.job_id for running in runs
+                if self._take_back(running, kind, reason)]
+
+    def _take_back(self, running: _RunningJob, kind: str, reason: str) -> bool:
+        """Give one run up (no longer in `_running`) and requeue its job; True if requeued."""
+        with running.starting:  # a run that had not started stays unstarted
+            running.abandoned.set()
+        job_id = running.job.job_id
+        self._notify("job_recovery", job_id, RecoveryRecord(
+            running.last_step, kind, f"{reason}: the run was given up at step "
+            f"{running.last_step}; the job goes back to the queue and resumes from its "
+            f"last checkpoint"))
+        try:
+            taken_back = self.host.job_taken_back(job_id, reason)
+        except Exception:  # the store refused: the next start finds it RUNNING, requeues it
+            log.exception("job %s: requeueing it failed", job_id)
+            return False
+        if taken_back:
+            self.submit(running.job)
+        return taken_back
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -564,33 +597,39 @@ class JobQueue:
         job = running.job
         job_id = job.job_id
         outcome: JobOutcome | None = None
+        callbacks = dict(
+            on_step=lambda record: self._on_step(running, record),
+            on_evaluation=lambda record: self._notify_unless_abandoned(
+                running, "job_evaluation", record),
+            on_recovery=lambda record: self._notify_unless_abandoned(
+                running, "job_recovery", record),
+            should_stop=running.should_stop,
+            on_checkpoint=lambda checkpoint: self._save_checkpoint(running, checkpoint))
         try:
-            with running.starting:
-                if running.abandoned.is_set():
-                    return
-                running.lease = lease_until(self.lease_terms.startup_seconds,
-                                            self._lease_owners.next())
-                self.host.job_started(job_id, running.lease)
-            self._notify("job_state_changed", job_id, RUNNING)
-            resolved, dataset = self.host.prepare(job)
-            resume_from = self.host.load_checkpoint(job_id)
-            if resume_from is not None:
-                running.last_step = resume_from.step
-            runner = self.runner_factory(
-                resolved, dataset,
-                on_step=lambda record: self._on_step(running, record),
-                on_evaluation=lambda record: self._notify_unless_abandoned(
-                    running, "job_evaluation", record),
-                on_recovery=lambda record: self._notify_unless_abandoned(
-                    running, "job_recovery", record),
-                should_stop=running.should_stop,
-                on_checkpoint=lambda checkpoint: self._save_checkpoint(running, checkpoint),
-                resume_from=resume_from,
-                cpus_per_worker=running.record.demand.bundles[0].cpus,
-                nodes=running.record.placement,  # each bundle on the node the policy chose
-                placement_timeout_seconds=self.placement_timeout_seconds,
-                job_id=job_id,
-            )
+            if running.adopted:  # going on already, started by another process
+                assert self.runner_attacher is not None
+                self._notify("job_state_changed", job_id, RUNNING)
+                runner = self.runner_attacher(job_id, **callbacks)
+            else:
+                with running.starting:
+                    if running.abandoned.is_set():
+                        return
+                    running.lease = lease_until(self.lease_terms.startup_seconds,
+                                                self._lease_owners.next())
+                    self.host.job_started(job_id, running.lease)
+                self._notify("job_state_changed", job_id, RUNNING)
+                resolved, dataset = self.host.prepare(job)
+                resume_from = self.host.load_checkpoint(job_id)
+                if resume_from is not None:
+                    running.last_step = resume_from.step
+                runner = self.runner_factory(
+                    resolved, dataset, **callbacks,
+                    resume_from=resume_from,
+                    cpus_per_worker=running.record.demand.bundles[0].cpus,
+                    nodes=running.record.placement,  # each bundle on the node the policy chose
+                    placement_timeout_seconds=self.placement_timeout_seconds,
+                    job_id=job_id,
+                )
             result = runner.run()
             if not result.stopped_early:
                 outcome = JobOutcome(SUCCEEDED, result=result)
@@ -605,15 +644,28 @@ class JobQueue:
             self._notify_unless_abandoned(running, "job_recovery", RecoveryRecord(
                 running.last_step, "node_gone", f"{error}: the job queues again, to be placed "
                                                 f"on the nodes left"))
+        except RunnerLost as lost:  # its process gone: back to the queue, as for a Ray lost
+            with self._lock:
+                ours = self._running.get(job_id) is running
+                if ours:
+                    del self._running[job_id]
+                self._stopping.pop(job_id, None)
+                self._idle.notify_all()
+            if ours and not running.abandoned.is_set():
+                self._take_back(running, "runner_lost", str(lost))
+            self._dispatch()
+            return
         except Exception as error:  # a failed job must never take the service down
+            # A detached runner's exception that could not be pickled: named by RunnerFailed.
+            kind = error.error_type if isinstance(error, RunnerFailed) else type(error).__name__
             if running.abandoned.is_set():  # its Ray gone under it: expected, not the job's
-                log.info("job %s: a run given up ended (%s: %s)", job_id,
-                         type(error).__name__, error)
+                log.info("job %s: a run given up ended (%s: %s)", job_id, kind, error)
                 return
             log.exception("job %s failed", job_id)
-            message = str(error) or type(error).__name__
-            outcome = JobOutcome(FAILED, error=f"{type(error).__name__}: {message}",
-                                 traceback=traceback.format_exc())
+            message = str(error) or kind
+            # A detached runner's exception comes with the traceback of its process.
+            outcome = JobOutcome(FAILED, error=f"{kind}: {message}", traceback=getattr(
+                error, "remote_traceback", "") or traceback.format_exc())
         if running.abandoned.is_set():  # the job is back in the queue: this run's end is moot
             log.info("job %s: a run given up ended", job_id)
             return
@@ -780,6 +832,7 @@ class _RunningJob:
         self.lease: Lease | None = None  # held from its start
         self.renewed_at: float | None = None  # time.monotonic() of its last renewal
         self.thread: threading.Thread | None = None
+        self.adopted = False  # started by another process, followed here (JobQueue.adopt)
 
     def should_stop(self) -> bool:
         if time.monotonic() >= self.deadline:

@@ -26,6 +26,8 @@ from ray._raylet import (  # type: ignore[attr-defined]  # compiled; its stub la
     Config,
 )
 
+from scheduler.ray_head import RayHead
+
 AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
 TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
@@ -108,12 +110,29 @@ def _remove_if_ours(folder: Path, creator: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def join_head(head: RayHead, token: Path, namespace: str) -> None:
+    """Join a head this machine started (scheduler/ray_head.py) as a driver in `namespace`,
+    with its token; idempotent."""
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    _use_token(token)
+    with _node_address_on_loopback():  # the node's address is 127.0.0.1: find it by that
+        ray.init(address=head.address, namespace=namespace, include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+
+
 def _use_private_token() -> None:
+    _use_token(private_token_path())
+
+
+def _use_token(token: Path) -> None:
     """Token authentication on for this process and the Ray processes it starts (they inherit
-    the environment), with the private token, even if the environment turned it off or named
+    the environment), with `token`, even if the environment turned it off or named
     another token: an embedded instance is never open, and never shares a token by accident."""
     os.environ[AUTH_MODE_VARIABLE] = "token"
-    os.environ[TOKEN_PATH_VARIABLE] = str(private_token_path())
+    os.environ[TOKEN_PATH_VARIABLE] = str(token)
     os.environ.pop(TOKEN_VARIABLE, None)  # it would take precedence over the file
     # Ray reads RAY_AUTH_MODE into its config when imported, and caches the token once read:
     # both are refreshed as Ray's own `ray.init` does when it turns token auth on itself.

@@ -72,6 +72,7 @@ RECOVERY_KINDS = (
     "lease_expired",  # the runner stopped renewing its lease: the job requeued from a checkpoint
     "node_drained",  # a node it had actors on was drained: stopped at a step boundary, requeued
     "node_gone",  # a node chosen for it left before its actors were placed there: requeued
+    "runner_lost",  # the runner's process died: the job requeued from a checkpoint
 )
 
 

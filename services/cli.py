@@ -122,7 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
         if server.failed.is_set():  # its Ray lost (logged); its running jobs requeued
             # Not stop() nor a normal exit: both would wait on calls to the Ray that is gone.
             if server.failure_action is Action.RESTART:
-                restart_in_place()  # a new process image with a new Ray; resumes the jobs
+                # A new process image with a new Ray; resumes the jobs.
+                restart_in_place(server.stop_ray_head)
             logging.shutdown()
             os._exit(RAY_LOST_EXIT_STATUS)
     print("chainrule: stopping; running jobs are checkpointed and requeued", flush=True)

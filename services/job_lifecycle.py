@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from scheduler.training import prepare_dataset, save_trained_weights
 from services import uploads
 from services.events import EventHub, JobEvent
 from services.job_inputs import parquet_upload, weights_shape
+from services.run_keeper import StoreRunKeeper
 from services.store import ProgressSummary, Store, ValidationSummary
 from services.validation import upload_name
 from worker.resolved_job import ResolvedJob, resolve
@@ -69,15 +71,35 @@ class JobLifecycle:
         self._unsaved: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()
 
-    def requeue_unfinished(self, queue: JobQueue) -> int:
-        """At start-up: jobs left QUEUED (or RUNNING, when the last process was killed) run
-        again, in queue order, each from its last checkpoint."""
+    def requeue_unfinished(self, queue: JobQueue,
+                           runner_alive: Callable[[str], bool] | None = None) -> int:
+        """At start-up: a RUNNING job whose runner still runs (`runner_alive(job id)`: a
+        detached runner that outlived the last server) is adopted by the queue as it runs;
+        jobs left QUEUED, or RUNNING with no runner (the last process was killed with it), run
+        again, in queue order, each from its last checkpoint. The number requeued."""
         jobs = self.store.jobs_in_states([QUEUED, RUNNING])
+        requeued = []
         for job in jobs:
+            lease = self.store.lease_of(job.id) if job.state == RUNNING else None
+            if lease is not None and runner_alive is not None and runner_alive(job.id):
+                with self._lock:  # progress says "epoch e of E", as the last server's did
+                    self._live[job.id] = _LiveJob(
+                        time.monotonic(), epochs=job.progress.epochs if job.progress else 0)
+                queue.adopt(QueuedJob(job.id, job.spec, job.tenant), lease)
+                continue
             if job.state == RUNNING:
                 self.store.set_state(job.id, QUEUED, from_states={RUNNING})
-        queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in jobs)
-        return len(jobs)
+            requeued.append(job)
+        queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in requeued)
+        return len(requeued)
+
+    def run_keeper(self, job_id: str, lease_seconds: float) -> StoreRunKeeper:
+        """What a detached run of `job_id` (started now: RUNNING under its lease) writes to
+        the store from its own process."""
+        lease = self.store.lease_of(job_id)
+        if lease is None:
+            raise RuntimeError(f"job {job_id} holds no lease: it is not running")
+        return StoreRunKeeper(str(self.store.path), job_id, lease.owner, lease_seconds)
 
     def prepare(self, job: QueuedJob) -> tuple[ResolvedJob, Dataset | ParquetDataset]:
         """The job resolved against its data set (validated at submit, so a spec error here

@@ -177,7 +177,8 @@ class _Families:
             "Failures jobs recovered from, by kind: worker_lost (recomputed in the same step), "
             "worker_replaced (a new replica joined), shard_lost (restarted from a checkpoint), "
             "ray_lost (the service's Ray died: requeued from a checkpoint), lease_expired (the "
-            "runner stopped renewing its lease: requeued from a checkpoint).",
+            "runner stopped renewing its lease: requeued from a checkpoint), runner_lost (the "
+            "runner's process died: requeued from a checkpoint).",
             ("kind",))
         # --- service ----------------------------------------------------------------------
         self.jobs = gauge("chainrule_jobs", "Jobs known to this process, by state.", ("state",))

@@ -75,9 +75,12 @@ class RayRecovery:
     jobs with the reason, and calls `on_lost(action, reason)` with the policy's decision."""
 
     def __init__(self, queue: JobQueue, *, ray_address: str | None,
-                 on_lost: Callable[[Action, str], None]):
+                 on_lost: Callable[[Action, str], None], ray_parent: int | None = None):
+        """`ray_parent`: the process that started the embedded Ray's GCS and raylet (its
+        `ray start`, scheduler/ray_head.py; default: this process, as `ray.init()` does)."""
         self.queue = queue
         self.ray_address = ray_address
+        self.ray_parent = ray_parent
         self.on_lost = on_lost
         self._watch: RayWatch | None = None
         self._lock = threading.Lock()  # a loss being handled and a stop never interleave
@@ -89,7 +92,7 @@ class RayRecovery:
 
     def start(self) -> RayRecovery:
         """Watch the Ray this process is connected to now."""
-        check = (processes_exited(embedded_processes()) if self.embedded
+        check = (processes_exited(embedded_processes(self.ray_parent)) if self.embedded
                  else cluster_unanswered())
         self._watch = RayWatch(check, self._lost).start()
         return self
@@ -129,9 +132,12 @@ def recent_restarts(now: float | None = None) -> list[float]:
     return [moment for moment in times if now - moment <= RESTART_WINDOW_SECONDS]
 
 
-def restart_in_place() -> None:
+def restart_in_place(stop_ray: Callable[[], None] | None = None) -> None:
     """Start this process again with a new Ray (see the module docstring); does not return.
-    Only for a process that is a server and nothing else: `chainrule serve`."""
+    Only for a process that is a server and nothing else: `chainrule serve`. `stop_ray`
+    stops what is left of a Ray this process started in a session of its own."""
+    if stop_ray is not None:
+        stop_ray()
     for process in child_processes():  # Ray's processes, the only ones a server starts
         try:
             os.kill(process.pid, signal.SIGKILL)

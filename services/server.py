@@ -4,10 +4,19 @@ metrics, the web UI.
     server = serve("127.0.0.1:50051", data_dir="data")   # returns once it is serving
     server.wait_for_termination()                          # or server.stop()
 
+Where jobs run: a server that starts its own Ray (no `ray_address`, Ray not started by whoever
+embeds `serve()`) starts it as a process session of its own (scheduler/ray_head.py) and runs
+each job's runner in a detached actor there (scheduler/detached_runner.py): a server killed
+mid-job (SIGKILL, a crash) leaves its jobs training. The next server on the same data folder
+joins that Ray, attaches to every RUNNING job whose runner is alive (its live progress in
+GetJob and WatchJob as soon as it serves) and requeues only those whose runner is gone. With
+`ray_address`, or Ray started by the embedder, runners are threads of this process.
+
 Stopping (SIGTERM in `chainrule serve`): health turns NOT_SERVING, the queue stops taking jobs,
 running jobs stop at their next step boundary with a checkpoint and go back to QUEUED, then
-the gRPC server closes. The next start runs every QUEUED job again, each resuming from its
-checkpoint by deterministic replay.
+the gRPC server closes and the Ray it started is stopped (every process of it, by PID). The
+next start runs every QUEUED job again, each resuming from its checkpoint by deterministic
+replay.
 
 Secure by default: without a token file every caller is the tenant "default", so the server
 refuses any address but loopback or a unix socket; a non-loopback bind needs tokens and TLS.
@@ -29,6 +38,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +52,10 @@ from grpc_reflection.v1alpha import reflection
 from chainrule.client import is_local_address
 from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
-from scheduler import ray_cluster
+from scheduler import ray_cluster, ray_head
 from scheduler.cluster_view import RayNodes
+from scheduler.detached_runner import DetachedJobRunner
+from scheduler.detached_runner import find as find_runner
 from scheduler.job_queue import JobQueue
 from scheduler.scheduling_policy import TenantPolicy
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
@@ -77,6 +89,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 MESSAGE_BYTES = 8 * 1024 * 1024  # upload/download chunks are 1 MiB; specs are small
 SWITCH_INTERVAL_SECONDS = 0.0005
+RUNNER_NAMESPACE = "chainrule"  # the detached runners' (one Ray head per data folder)
 
 
 def configure_process() -> None:
@@ -124,6 +137,14 @@ class RunningServer:
     failed: threading.Event = field(default_factory=threading.Event)
     failure: str = ""
     failure_action: Action = Action.EXIT
+    # The Ray this server started as its own session (None: Ray is another's, or in-process).
+    ray_head: ray_head.RayHead | None = None
+    attached: int = 0  # jobs whose runners outlived the last server, followed again here
+
+    def stop_ray_head(self) -> None:
+        """Kill every process of the Ray head this server started (a restart in place)."""
+        if self.ray_head is not None:
+            ray_head.stop(self.ray_head, self.data_dir)
 
     def _ray_lost(self, action: Action, reason: str) -> None:
         self.failure, self.failure_action = reason, action
@@ -151,6 +172,7 @@ class RunningServer:
         self._store.close()
         if self._owns_ray:
             ray.shutdown()
+        self.stop_ray_head()
         if self._lock is not None:
             self._lock.release()
 
@@ -248,7 +270,11 @@ def serve(
         lock.release()
         raise
     owns_ray = not ray.is_initialized()
-    ray_cluster.connect(ray_address, num_cpus=ray_cpus)
+    head = None
+    if owns_ray and not ray_address:
+        head = _start_or_join_ray_head(data_dir, ray_cpus)
+    else:
+        ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
     # The API and the host the queue talks to share one store, one set of job files and one
     # event hub; neither calls the other.
@@ -274,7 +300,11 @@ def serve(
         trackers.append(MlflowRuns(mlflow, store.get_job,
                                    artifact_location=mlflow_artifact_location))
     curves = TrainingCurves() if web_address is not None else None  # the web UI's
+    runners: dict[str, Any] = {}
+    if head is not None:
+        runners = _detached_runners(lifecycle, lambda: queue.lease_terms.seconds)
     queue = JobQueue(lifecycle, cluster=RayNodes(), max_concurrent_jobs=max_concurrent_jobs,
+                     **runners,
                      tenants={tenant: TenantPolicy(own.weight, own.max_running_cpus)
                               for tenant, own in tenancy.settings.items()},
                      observers=[lifecycle, *trackers] + ([metrics] if metrics is not None
@@ -346,21 +376,60 @@ def serve(
     # Jobs left QUEUED or RUNNING by the last process go back to the queue before a call is
     # served: a job submitted meanwhile could otherwise be taken for one of them, set back to
     # QUEUED while it runs, and queued twice.
-    resumed = lifecycle.requeue_unfinished(queue)
+    runner_alive = None
+    if head is not None:
+        def runner_alive(job_id: str) -> bool:
+            return find_runner(job_id, RUNNER_NAMESPACE) is not None
+    resumed = lifecycle.requeue_unfinished(queue, runner_alive)
+    attached = len(queue.running)
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
+    if attached:
+        log.info("attached to %d running job(s) whose runners outlived the last server",
+                 attached)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(bound, port, data_dir, metrics_url, service, lifecycle, queue,
                             server, health_servicer, store, owns_ray, metrics_server, lock,
                             streams=streams, trackers=trackers,
-                            web_url=web.url if web else "", _web=web)
+                            web_url=web.url if web else "", _web=web, ray_head=head,
+                            attached=attached)
     if owns_ray:
         running._ray_recovery = RayRecovery(queue, ray_address=ray_address,
-                                            on_lost=running._ray_lost).start()
+                                            on_lost=running._ray_lost,
+                                            ray_parent=head.pid if head else None).start()
     _sweep_checkpoints_periodically(service, running._stopped)
     return running
+
+
+def _start_or_join_ray_head(data_dir: Path, num_cpus: int | None) -> ray_head.RayHead:
+    """The Ray head of this data folder: the one the last server started if it still runs
+    (its jobs' runners may be training on it), else a new one."""
+    head = ray_head.find(data_dir)
+    if head is None:
+        ray_head.stop_leftovers(data_dir)
+        head = ray_head.start(data_dir, num_cpus)
+        log.info("started Ray (pid %d, %s) for %s", head.pid, head.address, data_dir)
+    else:
+        log.info("joined the running Ray of %s (pid %d, %s)", data_dir, head.pid, head.address)
+    ray_cluster.join_head(head, ray_head.token_path(data_dir), RUNNER_NAMESPACE)
+    return head
+
+
+def _detached_runners(lifecycle: JobLifecycle,
+                      lease_seconds: Callable[[], float]) -> dict[str, Any]:
+    """The queue's runner factory and attacher for runners in detached actors."""
+
+    def start(job, dataset, *, job_id: str, **options) -> DetachedJobRunner:
+        return DetachedJobRunner(job, dataset, job_id=job_id, namespace=RUNNER_NAMESPACE,
+                                 keeper=lifecycle.run_keeper(job_id, lease_seconds()),
+                                 **options)
+
+    def attach(job_id: str, **callbacks) -> DetachedJobRunner:
+        return DetachedJobRunner.attach(job_id, RUNNER_NAMESPACE, **callbacks)
+
+    return {"runner_factory": start, "runner_attacher": attach}
 
 
 def _make_private(data_dir: Path) -> None:

@@ -1,5 +1,9 @@
 """The `chainrule serve` process itself, a real subprocess stopped by real signals.
 
+SIGKILL mid-job (a crash, an OOM kill) stops no training: the job's runner runs outside the
+server, on a Ray that outlives it; the next server attaches to the run within 2 s and the job
+ends with the undisturbed weights, no step trained twice.
+
 SIGTERM mid-job is a preemption notice: every running job stops at its next step boundary
 with a checkpoint of that step (not its last interval checkpoint: here the interval is
 longer than the job) and goes back to QUEUED; the next start runs every queued job again, the
@@ -24,6 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule.client import Client, state_name
+from scheduler import ray_head
 from scheduler.storage import JobStorage
 from services.store import Store
 from tests.chaos.recovery_report import report_recovery
@@ -181,3 +186,74 @@ def test_sigterm_checkpoints_each_running_job_at_its_next_step_and_a_restart_fin
     report_recovery("service SIGTERM, restarted", recovered, 0,
                     f"checkpointed at step {stopped_at} (signal at step {at_sigterm}); "
                     f"includes starting a new server and its Ray")
+
+
+# --- the server killed: training outlives it ----------------------------------------------------
+
+
+def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches_at_once(
+        tmp_path):
+    """The job's runner is a detached actor on a Ray that is not the server's child: it trains
+    on with no server (its progress in the store, written by the runner itself, advances); the
+    next server on the folder joins that Ray and attaches to the run (never requeued: no step
+    trained twice) and shows its progress at once; the weights are the undisturbed run's."""
+    data_dir = tmp_path / "data"
+    address = f"127.0.0.1:{free_port()}"
+    process = start_serve_process(address, data_dir)
+    try:
+        with Client(address, timeout=10) as client:
+            job = client.submit(long_spec())
+            wait_for(lambda: client.get(job.id).progress.step >= 20, 60, interval=0.02,
+                     what="20 steps")
+        process.kill()
+        process.communicate(timeout=30)
+
+        store = Store(data_dir / "chainrule.db")
+        at_kill = store.get_job(job.id).progress.step
+        # The runner renews its lease and writes its progress at most every second.
+        trained_alone = wait_for(
+            lambda: (lambda record: record.progress.step > at_kill and record)(
+                store.get_job(job.id)), 30, interval=0.1, what="steps with no server")
+        assert trained_alone.state == "RUNNING"
+        before_restart = store.get_job(job.id).progress.step
+        store.close()
+
+        server = start_serve_process(address, data_dir)
+        serving_at = time.monotonic()
+        try:
+            with Client(address, timeout=10) as client:
+                # Attached: the server shows steps the runner trained since it started, or
+                # the end of a run that finished while no server ran.
+                wait_for(lambda: (lambda seen: seen.progress.step > before_restart
+                                  or state_name(seen.state) == "SUCCEEDED")(client.get(job.id)),
+                         30, interval=0.02, what="the new server to show the run's progress")
+                attached = time.monotonic() - serving_at
+                assert attached <= 2.0
+                done = wait_until_done(client, job.id, timeout=120)
+                assert state_name(done.state) == "SUCCEEDED", done.error
+                assert_same_weights(downloaded(client, job.id, tmp_path),
+                                    undisturbed_weights(client, long_spec(), tmp_path))
+        finally:
+            _stop(server)
+    finally:
+        _stop_leftover_ray(process, data_dir)
+    store = Store(data_dir / "chainrule.db")
+    states = [e.payload["state"] for e in store.events(job.id) if e.kind == "state"]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]  # attached, never requeued
+    assert not [e for e in store.events(job.id) if e.kind == "resumed"]  # nor replayed
+    store.close()
+    assert ray_head.find(data_dir) is None  # the last server stopped the Ray it ran on
+    report_recovery("service SIGKILL, restarted", attached, 0,
+                    f"{trained_alone.progress.step - at_kill}+ steps trained with no server; "
+                    f"seconds: from the new server serving to it showing the job's progress")
+
+
+def _stop_leftover_ray(process: subprocess.Popen, data_dir) -> None:
+    """A test that failed between the kill and the restart leaves the Ray its server started:
+    stopped here, by PID, as the server would have."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    head = ray_head.find(data_dir)
+    if head is not None:
+        ray_head.stop(head, data_dir)

@@ -6,8 +6,9 @@ equal to an undisturbed run's (issue 12). Ray on its own ended the server 13 s (
 a supervisor or a person.
 
 A real `chainrule serve` subprocess on its own embedded Ray; only the Ray processes that this
-server started (its children) are killed. The tests share the server and run in this order:
-it starts with one restart already on record, so the third loss is one too many."""
+server started (the children of its `ray start`, scheduler/ray_head.py) are killed. The tests
+share the server and run in this order: it starts with one restart already on record, so the
+third loss is one too many."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, state_name
+from scheduler import ray_head
 from scheduler.ray_liveness import embedded_processes
 from services.ray_recovery import MAX_RESTARTS, RAY_LOST_EXIT_STATUS, RESTARTS_VARIABLE
 from services.store import Store
@@ -113,7 +115,9 @@ def _kill_mid_run(serving: Serving, process_name: str) -> tuple[str, str, float,
     client, log = serving.client, serving.log
     job = client.submit(_spec())
     wait_for(lambda: client.get(job.id).progress.step >= 60, 60, what="60 steps")
-    victim = next(p for p in embedded_processes(serving.process.pid) if p.name == process_name)
+    head = ray_head.find(serving.data_dir)
+    assert head is not None
+    victim = next(p for p in embedded_processes(head.pid) if p.name == process_name)
     seen = len(log.lines)
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.time()
