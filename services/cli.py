@@ -124,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
             if server.failure_action is Action.RESTART:
                 # A new process image with a new Ray; resumes the jobs.
                 restart_in_place(server.stop_ray_head)
+            server.stop_ray_head()  # what is left of it: nothing runs on a Ray that is lost
             logging.shutdown()
             os._exit(RAY_LOST_EXIT_STATUS)
     print("chainrule: stopping; running jobs are checkpointed and requeued", flush=True)

@@ -270,9 +270,9 @@ def serve(
         lock.release()
         raise
     owns_ray = not ray.is_initialized()
-    head = None
+    head, head_started = None, False
     if owns_ray and not ray_address:
-        head = _start_or_join_ray_head(data_dir, ray_cpus)
+        head, head_started = _start_or_join_ray_head(data_dir, ray_cpus)
     else:
         ray_cluster.connect(ray_address, num_cpus=ray_cpus)
 
@@ -346,11 +346,19 @@ def serve(
             port = server.add_insecure_port(address)
     except RuntimeError:  # gRPC's "Failed to bind": taken since check_port_free looked
         port = 0
-    if port == 0:
+
+    def give_up() -> None:
+        """What this start opened, closed again; a Ray it started (no run is on it) stopped."""
         for tracker in trackers:
             tracker.close()
         store.close()
+        if head is not None and head_started:
+            ray.shutdown()
+            ray_head.stop(head, data_dir)
         lock.release()
+
+    if port == 0:
+        give_up()
         raise AlreadyInUse(f"cannot bind {address!r}: port {address.rsplit(':', 1)[-1]} is "
                            f"in use (another server?); choose another --address")
     web = None
@@ -360,10 +368,7 @@ def serve(
             web = start_web_ui(web_address, service, auth, curves, tls=web_tls)
         except OSError as error:  # the port taken, or an address this host does not have
             server.stop(None)
-            for tracker in trackers:
-                tracker.close()
-            store.close()
-            lock.release()
+            give_up()
             raise AlreadyInUse(f"cannot bind --web-address {web_address!r} ({error.strerror}); "
                                f"choose another, or turn the web UI off (--no-web)") from None
     bound = address if address.startswith(UNIX_PREFIX) else f"{host}:{port}"
@@ -403,10 +408,12 @@ def serve(
     return running
 
 
-def _start_or_join_ray_head(data_dir: Path, num_cpus: int | None) -> ray_head.RayHead:
+def _start_or_join_ray_head(data_dir: Path,
+                            num_cpus: int | None) -> tuple[ray_head.RayHead, bool]:
     """The Ray head of this data folder: the one the last server started if it still runs
-    (its jobs' runners may be training on it), else a new one."""
+    (its jobs' runners may be training on it), else a new one (True: started now)."""
     head = ray_head.find(data_dir)
+    started = head is None
     if head is None:
         ray_head.stop_leftovers(data_dir)
         head = ray_head.start(data_dir, num_cpus)
@@ -414,7 +421,7 @@ def _start_or_join_ray_head(data_dir: Path, num_cpus: int | None) -> ray_head.Ra
     else:
         log.info("joined the running Ray of %s (pid %d, %s)", data_dir, head.pid, head.address)
     ray_cluster.join_head(head, ray_head.token_path(data_dir), RUNNER_NAMESPACE)
-    return head
+    return head, started
 
 
 def _detached_runners(lifecycle: JobLifecycle,

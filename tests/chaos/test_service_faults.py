@@ -18,7 +18,9 @@ were split between two job stores at random."""
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from scheduler import ray_head
 from scheduler.storage import JobStorage
 from services.store import Store
 from tests.chaos.recovery_report import report_recovery
+from tests.scheduler.test_ray_cluster import is_loopback, listening_sockets
 from tests.services.helpers import (
     ROOT,
     assert_same_weights,
@@ -44,6 +47,7 @@ from tests.services.helpers import (
     wait_for,
     wait_until_done,
 )
+from worker.shared_memory import shared_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -205,6 +209,9 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
             job = client.submit(long_spec())
             wait_for(lambda: client.get(job.id).progress.step >= 20, 60, interval=0.02,
                      what="20 steps")
+        head = ray_head.find(data_dir)
+        assert head is not None
+        _assert_private(head, data_dir)
         process.kill()
         process.communicate(timeout=30)
 
@@ -242,10 +249,21 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]  # attached, never requeued
     assert not [e for e in store.events(job.id) if e.kind == "resumed"]  # nor replayed
     store.close()
-    assert ray_head.find(data_dir) is None  # the last server stopped the Ray it ran on
+    # Nothing leaks: the last server stopped the Ray it ran on, every process of it, and the
+    # run removed its shared memory.
+    assert ray_head.find(data_dir) is None and not head.processes()
+    assert not [name for name in os.listdir(shared_root()) if job.id in name]
     report_recovery("service SIGKILL, restarted", attached, 0,
                     f"{trained_alone.progress.step - at_kill}+ steps trained with no server; "
                     f"seconds: from the new server serving to it showing the job's progress")
+
+
+def _assert_private(head: ray_head.RayHead, data_dir) -> None:
+    """The Ray that outlives the server is as private as ray.init()'s: loopback only, and
+    its token in a 0600 file of the data folder."""
+    sockets = listening_sockets({process.pid for process in head.processes()})
+    assert sockets and all(is_loopback(address) for address, _ in sockets), sockets
+    assert stat.S_IMODE(ray_head.token_path(data_dir).stat().st_mode) == 0o600
 
 
 def _stop_leftover_ray(process: subprocess.Popen, data_dir) -> None:

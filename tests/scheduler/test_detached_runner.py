@@ -1,0 +1,50 @@
+"""What a detached runner keeps for the server while none follows it (scheduler/detached_runner.py):
+every report until a server acknowledges it, only the newest checkpoint, and a bounded number of
+steps however long no server runs. (Its life across a killed server: tests/chaos/.)"""
+
+from __future__ import annotations
+
+import pickle
+
+from scheduler.detached_runner import STEP_RECORDS_KEPT, RunnerFailed, _Outbox
+
+
+def kinds(outbox: _Outbox) -> list[str]:
+    return [kind for _, kind, _ in outbox.events]
+
+
+def test_reports_stay_in_order_until_acknowledged():
+    outbox = _Outbox()
+    for kind, record in [("step", 1), ("evaluation", "e"), ("step", 2), ("recovery", "r")]:
+        outbox.add(kind, record)
+    outbox.acknowledge(2)  # a server handled the first two
+    assert [(index, kind, record) for index, kind, record in outbox.events] == [
+        (2, "step", 2), (3, "recovery", "r")]
+    assert outbox.next_index == 4 and outbox.steps == 1
+
+
+def test_a_new_checkpoint_supersedes_one_no_server_took_yet():
+    outbox = _Outbox()
+    outbox.add("checkpoint", "at step 6")
+    outbox.add("step", 7)
+    outbox.add("checkpoint", "at step 12")
+    assert [record for _, kind, record in outbox.events if kind == "checkpoint"] == [
+        "at step 12"]
+    assert kinds(outbox) == ["step", "checkpoint"]
+
+
+def test_with_no_server_only_the_newest_steps_are_kept_and_nothing_else_is_dropped():
+    outbox = _Outbox()
+    outbox.add("evaluation", "e")
+    for step in range(1, STEP_RECORDS_KEPT + 51):
+        outbox.add("step", step)
+    steps = [record for _, kind, record in outbox.events if kind == "step"]
+    assert len(steps) == STEP_RECORDS_KEPT == outbox.steps
+    assert steps[0] == 51 and steps[-1] == STEP_RECORDS_KEPT + 50
+    assert kinds(outbox)[0] == "evaluation"
+
+
+def test_a_run_s_error_crosses_to_the_server_with_its_type_and_traceback():
+    error = pickle.loads(pickle.dumps(RunnerFailed("JobFailed", "shard 0 lost 4 times", "tb")))
+    assert (error.error_type, str(error), error.remote_traceback) == (
+        "JobFailed", "shard 0 lost 4 times", "tb")
