@@ -10,7 +10,9 @@ targets:
   - steps lost (steps done before the fault that are trained again): 0, except after a
     corrupt checkpoint, which sends the job back to the checkpoint before it;
   - recovery (from the fault to training going on, or to the refusal for a second server):
-    <= 5 s, except where Ray itself starts again (the service's restart).
+    <= 5 s, except where Ray itself starts again (the service's restart after SIGTERM). For
+    the service SIGKILLed, training never stops (its runner outlives the server): the
+    seconds are from the next server serving to it showing the run's progress (target 2 s).
 Every case also asserts that the job ends with bitwise the weights of an undisturbed run:
 a case that fails to is a failed test, and this script exits non-zero.
 
@@ -46,6 +48,8 @@ CASES = ["tests/chaos",
          "tests/deploy/test_netns_hosts.py::"
          "test_a_host_off_the_network_is_found_within_3_s_and_costs_nothing"]
 RECOVERY_TARGET_SECONDS = 5.0
+# Faults with a tighter target: the next server attaches to the run it did not stop.
+TARGET_SECONDS = {"service SIGKILL": 2.0}
 # Faults whose recovery starts Ray again (or replays from an older checkpoint): no 5 s target.
 RAY_RESTARTS = ("service SIGTERM",)
 STEPS_MAY_BE_LOST = ("truncated checkpoint", "bit-flipped checkpoint")
@@ -73,8 +77,9 @@ def run_suite(arguments: list[str]) -> int:
     missed = 0
     for row in rows:
         fault = row["fault"]
-        seconds_target = (None if fault.startswith(RAY_RESTARTS)
-                          else RECOVERY_TARGET_SECONDS)
+        seconds_target = (None if fault.startswith(RAY_RESTARTS) else next(
+            (target for name, target in TARGET_SECONDS.items() if fault.startswith(name)),
+            RECOVERY_TARGET_SECONDS))
         steps_target = None if fault.startswith(STEPS_MAY_BE_LOST) else 0
         seconds_met = seconds_target is None or row["seconds"] <= seconds_target
         steps_met = steps_target is None or row["steps_lost"] <= steps_target

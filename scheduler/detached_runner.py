@@ -165,16 +165,18 @@ class RunnerActor:
             self._kept_at = now
             self._keep(record)
 
-    def _keep(self, record: StepRecord | None) -> None:
+    def _keep(self, record: StepRecord | None) -> bool:
+        """Renew the lease; False once it is lost (the run then stops)."""
         assert self._keeper is not None
         try:
             kept = self._keeper.renew(record)
         except Exception as error:  # a store that refuses now: again next time
             log.warning("renewing the run's lease failed: %s", error)
-            return
+            return True
         if not kept and not self._stop.is_set():
             log.warning("the run lost its lease (the job was requeued or ended): it stops")
             self._stop.set()
+        return kept
 
     def _run(self, runner: JobRunner) -> None:
         try:
@@ -183,9 +185,11 @@ class RunnerActor:
             result, error = None, _crossing(raised, traceback.format_exc())
         with self._lock:
             self._done, self._result, self._error = True, result, error
-        # The job is RUNNING until a server records its end: its lease must not run out.
+        # The job is RUNNING until a server records its end: its lease must not run out
+        # (unless it is lost already: the job was requeued, this result is nobody's).
         while self._keeper is not None and not self._taken.wait(KEEP_EVERY_SECONDS * 5):
-            self._keep(None)
+            if not self._keep(None):
+                return
 
 
 def _crossing(raised: Exception, text: str) -> Exception:

@@ -72,13 +72,14 @@ class JobLifecycle:
         self._lock = threading.Lock()
 
     def requeue_unfinished(self, queue: JobQueue,
-                           runner_alive: Callable[[str], bool] | None = None) -> int:
+                           runner_alive: Callable[[str], bool] | None = None
+                           ) -> tuple[int, int]:
         """At start-up: a RUNNING job whose runner still runs (`runner_alive(job id)`: a
         detached runner that outlived the last server) is adopted by the queue as it runs;
         jobs left QUEUED, or RUNNING with no runner (the last process was killed with it), run
-        again, in queue order, each from its last checkpoint. The number requeued."""
+        again, in queue order, each from its last checkpoint. (Jobs requeued, jobs adopted.)"""
         jobs = self.store.jobs_in_states([QUEUED, RUNNING])
-        requeued = []
+        requeued, adopted = [], 0
         for job in jobs:
             lease = self.store.lease_of(job.id) if job.state == RUNNING else None
             if lease is not None and runner_alive is not None and runner_alive(job.id):
@@ -86,12 +87,13 @@ class JobLifecycle:
                     self._live[job.id] = _LiveJob(
                         time.monotonic(), epochs=job.progress.epochs if job.progress else 0)
                 queue.adopt(QueuedJob(job.id, job.spec, job.tenant), lease)
+                adopted += 1
                 continue
             if job.state == RUNNING:
                 self.store.set_state(job.id, QUEUED, from_states={RUNNING})
             requeued.append(job)
         queue.submit_all(QueuedJob(job.id, job.spec, job.tenant) for job in requeued)
-        return len(requeued)
+        return len(requeued), adopted
 
     def run_keeper(self, job_id: str, lease_seconds: float) -> StoreRunKeeper:
         """What a detached run of `job_id` (started now: RUNNING under its lease) writes to

@@ -18,7 +18,8 @@ its workers, as every running job is) touches Ray's core worker when the call re
 Ray then ends the whole process ("The core worker has already been shutdown ... The process
 will exit"), status 1, without a line of ours. The runners cannot be made to leave their Ray
 calls in time: with the raylet gone, Ray ends the process within about 13 s anyway.
-`restart_in_place` kills the Ray processes this process started (its children), removes
+`restart_in_place` kills the Ray processes this process started (its children, and every
+process of a Ray head it started as a session of its own: scheduler/ray_head.py), removes
 the jobs' shared-memory folders, and replaces the process image with the same command line
 (exec: same PID, same output; the data-folder lock, the port and the store are let go and taken
 again). Startup then finds the jobs QUEUED and runs them on the new Ray.

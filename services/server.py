@@ -385,8 +385,7 @@ def serve(
     if head is not None:
         def runner_alive(job_id: str) -> bool:
             return find_runner(job_id, RUNNER_NAMESPACE) is not None
-    resumed = lifecycle.requeue_unfinished(queue, runner_alive)
-    attached = len(queue.running)
+    resumed, attached = lifecycle.requeue_unfinished(queue, runner_alive)
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
     if attached:

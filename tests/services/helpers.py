@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chainrule.client import Client, state_name
 from chainrule.spec_file import job_spec_from_dict, load_job_spec
 from chainrule.v1 import job_pb2
+from scheduler import ray_head
 from scheduler.storage import load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +103,9 @@ def start_serve_process(address: str, data_dir, *options: str,
     except BaseException:  # not left running (with its Ray) for the rest of the session
         process.kill()
         process.wait()
+        head = ray_head.find(Path(data_dir))
+        if head is not None:  # its own session: not killed with the server
+            ray_head.stop(head, Path(data_dir))
         raise
     return process
 
