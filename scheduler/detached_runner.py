@@ -135,6 +135,7 @@ class RunnerActor:
         self._result: TrainingResult | None = None
         self._error: Exception | None = None
         self._kept_at = 0.0
+        self._last_step: StepRecord | None = None
         runner = JobRunner(job, dataset, on_step=self._on_step,
                            on_evaluation=lambda record: self._add("evaluation", record),
                            on_recovery=lambda record: self._add("recovery", record),
@@ -160,6 +161,7 @@ class RunnerActor:
 
     def _on_step(self, record: StepRecord) -> None:
         self._add("step", record)
+        self._last_step = record
         now = time.monotonic()
         if self._keeper is not None and now - self._kept_at >= KEEP_EVERY_SECONDS:
             self._kept_at = now
@@ -185,6 +187,8 @@ class RunnerActor:
             result, error = None, _crossing(raised, traceback.format_exc())
         with self._lock:
             self._done, self._result, self._error = True, result, error
+        if self._keeper is not None and self._last_step is not None:
+            self._keep(self._last_step)  # the store's progress: where the run ended
         # The job is RUNNING until a server records its end: its lease must not run out
         # (unless it is lost already: the job was requeued, this result is nobody's).
         while self._keeper is not None and not self._taken.wait(KEEP_EVERY_SECONDS * 5):

@@ -51,6 +51,7 @@ from worker.shared_memory import shared_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+ATTACH_BOUND_SECONDS = 5.0  # a restarted server shows a run that outlived the last one
 REFUSED_WITHIN_SECONDS = 20  # a refusal comes before Ray starts (which takes ~6 s alone)
 
 
@@ -198,46 +199,44 @@ def test_sigterm_checkpoints_each_running_job_at_its_next_step_and_a_restart_fin
 def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches_at_once(
         tmp_path):
     """The job's runner is a detached actor on a Ray that is not the server's child: it trains
-    on with no server (its progress in the store, written by the runner itself, advances); the
-    next server on the folder joins that Ray and attaches to the run (never requeued: no step
-    trained twice) and shows its progress at once; the weights are the undisturbed run's."""
+    on with no server, to its end (its progress in the store, written by the runner itself,
+    advances); the next server on the folder joins that Ray and attaches to the run (never
+    requeued: no step trained twice), recording its end at once; the weights are the
+    undisturbed run's."""
     data_dir = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
     process = start_serve_process(address, data_dir)
     try:
         with Client(address, timeout=10) as client:
             job = client.submit(long_spec())
-            wait_for(lambda: client.get(job.id).progress.step >= 20, 60, interval=0.02,
-                     what="20 steps")
+            at_kill = wait_for(lambda: (lambda step: step >= 20 and step)(
+                client.get(job.id).progress.step), 60, interval=0.02, what="20 steps")
+        process.kill()
+        process.communicate(timeout=30)
         head = ray_head.find(data_dir)
         assert head is not None
         _assert_private(head, data_dir)
-        process.kill()
-        process.communicate(timeout=30)
 
         store = Store(data_dir / "chainrule.db")
-        at_kill = store.get_job(job.id).progress.step
-        # The runner renews its lease and writes its progress at most every second.
-        trained_alone = wait_for(
-            lambda: (lambda record: record.progress.step > at_kill and record)(
-                store.get_job(job.id)), 30, interval=0.1, what="steps with no server")
-        assert trained_alone.state == "RUNNING"
-        before_restart = store.get_job(job.id).progress.step
+        # It trains to its end with no server (the runner writes its progress to the store
+        # at most every second, and where the run ends); its result waits in it for a server.
+        ended = wait_for(lambda: (lambda record: record.progress.step == record.progress
+                                  .total_steps and record)(store.get_job(job.id)),
+                         60, interval=0.1, what="the run to end with no server")
+        assert ended.state == "RUNNING" and at_kill < ended.progress.total_steps
         store.close()
 
         server = start_serve_process(address, data_dir)
         serving_at = time.monotonic()
         try:
             with Client(address, timeout=10) as client:
-                # Attached: the server shows steps the runner trained since it started, or
-                # the end of a run that finished while no server ran.
-                wait_for(lambda: (lambda seen: seen.progress.step > before_restart
-                                  or state_name(seen.state) == "SUCCEEDED")(client.get(job.id)),
-                         30, interval=0.02, what="the new server to show the run's progress")
+                # Attached: the server took the run's result from its runner and recorded it.
+                wait_for(lambda: state_name(client.get(job.id).state) == "SUCCEEDED", 30,
+                         interval=0.02, what="the new server to record the run's end")
                 attached = time.monotonic() - serving_at
-                assert attached <= 2.0
-                done = wait_until_done(client, job.id, timeout=120)
-                assert state_name(done.state) == "SUCCEEDED", done.error
+                # The target is 2 s (bench/chaos.py reports it; 0.5 s measured at a load of
+                # 20 on 2 cores); the bound here leaves room for a slower machine.
+                assert attached <= ATTACH_BOUND_SECONDS
                 assert_same_weights(downloaded(client, job.id, tmp_path),
                                     undisturbed_weights(client, long_spec(), tmp_path))
         finally:
@@ -254,8 +253,8 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
     assert ray_head.find(data_dir) is None and not head.processes()
     assert not [name for name in os.listdir(shared_root()) if job.id in name]
     report_recovery("service SIGKILL, restarted", attached, 0,
-                    f"{trained_alone.progress.step - at_kill}+ steps trained with no server; "
-                    f"seconds: from the new server serving to it showing the job's progress")
+                    f"steps {at_kill}-{ended.progress.total_steps} trained with no server; "
+                    f"seconds: from the new server serving to it recording the run's end")
 
 
 def _assert_private(head: ray_head.RayHead, data_dir) -> None:
