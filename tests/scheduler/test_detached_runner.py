@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pickle
 
-from scheduler.detached_runner import STEP_RECORDS_KEPT, RunnerFailed, _Outbox
+from scheduler.detached_runner import STEP_RECORDS_KEPT, RunnerFailed, _crossing, _Outbox
+from scheduler.placement import NodeGone
 
 
 def kinds(outbox: _Outbox) -> list[str]:
@@ -48,3 +49,18 @@ def test_a_run_s_error_crosses_to_the_server_with_its_type_and_traceback():
     error = pickle.loads(pickle.dumps(RunnerFailed("JobFailed", "shard 0 lost 4 times", "tb")))
     assert (error.error_type, str(error), error.remote_traceback) == (
         "JobFailed", "shard 0 lost 4 times", "tb")
+
+
+def test_a_run_s_exception_crosses_as_itself_so_the_queue_tells_node_gone_apart():
+    crossed = pickle.loads(pickle.dumps(_crossing(NodeGone("node n1 left"), "tb")))
+    assert isinstance(crossed, NodeGone) and str(crossed) == "node n1 left"
+    assert crossed.remote_traceback == "tb"
+
+
+def test_an_exception_that_does_not_pickle_crosses_as_a_runner_failed_naming_it():
+    class Local(Exception):  # a local class: pickle cannot find it by name
+        pass
+
+    crossed = _crossing(Local("boom"), "tb")
+    assert isinstance(crossed, RunnerFailed)
+    assert (crossed.error_type, str(crossed), crossed.remote_traceback) == ("Local", "boom", "tb")
