@@ -92,9 +92,11 @@ def test_a_powersgd_worker_sends_its_factors_and_the_vectors_not_the_gradient(po
 
 def test_a_top_k_job_gives_the_same_bits_on_a_rerun_and_sends_index_value_pairs(local_ray):
     spec = compressed_spec("topk")
+    spec.clipping.max_norm = 0.5  # the path where shards wait for the runner's coefficient
     first, second = runner(spec).run(), runner(spec).run()
     for key, value in first.state_dict.items():
         assert np.array_equal(second.state_dict[key], value), key
+    assert max(r.gradient_norm for r in first.history.steps) > 0.5  # so clipping did clip
     layout, bounds = layout_and_bounds(spec)
     pairs = sum(topk_count(hi - lo, 0.05) for lo, hi in bounds)
     # A 32-bit index and a float32 value per pair.

@@ -115,20 +115,20 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         blocks = range(len(work.block_ranges))
         shards = self.actors.shards
         firsts = [[self.messages[b][k] for b in blocks] for k in range(len(shards))]
-        # Bytes each worker receives from shard k: P^ (PowerSGD), the updated slice, Q.
-        received = [0 for _ in shards]
+        # Every round is submitted at once, each call taking the refs of the one before (Ray
+        # starts a call when its arguments exist); the runner waits only for the figures.
+        replies: list = []  # PowerSGD's round 1 on the shards
+        seconds: list = []  # and round 2 on the workers
+        second_bytes: list[int] | None = None
         if isinstance(self.compression, PowerSGD):
             replies = [shard.reduce_powersgd_first.options(num_returns=2).remote(*messages)
                        for shard, messages in zip(shards, firsts)]
             p_hat = [reply[0] for reply in replies]
-            received = self._from_shards([reply[1] for reply in replies], work)
             seconds = [self.actors.replicas[self.owners[b]].powersgd_second.options(
                 num_returns=len(shards) + 1).remote(b, self.bounds, *p_hat) for b in blocks]
-            second_bytes = self._from_workers([call[-1] for call in seconds], blocks, work)
             messages_of_shard = [[call[k] for call in seconds] for k in range(len(shards))]
             reduce_name = "reduce_powersgd_second"
         else:
-            second_bytes = [0 for _ in blocks]
             messages_of_shard = firsts
             reduce_name = "reduce_topk"
         if not work.waits_for_coefficients:
@@ -137,6 +137,7 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         else:
             reduced_calls = [getattr(shard, reduce_name).options(num_returns=5).remote(
                 None, *messages) for shard, messages in zip(shards, messages_of_shard)]
+            second_bytes = self._second_bytes(seconds, blocks, work)
             reduced_only = self._from_shards([c[0] for c in reduced_calls], work)
             coefficient, nu = apply_coefficients(work, sum(r.squared_norm for r in reduced_only),
                                                  ())
@@ -144,6 +145,11 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
                 work.lr, coefficient, nu) for shard in shards]
             calls = [[r[0], r[1], a[0], a[1], r[4]]
                      for r, a in zip(reduced_calls, applied_calls)]
+        if second_bytes is None:  # a worker lost in round 2 is found here, before the
+            second_bytes = self._second_bytes(seconds, blocks, work)  # shards wait on it
+        # Bytes each worker receives from shard k: P^ (PowerSGD), the updated slice, Q.
+        received = ([0 for _ in shards] if not replies
+                    else self._from_shards([reply[1] for reply in replies], work))
         # Each call: ReduceResult, warm Q (PowerSGD), ApplyResult, the slice, Q's bytes.
         reduced = self._from_shards([c[0] for c in calls], work)
         applied = self._from_shards([c[2] for c in calls], work)
@@ -171,6 +177,12 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         if results[0].buffers is not None:
             micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
         return StepOutcome(block_stats, shard_stats, norms, micro)
+
+    def _second_bytes(self, seconds: list, blocks: range, work: StepWork) -> list[int]:
+        """Each block's round-2 message bytes (0 without a round 2)."""
+        if not seconds:
+            return [0 for _ in blocks]
+        return self._from_workers([call[-1] for call in seconds], blocks, work)
 
     def _from_workers(self, refs: list[ray.ObjectRef], blocks: range,
                       work: StepWork) -> list:
