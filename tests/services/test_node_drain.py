@@ -74,7 +74,7 @@ class StepGate:
             if record.step == self.at:
                 self.job_id = job_id
                 self.reached.set()
-                self.release.wait(60)
+                self.release.wait(300)
             return
         if job_id != self.job_id:
             return
@@ -92,7 +92,7 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
         server, tmp_path):
     with Client(server.address, ADMIN_TOKEN, timeout=30) as admin:
         undisturbed = admin.submit(spec())
-        done = wait_until_done(admin, undisturbed.id)
+        done = wait_until_done(admin, undisturbed.id, timeout=300)
         assert state_name(done.state) == "SUCCEEDED", done.error
         expected = downloaded(admin, undisturbed.id, tmp_path)
 
@@ -100,14 +100,14 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
         server.queue.observers.append(gate)
         try:
             job = admin.submit(spec())
-            assert gate.reached.wait(60)
+            assert gate.reached.wait(300)
             [node, *_] = sorted(server.queue.actor_nodes(job.id) or ())
             drained_at = time.monotonic()
             drained = admin.drain_node(node)
         finally:
             gate.release.set()
         assert list(drained.node_ids) == [node] and list(drained.job_ids) == [job.id]
-        done = wait_until_done(admin, job.id)
+        done = wait_until_done(admin, job.id, timeout=300)
         assert state_name(done.state) == "SUCCEEDED", done.error
         states = [payload["state"] for payload in events(server, job.id, "state")]
         assert states[:4] == ["QUEUED", "RUNNING", "QUEUED", "RUNNING"], states

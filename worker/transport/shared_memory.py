@@ -372,16 +372,18 @@ class SharedMemoryTransport:
     def settle_after_lost_shards(self) -> bool:
         """After ShardLost in a step, with every shard killed: wait until the shards' step
         loops have ended (no process writes the parameters any more) and every block of the
-        step is reported (the workers wait for commands). False when that does not happen
-        within the step's deadline, or a worker is lost or fails meanwhile."""
+        step is reported (the workers wait for commands). False when the loops do not end
+        within the transport's timeout, the blocks are not all in within the step's deadline,
+        or a worker is lost or fails meanwhile."""
         step = self.current
         if step is None:
             return False
-        deadline = time.monotonic() + step.work.deadline_seconds
+        # Killed actors' loops end as soon as Ray has reaped them: a generous bound.
         ended, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops),
-                            timeout=step.work.deadline_seconds)
+                            timeout=self.timeout_seconds)
         if len(ended) < len(self.shard_loops):
             return False
+        deadline = time.monotonic() + step.work.deadline_seconds
         block_count = len(step.work.block_ranges)
         while len(step.blocks) < block_count:
             if time.monotonic() > deadline or self._find_lost_workers():
