@@ -15,7 +15,9 @@ count):
 `ParquetRows` is what a replica holds: where the file is and how to turn a row group into
 standardised features. It reads a row group when a step first needs it, keeps at most
 `2 * SHUFFLE_WINDOW_GROUPS` row groups (the current window and the next, read ahead by one
-thread), so a worker's memory is bounded by the batch and a few row groups, not the file.
+thread) and one copy of the row groups its micro-batches are gathered from (a micro-batch is
+then one gather, not one per row group), so a worker's memory is bounded by the batch and a
+few row groups, not the file.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ class ParquetRows:
         # The last epoch's row-group order and each group's place in it.
         self._order_of: tuple[int, np.ndarray, dict[int, int]] = (-1, np.empty(0), {})
         self._read_ahead_of = (-1, -1)  # (epoch, window) whose next window was asked for
+        self._block: _Block | None = None
 
     def __reduce__(self):  # travels as its source; threads and the open file stay home
         return ParquetRows, (self.source,)
@@ -192,18 +195,46 @@ class ParquetRows:
     def take(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self._training_starts, indices, side="right") - 1
+        if self._block is None or (self._block.first_row[groups] < 0).any():
+            self._gather(groups, epoch)  # no reference to the old block is held meanwhile
+        block = self._block
+        assert block is not None
+        rows = indices - self._training_starts[groups] + block.first_row[groups]
+        return block.x[rows], block.y[rows]
+
+    def _gather(self, groups: np.ndarray, epoch: int) -> None:
+        """A new block: the row groups `groups` fall in (read now if need be) and those of the
+        latest window among them that are already read, which the next micro-batches will
+        want. The next window is then asked to be read ahead."""
         needed = [int(g) for g in np.unique(groups)]
-        loaded = {g: self._group(g).result() for g in needed}
-        self._read_ahead(needed, epoch)
-        x = np.empty((len(indices), len(self.source.feature_columns)),
-                     dtype=self.source.dtype)
-        y_first = next(iter(loaded.values()))[1] if loaded else np.empty(0, np.int64)
-        y = np.empty((len(indices), *y_first.shape[1:]), dtype=y_first.dtype)
-        for group, (gx, gy) in loaded.items():
-            at = groups == group
-            offsets = indices[at] - self._training_starts[group]
-            x[at], y[at] = gx[offsets], gy[offsets]
-        return x, y
+        arrays = {g: self._group(g).result() for g in needed}
+        order, position = self._epoch_order(epoch)
+        latest = max(position[g] for g in needed) // SHUFFLE_WINDOW_GROUPS
+        with self._lock:
+            for group in order[latest * SHUFFLE_WINDOW_GROUPS:
+                               (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
+                future = self._cache.get(int(group))
+                if future is not None and future.done() and int(group) not in arrays:
+                    arrays[int(group)] = future.result()
+        self._read_ahead(latest, epoch)
+        self._block = None  # the old block's memory goes before the new one's is taken
+        first_row = np.full(len(self.source.group_rows), -1, dtype=np.int64)
+        count = 0
+        for group, (gx, _) in arrays.items():
+            first_row[group], count = count, count + len(gx)
+        # Column-major like each row group's features: a contiguous copy per column.
+        x = np.concatenate([gx.T for gx, _ in arrays.values()], axis=1).T
+        y = np.concatenate([gy for _, gy in arrays.values()])
+        self._block = _Block(first_row, x, y)
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, dict[int, int]]:
+        """The epoch's row-group order and each group's place in it (computed once an
+        epoch)."""
+        if self._order_of[0] != epoch:
+            order = group_order(len(self.source.group_rows), self.source.seed, epoch,
+                                self.source.shuffle)
+            self._order_of = (epoch, order, {int(g): i for i, g in enumerate(order)})
+        return self._order_of[1], self._order_of[2]
 
     def _group(self, group: int) -> Future:
         with self._lock:
@@ -225,18 +256,13 @@ class ParquetRows:
         self.groups_read += 1
         return self.source.read_group(self._file, group)
 
-    def _read_ahead(self, needed: list[int], epoch: int) -> None:
-        """Start reading the window after the latest one this step touched (in the epoch's
-        row-group order; the next epoch's first window after the last)."""
-        if self._order_of[0] != epoch:  # once per epoch, not per micro-batch
-            order = group_order(len(self.source.group_rows), self.source.seed, epoch,
-                                self.source.shuffle)
-            self._order_of = (epoch, order, {int(g): i for i, g in enumerate(order)})
-        _, order, position = self._order_of
-        latest = max(position[g] for g in needed) // SHUFFLE_WINDOW_GROUPS
-        if self._read_ahead_of == (epoch, latest):  # asked for at an earlier micro-batch
+    def _read_ahead(self, latest: int, epoch: int) -> None:
+        """Start reading the window after window `latest` (in the epoch's row-group order; the
+        next epoch's first window after the last)."""
+        if self._read_ahead_of == (epoch, latest):  # asked for already
             return
         self._read_ahead_of = (epoch, latest)
+        order, _ = self._epoch_order(epoch)
         with self._lock:  # the current window's groups outlive the older windows' in the cache
             for group in order[latest * SHUFFLE_WINDOW_GROUPS:
                                (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
@@ -249,3 +275,14 @@ class ParquetRows:
         for group in order[first:first + SHUFFLE_WINDOW_GROUPS]:
             if self.source.training_per_group[int(group)]:
                 self._group(int(group))
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The row groups a replica's micro-batches are gathered from, concatenated: taking a
+    micro-batch is one gather, not one per row group (a micro-batch of a shuffled window
+    draws from all of its row groups)."""
+
+    first_row: np.ndarray  # of each row group of the file: its first row here, or -1
+    x: np.ndarray
+    y: np.ndarray

@@ -155,11 +155,12 @@ data: {{dataset: "parquet:{path}", label_column: label, batch_size: {BATCH}, epo
         job, dataset.training_rows(), dataset.training_row_groups, STEPS))
     file_bytes = os.path.getsize(path)
     # What the reader holds once it has started: the current and the next window of row
-    # groups (float32), a row group being read (Arrow's float64 columns and their float64
-    # copy) and the batch. Before that, opening the file costs its footer as Arrow holds it
-    # (every column chunk's metadata: O(row groups x columns)) and the reading thread.
+    # groups (float32), the copy of a window's row groups micro-batches are gathered from, a
+    # row group being read (Arrow's float64 columns and their float64 copy) and the batch.
+    # Before that, opening the file costs its footer as Arrow holds it (every column chunk's
+    # metadata: O(row groups x columns)) and the reading thread.
     group_bytes = GROUP_ROWS * FEATURES * 4
-    window_bound = (2 * SHUFFLE_WINDOW_GROUPS * group_bytes + 2 * 2 * group_bytes
+    window_bound = (3 * SHUFFLE_WINDOW_GROUPS * group_bytes + 2 * 2 * group_bytes
                     + BATCH * FEATURES * 8)
     mib = 2 ** 20
     print(f"\nParquet file {file_bytes / mib:.1f} MiB ({FILE_ROWS} rows, "
