@@ -127,8 +127,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def DrainNode(self, request: pb.DrainNodeRequest, context) -> pb.DrainNodeResponse:
         tenant = self._tenant(context)
         if not self.auth.is_admin(tenant):
-            raise PermissionDenied(f"DrainNode is for admins: tenant {tenant!r} has no "
-                                   f"role=admin in the server's token file")
+            raise PermissionDenied(f"DrainNode is for admins: tenant {tenant!r} has no admin "
+                                   f"role (role: admin in the server's configuration file, "
+                                   f"role=admin in a token file)")
         result = self.service.drain_node(request.node, request.undrain)
         return pb.DrainNodeResponse(node_ids=result.node_ids, job_ids=result.job_ids)
 

@@ -5,6 +5,7 @@ undisturbed run; nothing new is placed on the node until it is undrained. Only a
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -14,6 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from chainrule.client import Client, state_name
+from scheduler.job_states import RUNNING
 from services import cli
 from services.server import serve
 from tests.chaos.recovery_report import report_recovery
@@ -30,7 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ADMIN_TOKEN = "admin-token-0123456789"
 USER_TOKEN = "alice-token-0123456789"
-HELD_AT_STEP = 12  # of 60
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +56,37 @@ def server(two_nodes, tmp_path_factory):
     running.stop()
 
 
-class StepGate:
-    """An observer that holds the job's thread after step `at`, between steps (where drains
-    and shutdowns are seen), until released: the drain lands mid-run however fast the job.
-    Then it notes the steps reported, when the first came, and where the actors of the run
-    that computed it are."""
+class RunWatcher:
+    """An observer of the queue: each job's runs (a run starts at each RUNNING), with the
+    steps each reported, when its first step came and where its actors were then."""
 
-    def __init__(self, queue, at: int):
-        self.queue, self.at = queue, at
-        self.reached, self.release = threading.Event(), threading.Event()
-        self.job_id = ""
-        self.steps_after: list[int] = []
-        self.resumed_at = 0.0  # time.monotonic() of the first step after the release
-        self.next_run_nodes: set[str] | None = None
+    def __init__(self, queue):
+        self.queue = queue
+        self.runs: dict[str, list[list[int]]] = collections.defaultdict(list)
+        self.first_steps: dict[str, list[tuple[float, set[str]]]] = collections.defaultdict(
+            list)
+        self.stepping = threading.Event()  # a run reported a step
+
+    def job_state_changed(self, job_id: str, state: str) -> None:
+        if state == RUNNING:
+            self.runs[job_id].append([])
 
     def job_step(self, job_id: str, record) -> None:
-        if not self.reached.is_set():
-            if record.step == self.at:
-                self.job_id = job_id
-                self.reached.set()
-                self.release.wait(300)
-            return
-        if job_id != self.job_id:
-            return
-        if not self.steps_after:
-            self.resumed_at = time.monotonic()
-            self.next_run_nodes = self.queue.actor_nodes(job_id)
-        self.steps_after.append(record.step)
+        steps = self.runs[job_id][-1]
+        if not steps:
+            self.first_steps[job_id].append((time.monotonic(),
+                                             self.queue.actor_nodes(job_id) or set()))
+        steps.append(record.step)
+        self.stepping.set()
 
 
 def spec():
-    return iris_spec(epochs=15, resources={"workers": 1, "parameter_servers": 1})
+    # 800 steps of a few ms: a drain asked for after the first steps are seen lands mid-run
+    # (the runner is stopped within a poll of the server, 0.1 s) with seconds to spare.
+    return iris_spec(epochs=200, resources={"workers": 1, "parameter_servers": 1})
+
+
+TOTAL_STEPS = 800
 
 
 def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
@@ -96,16 +97,13 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
         assert state_name(done.state) == "SUCCEEDED", done.error
         expected = downloaded(admin, undisturbed.id, tmp_path)
 
-        gate = StepGate(server.queue, HELD_AT_STEP)
-        server.queue.observers.append(gate)
-        try:
-            job = admin.submit(spec())
-            assert gate.reached.wait(300)
-            [node, *_] = sorted(server.queue.actor_nodes(job.id) or ())
-            drained_at = time.monotonic()
-            drained = admin.drain_node(node)
-        finally:
-            gate.release.set()
+        watcher = RunWatcher(server.queue)
+        server.queue.observers.append(watcher)
+        job = admin.submit(spec())
+        assert watcher.stepping.wait(300)
+        [node, *_] = sorted(server.queue.actor_nodes(job.id) or ())
+        drained_at = time.monotonic()
+        drained = admin.drain_node(node)
         assert list(drained.node_ids) == [node] and list(drained.job_ids) == [job.id]
         done = wait_until_done(admin, job.id, timeout=300)
         assert state_name(done.state) == "SUCCEEDED", done.error
@@ -115,12 +113,15 @@ def test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights(
                       if payload.get("kind") == "node_drained"]
         assert len(recoveries) == 1 and node in recoveries[0]["message"], recoveries
         # The run after the drain placed nothing on the node and resumed from the stop's
-        # checkpoint, at the step it stopped at: no step was lost or trained twice. It ended
+        # checkpoint at the step after the stop: no step was lost or trained twice. It ended
         # with the bits of the undisturbed run.
-        assert gate.next_run_nodes and node not in gate.next_run_nodes
-        assert gate.steps_after == list(range(HELD_AT_STEP + 1, 61))
+        stopped, resumed = watcher.runs[job.id]
+        assert stopped[-1] < TOTAL_STEPS
+        assert stopped + resumed == list(range(1, TOTAL_STEPS + 1))
+        _, (resumed_at, resumed_nodes) = watcher.first_steps[job.id]
+        assert resumed_nodes and node not in resumed_nodes
         assert_same_weights(downloaded(admin, job.id, tmp_path), expected)
-        report_recovery("node drained", gate.resumed_at - drained_at, 0, recoveries[0]["message"])
+        report_recovery("node drained", resumed_at - drained_at, 0, recoveries[0]["message"])
 
         undrained = admin.drain_node(node, undrain=True)
         assert list(undrained.node_ids) == [node] and not server.queue.drained_nodes()
