@@ -32,8 +32,9 @@ Draining a node (`drain`, e.g. ahead of its maintenance or preemption): the queu
 nothing on it any more (it leaves the policy's view of the nodes, and placement groups are
 pinned to the policy's nodes), and every running job with actors on it stops at its next step
 boundary the way a shutdown stops it, checkpointed, and goes back to QUEUED at its first
-arrival, to resume from that checkpoint on the other nodes. `undrain` gives the node back; a
-drained node that leaves the cluster is forgotten.
+arrival, to resume from that checkpoint on the other nodes (so does every adopted run: an
+earlier server placed it, on nodes this queue does not know). `undrain` gives the node back;
+a drained node that leaves the cluster is forgotten.
 
 Taking jobs back (`take_back_running`): when the Ray a run trains on is lost, its runner may
 never return (its calls wait on processes that are gone). The run is given up without waiting:
@@ -382,14 +383,15 @@ class JobQueue:
 
     def drain(self, node_ids: Iterable[str]) -> list[str]:
         """Place nothing on these nodes until `undrain`, and stop every running job with
-        actors on them at its next step boundary, back to the queue. The ids of the jobs
-        stopped."""
+        actors on them at its next step boundary, back to the queue (and every adopted run,
+        whose nodes this queue does not know). The ids of the jobs stopped."""
         nodes = set(node_ids)
         with self._lock:
             self._drained |= nodes
             stopped = []
             for job_id, running in self._running.items():
-                if running.actor_nodes() & nodes and not running.drained.is_set():
+                placed = running.actor_nodes()
+                if (placed is None or placed & nodes) and not running.drained.is_set():
                     running.drained.set()
                     stopped.append(job_id)
         for job_id in stopped:
@@ -413,7 +415,7 @@ class JobQueue:
         self._dispatch()
 
     def actor_nodes(self, job_id: str) -> set[str] | None:
-        """The Ray node ids of a running job's actors (None: not running)."""
+        """The Ray node ids of a running job's actors (None: not running, or adopted)."""
         with self._lock:
             running = self._running.get(job_id)
         return running.actor_nodes() if running is not None else None
@@ -841,10 +843,11 @@ class _RunningJob:
                 or self.preempted.is_set() or self.timed_out.is_set()
                 or self.drained.is_set() or self.abandoned.is_set())
 
-    def actor_nodes(self) -> set[str]:
+    def actor_nodes(self) -> set[str] | None:
         """The Ray node ids of its actors: the nodes the policy placed its bundles on, which
-        its placement group is pinned to."""
-        return set(self.record.placement)
+        its placement group is pinned to. None for an adopted run: an earlier server placed
+        it, and this queue's placement of it is only a count."""
+        return None if self.adopted else set(self.record.placement)
 
 
 def _memory(bundle: Bundle) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from scheduler.cluster_view import FixedNodes
 from scheduler.datasets import builtin_shape
+from scheduler.job_lease import lease_until
 from scheduler.job_queue import JobQueue, QueuedJob
 from scheduler.placement import NodeGone
 from scheduler.scheduling_policy import Node
@@ -314,3 +315,54 @@ def test_a_preempted_job_stops_with_a_checkpoint_queues_again_and_ends_after_the
     assert FakeRunner.started == ["low", "urgent", "low"]
     assert [state for job, state in recorder.calls if job == "low"] == [
         "QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"]
+
+
+# --- draining a node ---------------------------------------------------------------------------
+
+
+def test_a_drained_nodes_jobs_queue_again_elsewhere_and_nothing_new_goes_there(monkeypatch):
+    monkeypatch.setattr(FakeRunner, "steps", 20_000)  # 200 s unless stopped
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("a", 2.0), ("b", 2.0)])
+    queue.submit(_job("long"))
+    wait_for(lambda: "long" in FakeRunner.nodes, 5, what="the job to start")
+    node = FakeRunner.nodes["long"][0]
+    assert queue.drain([node]) == ["long"] and queue.drained_nodes() == {node}
+    # Stopped at a step boundary with its checkpoint, and started again off the node.
+    wait_for(lambda: FakeRunner.started == ["long", "long"], 5, what="the job to restart")
+    assert host.checkpoints["long"] == "checkpoint"
+    assert node not in FakeRunner.nodes["long"]
+    queue.submit(_job("later"))
+    wait_for(lambda: "later" in FakeRunner.nodes, 5, what="the next job to start")
+    assert node not in FakeRunner.nodes["later"]
+    queue.undrain([node])
+    assert queue.drained_nodes() == set()
+    for job in ("long", "later"):
+        queue.cancel(job)
+    wait_for(lambda: host.states.get("long") == host.states.get("later") == "CANCELLED", 5,
+             what="the jobs to stop")
+
+
+class FollowedRun:
+    """An adopted run (started by an earlier server) that goes on until told to stop."""
+
+    def __init__(self, job_id, *, should_stop, on_checkpoint, **callbacks):
+        self.should_stop, self.on_checkpoint = should_stop, on_checkpoint
+
+    def run(self):
+        while not self.should_stop():
+            time.sleep(0.01)
+        self.on_checkpoint("checkpoint")
+        return FakeResult(stopped_early=True)
+
+
+def test_an_adopted_run_whose_nodes_are_unknown_is_stopped_by_any_drain():
+    host = FakeHost()
+    queue = _queue(host, max_concurrent_jobs=0, nodes=[("a", 2.0), ("b", 2.0)],
+                   runner_attacher=FollowedRun)
+    queue.adopt(_job("adopted"), lease_until(60.0, "earlier-server"))
+    assert queue.actor_nodes("adopted") is None
+    assert queue.drain(["b"]) == ["adopted"]
+    # Back to the queue, and run again here (the fake runner's 5 steps) off node b.
+    wait_for(lambda: host.states.get("adopted") == "SUCCEEDED", 5, what="the job to rerun")
+    assert FakeRunner.started == ["adopted"] and "b" not in FakeRunner.nodes["adopted"]
