@@ -41,11 +41,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from scheduler.checkpoint import Checkpoint
 from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
+from worker.shared_memory import remove_stale_groups
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "runner-"
 POLL_SECONDS = 0.1
+STOP_CHECK_SECONDS = 0.01  # how often the follower asks the queue's should_stop between polls
 POLL_TIMEOUT_SECONDS = 30.0  # an actor busy this long still answers; a dead one fails at once
 KEEP_EVERY_SECONDS = 1.0
 STEP_RECORDS_KEPT = 1000
@@ -284,13 +286,28 @@ class DetachedJobRunner:
                 ray.kill(actor)
                 raise RunnerLost(f"its runner did not stop within {STOP_TIMEOUT_SECONDS:g} s "
                                  f"of being asked to: killed")
-            time.sleep(POLL_SECONDS)
+            self._wait_for_next_poll(stop_asked_at is None)
+
+    def _wait_for_next_poll(self, may_stop: bool) -> None:
+        """POLL_SECONDS, cut short when the queue says stop: the run stops at the step
+        boundary after the actor hears it, so it should hear it at once."""
+        deadline = time.monotonic() + POLL_SECONDS
+        while time.monotonic() < deadline:
+            if may_stop and self.should_stop():
+                return
+            time.sleep(STOP_CHECK_SECONDS)
 
     def _lost(self, reason: str) -> NoReturn:
-        """Raise RunnerLost, unless the run is being stopped anyway (its Ray lost, say)."""
+        """Raise RunnerLost, once the run had LOST_GRACE_SECONDS to be stopped anyway (its Ray
+        lost, say). The shared memory the dead runner made is removed: no process of it is
+        left to."""
         deadline = time.monotonic() + LOST_GRACE_SECONDS
         while time.monotonic() < deadline and not self.should_stop():
             time.sleep(0.1)
+        removed = remove_stale_groups()
+        if removed:
+            log.info("removed the shared memory of a lost runner: %s",
+                     ", ".join(str(folder) for folder in removed))
         raise RunnerLost(reason)
 
 

@@ -139,6 +139,40 @@ def test_a_second_server_on_the_same_port_exits_naming_the_port(first, tmp_path,
 # --- SIGTERM: a preemption notice ----------------------------------------------------------------
 
 
+def test_a_killed_runner_sends_its_job_back_to_the_queue_to_the_undisturbed_weights(
+        first, tmp_path):
+    """The job's runner (a detached actor) SIGKILLed: the server finds it gone, records a
+    runner_lost recovery, and requeues the job, which resumes from its last checkpoint."""
+    _, address, data_dir = first
+    with Client(address, timeout=10) as client:
+        job = client.submit(long_spec())
+        at_kill = wait_for(lambda: (lambda step: step >= 20 and step)(
+            client.get(job.id).progress.step), 60, interval=0.02, what="20 steps")
+        head = ray_head.find(data_dir)
+        assert head is not None
+        # Ray names an actor's process after its class (the kernel keeps 15 characters).
+        runners = [p for p in head.processes() if p.name.startswith("ray::RunnerActo")]
+        assert len(runners) == 1, runners
+        os.kill(runners[0].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        store = Store(data_dir / "chainrule.db")
+        resumed = wait_for(lambda: [e.payload["step"] for e in store.events(job.id)
+                                    if e.kind == "resumed"], 60, interval=0.05,
+                           what="the job to resume from its checkpoint")
+        recovered = time.monotonic() - killed_at
+        store.close()
+        done = wait_until_done(client, job.id, timeout=120)
+        assert state_name(done.state) == "SUCCEEDED", done.error
+        assert_same_weights(downloaded(client, job.id, tmp_path),
+                            undisturbed_weights(client, long_spec(), tmp_path))
+        lost = [e.message for e in client.logs(job.id) if e.kind == "recovery"]
+        assert len(lost) == 1 and f"its runner actor runner-{job.id} died" in lost[0], lost
+    assert not [name for name in os.listdir(shared_root()) if job.id in name]
+    report_recovery("runner SIGKILL", recovered, max(0, at_kill - resumed[0]),
+                    f"resumed from the checkpoint of step {resumed[0]} (killed after step "
+                    f"{at_kill} or later); seconds: to the new run loading it")
+
+
 def test_sigterm_checkpoints_each_running_job_at_its_next_step_and_a_restart_finishes_it(
         first, tmp_path):
     process, address, data_dir = first
