@@ -60,20 +60,22 @@ class EvaluationRecord:
     samples: int
 
 
-# What a job recovered from (RecoveryRecord.kind): a bounded set, a Prometheus label.
-RECOVERY_KINDS = (
-    "worker_lost",  # a worker died or fell silent: its blocks recomputed by others, same step
-    "worker_replaced",  # a new replica took a lost worker's place at a step boundary
-    "shard_lost",  # a parameter-server shard died: the shards restarted from their kept state
-    # a compressed job's worker died with its error feedback: restarted from a checkpoint
-    "error_feedback_lost",
-    "shared_memory_full",  # no room in /dev/shm for the job's arrays: the object store instead
-    "ray_lost",  # the service's Ray died: the run given up, the job requeued from a checkpoint
-    "lease_expired",  # the runner stopped renewing its lease: the job requeued from a checkpoint
-    "node_drained",  # a node it had actors on was drained: stopped at a step boundary, requeued
-    "node_gone",  # a node chosen for it left before its actors were placed there: requeued
-    "runner_lost",  # the runner's process died: the job requeued from a checkpoint
-)
+# What a job recovered from (RecoveryRecord.kind), each with what it means: a bounded set, a
+# Prometheus label whose help text is made from these descriptions.
+RECOVERY_KIND_DESCRIPTIONS = {
+    "worker_lost": "a worker died or fell silent: its blocks recomputed by others, same step",
+    "worker_replaced": "a new replica took a lost worker's place at a step boundary",
+    "shard_lost": "a parameter-server shard died: the shards restarted from their kept state",
+    "error_feedback_lost": "a compressed job's worker died with its error feedback: restarted "
+                           "from a checkpoint",
+    "shared_memory_full": "no room in /dev/shm for the job's arrays: the object store instead",
+    "ray_lost": "the service's Ray died: the run given up, the job requeued from a checkpoint",
+    "lease_expired": "the runner stopped renewing its lease: the job requeued from a checkpoint",
+    "node_drained": "a node it had actors on was drained: stopped at a step boundary, requeued",
+    "node_gone": "a node chosen for it left before its actors were placed there: requeued",
+    "runner_lost": "the runner's process died: the job requeued from a checkpoint",
+}
+RECOVERY_KINDS = tuple(RECOVERY_KIND_DESCRIPTIONS)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,13 @@ from prometheus_client.registry import Collector
 
 from scheduler.job_queue import TenantUsage
 from scheduler.job_states import JOB_STATES, TERMINAL_STATES
-from scheduler.records import RECOVERY_KINDS, EvaluationRecord, RecoveryRecord, StepRecord
+from scheduler.records import (
+    RECOVERY_KIND_DESCRIPTIONS,
+    RECOVERY_KINDS,
+    EvaluationRecord,
+    RecoveryRecord,
+    StepRecord,
+)
 
 # StepTimings field -> the phase label a reader expects (the optimizer step is `apply` in code).
 STEP_PHASES = (("compute", "compute"), ("reduce", "reduce"), ("apply", "optimizer"),
@@ -174,11 +180,9 @@ class _Families:
             "Slowest minus median worker compute time in the last step.", job)
         self.recoveries = counter(
             "chainrule_recoveries_total",
-            "Failures jobs recovered from, by kind: worker_lost (recomputed in the same step), "
-            "worker_replaced (a new replica joined), shard_lost (restarted from a checkpoint), "
-            "ray_lost (the service's Ray died: requeued from a checkpoint), lease_expired (the "
-            "runner stopped renewing its lease: requeued from a checkpoint), runner_lost (the "
-            "runner's process died: requeued from a checkpoint).",
+            "Failures jobs recovered from, by kind: " + "; ".join(
+                f"{kind} ({meaning})" for kind, meaning in RECOVERY_KIND_DESCRIPTIONS.items())
+            + ".",
             ("kind",))
         # --- service ----------------------------------------------------------------------
         self.jobs = gauge("chainrule_jobs", "Jobs known to this process, by state.", ("state",))

@@ -20,7 +20,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from chainrule.spec_file import load_job_spec
 from scheduler.job_runner import JobRunner
-from scheduler.records import EvaluationRecord, StepRecord
+from scheduler.records import (
+    RECOVERY_KIND_DESCRIPTIONS,
+    RECOVERY_KINDS,
+    EvaluationRecord,
+    StepRecord,
+)
 from scheduler.training import prepare_dataset, resolve_builtin_job
 from services.metrics import (
     OTHER_PARAMETERS,
@@ -550,3 +555,12 @@ def test_a_metrics_port_in_use_is_refused_naming_the_option_before_ray_starts(tm
         with pytest.raises(AlreadyInUse, match=f"port {port} is in use .*--metrics-port"):
             serve("127.0.0.1:0", tmp_path / "data", metrics_port=port)
         assert ray.is_initialized() == started
+
+
+def test_the_recoveries_help_says_what_every_kind_means():
+    registry = CollectorRegistry()
+    TrainingMetrics(registry)
+    (family,) = [f for f in registry.collect() if f.name == "chainrule_recoveries"]
+    for kind, meaning in RECOVERY_KIND_DESCRIPTIONS.items():
+        assert f"{kind} ({meaning})" in family.documentation
+    assert {sample.labels["kind"] for sample in family.samples} >= set(RECOVERY_KINDS)
