@@ -240,7 +240,8 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
     on with no server, to its end (its progress in the store, written by the runner itself,
     advances); the next server on the folder joins that Ray and attaches to the run (never
     requeued: no step trained twice), recording its end at once; the weights are the
-    undisturbed run's."""
+    undisturbed run's. A job still training when the server is killed shows its live progress
+    on the next server as soon as it serves."""
     data_dir = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
     process = start_serve_process(address, data_dir)
@@ -277,6 +278,24 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
                 assert attached <= ATTACH_BOUND_SECONDS
                 assert_same_weights(downloaded(client, job.id, tmp_path),
                                     undisturbed_weights(client, long_spec(), tmp_path))
+                # A job still training when its server is killed: the next server shows its
+                # live progress as soon as it serves.
+                live = client.submit(iris_spec(epochs=10_000, name="live")).id
+                before = wait_for(lambda: (lambda step: step >= 5 and step)(
+                    client.get(live).progress.step), 60, interval=0.02, what="5 steps")
+            server.kill()
+            server.communicate(timeout=30)
+            server = start_serve_process(address, data_dir)
+            serving_at = time.monotonic()
+            with Client(address, timeout=10) as client:
+                progress = next(event.progress for event in client.watch(live, idle_timeout=30)
+                                if event.HasField("progress") and event.progress.step > before)
+                shown = time.monotonic() - serving_at
+                assert shown <= ATTACH_BOUND_SECONDS
+                assert state_name(client.get(live).state) == "RUNNING"
+                assert client.get(live).progress.step >= progress.step > before
+                client.cancel(live)
+                assert state_name(wait_until_done(client, live).state) == "CANCELLED"
         finally:
             _stop(server)
     finally:
@@ -289,10 +308,13 @@ def test_sigkill_of_the_server_leaves_its_job_training_and_a_new_server_attaches
     # Nothing leaks: the last server stopped the Ray it ran on, every process of it, and the
     # run removed its shared memory.
     assert ray_head.find(data_dir) is None and not head.processes()
-    assert not [name for name in os.listdir(shared_root()) if job.id in name]
+    assert not [name for name in os.listdir(shared_root()) if job.id in name or live in name]
     report_recovery("service SIGKILL, restarted", attached, 0,
                     f"steps {at_kill}-{ended.progress.total_steps} trained with no server; "
                     f"seconds: from the new server serving to it recording the run's end")
+    report_recovery("service SIGKILL, a job still training", shown, 0,
+                    f"seconds: from the new server serving to its WatchJob showing step "
+                    f"{progress.step} (> {before}, the last before the kill)")
 
 
 def _assert_private(head: ray_head.RayHead, data_dir) -> None:
