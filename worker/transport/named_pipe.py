@@ -43,6 +43,10 @@ class Channel:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDWR)
+        # poll, not select: select cannot watch a descriptor numbered 1024 or more, which a
+        # server holding many connections and files hands out (its jobs then failed).
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
 
     @staticmethod
     def create(path: str) -> str:
@@ -58,16 +62,23 @@ class Channel:
 
     def receive_bytes(self, size: int, timeout: float | None = None) -> bytes:
         """The next record of `size` bytes, for a pipe that carries several record types."""
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
+        if not self._ready(timeout):
             raise ChannelTimeout(f"no message on {os.path.basename(self.path)} "
                                  f"within {timeout} s")
         return os.read(self.fd, size)
 
     def discard_pending(self, kind: type[Record]) -> None:
         """Read and drop every message already waiting."""
-        while select.select([self.fd], [], [], 0)[0]:
+        while self._ready(0):
             os.read(self.fd, kind.layout.size)
 
+    def _ready(self, timeout: float | None) -> bool:
+        """Whether a message waits, within `timeout` seconds (None: wait for one)."""
+        return bool(self._poll.poll(None if timeout is None else max(0, timeout) * 1000))
+
     def close(self) -> None:
-        os.close(self.fd)
+        """Idempotent: a second close must not close a descriptor reused meanwhile."""
+        if self.fd >= 0:
+            self._poll.unregister(self.fd)
+            os.close(self.fd)
+            self.fd = -1

@@ -434,6 +434,13 @@ class SharedMemoryTransport:
             inbox.send(WorkerCommand(Op.STOP, 0))
         for inbox in getattr(self, "shard_inboxes", []):
             inbox.send(ShardCommand(Op.STOP, 0))
+        # The runner's ends of the pipes: a server runs job after job in one process (it leaked
+        # three descriptors a job).
+        for channel in [getattr(self, "inbox", None), *getattr(self, "worker_inboxes", []),
+                        *getattr(self, "shard_inboxes", [])]:
+            if channel is not None:
+                channel.close()
+        self.worker_inboxes, self.shard_inboxes = [], []
 
     # --- one step ----------------------------------------------------------------------------
 

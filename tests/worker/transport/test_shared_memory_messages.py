@@ -1,8 +1,10 @@
 """The shared-memory transport's messages, through a real named pipe (no Ray)."""
 
+import os
+
 import pytest
 
-from worker.transport.named_pipe import Channel
+from worker.transport.named_pipe import Channel, ChannelTimeout
 from worker.transport.shared_memory import (
     REPORT_BYTES,
     BlockReport,
@@ -51,3 +53,24 @@ def test_block_and_shard_reports_share_the_runners_inbox_and_come_out_as_themsel
     pipe.send(shard)
     assert decode_report(pipe.receive_bytes(REPORT_BYTES, timeout=1)) == block
     assert decode_report(pipe.receive_bytes(REPORT_BYTES, timeout=1)) == shard
+
+
+def test_a_channel_numbered_past_select_s_limit_of_1024_still_receives_and_times_out(tmp_path):
+    # A server holding many connections and files hands a job's pipes such numbers.
+    fillers = []
+    channel = None
+    try:
+        while not fillers or fillers[-1] < 1024:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        channel = Channel(Channel.create(str(tmp_path / "high.fifo")))
+        assert channel.fd > 1024
+        channel.send(WorkerCommand(Op.COMPUTE, step=1, block=0, micro_lo=0, micro_hi=1,
+                                   samples=8))
+        assert channel.receive(WorkerCommand, timeout=1).step == 1
+        with pytest.raises(ChannelTimeout):
+            channel.receive(WorkerCommand, timeout=0.01)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if channel is not None:
+            channel.close()
