@@ -68,15 +68,16 @@ def child_processes(parent: int | None = None) -> list[RayProcess]:
 
 
 def processes_exited(processes: list[RayProcess]) -> Check:
-    """A check that names the first of `processes` to have exited."""
+    """A check that names every one of `processes` that has exited. Every one: the loss of
+    one takes the others down within moments (`ray start --block` ends its session), and the
+    one that went first must be among those named, whichever the check finds first."""
     if not processes:
         raise ValueError("no Ray processes to watch: was Ray started by this process?")
 
     def check() -> str | None:
-        for process in processes:
-            if process.gone():
-                return f"its {process.name} (pid {process.pid}) exited"
-        return None
+        gone = [f"{process.name} (pid {process.pid})" for process in processes
+                if process.gone()]
+        return f"its {', '.join(gone)} exited" if gone else None
 
     return check
 

@@ -73,3 +73,14 @@ def test_a_gcs_call_that_fails_is_reported_and_one_that_answers_is_not():
     assert cluster_unanswered(call=refused)() == \
         "its GCS failed a call (ConnectionError: connection refused)"
     assert cluster_unanswered(call=lambda: [])() is None
+
+
+def test_every_process_that_exited_is_named_so_the_first_to_go_always_is():
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    pids = {child.pid for child in children}
+    check = processes_exited([p for p in child_processes() if p.pid in pids])
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert check() == (f"its sleep (pid {children[0].pid}), sleep (pid {children[1].pid}) "
+                       f"exited")

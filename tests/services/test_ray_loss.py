@@ -122,7 +122,8 @@ def _kill_mid_run(serving: Serving, process_name: str) -> tuple[str, str, float,
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.time()
     lost = wait_for(lambda: log.first(LOST_LINE, seen), 30, what="the server to log the loss")
-    assert f"{process_name} (pid {victim.pid}) exited" in lost
+    # The others of its session may have followed it by the time the server looked.
+    assert f"{process_name} (pid {victim.pid})" in lost and "exited" in lost
     assert log.logged_at(lost) - killed_at <= DETECTION_SECONDS, lost
     return job.id, lost, killed_at, victim.pid
 
@@ -164,7 +165,7 @@ def test_a_killed_gcs_server_is_noticed_in_seconds_and_the_job_finishes_with_the
 
 def test_a_ray_that_keeps_dying_makes_the_server_exit_non_zero_saying_why(serving):
     assert MAX_RESTARTS == 3  # one on record at start, two by the tests above
-    job_id, lost, _, _ = _kill_mid_run(serving, "raylet")
+    job_id, lost, _, victim = _kill_mid_run(serving, "raylet")
     assert serving.process.wait(timeout=30) == RAY_LOST_EXIT_STATUS
     assert f"exiting with status {RAY_LOST_EXIT_STATUS} so that a supervisor restarts" in lost
     after = serving.log.lines[serving.log.lines.index(lost):]
@@ -172,5 +173,6 @@ def test_a_ray_that_keeps_dying_makes_the_server_exit_non_zero_saying_why(servin
     store = Store(serving.data_dir / "chainrule.db")
     job = store.get_job(job_id)
     assert job is not None and job.state == "QUEUED"  # the next start resumes it
-    assert job.error.startswith("the embedded Ray was lost (its raylet (pid")
+    assert job.error.startswith("the embedded Ray was lost (its ")
+    assert f"raylet (pid {victim})" in job.error
     store.close()
