@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
+
+from scheduler.process_table import all_processes, read_stat
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ class RayProcess:
     start_ticks: str  # with the PID, names one process (PIDs are reused)
 
     def gone(self) -> bool:
-        stat = _read_stat(self.pid)
-        return stat is None or stat[1] in ("Z", "X") or stat[3] != self.start_ticks
+        stat = read_stat(self.pid)
+        return stat is None or stat.state in ("Z", "X") or stat.start_ticks != self.start_ticks
 
 
 def embedded_processes(parent: int | None = None) -> list[RayProcess]:
@@ -57,13 +58,8 @@ def embedded_processes(parent: int | None = None) -> list[RayProcess]:
 def child_processes(parent: int | None = None) -> list[RayProcess]:
     """Every live process whose parent is `parent` (default: this process), by name."""
     parent = os.getpid() if parent is None else parent
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _read_stat(int(entry.name))
-        if stat is not None and stat[2] == parent and stat[1] not in ("Z", "X"):
-            found.append(RayProcess(stat[0], int(entry.name), stat[3]))
+    found = [RayProcess(stat.name, stat.pid, stat.start_ticks) for stat in all_processes()
+             if stat.parent == parent and stat.state not in ("Z", "X")]
     return sorted(found, key=lambda process: process.name)
 
 
@@ -145,16 +141,3 @@ class RayWatch:
             if lost is not None and not self._stopped.is_set():
                 self.on_lost(lost)
                 return
-
-
-def _read_stat(pid: int) -> tuple[str, str, int, str] | None:
-    """(command name, state, parent PID, start time in ticks) from /proc/PID/stat; None when
-    there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split around the last ")".
-    name = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    return name, fields[0], int(fields[1]), fields[19]
