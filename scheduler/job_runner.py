@@ -458,17 +458,20 @@ class JobRunner:
     def checkpoint(self, step: int) -> Checkpoint:
         """The job's state now (between steps): parameters, buffers, whole optimizer state."""
         self.transport.sync_parameters()
-        shard_states = self.worker_group.shard_states(f"at the checkpoint of step {step}")
-        optimizer_steps = shard_states[0][0]
-        if _is_elementwise(self.rule_name):
-            keys = shard_states[0][1].keys()
-            state = {key: np.concatenate([part[key] for _, part in shard_states])
-                     for key in keys}
-        else:
-            state = {key: value for _, part in shard_states for key, value in part.items()}
         compression_state = {}
         if isinstance(self.transport, CompressedObjectStoreTransport):
+            # Its workers step the optimizer, each over the whole vector.
+            optimizer_steps, state = self.transport.optimizer_state()
             compression_state = self.transport.compression_state(self._block_owners())
+        else:
+            shard_states = self.worker_group.shard_states(f"at the checkpoint of step {step}")
+            optimizer_steps = shard_states[0][0]
+            if _is_elementwise(self.rule_name):
+                keys = shard_states[0][1].keys()
+                state = {key: np.concatenate([part[key] for _, part in shard_states])
+                         for key in keys}
+            else:
+                state = {key: value for _, part in shard_states for key, value in part.items()}
         return Checkpoint(step, np.array(self.parameters), optimizer_steps, state,
                           self.evaluator.buffer_values() if self.evaluator.buffer_names else {},
                           data_cursor=self._data_cursor(step),
@@ -510,6 +513,10 @@ class JobRunner:
             self.evaluator.load_buffers(checkpoint.buffers)
 
     def _restore_shards(self, checkpoint: Checkpoint) -> None:
+        if isinstance(self.transport, CompressedObjectStoreTransport):  # the workers step it
+            self.transport.load_optimizer_state(checkpoint.optimizer_steps,
+                                                checkpoint.optimizer_state)
+            return
         self.worker_group.load_shard_states(checkpoint.optimizer_steps,
                                             checkpoint.optimizer_state)
 
@@ -661,7 +668,9 @@ class JobRunner:
         # The reduce-scatter: the workers writing their blocks, then the shards summing them.
         reduce_ = (max(b.write_seconds for b in outcome.blocks)
                    + max(s.reduce_seconds for s in outcome.shards))
-        apply_ = max(s.apply_seconds for s in outcome.shards)
+        # The optimizer step: on the shards, or on every worker of a compressed job.
+        apply_ = max(max(s.apply_seconds for s in outcome.shards),
+                     max(b.apply_seconds for b in outcome.blocks))
         busy = compute + reduce_ + apply_ + outcome.gather_seconds
         timings = StepTimings(compute=compute, reduce=reduce_, apply=apply_,
                               gather=outcome.gather_seconds, wait=max(0.0, wall - busy),

@@ -24,8 +24,15 @@ what later steps send) is the paper's, without a third message to bring Q back.
 
 A shard owns a contiguous slice [lo, hi) of the flat vector, which may cut a matrix: every
 shard whose slice touches a matrix receives its factors and sums them (the same bits on each:
-the same parts in the same order), and decompresses only its own part of P^ Q^T. The shard
-holding a matrix's first entry answers for it (its P^ to the workers, its Q to the runner).
+the same parts in the same order). The shard holding a matrix's first entry answers for it (its
+P^ and its Q to the workers).
+
+The way back is compressed too (Vogels et al. all-reduce P and Q, and every worker applies the
+same step): a shard answers round 2 with its dense runs' sums and Q, a top-k shard with its
+summed slice's nonzero entries, and every worker rebuilds the whole step gradient from the
+replies (`PowerSGDWorker.decompress`, `topk_decompress`). P^ Q^T is formed elementwise
+(`low_rank_product`), never by a BLAS product whose rounding depends on the CPU and its
+threads: every worker, and every shard reporting its slice's norm, gets the same bits.
 """
 
 from __future__ import annotations
@@ -76,6 +83,22 @@ def topk_select(values: np.ndarray, count: int) -> np.ndarray:
 def topk_scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
     out[...] = 0
     out[indices] = values
+    return out
+
+
+def topk_reply(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k shard's answer to the workers: its summed slice's nonzero entries, (indices
+    within the slice, values); at most the blocks' pairs together."""
+    indices = np.flatnonzero(total)
+    return indices.astype(np.int32 if len(total) < 2**31 else np.int64), total[indices]
+
+
+def topk_decompress(out: np.ndarray, replies: Sequence[tuple[np.ndarray, np.ndarray]],
+                    bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The step's gradient over the whole flat vector from every shard's reply."""
+    out[...] = 0
+    for (lo, _), (indices, values) in zip(bounds, replies):
+        out[lo + indices.astype(np.int64)] = values
     return out
 
 
@@ -153,6 +176,17 @@ def orthogonalise(p: np.ndarray) -> np.ndarray:
     return p
 
 
+def low_rank_product(p: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = P Q^T as the sum of its rank-one terms, in column order, elementwise: each entry is
+    rounded the same way on any CPU, with any number of BLAS threads."""
+    np.multiply(p[:, :1], q[:, 0], out=out)
+    term = np.empty_like(out)
+    for i in range(1, p.shape[1]):
+        np.multiply(p[:, i:i + 1], q[:, i], out=term)
+        out += term
+    return out
+
+
 def _matrix(flat: np.ndarray, matrix: CompressedMatrix) -> np.ndarray:
     return flat[matrix.offset:matrix.offset + matrix.size].reshape(matrix.rows, matrix.columns)
 
@@ -199,11 +233,17 @@ def topk_messages(memory: ErrorFeedback, block: int, gradient: np.ndarray,
 
 
 class PowerSGDWorker:
-    """A worker's two PowerSGD messages per block: `first` keeps M_b until `second`."""
+    """A worker's two PowerSGD messages per block (`first` keeps M_b until `second`), and the
+    step gradient rebuilt from the shards' replies (`decompress`)."""
 
-    def __init__(self, plan: PowerSGDPlan, memory: ErrorFeedback):
+    def __init__(self, plan: PowerSGDPlan, memory: ErrorFeedback,
+                 warm_q: dict[int, np.ndarray]):
         self.plan, self.memory = plan, memory
         self.pending: dict[int, np.ndarray] = {}  # block -> M over the flat vector
+        # Q of the last step (by matrix), the next step's warm start; and the step's P^,
+        # from round 2 until `decompress`.
+        self.warm_q = warm_q
+        self.p_hat: dict[int, np.ndarray] = {}
 
     def first(self, block: int, gradient: np.ndarray, warm_q: Mapping[int, np.ndarray],
               bounds: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -224,6 +264,7 @@ class PowerSGDWorker:
         """For each shard: Q_b = M_b^T P^ of each matrix its slice touches. The error becomes
         M_b - P^ Q_b^T on the matrices (the dense entries were sent whole: no error)."""
         m = self.pending.pop(block)
+        self.p_hat = dict(p_hat)
         error = self.memory.error(block)
         q = {}
         for matrix in self.plan.matrices:
@@ -234,6 +275,24 @@ class PowerSGDWorker:
                                 for matrix in self.plan.matrices_within(lo, hi)]
                                or [np.empty(0, m.dtype)])
                 for lo, hi in bounds]
+
+    def decompress(self, out: np.ndarray, replies: Sequence[tuple[np.ndarray,
+                                                                  Mapping[int, np.ndarray]]],
+                   bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+        """The step's gradient over the whole flat vector from every shard's reply (its dense
+        runs' sums, the Q of the matrices it answers for): the dense runs as summed, each
+        matrix P^ Q^T. That Q is the next step's warm start."""
+        q: dict[int, np.ndarray] = {}
+        for (lo, hi), (dense, owned_q) in zip(bounds, replies):
+            at = 0
+            for a, b in self.plan.dense_runs(lo, hi):
+                out[a:b] = dense[at:at + b - a]
+                at += b - a
+            q.update(owned_q)
+        for matrix in self.plan.matrices:
+            low_rank_product(self.p_hat[matrix.index], q[matrix.index], _matrix(out, matrix))
+        self.warm_q = q
+        return out
 
 
 # --- the shard's end ----------------------------------------------------------------------------
@@ -267,6 +326,7 @@ class PowerSGDShard:
                                   dtype)
         self.gradient = np.zeros(self.hi - self.lo, dtype)
         self.p_hat: dict[int, np.ndarray] = {}
+        self.dense_total = np.empty(0, dtype)
 
     def reduce_first(self, messages: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
         """Sum the blocks' first messages: the dense runs go into the gradient, P is
@@ -276,6 +336,7 @@ class PowerSGDShard:
         for a, b in self.runs:
             self.gradient[a - self.lo:b - self.lo] = total[at:at + b - a]
             at += b - a
+        self.dense_total = total[:at]  # the workers' reply (until the next step's round 1)
         self.p_hat = {}
         for matrix in self.matrices:
             rows = matrix.rows * self.plan.rank
@@ -287,8 +348,7 @@ class PowerSGDShard:
     def reduce_second(self, messages: Sequence[np.ndarray]) -> tuple[np.ndarray,
                                                                       dict[int, np.ndarray]]:
         """Sum the blocks' Q_b, write P^ Q^T over this shard's part of each matrix. Returns
-        the slice's gradient and Q of the matrices this shard answers for (the next warm
-        start)."""
+        the slice's gradient (for its norms) and Q of the matrices this shard answers for."""
         total = self.second_sum.sum(messages)
         at, warm_q = 0, {}
         for matrix in self.matrices:
@@ -297,9 +357,14 @@ class PowerSGDShard:
             at += size
             if matrix.index in self.owned:
                 warm_q[matrix.index] = q.copy()
-            whole = (self.p_hat[matrix.index] @ q.T).ravel()
+            # Only the rows this slice cuts: elementwise, they have the workers' bits.
             lo, hi = max(self.lo, matrix.offset), min(self.hi, matrix.offset + matrix.size)
-            self.gradient[lo - self.lo:hi - self.lo] = whole[lo - matrix.offset:hi - matrix.offset]
+            first, last = ((lo - matrix.offset) // matrix.columns,
+                           -(-(hi - matrix.offset) // matrix.columns))
+            rows = low_rank_product(self.p_hat[matrix.index][first:last], q,
+                                    np.empty((last - first, matrix.columns), q.dtype)).ravel()
+            start = matrix.offset + first * matrix.columns
+            self.gradient[lo - self.lo:hi - self.lo] = rows[lo - start:hi - start]
         return self.gradient, warm_q
 
 

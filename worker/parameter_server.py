@@ -75,8 +75,11 @@ class ApplyResult:
 
 
 class ParameterServerShard:
-    def __init__(self, setup: ShardSetup, owns_process: bool = True):
-        """`owns_process`: as for `ModelReplica`."""
+    def __init__(self, setup: ShardSetup, owns_process: bool = True,
+                 parameters: np.ndarray | None = None):
+        """`owns_process`: as for `ModelReplica`. `parameters`: an array to step in place
+        instead of the shard's own (a compressed job's worker applying the whole vector's
+        update itself: worker/transport/compressed.py)."""
         if owns_process:
             from threadpoolctl import threadpool_limits
 
@@ -87,7 +90,9 @@ class ParameterServerShard:
             self._thread_limit = threadpool_limits(1, user_api="blas")
         self.setup = setup
         self.lo, self.hi = setup.bounds
-        if setup.parameters is not None:
+        if parameters is not None:
+            self.parameters = parameters[self.lo:self.hi]
+        elif setup.parameters is not None:
             self.parameters = setup.parameters.attach()[self.lo:self.hi]
         else:
             self.parameters = np.zeros(self.hi - self.lo, dtype=setup.layout.dtype)
@@ -224,14 +229,14 @@ class ParameterServerShard:
                             lr: float) -> tuple:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
 
-    def reduce_topk(self, lr: float | None, *messages) -> tuple:
-        return compressed.reduce_topk(self, lr, *messages)
+    def reduce_topk(self, *messages) -> tuple:
+        return compressed.reduce_topk(self, *messages)
 
     def reduce_powersgd_first(self, *messages: np.ndarray) -> tuple:
         return compressed.reduce_powersgd_first(self, *messages)
 
-    def reduce_powersgd_second(self, lr: float | None, *messages: np.ndarray) -> tuple:
-        return compressed.reduce_powersgd_second(self, lr, *messages)
+    def reduce_powersgd_second(self, *messages: np.ndarray) -> tuple:
+        return compressed.reduce_powersgd_second(self, *messages)
 
     # --- checkpoints ---------------------------------------------------------------------
 

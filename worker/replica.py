@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from worker.training_rows import TrainingRows
 from worker.transport import compressed, object_store, shared_memory
 from worker.tree_sum import TreeAccumulator
 
+if TYPE_CHECKING:
+    from worker.parameter_server import ParameterServerShard
+
 
 @dataclass(frozen=True)
 class ReplicaSetup:
@@ -64,6 +68,8 @@ class BlockResult:
     bytes_written: int  # gradient bytes written into the shared block (this worker's "send")
     write_seconds: float  # writing them: the worker's half of the reduce-scatter
     buffers: list[dict[str, np.ndarray]] | None  # per micro-batch (BatchNorm running stats)
+    # A compressed job's worker applying the last step's update before computing this block.
+    apply_seconds: float = 0.0
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -125,6 +131,9 @@ class ModelReplica:
         # messages in progress; made at the first compressed block (worker/transport/compressed.py).
         self.error_feedback_memory: ErrorFeedback | None = None
         self.powersgd: PowerSGDWorker | None = None
+        # ... and the optimizer over the whole vector, which each worker of a compressed job
+        # steps itself with the same step gradient (a ParameterServerShard over [0, size)).
+        self.replicated_optimizer: ParameterServerShard | None = None
 
     def location(self) -> tuple[str, str]:
         """(host, Ray node id): replicas on the runner's host share its memory."""
@@ -149,18 +158,37 @@ class ModelReplica:
 
     def compress_block(self, block: int, micro_batches: list[tuple[int, np.ndarray]],
                        global_step: int, batch_size: int, master_buffers: np.ndarray | None,
-                       bounds: list[tuple[int, int]], *arrays) -> tuple:
+                       bounds: list[tuple[int, int]], update: compressed.StepUpdate | None,
+                       *replies) -> tuple:
         return compressed.compress_block(self, block, micro_batches, global_step, batch_size,
-                                         master_buffers, bounds, *arrays)
+                                         master_buffers, bounds, update, *replies)
 
     def powersgd_second(self, block: int, bounds: list[tuple[int, int]], *p_hats) -> tuple:
         return compressed.powersgd_second(self, block, bounds, *p_hats)
 
-    def error_feedback(self) -> dict[int, np.ndarray]:
-        return compressed.error_feedback(self)
+    def apply_step_update(self, bounds: list[tuple[int, int]],
+                          update: compressed.StepUpdate, *replies) -> str:
+        return compressed.apply_step_update(self, bounds, update, *replies)
 
-    def load_error_feedback(self, errors: dict[int, np.ndarray]) -> None:
-        compressed.load_error_feedback(self, errors)
+    def parameter_vector(self) -> np.ndarray:
+        return self.flat
+
+    def load_parameter_vector(self, values: np.ndarray) -> None:
+        with self._compute_lock:
+            self.flat[:] = values
+
+    def compression_state(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        return compressed.compression_state(self)
+
+    def load_compression_state(self, errors: dict[int, np.ndarray],
+                               warm_q: dict[int, np.ndarray]) -> None:
+        compressed.load_compression_state(self, errors, warm_q)
+
+    def optimizer_state(self) -> tuple[int, dict[str, np.ndarray]]:
+        return compressed.replicated_optimizer(self).state()
+
+    def load_optimizer_state(self, steps_taken: int, state: dict[str, np.ndarray]) -> None:
+        compressed.replicated_optimizer(self).load_state(steps_taken, state)
 
     def last_error_message(self) -> str:
         return self.last_error

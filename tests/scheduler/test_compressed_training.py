@@ -75,18 +75,25 @@ def test_a_powersgd_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_w
     assert "error_feedback/1" not in taken[-1].compression_state
 
 
-def test_a_powersgd_worker_sends_its_factors_and_the_vectors_not_the_gradient(powersgd_run):
+def test_a_powersgd_worker_sends_and_receives_factors_and_vectors_not_parameters(
+        powersgd_run):
     spec = compressed_spec("powersgd")
     layout, bounds = layout_and_bounds(spec)
     plan = PowerSGDPlan.of(layout, 2)
     factors = sum((m.rows + m.columns) * 2 for k in range(SHARDS)
                   for m in plan.matrices_within(*bounds[k]))
     dense = sum(hi - lo for k in range(SHARDS) for lo, hi in plan.dense_runs(*bounds[k]))
+    # Back: P^ and Q of each matrix once (from the shard answering for it), and the dense
+    # runs' sums; no updated parameters.
+    replies = sum((m.rows + m.columns) * 2 for m in plan.matrices) + dense
     for record in powersgd_run.history.steps:
         assert record.bytes_sent_per_worker == (factors + dense) * 4
         assert record.bytes_sent_per_worker < record.parameter_bytes / 4
-        # The updated parameters still come back whole, with P^ and Q.
-        assert record.bytes_received_per_worker > record.parameter_bytes
+        assert record.bytes_received_per_worker == replies * 4
+        assert record.bytes_received_per_worker < record.parameter_bytes / 4
+    # The workers step the optimizer, each step's update at the start of the next.
+    steps = powersgd_run.history.steps
+    assert steps[0].timings.apply == 0 and max(r.timings.apply for r in steps[1:]) > 0
     assert powersgd_run.final_evaluation.accuracy > 0.5
 
 
@@ -99,8 +106,11 @@ def test_a_top_k_job_gives_the_same_bits_on_a_rerun_and_sends_index_value_pairs(
     assert max(r.gradient_norm for r in first.history.steps) > 0.5  # so clipping did clip
     layout, bounds = layout_and_bounds(spec)
     pairs = sum(topk_count(hi - lo, 0.05) for lo, hi in bounds)
-    # A 32-bit index and a float32 value per pair.
+    # A 32-bit index and a float32 value per pair; back, the sum's nonzero pairs: at most
+    # every block's.
     assert {r.bytes_sent_per_worker for r in first.history.steps} == {pairs * (4 + 4)}
+    assert all(pairs * 8 <= r.bytes_received_per_worker <= WORKERS * pairs * 8
+               for r in first.history.steps)
 
 
 def test_a_lost_worker_of_a_compressed_job_restarts_it_from_the_checkpoint_with_the_same_bits(
@@ -141,3 +151,4 @@ def test_prometheus_shows_a_compressed_step_s_bytes_beside_the_parameter_bytes(p
     assert sample("chainrule_training_step_communication_bytes", direction="received") == \
         last.bytes_received_per_worker
     assert sent < sample("chainrule_model_parameter_bytes") / 4
+    assert last.bytes_received_per_worker < sample("chainrule_model_parameter_bytes") / 4

@@ -14,10 +14,13 @@ from worker.compression import (
     PowerSGDShard,
     PowerSGDWorker,
     TopKShard,
+    low_rank_product,
     message_bytes,
     orthogonalise,
     topk_count,
+    topk_decompress,
     topk_messages,
+    topk_reply,
     topk_select,
 )
 from worker.flat_parameters import ParameterLayout
@@ -39,8 +42,9 @@ def reference_orthogonalise(p: np.ndarray) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def powersgd_step(plan, bounds, workers, shards, gradients, warm_q):
-    """One step through both ends: the shards' slices of the gradient and the next warm Q."""
+def powersgd_step(plan, bounds, workers, shards, gradients, warm_q, replies=None):
+    """One step through both ends: the shards' slices of the gradient and the next warm Q
+    (each shard's reply to the workers appended to `replies` when given)."""
     firsts = [worker.first(b, g, warm_q, bounds) for b, (worker, g) in
               enumerate(zip(workers, gradients))]
     p_hat = {}
@@ -52,6 +56,8 @@ def powersgd_step(plan, bounds, workers, shards, gradients, warm_q):
         part, owned = shard.reduce_second([second[k] for second in seconds])
         gradient.append(part.copy())
         next_q.update(owned)
+        if replies is not None:
+            replies.append((shard.dense_total.copy(), owned))
     return np.concatenate(gradient), next_q, firsts, seconds
 
 
@@ -62,7 +68,8 @@ def setting():
     # Two shards cut inside 0.weight, so both receive and sum its factors.
     bounds = [(0, 40), (40, layout.size)]
     memories = [ErrorFeedback(layout.size, "float64") for _ in range(2)]
-    workers = [PowerSGDWorker(plan, memory) for memory in memories]
+    workers = [PowerSGDWorker(plan, memory, plan.initial_q(0, "float64"))
+               for memory in memories]
     # Each worker object computes one block here (block b on worker b).
     shards = [PowerSGDShard(plan, bound, 2, "float64") for bound in bounds]
     return layout, plan, bounds, memories, workers, shards
@@ -102,6 +109,54 @@ def test_one_powersgd_step_equals_the_numpy_reference_on_both_shards(setting):
             np.testing.assert_allclose(block(memory.error(memories.index(memory))),
                                        mine - p_hat @ (mine.T @ p_hat).T, atol=1e-12)
     np.testing.assert_allclose(gradient, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_every_worker_rebuilds_bitwise_the_shards_gradient_from_their_compressed_replies(
+        setting):
+    layout, plan, bounds, memories, workers, shards = setting
+    rng = np.random.default_rng(5)
+    gradients = [rng.standard_normal(layout.size) for _ in range(2)]
+    replies: list = []
+    gradient, next_q, _, _ = powersgd_step(plan, bounds, workers, shards, gradients,
+                                           plan.initial_q(1, "float64"), replies)
+    # The replies: each shard's dense runs and the Q of the matrices it answers for; P^ the
+    # workers already have from round 2. Far fewer values than the parameters.
+    values = sum(dense.size + sum(q.size for q in owned.values()) for dense, owned in replies)
+    assert values < layout.size / 2
+    rebuilt = [worker.decompress(np.full(layout.size, np.nan), replies, bounds)
+               for worker in workers]
+    # The same bits on each worker and on the shards (which report its norms): P^ Q^T is
+    # formed elementwise, in the same order everywhere.
+    assert np.array_equal(rebuilt[0], gradient) and np.array_equal(rebuilt[1], gradient)
+    for worker in workers:  # Q is the next step's warm start
+        assert all(np.array_equal(worker.warm_q[i], q) for i, q in next_q.items())
+
+
+def test_the_low_rank_product_is_p_q_transposed_with_the_same_bits_for_any_rows():
+    rng = np.random.default_rng(6)
+    p, q = rng.standard_normal((9, 3)), rng.standard_normal((5, 3))
+    whole = low_rank_product(p, q, np.empty((9, 5)))
+    np.testing.assert_allclose(whole, p @ q.T, rtol=1e-13, atol=1e-13)
+    # A shard forms only the rows its slice cuts: the same bits as the workers' whole matrix.
+    assert np.array_equal(low_rank_product(p[3:7], q, np.empty((4, 5))), whole[3:7])
+
+
+def test_top_k_replies_hold_the_summed_nonzeros_and_rebuild_the_gradient_exactly():
+    rng = np.random.default_rng(7)
+    memories = [ErrorFeedback(50, "float64") for _ in range(2)]
+    bounds = [(0, 20), (20, 50)]
+    messages = [topk_messages(m, b, rng.standard_normal(50), bounds, 0.1)
+                for b, m in enumerate(memories)]
+    totals = []
+    for k, (lo, hi) in enumerate(bounds):
+        parts = TopKShard(2, hi - lo, "float64").dense_parts([message[k] for message in messages])
+        totals.append(TreeSum(2, hi - lo, "float64").sum(parts).copy())
+    replies = [topk_reply(total) for total in totals]
+    # At most both blocks' pairs (2 + 2 in the first slice, 3 + 3 in the second).
+    assert all(0 < len(indices) <= cap for (indices, _), cap in zip(replies, [4, 6]))
+    assert all(indices.dtype == np.int32 for indices, _ in replies)
+    rebuilt = topk_decompress(np.full(50, np.nan), replies, bounds)
+    assert np.array_equal(rebuilt, np.concatenate(totals))
 
 
 def test_powersgd_error_feedback_delays_but_never_loses_a_gradient(setting):

@@ -1,34 +1,50 @@
 """A step through the Ray object store with compressed gradients (the spec's
-communication.compression): what travels in place of the gradient chunks of object_store.py.
-The messages are calls' returns, which the runner passes on to the shards (the shards pull
-them from the workers' object stores); they are small, so the uncompressed step's early
-sending during backward would gain little here.
+communication.compression): what travels in place of the gradient chunks of object_store.py
+and of the updated slices. Both halves of the all-reduce are compressed: the shards sum the
+workers' messages and answer every worker with the step gradient in compressed form, and every
+worker applies the optimizer step itself (Vogels et al.'s PowerSGD all-reduces P and Q and
+each worker steps with the same decompressed gradient; here the shards do the summing).
 
-Top-k, one round, as the uncompressed step: each worker returns one (indices, values) message
-per shard; shard k scatters the blocks' messages into dense parts and sums them in the fixed
-tree order, applies the optimizer and returns its updated slice.
+Top-k, one round: each worker returns one (indices, values) message per shard; shard k
+scatters the blocks' messages into dense parts, sums them in the fixed tree order and answers
+with the sum's nonzero entries (at most the blocks' pairs together).
 
 PowerSGD, two rounds (worker/compression.py has the math):
-  worker b: compute the block, return per shard its dense runs and P_b = M_b Q   (round 1)
+  worker b: apply the last step's update; compute the block, return per shard its dense runs
+            and P_b = M_b Q                                                     (round 1)
   shard k:  sum, orthogonalise P -> P^ (the matrices it answers for)
-  worker b: given every shard's P^, return per shard Q_b = M_b^T P^                 (round 2)
-  shard k:  sum Q, decompress its slice, apply; return the slice and Q (the next warm start)
-The runner passes refs from one call to the next and holds the warm start's refs between
-steps; a checkpoint fetches them with every block's error feedback (compression_state).
+  worker b: given every shard's P^, return per shard Q_b = M_b^T P^              (round 2)
+  shard k:  sum Q; answer with its dense runs' sums and Q (the matrices it answers for)
+Every worker then holds P^, Q and the dense sums: the step gradient, P^ Q^T formed elementwise
+so that every worker has the same bits. The runner passes refs from one call to the next and
+never waits for the gradient itself, only for the shards' norms (its clipping coefficient and
+the step's figures).
+
+Why every worker steps the optimizer rather than the shards: a shard's updated slice is as
+large as its gradient, so the all-gather would carry whole parameters back (on the reference
+MLP 7.4 MB a step against 0.09 MB of factors). Each worker keeps the optimizer state of the
+whole vector (a ParameterServerShard over [0, size), replicated_optimizer) and steps it with
+the same inputs in the same order, so the replicas stay bitwise equal; sync_parameters checks
+that on every checkpoint and evaluation, and a checkpoint takes one worker's state. A step's
+update is applied at the start of the next step's call (no round trip of its own), or by
+sync_parameters when the runner needs the parameters before that. The shards keep nothing
+between steps.
 
 Bytes are counted where they are sent: a worker's messages (BlockStats.bytes_sent), and what
-every worker receives from the shards: P^, the updated slices and Q (bytes_received).
+every worker receives from the shards: P^ and the replies (bytes_received).
 
 A worker lost during a compressed step takes its blocks' error feedback with it: the step
 returns ErrorFeedbackLost, and the job restarts from its last checkpoint (which holds them)
-rather than recompute those blocks elsewhere with an empty memory.
+rather than recompute those blocks elsewhere with an empty memory. A lost shard is a
+ShardLost, as on the uncompressed path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,10 +60,13 @@ from worker.compression import (
     TopK,
     TopKShard,
     message_bytes,
+    topk_decompress,
     topk_messages,
+    topk_reply,
 )
-from worker.transport.object_store import ObjectStoreTransport, _ShardGone, apply_and_return
+from worker.transport.object_store import ObjectStoreTransport, _ShardGone
 from worker.transport.step import (
+    ActorFailure,
     BlockStats,
     ErrorFeedbackLost,
     ShardLost,
@@ -65,6 +84,15 @@ if TYPE_CHECKING:
     from worker.replica import ModelReplica
 
 
+@dataclasses.dataclass(frozen=True)
+class StepUpdate:
+    """What every worker needs, besides the shards' replies, to apply step `step`'s update."""
+
+    step: int
+    lr: float
+    clip_coefficient: float  # global-norm clipping's, from every shard's norm (1.0: none)
+
+
 # --- the runner's side -------------------------------------------------------------------------
 
 
@@ -72,9 +100,71 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
     def __init__(self, *args, compression: Compression, **kwargs):
         super().__init__(*args, **kwargs)
         self.compression = compression
-        # PowerSGD's warm start: each shard's Q of the matrices it answers for (refs); empty
-        # before the first step, when every worker starts from the seed's.
-        self.warm_q: list[ray.ObjectRef] = []
+        # The last step's update while the workers have not applied it: (what it is, each
+        # shard's reply, a ref); the next step's calls carry it.
+        self.update: tuple[StepUpdate, list[ray.ObjectRef]] | None = None
+
+    # --- the parameters and the optimizer state live on the workers -------------------------
+
+    def push_parameters(self) -> None:
+        """The runner's vector to every worker (each steps its own copy)."""
+        values = ray.put(np.array(self.parameters))
+        self._on_every_worker(lambda replica: replica.load_parameter_vector.remote(values),
+                              "while loading the parameters")
+        self.update = None
+
+    def sync_parameters(self) -> None:
+        """Every worker applies the pending update; the runner takes one's vector, after
+        checking that all of them hold the same bits (they apply the same update: a
+        difference is a bug, found here rather than as a slowly drifting model)."""
+        replicas = self.actors.replicas
+        if self.update is not None:
+            update, replies = self.update
+            digests = self._on_every_worker(
+                lambda replica: replica.apply_step_update.remote(self.bounds, update, *replies),
+                f"applying step {update.step}")
+            self.update = None
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"the workers' parameters differ after step {update.step} "
+                                   f"(digests {digests}): a replicated update went wrong")
+        self.parameters[:] = ray.get(replicas[0].parameter_vector.remote(),
+                                     timeout=self.timeout_seconds)
+
+    def optimizer_state(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(optimizer steps, state) of the whole vector, from one worker (all hold the same),
+        in the shards' format: a checkpoint does not depend on where the optimizer ran."""
+        self._require_synced("optimizer_state")
+        return ray.get(self.actors.replicas[0].optimizer_state.remote(),
+                       timeout=self.timeout_seconds)
+
+    def load_optimizer_state(self, optimizer_steps: int, state: dict[str, np.ndarray]) -> None:
+        saved = ray.put(state)
+        self._on_every_worker(
+            lambda replica: replica.load_optimizer_state.remote(optimizer_steps, saved),
+            "while loading a checkpoint")
+
+    def _require_synced(self, what: str) -> None:
+        if self.update is not None:
+            raise RuntimeError(f"{what}() before sync_parameters(): step "
+                               f"{self.update[0].step}'s update is not applied yet")
+
+    def _on_every_worker(self, call, when: str) -> list:
+        """One call to every worker, in parallel; a dead or silent one has taken its blocks'
+        error feedback with it (ActorFailure(ErrorFeedbackLost))."""
+        refs = [call(replica) for replica in self.actors.replicas]
+        deadline = time.monotonic() + self.timeout_seconds
+        values, lost = [], []
+        for worker, ref in enumerate(refs):
+            try:
+                values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                lost.append(worker)
+        if lost:
+            step = self.work.step if self.work is not None else 0
+            raise ActorFailure(ErrorFeedbackLost(step, tuple(lost)))
+        return values
+
+    # --- one step ----------------------------------------------------------------------------
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
         self.messages: dict[int, list[ray.ObjectRef]] = {}  # block -> its first messages
@@ -91,19 +181,21 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
             raise RuntimeError("recompute() needs a step in progress")
         if work.carries_statistics:
             raise ValueError("gradient compression does not carry K-FAC statistics")
+        update, replies = self.update if self.update is not None else (None, [])
         for block, worker in owners.items():
             lo, hi = work.block_ranges[block]
             self.owners[block] = worker
             refs = self.actors.replicas[worker].compress_block.options(
                 num_returns=len(self.bounds) + 1).remote(
                 block, work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
-                self.bounds, *self.slices, *self.warm_q)
+                self.bounds, update, *replies)
             self.messages[block], self.calls[block] = refs[:-1], refs[-1]
         failure = self._collect_blocks(work)
         if failure is not None:
             return failure
+        self.update = None  # every block's worker has applied it
         try:
-            return self._reduce_and_apply(work)
+            return self._reduce(work)
         except ray.exceptions.RayActorError:
             return ShardLost(None, f"during step {work.step}")
         except _ShardGone as gone:
@@ -111,19 +203,18 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         except _WorkersGone as gone:
             return gone.failure
 
-    def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
+    def _reduce(self, work: StepWork) -> StepOutcome:
         blocks = range(len(work.block_ranges))
         shards = self.actors.shards
         firsts = [[self.messages[b][k] for b in blocks] for k in range(len(shards))]
         # Every round is submitted at once, each call taking the refs of the one before (Ray
         # starts a call when its arguments exist); the runner waits only for the figures.
-        replies: list = []  # PowerSGD's round 1 on the shards
+        p_hat_calls: list = []  # PowerSGD's round 1 on the shards
         seconds: list = []  # and round 2 on the workers
-        second_bytes: list[int] | None = None
         if isinstance(self.compression, PowerSGD):
-            replies = [shard.reduce_powersgd_first.options(num_returns=2).remote(*messages)
-                       for shard, messages in zip(shards, firsts)]
-            p_hat = [reply[0] for reply in replies]
+            p_hat_calls = [shard.reduce_powersgd_first.options(num_returns=2).remote(*messages)
+                           for shard, messages in zip(shards, firsts)]
+            p_hat = [call[0] for call in p_hat_calls]
             seconds = [self.actors.replicas[self.owners[b]].powersgd_second.options(
                 num_returns=len(shards) + 1).remote(b, self.bounds, *p_hat) for b in blocks]
             messages_of_shard = [[call[k] for call in seconds] for k in range(len(shards))]
@@ -131,37 +222,23 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         else:
             messages_of_shard = firsts
             reduce_name = "reduce_topk"
-        if not work.waits_for_coefficients:
-            calls = [getattr(shard, reduce_name).options(num_returns=5).remote(work.lr, *messages)
-                     for shard, messages in zip(shards, messages_of_shard)]
-        else:
-            reduced_calls = [getattr(shard, reduce_name).options(num_returns=5).remote(
-                None, *messages) for shard, messages in zip(shards, messages_of_shard)]
-            second_bytes = self._second_bytes(seconds, blocks, work)
-            reduced_only = self._from_shards([c[0] for c in reduced_calls], work)
-            coefficient, nu = apply_coefficients(work, sum(r.squared_norm for r in reduced_only),
-                                                 ())
-            applied_calls = [shard.apply_and_return.options(num_returns=2).remote(
-                work.lr, coefficient, nu) for shard in shards]
-            calls = [[r[0], r[1], a[0], a[1], r[4]]
-                     for r, a in zip(reduced_calls, applied_calls)]
-        if second_bytes is None:  # a worker lost in round 2 is found here, before the
-            second_bytes = self._second_bytes(seconds, blocks, work)  # shards wait on it
-        # Bytes each worker receives from shard k: P^ (PowerSGD), the updated slice, Q.
-        received = ([0 for _ in shards] if not replies
-                    else self._from_shards([reply[1] for reply in replies], work))
-        # Each call: ReduceResult, warm Q (PowerSGD), ApplyResult, the slice, Q's bytes.
+        # Each: ReduceResult, the reply to every worker, the reply's bytes.
+        calls = [getattr(shard, reduce_name).options(num_returns=3).remote(*messages)
+                 for shard, messages in zip(shards, messages_of_shard)]
+        # A worker lost in round 2 is found here, before the shards' calls that wait on it.
+        second_bytes = self._second_bytes(seconds, blocks, work)
         reduced = self._from_shards([c[0] for c in calls], work)
-        applied = self._from_shards([c[2] for c in calls], work)
-        warm_bytes = self._from_shards([c[4] for c in calls], work)
-        received = [p + q + a.bytes_updated for p, q, a in zip(received, warm_bytes, applied)]
-        self.slices = [c[3] for c in calls]
-        if isinstance(self.compression, PowerSGD):
-            self.warm_q = [c[1] for c in calls]
-        return self._outcome(work, reduced, applied, second_bytes, received)
+        coefficient, _ = apply_coefficients(work, sum(r.squared_norm for r in reduced), ())
+        self.update = (StepUpdate(work.step, work.lr, coefficient), [c[1] for c in calls])
+        # Bytes each worker receives from shard k: P^ (PowerSGD) and its reply.
+        received = self._from_shards([c[2] for c in calls], work)
+        if p_hat_calls:
+            received = [p + r for p, r in zip(
+                self._from_shards([call[1] for call in p_hat_calls], work), received)]
+        return self._outcome(work, reduced, second_bytes, received)
 
-    def _outcome(self, work: StepWork, reduced: list[ReduceResult], applied: list,
-                 second_bytes: list[int], received: list[int]) -> StepOutcome:
+    def _outcome(self, work: StepWork, reduced: list[ReduceResult], second_bytes: list[int],
+                 received: list[int]) -> StepOutcome:
         norms = np.zeros(len(self.slots))
         index = {slot.name: i for i, slot in enumerate(self.slots)}
         for r in reduced:
@@ -169,10 +246,10 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
                 norms[index[name]] += value
         results = [self.delivered[b] for b in range(len(work.block_ranges))]
         block_stats = [BlockStats(r.loss_sum, r.samples, r.correct, r.seconds, r.write_seconds,
-                                  r.bytes_written + extra)
+                                  r.bytes_written + extra, r.apply_seconds)
                        for r, extra in zip(results, second_bytes)]
-        shard_stats = [ShardStats(r.squared_norm, r.seconds, a.seconds, sent)
-                       for r, a, sent in zip(reduced, applied, received)]
+        shard_stats = [ShardStats(r.squared_norm, r.seconds, 0.0, sent)
+                       for r, sent in zip(reduced, received)]
         micro = None
         if results[0].buffers is not None:
             micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
@@ -187,7 +264,7 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
     def _from_workers(self, refs: list[ray.ObjectRef], blocks: range,
                       work: StepWork) -> list:
         """The values of one call per block (block b's owner computes it); a worker lost
-        meanwhile is a _ShardGone carrying ErrorFeedbackLost's step (the memories are gone)."""
+        meanwhile is a _WorkersGone carrying ErrorFeedbackLost (the memories are gone)."""
         owners = {b: self.owners[b] for b in blocks}
         awaited: dict[int, list[ray.ObjectRef]] = {}
         for b, ref in zip(blocks, refs):
@@ -214,22 +291,24 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
 
     def compression_state(self, owners: Mapping[int, int]) -> dict[str, np.ndarray]:
         """Every block's error feedback (from `owners`: block -> its worker) and PowerSGD's warm
-        start, under keys that do not depend on the shard count."""
+        start (one worker's: all hold the same), under keys that do not depend on the shard
+        count."""
+        self._require_synced("compression_state")
         workers = sorted(set(owners.values()))
         states = dict(zip(workers, ray.get(
-            [self.actors.replicas[w].error_feedback.remote() for w in workers],
+            [self.actors.replicas[w].compression_state.remote() for w in workers],
             timeout=self.timeout_seconds)))
-        state = {f"error_feedback/{b}": states[w][b] for b, w in owners.items()
-                 if b in states[w]}
-        for part in ray.get(self.warm_q, timeout=self.timeout_seconds):
-            state.update({f"powersgd_q/{index}": q for index, q in part.items()})
+        state = {f"error_feedback/{b}": states[w][0][b] for b, w in owners.items()
+                 if b in states[w][0]}
+        state.update({f"powersgd_q/{index}": q for index, q in states[workers[0]][1].items()})
         return state
 
     def load_compression_state(self, state: Mapping[str, np.ndarray],
                                owners: Mapping[int, int]) -> None:
-        """Give each worker its blocks' error feedback and keep the warm start. A checkpoint
-        of another block count (another worker count) gives block 0 the sum of its blocks'
-        errors: the sum is what later steps owe (for PowerSGD, exactly what they send)."""
+        """Give each worker its blocks' error feedback, and every worker the warm start. A
+        checkpoint of another block count (another worker count) gives block 0 the sum of
+        its blocks' errors: the sum is what later steps owe (for PowerSGD, exactly what they
+        send)."""
         saved = {int(key.removeprefix("error_feedback/")): value
                  for key, value in state.items() if key.startswith("error_feedback/")}
         if saved and saved.keys() != owners.keys():
@@ -237,11 +316,11 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         errors: dict[int, dict[int, np.ndarray]] = {}
         for block, value in saved.items():
             errors.setdefault(owners[block], {})[block] = value
-        ray.get([self.actors.replicas[w].load_error_feedback.remote(mine)
-                 for w, mine in errors.items()], timeout=self.timeout_seconds)
         warm = {int(key.removeprefix("powersgd_q/")): value for key, value in state.items()
                 if key.startswith("powersgd_q/")}
-        self.warm_q = [ray.put(warm)] if warm else []
+        ray.get([replica.load_compression_state.remote(errors.get(w, {}), warm)
+                 for w, replica in enumerate(self.actors.replicas)],
+                timeout=self.timeout_seconds)
 
 
 class _WorkersGone(Exception):
@@ -256,14 +335,16 @@ class _WorkersGone(Exception):
 def compress_block(replica: ModelReplica, block: int,
                    micro_batches: list[tuple[int, np.ndarray]], step: int, batch_size: int,
                    master_buffers: np.ndarray | None, bounds: list[tuple[int, int]],
-                   *arrays) -> tuple:
-    """Compute block `block` (after taking the shards' slices, the all-gather) and return its
-    first message per shard, then (the block's figures, bytes_written the messages', None),
-    the shape of compute_and_send's answer."""
-    slices, warm = arrays[:len(bounds)], arrays[len(bounds):]
+                   update: StepUpdate | None, *replies) -> tuple:
+    """Apply the last step's `update` (with the shards' `replies`), compute block `block` and
+    return its first message per shard, then (the block's figures, bytes_written the
+    messages', None), the shape of compute_and_send's answer."""
+    apply_seconds = 0.0
+    if update is not None:
+        apply_seconds = _apply(replica, bounds, update, replies)
     gradient = np.empty_like(replica.flat)
     result = replica.compute(replica.layout.views(gradient), micro_batches, step, batch_size,
-                             master_buffers, parameter_slices=list(zip(bounds, slices)))
+                             master_buffers)
     start = time.perf_counter()
     compression = replica.job.compression
     memory = _memory(replica)
@@ -271,11 +352,11 @@ def compress_block(replica: ModelReplica, block: int,
     if isinstance(compression, TopK):
         messages = topk_messages(memory, block, gradient, bounds, compression.ratio)
     else:
-        warm_q = {index: q for part in warm for index, q in part.items()}
-        messages = _powersgd(replica).first(block, gradient, warm_q or _initial_q(replica),
-                                            bounds)
+        worker = _powersgd(replica)
+        messages = worker.first(block, gradient, worker.warm_q, bounds)
     result = dataclasses.replace(result, bytes_written=message_bytes(messages),
-                                 write_seconds=result.write_seconds + time.perf_counter() - start)
+                                 write_seconds=result.write_seconds + time.perf_counter() - start,
+                                 apply_seconds=apply_seconds)
     return (*messages, (result, None))  # no chunk sends to time: the runner passes the messages
 
 
@@ -285,6 +366,43 @@ def powersgd_second(replica: ModelReplica, block: int, bounds: list[tuple[int, i
     p_hat = {index: p for part in p_hats for index, p in part.items()}
     messages = _powersgd(replica).second(block, p_hat, bounds)
     return (*messages, message_bytes(messages))
+
+
+def apply_step_update(replica: ModelReplica, bounds: list[tuple[int, int]], update: StepUpdate,
+                      *replies) -> str:
+    """Apply `update` now (the runner needs the parameters before the next step); returns a
+    digest of the parameter vector, which every worker's must match."""
+    _apply(replica, bounds, update, replies)
+    return hashlib.blake2b(replica.flat.data, digest_size=16).hexdigest()
+
+
+def _apply(replica: ModelReplica, bounds: Sequence[tuple[int, int]], update: StepUpdate,
+           replies: Sequence) -> float:
+    """The step gradient rebuilt from the shards' replies, then the optimizer step on the
+    whole vector; returns its seconds."""
+    start = time.perf_counter()
+    optimizer = replicated_optimizer(replica)
+    with replica._compute_lock:
+        if isinstance(replica.job.compression, TopK):
+            topk_decompress(optimizer.gradient, replies, bounds)
+        else:
+            _powersgd(replica).decompress(optimizer.gradient, replies, bounds)
+        optimizer.apply(update.lr, update.clip_coefficient)
+    return time.perf_counter() - start
+
+
+def replicated_optimizer(replica: ModelReplica) -> ParameterServerShard:
+    """The worker's optimizer over its whole parameter vector: the shards' own code over
+    [0, size), stepping the replica's vector in place."""
+    if replica.replicated_optimizer is None:
+        from worker.parameter_server import ParameterServerShard, ShardSetup
+
+        job = replica.job
+        setup = ShardSetup(0, (0, replica.layout.size), replica.layout, None, 1,
+                           job.optimizer, job.hyperparameters, job.clipping.max_value)
+        replica.replicated_optimizer = ParameterServerShard(setup, owns_process=False,
+                                                            parameters=replica.flat)
+    return replica.replicated_optimizer
 
 
 def _memory(replica: ModelReplica) -> ErrorFeedback:
@@ -297,33 +415,39 @@ def _powersgd(replica: ModelReplica) -> PowerSGDWorker:
     if replica.powersgd is None:
         compression = replica.job.compression
         assert isinstance(compression, PowerSGD)
-        replica.powersgd = PowerSGDWorker(PowerSGDPlan.of(replica.layout, compression.rank),
-                                          _memory(replica))
+        plan = PowerSGDPlan.of(replica.layout, compression.rank)
+        replica.powersgd = PowerSGDWorker(plan, _memory(replica),
+                                          plan.initial_q(replica.job.seed, replica.flat.dtype))
     return replica.powersgd
 
 
-def _initial_q(replica: ModelReplica) -> dict[int, np.ndarray]:
-    return _powersgd(replica).plan.initial_q(replica.job.seed, replica.flat.dtype)
+def compression_state(replica: ModelReplica) -> tuple[dict[int, np.ndarray],
+                                                      dict[int, np.ndarray]]:
+    """(each block's error feedback, PowerSGD's warm start or {})."""
+    warm_q = {}
+    if isinstance(replica.job.compression, PowerSGD):
+        warm_q = {index: np.array(q) for index, q in _powersgd(replica).warm_q.items()}
+    return _memory(replica).state(), warm_q
 
 
-def error_feedback(replica: ModelReplica) -> dict[int, np.ndarray]:
-    return _memory(replica).state()
-
-
-def load_error_feedback(replica: ModelReplica, errors: Mapping[int, np.ndarray]) -> None:
+def load_compression_state(replica: ModelReplica, errors: Mapping[int, np.ndarray],
+                           warm_q: Mapping[int, np.ndarray]) -> None:
     _memory(replica).load(errors)
+    if warm_q:
+        _powersgd(replica).warm_q = dict(warm_q)
 
 
 # --- the shards' side --------------------------------------------------------------------------
 
 
-def reduce_topk(shard: ParameterServerShard, lr: float | None, *messages) -> tuple:
-    """Sum the blocks' top-k messages; with `lr`, apply too. Returns (ReduceResult, no warm
-    start, ApplyResult or None, the slice or None, 0 bytes besides the slice)."""
+def reduce_topk(shard: ParameterServerShard, *messages) -> tuple:
+    """Sum the blocks' top-k messages. Returns (ReduceResult, the reply: the sum's nonzero
+    entries, its bytes)."""
     compressed = shard.compressed
     assert isinstance(compressed, TopKShard)
     reduced = shard.reduce(compressed.dense_parts(messages))
-    return (reduced, None, *_apply(shard, lr), 0)
+    reply = topk_reply(shard.gradient)
+    return reduced, reply, message_bytes([reply])
 
 
 def reduce_powersgd_first(shard: ParameterServerShard,
@@ -336,20 +460,15 @@ def reduce_powersgd_first(shard: ParameterServerShard,
     return p_hat, message_bytes(list(p_hat.values()))
 
 
-def reduce_powersgd_second(shard: ParameterServerShard, lr: float | None,
-                           *messages: np.ndarray) -> tuple:
-    """Round 2: (ReduceResult, warm Q, ApplyResult or None, the slice or None, Q's bytes)."""
+def reduce_powersgd_second(shard: ParameterServerShard, *messages: np.ndarray) -> tuple:
+    """Round 2: (ReduceResult, the reply: the dense runs' sums and Q of the matrices this
+    shard answers for, its bytes)."""
     compressed = shard.compressed
     assert isinstance(compressed, PowerSGDShard)
-    gradient, warm_q = compressed.reduce_second(messages)
+    gradient, owned_q = compressed.reduce_second(messages)
     reduced = shard.reduce([gradient])
-    return (reduced, warm_q, *_apply(shard, lr), message_bytes(list(warm_q.values())))
-
-
-def _apply(shard: ParameterServerShard, lr: float | None) -> tuple:
-    if lr is None:  # the runner's coefficients come first (global-norm clipping)
-        return None, None
-    return apply_and_return(shard, lr)
+    reply = (compressed.dense_total, owned_q)
+    return reduced, reply, message_bytes([compressed.dense_total, *owned_q.values()])
 
 
 def shard_compression(compression: Compression | None, layout: ParameterLayout,
@@ -362,4 +481,3 @@ def shard_compression(compression: Compression | None, layout: ParameterLayout,
         return PowerSGDShard(PowerSGDPlan.of(layout, compression.rank), bounds, block_count,
                              layout.dtype)
     return None
-

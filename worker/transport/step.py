@@ -69,6 +69,9 @@ class BlockStats:
     compute_seconds: float
     write_seconds: float
     bytes_sent: int
+    # A compressed job's worker applying the last step's update itself before computing
+    # (worker/transport/compressed.py); 0 where the shards apply it.
+    apply_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
