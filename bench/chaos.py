@@ -3,10 +3,11 @@
     python bench/chaos.py [pytest arguments, e.g. -k sigkill]
 
 Runs the chaos suite (tests/chaos/, the lost-node case on a real two-node Ray cluster in
-tests/scheduler/test_multinode.py, and a node drained through the API under a real server on
-one, tests/services/test_node_drain.py) with CHAINRULE_CHAOS_REPORT naming a file each case
-adds its figures to (tests/chaos/recovery_report.py), then prints them against issue 12's
-targets:
+tests/scheduler/test_multinode.py, a node drained through the API under a real server on
+one, tests/services/test_node_drain.py, and `chainrule serve --ray-address` SIGKILLed on a
+two-node `ray start` cluster, tests/deploy/test_multinode.py) with CHAINRULE_CHAOS_REPORT
+naming a file each case adds its figures to (tests/chaos/recovery_report.py), then prints them
+against issue 12's targets:
   - steps lost (steps done before the fault that are trained again): 0, except after a
     corrupt checkpoint, which sends the job back to the checkpoint before it;
   - recovery (from the fault to training going on, or to the refusal for a second server):
@@ -43,6 +44,8 @@ CASES = ["tests/chaos",
          "test_a_lost_node_is_found_within_3_s_and_the_weights_are_the_one_node_ones",
          "tests/services/test_node_drain.py::"
          "test_a_drained_job_resumes_on_the_other_node_with_the_undisturbed_weights",
+         "tests/deploy/test_multinode.py::"
+         "test_a_server_on_the_cluster_sigkilled_mid_job_leaves_it_training_and_the_next_attaches",
          "tests/deploy/test_netns_hosts.py::"
          "test_a_hosts_raylet_killed_mid_job_costs_nothing",
          "tests/deploy/test_netns_hosts.py::"

@@ -2,12 +2,22 @@
 
 `DetachedJobRunner` has JobRunner's interface (the queue makes one and calls `run()`), but the
 JobRunner runs in a detached actor named `runner-<job id>` (RunnerActor) on the server's node,
-in the server's Ray namespace. Detached: the actor, and the workers and shards it starts, are
-not the server's, so a killed server leaves them training (on a Ray that outlives the server
-too: scheduler/ray_head.py). The server's side follows the actor, polling it every
-POLL_SECONDS for what the run reported (steps, evaluations, recoveries, checkpoints), which it
-hands to the queue's callbacks as JobRunner would have called them, and tells it to stop when
-the queue's `should_stop` says so (cancel, shutdown, preemption, a run given up).
+in the data folder's Ray namespace (`namespace_of`). Detached: the actor, and the workers and
+shards it starts, are not the server's, so a killed server leaves them training, on a Ray that
+outlives the server too: the embedded one, a process session of its own
+(scheduler/ray_head.py), or a cluster joined by address. The actor must be on the server's
+node because it writes the store in the data folder; a driver that joins a cluster by address
+does so through its own node's raylet, so that node is a node of the cluster.
+
+Runners of every server on one cluster share its named actors: the namespace keeps each data
+folder's apart (a job id is unique in its folder only, and a server kills a leftover runner of
+the job it starts, which must never be another folder's). It is made from a random id kept in
+the data folder, so the next server on the folder finds the runners, and no other server does.
+
+The server's side follows the actor, polling it every POLL_SECONDS for what the run reported
+(steps, evaluations, recoveries, checkpoints), which it hands to the queue's callbacks as
+JobRunner would have called them, and tells it to stop when the queue's `should_stop` says so
+(cancel, shutdown, preemption, a run given up).
 
 While no server follows it the actor keeps what a server must see: its newest checkpoint (the
 older unsent ones are superseded), every evaluation and recovery, and the newest
@@ -15,7 +25,9 @@ STEP_RECORDS_KEPT steps. It writes its lease and progress to the store itself th
 `RunKeeper` (the service's; services/run_keeper.py): at most every KEEP_EVERY_SECONDS from its
 step boundaries, and after the run ends until a server takes the result. A restarted server
 attaches (`attach`) to every RUNNING job whose actor is there and follows it from then on; the
-job's steps never stopped.
+job's steps never stopped. The actor tells it where the run's actors are reserved
+(`placement`: the nodes its placement group is pinned to), so that the new server's queue
+counts them where they are.
 
 A runner actor that dies (its process killed) is `RunnerLost`: the queue requeues the job from
 its last checkpoint. When the whole Ray went with it the server's Ray watch takes the run back
@@ -26,12 +38,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import pickle
+import secrets
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import ray
@@ -40,12 +55,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.checkpoint import Checkpoint
 from scheduler.job_runner import JobRunner, TrainingResult
-from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, RunPlacement, StepRecord
 from worker.shared_memory import remove_stale_groups
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "runner-"
+NAMESPACE_PREFIX = "chainrule-"
+NAMESPACE_FILE = "runner_namespace"  # in the data folder: the random part of its namespace
 POLL_SECONDS = 0.1
 STOP_CHECK_SECONDS = 0.01  # how often the follower asks the queue's should_stop between polls
 POLL_TIMEOUT_SECONDS = 30.0  # an actor busy this long still answers; a dead one fails at once
@@ -82,6 +99,20 @@ class RunnerFailed(RuntimeError):
 
 def actor_name(job_id: str) -> str:
     return f"{NAME_PREFIX}{job_id}"
+
+
+def namespace_of(data_dir: Path) -> str:
+    """The Ray namespace of the runners of the server on `data_dir`: "chainrule-" and 16 random
+    hex digits, made on the folder's first use and kept in it (0600)."""
+    path = Path(data_dir) / NAMESPACE_FILE
+    try:
+        return NAMESPACE_PREFIX + path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_hex(8))
+    return NAMESPACE_PREFIX + path.read_text().strip()
 
 
 @dataclass
@@ -127,8 +158,10 @@ class _Outbox:
 class RunnerActor:
     """Runs one JobRunner in a thread of its own and keeps its reports for the server."""
 
-    def __init__(self, job, dataset, options: dict, keeper: RunKeeper | None):
+    def __init__(self, job, dataset, options: dict, keeper: RunKeeper | None,
+                 placement: RunPlacement):
         self._keeper = keeper
+        self._placement = placement
         self._lock = threading.Lock()
         self._outbox = _Outbox()
         self._stop = threading.Event()
@@ -156,6 +189,9 @@ class RunnerActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def placement(self) -> RunPlacement:
+        return self._placement
 
     def _add(self, kind: str, record: Any) -> None:
         with self._lock:
@@ -222,9 +258,14 @@ class DetachedJobRunner:
                  on_recovery: Callable[[RecoveryRecord], None],
                  should_stop: Callable[[], bool],
                  on_checkpoint: Callable[[Checkpoint], None], job_id: str,
-                 namespace: str, keeper: RunKeeper | None = None, **options):
+                 namespace: str, cpus_per_worker: float, nodes: Sequence[str],
+                 keeper: RunKeeper | None = None, **options):
+        """`cpus_per_worker` and `nodes`, the queue's placement of the run's bundles (JobRunner
+        takes them too), are what the actor reports to a server that attaches to it."""
         self.job, self.dataset, self.job_id = job, dataset, job_id
-        self.namespace, self.keeper, self.options = namespace, keeper, options
+        self.namespace, self.keeper = namespace, keeper
+        self.placement = RunPlacement(cpus_per_worker, tuple(nodes))
+        self.options = {**options, "cpus_per_worker": cpus_per_worker, "nodes": nodes}
         self.callbacks: dict[str, Callable[[Any], None]] = {
             "step": on_step, "evaluation": on_evaluation, "recovery": on_recovery,
             "checkpoint": on_checkpoint}
@@ -234,7 +275,9 @@ class DetachedJobRunner:
     @classmethod
     def attach(cls, job_id: str, namespace: str, **callbacks) -> DetachedJobRunner:
         """Follow the actor already running `job_id` (`run()` raises RunnerLost if none)."""
-        runner = cls(None, None, job_id=job_id, namespace=namespace, **callbacks)
+        # It starts nothing: the placement is the actor's to report, the run's to keep.
+        runner = cls(None, None, job_id=job_id, namespace=namespace, cpus_per_worker=0.0,
+                     nodes=(), **callbacks)
         runner._actor = find(job_id, namespace)
         if runner._actor is None:
             runner._actor = _Missing()
@@ -256,7 +299,8 @@ class DetachedJobRunner:
         return _RemoteRunner.options(
             name=actor_name(self.job_id), namespace=self.namespace, lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(self.job, self.dataset, {**self.options, "job_id": self.job_id}, self.keeper)
+        ).remote(self.job, self.dataset, {**self.options, "job_id": self.job_id}, self.keeper,
+                 self.placement)
 
     def _follow(self, actor) -> TrainingResult:
         acknowledged = 0
@@ -320,6 +364,18 @@ def find(job_id: str, namespace: str):
     try:
         return ray.get_actor(actor_name(job_id), namespace=namespace)
     except ValueError:  # no actor of that name (never started, or dead)
+        return None
+
+
+def placement_of(job_id: str, namespace: str) -> RunPlacement | None:
+    """Where the live runner of `job_id` reserved its run's actors; None when it has no live
+    runner (none, or one that died as it was asked)."""
+    actor = find(job_id, namespace)
+    if actor is None:
+        return None
+    try:
+        return ray.get(actor.placement.remote(), timeout=POLL_TIMEOUT_SECONDS)
+    except (RayActorError, GetTimeoutError):  # dead, or wedged: its job runs again
         return None
 
 

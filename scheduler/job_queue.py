@@ -32,8 +32,7 @@ Draining a node (`drain`, e.g. ahead of its maintenance or preemption): the queu
 nothing on it any more (it leaves the policy's view of the nodes, and placement groups are
 pinned to the policy's nodes), and every running job with actors on it stops at its next step
 boundary the way a shutdown stops it, checkpointed, and goes back to QUEUED at its first
-arrival, to resume from that checkpoint on the other nodes (so does every adopted run: an
-earlier server placed it, on nodes this queue does not know). `undrain` gives the node back;
+arrival, to resume from that checkpoint on the other nodes. `undrain` gives the node back;
 a drained node that leaves the cluster is forgotten.
 
 Taking jobs back (`take_back_running`): when the Ray a run trains on is lost, its runner may
@@ -45,8 +44,10 @@ from its last checkpoint (after `pause`: in the next server's queue).
 
 Attaching (`adopt`): a run whose runner lives outside this process (scheduler/detached_runner.py)
 and outlived the server that started it is taken over by the next server's queue as it runs:
-counted as running, followed through `runner_attacher`, its end recorded as any run's. A runner
-that dies (`RunnerLost`) sends its job back to the queue, as a Ray lost does.
+counted as running on the nodes its runner reports (its bundles' placement, so the room left
+for other jobs and a drain of its nodes are as for a run started here), followed through
+`runner_attacher`, its end recorded as any run's. A runner that dies (`RunnerLost`) sends its
+job back to the queue, as a Ray lost does.
 
 Leases (scheduler/job_lease.py): every run holds a lease on its job in the store, renewed from
 its step boundaries. The queue checks for leases that ran out (`_check_leases`, the one place
@@ -79,7 +80,7 @@ from scheduler.job_runner import JobRunner, TrainingResult
 from scheduler.job_states import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from scheduler.parquet_dataset import ParquetDataset
 from scheduler.placement import PARAMETER_SERVER_CPUS, NodeGone
-from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, RunPlacement, StepRecord
 from scheduler.scheduling_policy import (
     Bundle,
     JobDemand,
@@ -89,7 +90,6 @@ from scheduler.scheduling_policy import (
     WaitingJobs,
     decide,
     fits_ever,
-    place,
 )
 from worker.resolved_job import ResolvedJob
 
@@ -273,23 +273,28 @@ class JobQueue:
         for job in jobs:
             self.submit(job)
 
-    def adopt(self, job: QueuedJob, lease: Lease) -> None:
+    def adopt(self, job: QueuedJob, lease: Lease, placement: RunPlacement) -> None:
         """Take over a run that is going on outside this process (its job RUNNING under
-        `lease`): it counts as running here, and is followed until it ends."""
+        `lease`, its actors where `placement` says, as its runner reported): it counts as
+        running there, and is followed until it ends."""
         if self.runner_attacher is None:
             raise ValueError("this queue has no runner_attacher: it cannot adopt runs")
+        resources = job_pb2.ResourceSpec()
+        resources.CopyFrom(job.spec.resources)
+        # The worker share the starting server gave it (a default share depends on the
+        # cluster's size, which may have changed since).
+        resources.cpus_per_worker = placement.cpus_per_worker
         with self._lock:
-            demand = self._demand(job, self._next_arrival())
-            running = [job.record for job in self._running.values()]
-            placement = place(demand.bundles, free_nodes(self._capacity, running),
-                              demand.spread)
-            if placement is None:  # it runs already, whatever this view says: count it
-                first = self._capacity[0].node_id if self._capacity else ""
-                placement = tuple(first for _ in demand.bundles)
-            adopted = _RunningJob(job, RunningJob(demand, placement, time.monotonic()),
+            demand = self._demand(job, self._next_arrival(), resources)
+            if len(placement.nodes) != len(demand.bundles):
+                raise ValueError(f"job {job.job_id}: its runner reports {len(placement.nodes)} "
+                                 f"placed bundles for the {len(demand.bundles)} of its spec")
+            adopted = _RunningJob(job, RunningJob(demand, placement.nodes, time.monotonic()),
                                   time.monotonic() + self.max_run_seconds)
             adopted.lease, adopted.adopted = lease, True
             self._running[job.job_id] = adopted
+        log.info("job %s: attached to its run, with actors on node(s) %s", job.job_id,
+                 ", ".join(sorted(set(placement.nodes))))
         adopted.thread = threading.Thread(target=self._run, args=(adopted,),
                                           name=f"job-{job.job_id}", daemon=True)
         adopted.thread.start()
@@ -383,15 +388,14 @@ class JobQueue:
 
     def drain(self, node_ids: Iterable[str]) -> list[str]:
         """Place nothing on these nodes until `undrain`, and stop every running job with
-        actors on them at its next step boundary, back to the queue (and every adopted run,
-        whose nodes this queue does not know). The ids of the jobs stopped."""
+        actors on them at its next step boundary, back to the queue. The ids of the jobs
+        stopped."""
         nodes = set(node_ids)
         with self._lock:
             self._drained |= nodes
             stopped = []
             for job_id, running in self._running.items():
-                placed = running.actor_nodes()
-                if (placed is None or placed & nodes) and not running.drained.is_set():
+                if running.actor_nodes() & nodes and not running.drained.is_set():
                     running.drained.set()
                     stopped.append(job_id)
         for job_id in stopped:
@@ -415,7 +419,7 @@ class JobQueue:
         self._dispatch()
 
     def actor_nodes(self, job_id: str) -> set[str] | None:
-        """The Ray node ids of a running job's actors (None: not running, or adopted)."""
+        """The Ray node ids of a running job's actors (None: not running)."""
         with self._lock:
             running = self._running.get(job_id)
         return running.actor_nodes() if running is not None else None
@@ -462,11 +466,14 @@ class JobQueue:
 
     # --- deciding ------------------------------------------------------------------------------
 
-    def _demand(self, job: QueuedJob, arrival: float) -> JobDemand:
+    def _demand(self, job: QueuedJob, arrival: float,
+                resources: job_pb2.ResourceSpec | None = None) -> JobDemand:
+        """The job's demand, from its spec's resources or `resources` in their place."""
+        if resources is None:
+            resources = job.spec.resources
         cluster_cpus = sum(node.cpus for node in self._capacity)
         return JobDemand(job.job_id, job.tenant, job.spec.priority, arrival,
-                         job_bundles(job.spec.resources, cluster_cpus),
-                         spreads(job.spec.resources))
+                         job_bundles(resources, cluster_cpus), spreads(resources))
 
     def _next_arrival(self) -> float:
         """Seconds on the monotonic clock, strictly increasing: first in, first out."""
@@ -843,11 +850,10 @@ class _RunningJob:
                 or self.preempted.is_set() or self.timed_out.is_set()
                 or self.drained.is_set() or self.abandoned.is_set())
 
-    def actor_nodes(self) -> set[str] | None:
+    def actor_nodes(self) -> set[str]:
         """The Ray node ids of its actors: the nodes the policy placed its bundles on, which
-        its placement group is pinned to. None for an adopted run: an earlier server placed
-        it, and this queue's placement of it is only a count."""
-        return None if self.adopted else set(self.record.placement)
+        its placement group is pinned to (an adopted run's: as its runner reported them)."""
+        return set(self.record.placement)
 
 
 def _memory(bundle: Bundle) -> str:

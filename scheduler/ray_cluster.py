@@ -54,10 +54,12 @@ def has_token() -> bool:
     return Path(path).is_file()
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start embedded Ray (address None) or join the cluster at `address`; idempotent.
-    Joining without a token, or failing to join, is a `RayTokenMissing` saying where the token
-    goes, rather than Ray's many InvalidAuthToken lines."""
+def connect(address: str | None = None, num_cpus: int | None = None,
+            namespace: str | None = None) -> None:
+    """Start embedded Ray (address None) or join the cluster at `address`, as a driver in
+    `namespace` (None: an anonymous one of its own); idempotent. Joining without a token, or
+    failing to join, is a `RayTokenMissing` saying where the token goes, rather than Ray's
+    many InvalidAuthToken lines."""
     if ray.is_initialized():
         return
     # Ray warns on every start that token authentication is on: it is on because we want it
@@ -69,18 +71,20 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         if os.environ[AUTH_MODE_VARIABLE] == "token" and not has_token():
             raise RayTokenMissing(f"no Ray auth token found; {token_hint(address)}")
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=True, logging_level=logging.WARNING)
+            ray.init(address=address, namespace=namespace, include_dashboard=False,
+                     log_to_driver=False, configure_logging=True,
+                     logging_level=logging.WARNING)
         except ConnectionError as error:  # a wrong token looks the same as no cluster
             raise RayTokenMissing(f"could not join {address} ({error}); if it is running, "
                                   f"{token_hint(address)}") from error
         return
-    _use_private_token()
+    use_private_token()
     # "local": always a new instance of our own; a bare ray.init() would join whatever
     # cluster a `ray start` left running on this machine.
     with _node_address_on_loopback():
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), namespace=namespace,
+                 include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.WARNING)
 
 
 # --- the embedded instance's token and address ------------------------------------------------
@@ -123,7 +127,9 @@ def join_head(head: RayHead, token: Path, namespace: str) -> None:
                  log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
 
 
-def _use_private_token() -> None:
+def use_private_token() -> None:
+    """Token authentication on for this process and the Ray processes it starts, with its
+    private token (`private_token_path`): an embedded instance's, or a test's cluster."""
     _use_token(private_token_path())
 
 

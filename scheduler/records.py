@@ -85,3 +85,13 @@ class RecoveryRecord:
     step: int  # the step it happened in (worker_replaced: the first step the new one computes)
     kind: str  # one of RECOVERY_KINDS
     message: str  # for a person: "worker 1 lost at step 5086 (...): recomputed in-step"
+
+
+@dataclass(frozen=True)
+class RunPlacement:
+    """Where a run's actors are reserved, as a detached runner reports it to a server that
+    attaches to the run: each worker's CPUs (the share the server that started it gave) and the
+    node of each bundle, workers first then shards (its placement group is pinned to them)."""
+
+    cpus_per_worker: float
+    nodes: tuple[str, ...]

@@ -665,7 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a unix socket's mode (default 600: this user only; 660: and "
                             "the socket's group)")
     serve.add_argument("--data-dir", default="data", help="the job store, uploads, models")
-    serve.add_argument("--ray-address", help="join this Ray cluster instead of embedded Ray")
+    serve.add_argument("--ray-address",
+                       help="join this Ray cluster (its GCS address, host:port) instead of "
+                            "embedded Ray; serve must run on a node of it, where its jobs' "
+                            "runners run and outlive it (a ray:// client address is refused)")
     serve.add_argument("--metrics-port", type=int, default=9464,
                        help="Prometheus /metrics port on loopback (0: any free port)")
     serve.add_argument("--web-address", default=DEFAULT_WEB_ADDRESS,

@@ -21,7 +21,7 @@ from scheduler.job_queue import JobOutcome, JobQueue, QueuedJob
 from scheduler.job_runner import TrainingResult
 from scheduler.job_states import QUEUED, RUNNING, SUCCEEDED
 from scheduler.parquet_dataset import ParquetDataset, is_parquet, load_parquet, parquet_shape
-from scheduler.records import EvaluationRecord, RecoveryRecord, StepRecord
+from scheduler.records import EvaluationRecord, RecoveryRecord, RunPlacement, StepRecord
 from scheduler.storage import JobStorage
 from scheduler.training import prepare_dataset, save_trained_weights
 from services import uploads
@@ -72,21 +72,25 @@ class JobLifecycle:
         self._lock = threading.Lock()
 
     def requeue_unfinished(self, queue: JobQueue,
-                           runner_alive: Callable[[str], bool] | None = None
+                           live_runner: Callable[[str], RunPlacement | None] | None = None
                            ) -> tuple[int, int]:
-        """At start-up: a RUNNING job whose runner still runs (`runner_alive(job id)`: a
-        detached runner that outlived the last server) is adopted by the queue as it runs;
-        jobs left QUEUED, or RUNNING with no runner (the last process was killed with it), run
-        again, in queue order, each from its last checkpoint. (Jobs requeued, jobs adopted.)"""
+        """At start-up: a RUNNING job whose runner still runs (`live_runner(job id)`, where a
+        detached runner that outlived the last server placed the run; None when it has none)
+        is adopted by the queue as it runs, there; jobs left QUEUED, or RUNNING with no runner
+        (the last process was killed with it), run again, in queue order, each from its last
+        checkpoint. (Jobs requeued, jobs adopted.)"""
         jobs = self.store.jobs_in_states([QUEUED, RUNNING])
         requeued, adopted = [], 0
         for job in jobs:
             lease = self.store.lease_of(job.id) if job.state == RUNNING else None
-            if lease is not None and runner_alive is not None and runner_alive(job.id):
+            placement = (live_runner(job.id) if lease is not None and live_runner is not None
+                         else None)
+            if placement is not None:
+                assert lease is not None
                 with self._lock:  # progress says "epoch e of E", as the last server's did
                     self._live[job.id] = _LiveJob(
                         time.monotonic(), epochs=job.progress.epochs if job.progress else 0)
-                queue.adopt(QueuedJob(job.id, job.spec, job.tenant), lease)
+                queue.adopt(QueuedJob(job.id, job.spec, job.tenant), lease, placement)
                 adopted += 1
                 continue
             if job.state == RUNNING:

@@ -4,13 +4,17 @@ metrics, the web UI.
     server = serve("127.0.0.1:50051", data_dir="data")   # returns once it is serving
     server.wait_for_termination()                          # or server.stop()
 
-Where jobs run: a server that starts its own Ray (no `ray_address`, Ray not started by whoever
-embeds `serve()`) starts it as a process session of its own (scheduler/ray_head.py) and runs
-each job's runner in a detached actor there (scheduler/detached_runner.py): a server killed
-mid-job (SIGKILL, a crash) leaves its jobs training. The next server on the same data folder
-joins that Ray, attaches to every RUNNING job whose runner is alive (its live progress in
-GetJob and WatchJob as soon as it serves) and requeues only those whose runner is gone. With
-`ray_address`, or Ray started by the embedder, runners are threads of this process.
+Where jobs run: each job's runner is a detached actor (scheduler/detached_runner.py) on this
+server's node, in the data folder's namespace, on a Ray that outlives the server: without
+`ray_address`, the embedded Ray, which the server starts as a process session of its own
+(scheduler/ray_head.py); with it, the cluster at that address, joined through this node's
+raylet. A server killed mid-job (SIGKILL, a crash) leaves its jobs training. The next server on
+the same data folder joins that Ray, attaches to every RUNNING job whose runner is alive (its
+live progress in GetJob and WatchJob as soon as it serves, its actors counted where they are)
+and requeues only those whose runner is gone. A Ray Client address (`ray://`) is refused: its
+driver is on no node of the cluster, so no runner could be on the server's node to write the
+data folder. With Ray started by whoever embeds `serve()` (the tests' fixtures), runners are
+threads of this process: that Ray is its owner's, who decides how long it lives.
 
 Stopping (SIGTERM in `chainrule serve`): health turns NOT_SERVING, the queue stops taking jobs,
 running jobs stop at their next step boundary with a checkpoint and go back to QUEUED, then
@@ -54,9 +58,9 @@ from chainrule.v1 import training_service_pb2 as pb
 from chainrule.v1 import training_service_pb2_grpc as pb_grpc
 from scheduler import ray_cluster, ray_head
 from scheduler.cluster_view import RayNodes
-from scheduler.detached_runner import DetachedJobRunner
-from scheduler.detached_runner import find as find_runner
+from scheduler.detached_runner import DetachedJobRunner, namespace_of, placement_of
 from scheduler.job_queue import JobQueue
+from scheduler.records import RunPlacement
 from scheduler.scheduling_policy import TenantPolicy
 from scheduler.storage import DEFAULT_KEEP_CHECKPOINTS, JobStorage, make_private_folders
 from services.auth import Authenticator, Tenancy, load_tokens
@@ -89,7 +93,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 MESSAGE_BYTES = 8 * 1024 * 1024  # upload/download chunks are 1 MiB; specs are small
 SWITCH_INTERVAL_SECONDS = 0.0005
-RUNNER_NAMESPACE = "chainrule"  # the detached runners' (one Ray head per data folder)
+RAY_CLIENT_PREFIX = "ray://"
 
 
 def configure_process() -> None:
@@ -217,6 +221,12 @@ def serve(
     `tokens_file`: the older token file's (services/auth.py); at most one of them."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
+    if ray_address and ray_address.startswith(RAY_CLIENT_PREFIX):
+        raise ValueError(f"--ray-address {ray_address!r} is a Ray Client address: chainrule "
+                         f"serve must run on a node of the cluster (its jobs' runners run on "
+                         f"its node and write its data folder); start it on a node joined to "
+                         f"the cluster (`ray start --address=...`) and give the cluster's GCS "
+                         f"address, host:port")
     # Streams hold an RPC thread each (services/streams.py): capped below the pool, so unary
     # calls and the health check always find one. Calls past `max_concurrent_rpcs` (default
     # 4 per thread) are refused RESOURCE_EXHAUSTED at once rather than queued without bound.
@@ -271,10 +281,12 @@ def serve(
         raise
     owns_ray = not ray.is_initialized()
     head, head_started = None, False
-    if owns_ray and not ray_address:
-        head, head_started = _start_or_join_ray_head(data_dir, ray_cpus)
+    # Runners outlive this server when the Ray they run on does: one it starts or joins.
+    namespace = namespace_of(data_dir) if owns_ray else None
+    if namespace is not None and not ray_address:
+        head, head_started = _start_or_join_ray_head(data_dir, ray_cpus, namespace)
     else:
-        ray_cluster.connect(ray_address, num_cpus=ray_cpus)
+        ray_cluster.connect(ray_address, num_cpus=ray_cpus, namespace=namespace)
 
     # The API and the host the queue talks to share one store, one set of job files and one
     # event hub; neither calls the other.
@@ -301,8 +313,8 @@ def serve(
                                    artifact_location=mlflow_artifact_location))
     curves = TrainingCurves() if web_address is not None else None  # the web UI's
     runners: dict[str, Any] = {}
-    if head is not None:
-        runners = _detached_runners(lifecycle, lambda: queue.lease_terms.seconds)
+    if namespace is not None:
+        runners = _detached_runners(lifecycle, lambda: queue.lease_terms.seconds, namespace)
     queue = JobQueue(lifecycle, cluster=RayNodes(), max_concurrent_jobs=max_concurrent_jobs,
                      **runners,
                      tenants={tenant: TenantPolicy(own.weight, own.max_running_cpus)
@@ -381,11 +393,11 @@ def serve(
     # Jobs left QUEUED or RUNNING by the last process go back to the queue before a call is
     # served: a job submitted meanwhile could otherwise be taken for one of them, set back to
     # QUEUED while it runs, and queued twice.
-    runner_alive = None
-    if head is not None:
-        def runner_alive(job_id: str) -> bool:
-            return find_runner(job_id, RUNNER_NAMESPACE) is not None
-    resumed, attached = lifecycle.requeue_unfinished(queue, runner_alive)
+    live_runner = None
+    if namespace is not None:
+        def live_runner(job_id: str) -> RunPlacement | None:
+            return placement_of(job_id, namespace)
+    resumed, attached = lifecycle.requeue_unfinished(queue, live_runner)
     if resumed:
         log.info("resumed %d queued job(s)", resumed)
     if attached:
@@ -407,8 +419,8 @@ def serve(
     return running
 
 
-def _start_or_join_ray_head(data_dir: Path,
-                            num_cpus: int | None) -> tuple[ray_head.RayHead, bool]:
+def _start_or_join_ray_head(data_dir: Path, num_cpus: int | None,
+                            namespace: str) -> tuple[ray_head.RayHead, bool]:
     """The Ray head of this data folder: the one the last server started if it still runs
     (its jobs' runners may be training on it), else a new one (True: started now)."""
     head = ray_head.find(data_dir)
@@ -419,21 +431,21 @@ def _start_or_join_ray_head(data_dir: Path,
         log.info("started Ray (pid %d, %s) for %s", head.pid, head.address, data_dir)
     else:
         log.info("joined the running Ray of %s (pid %d, %s)", data_dir, head.pid, head.address)
-    ray_cluster.join_head(head, ray_head.token_path(data_dir), RUNNER_NAMESPACE)
+    ray_cluster.join_head(head, ray_head.token_path(data_dir), namespace)
     return head, started
 
 
-def _detached_runners(lifecycle: JobLifecycle,
-                      lease_seconds: Callable[[], float]) -> dict[str, Any]:
+def _detached_runners(lifecycle: JobLifecycle, lease_seconds: Callable[[], float],
+                      namespace: str) -> dict[str, Any]:
     """The queue's runner factory and attacher for runners in detached actors."""
 
     def start(job, dataset, *, job_id: str, **options) -> DetachedJobRunner:
-        return DetachedJobRunner(job, dataset, job_id=job_id, namespace=RUNNER_NAMESPACE,
+        return DetachedJobRunner(job, dataset, job_id=job_id, namespace=namespace,
                                  keeper=lifecycle.run_keeper(job_id, lease_seconds()),
                                  **options)
 
     def attach(job_id: str, **callbacks) -> DetachedJobRunner:
-        return DetachedJobRunner.attach(job_id, RUNNER_NAMESPACE, **callbacks)
+        return DetachedJobRunner.attach(job_id, namespace, **callbacks)
 
     return {"runner_factory": start, "runner_attacher": attach}
 

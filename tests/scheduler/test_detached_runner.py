@@ -1,12 +1,21 @@
 """What a detached runner keeps for the server while none follows it (scheduler/detached_runner.py):
 every report until a server acknowledges it, only the newest checkpoint, and a bounded number of
-steps however long no server runs. (Its life across a killed server: tests/chaos/.)"""
+steps however long no server runs; the namespace each data folder's runners live in. (Its life
+across a killed server: tests/chaos/, and on a cluster tests/deploy/test_multinode.py.)"""
 
 from __future__ import annotations
 
 import pickle
+import stat
 
-from scheduler.detached_runner import STEP_RECORDS_KEPT, RunnerFailed, _crossing, _Outbox
+from scheduler.detached_runner import (
+    NAMESPACE_FILE,
+    STEP_RECORDS_KEPT,
+    RunnerFailed,
+    _crossing,
+    _Outbox,
+    namespace_of,
+)
 from scheduler.placement import NodeGone
 
 
@@ -64,3 +73,13 @@ def test_an_exception_that_does_not_pickle_crosses_as_a_runner_failed_naming_it(
     crossed = _crossing(Local("boom"), "tb")
     assert isinstance(crossed, RunnerFailed)
     assert (crossed.error_type, str(crossed), crossed.remote_traceback) == ("Local", "boom", "tb")
+
+
+def test_each_data_folder_has_a_runner_namespace_of_its_own_kept_across_starts(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    namespace = namespace_of(first)
+    assert namespace.startswith("chainrule-") and namespace_of(first) == namespace
+    assert namespace_of(second) != namespace  # two servers' runners on one cluster never meet
+    assert stat.S_IMODE((first / NAMESPACE_FILE).stat().st_mode) == 0o600

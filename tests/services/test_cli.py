@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services import cli
+from services import cli, server
 from worker.spec_error import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,6 +237,20 @@ def test_joining_a_ray_cluster_without_its_token_is_one_line_naming_where_it_goe
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("chainrule: no Ray auth token found")
     assert "RAY_AUTH_MODE=token" in lines[0] and f"{tmp_path}/.ray/auth_token" in lines[0]
+
+
+def test_serve_refuses_a_ray_client_address_before_starting_anything(tmp_path, capsys,
+                                                                     monkeypatch):
+    # Its jobs' runners run on its node (they write the data folder): a ray:// driver is on
+    # no node of the cluster.
+    monkeypatch.setattr(server, "configure_process", lambda: None)  # process-wide settings
+    data_dir = tmp_path / "data"
+    assert cli.main(["serve", "--address", "127.0.0.1:0", "--no-web", "--data-dir",
+                     str(data_dir), "--ray-address", "ray://127.0.0.1:10001"]) == 2
+    error = capsys.readouterr().err
+    assert "--ray-address 'ray://127.0.0.1:10001' is a Ray Client address" in error
+    assert "must run on a node of the cluster" in error
+    assert not data_dir.exists()
 
 
 def test_predict_refuses_a_file_without_rows_before_sending_it(tmp_path, capsys):

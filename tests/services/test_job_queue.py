@@ -14,6 +14,7 @@ from scheduler.datasets import builtin_shape
 from scheduler.job_lease import lease_until
 from scheduler.job_queue import JobQueue, QueuedJob
 from scheduler.placement import NodeGone
+from scheduler.records import RunPlacement
 from scheduler.scheduling_policy import Node
 from tests.services.helpers import iris_spec, wait_for
 from worker.resolved_job import resolve
@@ -356,13 +357,25 @@ class FollowedRun:
         return FakeResult(stopped_early=True)
 
 
-def test_an_adopted_run_whose_nodes_are_unknown_is_stopped_by_any_drain():
+def test_an_adopted_run_holds_room_on_the_nodes_its_runner_reports_and_only_their_drain_stops_it(
+        monkeypatch):
+    monkeypatch.setattr(FakeRunner, "steps", 20_000)  # 200 s unless stopped
     host = FakeHost()
     queue = _queue(host, max_concurrent_jobs=0, nodes=[("a", 2.0), ("b", 2.0)],
                    runner_attacher=FollowedRun)
-    queue.adopt(_job("adopted"), lease_until(60.0, "earlier-server"))
-    assert queue.actor_nodes("adopted") is None
+    # Started by an earlier server, which gave its worker 1.5 CPUs, on node b (a guess from
+    # the spec alone would count about 1 CPU, on the first node with room: a).
+    queue.adopt(_job("adopted"), lease_until(60.0, "earlier-server"),
+                RunPlacement(1.5, ("b", "b")))
+    assert queue.actor_nodes("adopted") == {"b"}
+    queue.submit(_job("next", cpus_per_worker=1.5))  # room for its worker is left on a only
+    wait_for(lambda: "next" in FakeRunner.nodes, 5, what="the next job to start")
+    assert FakeRunner.nodes["next"][0] == "a"
+    assert queue.drain(["a"]) == ["next"]  # the adopted run is not on a: it goes on
     assert queue.drain(["b"]) == ["adopted"]
-    # Back to the queue, and run again here (the fake runner's 5 steps) off node b.
-    wait_for(lambda: host.states.get("adopted") == "SUCCEEDED", 5, what="the job to rerun")
-    assert FakeRunner.started == ["adopted"] and "b" not in FakeRunner.nodes["adopted"]
+    wait_for(lambda: host.states.get("adopted") == "QUEUED", 5, what="the adopted run to stop")
+    assert host.checkpoints["adopted"] == "checkpoint"
+    for job in ("adopted", "next"):
+        queue.cancel(job)
+    wait_for(lambda: host.states.get("adopted") == host.states.get("next") == "CANCELLED", 5,
+             what="the jobs to end")
