@@ -11,17 +11,20 @@ gradients through Ray's object store between the hosts), by chainrule with Power
 the hosts). The models: the reference MLP 784-1024-1024-10 at
 global batch 256 (4 micro-batches), and the CNN of the models issue, LeNet-5 on 1x28x28
 images at global batch 64 (bench/models.py; its peer is bench/peer_ray_train_cnn.py). Prints
-each one's step time and samples/s, where chainrule's step goes, the bytes a worker sends
-(gradients) and receives (updated parameters, and PowerSGD's factors) per step against the
-parameter bytes, the share of its gradient communication hidden behind backward (the time
-chunks spend between a worker and a shard while the worker still computes, over all their
-time in flight), and the ratios against the peer. Then, on the last rate's cluster, the MLP's
+each one's step time and samples/s, where chainrule's step goes (compute, reduce-scatter,
+optimizer, and the rest: waiting on calls), the bytes a worker sends (gradients, or PowerSGD's
+factors) and receives (updated parameters, or the summed factors from which every worker
+applies the step itself) per step against the parameter bytes, the share of its gradient
+communication hidden behind backward (the time chunks spend between a worker and a shard while
+the worker still computes, over all their time in flight), and the ratios against the peer;
+then the round trip of one actor call from the runner to each host, the unit the waits are made
+of. Then, on the last rate's cluster, the MLP's
 hidden layers trained on digits (64 inputs) for --accuracy-epochs epochs with and without
 PowerSGD: validation accuracy after the same steps.
 
 Targets (issue 10): >= 1.5x Ray Train's samples/s at 10 Gbit/s; >= 3x at 1 Gbit/s with
-gradient compression on; compression sends >= 8x fewer bytes, and its validation accuracy on
-digits is within 0.5 points of the uncompressed run's.
+gradient compression on; compression moves >= 8x fewer bytes (sent and received), and its
+validation accuracy on digits is within 0.5 points of the uncompressed run's.
 """
 
 from __future__ import annotations
@@ -86,13 +89,53 @@ def drive_ours(address: str, steps: int, model: str, compression: dict | None = 
     communication = sum(r.timings.communication for r in steady)
     return {
         "step_ms": median_ms(lambda t: t.wall), "compute_ms": median_ms(lambda t: t.compute),
-        "reduce_ms": median_ms(lambda t: t.reduce), "wait_ms": median_ms(lambda t: t.wait),
+        "reduce_ms": median_ms(lambda t: t.reduce), "apply_ms": median_ms(lambda t: t.apply),
+        "wait_ms": median_ms(lambda t: t.wait),
         "hidden_share": (sum(r.timings.hidden_communication for r in steady) / communication
                          if communication > 0 else 0.0),
         "parameter_bytes": records[0].parameter_bytes,
         "sent_bytes": records[-1].bytes_sent_per_worker,
         "received_bytes": records[-1].bytes_received_per_worker,
     }
+
+
+def drive_call_latency(address: str, calls: int = 60) -> dict:
+    """On host 0: the median round trip of one actor call carrying a 32 KB array each way
+    (PowerSGD's messages on the reference MLP are 16-60 KB), from this driver to an actor on
+    each host: the unit a compressed step's wait is made of (each of its four rounds is a
+    call out and a reply back through the runner)."""
+    import statistics
+
+    import numpy as np
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from scheduler import ray_cluster
+
+    ray_cluster.connect(address)
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, values):
+            return values
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = sorted((node["NodeID"] != here, node["NodeID"]) for node in ray.nodes()
+                   if node["Alive"])
+    message = np.zeros(8192, np.float32)
+    figures = {}
+    for remote, node in nodes:
+        actor = Echo.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote()
+        ray.get(actor.echo.remote(message))
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            ray.get(actor.echo.remote(message))
+            seconds.append(time.perf_counter() - start)
+        figures["other_host_ms" if remote else "same_host_ms"] = statistics.median(seconds) * 1e3
+        ray.kill(actor)
+    return figures
 
 
 def drive_accuracy(address: str, epochs: int) -> dict:
@@ -177,7 +220,7 @@ def main() -> int:
     parser.add_argument("--models", default="mlp,lenet", help="of: mlp, lenet")
     parser.add_argument("--accuracy-epochs", type=int, default=20,
                         help="epochs of digits for the accuracy comparison (0: none)")
-    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy"],
+    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy", "latency"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,6 +231,8 @@ def main() -> int:
         sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
         if args.driver == "accuracy":
             figures = drive_accuracy(args.address, args.accuracy_epochs)
+        elif args.driver == "latency":
+            figures = drive_call_latency(args.address)
         elif args.driver == "peer":
             figures = drive_peer(args.address, args.steps, models[0])
         else:
@@ -227,13 +272,18 @@ def main() -> int:
                         print(f"    {label:<16} {figures['step_ms']:7.2f} ms "
                               f"({BATCHES[model] / figures['step_ms'] * 1e3:,.0f} samples/s; "
                               f"compute {figures['compute_ms']:.1f}, reduce-scatter "
-                              f"{figures['reduce_ms']:.1f}, wait {figures['wait_ms']:.1f} ms; "
+                              f"{figures['reduce_ms']:.1f}, optimizer "
+                              f"{figures['apply_ms']:.1f}, wait {figures['wait_ms']:.1f} ms; "
                               f"per worker and step sent {figures['sent_bytes']:,} B, received "
                               f"{figures['received_bytes']:,} B, parameters "
                               f"{figures['parameter_bytes']:,} B; "
                               f"{figures['hidden_share']:.0%} of gradient communication "
                               f"hidden behind backward)  ->  "
                               f"{peer['step_ms'] / figures['step_ms']:.2f}x", flush=True)
+                latency = run_on_host0(cluster, "latency", 0, models[0])
+                print(f"    one actor call and its reply, 32 KB each way, from the runner: "
+                      f"{latency['other_host_ms']:.2f} ms to the other host, "
+                      f"{latency['same_host_ms']:.2f} ms on the runner's", flush=True)
                 if rate == rates[-1] and args.accuracy_epochs and "mlp" in models:
                     accuracy = run_on_host0(cluster, "accuracy", 0, "mlp", args.accuracy_epochs)
             finally:
@@ -261,7 +311,7 @@ def main() -> int:
             / compressed["sent_bytes"], ">= 8")
         row(f"{model} bytes sent + received, whole / PowerSGD",
             (ours["sent_bytes"] + ours["received_bytes"])
-            / (compressed["sent_bytes"] + compressed["received_bytes"]), "")
+            / (compressed["sent_bytes"] + compressed["received_bytes"]), ">= 8")
     if accuracy is not None:
         whole, powersgd = accuracy["whole"], accuracy["powersgd"]
         print(f"digits after {whole['steps']} steps: validation accuracy {whole['accuracy']:.4f} "

@@ -16,7 +16,7 @@ class StepTimings:
 
     compute: float  # slowest block's forward + backward + local tree sum
     reduce: float  # the reduce-scatter: slowest block write plus slowest shard's sum
-    apply: float  # slowest shard's optimizer step
+    apply: float  # slowest shard's optimizer step (a compressed job's: slowest worker's)
     gather: float  # moving updated parameters back to the replicas (0 with shared memory)
     wait: float  # the rest: call latency and synchronisation
     wall: float

@@ -15,6 +15,7 @@ from worker.compression import (
     PowerSGDWorker,
     TopKShard,
     low_rank_product,
+    low_rank_squared_norm,
     message_bytes,
     orthogonalise,
     topk_count,
@@ -42,23 +43,23 @@ def reference_orthogonalise(p: np.ndarray) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def powersgd_step(plan, bounds, workers, shards, gradients, warm_q, replies=None):
-    """One step through both ends: the shards' slices of the gradient and the next warm Q
-    (each shard's reply to the workers appended to `replies` when given)."""
+def powersgd_step(plan, bounds, workers, shards, gradients, warm_q):
+    """One step through both ends: the step gradient as worker 0 rebuilds it from the shards'
+    replies, the next warm Q, the workers' messages, the replies and the shards' norms."""
     firsts = [worker.first(b, g, warm_q, bounds) for b, (worker, g) in
               enumerate(zip(workers, gradients))]
     p_hat = {}
     for k, shard in enumerate(shards):
         p_hat.update(shard.reduce_first([first[k] for first in firsts]))
     seconds = [worker.second(b, p_hat, bounds) for b, worker in enumerate(workers)]
-    gradient, next_q = [], {}
+    replies, next_q, norms = [], {}, []
     for k, shard in enumerate(shards):
-        part, owned = shard.reduce_second([second[k] for second in seconds])
-        gradient.append(part.copy())
+        owned, shard_norms = shard.reduce_second([second[k] for second in seconds])
+        replies.append((shard.dense_total.copy(), owned))
         next_q.update(owned)
-        if replies is not None:
-            replies.append((shard.dense_total.copy(), owned))
-    return np.concatenate(gradient), next_q, firsts, seconds
+        norms.append(shard_norms)
+    gradient = workers[0].decompress(np.full(plan.size, np.nan), replies, bounds)
+    return gradient, next_q, firsts, seconds, replies, norms
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def setting():
     workers = [PowerSGDWorker(plan, memory, plan.initial_q(0, "float64"))
                for memory in memories]
     # Each worker object computes one block here (block b on worker b).
-    shards = [PowerSGDShard(plan, bound, 2, "float64") for bound in bounds]
+    shards = [PowerSGDShard(plan, layout, bound, 2, "float64") for bound in bounds]
     return layout, plan, bounds, memories, workers, shards
 
 
@@ -87,12 +88,13 @@ def test_only_matrices_whose_factors_are_smaller_are_compressed(setting):
     assert plan.dense_runs(*bounds[0]) == []
 
 
-def test_one_powersgd_step_equals_the_numpy_reference_on_both_shards(setting):
+def test_one_powersgd_step_equals_the_numpy_reference_and_so_do_the_shards_norms(setting):
     layout, plan, bounds, memories, workers, shards = setting
     rng = np.random.default_rng(0)
     gradients = [rng.standard_normal(layout.size) for _ in range(2)]
     warm_q = plan.initial_q(seed=3, dtype="float64")
-    gradient, next_q, _, _ = powersgd_step(plan, bounds, workers, shards, gradients, warm_q)
+    gradient, next_q, _, _, _, norms = powersgd_step(plan, bounds, workers, shards, gradients,
+                                                     warm_q)
 
     expected = gradients[0] + gradients[1]  # dense entries: the plain sum
     for matrix in plan.matrices:
@@ -109,36 +111,41 @@ def test_one_powersgd_step_equals_the_numpy_reference_on_both_shards(setting):
             np.testing.assert_allclose(block(memory.error(memories.index(memory))),
                                        mine - p_hat @ (mine.T @ p_hat).T, atol=1e-12)
     np.testing.assert_allclose(gradient, expected, rtol=1e-12, atol=1e-12)
+    # The shards' norms by parameter add up to the step gradient's, though no shard formed
+    # P^ Q^T (0.weight spans both shards: the one holding its first entry reports it).
+    by_parameter: dict[str, float] = {}
+    for shard_norms in norms:
+        for name, value in shard_norms.items():
+            by_parameter[name] = by_parameter.get(name, 0.0) + value
+    views = layout.views(expected)
+    assert by_parameter.keys() == {slot.name for slot in layout.slots}
+    for name, value in by_parameter.items():
+        np.testing.assert_allclose(value, np.sum(views[name] ** 2), rtol=1e-12)
 
 
-def test_every_worker_rebuilds_bitwise_the_shards_gradient_from_their_compressed_replies(
-        setting):
+def test_every_worker_rebuilds_the_same_bits_from_the_shards_compressed_replies(setting):
     layout, plan, bounds, memories, workers, shards = setting
     rng = np.random.default_rng(5)
     gradients = [rng.standard_normal(layout.size) for _ in range(2)]
-    replies: list = []
-    gradient, next_q, _, _ = powersgd_step(plan, bounds, workers, shards, gradients,
-                                           plan.initial_q(1, "float64"), replies)
+    gradient, next_q, _, _, replies, _ = powersgd_step(plan, bounds, workers, shards, gradients,
+                                                       plan.initial_q(1, "float64"))
     # The replies: each shard's dense runs and the Q of the matrices it answers for; P^ the
     # workers already have from round 2. Far fewer values than the parameters.
     values = sum(dense.size + sum(q.size for q in owned.values()) for dense, owned in replies)
     assert values < layout.size / 2
-    rebuilt = [worker.decompress(np.full(layout.size, np.nan), replies, bounds)
-               for worker in workers]
-    # The same bits on each worker and on the shards (which report its norms): P^ Q^T is
-    # formed elementwise, in the same order everywhere.
-    assert np.array_equal(rebuilt[0], gradient) and np.array_equal(rebuilt[1], gradient)
+    # Each worker steps its own copy of the parameters with what it rebuilds: the same bits.
+    assert np.array_equal(workers[1].decompress(np.empty(layout.size), replies, bounds),
+                          gradient)
     for worker in workers:  # Q is the next step's warm start
         assert all(np.array_equal(worker.warm_q[i], q) for i, q in next_q.items())
 
 
-def test_the_low_rank_product_is_p_q_transposed_with_the_same_bits_for_any_rows():
+def test_the_low_rank_product_and_its_norm_match_numpy():
     rng = np.random.default_rng(6)
     p, q = rng.standard_normal((9, 3)), rng.standard_normal((5, 3))
     whole = low_rank_product(p, q, np.empty((9, 5)))
     np.testing.assert_allclose(whole, p @ q.T, rtol=1e-13, atol=1e-13)
-    # A shard forms only the rows its slice cuts: the same bits as the workers' whole matrix.
-    assert np.array_equal(low_rank_product(p[3:7], q, np.empty((4, 5))), whole[3:7])
+    np.testing.assert_allclose(low_rank_squared_norm(p, q), np.sum(whole ** 2), rtol=1e-12)
 
 
 def test_top_k_replies_hold_the_summed_nonzeros_and_rebuild_the_gradient_exactly():
@@ -168,7 +175,7 @@ def test_powersgd_error_feedback_delays_but_never_loses_a_gradient(setting):
     for _ in range(5):
         gradients = [rng.standard_normal(layout.size) for _ in range(2)]
         computed += gradients[0] + gradients[1]
-        gradient, warm_q, _, _ = powersgd_step(plan, bounds, workers, shards, gradients, warm_q)
+        gradient, warm_q, *_ = powersgd_step(plan, bounds, workers, shards, gradients, warm_q)
         sent += gradient
         kept = memories[0].error(0) + memories[1].error(1)
         np.testing.assert_allclose(sent + kept, computed, atol=1e-10)
@@ -178,7 +185,7 @@ def test_powersgd_error_feedback_delays_but_never_loses_a_gradient(setting):
 def test_a_worker_sends_rows_plus_columns_times_rank_per_matrix_per_shard_it_touches(setting):
     layout, plan, bounds, memories, workers, shards = setting
     gradients = [np.ones(layout.size), np.ones(layout.size)]
-    _, _, firsts, seconds = powersgd_step(plan, bounds, workers, shards, gradients,
+    _, _, firsts, seconds, *_ = powersgd_step(plan, bounds, workers, shards, gradients,
                                           plan.initial_q(0, "float64"))
     dense = sum(hi - lo for k in range(2) for lo, hi in plan.dense_runs(*bounds[k]))
     # 0.weight touches both shards; 1.weight only shard 1.

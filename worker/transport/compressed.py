@@ -463,10 +463,13 @@ def reduce_powersgd_first(shard: ParameterServerShard,
 def reduce_powersgd_second(shard: ParameterServerShard, *messages: np.ndarray) -> tuple:
     """Round 2: (ReduceResult, the reply: the dense runs' sums and Q of the matrices this
     shard answers for, its bytes)."""
+    from worker.parameter_server import ReduceResult
+
     compressed = shard.compressed
     assert isinstance(compressed, PowerSGDShard)
-    gradient, owned_q = compressed.reduce_second(messages)
-    reduced = shard.reduce([gradient])
+    start = time.perf_counter()
+    owned_q, norms = compressed.reduce_second(messages)
+    reduced = ReduceResult(sum(norms.values()), norms, time.perf_counter() - start)
     reply = (compressed.dense_total, owned_q)
     return reduced, reply, message_bytes([compressed.dense_total, *owned_q.values()])
 
@@ -478,6 +481,6 @@ def shard_compression(compression: Compression | None, layout: ParameterLayout,
     if isinstance(compression, TopK):
         return TopKShard(block_count, bounds[1] - bounds[0], layout.dtype)
     if isinstance(compression, PowerSGD):
-        return PowerSGDShard(PowerSGDPlan.of(layout, compression.rank), bounds, block_count,
-                             layout.dtype)
+        return PowerSGDShard(PowerSGDPlan.of(layout, compression.rank), layout, bounds,
+                             block_count, layout.dtype)
     return None
