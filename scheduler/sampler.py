@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.checkpoint import DataCursor
-from worker.parquet_rows import SHUFFLE_WINDOW_GROUPS, windowed_order
+from worker.parquet_rows import ROW_GROUP_LANES, lane_order
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class EpochSampler:
                  shuffle: bool = True, min_micro_batch_samples: int = 1,
                  row_groups: tuple[int, ...] = ()):
         """`row_groups`: the training samples of each row group of a Parquet data set, whose
-        order is shuffled in windows of row groups (worker/parquet_rows.py); () for arrays."""
+        batches draw from lanes of row groups, a lane per contiguous part of the micro-batches
+        (worker/parquet_rows.py); () for arrays."""
         if num_samples < 1:
             raise ValueError("the training split is empty")
         if batch_size < 1 or micro_batches < 1:
@@ -80,7 +81,7 @@ class EpochSampler:
         if not self.shuffle:
             return np.arange(self.num_samples)
         if self.row_groups:
-            return windowed_order(self.row_groups, self.seed, epoch)
+            return lane_order(self.row_groups, self.seed, epoch, self._micro_batch_sizes())
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     @property
@@ -89,8 +90,20 @@ class EpochSampler:
         if not self.shuffle:
             return "file_order"
         if self.row_groups:
-            return f"row_group_windows({SHUFFLE_WINDOW_GROUPS})"
+            return f"row_group_lanes({ROW_GROUP_LANES})"
         return "permutation"
+
+    def _micro_batch_sizes(self) -> list[list[int]]:
+        """Each batch's micro-batch sizes, as `epoch` cuts the batches."""
+        cuts: dict[int, list[int]] = {}  # by batch length: every batch but the last is full
+        sizes = []
+        for step in range(self.steps_per_epoch):
+            length = min(self.batch_size, self.num_samples - step * self.batch_size)
+            if length not in cuts:
+                cuts[length] = [len(shard) for shard in cut_batch(
+                    np.arange(length), self.micro_batches, self.min_micro_batch_samples)]
+            sizes.append(cuts[length])
+        return sizes
 
     def cursor(self, epoch: int, batches_used: int) -> DataCursor:
         """The data cursor after the first `batches_used` batches of epoch `epoch`."""

@@ -9,7 +9,7 @@ names it `parquet:upload:NAME`, with `data.label_column` (and optionally
 Checked at upload, a row group at a time (memory bounded by one row group, never the file):
 - the footer parses and declares at least one row and two numeric columns;
 - what its row groups declare is bounded before any is decoded: a row group's numeric values
-  (8 bytes each) within what a worker may hold of it (it keeps 2 * SHUFFLE_WINDOW_GROUPS row
+  (8 bytes each) within what a worker may hold of it (it keeps ROW_GROUPS_HELD row
   groups, worker/parquet_rows.py, within `max_dataset_bytes`), and the whole file's within
   `max_expansion` times the bytes sent (a page of repeated values is a Parquet zip bomb);
 - every numeric column of every row group decodes, without missing, NaN or infinite values.
@@ -23,12 +23,10 @@ import numpy as np
 
 from services.errors import InvalidArgument
 from services.upload_limits import UploadLimits
-from worker.parquet_rows import SHUFFLE_WINDOW_GROUPS
+from worker.parquet_rows import ROW_GROUPS_HELD
 
 PARQUET_UPLOAD_PREFIX = "parquet:upload:"
 VALUE_BYTES = 8  # a float64 job reads every feature as 8 bytes
-# A worker holds the current window of row groups and the next, read ahead.
-GROUPS_HELD = 2 * SHUFFLE_WINDOW_GROUPS
 
 
 def parquet_upload_name(dataset: str) -> str | None:
@@ -60,13 +58,13 @@ def check_parquet(path: Path, size_bytes: int, limits: UploadLimits) -> tuple[in
         raise InvalidArgument("header.format", f"the Parquet file has {len(numeric)} numeric "
                                                f"column(s); a data set needs a label column "
                                                f"and at least one feature")
-    group_budget = limits.max_dataset_bytes // GROUPS_HELD
+    group_budget = limits.max_dataset_bytes // ROW_GROUPS_HELD
     for group in range(metadata.num_row_groups):
         group_bytes = metadata.row_group(group).num_rows * len(numeric) * VALUE_BYTES
         if group_bytes > group_budget:
             raise InvalidArgument("header.format", f"row group {group} holds {group_bytes:,} "
                                                    f"bytes of numbers; a worker keeps "
-                                                   f"{GROUPS_HELD} row groups, and this "
+                                                   f"{ROW_GROUPS_HELD} row groups, and this "
                                                    f"server allows {group_budget:,} bytes each: "
                                                    f"write the file with smaller row groups")
     total_bytes = rows * len(numeric) * VALUE_BYTES

@@ -7,17 +7,21 @@ count):
   splitmix64(r + seed * 2**32 + 0x5B17) < validation_fraction * 2**64. A hash per row, so the
   split needs no pass over the data and no permutation of every row, and a row group's split
   is known from its first row and length alone.
-- Training order (`windowed_order`): each epoch the row groups in a seeded order, then the
-  training rows of each window of SHUFFLE_WINDOW_GROUPS consecutive row groups of that order
-  in a seeded order. A batch then reads from a few row groups instead of all of them.
+- Training order (`lane_order`): each epoch the row groups in a seeded order are dealt into
+  ROW_GROUP_LANES lanes (`lane_groups`: each to the lane with the fewest rows so far), the rows
+  of each row group in a seeded order. Every batch is cut into one contiguous part per lane
+  along its micro-batches (`lane_parts`), and each part takes the next rows of its lane. A
+  batch then draws from ROW_GROUP_LANES row groups, a quarter from each; and since a worker
+  computes a contiguous run of every batch's micro-batches, it reads only its own lanes' row
+  groups: each row group is decoded by one worker, not by all. A lane that runs dry near the
+  end of an epoch takes the rows of the lane with the most left.
 - Training index i: the i-th training row of the file, counting row groups in file order.
 
 `ParquetRows` is what a replica holds: where the file is and how to turn a row group into
-standardised features. It reads a row group when a step first needs it, keeps at most
-`2 * SHUFFLE_WINDOW_GROUPS` row groups (the current window and the next, read ahead by one
-thread) and one copy of the row groups its micro-batches are gathered from (a micro-batch is
-then one gather, not one per row group), so a worker's memory is bounded by the batch and a
-few row groups, not the file.
+standardised features. It reads a row group when a step first needs it and, by one thread,
+the next row group of that lane ahead of time; it drops a row group when its lane moves on. It
+keeps at most ROW_GROUPS_HELD row groups (each lane's current and next), so a worker's memory
+is bounded by the batch and a few row groups, not the file.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHUFFLE_WINDOW_GROUPS = 4
+ROW_GROUP_LANES = 4  # the row groups a batch draws from at a time
+ROW_GROUPS_HELD = 2 * ROW_GROUP_LANES  # by one reader: each lane's current and next
 _SPLIT_STREAM = 0x5B17  # the same stream as the in-memory split's (scheduler/datasets.py)
 _ORDER_STREAM = 0x0DE5  # keeps the row-group order apart from every other use of the seed
 _MASK64 = (1 << 64) - 1
@@ -61,22 +66,74 @@ def group_order(groups: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray
     return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(groups)
 
 
-def windowed_order(training_per_group: Sequence[int], seed: int, epoch: int,
-                   shuffle: bool = True) -> np.ndarray:
-    """Epoch `epoch`'s order of the training indices: row groups in `group_order`, the rows of
-    each window of SHUFFLE_WINDOW_GROUPS of them shuffled together."""
+def lane_groups(training_per_group: Sequence[int], seed: int,
+                epoch: int) -> tuple[tuple[int, ...], ...]:
+    """Epoch `epoch`'s row groups dealt into ROW_GROUP_LANES lanes, in `group_order`: each to
+    the lane with the fewest training rows so far (the first of them on a tie), so the lanes
+    run dry at about the same time. Row groups without training rows are left out."""
+    lanes: list[list[int]] = [[] for _ in range(ROW_GROUP_LANES)]
+    rows = [0] * ROW_GROUP_LANES
+    for group in group_order(len(training_per_group), seed, epoch, True):
+        count = int(training_per_group[group])
+        if count:
+            lane = rows.index(min(rows))
+            lanes[lane].append(int(group))
+            rows[lane] += count
+    return tuple(tuple(lane) for lane in lanes)
+
+
+def lane_parts(micro_batch_sizes: Sequence[int]) -> list[int]:
+    """How many rows of a batch each lane gives, in lane order: lane l fills a contiguous part
+    of the batch. With M >= ROW_GROUP_LANES micro-batches, micro-batch j is lane
+    j * LANES // M's; with fewer, micro-batch j is shared by lanes [j * LANES // M,
+    (j + 1) * LANES // M). A part is thus whole micro-batches (or a micro-batch is whole
+    parts): a worker's contiguous run of micro-batches is a run of lanes."""
+    sizes, lanes = list(micro_batch_sizes), ROW_GROUP_LANES
+    parts = [0] * lanes
+    if len(sizes) >= lanes:
+        for j, size in enumerate(sizes):
+            parts[j * lanes // len(sizes)] += size
+        return parts
+    for j, size in enumerate(sizes):
+        shared = range(j * lanes // len(sizes), (j + 1) * lanes // len(sizes))
+        for k, lane in enumerate(shared):
+            parts[lane] = size // len(shared) + (1 if k < size % len(shared) else 0)
+    return parts
+
+
+def lane_order(training_per_group: Sequence[int], seed: int, epoch: int,
+               batches: Sequence[Sequence[int]]) -> np.ndarray:
+    """Epoch `epoch`'s order of the training indices, for batches cut into micro-batches of
+    these sizes (`batches`: each batch's micro-batch sizes, summing to the training rows):
+    each batch's `lane_parts` taken in turn from the lanes of `lane_groups`, each row group's
+    rows in a seeded order."""
     counts = np.asarray(training_per_group, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    if not shuffle:
-        return np.arange(starts[-1])
     rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
-    groups = rng.permutation(len(counts))  # the first draw: group_order's
-    parts = []
-    for first in range(0, len(groups), SHUFFLE_WINDOW_GROUPS):
-        window = groups[first:first + SHUFFLE_WINDOW_GROUPS]
-        indices = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in window])
-        parts.append(rng.permutation(indices))
-    return np.concatenate(parts)
+    rows_of = {int(g): starts[g] + rng.permutation(counts[g])  # group_order's draw comes first
+               for g in rng.permutation(len(counts))}
+    lanes = [np.concatenate([rows_of[g] for g in lane]) if lane else starts[:0]
+             for lane in lane_groups(training_per_group, seed, epoch)]
+    taken = [0] * len(lanes)
+    parts: list[np.ndarray] = []
+    for sizes in batches:
+        for lane, wanted in enumerate(lane_parts(sizes)):
+            while wanted:
+                source = lane
+                if taken[lane] == len(lanes[lane]):  # dry: the lane with the most rows left
+                    left = [len(rows) - used for rows, used in zip(lanes, taken)]
+                    source = left.index(max(left))
+                    if not left[source]:
+                        raise ValueError(f"batches of {sum(map(sum, batches))} samples, but "
+                                         f"{int(starts[-1])} training rows")
+                count = min(wanted, len(lanes[source]) - taken[source])
+                parts.append(lanes[source][taken[source]:taken[source] + count])
+                taken[source] += count
+                wanted -= count
+    order = np.concatenate(parts) if parts else starts[:0]
+    if len(order) != starts[-1]:
+        raise ValueError(f"batches of {len(order)} samples, but {int(starts[-1])} training rows")
+    return order
 
 
 @dataclass(frozen=True)
@@ -99,24 +156,29 @@ class ParquetSource:
     def read_group(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Row group `group`'s training rows as (features, targets), standardised (in float64,
         as in-memory data sets are) and in the job's dtype. The features are column-major, as
-        Parquet stores them: stacking the columns is one contiguous copy each, where a
-        row-major matrix would be a strided write of every value (a third of the read's time);
-        a batch's gather of a few rows from it costs the same either way."""
+        Parquet stores them: each column goes straight from Arrow's buffer into its row of the
+        result, through one reused float64 row, with no matrix-sized temporary (those cost
+        more than Arrow's decoding, in page faults); a batch's gather of a few rows from it
+        costs the same either way."""
         table = self._read_table(parquet_file, group)
-        # Checked for missing values only: load_parquet's pass, which reads every value of
-        # the file before any worker starts, refused NaN and infinities.
-        features = np.stack([_column(table, name, group, finite=False).astype(np.float64,
-                                                                             copy=False)
-                             for name in self.feature_columns])
-        labels = _column(table, self.label_column, group, finite=False)
         validation = held_out(int(sum(self.group_rows[:group])), table.num_rows, self.seed,
                               self.validation_fraction)
-        if validation.any():
-            features, labels = features[:, ~validation], labels[~validation]
-        if self.feature_mean is not None and self.feature_std is not None:
-            features -= self.feature_mean[:, None]
-            features /= self.feature_std[:, None]
-        return features.astype(self.dtype, copy=False).T, self.targets(labels)
+        kept = np.flatnonzero(~validation) if validation.any() else None
+        rows = table.num_rows if kept is None else len(kept)
+        features = np.empty((len(self.feature_columns), rows), dtype=self.dtype)
+        scratch = np.empty(rows)
+        mean, std = self.feature_mean, self.feature_std
+        for j, name in enumerate(self.feature_columns):
+            # Checked for missing values only: load_parquet's pass, which reads every value of
+            # the file before any worker starts, refused NaN and infinities.
+            values = _column(table, name, group, finite=False)
+            np.copyto(scratch, values if kept is None else values[kept])
+            if mean is not None and std is not None:
+                scratch -= mean[j]
+                scratch /= std[j]
+            features[j] = scratch
+        labels = _column(table, self.label_column, group, finite=False)
+        return features.T, self.targets(labels if kept is None else labels[kept])
 
     def read_raw(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every row of row group `group`: (float64 features as stored, labels as stored,
@@ -173,17 +235,13 @@ class ParquetRows:
         self.source = source
         starts = np.concatenate([[0], np.cumsum(source.training_per_group)])
         self._training_starts = starts.astype(np.int64)
-        self._capacity = 2 * SHUFFLE_WINDOW_GROUPS
         # Opened on first use, in the process that reads (a replica's actor).
         self._file = None
         self._reads: ThreadPoolExecutor | None = None
-        self._cache: OrderedDict[int, Future] = OrderedDict()
+        self._cache: OrderedDict[int, Future] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.groups_read = 0  # row groups read from the file (a test counts them)
-        # The last epoch's row-group order and each group's place in it.
-        self._order_of: tuple[int, np.ndarray, dict[int, int]] = (-1, np.empty(0), {})
-        self._read_ahead_of = (-1, -1)  # (epoch, window) whose next window was asked for
-        self._block: _Block | None = None
+        self._lanes: dict[int, _Lanes] = {}  # of the last few epochs
 
     def __reduce__(self):  # travels as its source; threads and the open file stay home
         return ParquetRows, (self.source,)
@@ -192,49 +250,80 @@ class ParquetRows:
     def feature_dtype(self) -> np.dtype:
         return np.dtype(self.source.dtype)
 
+    @property
+    def groups_held(self) -> int:
+        """Row groups held now, read or being read (at most ROW_GROUPS_HELD)."""
+        return len(self._cache)
+
     def take(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self._training_starts, indices, side="right") - 1
-        if self._block is None or (self._block.first_row[groups] < 0).any():
-            self._gather(groups, epoch)  # no reference to the old block is held meanwhile
-        block = self._block
-        assert block is not None
-        rows = indices - self._training_starts[groups] + block.first_row[groups]
-        return block.x[rows], block.y[rows]
-
-    def _gather(self, groups: np.ndarray, epoch: int) -> None:
-        """A new block: the row groups `groups` fall in (read now if need be) and those of the
-        latest window among them that are already read, which the next micro-batches will
-        want. The next window is then asked to be read ahead."""
         needed = [int(g) for g in np.unique(groups)]
-        arrays = {g: self._group(g).result() for g in needed}
-        order, position = self._epoch_order(epoch)
-        latest = max(position[g] for g in needed) // SHUFFLE_WINDOW_GROUPS
-        with self._lock:
-            for group in order[latest * SHUFFLE_WINDOW_GROUPS:
-                               (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
-                future = self._cache.get(int(group))
-                if future is not None and future.done() and int(group) not in arrays:
-                    arrays[int(group)] = future.result()
-        self._read_ahead(latest, epoch)
-        self._block = None  # the old block's memory goes before the new one's is taken
-        first_row = np.full(len(self.source.group_rows), -1, dtype=np.int64)
-        count = 0
-        for group, (gx, _) in arrays.items():
-            first_row[group], count = count, count + len(gx)
-        # Column-major like each row group's features: a contiguous copy per column.
-        x = np.concatenate([gx.T for gx, _ in arrays.values()], axis=1).T
-        y = np.concatenate([gy for _, gy in arrays.values()])
-        self._block = _Block(first_row, x, y)
+        reads = {g: self._group(g) for g in needed}
+        rows = indices - self._training_starts[groups]
+        if len(needed) == 1:  # a micro-batch within one row group: one gather
+            x, y = reads[needed[0]].result()
+            x, y = x[rows], y[rows]
+        else:
+            x = y = None
+            for group, future in reads.items():
+                gx, gy = future.result()
+                if x is None or y is None:
+                    x = np.empty((len(indices), gx.shape[1]), dtype=gx.dtype)
+                    y = np.empty((len(indices), *gy.shape[1:]), dtype=gy.dtype)
+                mine = groups == group
+                x[mine], y[mine] = gx[rows[mine]], gy[rows[mine]]
+            assert x is not None and y is not None  # a micro-batch has rows
+        self._follow_lanes(needed, epoch)
+        return x, y
 
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, dict[int, int]]:
-        """The epoch's row-group order and each group's place in it (computed once an
-        epoch)."""
-        if self._order_of[0] != epoch:
-            order = group_order(len(self.source.group_rows), self.source.seed, epoch,
-                                self.source.shuffle)
-            self._order_of = (epoch, order, {int(g): i for i, g in enumerate(order)})
-        return self._order_of[1], self._order_of[2]
+    def _follow_lanes(self, groups: list[int], epoch: int) -> None:
+        """For each of `groups` taken from for the first time this epoch, its lane has moved on
+        to it: the row group before it in its lane is dropped (a lane reads its rows in order,
+        so they are all used: only a recomputed micro-batch would read it again), the one
+        after it is read ahead."""
+        entered = self._lanes_of(epoch).entered
+        for group in groups:
+            if group in entered:
+                continue
+            entered.add(group)
+            previous, following = self._neighbours(group, epoch)
+            if previous is not None:
+                with self._lock:
+                    self._cache.pop(previous, None)
+            if following is not None:
+                self._group(following)
+
+    def _neighbours(self, group: int, epoch: int) -> tuple[int | None, int | None]:
+        """The row groups before and after `group` in its lane of epoch `epoch`; across an
+        epoch's end, the same lane's last of the epoch before and first of the next."""
+        lanes = self._lanes_of(epoch)
+        lane, at = lanes.place[group]
+        previous = following = None
+        if at > 0:
+            previous = lanes.groups[lane][at - 1]
+        elif epoch > 0 and self._lanes_of(epoch - 1).groups[lane]:
+            previous = self._lanes_of(epoch - 1).groups[lane][-1]
+        if at + 1 < len(lanes.groups[lane]):
+            following = lanes.groups[lane][at + 1]
+        elif self._lanes_of(epoch + 1).groups[lane]:
+            following = self._lanes_of(epoch + 1).groups[lane][0]
+        return previous, following
+
+    def _lanes_of(self, epoch: int) -> _Lanes:
+        if epoch not in self._lanes:
+            source = self.source
+            if source.shuffle:
+                groups = lane_groups(source.training_per_group, source.seed, epoch)
+            else:  # file order: one lane
+                groups = (tuple(g for g, count in enumerate(source.training_per_group)
+                                if count),)
+            place = {g: (lane, at) for lane, members in enumerate(groups)
+                     for at, g in enumerate(members)}
+            self._lanes[epoch] = _Lanes(groups, place, set())
+            for old in [e for e in self._lanes if e < epoch - 1]:
+                del self._lanes[old]
+        return self._lanes[epoch]
 
     def _group(self, group: int) -> Future:
         with self._lock:
@@ -246,7 +335,7 @@ class ParquetRows:
                                                  thread_name_prefix="parquet-read")
             future = self._reads.submit(self._read, group)
             self._cache[group] = future
-            while len(self._cache) > self._capacity:
+            while len(self._cache) > ROW_GROUPS_HELD:  # a bound, whatever the lanes do
                 self._cache.popitem(last=False)
             return future
 
@@ -256,33 +345,12 @@ class ParquetRows:
         self.groups_read += 1
         return self.source.read_group(self._file, group)
 
-    def _read_ahead(self, latest: int, epoch: int) -> None:
-        """Start reading the window after window `latest` (in the epoch's row-group order; the
-        next epoch's first window after the last)."""
-        if self._read_ahead_of == (epoch, latest):  # asked for already
-            return
-        self._read_ahead_of = (epoch, latest)
-        order, _ = self._epoch_order(epoch)
-        with self._lock:  # the current window's groups outlive the older windows' in the cache
-            for group in order[latest * SHUFFLE_WINDOW_GROUPS:
-                               (latest + 1) * SHUFFLE_WINDOW_GROUPS]:
-                if int(group) in self._cache:
-                    self._cache.move_to_end(int(group))
-        first = (latest + 1) * SHUFFLE_WINDOW_GROUPS
-        if first >= len(order):
-            order, first = group_order(len(order), self.source.seed, epoch + 1,
-                                       self.source.shuffle), 0
-        for group in order[first:first + SHUFFLE_WINDOW_GROUPS]:
-            if self.source.training_per_group[int(group)]:
-                self._group(int(group))
-
 
 @dataclass(frozen=True)
-class _Block:
-    """The row groups a replica's micro-batches are gathered from, concatenated: taking a
-    micro-batch is one gather, not one per row group (a micro-batch of a shuffled window
-    draws from all of its row groups)."""
+class _Lanes:
+    """One epoch's lanes (lane_groups), each row group's (lane, place in it), and which row
+    groups a replica has taken from."""
 
-    first_row: np.ndarray  # of each row group of the file: its first row here, or -1
-    x: np.ndarray
-    y: np.ndarray
+    groups: tuple[tuple[int, ...], ...]
+    place: dict[int, tuple[int, int]]
+    entered: set[int]  # the row groups taken from so far (_follow_lanes)

@@ -25,7 +25,7 @@ from scheduler.parquet_dataset import load_parquet, parquet_shape
 from scheduler.sampler import EpochSampler
 from scheduler.storage import load_checkpoint, save_checkpoint
 from scheduler.training import prepare_dataset, resolve_builtin_job
-from worker.parquet_rows import SHUFFLE_WINDOW_GROUPS
+from worker.parquet_rows import ROW_GROUP_LANES, ROW_GROUPS_HELD
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import resolve
 from worker.training_rows import TrainingRows
@@ -154,23 +154,22 @@ data: {{dataset: "parquet:{path}", label_column: label, batch_size: {BATCH}, epo
     before, after_first, peak = ray.get(replica_memory.remote(
         job, dataset.training_rows(), dataset.training_row_groups, STEPS))
     file_bytes = os.path.getsize(path)
-    # What the reader holds once it has started: the current and the next window of row
-    # groups (float32), the copy of a window's row groups micro-batches are gathered from, a
-    # row group being read (Arrow's float64 columns and their float64 copy) and the batch.
-    # Before that, opening the file costs its footer as Arrow holds it (every column chunk's
-    # metadata: O(row groups x columns)) and the reading thread.
+    # What the reader holds once it has started: each lane's current and next row group
+    # (float32), a row group being read (Arrow's float64 columns) and the batch. Before that,
+    # opening the file costs its footer as Arrow holds it (every column chunk's metadata:
+    # O(row groups x columns)) and the reading thread.
     group_bytes = GROUP_ROWS * FEATURES * 4
-    window_bound = (3 * SHUFFLE_WINDOW_GROUPS * group_bytes + 2 * 2 * group_bytes
-                    + BATCH * FEATURES * 8)
+    held_bound = ROW_GROUPS_HELD * group_bytes + 2 * group_bytes + BATCH * FEATURES * 8
     mib = 2 ** 20
     print(f"\nParquet file {file_bytes / mib:.1f} MiB ({FILE_ROWS} rows, "
           f"{FILE_ROWS // GROUP_ROWS} row groups); worker peak RSS {peak / mib:.1f} MiB: "
           f"{(peak - before) / mib:.1f} MiB above its {before / mib:.1f} MiB before the first "
-          f"step, {(peak - after_first) / mib:.1f} MiB above the first step's; the windows' "
-          f"bound {window_bound / mib:.1f} MiB")
-    assert STEPS * BATCH > 2 * SHUFFLE_WINDOW_GROUPS * GROUP_ROWS  # the steps cross windows
+          f"step, {(peak - after_first) / mib:.1f} MiB above the first step's; the row groups' "
+          f"bound {held_bound / mib:.1f} MiB")
+    # Every lane moves on to a third row group: reading on does not grow, data is not kept.
+    assert STEPS * BATCH // ROW_GROUP_LANES > 2 * GROUP_ROWS
     assert file_bytes >= 5 * (peak - before)
-    assert peak - after_first <= window_bound  # reading on does not grow: data is not kept
+    assert peak - after_first <= held_bound
 
 
 # --- the data cursor: every sample once an epoch across a crash, a stop and a resize ----------
@@ -311,7 +310,7 @@ def test_every_sample_is_trained_on_once_an_epoch_across_an_interruption_and_a_r
     resumed = saved[-1]
     at = resumed.step
     assert at == (8 if interruption == "crash" else STOP_AFTER)
-    order = "permutation" if source == "in_memory" else "row_group_windows(4)"
+    order = "permutation" if source == "in_memory" else "row_group_lanes(4)"
     assert resumed.data_cursor == DataCursor(at // 12, at % 12 * 128, job.training_samples, 5,
                                              order)
     second, _ = recorded_run(jobs[workers[1]], dataset, tmp_path / "second.log",
@@ -332,7 +331,7 @@ def test_a_checkpoint_whose_cursor_counts_in_other_data_is_refused_before_any_ac
         digits_parquet):
     jobs, dataset = cursor_jobs("parquet", digits_parquet)
     job = jobs[1]
-    cursor = DataCursor(0, 4 * 128, job.training_samples + 1, 5, "row_group_windows(4)")
+    cursor = DataCursor(0, 4 * 128, job.training_samples + 1, 5, "row_group_lanes(4)")
     stale = Checkpoint(4, np.zeros(1), 4, data_cursor=cursor)
     with pytest.raises(ValueError, match="the data set changed since"):
         JobRunner(job, dataset, resume_from=stale).run()

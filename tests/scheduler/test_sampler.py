@@ -69,14 +69,14 @@ def test_a_cursor_counts_the_samples_of_its_epoch_used_and_a_resume_starts_after
     assert sampler.position(cursor) == (2, 5)
     assert sampler.cursor(0, 16).samples_used == 1000  # the short last batch counts its 40
     assert EpochSampler(1000, 64, 4, seed=7, row_groups=(500, 500)).cursor(0, 1).order \
-        == "row_group_windows(4)"
+        == "row_group_lanes(4)"
 
 
 @pytest.mark.parametrize("other, named", [
     (EpochSampler(999, 64, 4, seed=7), "this job's data has 999"),
     (EpochSampler(1000, 64, 4, seed=8), "with seed 8"),
     (EpochSampler(1000, 64, 4, seed=7, shuffle=False), "drawn by file_order"),
-    (EpochSampler(1000, 64, 4, seed=7, row_groups=(400, 600)), "row_group_windows(4)"),
+    (EpochSampler(1000, 64, 4, seed=7, row_groups=(400, 600)), "row_group_lanes(4)"),
 ])
 def test_a_cursor_in_another_order_is_refused_rather_than_replayed(other, named):
     with pytest.raises(ValueError, match="resuming would use samples twice or never") as refused:

@@ -118,7 +118,7 @@ def test_a_checkpoint_round_trips_with_its_checksum_beside_it(tmp_path):
 def test_a_checkpoint_keeps_its_data_cursor_and_one_written_without_it_loads_with_none(
         tmp_path):
     cursor = DataCursor(epoch=1, samples_used=384, training_samples=1437, seed=5,
-                        order="row_group_windows(4)")
+                        order="row_group_lanes(4)")
     with_cursor = dataclasses.replace(checkpoint(7), data_cursor=cursor)
     assert load_checkpoint(save_checkpoint(tmp_path / "new.npz", with_cursor)).data_cursor \
         == cursor

@@ -8,12 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from worker.parquet_rows import (
-    SHUFFLE_WINDOW_GROUPS,
+    ROW_GROUP_LANES,
+    ROW_GROUPS_HELD,
     ParquetRows,
     ParquetSource,
-    group_order,
     held_out,
-    windowed_order,
+    lane_groups,
+    lane_order,
+    lane_parts,
 )
 
 ROWS, GROUP = 1000, 50
@@ -47,21 +49,70 @@ def test_a_rows_split_depends_on_its_position_alone_not_on_how_the_rows_are_cut(
     assert not held_out(0, 1000, 7, 0.0).any()
 
 
-def test_the_windowed_order_visits_every_training_index_once_a_window_of_row_groups_at_a_time():
-    counts = [10, 0, 7, 12, 9, 11, 3, 10, 8]
+def batches_of(samples, batch_size, micro_batches):
+    """Each batch's micro-batch sizes, cut as the sampler cuts them (array_split)."""
+    return [[len(part) for part in np.array_split(np.arange(min(batch_size, samples - lo)),
+                                                  micro_batches)]
+            for lo in range(0, samples, batch_size)]
+
+
+def test_a_batch_is_cut_into_one_part_per_lane_along_its_micro_batches():
+    assert ROW_GROUP_LANES == 4
+    assert lane_parts([64, 64, 64, 64]) == [64, 64, 64, 64]
+    assert lane_parts([32] * 8) == [64, 64, 64, 64]  # two micro-batches a lane
+    assert lane_parts([128, 128]) == [64, 64, 64, 64]  # two lanes a micro-batch
+    assert lane_parts([86, 85, 85]) == [86, 85, 43, 42]  # whole micro-batches or parts of one
+    assert lane_parts([3]) == [1, 1, 1, 0]
+    assert lane_parts([0, 0, 0, 0]) == [0, 0, 0, 0]
+
+
+def test_the_lane_order_uses_every_training_index_once_each_batch_part_from_its_lanes_groups():
+    counts = [10, 0, 7, 12, 9, 11, 3, 10, 8, 12, 9, 10]
     starts = np.concatenate([[0], np.cumsum(counts)])
-    order = windowed_order(counts, seed=1, epoch=2)
+    batches = batches_of(sum(counts), 8, 4)
+    order = lane_order(counts, seed=1, epoch=2, batches=batches)
     assert sorted(order) == list(range(sum(counts)))
-    groups = group_order(len(counts), 1, 2, True)
+    lanes = lane_groups(counts, 1, 2)
+    assert sorted(g for lane in lanes for g in lane) == [g for g in range(12) if counts[g]]
+    lane_rows = [sum(counts[g] for g in lane) for lane in lanes]
+    assert max(lane_rows) - min(lane_rows) <= max(counts)  # dealt to the emptiest lane
+    # Every lane gives 2 rows a batch: until the first runs dry, each part is its lane's.
     at = 0
-    for first in range(0, len(groups), SHUFFLE_WINDOW_GROUPS):
-        window = groups[first:first + SHUFFLE_WINDOW_GROUPS]
-        size = sum(counts[g] for g in window)
-        owners = np.searchsorted(starts, order[at:at + size], side="right") - 1
-        assert set(owners) <= set(window)
-        at += size
-    assert not np.array_equal(order, windowed_order(counts, seed=1, epoch=3))
-    assert np.array_equal(windowed_order(counts, 1, 2, shuffle=False), np.arange(sum(counts)))
+    for sizes in batches[:min(lane_rows) // 2]:
+        for lane, part in enumerate(lane_parts(sizes)):
+            owners = np.searchsorted(starts, order[at:at + part], side="right") - 1
+            assert set(owners) <= set(lanes[lane])
+            at += part
+    assert not np.array_equal(order, lane_order(counts, seed=1, epoch=3, batches=batches))
+    with pytest.raises(ValueError, match="batches of 90 samples, but 101 training rows"):
+        lane_order(counts, 1, 2, batches_of(90, 8, 4))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_each_worker_reads_about_its_share_of_the_row_groups_holding_a_few_at_a_time(
+        parquet_file, workers):
+    """A worker computes a contiguous run of every batch's micro-batches (block w of N), so it
+    reads its lanes' row groups: about 1/N of them an epoch, not all (plus, near the epoch's
+    end, a few whose lane ran dry, and its lanes' first of the next epoch, read ahead)."""
+    path, _, _ = parquet_file
+    source = source_of(path)
+    samples, groups = sum(source.training_per_group), len(source.group_rows)
+    batches = batches_of(samples, 32, 4)
+    order = lane_order(source.training_per_group, source.seed, 0, batches)
+    readers = [ParquetRows(source) for _ in range(workers)]
+    at = 0
+    for sizes in batches:
+        bounds = np.concatenate([[0], np.cumsum(sizes)]) + at
+        for micro_batch in range(4):
+            reader = readers[micro_batch * workers // 4]
+            reader.take(order[bounds[micro_batch]:bounds[micro_batch + 1]], epoch=0)
+            assert reader.groups_held <= ROW_GROUPS_HELD
+        at += sum(sizes)
+    # Its share, its lanes' first row groups of the next epoch, and at most 3 whose lanes
+    # ran dry (every worker read all 20 when a batch drew from a shuffled window of groups).
+    share = groups // workers
+    assert all(reader.groups_read <= share + 2 * ROW_GROUP_LANES // workers + 3
+               for reader in readers), [reader.groups_read for reader in readers]
 
 
 def test_taken_rows_are_the_files_training_rows_standardised_reading_only_their_row_groups(
@@ -77,8 +128,8 @@ def test_taken_rows_are_the_files_training_rows_standardised_reading_only_their_
     features, labels = rows.take(indices, epoch=0)
     np.testing.assert_allclose(features, x_train[indices], rtol=1e-15)
     assert np.array_equal(labels, y_train[indices]) and labels.dtype == np.int64
-    # Row groups 2 and 3, then the next window of the epoch's order, read ahead.
-    assert rows.groups_read <= 2 + SHUFFLE_WINDOW_GROUPS
+    # Row groups 2 and 3, then the next of each in its lane, read ahead.
+    assert rows.groups_read <= 4
     every = rows.take(np.arange(len(x_train)), epoch=0)
     np.testing.assert_allclose(every[0], x_train, rtol=1e-15)
 
