@@ -74,9 +74,15 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, namespace=namespace, include_dashboard=False,
                      log_to_driver=False, configure_logging=True,
                      logging_level=logging.WARNING)
-        except ConnectionError as error:  # a wrong token looks the same as no cluster
-            raise RayTokenMissing(f"could not join {address} ({error}); if it is running, "
-                                  f"{token_hint(address)}") from error
+        except ConnectionError as error:
+            # A wrong token looks the same as no cluster, and so does a machine with no node of
+            # the cluster: a driver joins through a raylet on its own machine (Ray waits 60 s
+            # for one, measured on Ray 2.60).
+            raise RayTokenMissing(f"could not join {address} ({error}); a driver joins through "
+                                  f"a node of the cluster on its own machine (`ray start "
+                                  f"--address={address}` here first); if this machine is one "
+                                  f"and the cluster is running, {token_hint(address)}"
+                                  ) from error
         return
     use_private_token()
     # "local": always a new instance of our own; a bare ray.init() would join whatever
