@@ -11,8 +11,9 @@ does so through its own node's raylet, so that node is a node of the cluster.
 
 Runners of every server on one cluster share its named actors: the namespace keeps each data
 folder's apart (a job id is unique in its folder only, and a server kills a leftover runner of
-the job it starts, which must never be another folder's). It is made from a random id kept in
-the data folder, so the next server on the folder finds the runners, and no other server does.
+the job it starts, which must never be another folder's). It is made from the folder's path and
+a random id kept in it, so the next server on the folder finds the runners, and no other server
+does, even on a copy of the folder.
 
 The server's side follows the actor, polling it every POLL_SECONDS for what the run reported
 (steps, evaluations, recoveries, checkpoints), which it hands to the queue's callbacks as
@@ -37,6 +38,7 @@ first (services/ray_recovery.py); the follower waits LOST_GRACE_SECONDS for that
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import pickle
@@ -102,17 +104,21 @@ def actor_name(job_id: str) -> str:
 
 
 def namespace_of(data_dir: Path) -> str:
-    """The Ray namespace of the runners of the server on `data_dir`: "chainrule-" and 16 random
-    hex digits, made on the folder's first use and kept in it (0600)."""
+    """The Ray namespace of the runners of the server on `data_dir`: "chainrule-" and 16 hex
+    digits of a hash of the folder's absolute path and of a random id made on its first use
+    and kept in it (0600). The id tells apart folders at one path on different machines; the
+    path tells apart a folder from a copy of it (a backup restored beside it, say)."""
     path = Path(data_dir) / NAMESPACE_FILE
-    try:
-        return NAMESPACE_PREFIX + path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secrets.token_hex(8))
-    return NAMESPACE_PREFIX + path.read_text().strip()
+    if not path.exists():
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made by another process meanwhile
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(8))
+    identity = f"{path.read_text().strip()}:{Path(data_dir).resolve()}"
+    return NAMESPACE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 @dataclass

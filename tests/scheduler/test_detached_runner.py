@@ -6,6 +6,7 @@ across a killed server: tests/chaos/, and on a cluster tests/deploy/test_multino
 from __future__ import annotations
 
 import pickle
+import shutil
 import stat
 
 from scheduler.detached_runner import (
@@ -83,3 +84,6 @@ def test_each_data_folder_has_a_runner_namespace_of_its_own_kept_across_starts(t
     assert namespace.startswith("chainrule-") and namespace_of(first) == namespace
     assert namespace_of(second) != namespace  # two servers' runners on one cluster never meet
     assert stat.S_IMODE((first / NAMESPACE_FILE).stat().st_mode) == 0o600
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)  # its random id too: the path tells them apart
+    assert namespace_of(copy) != namespace
