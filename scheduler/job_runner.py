@@ -18,7 +18,8 @@ One optimizer step:
   3. the replicas see the updated parameters in shared memory (the all-gather).
 The signals travel through named pipes (worker/transport/shared_memory.py), not Ray calls: a
 Ray call costs milliseconds per hop, a pipe microseconds. Actors on other hosts exchange the
-same sums through the object store (worker/transport/object_store.py).
+same sums over direct TCP connections between workers and shards (worker/transport/direct.py),
+or through the Ray object store (worker/transport/object_store.py; compressed jobs too).
 
 Mechanism and policy are apart: the worker group (worker_group.py) starts, kills and replaces
 actors; a transport runs a step and returns its outcome or what went wrong; the failure policy
@@ -68,6 +69,7 @@ from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
 from worker.shard_state_replica import state_keys_of
 from worker.shared_memory import SharedArrayGroup, SharedMemoryFull, host_identity
 from worker.transport.compressed import CompressedObjectStoreTransport
+from worker.transport.direct import DirectTransport
 from worker.transport.object_store import ObjectStoreTransport
 from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
@@ -161,15 +163,16 @@ class JobRunner:
         (scheduler.training.prepare_dataset). `cpus_per_worker` overrides the job's (the service
         divides the cluster between concurrent jobs); `nodes`: the node of each actor, workers
         first (the scheduling policy's choice; None: Ray's); `placement_timeout_seconds` bounds
-        the wait for room on the cluster; `transport` is "shared_memory", "object_store", or
-        "auto": shared memory when every node of the cluster is on the runner's host.
+        the wait for room on the cluster; `transport` is "shared_memory", "direct" (TCP
+        connections between workers and shards), "object_store", or "auto": shared memory
+        when every node of the cluster is on the runner's host, else direct.
         `failure_policy` decides what a failure costs (default: FailurePolicy()). `job_id`
         (the service's) names the job's shared-memory folder; never the spec's name, which a
         tenant chooses. `step_timeout_seconds` bounds the calls the job's step time does not
         predict (starting actors, a checkpoint's state) and a run's first steps; after those,
         a step's deadline follows the job's own pace (scheduler/step_deadline.py)."""
-        if transport not in ("auto", "shared_memory", "object_store"):
-            raise ValueError(f"transport must be auto, shared_memory or object_store, "
+        if transport not in ("auto", "shared_memory", "direct", "object_store"):
+            raise ValueError(f"transport must be auto, shared_memory, direct or object_store, "
                              f"got {transport!r}")
         _check_prepared_for(job, dataset)
         if job.compression is not None:
@@ -338,7 +341,7 @@ class JobRunner:
         if shared_memory and hosts != {host_identity()}:
             raise RuntimeError(
                 "an actor landed on another host than the runner although every node looked "
-                "local; run with transport='object_store'"
+                "local; run with transport='direct'"
             )
         if self.shared is not None:
             self.transport = SharedMemoryTransport(
@@ -350,7 +353,11 @@ class JobRunner:
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
                 compression=self.job.compression)
         else:
-            self.transport = ObjectStoreTransport(
+            # Across hosts the chunks and slices go over direct connections unless the object
+            # store was asked for by name (both give the same bits).
+            chosen = (ObjectStoreTransport if self.transport_name == "object_store"
+                      else DirectTransport)
+            self.transport = chosen(
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
                 statistics_bounds=[kfac.statistics_bounds(lo, hi) for lo, hi in bounds]

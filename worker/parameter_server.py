@@ -37,7 +37,7 @@ from worker.flat_parameters import ParameterLayout
 from worker.kfac_layout import KFAC, KFACLayout
 from worker.kfac_shard import KFACShard
 from worker.shared_memory import SharedArraySpec, host_identity
-from worker.transport import compressed, object_store, shared_memory
+from worker.transport import compressed, direct, object_store, shared_memory
 from worker.tree_sum import TreeSum
 
 
@@ -111,7 +111,9 @@ class ParameterServerShard:
                                                        setup.bounds, setup.block_count)
         self.rule = RULES["sgd"] if self.kfac is not None else RULES[setup.optimizer]
         self.steps_taken = 0
-        self.inbox = object_store.ChunkInbox()  # the workers' chunks (object-store transport)
+        # The workers' chunks (object-store and direct transports).
+        self.inbox = object_store.ChunkInbox()
+        self.worker_links: direct.ShardEnd | None = None  # the direct transport's connections
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
         # the shard's bounds are then aligned to parameter boundaries by the runner.
         self.pieces = self._pieces()
@@ -228,6 +230,23 @@ class ParameterServerShard:
     def reduce_apply_pushed(self, step: int, blocks: int, timeout_seconds: float,
                             lr: float) -> tuple:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
+
+    def listen_for_workers(self, token: bytes) -> tuple[str, int]:
+        return direct.listen_for_workers(self, token)
+
+    def load_and_send_parameters(self, values: np.ndarray, version: int) -> None:
+        direct.load_and_send_parameters(self, values, version)
+
+    def reduce_apply_direct(self, step: int, blocks: int, timeout_seconds: float, lr: float,
+                            version: int) -> tuple:
+        return direct.reduce_apply_direct(self, step, blocks, timeout_seconds, lr, version)
+
+    def apply_and_send(self, lr: float, coefficient: float, kl_coefficient: float,
+                       version: int) -> ApplyResult:
+        return direct.apply_and_send(self, lr, coefficient, kl_coefficient, version)
+
+    def parameter_slice(self) -> np.ndarray:
+        return self.parameters
 
     def reduce_topk(self, *messages) -> tuple:
         return compressed.reduce_topk(self, *messages)

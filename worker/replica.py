@@ -43,7 +43,7 @@ from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.training_rows import TrainingRows
-from worker.transport import compressed, object_store, shared_memory
+from worker.transport import compressed, direct, object_store, shared_memory
 from worker.tree_sum import TreeAccumulator
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ class ModelReplica:
         # ... and the optimizer over the whole vector, which each worker of a compressed job
         # steps itself with the same step gradient (a ParameterServerShard over [0, size)).
         self.replicated_optimizer: ParameterServerShard | None = None
+        # The direct transport's connections to the shards (worker/transport/direct.py).
+        self.shard_links: direct.WorkerEnd | None = None
 
     def location(self) -> tuple[str, str]:
         """(host, Ray node id): replicas on the runner's host share its memory."""
@@ -155,6 +157,17 @@ class ModelReplica:
         return object_store.compute_and_send(self, micro_batches, global_step, batch_size,
                                              master_buffers, bounds, block_index, shards,
                                              *slices)
+
+    def connect_to_shards(self, worker: int, addresses: list[tuple[str, int]],
+                          bounds: list[tuple[int, int]], token: bytes,
+                          timeout_seconds: float) -> None:
+        direct.connect_to_shards(self, worker, addresses, bounds, token, timeout_seconds)
+
+    def compute_direct(self, micro_batches: list[tuple[int, np.ndarray]], global_step: int,
+                       batch_size: int, master_buffers: np.ndarray | None, block: int,
+                       version: int, timeout_seconds: float) -> tuple:
+        return direct.compute_direct(self, micro_batches, global_step, batch_size,
+                                     master_buffers, block, version, timeout_seconds)
 
     def compress_block(self, block: int, micro_batches: list[tuple[int, np.ndarray]],
                        global_step: int, batch_size: int, master_buffers: np.ndarray | None,

@@ -98,7 +98,7 @@ def test_workers_spread_over_hosts_give_the_bits_of_one_host(cluster, one_host_d
                                                              workers):
     out = train(on_host(cluster, 0, "--workers", str(workers)), cluster.env)
     placed = next(line for line in out if "workers" in line)
-    assert placed["transport"] == "ObjectStoreTransport"
+    assert placed["transport"] == "DirectTransport"
     assert len(set(placed["workers"] + placed["shards"])) >= min(workers + 1, 3)
     assert out[-1]["digest"] == one_host_digest
 

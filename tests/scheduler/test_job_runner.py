@@ -118,7 +118,7 @@ def test_each_worker_sends_and_receives_at_most_2_05_times_the_parameter_bytes(l
         assert 0 < moved <= 2.05 * record.parameter_bytes
 
 
-@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+@pytest.mark.parametrize("transport", ["shared_memory", "direct"])
 def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_weights(
         one_worker_float32, transport):
     spec = spec_with()
@@ -204,22 +204,23 @@ def test_a_stopped_job_resumed_from_its_checkpoint_ends_with_bitwise_the_same_we
         assert np.array_equal(resumed.state_dict[key], value), key
 
 
-@pytest.mark.parametrize("workers, shards", [(2, 2), (4, 3)])
-def test_the_object_store_transport_gives_bitwise_the_shared_memory_weights(
-        one_worker_float32, workers, shards):
-    # The path for actors on other hosts, forced here on one host: the same sums in the same
-    # order, only carried through the object store.
-    result = train(spec_with(), workers, shards, transport="object_store")
+@pytest.mark.parametrize("workers, shards, transport", [(2, 2, "object_store"),
+                                                       (4, 3, "direct")])
+def test_the_cross_host_transports_give_bitwise_the_shared_memory_weights(
+        one_worker_float32, workers, shards, transport):
+    # The paths for actors on other hosts, forced here on one host: the same sums in the same
+    # order, only carried over direct connections or through the object store.
+    result = train(spec_with(), workers, shards, transport=transport)
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
 
 
-def test_object_store_transport_clips_and_tracks_batch_norm_like_shared_memory(local_ray):
+def test_the_direct_transport_clips_and_tracks_batch_norm_like_shared_memory(local_ray):
     spec = spec_with(dtype="float64")
     spec.clipping.max_norm = 0.05
     spec.model.layers.insert(1, spec.model.layers[1].__class__(batch_norm={}))
     shared = train(spec, 2, 2, transport="shared_memory")
-    store = train(spec, 2, 2, transport="object_store")
+    store = train(spec, 2, 2, transport="direct")
     assert "1.running_mean" in shared.state_dict
     for key, value in shared.state_dict.items():
         assert np.array_equal(store.state_dict[key], value), key
@@ -262,7 +263,7 @@ def test_without_an_interval_the_model_is_evaluated_at_every_epoch_end(local_ray
                                                             3 * per_epoch]
 
 
-@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+@pytest.mark.parametrize("transport", ["shared_memory", "direct"])
 def test_a_lost_parameter_server_shard_is_recovered_from_the_checkpoint_with_the_same_weights(
         one_worker_float32, transport):
     spec = spec_with()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import ray
 
@@ -53,27 +53,32 @@ class Liveness:
     timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS
 
     def wait(self, awaited: Mapping[Key, Sequence[ray.ObjectRef]], actors: Mapping[Key, object],
-             deadline_seconds: float) -> WaitResult:
+             deadline_seconds: float, watching: Mapping[Any, object] | None = None
+             ) -> WaitResult:
         """Wait until every ref of `awaited` (actor key -> the refs its calls return) is ready,
         an actor of `actors` (same keys) misses a heartbeat, or `deadline_seconds` pass.
-        Refs of several actors are waited on together; the result says which are ready."""
+        Refs of several actors are waited on together; the result says which are ready.
+        `watching` (key -> actor; keys apart from awaited's): actors the wait does not wait
+        for but sends heartbeats to all along, e.g. peers the awaited calls depend on."""
+        watching = watching or {}
+        everyone: dict[Any, object] = {**actors, **watching}
         refs = [ref for owned in awaited.values() for ref in owned]
         start = time.monotonic()
         end = start + deadline_seconds
         ready, _ = ray.wait(refs, num_returns=len(refs),
                             timeout=min(self.interval_seconds, deadline_seconds))
         done = set(ready)
-        pings: dict[Key, tuple[ray.ObjectRef, float]] = {}  # key -> (ping, sent at)
-        next_ping: dict[Key, float] = {}
+        pings: dict[Any, tuple[ray.ObjectRef, float]] = {}  # key -> (ping, sent at)
+        next_ping: dict[Any, float] = {}
         while len(done) < len(refs):
             now = time.monotonic()
             if now >= end:
                 break
             waiting_on = [key for key, owned in awaited.items()
-                          if any(ref not in done for ref in owned)]
+                          if any(ref not in done for ref in owned)] + list(watching)
             for key in waiting_on:
                 if key not in pings and now >= next_ping.get(key, start):
-                    pings[key] = (ask_heartbeat(actors[key]), now)
+                    pings[key] = (ask_heartbeat(everyone[key]), now)
             unanswered = frozenset(key for key, (_, sent) in pings.items()
                                    if now - sent > self.timeout_seconds)
             if unanswered:

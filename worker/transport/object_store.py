@@ -131,13 +131,7 @@ class ObjectStoreTransport:
         work = self.work
         if work is None:
             raise RuntimeError("recompute() needs a step that returned WorkersLost")
-        shards = list(self.actors.shards)
-        for block, worker in owners.items():
-            lo, hi = work.block_ranges[block]
-            self.owners[block] = worker
-            self.calls[block] = self.actors.replicas[worker].compute_and_send.remote(
-                work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
-                self.bounds, block, shards, *self.slices)
+        self._submit_blocks(work, owners)
         failure = self._collect_blocks(work)
         if failure is not None:
             return failure
@@ -150,6 +144,16 @@ class ObjectStoreTransport:
         except _ShardGone as gone:
             return gone.failure
 
+    def _submit_blocks(self, work: StepWork, owners: Mapping[int, int]) -> None:
+        """Call each block's owner (block -> worker) to compute it and send its chunks."""
+        shards = list(self.actors.shards)
+        for block, worker in owners.items():
+            lo, hi = work.block_ranges[block]
+            self.owners[block] = worker
+            self.calls[block] = self.actors.replicas[worker].compute_and_send.remote(
+                work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers,
+                self.bounds, block, shards, *self.slices)
+
     def _collect_blocks(self, work: StepWork) -> StepFailure | None:
         """Wait for every block not yet delivered. Owners that die, stop answering their
         heartbeat (liveness.py: a lost node is found in seconds) or let the step's deadline
@@ -161,8 +165,13 @@ class ObjectStoreTransport:
         for block, ref in pending.items():
             awaited.setdefault(self.owners[block], []).append(ref)
         replicas = self.actors.replicas
+        shards = self._shards_watched_with_blocks()
         waited = self.liveness.wait(awaited, {w: replicas[w] for w in awaited},
-                                    work.deadline_seconds)
+                                    work.deadline_seconds,
+                                    watching={("shard", k): shard for k, shard in shards.items()})
+        if lost_shards := sorted(k for _, k in waited.unanswered & {("shard", k) for k in shards}):
+            return ShardLost(lost_shards[0], f"without answering its heartbeat in step "
+                                             f"{work.step}")
         ready = set(waited.ready)
         lost: set[int] = set()  # died
         # Past the deadline (every owner still computing), or missed a heartbeat.
@@ -176,9 +185,7 @@ class ObjectStoreTransport:
             except ray.exceptions.RayActorError:
                 lost.add(self.owners[block])
             except ray.exceptions.RayTaskError as error:  # the job's computation raised
-                cause = error.cause
-                return BlockFailed(work.step, block, self.owners[block],
-                                   f"{type(cause).__name__}: {cause}")
+                return self._block_error(work, block, error.cause)
         if not lost | silent:
             return None
         gone = lost | silent
@@ -188,8 +195,25 @@ class ObjectStoreTransport:
                            tuple(sorted(silent - lost - waited.unanswered)),
                            tuple(sorted(waited.unanswered - lost)))
 
+    def _shards_watched_with_blocks(self) -> dict[int, object]:
+        """Shards to send heartbeats while the blocks compute (shard index -> actor): none
+        here, as no shard has been called yet."""
+        return {}
+
+    def _block_error(self, work: StepWork, block: int, cause: BaseException) -> StepFailure:
+        """What a block's call that raised `cause` means: here, the job's computation
+        failed."""
+        return BlockFailed(work.step, block, self.owners[block],
+                           f"{type(cause).__name__}: {cause}")
+
     def _reduce_and_apply(self, work: StepWork) -> StepOutcome:
-        blocks = range(len(work.block_ranges))
+        reduced, applied = self._reduce_and_apply_on_shards(work)
+        return self._step_outcome(work, reduced, applied)
+
+    def _reduce_and_apply_on_shards(self, work: StepWork
+                                    ) -> tuple[list[ReduceResult], list[ApplyResult]]:
+        """Every shard's figures once it has summed the step's chunks and applied; the
+        updated slices stay in the shards' object stores (self.slices) for the next step."""
         shards = self.actors.shards
         # The shard waits for chunks still on their way; past the deadline it gives up.
         inbox = (work.step, len(work.block_ranges), work.deadline_seconds)
@@ -210,6 +234,11 @@ class ObjectStoreTransport:
                      for shard in shards]
             applied = self._from_shards([c[0] for c in calls], work)
             self.slices = [c[1] for c in calls]
+        return reduced, applied
+
+    def _step_outcome(self, work: StepWork, reduced: Sequence[ReduceResult],
+                      applied: Sequence[ApplyResult]) -> StepOutcome:
+        blocks = range(len(work.block_ranges))
         norms = np.zeros(len(self.slots))
         index = {slot.name: i for i, slot in enumerate(self.slots)}
         for r in reduced:
@@ -338,26 +367,44 @@ def compute_and_send(replica: ModelReplica, micro_batches: list[tuple[int, np.nd
                      bounds: list[tuple[int, int]], block_index: int, shards: Sequence,
                      *slices: np.ndarray) -> tuple[BlockResult, ChunkSends]:
     """A worker's step: take the shards' updated slices (the all-gather), compute the block and
-    send each shard its chunk (the reduce-scatter) as soon as it is known; on a K-FAC
-    factor-update step every chunk goes with its statistics section, once the block is
-    complete. Returns the block's figures and when its chunks left."""
-    # A fresh block each call: the arrays of calls sent are copied into the object store when
-    # sent, but a fresh block keeps that from mattering.
+    send each shard its chunk (the reduce-scatter) by an actor call as soon as it is known.
+    Returns the block's figures and when its chunks left."""
+
+    def send(k: int, chunk: np.ndarray, section: np.ndarray | None) -> None:
+        shards[k].accept_chunk.remote(step, block_index, chunk, section)
+
+    return compute_and_stream(replica, micro_batches, step, batch_size, master_buffers, bounds,
+                              list(zip(bounds, slices)), send)
+
+
+def compute_and_stream(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
+                       step: int, batch_size: int, master_buffers: np.ndarray | None,
+                       bounds: list[tuple[int, int]],
+                       parameter_slices: Sequence[tuple[tuple[int, int], np.ndarray]],
+                       send: Callable[[int, np.ndarray, np.ndarray | None], None],
+                       ) -> tuple[BlockResult, ChunkSends]:
+    """Compute a block from the replica's parameters (`parameter_slices` written in first)
+    and `send(k, chunk, statistics section or None)` shard k its chunk as soon as it is known;
+    on a K-FAC factor-update step every chunk goes with its statistics section, once the block
+    is complete. Returns the block's figures and when its chunks left. The transports that
+    stream chunks (this one, direct.py) differ only in `send`."""
+    # A fresh block each call: a chunk sent may still be on its way while the next block is
+    # computed (an actor call copies it when sent, a socket link when its turn comes).
     block = np.empty_like(replica.flat)
     kfac = replica.kfac
     statistics = (np.empty(kfac.statistics_size)
                   if kfac is not None and replica.carries_statistics(step) else None)
 
-    def send(k: int, chunk: np.ndarray) -> None:
+    def send_chunk(k: int, chunk: np.ndarray) -> None:
         section = None
         if kfac is not None and statistics is not None:
             lo, hi = kfac.statistics_bounds(*bounds[k])
             section = statistics[lo:hi]
-        shards[k].accept_chunk.remote(step, block_index, chunk, section)
+        send(k, chunk, section)
 
-    sender = ChunkSender(replica.layout, block, bounds, send)
+    sender = ChunkSender(replica.layout, block, bounds, send_chunk)
     result = replica.compute(replica.layout.views(block), micro_batches, step, batch_size,
-                             master_buffers, parameter_slices=list(zip(bounds, slices)),
+                             master_buffers, parameter_slices=parameter_slices,
                              statistics=statistics,
                              chunk_sender=sender if statistics is None else None)
     computed_at = time.time()

@@ -1,0 +1,137 @@
+"""The direct transport's two ends (worker/transport/direct.py) over real sockets on loopback:
+a step leaves the shards with the bits of the same step done in one process, the all-gather
+lands in the replica's own parameter vector, and a shard that goes away, a stranger without the
+job's token or a malformed chunk are found at once. No Ray: the replica and the shards are
+plain objects here, as inside their actors."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from tests.worker.transport.test_object_store_overlap import _replica
+from worker.parameter_server import ParameterServerShard, ShardSetup
+from worker.transport import direct
+from worker.transport.direct import Message, Op, ShardEnd, ShardUnreachable
+
+TOKEN = bytes(range(direct.TOKEN_BYTES))
+TIMEOUT = 30.0  # far above what any wait below should take, even on a loaded machine
+
+
+def _shards_and_worker(shard_count: int = 2, block_count: int = 1):
+    """Shards on loopback and worker 0's replica connected to them, as the runner sets up."""
+    replica = _replica()
+    bounds = replica.layout.shard_bounds(shard_count, align_to_parameters=False)
+    shards = [_shard(replica, k, bounds[k], block_count) for k in range(shard_count)]
+    for shard in shards:
+        shard.worker_links = ShardEnd(shard, TOKEN, "127.0.0.1")
+    direct.connect_to_shards(replica, 0, [_end(s).address for s in shards], bounds, TOKEN,
+                             TIMEOUT)
+    _wait_until(lambda: all(0 in _end(shard).links for shard in shards),
+                "the worker's hello was not taken")
+    return replica, shards, bounds
+
+
+def _shard(replica, k: int, bounds: tuple[int, int], block_count: int) -> ParameterServerShard:
+    return ParameterServerShard(ShardSetup(k, bounds, replica.layout, None, block_count,
+                                           replica.job.optimizer, replica.job.hyperparameters),
+                                owns_process=False)
+
+
+def _end(shard: ParameterServerShard) -> ShardEnd:
+    assert shard.worker_links is not None
+    return shard.worker_links
+
+
+def _wait_until(condition, what: str) -> None:
+    end = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
+
+
+def test_a_step_over_loopback_gives_the_bits_of_the_same_step_in_one_process():
+    replica, shards, bounds = _shards_and_worker()
+    start = np.random.default_rng(4).standard_normal(replica.flat.size).astype(replica.flat.dtype)
+    for shard, (lo, hi) in zip(shards, bounds):
+        direct.load_and_send_parameters(shard, start[lo:hi], 1)
+    micro_batches = [(0, np.arange(16)), (1, np.arange(16, 48))]
+
+    result, _ = direct.compute_direct(replica, micro_batches, 1, 48, None, 0, 1, TIMEOUT)
+    assert np.array_equal(replica.flat, start)  # the all-gather of version 1 came in place
+    for shard in shards:
+        direct.reduce_apply_direct(shard, 1, 1, TIMEOUT, 0.1, 2)
+    links = replica.shard_links
+    assert links is not None
+    links.wait_for_parameters(2, TIMEOUT)
+
+    # The same step in one process: the block from the same start, each shard's update.
+    alone = _replica()
+    alone.flat[:] = start
+    gradient = np.empty_like(alone.flat)
+    alone.compute(alone.layout.views(gradient), micro_batches, 1, 48)
+    assert result.samples == 48
+    for k, (lo, hi) in enumerate(bounds):
+        reference = _shard(alone, k, (lo, hi), 1)
+        reference.load_parameters(start[lo:hi])
+        reference.reduce([gradient[lo:hi]])
+        reference.apply(0.1)
+        assert shards[k].parameters.tobytes() == reference.parameters.tobytes()
+        assert replica.flat[lo:hi].tobytes() == reference.parameters.tobytes()
+    assert not np.array_equal(replica.flat, start)
+
+
+def test_a_worker_waiting_for_a_shard_that_goes_away_learns_it_at_once():
+    replica, shards, _ = _shards_and_worker()
+    end = _end(shards[1])
+    began = time.monotonic()
+    end.links[0].close()  # as the kernel does when the shard's process dies
+    links = replica.shard_links
+    assert links is not None
+    with pytest.raises(ShardUnreachable) as lost:
+        links.wait_for_parameters(1, TIMEOUT)
+    assert lost.value.shard == 1 and "closed" in str(lost.value)
+    assert time.monotonic() - began < TIMEOUT / 3  # the closing, not the timeout, ended it
+    with pytest.raises(ShardUnreachable):
+        links.send_chunk(1, 1, 0, np.zeros(3, np.float32), None)
+        links.flush(TIMEOUT)
+
+
+def _raw_hello(shard: ParameterServerShard, token: bytes, worker: int) -> socket.socket:
+    connection = socket.create_connection(_end(shard).address, timeout=TIMEOUT)
+    connection.sendall(Message(Op.HELLO, 0, worker, len(token)).pack() + token)
+    return connection
+
+
+def test_a_connection_without_the_jobs_token_is_dropped_and_sent_nothing():
+    _, shards, bounds = _shards_and_worker(1, block_count=2)
+    shard = shards[0]
+    direct.load_and_send_parameters(shard, np.zeros(bounds[0][1], np.float32), 1)
+    stranger = _raw_hello(shard, bytes(direct.TOKEN_BYTES), 1)
+    assert stranger.recv(1 << 16) == b""  # closed, without a byte of the parameters
+    assert set(_end(shard).links) == {0}  # only the real worker's
+
+
+def test_a_chunk_of_the_wrong_size_closes_the_connection_and_is_not_filed():
+    _, shards, _ = _shards_and_worker(1, block_count=2)
+    shard = shards[0]
+    intruder = _raw_hello(shard, TOKEN, 1)
+    _wait_until(lambda: 1 in _end(shard).links, "the hello was not taken")
+    intruder.sendall(Message(Op.CHUNK, 1, 1, 8).pack() + bytes(8))
+    assert intruder.recv(1 << 16) == b""
+    _wait_until(lambda: 1 not in _end(shard).links, "the closed connection stayed registered")
+    assert shard.inbox.gradients == {}
+
+
+@pytest.mark.parametrize("header", [
+    Message(Op.SLICE, 1, 0, 4),  # an op a worker never sends
+    Message(Op.CHUNK, 1, 7, 4),  # a block the job does not have
+])
+def test_a_message_a_worker_may_not_send_closes_its_connection(header):
+    _, shards, _ = _shards_and_worker(1, block_count=2)
+    intruder = _raw_hello(shards[0], TOKEN, 1)
+    intruder.sendall(header.pack())
+    assert intruder.recv(1 << 16) == b""

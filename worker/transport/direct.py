@@ -1,0 +1,483 @@
+"""A step over direct TCP connections between workers and shards: for actors on other hosts.
+
+Why not the object store (object_store.py): there every chunk and every updated slice is a Ray
+object, and a transfer between two hosts costs about 7 ms before its first byte, two of them
+in series per step (profiled on the 10 Gbit/s namespace hosts, bench/multihost.py). Here the
+bytes go over one TCP connection per worker and shard, straight from the sender's array into
+the receiver's (socket_link.py); Ray carries only the runner's small calls and the figures.
+
+Connections, made when the transport starts: each shard listens on its node's address, at a
+port the kernel picks; the runner hands every worker the shards' addresses and the job's
+random token through Ray calls (Ray's own channel is authenticated); each worker connects to
+every shard and says HELLO with its slot and the token. A shard drops a connection whose token
+is wrong, or whose message has an op, a block or a size other than the job's.
+
+One step, version v being the parameters the step starts from (the runner counts versions:
+one per step, one per push of the runner's vector):
+
+  runner --Ray: compute_direct(block, v)--> each block's worker, and at the same time
+  runner --Ray: reduce_apply_direct(step, v+1)--> every shard, which waits for the chunks
+  worker: waits until every shard's SLICE of version v is in its parameter vector (received
+      in place), computes the block, and sends shard k its CHUNK as soon as it is known:
+      during the last micro-batch's backward pass, as object_store.py does (ChunkSender)
+  shard:  once every block's CHUNK is in (ChunkInbox), sums them in the fixed tree order,
+      applies the optimizer, sends every worker its SLICE of version v+1 (the all-gather),
+      and answers the runner with the figures
+With global-norm clipping or K-FAC's KL clip the shards first answer with their norms, and
+the runner sends the coefficients with apply_and_send. The shard's call is made with the
+blocks' (not after them) so that a shard starts summing the moment the last chunk is in, and
+so that the runner sends the shards heartbeats while the blocks compute.
+
+The runner's side reports what went wrong and decides nothing, as object_store.py's does, which
+it extends: a worker that dies or falls silent is WorkersLost (the shards go on waiting for its
+blocks, so `recompute` on a survivor completes the step with the same bits); a shard that dies
+closes its connections, so the workers waiting for its slice or sending it a chunk fail at once
+with ShardUnreachable, which is ShardLost (and the shard's silence on its heartbeat is too);
+a worker's closed connection frees the shard's thread reading it. A lost shard's state is not
+kept on other hosts: the job restarts from its checkpoint.
+
+This module owns both ends of the protocol: the messages, the runner's side (DirectTransport)
+and the actors' (ShardEnd, WorkerEnd and the functions ModelReplica and ParameterServerShard
+expose as remote methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from enum import IntEnum, unique
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import ray
+
+from worker.transport.named_pipe import Record
+from worker.transport.object_store import (
+    ChunkSends,
+    ObjectStoreTransport,
+    compute_and_stream,
+    reduce_pushed,
+)
+from worker.transport.socket_link import Link, LinkClosed, connect, listen
+from worker.transport.step import (
+    ActorFailure,
+    ShardLost,
+    StepFailure,
+    StepWork,
+    apply_coefficients,
+)
+
+if TYPE_CHECKING:
+    from worker.parameter_server import ApplyResult, ParameterServerShard, ReduceResult
+    from worker.replica import BlockResult, ModelReplica
+
+TOKEN_BYTES = 32
+HELLO_SECONDS = 10.0  # a connection that has not said HELLO by then is dropped
+
+
+# --- the messages ------------------------------------------------------------------------------
+
+
+@unique
+class Op(IntEnum):
+    HELLO = 1  # worker -> shard, first on a connection: the worker's slot; the token follows
+    CHUNK = 2  # worker -> shard: a block's gradient chunk of a step (and statistics section)
+    SLICE = 3  # shard -> worker: the shard's parameters at a version
+
+
+@dataclasses.dataclass(frozen=True)
+class Message(Record):
+    """A message's header; the arrays it announces follow it on the connection, in order."""
+
+    layout: ClassVar = struct.Struct("<iqqqq")
+    op: Op
+    number: int  # CHUNK: the step; SLICE: the parameters' version; HELLO: 0
+    index: int  # CHUNK: the block; HELLO: the worker's slot; SLICE: the shard
+    first_bytes: int  # the chunk, the slice or the token
+    second_bytes: int = 0  # CHUNK of a K-FAC factor-update step: its statistics (float64)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", Op(self.op))  # an unknown code fails here, loudly
+
+
+class ShardUnreachable(ConnectionError):
+    """A worker's connection to shard `shard` closed or stayed silent: the shard is gone."""
+
+    def __init__(self, shard: int, message: str):
+        super().__init__(shard, message)
+        self.shard, self.message = shard, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- the runner's side -------------------------------------------------------------------------
+
+
+class DirectTransport(ObjectStoreTransport):
+    """The object-store transport's step, with the chunks and slices on direct connections
+    (the failure handling and the figures are object_store.py's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.version = 0  # of the parameters on the shards
+        self.addresses: list[tuple[str, int]] = []
+        self.shard_calls: list[list[ray.ObjectRef]] = []  # the step's, by shard
+
+    def start(self) -> None:
+        self.addresses = [tuple(address) for address in ray.get(
+            [shard.listen_for_workers.remote(self.token) for shard in self.actors.shards],
+            timeout=self.timeout_seconds)]
+        for worker in range(len(self.actors.replicas)):
+            self.worker_replaced(worker)
+        self.push_parameters()
+
+    def push_parameters(self) -> None:
+        """The runner's vector to every shard, which sends it on to every worker."""
+        self.version += 1
+        self._shard_values([shard.load_and_send_parameters.remote(self.parameters[lo:hi],
+                                                                   self.version)
+                            for shard, (lo, hi) in zip(self.actors.shards, self.bounds)],
+                           "while loading parameters")
+
+    def sync_parameters(self) -> None:
+        values = self._shard_values([shard.parameter_slice.remote()
+                                     for shard in self.actors.shards],
+                                    "while reading its parameters")
+        for (lo, hi), value in zip(self.bounds, values):
+            self.parameters[lo:hi] = value
+
+    def worker_replaced(self, worker: int) -> None:
+        """Connect slot `worker`'s replica to every shard, which sends it its slice. One that
+        died meanwhile is found by the next step."""
+        try:
+            ray.get(self.actors.replicas[worker].connect_to_shards.remote(
+                worker, self.addresses, self.bounds, self.token, self.timeout_seconds),
+                timeout=self.timeout_seconds)
+        except ray.exceptions.RayActorError:
+            pass
+
+    def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
+        values = []
+        for k, ref in enumerate(refs):
+            try:
+                values.append(ray.get(ref, timeout=self.timeout_seconds))
+            except ray.exceptions.RayActorError as error:
+                raise ActorFailure(ShardLost(k, when)) from error
+        return values
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def run_step(self, work: StepWork):
+        self.shard_calls = []
+        return super().run_step(work)
+
+    def _submit_blocks(self, work: StepWork, owners: Mapping[int, int]) -> None:
+        for block, worker in owners.items():
+            lo, hi = work.block_ranges[block]
+            self.owners[block] = worker
+            self.calls[block] = self.actors.replicas[worker].compute_direct.remote(
+                work.micro_batches[lo:hi], work.step, work.samples, self.master_buffers, block,
+                self.version, work.deadline_seconds)
+        if self.shard_calls:  # a recompute: the shards still wait for the lost blocks
+            return
+        # The shards wait past the step's deadline (the runner's to enforce) for a recompute.
+        inbox = (work.step, len(work.block_ranges), work.deadline_seconds + self.timeout_seconds)
+        if work.waits_for_coefficients:
+            self.shard_calls = [[shard.reduce_pushed.remote(*inbox)]
+                                for shard in self.actors.shards]
+        else:
+            self.shard_calls = [
+                shard.reduce_apply_direct.options(num_returns=2).remote(*inbox, work.lr,
+                                                                        self.version + 1)
+                for shard in self.actors.shards]
+
+    def _shards_watched_with_blocks(self) -> dict[int, object]:
+        return dict(enumerate(self.actors.shards))
+
+    def _block_error(self, work: StepWork, block: int, cause: BaseException) -> StepFailure:
+        if isinstance(cause, ShardUnreachable):
+            return ShardLost(cause.shard, f"during step {work.step}: {cause}")
+        return super()._block_error(work, block, cause)
+
+    def _reduce_and_apply_on_shards(self, work: StepWork
+                                    ) -> tuple[list[ReduceResult], list[ApplyResult]]:
+        reduced = self._from_shards([calls[0] for calls in self.shard_calls], work)
+        if not work.waits_for_coefficients:
+            applied = self._from_shards([calls[1] for calls in self.shard_calls], work)
+        else:
+            coefficient, nu = apply_coefficients(
+                work, sum(r.squared_norm for r in reduced),
+                [dot for r in reduced for dot in r.direction_dots.values()])
+            applied = self._from_shards(
+                [shard.apply_and_send.remote(work.lr, coefficient, nu, self.version + 1)
+                 for shard in self.actors.shards], work)
+        self.version += 1
+        return reduced, applied
+
+
+# --- the shards' side --------------------------------------------------------------------------
+
+
+class ShardEnd:
+    """Shard k's connections: it accepts the workers', files their chunks in its inbox and
+    sends them its slice whenever it changes (and to a worker as soon as it connects)."""
+
+    def __init__(self, shard: ParameterServerShard, token: bytes, host: str):
+        self.shard, self.token = shard, token
+        setup = shard.setup
+        self.chunk_bytes = (shard.hi - shard.lo) * np.dtype(setup.layout.dtype).itemsize
+        self.statistics_size = 0  # float64 values of a K-FAC chunk's statistics section
+        if setup.kfac is not None:
+            lo, hi = setup.kfac.statistics_bounds(shard.lo, shard.hi)
+            self.statistics_size = hi - lo
+        self.server = listen(host)
+        self.address: tuple[str, int] = self.server.getsockname()[:2]
+        self.lock = threading.Lock()  # the links and the version
+        self.links: dict[int, Link] = {}  # worker slot -> its connection
+        self.version = 0  # of the slice last loaded or applied; 0: none yet
+        threading.Thread(target=self._accept, name="accept workers", daemon=True).start()
+
+    def send_slice(self, version: int) -> None:
+        """The shard's parameters, now at `version`, to every connected worker."""
+        with self.lock:
+            self.version = version
+            for link in self.links.values():
+                self._send_slice(link)
+
+    def _send_slice(self, link: Link) -> None:
+        """(With self.lock.) The workers wait for this version before they compute, and the
+        shard changes its slice only once every block of the next step is in, so the slice
+        stays put while it leaves (a worker given up as lost may get a torn one: it never
+        counts)."""
+        parameters = self.shard.parameters
+        try:
+            link.send(Message(Op.SLICE, self.version, self.shard.setup.index, parameters.nbytes),
+                      parameters)
+        except LinkClosed:
+            pass  # that worker is gone; its reader forgets it
+
+    def _accept(self) -> None:
+        while True:
+            connection, _ = self.server.accept()
+            threading.Thread(target=self._serve, args=(connection,), name="worker link",
+                             daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        link = Link(connection, "a worker")
+        worker = self._hello(link, connection)
+        if worker is None:
+            link.close()
+            return
+        link.name = f"worker {worker}"
+        with self.lock:
+            replaced = self.links.get(worker)
+            self.links[worker] = link
+            if self.version:
+                self._send_slice(link)
+        if replaced is not None:
+            replaced.close()
+        try:
+            while True:
+                self._receive_chunk(link)
+        except (LinkClosed, ValueError):
+            link.close()
+            with self.lock:
+                if self.links.get(worker) is link:
+                    del self.links[worker]
+
+    def _hello(self, link: Link, connection: socket.socket) -> int | None:
+        """The worker slot a new connection says HELLO for, or None if it does not do so
+        within HELLO_SECONDS with the job's token."""
+        connection.settimeout(HELLO_SECONDS)
+        try:
+            hello = link.receive_header(Message)
+            if hello.op != Op.HELLO or hello.first_bytes != len(self.token):
+                return None
+            token = bytearray(len(self.token))
+            link.receive_into(memoryview(token))
+        except (LinkClosed, ValueError):
+            return None
+        connection.settimeout(None)
+        if not hmac.compare_digest(bytes(token), self.token):
+            return None
+        if not 0 <= hello.index < self.shard.setup.block_count:
+            return None
+        return hello.index
+
+    def _receive_chunk(self, link: Link) -> None:
+        header = link.receive_header(Message)
+        statistics_bytes = self.statistics_size * 8
+        if (header.op != Op.CHUNK or not 0 <= header.index < self.shard.setup.block_count
+                or header.first_bytes != self.chunk_bytes
+                or header.second_bytes not in (0, statistics_bytes)):
+            raise ValueError(f"{link.name} sent {header}, not a chunk of {self.chunk_bytes} "
+                             f"bytes")
+        gradient = np.empty(self.shard.hi - self.shard.lo, self.shard.setup.layout.dtype)
+        link.receive_into(gradient)
+        statistics = None
+        if header.second_bytes:
+            statistics = np.empty(self.statistics_size)
+            link.receive_into(statistics)
+        self.shard.inbox.accept(header.number, header.index, gradient, statistics)
+
+
+def listen_for_workers(shard: ParameterServerShard, token: bytes) -> tuple[str, int]:
+    """Open the shard's end on its node's address; returns (address, port) for the workers."""
+    if len(token) != TOKEN_BYTES:
+        raise ValueError(f"the token must be {TOKEN_BYTES} bytes, got {len(token)}")
+    shard.worker_links = ShardEnd(shard, token, ray.util.get_node_ip_address())
+    return shard.worker_links.address
+
+
+def _shard_end(shard: ParameterServerShard) -> ShardEnd:
+    if shard.worker_links is None:
+        raise RuntimeError("the shard was not asked to listen for workers (listen_for_workers)")
+    return shard.worker_links
+
+
+def load_and_send_parameters(shard: ParameterServerShard, values: np.ndarray,
+                             version: int) -> None:
+    shard.load_parameters(values)
+    _shard_end(shard).send_slice(version)
+
+
+def reduce_apply_direct(shard: ParameterServerShard, step: int, blocks: int,
+                        timeout_seconds: float, lr: float, version: int
+                        ) -> tuple[ReduceResult, ApplyResult]:
+    """Sum the step's chunks once all are in, apply, and send every worker the new slice."""
+    reduced = reduce_pushed(shard, step, blocks, timeout_seconds)
+    return reduced, apply_and_send(shard, lr, 1.0, 1.0, version)
+
+
+def apply_and_send(shard: ParameterServerShard, lr: float, coefficient: float,
+                   kl_coefficient: float, version: int) -> ApplyResult:
+    applied = shard.apply(lr, coefficient, kl_coefficient)
+    _shard_end(shard).send_slice(version)
+    return applied
+
+
+# --- the workers' side -------------------------------------------------------------------------
+
+
+class WorkerEnd:
+    """A worker's connections to every shard: its chunks go out on them, and the shards'
+    slices come in straight into the replica's parameter vector."""
+
+    def __init__(self, replica: ModelReplica, worker: int, addresses: Sequence[tuple[str, int]],
+                 bounds: Sequence[tuple[int, int]], token: bytes, timeout_seconds: float):
+        self.bounds = list(bounds)
+        self.changed = threading.Condition()
+        self.versions = [0] * len(addresses)  # of each shard's slice in the vector
+        self.links: list[Link] = []
+        for k, address in enumerate(addresses):
+            try:
+                connection = connect(address, timeout_seconds)
+            except OSError as error:
+                self.close()
+                raise ShardUnreachable(k, f"parameter-server shard {k} at {address[0]}:"
+                                          f"{address[1]} refused the connection: {error}"
+                                       ) from error
+            link = Link(connection, f"parameter-server shard {k}")
+            link.send(Message(Op.HELLO, 0, worker, len(token)), np.frombuffer(token, np.uint8))
+            self.links.append(link)
+        for k, link in enumerate(self.links):
+            lo, hi = self.bounds[k]
+            threading.Thread(target=self._receive_slices, args=(k, link, replica.flat[lo:hi]),
+                             name=f"slices of shard {k}", daemon=True).start()
+
+    def _receive_slices(self, k: int, link: Link, destination: np.ndarray) -> None:
+        """Shard k's slices, into the replica's vector: no block computes while they arrive
+        (see ShardEnd._send_slice)."""
+        try:
+            while True:
+                header = link.receive_header(Message)
+                if header.op != Op.SLICE or header.first_bytes != destination.nbytes:
+                    raise ValueError(f"shard {k} sent {header}, not its slice of "
+                                     f"{destination.nbytes} bytes")
+                link.receive_into(destination)
+                with self.changed:
+                    self.versions[k] = header.number
+                    self.changed.notify_all()
+        except (LinkClosed, ValueError):
+            link.close()
+            with self.changed:
+                self.changed.notify_all()
+
+    def wait_for_parameters(self, version: int, timeout_seconds: float) -> None:
+        """Until every shard's slice of `version` is in; ShardUnreachable for the first
+        shard whose connection closed first or whose slice did not come in time."""
+        with self.changed:
+            self.changed.wait_for(
+                lambda: all(v >= version for v in self.versions)
+                or any(link.closed and v < version for link, v in zip(self.links, self.versions)),
+                timeout=timeout_seconds)
+            versions = list(self.versions)
+        if newer := [k for k, have in enumerate(versions) if have > version]:
+            # The runner's count and the shards' disagree: a bug.
+            raise RuntimeError(f"shard {newer[0]} sent parameters of version "
+                               f"{versions[newer[0]]} for a step asking for version {version}")
+        behind = [k for k, have in enumerate(versions) if have < version]
+        for k in behind:
+            if self.links[k].closed:
+                raise ShardUnreachable(k, f"parameter-server shard {k}'s connection closed "
+                                          f"before it sent its parameters")
+        if behind:
+            raise ShardUnreachable(behind[0], f"parameter-server shard {behind[0]} sent no "
+                                              f"parameters for {timeout_seconds:g} s")
+
+    def send_chunk(self, k: int, step: int, block: int, chunk: np.ndarray,
+                   statistics: np.ndarray | None) -> None:
+        arrays = (chunk,) if statistics is None else (chunk, statistics)
+        try:
+            self.links[k].send(Message(Op.CHUNK, step, block, chunk.nbytes,
+                                       0 if statistics is None else statistics.nbytes), *arrays)
+        except LinkClosed as closed:
+            raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
+
+    def flush(self, timeout_seconds: float) -> None:
+        """Until every chunk sent is in the kernel's hands (which delivers it even if this
+        process dies next)."""
+        for k, link in enumerate(self.links):
+            try:
+                link.flush(timeout_seconds)
+            except (LinkClosed, TimeoutError) as failed:
+                raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+def connect_to_shards(replica: ModelReplica, worker: int, addresses: Sequence[tuple[str, int]],
+                      bounds: Sequence[tuple[int, int]], token: bytes,
+                      timeout_seconds: float) -> None:
+    if replica.shard_links is not None:
+        replica.shard_links.close()
+    replica.shard_links = WorkerEnd(replica, worker, addresses, bounds, token, timeout_seconds)
+
+
+def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
+                   step: int, batch_size: int, master_buffers: np.ndarray | None, block: int,
+                   version: int, timeout_seconds: float) -> tuple[BlockResult, ChunkSends]:
+    """A worker's step: wait for the parameters of `version` from every shard (the
+    all-gather), compute the block and stream each shard its chunk (the reduce-scatter);
+    returns once every chunk is in the kernel's hands."""
+    links = replica.shard_links
+    if links is None:
+        raise RuntimeError("the replica is not connected to the shards (connect_to_shards)")
+    links.wait_for_parameters(version, timeout_seconds)
+
+    def send(k: int, chunk: np.ndarray, statistics: np.ndarray | None) -> None:
+        links.send_chunk(k, step, block, chunk, statistics)
+
+    result = compute_and_stream(replica, micro_batches, step, batch_size, master_buffers,
+                                links.bounds, (), send)
+    links.flush(timeout_seconds)
+    return result
