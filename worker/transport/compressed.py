@@ -226,28 +226,31 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         calls = [getattr(shard, reduce_name).options(num_returns=3).remote(*messages)
                  for shard, messages in zip(shards, messages_of_shard)]
         # A worker lost in round 2 is found here, before the shards' calls that wait on it.
-        second_bytes = self._second_bytes(seconds, blocks, work)
+        second_rounds = self._second_rounds(seconds, blocks, work)
         reduced = self._from_shards([c[0] for c in calls], work)
         coefficient, _ = apply_coefficients(work, sum(r.squared_norm for r in reduced), ())
         self.update = (StepUpdate(work.step, work.lr, coefficient), [c[1] for c in calls])
         # Bytes each worker receives from shard k: P^ (PowerSGD) and its reply.
         received = self._from_shards([c[2] for c in calls], work)
         if p_hat_calls:
-            received = [p + r for p, r in zip(
-                self._from_shards([call[1] for call in p_hat_calls], work), received)]
-        return self._outcome(work, reduced, second_bytes, received)
+            firsts_done = self._from_shards([call[1] for call in p_hat_calls], work)
+            received = [p + r for (p, _), r in zip(firsts_done, received)]
+            reduced = [dataclasses.replace(r, seconds=r.seconds + first_seconds)
+                       for r, (_, first_seconds) in zip(reduced, firsts_done)]
+        return self._outcome(work, reduced, second_rounds, received)
 
-    def _outcome(self, work: StepWork, reduced: list[ReduceResult], second_bytes: list[int],
-                 received: list[int]) -> StepOutcome:
+    def _outcome(self, work: StepWork, reduced: list[ReduceResult],
+                 second_rounds: list[tuple[int, float]], received: list[int]) -> StepOutcome:
         norms = np.zeros(len(self.slots))
         index = {slot.name: i for i, slot in enumerate(self.slots)}
         for r in reduced:
             for name, value in r.parameter_squared_norms.items():
                 norms[index[name]] += value
         results = [self.delivered[b] for b in range(len(work.block_ranges))]
-        block_stats = [BlockStats(r.loss_sum, r.samples, r.correct, r.seconds, r.write_seconds,
-                                  r.bytes_written + extra, r.apply_seconds)
-                       for r, extra in zip(results, second_bytes)]
+        block_stats = [BlockStats(r.loss_sum, r.samples, r.correct, r.seconds,
+                                  r.write_seconds + extra_seconds, r.bytes_written + extra,
+                                  r.apply_seconds)
+                       for r, (extra, extra_seconds) in zip(results, second_rounds)]
         shard_stats = [ShardStats(r.squared_norm, r.seconds, 0.0, sent)
                        for r, sent in zip(reduced, received)]
         micro = None
@@ -255,10 +258,11 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
             micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
         return StepOutcome(block_stats, shard_stats, norms, micro)
 
-    def _second_bytes(self, seconds: list, blocks: range, work: StepWork) -> list[int]:
-        """Each block's round-2 message bytes (0 without a round 2)."""
+    def _second_rounds(self, seconds: list, blocks: range,
+                       work: StepWork) -> list[tuple[int, float]]:
+        """Each block's round-2 (message bytes, seconds); (0, 0.0) without a round 2."""
         if not seconds:
-            return [0 for _ in blocks]
+            return [(0, 0.0) for _ in blocks]
         return self._from_workers([call[-1] for call in seconds], blocks, work)
 
     def _from_workers(self, refs: list[ray.ObjectRef], blocks: range,
@@ -362,10 +366,11 @@ def compress_block(replica: ModelReplica, block: int,
 
 def powersgd_second(replica: ModelReplica, block: int, bounds: list[tuple[int, int]],
                     *p_hats: dict[int, np.ndarray]) -> tuple:
-    """Round 2: Q_b per shard, then the messages' bytes."""
+    """Round 2: Q_b per shard, then (the messages' bytes, the seconds they took)."""
+    start = time.perf_counter()
     p_hat = {index: p for part in p_hats for index, p in part.items()}
     messages = _powersgd(replica).second(block, p_hat, bounds)
-    return (*messages, message_bytes(messages))
+    return (*messages, (message_bytes(messages), time.perf_counter() - start))
 
 
 def apply_step_update(replica: ModelReplica, bounds: list[tuple[int, int]], update: StepUpdate,
@@ -450,14 +455,15 @@ def reduce_topk(shard: ParameterServerShard, *messages) -> tuple:
     return reduced, reply, message_bytes([reply])
 
 
-def reduce_powersgd_first(shard: ParameterServerShard,
-                          *messages: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
-    """Round 1: P^ of the matrices this shard answers for, and its bytes (sent to every
-    worker)."""
+def reduce_powersgd_first(shard: ParameterServerShard, *messages: np.ndarray
+                          ) -> tuple[dict[int, np.ndarray], tuple[int, float]]:
+    """Round 1: P^ of the matrices this shard answers for, and (its bytes, sent to every
+    worker; the seconds the round took)."""
+    start = time.perf_counter()
     compressed = shard.compressed
     assert isinstance(compressed, PowerSGDShard)
     p_hat = compressed.reduce_first(messages)
-    return p_hat, message_bytes(list(p_hat.values()))
+    return p_hat, (message_bytes(list(p_hat.values())), time.perf_counter() - start)
 
 
 def reduce_powersgd_second(shard: ParameterServerShard, *messages: np.ndarray) -> tuple:
