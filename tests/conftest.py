@@ -3,6 +3,7 @@
 import pytest
 import ray
 
+from chainrule.client import Client
 from scheduler import ray_cluster
 
 
@@ -15,3 +16,11 @@ def local_ray():
     ray_cluster.connect(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    """A client of the `server` fixture of the requesting test's module or folder (each
+    defines its own, with the options it tests)."""
+    with Client(server.address, timeout=30) as c:
+        yield c

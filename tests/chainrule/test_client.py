@@ -23,12 +23,6 @@ from tests.services.helpers import DIGITS_SPEC, iris_spec, rpc_error, wait_for
 pytestmark = [pytest.mark.distributed]
 
 
-@pytest.fixture
-def client(server):  # noqa: F811
-    with Client(server.address, timeout=30) as c:
-        yield c
-
-
 def _blobs(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
     y = rng.integers(0, 2, n)
     return rng.normal(size=(n, 3)) + 3.0 * y[:, None], y

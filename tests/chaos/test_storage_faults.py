@@ -39,12 +39,6 @@ def server(local_ray, tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def undisturbed(server, tmp_path_factory):
     with Client(server.address, timeout=30) as client:

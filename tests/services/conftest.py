@@ -3,7 +3,6 @@
 
 import pytest
 
-from chainrule.client import Client
 from services.server import serve
 
 
@@ -12,9 +11,3 @@ def server(local_ray, tmp_path_factory):
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), max_concurrent_jobs=2)
     yield running
     running.stop()
-
-
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c

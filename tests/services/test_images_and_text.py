@@ -1,6 +1,8 @@
 """Images and text through the service (a real server over gRPC, real embedded Ray): the CNN
-and the causal transformer shipped in services/specs/ train to what their comments promise, and
-their downloaded weights, rebuilt in the engine from the spec, reproduce the service's figures."""
+and the causal transformer shipped in services/specs/ train through it, and their downloaded
+weights, rebuilt in the engine from the spec, reproduce the service's figures. The specs' own
+promises (98% on digits, English from the transformer) are checked once, through `chainrule
+train`, in tests/scheduler/test_images_and_text.py; here the runs are shortened to a quarter."""
 
 import json
 
@@ -12,23 +14,28 @@ from chainrule.spec_file import load_job_spec
 from scheduler.storage import load_weights
 from scheduler.training import prepare_dataset, resolve_builtin_job
 from tests.services.helpers import ROOT, wait_until_done
-from tests.text_checks import assert_reads_as_english, training_part, unigram_entropy_nats
+from tests.text_checks import training_part, unigram_entropy_nats
 from worker.backprop import Tensor
 from worker.backprop.tensor import no_grad
 from worker.model_builder import Loss, build_model
-from worker.text_sampling import sample_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 DIGITS_CNN = ROOT / "services" / "specs" / "digits-cnn.yaml"
 PYTHON_HELP_TRANSFORMER = ROOT / "services" / "specs" / "python-help-transformer.yaml"
-# About 20 s (CNN) and 70 s (transformer) on a quiet 2-core machine; a loaded machine
-# stretches that many times over.
+# About 5 s (CNN) and 20 s (transformer) on a quiet 2-core machine; a loaded machine stretches
+# that many times over.
 TRAIN_TIMEOUT_SECONDS = 1500
 
 
-def train_over_grpc(client, spec_path, weights):
-    job = wait_until_done(client, client.submit(spec_path).id, timeout=TRAIN_TIMEOUT_SECONDS)
+def shortened(spec_path, epochs: int):
+    spec = load_job_spec(spec_path)
+    spec.data.epochs = epochs
+    return spec
+
+
+def train_over_grpc(client, spec, weights):
+    job = wait_until_done(client, client.submit(spec).id, timeout=TRAIN_TIMEOUT_SECONDS)
     assert state_name(job.state) == "SUCCEEDED", job.error
     header = client.download(job.id, weights)
     assert json.loads(header.manifest_json)["steps"] > 0
@@ -36,13 +43,13 @@ def train_over_grpc(client, spec_path, weights):
 
 
 @pytest.mark.timeout(TRAIN_TIMEOUT_SECONDS + 60)
-def test_the_digits_cnn_reaches_98_percent_validation_accuracy(client, tmp_path):
+def test_the_digits_cnn_learns_and_its_download_reproduces_the_accuracy(client, tmp_path):
     weights = tmp_path / "digits-cnn.safetensors"
-    job = train_over_grpc(client, DIGITS_CNN, weights)
+    spec = shortened(DIGITS_CNN, epochs=2)
+    job = train_over_grpc(client, spec, weights)
     accuracy = job.final_validation.accuracy
-    # Measured: 0.9889 (355 of the 359 validation images), as through chainrule train.
-    assert accuracy >= 0.98
-    spec = load_job_spec(DIGITS_CNN)
+    # Measured: 0.9666 after 2 of the spec's 8 epochs, the same as through chainrule train.
+    assert accuracy >= 0.95
     dataset = prepare_dataset(resolve_builtin_job(spec))
     model = build_model(spec.model, dataset.feature_shape)
     model.load_state_dict(load_weights(weights))
@@ -53,16 +60,16 @@ def test_the_digits_cnn_reaches_98_percent_validation_accuracy(client, tmp_path)
 
 
 @pytest.mark.timeout(TRAIN_TIMEOUT_SECONDS + 60)
-def test_the_python_help_transformer_beats_the_unigram_baseline_and_writes_english(
+def test_the_python_help_transformer_beats_the_unigram_baseline_and_its_download_reproduces_it(
         client, tmp_path):
-    spec = load_job_spec(PYTHON_HELP_TRANSFORMER)
-    training_text = training_part(spec)
-    baseline = unigram_entropy_nats(training_text)  # 3.26 nats per byte
+    spec = shortened(PYTHON_HELP_TRANSFORMER, epochs=1)
+    baseline = unigram_entropy_nats(training_part(spec))  # 3.26 nats per byte
     weights = tmp_path / "python-help.safetensors"
-    job = train_over_grpc(client, PYTHON_HELP_TRANSFORMER, weights)
+    job = train_over_grpc(client, spec, weights)
     loss = job.final_validation.loss
-    # Measured: 1.4318 nats per byte on the held-out tail, against the baseline's 3.26.
-    assert loss < 0.6 * baseline
+    # Measured: 2.1758 nats per byte on the held-out tail after 1 of the spec's 4 epochs,
+    # against the baseline's 3.26.
+    assert loss < 0.75 * baseline
 
     dataset = prepare_dataset(resolve_builtin_job(spec))
     model = build_model(spec.model, dataset.feature_shape, input_dtype=np.int64)
@@ -72,5 +79,3 @@ def test_the_python_help_transformer_beats_the_unigram_baseline_and_writes_engli
         recomputed = float(Loss("next_token_cross_entropy", "mean")(
             model(Tensor(dataset.x_val)), dataset.y_val).data)
     assert recomputed == pytest.approx(loss, rel=1e-4)
-    assert_reads_as_english(sample_text(model, "The ", 300, temperature=0.5, seed=0),
-                            training_text)

@@ -53,12 +53,6 @@ def server(local_ray, tmp_path_factory, usual_umask):
     running.stop()
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
-
-
 def test_a_running_jobs_shared_memory_folder_is_named_by_its_job_id_only(client):
     spec = iris_spec(name="tenant-chosen-name", epochs=500)
     spec.data.batch_size = 8  # 7,500 steps: running for as long as the test looks

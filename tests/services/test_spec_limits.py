@@ -35,12 +35,6 @@ def server(local_ray, tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
-
-
 def _refused(client: Client, spec: job_pb2.JobSpec) -> tuple[grpc.RpcError, float]:
     """The submit's error and how long the server took; nothing may have been stored."""
     before = [job.id for job in client.jobs()]

@@ -47,12 +47,6 @@ def server(local_ray, tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
-
-
 def _npz(compressed: bool = False, **arrays) -> bytes:
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
