@@ -11,9 +11,12 @@ same run. A busy machine slows whichever path runs while it is busy, so the rati
 the median over rounds of each Parquet run against the in-memory run right after it (and the
 best of each path against the other's best beside it).
 
-Memory: a fresh Ray worker process computes one epoch's gradients as a job's only worker
-would, from each source, and reports its peak RSS (ru_maxrss) beside the data's size: the file,
-and the arrays the in-memory path puts in the object store (which a worker maps whole).
+Per worker: a fresh Ray worker process computes one epoch's gradients as worker 0 of
+`--workers` would (the first contiguous block of every batch's micro-batches, as the runner
+hands them out), from each source, and reports its peak RSS (ru_maxrss) beside the data's
+size (the file, and the arrays the in-memory path puts in the object store, which a worker
+maps whole), its CPU seconds after the first step (the reading thread's included: unlike
+samples/s, hardly moved by a busy machine) and, for Parquet, the row groups it decoded.
 
 Target: the Parquet path at >= 0.9x the in-memory path's samples/s on data that fits.
 """
@@ -53,6 +56,7 @@ data: {{dataset: "{dataset}", label_column: label, batch_size: 256, epochs: {epo
 seed: 1
 """
 SKIPPED_STEPS = 5
+GROUP_ROWS = 2000
 
 
 def samples_per_second(runner: JobRunner) -> float:
@@ -65,8 +69,10 @@ def samples_per_second(runner: JobRunner) -> float:
 
 
 @ray.remote(max_calls=1)  # a fresh worker process: its peak is this replica's alone
-def worker_peak_rss(job, rows, row_groups) -> int:
-    """Peak resident bytes of a process computing every micro-batch of epoch 0 from `rows`."""
+def first_worker_epoch(job, rows, row_groups, workers: int) -> tuple[int, float, int]:
+    """(peak resident bytes, CPU seconds after the first step, row groups read) of a process
+    computing worker 0's micro-batches of every step of epoch 0 from `rows`: the first
+    round(M / workers) of each batch, the block the runner gives worker 0 of `workers`."""
     import resource
 
     replica = ModelReplica(ReplicaSetup(job, None), rows)
@@ -74,10 +80,16 @@ def worker_peak_rss(job, rows, row_groups) -> int:
                    for slot in replica.layout.slots}
     sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches, job.seed,
                            row_groups=row_groups)
+    block = round(job.micro_batches / workers)
+    start = 0.0
     for step, samples in enumerate(sampler.epoch(0), start=1):
-        replica.compute(destination, list(enumerate(samples.micro_batches)), step,
+        if step == 2:  # after the first, which imports pyarrow and opens the file
+            start = time.process_time()
+        replica.compute(destination, list(enumerate(samples.micro_batches))[:block], step,
                         job.batch_size)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = time.process_time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, seconds, getattr(rows, "groups_read", 0)
 
 
 def main() -> None:
@@ -90,6 +102,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    load_at_start = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, 64))
     y = (x[:, :10].argmax(axis=1)).astype(np.int64)
@@ -97,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "rows.parquet"
         pq.write_table(pa.table({**{f"f{i}": x[:, i] for i in range(64)}, "label": y}), path,
-                       row_group_size=2000)
+                       row_group_size=GROUP_ROWS)
         spec = load_job_spec(SPEC.format(dataset=f"parquet:{path}", epochs=args.epochs))
         job = resolve(spec, parquet_shape(spec.data, spec.seed), workers=args.workers)
         memory_spec = load_job_spec(SPEC.format(dataset="memory", epochs=args.epochs)
@@ -109,22 +122,26 @@ def main() -> None:
             memory_runs.append(samples_per_second(JobRunner.for_spec(
                 memory_spec, dataset, workers=args.workers)))
         parquet_data = load_parquet(job)
-        memory_job = resolve(memory_spec, dataset.shape, workers=1)
-        parquet_rss = ray.get(worker_peak_rss.remote(
-            job, parquet_data.training_rows(), parquet_data.training_row_groups))
-        memory_rss = ray.get(worker_peak_rss.remote(memory_job, dataset.training_rows(), ()))
+        memory_job = resolve(memory_spec, dataset.shape, workers=args.workers)
+        parquet_rss, parquet_cpu, groups_read = ray.get(first_worker_epoch.remote(
+            job, parquet_data.training_rows(), parquet_data.training_row_groups, args.workers))
+        memory_rss, memory_cpu, _ = ray.get(first_worker_epoch.remote(
+            memory_job, dataset.training_rows(), (), args.workers))
         file_bytes = path.stat().st_size
     mib = 2 ** 20
-    print(f"{args.rows} rows x 64 features, {args.workers} workers, batch 256; "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+    groups = -(-args.rows // GROUP_ROWS)
+    print(f"{args.rows} rows x 64 features, {args.workers} workers, batch 256; load average "
+          f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     ratios = [p / m for p, m in zip(parquet_runs, memory_runs)]
     print(f"best runs: in memory {max(memory_runs):,.0f} samples/s, Parquet "
           f"{max(parquet_runs):,.0f} samples/s ({max(parquet_runs) / max(memory_runs):.2f})")
     print(f"Parquet / in memory, round by round: {', '.join(f'{r:.2f}' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f} (target >= 0.9)")
-    print(f"a worker's peak RSS over an epoch: Parquet {parquet_rss / mib:.0f} MiB (file "
-          f"{file_bytes / mib:.1f} MiB, row groups of 2,000 rows), in memory "
-          f"{memory_rss / mib:.0f} MiB (arrays {dataset.x.nbytes / mib:.1f} MiB)")
+    print(f"worker 0 of {args.workers} over an epoch: peak RSS Parquet {parquet_rss / mib:.0f} "
+          f"MiB (file {file_bytes / mib:.1f} MiB, {groups} row groups of {GROUP_ROWS:,} rows, "
+          f"{groups_read} decoded), in memory {memory_rss / mib:.0f} MiB (arrays "
+          f"{dataset.x.nbytes / mib:.1f} MiB); CPU Parquet {parquet_cpu:.2f} s, in memory "
+          f"{memory_cpu:.2f} s ({parquet_cpu / memory_cpu:.2f}x)")
 
 
 if __name__ == "__main__":

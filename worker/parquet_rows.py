@@ -258,7 +258,8 @@ class ParquetRows:
     def take(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self._training_starts, indices, side="right") - 1
-        needed = [int(g) for g in np.unique(groups)]
+        first = int(groups.min())
+        needed = [first] if first == groups.max() else [int(g) for g in np.unique(groups)]
         reads = {g: self._group(g) for g in needed}
         rows = indices - self._training_starts[groups]
         if len(needed) == 1:  # a micro-batch within one row group: one gather
