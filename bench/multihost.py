@@ -71,7 +71,9 @@ def job_and_data(model: str, steps: int, compression: dict | None = None):
 
 def drive_ours(address: str, steps: int, model: str, compression: dict | None = None) -> dict:
     """On host 0: chainrule's 2-worker job on the cluster at `address`; medians of the steady
-    steps (after the first 5), and the hidden share over all of them."""
+    steps (after the first 5), and the hidden share over all of them. The step time is the
+    median period from one step's end to the next's, as the peer's is a period: the step's
+    own wall plus the runner's work between steps."""
     import statistics
 
     from scheduler import ray_cluster
@@ -80,15 +82,24 @@ def drive_ours(address: str, steps: int, model: str, compression: dict | None = 
     ray_cluster.connect(address)
     spec, data = job_and_data(model, steps, compression)
     records: list = []
-    JobRunner.for_spec(spec, data, on_step=records.append).run()
-    steady = records[min(5, len(records) // 2):]
+    ended: list[float] = []
+
+    def on_step(record) -> None:
+        ended.append(time.perf_counter())
+        records.append(record)
+
+    JobRunner.for_spec(spec, data, on_step=on_step).run()
+    first = min(5, len(records) // 2)
+    steady = records[first:]
+    periods = [b - a for a, b in zip(ended[first - 1:], ended[first:])]
 
     def median_ms(field) -> float:
         return statistics.median(field(r.timings) for r in steady) * 1e3
 
     communication = sum(r.timings.communication for r in steady)
     return {
-        "step_ms": median_ms(lambda t: t.wall), "compute_ms": median_ms(lambda t: t.compute),
+        "step_ms": statistics.median(periods) * 1e3, "wall_ms": median_ms(lambda t: t.wall),
+        "compute_ms": median_ms(lambda t: t.compute),
         "reduce_ms": median_ms(lambda t: t.reduce), "apply_ms": median_ms(lambda t: t.apply),
         "wait_ms": median_ms(lambda t: t.wait),
         "hidden_share": (sum(r.timings.hidden_communication for r in steady) / communication
@@ -273,7 +284,9 @@ def main() -> int:
                               f"({BATCHES[model] / figures['step_ms'] * 1e3:,.0f} samples/s; "
                               f"compute {figures['compute_ms']:.1f}, reduce-scatter "
                               f"{figures['reduce_ms']:.1f}, optimizer "
-                              f"{figures['apply_ms']:.1f}, wait {figures['wait_ms']:.1f} ms; "
+                              f"{figures['apply_ms']:.1f}, wait {figures['wait_ms']:.1f} ms, "
+                              f"between steps "
+                              f"{figures['step_ms'] - figures['wall_ms']:.1f} ms; "
                               f"per worker and step sent {figures['sent_bytes']:,} B, received "
                               f"{figures['received_bytes']:,} B, parameters "
                               f"{figures['parameter_bytes']:,} B; "
