@@ -20,7 +20,9 @@ the worker still computes, over all their time in flight), and the ratios agains
 then the round trip of one actor call from the runner to each host, the unit the waits are made
 of. Then, on the last rate's cluster, the MLP's
 hidden layers trained on digits (64 inputs) for --accuracy-epochs epochs with and without
-PowerSGD: validation accuracy after the same steps.
+PowerSGD: validation accuracy after the same steps; and bench/parquet.py's comparison on the
+two hosts: samples/s of 2 workers reading a Parquet file (at one path both hosts see) against
+the same rows in memory, and the peak RSS of a worker on the other host from each source.
 
 Targets (issue 10): >= 1.5x Ray Train's samples/s at 10 Gbit/s; >= 3x at 1 Gbit/s with
 gradient compression on; compression moves >= 8x fewer bytes (sent and received), and its
@@ -44,6 +46,7 @@ DIMS = [784, 1024, 1024, 10]
 BATCHES = {"mlp": 256, "lenet": 64}
 NAMES = {"mlp": f"MLP {'-'.join(map(str, DIMS))}", "lenet": "LeNet-5 (CNN)"}
 POWERSGD = {"powersgd": {"rank": 4}}
+DATA_ROWS = 60_000  # bench/parquet.py's: 30 row groups of 2,000 rows
 
 
 def job_and_data(model: str, steps: int, compression: dict | None = None):
@@ -180,6 +183,25 @@ def drive_accuracy(address: str, epochs: int) -> dict:
     return figures
 
 
+def drive_data(address: str) -> dict:
+    """On host 0: bench/parquet.py's measure on the two hosts: 2 workers and 2 shards train
+    the MLP 64-256-10 at batch 256 for 2 epochs of DATA_ROWS synthetic rows, from a Parquet
+    file both hosts read at the same path (the namespaces share this machine's file system)
+    and from the same rows in memory (through the object store); then a fresh worker process
+    on the other host computes worker 0's micro-batches of an epoch from each source."""
+    import ray
+    from parquet import measure
+
+    from scheduler import ray_cluster
+
+    ray_cluster.connect(address)
+    here = ray.get_runtime_context().get_node_id()
+    other = next(node["NodeID"] for node in ray.nodes()
+                 if node["Alive"] and node["NodeID"] != here)
+    return measure(rows=DATA_ROWS, workers=2, epochs=2, rounds=2, parameter_servers=2,
+                   node=other)
+
+
 def drive_peer(address: str, steps: int, model: str) -> dict:
     """On host 0: Ray Train's TorchTrainer, one DDP worker per host (the peers' own train
     loops: ../shared/bench/peer_ray_train.py for the MLP, bench/peer_ray_train_cnn.py)."""
@@ -231,7 +253,8 @@ def main() -> int:
     parser.add_argument("--models", default="mlp,lenet", help="of: mlp, lenet")
     parser.add_argument("--accuracy-epochs", type=int, default=20,
                         help="epochs of digits for the accuracy comparison (0: none)")
-    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy", "latency"],
+    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy", "latency",
+                                             "data"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +267,8 @@ def main() -> int:
             figures = drive_accuracy(args.address, args.accuracy_epochs)
         elif args.driver == "latency":
             figures = drive_call_latency(args.address)
+        elif args.driver == "data":
+            figures = drive_data(args.address)
         elif args.driver == "peer":
             figures = drive_peer(args.address, args.steps, models[0])
         else:
@@ -261,7 +286,7 @@ def main() -> int:
     print("2 hosts x 1 CPU, one worker per host; " + "; ".join(
         f"{NAMES[m]} at global batch {BATCHES[m]}" for m in models))
     results = {}
-    accuracy = None
+    accuracy = data = None
     rates = args.rates.split(",")
     for rate in rates:
         hosts = netns_hosts.Hosts(2, rate=rate)
@@ -299,6 +324,8 @@ def main() -> int:
                       f"{latency['same_host_ms']:.2f} ms on the runner's", flush=True)
                 if rate == rates[-1] and args.accuracy_epochs and "mlp" in models:
                     accuracy = run_on_host0(cluster, "accuracy", 0, "mlp", args.accuracy_epochs)
+                if rate == rates[-1]:
+                    data = run_on_host0(cluster, "data", args.steps, "mlp")
             finally:
                 cluster.down()
         finally:
@@ -325,6 +352,14 @@ def main() -> int:
         row(f"{model} bytes sent + received, whole / PowerSGD",
             (ours["sent_bytes"] + ours["received_bytes"])
             / (compressed["sent_bytes"] + compressed["received_bytes"]), ">= 8")
+    if data is not None:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from parquet import report
+
+        print(f"Parquet vs in memory on the two hosts at {rates[-1]} (the worker process on the "
+              f"other host), "
+              f"{DATA_ROWS:,} rows x 64 features, 2 workers:")
+        print("\n".join(f"    {line}" for line in report(data, 2)))
     if accuracy is not None:
         whole, powersgd = accuracy["whole"], accuracy["powersgd"]
         print(f"digits after {whole['steps']} steps: validation accuracy {whole['accuracy']:.4f} "

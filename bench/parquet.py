@@ -92,6 +92,72 @@ def first_worker_epoch(job, rows, row_groups, workers: int) -> tuple[int, float,
     return peak, seconds, getattr(rows, "groups_read", 0)
 
 
+def measure(rows: int, workers: int, epochs: int, rounds: int,
+            parameter_servers: int | None = None, node: str | None = None) -> dict:
+    """On the Ray instance connected to: samples/s of each path, round by round (`rounds`
+    runs of `epochs` epochs of `rows` rows each); then worker 0's epoch from each source in a
+    fresh process (on the node of id `node` when given): peak RSS, CPU seconds and row groups
+    decoded. Also the data's sizes: the file and the in-memory arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, 64))
+    y = (x[:, :10].argmax(axis=1)).astype(np.int64)
+    worker_epoch = first_worker_epoch
+    if node is not None:
+        worker_epoch = first_worker_epoch.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rows.parquet"
+        pq.write_table(pa.table({**{f"f{i}": x[:, i] for i in range(64)}, "label": y}), path,
+                       row_group_size=GROUP_ROWS)
+        spec = load_job_spec(SPEC.format(dataset=f"parquet:{path}", epochs=epochs))
+        job = resolve(spec, parquet_shape(spec.data, spec.seed), workers=workers,
+                      parameter_servers=parameter_servers)
+        memory_spec = load_job_spec(SPEC.format(dataset="memory", epochs=epochs)
+                                    .replace("label_column: label, ", ""))
+        dataset = split_and_standardize(from_arrays(x, y), 0.0, True, 1)
+        memory_job = resolve(memory_spec, dataset.shape, workers=workers,
+                             parameter_servers=parameter_servers)
+        parquet_runs, memory_runs = [], []
+        for _ in range(rounds):
+            parquet_runs.append(samples_per_second(JobRunner(job, load_parquet(job))))
+            memory_runs.append(samples_per_second(JobRunner(memory_job, dataset)))
+        parquet_data = load_parquet(job)
+        parquet_rss, parquet_cpu, groups_read = ray.get(worker_epoch.remote(
+            job, parquet_data.training_rows(), parquet_data.training_row_groups, workers))
+        memory_rss, memory_cpu, _ = ray.get(worker_epoch.remote(
+            memory_job, dataset.training_rows(), (), workers))
+        file_bytes = path.stat().st_size
+    return {"parquet_runs": parquet_runs, "memory_runs": memory_runs,
+            "parquet_rss": parquet_rss, "memory_rss": memory_rss,
+            "parquet_cpu": parquet_cpu, "memory_cpu": memory_cpu, "groups_read": groups_read,
+            "groups": -(-rows // GROUP_ROWS), "file_bytes": file_bytes,
+            "array_bytes": dataset.x.nbytes}
+
+
+def report(figures: dict, workers: int) -> list[str]:
+    """`measure`'s figures in words."""
+    mib = 2 ** 20
+    parquet, memory = figures["parquet_runs"], figures["memory_runs"]
+    ratios = [p / m for p, m in zip(parquet, memory)]
+    return [
+        f"best runs: in memory {max(memory):,.0f} samples/s, Parquet {max(parquet):,.0f} "
+        f"samples/s ({max(parquet) / max(memory):.2f})",
+        f"Parquet / in memory, round by round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+        f"median {statistics.median(ratios):.2f} (target >= 0.9)",
+        f"worker 0 of {workers} over an epoch: peak RSS Parquet "
+        f"{figures['parquet_rss'] / mib:.0f} MiB (file {figures['file_bytes'] / mib:.1f} MiB, "
+        f"{figures['groups']} row groups of {GROUP_ROWS:,} rows, {figures['groups_read']} "
+        f"decoded), in memory {figures['memory_rss'] / mib:.0f} MiB (arrays "
+        f"{figures['array_bytes'] / mib:.1f} MiB); CPU Parquet {figures['parquet_cpu']:.2f} s, "
+        f"in memory {figures['memory_cpu']:.2f} s "
+        f"({figures['parquet_cpu'] / figures['memory_cpu']:.2f}x)",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=60_000)
@@ -99,49 +165,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     load_at_start = os.getloadavg()[0]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.rows, 64))
-    y = (x[:, :10].argmax(axis=1)).astype(np.int64)
     ray_cluster.connect(num_cpus=2)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "rows.parquet"
-        pq.write_table(pa.table({**{f"f{i}": x[:, i] for i in range(64)}, "label": y}), path,
-                       row_group_size=GROUP_ROWS)
-        spec = load_job_spec(SPEC.format(dataset=f"parquet:{path}", epochs=args.epochs))
-        job = resolve(spec, parquet_shape(spec.data, spec.seed), workers=args.workers)
-        memory_spec = load_job_spec(SPEC.format(dataset="memory", epochs=args.epochs)
-                                    .replace("label_column: label, ", ""))
-        dataset = split_and_standardize(from_arrays(x, y), 0.0, True, 1)
-        parquet_runs, memory_runs = [], []
-        for _ in range(args.rounds):
-            parquet_runs.append(samples_per_second(JobRunner(job, load_parquet(job))))
-            memory_runs.append(samples_per_second(JobRunner.for_spec(
-                memory_spec, dataset, workers=args.workers)))
-        parquet_data = load_parquet(job)
-        memory_job = resolve(memory_spec, dataset.shape, workers=args.workers)
-        parquet_rss, parquet_cpu, groups_read = ray.get(first_worker_epoch.remote(
-            job, parquet_data.training_rows(), parquet_data.training_row_groups, args.workers))
-        memory_rss, memory_cpu, _ = ray.get(first_worker_epoch.remote(
-            memory_job, dataset.training_rows(), (), args.workers))
-        file_bytes = path.stat().st_size
-    mib = 2 ** 20
-    groups = -(-args.rows // GROUP_ROWS)
+    figures = measure(args.rows, args.workers, args.epochs, args.rounds)
     print(f"{args.rows} rows x 64 features, {args.workers} workers, batch 256; load average "
           f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-    ratios = [p / m for p, m in zip(parquet_runs, memory_runs)]
-    print(f"best runs: in memory {max(memory_runs):,.0f} samples/s, Parquet "
-          f"{max(parquet_runs):,.0f} samples/s ({max(parquet_runs) / max(memory_runs):.2f})")
-    print(f"Parquet / in memory, round by round: {', '.join(f'{r:.2f}' for r in ratios)}; "
-          f"median {statistics.median(ratios):.2f} (target >= 0.9)")
-    print(f"worker 0 of {args.workers} over an epoch: peak RSS Parquet {parquet_rss / mib:.0f} "
-          f"MiB (file {file_bytes / mib:.1f} MiB, {groups} row groups of {GROUP_ROWS:,} rows, "
-          f"{groups_read} decoded), in memory {memory_rss / mib:.0f} MiB (arrays "
-          f"{dataset.x.nbytes / mib:.1f} MiB); CPU Parquet {parquet_cpu:.2f} s, in memory "
-          f"{memory_cpu:.2f} s ({parquet_cpu / memory_cpu:.2f}x)")
+    print("\n".join(report(figures, args.workers)))
 
 
 if __name__ == "__main__":
