@@ -100,8 +100,8 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
     def __init__(self, *args, compression: Compression, **kwargs):
         super().__init__(*args, **kwargs)
         self.compression = compression
-        # The last step's update while the workers have not applied it: (what it is, each
-        # shard's reply, a ref); the next step's calls carry it.
+        # The last step's update while the workers have not applied it: what it is, and each
+        # shard's reply (refs); the next step's calls, or sync_parameters, carry it.
         self.update: tuple[StepUpdate, list[ray.ObjectRef]] | None = None
 
     # --- the parameters and the optimizer state live on the workers -------------------------
