@@ -5,24 +5,26 @@
 
 Needs root (the hosts are network namespaces: deploy/netns_hosts.py) and Ray Train with torch
 (`make bench` installs them). For each link rate: two hosts with one CPU each, a Ray node on
-each; each model trained with one worker per host, by chainrule (2 workers, 2 shards,
-gradients through Ray's object store between the hosts), by chainrule with PowerSGD at rank 4
-(communication.compression) and by Ray Train's TorchTrainer (2 workers, DDP over gloo between
-the hosts). The models: the reference MLP 784-1024-1024-10 at
-global batch 256 (4 micro-batches), and the CNN of the models issue, LeNet-5 on 1x28x28
-images at global batch 64 (bench/models.py; its peer is bench/peer_ray_train_cnn.py). Prints
-each one's step time and samples/s, where chainrule's step goes (compute, reduce-scatter,
-optimizer, and the rest: waiting on calls), the bytes a worker sends (gradients, or PowerSGD's
-factors) and receives (updated parameters, or the summed factors from which every worker
-applies the step itself) per step against the parameter bytes, the share of its gradient
-communication hidden behind backward (the time chunks spend between a worker and a shard while
-the worker still computes, over all their time in flight), and the ratios against the peer;
-then the round trip of one actor call from the runner to each host, the unit the waits are made
-of. Then, on the last rate's cluster, the MLP's
-hidden layers trained on digits (64 inputs) for --accuracy-epochs epochs with and without
-PowerSGD: validation accuracy after the same steps; and bench/parquet.py's comparison on the
-two hosts: samples/s of 2 workers reading a Parquet file (at one path both hosts see) against
-the same rows in memory, and the peak RSS of a worker on the other host from each source.
+each; each model trained with one worker per host, by chainrule (2 workers, 2 shards, gradients
+and updated parameters over direct TCP connections between the workers and the shards: the
+default across hosts), by chainrule through Ray's object store instead
+(transport="object_store"), by chainrule with PowerSGD at rank 4 (communication.compression)
+and by Ray Train's TorchTrainer (2 workers, DDP over gloo between the hosts). The models: the
+reference MLP 784-1024-1024-10 at global batch 256 (4 micro-batches), and the CNN of the models
+issue, LeNet-5 on 1x28x28 images at global batch 64 (bench/models.py; its peer is
+bench/peer_ray_train_cnn.py). Prints each one's step time and samples/s, where chainrule's step
+goes (compute, reduce-scatter, optimizer, and the rest: waiting on calls), the bytes a worker
+sends (gradients, or PowerSGD's factors) and receives (updated parameters, or the summed
+factors from which every worker applies the step itself) per step against the parameter bytes,
+the share of its gradient communication hidden behind backward (the time chunks spend between a
+worker and a shard while the worker still computes, over all their time in flight), and the
+ratios against the peer (and the direct connections' against the object store's); then the
+round trip of one actor call from the runner to each host, the unit the waits are made of.
+Then, on the last rate's cluster, the MLP's hidden layers trained on digits (64 inputs) for
+--accuracy-epochs epochs with and without PowerSGD: validation accuracy after the same steps;
+and bench/parquet.py's comparison on the two hosts: samples/s of 2 workers reading a Parquet
+file (at one path both hosts see) against the same rows in memory, and the peak RSS of a worker
+on the other host from each source.
 
 Targets (issue 10): >= 1.5x Ray Train's samples/s at 10 Gbit/s; >= 3x at 1 Gbit/s with
 gradient compression on; compression moves >= 8x fewer bytes (sent and received), and its
@@ -72,11 +74,12 @@ def job_and_data(model: str, steps: int, compression: dict | None = None):
     return job_spec_from_dict(spec), from_arrays(x, rng.integers(0, 10, samples))
 
 
-def drive_ours(address: str, steps: int, model: str, compression: dict | None = None) -> dict:
-    """On host 0: chainrule's 2-worker job on the cluster at `address`; medians of the steady
-    steps (after the first 5), and the hidden share over all of them. The step time is the
-    median period from one step's end to the next's, as the peer's is a period: the step's
-    own wall plus the runner's work between steps."""
+def drive_ours(address: str, steps: int, model: str, compression: dict | None = None,
+               transport: str = "auto") -> dict:
+    """On host 0: chainrule's 2-worker job on the cluster at `address` (`transport`: the
+    JobRunner's); medians of the steady steps (after the first 5), and the hidden share over
+    all of them. The step time is the median period from one step's end to the next's, as the
+    peer's is a period: the step's own wall plus the runner's work between steps."""
     import statistics
 
     from scheduler import ray_cluster
@@ -91,7 +94,7 @@ def drive_ours(address: str, steps: int, model: str, compression: dict | None = 
         ended.append(time.perf_counter())
         records.append(record)
 
-    JobRunner.for_spec(spec, data, on_step=on_step).run()
+    JobRunner.for_spec(spec, data, on_step=on_step, transport=transport).run()
     first = min(5, len(records) // 2)
     steady = records[first:]
     periods = [b - a for a, b in zip(ended[first - 1:], ended[first:])]
@@ -253,8 +256,8 @@ def main() -> int:
     parser.add_argument("--models", default="mlp,lenet", help="of: mlp, lenet")
     parser.add_argument("--accuracy-epochs", type=int, default=20,
                         help="epochs of digits for the accuracy comparison (0: none)")
-    parser.add_argument("--driver", choices=["ours", "powersgd", "peer", "accuracy", "latency",
-                                             "data"],
+    parser.add_argument("--driver", choices=["ours", "object_store", "powersgd", "peer",
+                                             "accuracy", "latency", "data"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,6 +272,8 @@ def main() -> int:
             figures = drive_call_latency(args.address)
         elif args.driver == "data":
             figures = drive_data(args.address)
+        elif args.driver == "object_store":
+            figures = drive_ours(args.address, args.steps, models[0], transport="object_store")
         elif args.driver == "peer":
             figures = drive_peer(args.address, args.steps, models[0])
         else:
@@ -286,6 +291,7 @@ def main() -> int:
     print("2 hosts x 1 CPU, one worker per host; " + "; ".join(
         f"{NAMES[m]} at global batch {BATCHES[m]}" for m in models))
     results = {}
+    through_store = {}  # (rate, model) -> the uncompressed run through the object store
     accuracy = data = None
     rates = args.rates.split(",")
     for rate in rates:
@@ -298,13 +304,16 @@ def main() -> int:
                 for model in models:
                     began = time.perf_counter()
                     ours = run_on_host0(cluster, "ours", args.steps, model)
+                    stored = through_store[rate, model] = run_on_host0(
+                        cluster, "object_store", args.steps, model)
                     compressed = run_on_host0(cluster, "powersgd", args.steps, model)
                     peer = run_on_host0(cluster, "peer", args.steps, model)
                     results[rate, model] = (ours, compressed, peer)
                     print(f"{rate:>7} {model:>5} ({time.perf_counter() - began:.0f} s): Ray "
                           f"Train DDP {peer['step_ms']:7.2f} ms "
                           f"({BATCHES[model] / peer['step_ms'] * 1e3:,.0f} samples/s)")
-                    for label, figures in (("chainrule", ours), ("  with PowerSGD", compressed)):
+                    for label, figures in (("chainrule", ours), ("  object store", stored),
+                                           ("  with PowerSGD", compressed)):
                         print(f"    {label:<16} {figures['step_ms']:7.2f} ms "
                               f"({BATCHES[model] / figures['step_ms'] * 1e3:,.0f} samples/s; "
                               f"compute {figures['compute_ms']:.1f}, reduce-scatter "
@@ -343,6 +352,8 @@ def main() -> int:
                 ours, compressed, peer = results[rate, model]
                 row(f"{model} samples/s vs Ray Train DDP at {rate}",
                     peer["step_ms"] / ours["step_ms"], f">= {target}" if rate == "10gbit" else "")
+                row(f"{model} samples/s, direct connections vs object store at {rate}",
+                    through_store[rate, model]["step_ms"] / ours["step_ms"], "")
                 row(f"{model} samples/s vs Ray Train DDP at {rate}, PowerSGD",
                     peer["step_ms"] / compressed["step_ms"],
                     f">= {target}" if rate == "1gbit" else "")

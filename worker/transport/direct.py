@@ -78,6 +78,9 @@ if TYPE_CHECKING:
 
 TOKEN_BYTES = 32
 HELLO_SECONDS = 10.0  # a connection that has not said HELLO by then is dropped
+# Connections a shard lets wait for their HELLO at once (a job has one per worker): more are
+# dropped at once, so that strangers cannot pile up threads.
+PENDING_HELLOS = 64
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -154,22 +157,32 @@ class DirectTransport(ObjectStoreTransport):
             self.parameters[lo:hi] = value
 
     def worker_replaced(self, worker: int) -> None:
-        """Connect slot `worker`'s replica to every shard, which sends it its slice. One that
-        died meanwhile is found by the next step."""
+        """Connect slot `worker`'s replica to every shard, which sends it its slice. A replica
+        that died or hangs meanwhile is found by the next step; a shard that cannot be reached
+        is lost."""
         try:
             ray.get(self.actors.replicas[worker].connect_to_shards.remote(
                 worker, self.addresses, self.bounds, self.token, self.timeout_seconds),
                 timeout=self.timeout_seconds)
-        except ray.exceptions.RayActorError:
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, ShardUnreachable):
+                raise ActorFailure(ShardLost(error.cause.shard, "while a worker connected: "
+                                                                f"{error.cause}")) from error
+            raise
 
     def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
+        """One call's value from every shard (shard k's ref at k); a dead or silent shard is
+        a lost one (ActorFailure)."""
         values = []
         for k, ref in enumerate(refs):
             try:
                 values.append(ray.get(ref, timeout=self.timeout_seconds))
             except ray.exceptions.RayActorError as error:
                 raise ActorFailure(ShardLost(k, when)) from error
+            except ray.exceptions.GetTimeoutError as error:
+                raise ActorFailure(ShardLost(k, f"{when} (silent past the deadline)")) from error
         return values
 
     # --- one step ----------------------------------------------------------------------------
@@ -242,6 +255,7 @@ class ShardEnd:
         self.lock = threading.Lock()  # the links and the version
         self.links: dict[int, Link] = {}  # worker slot -> its connection
         self.version = 0  # of the slice last loaded or applied; 0: none yet
+        self.pending_hellos = threading.BoundedSemaphore(PENDING_HELLOS)
         threading.Thread(target=self._accept, name="accept workers", daemon=True).start()
 
     def send_slice(self, version: int) -> None:
@@ -266,12 +280,18 @@ class ShardEnd:
     def _accept(self) -> None:
         while True:
             connection, _ = self.server.accept()
+            if not self.pending_hellos.acquire(blocking=False):
+                connection.close()
+                continue
             threading.Thread(target=self._serve, args=(connection,), name="worker link",
                              daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
         link = Link(connection, "a worker")
-        worker = self._hello(link, connection)
+        try:
+            worker = self._hello(link, connection)
+        finally:
+            self.pending_hellos.release()
         if worker is None:
             link.close()
             return
