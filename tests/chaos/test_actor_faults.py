@@ -5,7 +5,9 @@ the heartbeats of worker/transport/liveness.py: before, a fixed 120 s let a stop
 2 ms step go unnoticed), a parameter-server shard SIGKILLed (new shards, the workers kept, from
 the state the shards kept in shared memory after the last step: worker/shard_state_replica.py).
 Each ends with bitwise the weights of the undisturbed run, and reports its recovery time and
-the steps trained again."""
+the steps trained again. Last, the heartbeats alone: a peer the awaited calls depend on (the
+direct transport's shards while the workers compute) is watched too, and a SIGSTOPped one ends
+the runner's wait in seconds."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import ray
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
 from tests.scheduler.test_job_runner import digits, spec_with, train
+from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -157,3 +160,50 @@ def test_a_sigkilled_shard_is_replaced_from_the_kept_state_losing_no_step(undist
     assert [record.step for record in result.history.steps] == list(range(1, 46))
     assert_same_weights(result, undisturbed)
     report_recovery("shard SIGKILL", fault.recovery_seconds, 0, lost.message)
+
+
+# --- the heartbeats alone ---------------------------------------------------------------------
+
+
+@ray.remote(concurrency_groups=CONCURRENCY_GROUPS)  # type: ignore[call-overload]
+class Peer:
+    """A stand-in for a worker or a shard: it answers heartbeats in their own thread."""
+
+    def heartbeat(self) -> None:
+        pass
+
+    def work(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.fixture(scope="module")
+def peers(local_ray):
+    made = [Peer.remote() for _ in range(2)]
+    ray.get([peer.heartbeat.remote() for peer in made], timeout=120)
+    yield made
+    for peer in made:
+        ray.kill(peer)
+
+
+def test_a_watched_peer_that_answers_does_not_end_the_wait(peers):
+    worker, shard = peers
+    call = worker.work.remote(1.5)  # long enough for heartbeats to go out
+    waited = Liveness().wait({0: [call]}, {0: worker}, 60.0, watching={("shard", 0): shard})
+    assert waited.ready == [call] and waited.unanswered == frozenset()
+
+
+def test_a_watched_peer_sigstopped_ends_the_wait_in_seconds(peers):
+    worker, shard = peers
+    pid = _pid(shard)
+    call = worker.work.remote(60)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        waited = Liveness().wait({0: [call]}, {0: worker}, 120.0,
+                                 watching={("shard", 0): shard})
+        took = time.monotonic() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert waited.unanswered == frozenset({("shard", 0)}) and waited.ready == []
+    # 0.5 s to the first heartbeat, 2 s unanswered; far from the call's 60 s either way.
+    assert 2.0 <= took < 30.0
