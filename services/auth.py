@@ -74,6 +74,8 @@ class TenantSettings:
     max_queued_jobs: int = 0  # 0: no quota
     max_stored_bytes: int = 0  # uploads + checkpoints + models kept; 0: no quota
     max_streams: int = 0  # streaming calls open at once; 0: the server's per-tenant limit
+    submit_rate: float = 0.0  # jobs submitted (or resumed) a second; 0: the server's default
+    submit_burst: int = 0  # submits at once after a quiet spell; 0: the server's default
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.submit_rate import DEFAULT_SUBMIT_RATE, SubmitRate
 from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
 from worker.spec_error import SpecError
 
@@ -101,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
                        max_upload_bytes=args.max_upload_bytes,
                        upload_limits=_upload_limits(args),
                        stream_limits=StreamLimits(args.streams_per_tenant, args.streams),
+                       submit_rate=_submit_rate(args),
                        parameter_series=ParameterSeries(args.metrics_parameter_series_by,
                                                         args.metrics_parameter_series),
                        mlflow_tracking_uri=args.mlflow_tracking_uri,
@@ -375,6 +378,18 @@ def _server_config(path: str):
         return load_server_config(path)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _submit_rate(args: argparse.Namespace) -> SubmitRate:
+    """serve's default submit rate per tenant (--submit-rate 0: no limit)."""
+    return SubmitRate(args.submit_rate or math.inf, args.submit_burst)
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0: no limit), got {text}")
+    return value
 
 
 def _days(text: str) -> float:
@@ -694,6 +709,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "hold open at once, unless --config gives it its own (max_streams)")
     serve.add_argument("--streams", type=_count(1), default=32,
                        help="streaming calls open at once in all (below the 64 RPC threads)")
+    rate = DEFAULT_SUBMIT_RATE
+    serve.add_argument("--submit-rate", type=_rate, default=rate.per_second,
+                       help="jobs a tenant may submit (or resume) a second, sustained, unless "
+                            "--config gives it its own (submit_rate); 0: no limit")
+    serve.add_argument("--submit-burst", type=_count(1), default=rate.burst,
+                       help="jobs a tenant may submit at once after a quiet spell, unless "
+                            "--config gives it its own (submit_burst)")
     serve.add_argument("--metrics-parameter-series", type=_count(1), default=32,
                        help="gradient-norm series per job: the largest of each step, the "
                             "rest as one")

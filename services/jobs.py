@@ -53,6 +53,8 @@ from services.store import (
     Store,
     parse_page_token,
 )
+from services.submit_rate import QUOTA as SUBMIT_RATE_QUOTA
+from services.submit_rate import UNLIMITED, SubmitRateLimiter
 from services.validation import Limits, check_priority, validate_spec
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,12 @@ class JobService:
                  checkpoint_retention_seconds: float = DEFAULT_CHECKPOINT_RETENTION_SECONDS,
                  tenant_max_priority: dict[str, int] | None = None,
                  tenant_min_priority: dict[str, int] | None = None,
-                 tenant_settings: dict[str, TenantSettings] | None = None):
+                 tenant_settings: dict[str, TenantSettings] | None = None,
+                 submit_rate: SubmitRateLimiter | None = None):
         """`tenant_max_priority`: the tenants whose priority cap is not `limits.max_priority`;
         `tenant_min_priority`: the tenants with a lowest priority; `tenant_settings`: the
-        tenants with a weight or quotas (all from the token or configuration file)."""
+        tenants with a weight or quotas (all from the token or configuration file);
+        `submit_rate`: how fast each tenant may submit and resume jobs (default: no limit)."""
         self.store = store
         self.data_dir = Path(data_dir)
         self.storage = storage
@@ -109,6 +113,7 @@ class JobService:
         self.tenant_settings = dict(tenant_settings or {})
         self.max_upload_bytes = max_upload_bytes
         self.upload_limits = upload_limits or uploads.UploadLimits()
+        self.submit_rate = submit_rate or SubmitRateLimiter(UNLIMITED)
         self.queue: JobQueue | None = None
         # Told of each submit refused for a quota (tenant, quota): the metrics count them.
         self.on_quota_rejection: Callable[[str, str], None] = lambda tenant, quota: None
@@ -121,6 +126,7 @@ class JobService:
     def submit(self, tenant: str, spec: job_pb2.JobSpec, request_id: str = "") -> JobRecord:
         if len(request_id) > 128:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
+        self._take_submit_token(tenant)  # before the spec is read: a refusal costs ~nothing
         validate_spec(spec, data_shape(self.store, tenant, spec), self.limits,
                       weights_shape(self.store, tenant, spec))
         self._check_priority(tenant, spec.priority)
@@ -178,6 +184,7 @@ class JobService:
         """Run an ended job again under its id: a CANCELLED or FAILED one from its newest
         intact checkpoint (step 0 without one), a SUCCEEDED one from its final checkpoint for
         `epochs` more epochs. `epochs` grows the spec's data.epochs."""
+        self._take_submit_token(tenant)  # a resume queues a run, as a submit does
         job = self.get(tenant, job_id)
         if job.state not in TERMINAL_STATES:
             raise FailedPrecondition(f"job_id: job {job_id} is {job.state}; only a CANCELLED, "
@@ -421,6 +428,13 @@ class JobService:
                         "resources.memory_bytes_per_shard")
         return ("resources.cpus_per_worker" if resources.cpus_per_worker > 0
                 else "resources.workers")
+
+    def _take_submit_token(self, tenant: str) -> None:
+        try:
+            self.submit_rate.take(tenant)
+        except ResourceExhausted:
+            self.on_quota_rejection(tenant, SUBMIT_RATE_QUOTA)
+            raise
 
     def _check_fits(self, tenant: str, spec: job_pb2.JobSpec) -> None:
         """A job that could never fit the cluster, or its tenant's running-CPU quota, would

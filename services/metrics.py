@@ -219,7 +219,8 @@ class _Families:
         self.quota_rejections = counter("chainrule_quota_rejections_total",
                                         "Submits, uploads and streams refused for a tenant "
                                         "quota, by tenant and quota (max_running_cpus, "
-                                        "max_queued_jobs, max_stored_bytes, max_streams).",
+                                        "max_queued_jobs, max_stored_bytes, max_streams, "
+                                        "submit_rate).",
                                         ("tenant", "quota"))
         self.grpc_requests = counter("chainrule_grpc_requests_total",
                                      "gRPC requests handled, by method and status code.",

@@ -79,6 +79,12 @@ from services.single_instance import (
 from services.startup_sweep import sweep_leftovers
 from services.store import Store
 from services.streams import StreamLimitInterceptor, StreamLimits, StreamSlots
+from services.submit_rate import (
+    DEFAULT_SUBMIT_RATE,
+    SubmitRate,
+    SubmitRateLimiter,
+    tenant_rates,
+)
 from services.tracking.tensorboard import TensorBoardFiles
 from services.training_curves import TrainingCurves
 from services.upload_limits import DEFAULT_MAX_UPLOAD_BYTES, UploadLimits
@@ -210,6 +216,7 @@ def serve(
     mlflow_tracking_uri: str | None = None,
     mlflow_artifact_location: str | None = None,
     web_address: str | None = None,
+    submit_rate: SubmitRate = DEFAULT_SUBMIT_RATE,
 ) -> RunningServer:
     """Start serving and return once the port is bound and queued jobs are resumed.
     `metrics_port` None: no metrics endpoint; 0: any free port. `tls_client_ca` (PEM, with
@@ -218,7 +225,9 @@ def serve(
     (services/web_ui.py), under the same tokens, and over HTTPS with the same certificates
     when TLS is on; like the API, only on loopback unless tokens and TLS are configured.
     `tenancy`: the tenants of the configuration file (services/server_config.py);
-    `tokens_file`: the older token file's (services/auth.py); at most one of them."""
+    `tokens_file`: the older token file's (services/auth.py); at most one of them.
+    `submit_rate`: how fast a tenant may submit and resume jobs, unless `tenancy` gives it its
+    own (services/submit_rate.py)."""
     if tls_client_ca and not (tls_cert and tls_key):
         raise ValueError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
     if ray_address and ray_address.startswith(RAY_CLIENT_PREFIX):
@@ -299,7 +308,9 @@ def serve(
                          upload_limits=upload_limits,
                          tenant_max_priority=tenancy.max_priority,
                          tenant_min_priority=tenancy.min_priority,
-                         tenant_settings=tenancy.settings)
+                         tenant_settings=tenancy.settings,
+                         submit_rate=SubmitRateLimiter(
+                             submit_rate, tenant_rates(submit_rate, tenancy.settings)))
     metrics, metrics_server, metrics_url, interceptors = _start_metrics(metrics_port,
                                                                         parameter_series)
     if metrics is not None:

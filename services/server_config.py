@@ -11,6 +11,9 @@ with its bearer tokens, its weight, the priorities it may ask for and its quotas
         max_queued_jobs: 100
         max_stored_bytes: 10GiB            # uploads + checkpoints + models it keeps
         max_streams: 4                     # open WatchJob/log/upload/download streams
+        submit_rate: 2                     # jobs submitted or resumed a second, sustained
+        submit_burst: 20                   # ... and at once (defaults: serve's --submit-rate,
+                                           #     --submit-burst)
         role: admin                        # may drain nodes (DrainNode); default: user
 
 A file with a mistake is refused whole, with the key at fault (`tenants.alice.weight: must be
@@ -34,7 +37,8 @@ _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 
 _BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 _INT32 = (-2**31, 2**31 - 1)
 _TENANT_KEYS = ("tokens", "weight", "min_priority", "max_priority", "max_running_cpus",
-                "max_queued_jobs", "max_stored_bytes", "max_streams", "role")
+                "max_queued_jobs", "max_stored_bytes", "max_streams", "submit_rate",
+                "submit_burst", "role")
 
 
 class ConfigError(ValueError):
@@ -105,7 +109,10 @@ def load_server_config(path: str | Path) -> Tenancy:
             max_stored_bytes=_bytes(path, f"{where}.max_stored_bytes",
                                     own.get("max_stored_bytes")),
             max_streams=_integer(path, f"{where}.max_streams", own.get("max_streams"),
-                                 1, 10**6) or 0)
+                                 1, 10**6) or 0,
+            submit_rate=_number(path, f"{where}.submit_rate", own.get("submit_rate"), 0.0),
+            submit_burst=_integer(path, f"{where}.submit_burst", own.get("submit_burst"),
+                                  1, 10**6) or 0)
     return Tenancy(owners, max_priority, settings, min_priority, frozenset(admins))
 
 

@@ -41,6 +41,7 @@ from chainrule.spec_file import job_spec_from_dict
 from chainrule.v1 import job_pb2
 from chainrule.v1 import training_service_pb2 as pb
 from services.server import SERVICE_NAME, serve
+from services.submit_rate import UNLIMITED
 from services.validation import Limits
 from tests.services.helpers import data_files, iris_spec, wait_for, wait_until_done
 
@@ -125,8 +126,9 @@ def seeded(local_ray, tmp_path_factory):
     # the machine's cores from the requests being timed.
     limits = Limits(max_workers=2, max_parameter_servers=2, max_parameters=100_000,
                     max_epochs=5)
+    # No submit rate: every fuzzed spec must reach validation, not the rate's refusal.
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"), max_concurrent_jobs=1,
-                    max_upload_bytes=UPLOAD_LIMIT, limits=limits)
+                    max_upload_bytes=UPLOAD_LIMIT, limits=limits, submit_rate=UNLIMITED)
     client = Client(running.address, timeout=30)
     names = []
     for name, data in BASE_UPLOADS.items():

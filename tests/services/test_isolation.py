@@ -209,6 +209,7 @@ CAROL = "carol-token-0123456789"
 RANGED, KEEPER, WATCHER = ("ranged-token-01234567", "keeper-token-01234567",
                            "watcher-token-0123456")
 MODELLER = "modeller-token-012345"
+HASTY = "hasty-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +225,9 @@ def tenant_server(local_ray, tmp_path_factory):
                       f"  ranged: {{tokens: [{RANGED}], min_priority: 2, max_priority: 5}}\n"
                       f"  keeper: {{tokens: [{KEEPER}], max_stored_bytes: 1000}}\n"
                       f"  watcher: {{tokens: [{WATCHER}], max_streams: 1}}\n"
-                      f"  modeller: {{tokens: [{MODELLER}], max_stored_bytes: 1}}\n")
+                      f"  modeller: {{tokens: [{MODELLER}], max_stored_bytes: 1}}\n"
+                      # Refills once in 1,000 s: after its burst, every submit of a test is over.
+                      f"  hasty: {{tokens: [{HASTY}], submit_rate: 0.001, submit_burst: 2}}\n")
     running = serve("127.0.0.1:0", tmp_path_factory.mktemp("data"),
                     tenancy=load_server_config(config), limits=Limits(max_priority=1),
                     metrics_port=0)
@@ -372,6 +375,30 @@ def test_a_stream_over_the_tenants_streams_quota_is_refused_naming_it(tenant_ser
             release.set()
             first.join(60)
     assert scraped_rejections(tenant_server, "watcher", "max_streams") == 1.0
+
+
+def test_submits_over_the_tenants_rate_are_refused_naming_it_before_the_spec_is_read(
+        tenant_server):
+    unfit = iris_spec()
+    unfit.data.batch_size = 0  # INVALID_ARGUMENT, and still a submit the rate counts
+    with Client(tenant_server.address, token=HASTY) as client:
+        for _ in range(2):  # the burst
+            assert rpc_error(lambda: client.submit(unfit)).code() == (
+                grpc.StatusCode.INVALID_ARGUMENT)
+        for refused in (lambda: client.submit(iris_spec()),
+                        lambda: client.resume("job-000000000000", epochs=1)):
+            error = rpc_error(refused)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.fullmatch(r"submit_rate: tenant 'hasty' may submit 0\.001 jobs a second "
+                                r"\(bursts of 2\); retry in [0-9.]+ s", error.details()
+                                ), error.details()
+        assert list(client.jobs()) == []
+    with Client(tenant_server.address, token=BOB) as client:  # the server's default: 50 at once
+        for _ in range(3):
+            assert rpc_error(lambda: client.submit(unfit)).code() == (
+                grpc.StatusCode.INVALID_ARGUMENT)
+    assert scraped_rejections(tenant_server, "hasty", "submit_rate") == 2.0
+    assert scraped_rejections(tenant_server, "bob", "submit_rate") == 0.0
 
 
 def scraped_rejections(server, tenant: str, quota: str) -> float:
