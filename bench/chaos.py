@@ -47,7 +47,7 @@ CASES = ["tests/chaos",
          "tests/deploy/test_multinode.py::"
          "test_a_server_on_the_cluster_sigkilled_mid_job_leaves_it_training_and_the_next_attaches",
          "tests/deploy/test_netns_hosts.py::"
-         "test_a_hosts_raylet_killed_mid_job_costs_nothing",
+         "test_a_hosts_raylet_killed_mid_job_is_found_within_3_s_and_costs_nothing",
          "tests/deploy/test_netns_hosts.py::"
          "test_a_host_off_the_network_is_found_within_3_s_and_costs_nothing"]
 RECOVERY_TARGET_SECONDS = 5.0

@@ -410,7 +410,8 @@ class JobRunner:
             self.history.steps.append(record)
             self.on_step(record)
             interval = settings.evaluation_interval
-            if step % interval == 0 and self._evaluate(step, epoch) and self._converged():
+            if (step % interval == 0 and self._evaluate(step, epoch, during_training=True)
+                    and self._converged()):
                 break
             if step % self.checkpoint_interval == 0:
                 self._take_checkpoint(step, notify=True)
@@ -579,9 +580,10 @@ class JobRunner:
             by = ", ".join(str(w) for w in sorted(set(owners.values()))) or "none"
             for worker in failure.workers:
                 why = _why_lost(worker, failure, self.deadline.seconds)
+                cost = (f"its micro-batches recomputed in-step by worker(s) {by}" if in_step
+                        else "found between steps, no block of it to recompute")
                 self._recovered("worker_lost", failure.step,
-                                f"worker {worker} lost at step {failure.step} ({why}): its "
-                                f"micro-batches recomputed in-step by worker(s) {by}")
+                                f"worker {worker} lost at step {failure.step} ({why}): {cost}")
             return owners
         if decision is Decision.RESTART:
             if (in_step and isinstance(failure, ShardLost)
@@ -714,11 +716,15 @@ class JobRunner:
 
     # --- evaluation and results ----------------------------------------------------------------
 
-    def _evaluate(self, step: int, epoch: int) -> EvaluationRecord | None:
+    def _evaluate(self, step: int, epoch: int,
+                  during_training: bool = False) -> EvaluationRecord | None:
+        """`during_training`: steps follow, so a worker lost meanwhile goes to the failure
+        policy now (at the end, the group stops anyway)."""
         if self.dataset.x_val is None or self.dataset.y_val is None:  # both or neither
             return None
-        loss_sum, samples, correct = self._evaluate_on_workers(self.dataset.x_val,
-                                                               self.dataset.y_val)
+        loss_sum, samples, correct = self._evaluate_on_workers(
+            step, self.dataset.x_val, self.dataset.y_val,
+            report_lost=during_training and step < self.total_steps)
         record = EvaluationRecord(
             step=step, epoch=epoch, loss=loss_sum / max(samples, 1),
             accuracy=self._accuracy(correct, samples),
@@ -728,13 +734,15 @@ class JobRunner:
         self.on_evaluation(record)
         return record
 
-    def _evaluate_on_workers(self, x_val: np.ndarray, y_val: np.ndarray) -> tuple[float, int,
-                                                                                  int]:
+    def _evaluate_on_workers(self, step: int, x_val: np.ndarray, y_val: np.ndarray,
+                             report_lost: bool) -> tuple[float, int, int]:
         """(summed loss, samples, correct) on the validation split, computed by the workers
         in batches of a micro-batch's samples (what the job's activation limit was checked
         against; a forward pass without gradients holds less), each batch's sum added in batch
         order, so any worker count gives the same figures. The batches of a worker lost
-        meanwhile are computed here, one at a time; the next step deals with the worker."""
+        meanwhile are computed here, one at a time; with `report_lost` the worker goes to the
+        failure policy at once (found by its heartbeat: a host whose raylet died is found
+        here, not only when a later step hangs on it)."""
         self.transport.sync_parameters()
         size = math.ceil(self.settings.batch_size / self.settings.micro_batches)
         batches = [(lo, min(lo + size, len(y_val))) for lo in range(0, len(y_val), size)]
@@ -744,15 +752,29 @@ class JobRunner:
         parameters = None if self.parameters_shared else self.parameters
         timeout = self.settings.step_timeout_seconds * math.ceil(
             len(batches) / max(1, len(self.worker_group.alive)))
-        results = self.worker_group.evaluate(batches, parameters, buffers, timeout)
+        evaluation = self.worker_group.evaluate(step, batches, parameters, buffers, timeout)
+        if evaluation.lost is not None and report_lost:
+            self._workers_lost_between_steps(evaluation.lost)
         loss_sum, samples, correct = 0.0, 0, 0
-        for (lo, hi), result in zip(batches, results):
+        for (lo, hi), result in zip(batches, evaluation.values):
             if result is None:
                 result = self.evaluator.evaluate(x_val[lo:hi], y_val[lo:hi])
             loss_sum += result[0]
             samples += result[1]
             correct += result[2]
         return loss_sum, samples, correct
+
+    def _workers_lost_between_steps(self, lost: WorkersLost) -> None:
+        """Workers found lost outside a step (no block of theirs is pending): to the failure
+        policy, as the transport counts them (a compressed job's error feedback died with
+        them)."""
+        transport = self.transport
+        if isinstance(transport, CompressedObjectStoreTransport):
+            self._on_failure(ErrorFeedbackLost(lost.step, lost.workers))
+            return
+        if isinstance(transport, SharedMemoryTransport):
+            transport.workers_removed(lost.workers)
+        self._on_failure(lost)
 
     def _accuracy(self, correct: int, samples: int) -> float | None:
         """Right predictions over predictions made: per class, next byte or binary label."""
@@ -828,6 +850,8 @@ def _load_initial_weights(model, job: ResolvedJob) -> None:
 def _why_lost(worker: int, failure: WorkersLost, deadline_seconds: float) -> str:
     if worker in failure.silent:
         return f"silent past the step's {deadline_seconds:.3g} s deadline"
+    if worker in failure.raylet_gone:
+        return "its heartbeat says its raylet died: the host's Ray is gone"
     if worker in failure.unanswered:
         return "no answer to its heartbeat: its node or process is gone or stopped"
     return "its process died"

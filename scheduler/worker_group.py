@@ -21,8 +21,8 @@ from scheduler.placement import Placement
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.training_rows import TrainingRows
-from worker.transport.liveness import CONCURRENCY_GROUPS
-from worker.transport.step import ActorFailure, ShardLost
+from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
+from worker.transport.step import ActorFailure, ShardLost, WorkersLost
 
 # Heartbeats have a thread of their own (worker/transport/liveness.py). Ray's type stubs omit
 # ray.remote's concurrency_groups argument, which Ray 2.60 takes.
@@ -30,6 +30,15 @@ RemoteReplica = ray.remote(  # type: ignore[call-overload]
     concurrency_groups=CONCURRENCY_GROUPS)(ModelReplica)
 RemoteShard = ray.remote(  # type: ignore[call-overload]
     concurrency_groups=CONCURRENCY_GROUPS)(ParameterServerShard)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the workers computed of the validation batches (None: a lost worker's batch), and
+    the workers lost meanwhile (None: none)."""
+
+    values: list[tuple[float, int, int] | None]
+    lost: WorkersLost | None
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class WorkerGroup:
         """The group owns `placement` from here on: stop() releases it."""
         self.placement = placement
         self.timeout_seconds = timeout_seconds
+        self.liveness = Liveness()  # the heartbeats of the waits on workers outside a step
         self.replicas: list = []  # by worker slot; a replacement takes its slot's place
         self.shards: list = []
         self.alive: list[int] = []  # worker slots with a serving replica, sorted
@@ -123,29 +133,51 @@ class WorkerGroup:
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self, batches: list[tuple[int, int]], parameters: np.ndarray | None,
-                 master_buffers: np.ndarray | None, timeout_seconds: float,
-                 ) -> list[tuple[float, int, int] | None]:
+    def evaluate(self, step: int, batches: list[tuple[int, int]],
+                 parameters: np.ndarray | None, master_buffers: np.ndarray | None,
+                 timeout_seconds: float) -> Evaluation:
         """Each validation batch's (summed loss, samples, correct), in batch order, computed
-        by the live workers (batch b by owner_for(b)); None for the batches of a worker that
-        died or stayed silent past `timeout_seconds` (the step loop deals with the worker;
-        the caller with its batches)."""
+        by the live workers (batch b by owner_for(b)), waited on with heartbeats (worker/
+        transport/liveness.py): a worker that dies, misses its heartbeat or stays silent past
+        `timeout_seconds` is in the result's `lost` (the runner hands that to the failure
+        policy) and its batches are None (the caller computes them)."""
         workers = sorted({self.owner_for(b) for b in range(len(batches))})
         assigned = {w: [b for b in range(len(batches)) if self.owner_for(b) == w]
                     for w in workers}
         shared = None if parameters is None else ray.put(parameters)
-        calls = {w: self.replicas[w].evaluate_batches.remote(
+        pending = {w: self.replicas[w].evaluate_batches.remote(
             [batches[b] for b in assigned[w]], shared, master_buffers) for w in workers}
         results: list[tuple[float, int, int] | None] = [None] * len(batches)
+        died: set[int] = set()
+        unanswered: set[int] = set()
+        raylet_gone: set[int] = set()
         deadline = time.monotonic() + timeout_seconds
-        for worker, call in calls.items():
-            try:
-                values = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                continue
-            for b, value in zip(assigned[worker], values):
-                results[b] = value
-        return results
+        while pending:
+            waited = self.liveness.wait({w: [call] for w, call in pending.items()},
+                                        {w: self.replicas[w] for w in pending},
+                                        max(0.0, deadline - time.monotonic()))
+            for worker, call in list(pending.items()):
+                if call not in waited.ready:
+                    continue
+                del pending[worker]
+                try:
+                    values = ray.get(call)
+                except ray.exceptions.RayActorError:
+                    died.add(worker)
+                    continue
+                for b, value in zip(assigned[worker], values):
+                    results[b] = value
+            for worker in waited.unanswered & pending.keys():
+                del pending[worker]
+                unanswered.add(worker)
+            raylet_gone |= waited.raylet_gone & unanswered
+            if pending and not waited.unanswered:  # the deadline passed
+                break
+        silent = set(pending)
+        lost = died | unanswered | silent
+        return Evaluation(results, None if not lost else WorkersLost(
+            step, tuple(sorted(lost)), (), tuple(sorted(silent)), tuple(sorted(unanswered)),
+            tuple(sorted(raylet_gone))))
 
     # --- shards: replaced, their state -------------------------------------------------------
 

@@ -38,6 +38,7 @@ from worker.kfac_layout import KFAC, KFACLayout
 from worker.kfac_shard import KFACShard
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.transport import compressed, direct, object_store, shared_memory
+from worker.transport.raylet_watch import RayletWatch
 from worker.tree_sum import TreeSum
 
 
@@ -88,6 +89,8 @@ class ParameterServerShard:
             # One BLAS thread: the shard works while the workers wait, and its norms are then
             # the same in every run.
             self._thread_limit = threadpool_limits(1, user_api="blas")
+        # Whether the raylet that started this actor still lives (its heartbeat says so).
+        self.raylet = RayletWatch() if owns_process else None
         self.setup = setup
         self.lo, self.hi = setup.bounds
         if parameters is not None:
@@ -162,7 +165,10 @@ class ParameterServerShard:
 
     def heartbeat(self) -> None:
         """Answered in its own thread while the shard sums and applies: the runner's liveness
-        check (worker/transport/liveness.py)."""
+        check (worker/transport/liveness.py). Raises RayletGone once this actor's raylet died
+        (raylet_watch.py)."""
+        if self.raylet is not None:
+            self.raylet.check()
 
     # --- one step ------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.training_rows import TrainingRows
 from worker.transport import compressed, direct, object_store, shared_memory
+from worker.transport.raylet_watch import RayletWatch
 from worker.tree_sum import TreeAccumulator
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class ModelReplica:
 
             # Each worker gets its share of the cores; BLAS threads beyond it only fight.
             self._thread_limit = threadpool_limits(setup.blas_threads, user_api="blas")
+        # Whether the raylet that started this actor still lives (its heartbeat says so).
+        self.raylet = RayletWatch() if owns_process else None
         self.job = setup.job
         dtype = np.dtype(self.job.dtype)
         self.model = build_planned_model(self.job.model, dtype, seed=self.job.seed)
@@ -143,7 +146,10 @@ class ModelReplica:
 
     def heartbeat(self) -> None:
         """Answered in its own thread while blocks compute: the runner's liveness check
-        (worker/transport/liveness.py)."""
+        (worker/transport/liveness.py). Raises RayletGone once this actor's raylet died
+        (raylet_watch.py)."""
+        if self.raylet is not None:
+            self.raylet.check()
 
     # --- the transports' actor ends (worker/transport/): Ray calls reach them here ----------
 

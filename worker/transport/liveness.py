@@ -11,6 +11,13 @@ only once a wait has lasted `interval_seconds`.
 Heartbeats run in their own concurrency group (LIVENESS_GROUP, one thread), so an actor busy
 with long blocks, or with two blocks queued on its model's lock, still answers at once.
 
+A host whose raylet dies is a case of its own: Ray's worker processes are its children, and
+they outlive it, reparented, answering calls (heartbeats too) until Ray's health check declares
+the node dead (measured on Ray 2.60: ~15 s; a call that needs the dead node's object store
+hangs meanwhile). So the heartbeat also asks the process table whether the raylet that started
+the actor's process is still its parent (raylet_watch.py): a heartbeat that says no is a lost
+actor at once, found by this check and named as such.
+
 This is mechanism only: the caller reports the unanswered actors as lost to the failure policy
 (scheduler/failure_policy.py), which decides what that costs.
 """
@@ -23,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
+
+from worker.transport.raylet_watch import RayletGone
 
 LIVENESS_GROUP = "liveness"
 # Ray's concurrency groups of an actor class that answers heartbeats (ray.remote's argument).
@@ -45,6 +54,8 @@ class WaitResult:
     # Keys of the actors that missed their heartbeat (or whose heartbeat failed: the actor
     # is gone). Empty with refs not ready: the wait's own deadline ended it.
     unanswered: frozenset
+    # Those of `unanswered` whose heartbeat said their raylet has died (raylet_watch.py).
+    raylet_gone: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -89,16 +100,19 @@ class Liveness:
                                 timeout=min(POLL_SECONDS, max(0.0, end - now)))
             answered = set(ready)
             done |= answered.intersection(pending)
-            failed = set()
+            failed, raylet_gone = set(), set()
             for key, (ping, _) in list(pings.items()):
                 if ping not in answered:
                     continue
                 del pings[key]
                 try:
                     ray.get(ping)
-                except ray.exceptions.RayError:  # the actor is gone
+                except ray.exceptions.RayError as error:  # the actor or its raylet is gone
                     failed.add(key)
+                    if isinstance(getattr(error, "cause", None), RayletGone):
+                        raylet_gone.add(key)
                 next_ping[key] = time.monotonic() + self.interval_seconds
             if failed:
-                return WaitResult([ref for ref in refs if ref in done], frozenset(failed))
+                return WaitResult([ref for ref in refs if ref in done], frozenset(failed),
+                                  frozenset(raylet_gone))
         return WaitResult([ref for ref in refs if ref in done], frozenset())

@@ -193,7 +193,8 @@ class ObjectStoreTransport:
                            tuple(b for b in range(len(work.block_ranges))
                                  if b not in self.delivered and self.owners[b] in gone),
                            tuple(sorted(silent - lost - waited.unanswered)),
-                           tuple(sorted(waited.unanswered - lost)))
+                           tuple(sorted(waited.unanswered - lost)),
+                           tuple(sorted(waited.raylet_gone - lost)))
 
     def _shards_watched_with_blocks(self) -> dict[int, object]:
         """Shards to send heartbeats while the blocks compute (shard index -> actor): none
@@ -268,6 +269,10 @@ class ObjectStoreTransport:
         heartbeat or the step's deadline raises _ShardGone; one that died, RayActorError."""
         waited = self.liveness.wait({k: [ref] for k, ref in enumerate(refs)},
                                     dict(enumerate(self.actors.shards)), work.deadline_seconds)
+        if waited.raylet_gone:
+            raise _ShardGone(ShardLost(min(waited.raylet_gone),
+                                       f"with its raylet in step {work.step} (its heartbeat "
+                                       f"said so)"))
         if waited.unanswered:
             raise _ShardGone(ShardLost(min(waited.unanswered),
                                        f"without answering its heartbeat in step {work.step}"))

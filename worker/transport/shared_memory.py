@@ -429,6 +429,12 @@ class SharedMemoryTransport:
         self.worker_loops[worker] = self.actors.replicas[worker].serve.remote(self.step_spec,
                                                                               worker)
 
+    def workers_removed(self, workers: tuple[int, ...]) -> None:
+        """These workers were found lost outside a step (and removed): their step loops are no
+        longer watched, so that no step reports them again."""
+        for worker in workers:
+            self.worker_loops[worker] = None
+
     def stop(self) -> None:
         for inbox in getattr(self, "worker_inboxes", []):
             inbox.send(WorkerCommand(Op.STOP, 0))

@@ -110,6 +110,8 @@ class WorkersLost:
     unfinished_blocks: tuple[int, ...]
     silent: tuple[int, ...] = ()  # those of `workers` lost to the deadline
     unanswered: tuple[int, ...] = ()  # those that missed a heartbeat; the rest died
+    # Those of `unanswered` whose heartbeat said their raylet died (raylet_watch.py).
+    raylet_gone: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
