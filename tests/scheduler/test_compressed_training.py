@@ -152,3 +152,24 @@ def test_prometheus_shows_a_compressed_step_s_bytes_beside_the_parameter_bytes(p
         last.bytes_received_per_worker
     assert sent < sample("chainrule_model_parameter_bytes") / 4
     assert last.bytes_received_per_worker < sample("chainrule_model_parameter_bytes") / 4
+
+
+def test_workers_whose_replicated_parameters_differ_fail_the_job_at_the_next_checkpoint(
+        local_ray):
+    # Every worker steps its own copy of the parameters with the same update; a copy that
+    # drifted (a bug: here worker 1's vector is changed by hand) is found when the runner
+    # next takes the parameters, not left to train a different model.
+    spec = compressed_spec("powersgd")
+    spec.checkpoint.interval_steps = 2
+    job = runner(spec)
+
+    def change_worker_one(record):
+        if record.step == 1:
+            replica = job.worker_group.replicas[1]
+            vector = np.array(ray.get(replica.parameter_vector.remote()))
+            vector[0] += 1.0
+            ray.get(replica.load_parameter_vector.remote(vector))
+
+    job.on_step = change_worker_one
+    with pytest.raises(RuntimeError, match="parameters differ after step 2"):
+        job.run()
