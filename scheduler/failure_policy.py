@@ -17,6 +17,11 @@ out; the runner hands every failure to this policy and does what it says:
                              or the job's start, and replay.)
   the job's own computation raised on a worker -> FAIL: recomputing it elsewhere would raise
                              the same error.
+  a standby shard          -> KEEP one, once the job has run `standby_shard_after_seconds`
+                             (where a lost shard's state is kept: shared memory, elementwise
+                             rules), so that a lost shard's place is taken by a process that
+                             has started already; a job that ends within seconds never pays
+                             for an idle process. None: never.
 
 The counters live here, for the whole job: a restart from a checkpoint starts new actors but
 not a new allowance of replacements.
@@ -37,6 +42,8 @@ from worker.transport.step import (
 
 MAX_SHARD_RESTARTS = 3  # a job losing more shards than this fails rather than loop
 MAX_WORKER_REPLACEMENTS = 8  # past this, a job goes on with the workers it has left
+# A job running this long keeps a standby shard (an idle process, its imports done).
+STANDBY_SHARD_AFTER_SECONDS = 10.0
 
 
 class Decision(Enum):
@@ -60,6 +67,7 @@ class FailurePolicy:
     worker_failures: int = 0  # workers lost since the job started
     worker_replacements: int = 0  # replicas started in place of lost ones
     shard_restarts: int = 0  # restarts from a checkpoint after a lost shard
+    standby_shard_after_seconds: float | None = STANDBY_SHARD_AFTER_SECONDS
 
     def decide(self, failure: StepFailure, survivors: int) -> Decision:
         """What to do about `failure`; `survivors` is how many workers would be left."""
@@ -80,6 +88,11 @@ class FailurePolicy:
         chosen = vacant_slots[:allowed]
         self.worker_replacements += len(chosen)
         return chosen
+
+    def wants_standby_shard(self, seconds_running: float) -> bool:
+        """Whether a job whose steps have run `seconds_running` keeps a standby shard now."""
+        after = self.standby_shard_after_seconds
+        return after is not None and seconds_running >= after
 
     def why_failed(self, failure: StepFailure) -> str:
         if isinstance(failure, WorkersLost):

@@ -26,8 +26,9 @@ actors; a transport runs a step and returns its outcome or what went wrong; the 
 (failure_policy.py) decides what to do about it; the runner has it carried out (_on_failure).
 A step or a stop can be checkpointed; a checkpoint resumes by deterministic replay. On shared
 memory the shards also keep their state after every step (worker/shard_state_replica.py): a
-lost shard is replaced, with the others, from that state, the workers kept, and the step it
-was lost in runs again; no step is lost.
+lost shard's place is taken by the job's standby shard (a process started ahead, kept once
+the policy says so) or, with none ready, by new shards for all; every shard goes back to that
+state, the workers kept, and the step it was lost in runs again; no step is lost.
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ class JobRunner:
                                                      self._block_owners())
             transport.start()
             self.steps_started = True
+            self.steps_started_at = time.monotonic()
             return self._train()
         except ActorFailure as found:  # outside a step: a shard dead at start or checkpoint
             self._on_failure(found.failure)  # raises: restart or fail
@@ -557,6 +559,7 @@ class JobRunner:
         self.history.worker_failures = self.policy.worker_failures
         self.history.shard_failures = self.policy.shard_restarts
         self._replace_lost_workers(step)
+        self._keep_a_standby_shard()
         if outcome.micro_batch_buffers is not None:
             self._average_buffers(outcome.micro_batch_buffers)
         wall = time.perf_counter() - start
@@ -586,10 +589,11 @@ class JobRunner:
                                 f"worker {worker} lost at step {failure.step} ({why}): {cost}")
             return owners
         if decision is Decision.RESTART:
-            if (in_step and isinstance(failure, ShardLost)
-                    and self._replace_shards_from_kept_state()):
+            took_over = (self._replace_shards_from_kept_state(failure)
+                         if in_step and isinstance(failure, ShardLost) else None)
+            if took_over is not None:
                 self._recovered("shard_lost", self.current_step,
-                                f"{describe(failure)}: new shards took over from the state "
+                                f"{describe(failure)}: {took_over} took over from the state "
                                 f"the shards kept after step {self.completed_step}, and step "
                                 f"{self.current_step} ran again (no step is trained again; "
                                 f"restart {self.policy.shard_restarts} of at most "
@@ -609,28 +613,40 @@ class JobRunner:
             raise _RestartFromCheckpoint(failure)
         raise JobFailed(self.policy.why_failed(failure), failure)
 
-    def _replace_shards_from_kept_state(self) -> bool:
-        """Replace every shard in its bundle, the workers kept: the parameters and the new
-        shards' optimizer state as the shards kept them after the last completed step
-        (worker/shard_state_replica.py). False when that cannot be done (no state kept, a
-        worker lost meanwhile, a new shard not starting): every actor then restarts."""
-        transport = self.transport
+    def _replace_shards_from_kept_state(self, failure: ShardLost) -> str | None:
+        """Put the shards, the workers kept, back to the parameters and optimizer state the
+        shards kept after the last completed step (worker/shard_state_replica.py), with a
+        live shard in the lost one's place: the standby shard when one is ready (the others
+        stop after the step in hand and keep their processes), else new shards for all of
+        them, each in its bundle. Returns who took over, or None when that cannot be done
+        (no state kept, a worker lost meanwhile, a new shard not starting): every actor then
+        restarts."""
+        transport, group = self.transport, self.worker_group
         if not (self.steps_started and isinstance(transport, SharedMemoryTransport)):
-            return False
+            return None
         kept = transport.kept_state(self.completed_step)
         if kept is None:
-            return False
-        self.worker_group.kill_shards()
+            return None
+        # The shard the standby replaces (None: no standby ready, every shard is replaced).
+        replaced = failure.shard if group.standby_shard_ready() else None
+        if replaced is not None:
+            group.kill_shard(replaced)
+            transport.stop_shard_loops()
+        else:
+            group.kill_shards()
         if not transport.settle_after_lost_shards():
-            return False
+            return None
         self.parameters[:] = kept.parameters  # the shared vector, halfway through the step
         try:
-            self.worker_group.start_shards()
-            self.worker_group.load_shard_states(kept.optimizer_steps, kept.optimizer_state)
+            if replaced is not None:
+                group.promote_standby_shard(replaced)
+            else:
+                group.start_shards()
+            group.load_shard_states(kept.optimizer_steps, kept.optimizer_state)
         except ActorFailure:
-            return False
+            return None
         transport.shards_replaced()
-        return True
+        return "new shards" if replaced is None else "the standby shard"
 
     def _restart_point_from_kept_state(self) -> bool:
         """Make the state the shards kept after the last completed step (worker/
@@ -669,6 +685,16 @@ class JobRunner:
                             f"a replacement for worker {worker} joined at step {step + 1}")
         for worker in self.policy.workers_to_replace(self.worker_group.vacant_slots()):
             self.worker_group.replace(worker)
+
+    def _keep_a_standby_shard(self) -> None:
+        """Start a standby shard when the policy wants one and none is there (at the start of
+        its time, and after one took a lost shard's place). Only where a lost shard's state is
+        kept (shared memory, elementwise rules): elsewhere every shard restarts anyway."""
+        transport, group = self.transport, self.worker_group
+        if (group.standby is None and isinstance(transport, SharedMemoryTransport)
+                and transport.keeps_shard_state
+                and self.policy.wants_standby_shard(time.monotonic() - self.steps_started_at)):
+            group.start_standby_shard(self.actor_nodes["shards"][0])
 
     def _record(self, step: int, epoch: int, work: StepWork, outcome: StepOutcome,
                 wall: float) -> StepRecord:

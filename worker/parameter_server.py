@@ -91,6 +91,15 @@ class ParameterServerShard:
             self._thread_limit = threadpool_limits(1, user_api="blas")
         # Whether the raylet that started this actor still lives (its heartbeat says so).
         self.raylet = RayletWatch() if owns_process else None
+        self._set_up(setup, parameters)
+
+    def take_over(self, setup: ShardSetup) -> None:
+        """A standby shard (started with another shard's setup, its process and imports ready:
+        scheduler/worker_group.py) becomes shard `setup.index`, in the state of a new one;
+        its optimizer state is loaded next."""
+        self._set_up(setup, None)
+
+    def _set_up(self, setup: ShardSetup, parameters: np.ndarray | None) -> None:
         self.setup = setup
         self.lo, self.hi = setup.bounds
         if parameters is not None:

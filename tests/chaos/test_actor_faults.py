@@ -2,8 +2,9 @@
 micro-batches recomputed by the others in the same step), a worker SIGSTOPped (dropped within
 the step's adaptive deadline, scheduler/step_deadline.py, or sooner on the object-store path by
 the heartbeats of worker/transport/liveness.py: before, a fixed 120 s let a stopped worker of a
-2 ms step go unnoticed), a parameter-server shard SIGKILLed (new shards, the workers kept, from
-the state the shards kept in shared memory after the last step: worker/shard_state_replica.py).
+2 ms step go unnoticed), a parameter-server shard SIGKILLed (the job's standby shard takes its
+place, the workers and the other shards kept, from the state the shards kept in shared memory
+after the last step: worker/shard_state_replica.py).
 Each ends with bitwise the weights of the undisturbed run, and reports its recovery time and
 the steps trained again. Last, the heartbeats alone: a peer the awaited calls depend on (the
 direct transport's shards while the workers compute) is watched too, and a SIGSTOPped one ends
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import ray
 
+from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
 from tests.scheduler.test_job_runner import digits, spec_with, train
@@ -144,20 +146,37 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     report_recovery(f"worker SIGSTOP ({transport})", stalled.timings.wall, 0, lost.message)
 
 
-def test_a_sigkilled_shard_is_replaced_from_the_kept_state_losing_no_step(undisturbed):
+def _when_the_standby_shard_is_ready(inject):
+    """`inject`, once the job's standby shard has started (waited for without a bound on the
+    time it takes: a loaded machine starts processes slowly, which is what a standby hides)."""
+
+    def inject_after_the_standby(runner: JobRunner) -> int:
+        while not runner.worker_group.standby_shard_ready():
+            time.sleep(0.05)
+        return inject(runner)
+
+    return inject_after_the_standby
+
+
+def test_a_sigkilled_shard_is_replaced_by_the_standby_from_the_kept_state_losing_no_step(
+        undisturbed):
     spec = spec_with()  # Adam: its moments and step count are the state a shard keeps
+    # A standby from the first step (by default, from 10 s into a job: this one lasts less).
     runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
-                                transport="shared_memory")
+                                transport="shared_memory",
+                                failure_policy=FailurePolicy(standby_shard_after_seconds=0))
     killed_after = CHECKPOINT_STEP + 5
-    fault = Fault(runner, killed_after, _kill(signal.SIGKILL, "shards", 1))
+    fault = Fault(runner, killed_after,
+                  _when_the_standby_shard_is_ready(_kill(signal.SIGKILL, "shards", 1)))
     result = runner.run()
     [lost] = result.history.recoveries
     assert lost.kind == "shard_lost"
-    assert (f"new shards took over from the state the shards kept after step {killed_after}, "
-            f"and step {killed_after + 1} ran again" in lost.message), lost.message
+    assert (f"the standby shard took over from the state the shards kept after step "
+            f"{killed_after}, and step {killed_after + 1} ran again" in lost.message), lost.message
     assert result.history.shard_failures == 1
     # Every step is recorded once: none after step 20 was trained again.
     assert [record.step for record in result.history.steps] == list(range(1, 46))
+    assert runner.worker_group.standby is not None  # a new standby after the promotion
     assert_same_weights(result, undisturbed)
     report_recovery("shard SIGKILL", fault.recovery_seconds, 0, lost.message)
 

@@ -45,3 +45,11 @@ def test_replacements_stop_at_the_cap_for_the_whole_job():
     assert policy.workers_to_replace([0, 3]) == [0]
     assert policy.workers_to_replace([3]) == []
     assert policy.worker_replacements == 3
+
+
+def test_a_standby_shard_is_kept_once_the_job_has_run_its_delay_and_never_when_disabled():
+    policy = FailurePolicy()  # 10 s: a job that ends within seconds pays for no idle process
+    assert not policy.wants_standby_shard(9.9)
+    assert policy.wants_standby_shard(10.0)
+    assert FailurePolicy(standby_shard_after_seconds=0).wants_standby_shard(0.0)
+    assert not FailurePolicy(standby_shard_after_seconds=None).wants_standby_shard(1e9)

@@ -357,6 +357,11 @@ class SharedMemoryTransport:
             spec.shard_state.steps.attach()[:] = -1
         self.shard_loops = [shard.serve.remote(spec) for shard in self.actors.shards]
 
+    @property
+    def keeps_shard_state(self) -> bool:
+        """Whether the shards keep their state after every step (an elementwise rule)."""
+        return self.step_spec.shard_state is not None
+
     def kept_state(self, step: int) -> KeptState | None:
         """What the shards kept after `step` (worker/shard_state_replica.py), or None."""
         if self.step_spec.shard_state is None:
@@ -369,8 +374,16 @@ class SharedMemoryTransport:
     def push_parameters(self) -> None:
         pass
 
+    def stop_shard_loops(self) -> None:
+        """Ask every shard's step loop to end once it has done the command in hand (after a
+        shard is lost, before the standby takes its place: settle_after_lost_shards waits for
+        that; the lost shard's STOP is dropped with its other pending commands)."""
+        for inbox in self.shard_inboxes:
+            inbox.send(ShardCommand(Op.STOP, 0))
+
     def settle_after_lost_shards(self) -> bool:
-        """After ShardLost in a step, with every shard killed: wait until the shards' step
+        """After ShardLost in a step, with every shard killed (or the lost one killed and the
+        others told to stop: stop_shard_loops): wait until the shards' step
         loops have ended (no process writes the parameters any more) and every block of the
         step is reported (the workers wait for commands). False when the loops do not end
         within the transport's timeout, the blocks are not all in within the step's deadline,
