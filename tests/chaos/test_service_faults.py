@@ -53,7 +53,13 @@ from worker.shared_memory import shared_root
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ATTACH_BOUND_SECONDS = 5.0  # a restarted server shows a run that outlived the last one
-REFUSED_WITHIN_SECONDS = 20  # a refusal comes before Ray starts (which takes ~6 s alone)
+
+
+def _refused_before_ray(second: subprocess.CompletedProcess) -> None:
+    """The second server gave up before starting or joining a Ray (serve logs both at INFO).
+    How long it took is reported, not bounded: on a loaded machine the imports alone can
+    take half a minute."""
+    assert "started Ray" not in second.stderr and "joined the running Ray" not in second.stderr
 
 
 def _command(address: str, data_dir) -> list[str]:
@@ -116,7 +122,7 @@ def test_a_second_server_on_the_same_data_folder_exits_naming_the_holder(first, 
     assert f"data folder {data_dir} is in use" in second.stderr
     assert f"PID {process.pid}" in second.stderr and f"serving {address}" in second.stderr
     assert "Traceback" not in second.stderr
-    assert seconds < REFUSED_WITHIN_SECONDS
+    _refused_before_ray(second)
     _still_serves(address)
     report_recovery("second server, same folder", seconds, 0, second.stderr.strip())
 
@@ -131,7 +137,7 @@ def test_a_second_server_on_the_same_port_exits_naming_the_port(first, tmp_path,
     assert second.returncode == 1, second.stderr
     assert f"port {port} is in use" in second.stderr
     assert "Traceback" not in second.stderr
-    assert seconds < REFUSED_WITHIN_SECONDS
+    _refused_before_ray(second)
     assert not (tmp_path / "other" / "chainrule.db").exists()  # refused before the store opened
     _still_serves(address)
     report_recovery(f"second server, same port ({host})", seconds, 0, second.stderr.strip())
