@@ -49,7 +49,7 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum, unique
 from typing import TYPE_CHECKING, ClassVar
 
@@ -68,6 +68,7 @@ from worker.transport.step import (
     ActorFailure,
     ShardLost,
     StepFailure,
+    StepOutcome,
     StepWork,
     apply_coefficients,
 )
@@ -134,11 +135,10 @@ class DirectTransport(ObjectStoreTransport):
         self.shard_calls: list[list[ray.ObjectRef]] = []  # the step's, by shard
 
     def start(self) -> None:
-        self.addresses = [tuple(address) for address in ray.get(
+        self.addresses = [tuple(address) for address in self._shard_values(
             [shard.listen_for_workers.remote(self.token) for shard in self.actors.shards],
-            timeout=self.timeout_seconds)]
-        for worker in range(len(self.actors.replicas)):
-            self.worker_replaced(worker)
+            "while opening its port")]
+        self._connect(range(len(self.actors.replicas)))
         self.push_parameters()
 
     def push_parameters(self) -> None:
@@ -157,20 +157,25 @@ class DirectTransport(ObjectStoreTransport):
             self.parameters[lo:hi] = value
 
     def worker_replaced(self, worker: int) -> None:
-        """Connect slot `worker`'s replica to every shard, which sends it its slice. A replica
+        self._connect([worker])
+
+    def _connect(self, workers: Iterable[int]) -> None:
+        """Connect these slots' replicas to every shard, which sends each its slice. A replica
         that died or hangs meanwhile is found by the next step; a shard that cannot be reached
-        is lost."""
-        try:
-            ray.get(self.actors.replicas[worker].connect_to_shards.remote(
-                worker, self.addresses, self.bounds, self.token, self.timeout_seconds),
-                timeout=self.timeout_seconds)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, ShardUnreachable):
-                raise ActorFailure(ShardLost(error.cause.shard, "while a worker connected: "
-                                                                f"{error.cause}")) from error
-            raise
+        is lost (ActorFailure)."""
+        calls = {worker: self.actors.replicas[worker].connect_to_shards.remote(
+            worker, self.addresses, self.bounds, self.token, self.timeout_seconds)
+            for worker in workers}
+        for call in calls.values():
+            try:
+                ray.get(call, timeout=self.timeout_seconds)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, ShardUnreachable):
+                    raise ActorFailure(ShardLost(error.cause.shard, "while a worker connected: "
+                                                                    f"{error.cause}")) from error
+                raise
 
     def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
         """One call's value from every shard (shard k's ref at k); a dead or silent shard is
@@ -187,7 +192,7 @@ class DirectTransport(ObjectStoreTransport):
 
     # --- one step ----------------------------------------------------------------------------
 
-    def run_step(self, work: StepWork):
+    def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
         self.shard_calls = []
         return super().run_step(work)
 
