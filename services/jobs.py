@@ -62,10 +62,11 @@ log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 WATCH_HEARTBEAT_SECONDS = 15.0  # a quiet watch repeats the state: the client sees we live
-# A watch sends at most 4 progress events a second, whatever it asks for: each event costs the
-# server a send on the stream's thread, and one tenant's 200 watches of a fast job asking for
-# every step (3,500 sends/s) took another tenant's GetJob p99 from 5 to 140 ms; with this
-# floor, about 105 ms on a loaded 2-core machine (bench/hostile.py).
+# A watch sends at most 4 progress and 4 validation events a second, whatever it asks for:
+# each event costs the server a send on the stream's thread, and one tenant's 200 watches of a
+# fast job asking for every step (3,500 sends/s) took another tenant's GetJob p99 from 5 to
+# 140 ms (bench/hostile.py). The newest of each kind is sent; a progress event carries the
+# latest validation too.
 MIN_PROGRESS_INTERVAL_SECONDS = 0.25
 MODEL_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "onnx": ".onnx"}
 # How long an ended job's checkpoints stay for ResumeJob before the sweep deletes them.
@@ -272,7 +273,8 @@ class JobService:
         checked every `poll_seconds` even when no event comes, so a stream of a gone client
         gives its thread back within seconds, not at the next heartbeat."""
         min_progress_interval = max(min_progress_interval, MIN_PROGRESS_INTERVAL_SECONDS)
-        with self.events.subscribe(job_id) as subscription:  # before reading: miss nothing
+        # Subscribed before reading the job: nothing is missed between the two.
+        with self.events.subscribe(job_id, min_progress_interval) as subscription:
             job = self.get(tenant, job_id)
             now = time.time()
             yield JobEvent(job_id, now, "state", state=job.state, error=job.error)
@@ -280,25 +282,15 @@ class JobService:
                 yield JobEvent(job_id, now, "progress", progress=job.progress)
             if job.state in TERMINAL_STATES:
                 return
-            last_progress, last_sent = 0.0, time.monotonic()
-            held: JobEvent | None = None  # the latest progress not sent (too soon after one)
+            last_sent = time.monotonic()
             while not self.events.closed.is_set() and is_active():
                 event = subscription.get(timeout=poll_seconds)
                 if event is None:
-                    if time.monotonic() - last_sent >= WATCH_HEARTBEAT_SECONDS:
-                        job = self.get(tenant, job_id)
-                        event = JobEvent(job_id, time.time(), "state", state=job.state,
-                                         error=job.error)
-                    else:
+                    if time.monotonic() - last_sent < WATCH_HEARTBEAT_SECONDS:
                         continue
-                if event.kind == "progress":
-                    if event.time - last_progress < min_progress_interval:
-                        held = event
-                        continue
-                    last_progress, held = event.time, None
-                elif event.kind == "state" and held is not None:
-                    yield held  # a state change comes after the progress it ended on
-                    held = None
+                    job = self.get(tenant, job_id)
+                    event = JobEvent(job_id, time.time(), "state", state=job.state,
+                                     error=job.error)
                 last_sent = time.monotonic()
                 yield event
                 if event.kind == "state" and event.state in TERMINAL_STATES:

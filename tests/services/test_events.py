@@ -1,0 +1,110 @@
+"""What a watcher is sent of a job's events (services/events.py): state changes and recoveries
+every one, in order; of progress and validation the newest only, at most one of each per the
+watcher's interval by the events' own times, and whatever is held goes out before the state
+change it ended on. Events here are published with made-up times, so nothing waits on a clock.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from scheduler.records import RecoveryRecord
+from services.events import EventHub, JobEvent
+from services.store import ProgressSummary, ValidationSummary
+from tests.services.helpers import wait_for
+
+JOB = "job-000000000001"
+
+
+def progress(step: int, at: float) -> JobEvent:
+    return JobEvent(JOB, at, "progress", progress=ProgressSummary(step, 100, 0, 1, 1.0, 1.0, 1.0))
+
+
+def validation(step: int, at: float) -> JobEvent:
+    return JobEvent(JOB, at, "validation", validation=ValidationSummary(step, 0.5, 0.9, 30))
+
+
+def state(name: str, at: float) -> JobEvent:
+    return JobEvent(JOB, at, "state", state=name)
+
+
+def sent(watcher) -> list[tuple[str, float]]:
+    """What the watcher has ready now, without waiting: (kind, time) in order."""
+    events = []
+    while (event := watcher.get(timeout=0)) is not None:
+        events.append((event.kind, event.time))
+    return events
+
+
+def test_progress_faster_than_the_interval_is_sent_at_most_once_per_interval_newest_only():
+    hub = EventHub()
+    with hub.subscribe(JOB, min_interval=0.25) as watcher:
+        hub.publish(progress(1, at=10.0))
+        assert sent(watcher) == [("progress", 10.0)]
+        hub.publish(progress(2, at=10.1))  # too soon after step 1's: held
+        hub.publish(progress(3, at=10.2))  # supersedes step 2, still too soon
+        assert sent(watcher) == []
+        hub.publish(progress(4, at=10.3))  # 0.3 s after the last one sent
+        assert sent(watcher) == [("progress", 10.3)]
+
+
+def test_validation_is_coalesced_on_its_own_clock_and_recoveries_are_all_sent_in_order():
+    hub = EventHub()
+    recovery = RecoveryRecord(step=3, kind="worker_lost", message="worker 0 lost at step 3")
+    with hub.subscribe(JOB, min_interval=0.25) as watcher:
+        hub.publish(validation(1, at=10.0))
+        assert sent(watcher) == [("validation", 10.0)]
+        hub.publish(progress(1, at=10.05))  # its own kind: not held back by the validation
+        hub.publish(validation(2, at=10.1))  # held: 0.1 s after the last validation sent
+        hub.publish(JobEvent(JOB, 10.15, "recovery", recovery=recovery))
+        hub.publish(JobEvent(JOB, 10.16, "recovery", recovery=recovery))
+        assert sent(watcher) == [("progress", 10.05), ("validation", 10.1),
+                                 ("recovery", 10.15), ("recovery", 10.16)]
+        hub.publish(validation(3, at=10.3))  # 0.2 s after the one the recovery sent
+        assert sent(watcher) == []
+        hub.publish(validation(4, at=10.4))
+        assert sent(watcher) == [("validation", 10.4)]
+
+
+def test_a_state_change_comes_after_the_held_progress_and_validation_it_ended_on():
+    hub = EventHub()
+    with hub.subscribe(JOB, min_interval=0.25) as watcher:
+        hub.publish(progress(1, at=10.0))
+        hub.publish(validation(1, at=10.01))
+        assert len(sent(watcher)) == 2
+        hub.publish(validation(2, at=10.1))
+        hub.publish(progress(2, at=10.12))
+        hub.publish(state("SUCCEEDED", at=10.13))
+        assert sent(watcher) == [("validation", 10.1), ("progress", 10.12),
+                                 ("state", 10.13)]
+
+
+def test_a_waiting_watcher_gets_the_next_event_it_may_send_then_none_when_the_hub_closes():
+    hub = EventHub()
+    got: list = []
+
+    def wait_twice() -> None:
+        got.append(watcher.get(timeout=60))
+        got.append(watcher.get(timeout=60))
+
+    with hub.subscribe(JOB, min_interval=0.25) as watcher:
+        hub.publish(progress(1, at=10.0))
+        watcher.get(timeout=0)
+        waiting = threading.Thread(target=wait_twice)
+        waiting.start()
+        hub.publish(progress(2, at=10.1))  # held, then superseded
+        hub.publish(progress(3, at=10.5))
+        wait_for(lambda: got, 60, what="the first event")
+        hub.close()
+        waiting.join(60)
+    assert not waiting.is_alive()
+    assert got[0].time == 10.5 and got[1] is None
+
+
+def test_a_watcher_that_never_reads_holds_one_progress_and_one_validation_whatever_the_job_does():
+    hub = EventHub()
+    with hub.subscribe(JOB) as watcher:
+        for step in range(1, 10_001):
+            hub.publish(progress(step, at=float(step)))
+            hub.publish(validation(step, at=step + 0.5))
+        assert sent(watcher) == [("progress", 10_000.0), ("validation", 10_000.5)]
