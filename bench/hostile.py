@@ -6,9 +6,10 @@ One run, a real server over loopback (its own process, embedded Ray, as `chainru
 it, with a token file naming tenants A and B):
   - tenant A (one process, asyncio gRPC) holds `--watches` WatchJob streams on its running job,
     every step's event asked for (min_progress_interval_ms 0; the server sends at most 4
-    progress events a second per stream, besides every validation), `--uploads` uploads that send a
+    progress and 4 validation events a second per stream), `--uploads` uploads that send a
     few bytes every 2 s and never finish, and submits spec after spec, each as soon as the
-    last one is answered;
+    last one is answered, refused or not (the server's default submit rate, 5 a second in
+    bursts of 50, refuses most: A keeps calling, as a hostile client would);
   - tenant B (another process) calls GetJob and ListJobs, alternately, at `--rate` calls/s
     (4 threads on a fixed schedule), and a health check runs every 50 ms.
 The stream caps are raised for this run (StreamLimits per tenant and in all, and the RPC
@@ -17,7 +18,9 @@ every stream it opens; A then asks for 10 streams over its cap, which must be re
 
 Targets: B's p99 <= 50 ms, 0 errors for B, the health check always SERVING, and the server's
 RSS growth during the attack (printed; bounded means it levels off, not that it is zero). The
-peer is B's own load on the same server before the attack, measured in the same run.
+peer is B's own load on the same server before the attack, measured in the same run. On a
+shared machine latencies follow the other load: the run prints the load average and the
+server's CPU seconds per second, quiet and attacked, which depend less on it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import asyncio
 import hashlib
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import threading
@@ -51,6 +55,13 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (all its threads, user + system): what the attack costs
+    the server, less disturbed by the machine's other load than latencies are."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the server's process ------------------------------------------------------------------
@@ -309,8 +320,12 @@ def main() -> int:
             wait_for(lambda: a.get(a_job.id).progress.step > 0, 300, interval=0.2,
                      what="A's job to run")
 
+        loads = [os.getloadavg()[0]]
+        cpu_before = cpu_seconds(server.pid)
         quiet = victim_load(context, address, b_job.id, args.rate, args.quiet_seconds)
+        quiet_cpu = (cpu_seconds(server.pid) - cpu_before) / args.quiet_seconds
         quiet_p99 = report("quiet (peer)", quiet, args.quiet_seconds)
+        loads.append(os.getloadavg()[0])
 
         rss_before = rss_bytes(server.pid)
         ready, stop_attack, attack_results = context.Queue(), context.Event(), context.Queue()
@@ -333,18 +348,22 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample_rss)
         sampler.start()
+        cpu_before = cpu_seconds(server.pid)
         try:
             attacked = victim_load(context, address, b_job.id, args.rate, args.seconds)
+            attacked_cpu = (cpu_seconds(server.pid) - cpu_before) / args.seconds
         finally:
             sampling.set()
             sampler.join()
             stop_attack.set()
+        loads.append(os.getloadavg()[0])
         rss_after = rss_bytes(server.pid)
         counts = attack_results.get(timeout=120)
         attacker.join(timeout=30)
         attacked_p99 = report("attacked", attacked, args.seconds)
-        print(f"A meanwhile: {counts['submitted']} specs submitted ({counts['submit_refused']} "
-              f"refused), {counts['events']} watch events received, "
+        print(f"A meanwhile: {counts['submitted']} specs submitted, {counts['submit_refused']} "
+              f"refused ({(counts['submitted'] + counts['submit_refused']) / args.seconds:.0f} "
+              f"submit calls/s), {counts['events']} watch events received, "
               f"{counts['watch_errors']} watch and {counts['upload_errors']} upload errors")
         print(f"server RSS: {rss_before / 2**20:.0f} MiB before the attack, peak "
               f"{max(peak) / 2**20:.0f} MiB, {rss_after / 2**20:.0f} MiB at its end "
@@ -352,6 +371,11 @@ def main() -> int:
         latencies, errors, health = attacked
         met = (attacked_p99 <= 0.050 and not errors
                and all(h == "SERVING" for h in health))
+        print(f"server CPU: {quiet_cpu:.2f} s/s under B's load alone, {attacked_cpu:.2f} s/s "
+              f"attacked (the job it follows included)")
+        print(f"load average (1 min; {os.cpu_count()} cores): "
+              f"{' -> '.join(f'{load:.1f}' for load in loads)} (before the quiet run, after it, "
+              f"after the attack)")
         print(f"B's p99 attacked / quiet: {attacked_p99 / max(quiet_p99, 1e-9):.2f}x; target "
               f"p99 <= 50 ms, 0 errors, always SERVING: {'met' if met else 'NOT met'}")
     finally:
