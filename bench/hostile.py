@@ -6,7 +6,8 @@ One run, a real server over loopback (its own process, embedded Ray, as `chainru
 it, with a token file naming tenants A and B):
   - tenant A (one process, asyncio gRPC) holds `--watches` WatchJob streams on its running job,
     every step's event asked for (min_progress_interval_ms 0; the server sends at most 4
-    progress and 4 validation events a second per stream), `--uploads` uploads that send a
+    progress and 4 validation events a second per stream, and a tenant's streams share 32 of
+    each a second), `--uploads` uploads that send a
     few bytes every 2 s and never finish, and submits spec after spec, each as soon as the
     last one is answered, refused or not (the server's default submit rate, 5 a second in
     bursts of 50, refuses most: A keeps calling, as a hostile client would);

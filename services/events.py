@@ -10,7 +10,7 @@ state change, and never slows the job.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 from scheduler.records import RecoveryRecord
@@ -36,13 +36,16 @@ class JobEvent:
 class Subscription:
     """One watcher's events. State changes and recoveries are kept, in order; of progress and
     validation only the newest not yet sent is kept, and it is ready once its time is
-    `min_interval` past the last one of its kind sent. A publish wakes the watcher only when
-    it has something ready: a job's every step costs a watcher a few operations under a lock,
-    not a thread switch (200 watchers of a job of 40 steps a second were 8,000 wake-ups a
-    second of threads that mostly went back to sleep, with the GIL, in bench/hostile.py)."""
+    `min_interval` (or its tenant's share of events, when longer: EventHub) past the last one
+    of its kind sent. A publish wakes the watcher only when it has something ready: a job's
+    every step costs a watcher a few operations under a lock, not a thread switch (200
+    watchers of a job of 40 steps a second were 8,000 wake-ups a second of threads that
+    mostly went back to sleep, with the GIL, in bench/hostile.py)."""
 
-    def __init__(self, hub: EventHub, job_id: str, min_interval: float = 0.0):
-        self.hub, self.job_id, self.min_interval = hub, job_id, min_interval
+    def __init__(self, hub: EventHub, job_id: str, min_interval: float = 0.0,
+                 tenant: str = ""):
+        self.hub, self.job_id, self.tenant = hub, job_id, tenant
+        self.min_interval = min_interval
         self._ready = threading.Condition(threading.Lock())
         self._ordered: deque[JobEvent | None] = deque()  # None: the hub closed
         self._newest: dict[str, JobEvent] = {}  # kind -> its newest not sent (coalesced kinds)
@@ -80,7 +83,8 @@ class Subscription:
 
     def _is_due(self, event: JobEvent) -> bool:
         last = self._last_sent.get(event.kind)
-        return last is None or event.time - last >= self.min_interval
+        interval = max(self.min_interval, self.hub.share_interval(self.tenant))
+        return last is None or event.time - last >= interval
 
     def _next_coalesced(self) -> JobEvent | None:
         due = [event for event in self._newest.values() if self._is_due(event)]
@@ -96,19 +100,31 @@ class Subscription:
         self.close()
 
 
+# A tenant's watches together get at most this many progress (and as many validation) events a
+# second: with more than 8 open, each gets its share, so a tenant's sends do not grow with the
+# streams it holds (200 watches at 4 a second each were 1,300 sends a second in
+# bench/hostile.py, every one a thread switch and a turn of the gRPC server's event thread).
+TENANT_WATCH_EVENTS_PER_SECOND = 32.0
+
+
 class EventHub:
-    def __init__(self) -> None:
+    def __init__(self, tenant_events_per_second: float = TENANT_WATCH_EVENTS_PER_SECOND) -> None:
+        self.tenant_events_per_second = tenant_events_per_second
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Subscription]] = defaultdict(list)
+        self._watches: Counter[str] = Counter()  # tenant -> its subscriptions open
         self._latest_progress: dict[str, ProgressSummary] = {}
         self.closed = threading.Event()
 
-    def subscribe(self, job_id: str, min_interval: float = 0.0) -> Subscription:
+    def subscribe(self, job_id: str, min_interval: float = 0.0,
+                  tenant: str = "") -> Subscription:
         """A watcher of the job's events from now on; of its progress and validation events,
-        at most one of each per `min_interval` seconds (by the events' times), the newest."""
-        subscription = Subscription(self, job_id, min_interval)
+        at most one of each per `min_interval` seconds, or per the tenant's share of
+        `tenant_events_per_second` when that is longer (by the events' times), the newest."""
+        subscription = Subscription(self, job_id, min_interval, tenant)
         with self._lock:
             self._subscribers[job_id].append(subscription)
+            self._watches[tenant] += 1
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -116,8 +132,15 @@ class EventHub:
             subscribers = self._subscribers.get(subscription.job_id, [])
             if subscription in subscribers:
                 subscribers.remove(subscription)
+                self._watches[subscription.tenant] -= 1
+                if not self._watches[subscription.tenant]:
+                    del self._watches[subscription.tenant]
             if not subscribers:
                 self._subscribers.pop(subscription.job_id, None)
+
+    def share_interval(self, tenant: str) -> float:
+        """The interval each of the tenant's watches gets from the tenant's events a second."""
+        return self._watches[tenant] / self.tenant_events_per_second
 
     def publish(self, event: JobEvent) -> None:
         with self._lock:

@@ -274,7 +274,7 @@ class JobService:
         gives its thread back within seconds, not at the next heartbeat."""
         min_progress_interval = max(min_progress_interval, MIN_PROGRESS_INTERVAL_SECONDS)
         # Subscribed before reading the job: nothing is missed between the two.
-        with self.events.subscribe(job_id, min_progress_interval) as subscription:
+        with self.events.subscribe(job_id, min_progress_interval, tenant) as subscription:
             job = self.get(tenant, job_id)
             now = time.time()
             yield JobEvent(job_id, now, "state", state=job.state, error=job.error)

@@ -108,3 +108,20 @@ def test_a_watcher_that_never_reads_holds_one_progress_and_one_validation_whatev
             hub.publish(progress(step, at=float(step)))
             hub.publish(validation(step, at=step + 0.5))
         assert sent(watcher) == [("progress", 10_000.0), ("validation", 10_000.5)]
+
+
+def test_a_tenants_watches_share_its_events_a_second_so_more_watches_do_not_mean_more_sends():
+    hub = EventHub(tenant_events_per_second=8)
+    crowd = [hub.subscribe(JOB, min_interval=0.25, tenant="a") for _ in range(16)]  # 2 s each
+    alone = hub.subscribe(JOB, min_interval=0.25, tenant="b")  # its own 0.25 s
+    hub.publish(progress(1, at=10.0))
+    assert [sent(watcher) for watcher in crowd + [alone]] == [[("progress", 10.0)]] * 17
+    hub.publish(progress(2, at=11.0))
+    assert [sent(watcher) for watcher in crowd] == [[]] * 16  # 1 s after the last: too soon
+    assert sent(alone) == [("progress", 11.0)]
+    hub.publish(progress(3, at=12.0))
+    assert [sent(watcher) for watcher in crowd] == [[("progress", 12.0)]] * 16
+    for watcher in crowd[8:]:
+        watcher.close()
+    hub.publish(progress(4, at=13.0))  # 8 watches left: 1 s each
+    assert [sent(watcher) for watcher in crowd[:8]] == [[("progress", 13.0)]] * 8
