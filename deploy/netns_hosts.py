@@ -2,8 +2,9 @@
 own address (10.231.0.N/24), its own hostname (a UTS namespace per process started in it) and a
 link whose bandwidth is capped both ways (`tc ... tbf`), joined by a bridge in a namespace of its
 own. Every packet stays inside these namespaces. A Ray cluster can then run with its head on
-host 0 and a node on each other host: chainrule sees different hosts and moves gradients
-through Ray's object store over the capped links, as on a real cluster.
+host 0 and a node on each other host: chainrule sees different hosts and moves gradients and
+parameters over direct connections between its workers and shards (or Ray's object store) over
+the capped links, as on a real cluster.
 
     sudo python deploy/netns_hosts.py up 3 --rate 1gbit --ray     # prints the Ray address
     sudo python deploy/netns_hosts.py run 0 -- python -m services.cli train SPEC \\

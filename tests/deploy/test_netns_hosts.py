@@ -1,7 +1,8 @@
 """Hosts on a real network (deploy/netns_hosts.py): three network namespaces with their own
 hostnames and addresses, links capped by tc, a Ray node on each. A job spread over them takes
-the object-store path and gives the bits of one host, and a host whose raylet is killed or
-that drops off the network mid-job is found within seconds, at no cost to the weights.
+the cross-host path (direct connections between workers and shards) and gives the bits of one
+host, and a host whose raylet is killed or that drops off the network mid-job is found within
+seconds, at no cost to the weights.
 
 Runs as root (CI does); everything it makes is torn down even when a test fails."""
 

@@ -1,12 +1,12 @@
 """Whether the actors a runner waits on still live, known in seconds, whatever the step time.
 
-On the object-store path a lost node shows to the runner only as calls that never come back:
-Ray itself declares the node dead after its heartbeat (~15 s), and the step's own deadline
-(scheduler/step_deadline.py) grows with the step time, so a job of minute-long steps would
-wait minutes. So while the runner waits on actors' calls it asks each of them, every
-`interval_seconds`, a heartbeat; one that has not answered within `timeout_seconds` (its
-process stopped, its node gone) is reported lost. A fast step never sends one: pings start
-only once a wait has lasted `interval_seconds`.
+Across hosts (the direct and object-store transports) a lost node shows to the runner only as
+calls that never come back: Ray itself declares the node dead after its heartbeat (~15 s), and
+the step's own deadline (scheduler/step_deadline.py) grows with the step time, so a job of
+minute-long steps would wait minutes. So while the runner waits on actors' calls it asks each
+of them, every `interval_seconds`, a heartbeat; one that has not answered within
+`timeout_seconds` (its process stopped, its node gone) is reported lost. A fast step never
+sends one: pings start only once a wait has lasted `interval_seconds`.
 
 Heartbeats run in their own concurrency group (LIVENESS_GROUP, one thread), so an actor busy
 with long blocks, or with two blocks queued on its model's lock, still answers at once.
