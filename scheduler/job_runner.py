@@ -353,7 +353,7 @@ class JobRunner:
             self.transport = CompressedObjectStoreTransport(
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
-                compression=self.job.compression)
+                compression=self.job.compression, liveness=group.liveness)
         else:
             # Across hosts the chunks and slices go over direct connections unless the object
             # store was asked for by name (both give the same bits).
@@ -363,7 +363,7 @@ class JobRunner:
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
                 statistics_bounds=[kfac.statistics_bounds(lo, hi) for lo, hi in bounds]
-                if kfac else [])
+                if kfac else [], liveness=group.liveness)
 
     def _step_array_sizes(self) -> StepArraySizes:
         settings, kfac = self.settings, self.evaluator.kfac
@@ -877,7 +877,7 @@ def _why_lost(worker: int, failure: WorkersLost, deadline_seconds: float) -> str
     if worker in failure.silent:
         return f"silent past the step's {deadline_seconds:.3g} s deadline"
     if worker in failure.raylet_gone:
-        return "its heartbeat says its raylet died: the host's Ray is gone"
+        return "its raylet is gone, found by its heartbeat: the host's Ray is down"
     if worker in failure.unanswered:
         return "no answer to its heartbeat: its node or process is gone or stopped"
     return "its process died"

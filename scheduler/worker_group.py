@@ -56,7 +56,11 @@ class WorkerGroup:
         """The group owns `placement` from here on: stop() releases it."""
         self.placement = placement
         self.timeout_seconds = timeout_seconds
-        self.liveness = Liveness()  # the heartbeats of the waits on workers outside a step
+        # The heartbeats of every wait on the job's actors (the transports' too), which probe
+        # the raylet of an actor whose heartbeat is late (raylet_of).
+        self.liveness = Liveness(raylet_of=self.raylet_of)
+        self.actor_nodes: dict[object, str] = {}  # actor handle -> its Ray node id
+        self._raylets: dict[str, tuple[str, int]] = {}  # node id -> its raylet's address
         self.replicas: list = []  # by worker slot; a replacement takes its slot's place
         self.shards: list = []
         self.alive: list[int] = []  # worker slots with a serving replica, sorted
@@ -79,6 +83,8 @@ class WorkerGroup:
         workers = ray.get([replica.location.remote() for replica in self.replicas],
                           timeout=self.timeout_seconds)
         shards = self._shard_calls(lambda shard: shard.location.remote(), "while starting")
+        for actor, (_, node) in zip(self.replicas + self.shards, workers + shards):
+            self.actor_nodes[actor] = node
         self.alive = list(range(len(self.replicas)))
         return ActorLocations(workers, shards)
 
@@ -128,12 +134,23 @@ class WorkerGroup:
                 continue
             del self.starting[worker]
             try:
-                ray.get(ready)
+                _, self.actor_nodes[self.replicas[worker]] = ray.get(ready)
             except ray.exceptions.RayActorError:
                 continue
             self.alive = sorted({*self.alive, worker})
             admitted.append(worker)
         return admitted
+
+    def raylet_of(self, actor) -> tuple[str, int] | None:
+        """(address, port) of the raylet of the node `actor` runs on, when known."""
+        node = self.actor_nodes.get(actor)
+        if node is None:
+            return None
+        if node not in self._raylets:  # a node seen for the first time: read the table again
+            self._raylets = {entry["NodeID"]: (entry["NodeManagerAddress"],
+                                               entry["NodeManagerPort"])
+                             for entry in ray.nodes()}
+        return self._raylets.get(node)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -216,7 +233,7 @@ class WorkerGroup:
         if not ray.wait([started], timeout=0)[0]:
             return False
         try:
-            ray.get(started)
+            _, self.actor_nodes[self.standby] = ray.get(started)
             return True
         except ray.exceptions.RayActorError:
             self.standby = None
@@ -240,7 +257,10 @@ class WorkerGroup:
         """New shards in the killed ones' bundles (free again once Ray has reaped them), once
         each can say where it runs; ActorFailure(ShardLost) if one cannot."""
         self.shards = [self._new_shard(k) for k in range(len(self.shard_setups))]
-        self._shard_calls(lambda shard: shard.location.remote(), "while replacing the shards")
+        locations = self._shard_calls(lambda shard: shard.location.remote(),
+                                      "while replacing the shards")
+        for shard, (_, node) in zip(self.shards, locations):
+            self.actor_nodes[shard] = node
 
     def shard_states(self, when: str) -> list[tuple[int, dict[str, np.ndarray]]]:
         """Every shard's (optimizer steps, state); ActorFailure(ShardLost) if one is dead."""

@@ -16,7 +16,10 @@ they outlive it, reparented, answering calls (heartbeats too) until Ray's health
 the node dead (measured on Ray 2.60: ~15 s; a call that needs the dead node's object store
 hangs meanwhile). So the heartbeat also asks the process table whether the raylet that started
 the actor's process is still its parent (raylet_watch.py): a heartbeat that says no is a lost
-actor at once, found by this check and named as such.
+actor at once, found by this check and named as such. A raylet that died with its workers (as
+`ray start --block` ends them) leaves nobody to answer: then a heartbeat late by
+PROBE_AFTER_SECONDS has the actor's raylet port probed (Liveness.raylet_of), and a refused
+connection (nothing listens there: the host answered) is a lost actor at once too.
 
 This is mechanism only: the caller reports the unanswered actors as lost to the failure policy
 (scheduler/failure_policy.py), which decides what that costs.
@@ -24,8 +27,9 @@ This is mechanism only: the caller reports the unanswered actors as lost to the 
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +43,7 @@ CONCURRENCY_GROUPS = {LIVENESS_GROUP: 1}
 HEARTBEAT_INTERVAL_SECONDS = 0.5  # from an answer (or the wait's start) to the next question
 HEARTBEAT_TIMEOUT_SECONDS = 2.0  # unanswered this long: lost. Loss to report: < 3 s.
 POLL_SECONDS = 0.1  # how often a wait looks at its pings
+PROBE_AFTER_SECONDS = 0.25  # a heartbeat outstanding this long: is its raylet still listening?
 
 Key = TypeVar("Key", bound=Hashable)  # what names an actor: a worker slot, a shard index
 
@@ -54,7 +59,8 @@ class WaitResult:
     # Keys of the actors that missed their heartbeat (or whose heartbeat failed: the actor
     # is gone). Empty with refs not ready: the wait's own deadline ended it.
     unanswered: frozenset
-    # Those of `unanswered` whose heartbeat said their raylet has died (raylet_watch.py).
+    # Those of `unanswered` whose raylet is gone: their heartbeat said so (raylet_watch.py), or
+    # their raylet's port refused a connection.
     raylet_gone: frozenset = frozenset()
 
 
@@ -62,6 +68,13 @@ class WaitResult:
 class Liveness:
     interval_seconds: float = HEARTBEAT_INTERVAL_SECONDS
     timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS
+    # Where the raylet an actor runs under listens (address, port), when known: a heartbeat
+    # outstanding for probe_after_seconds has that port probed once; a refused connection
+    # means no raylet listens there any more, and the actor is lost at once (a node whose
+    # raylet died with its workers, as `ray start --block` ends them, answers nothing: without
+    # the probe it is found at the heartbeat's timeout, or by Ray's report, whichever first).
+    raylet_of: Callable[[object], tuple[str, int] | None] | None = None
+    probe_after_seconds: float = PROBE_AFTER_SECONDS
 
     def wait(self, awaited: Mapping[Key, Sequence[ray.ObjectRef]], actors: Mapping[Key, object],
              deadline_seconds: float, watching: Mapping[Any, object] | None = None
@@ -81,6 +94,7 @@ class Liveness:
         done = set(ready)
         pings: dict[Any, tuple[ray.ObjectRef, float]] = {}  # key -> (ping, sent at)
         next_ping: dict[Any, float] = {}
+        probed: set[ray.ObjectRef] = set()  # pings whose actor's raylet port was probed
         while len(done) < len(refs):
             now = time.monotonic()
             if now >= end:
@@ -94,6 +108,9 @@ class Liveness:
                                    if now - sent > self.timeout_seconds)
             if unanswered:
                 return WaitResult([ref for ref in refs if ref in done], unanswered)
+            refusing = frozenset(self._raylets_refusing(pings, everyone, probed, now))
+            if refusing:
+                return WaitResult([ref for ref in refs if ref in done], refusing, refusing)
             pending = [ref for ref in refs if ref not in done]
             ping_refs = [ping for ping, _ in pings.values()]
             ready, _ = ray.wait(pending + ping_refs, num_returns=len(pending) + len(ping_refs),
@@ -116,3 +133,33 @@ class Liveness:
                 return WaitResult([ref for ref in refs if ref in done], frozenset(failed),
                                   frozenset(raylet_gone))
         return WaitResult([ref for ref in refs if ref in done], frozenset())
+
+    def _raylets_refusing(self, pings: Mapping[Any, tuple[ray.ObjectRef, float]],
+                          actors: Mapping[Any, object], probed: set[ray.ObjectRef],
+                          now: float) -> list:
+        """Keys of the actors whose heartbeat has been outstanding probe_after_seconds and
+        whose raylet's port refuses a connection (each ping's actor probed once)."""
+        if self.raylet_of is None:
+            return []
+        refusing = []
+        for key, (ping, sent) in pings.items():
+            if ping in probed or now - sent < self.probe_after_seconds:
+                continue
+            probed.add(ping)
+            endpoint = self.raylet_of(actors[key])
+            if endpoint is not None and refuses_connections(*endpoint):
+                refusing.append(key)
+        return refusing
+
+
+def refuses_connections(address: str, port: int, timeout_seconds: float = 0.2) -> bool:
+    """Whether a TCP connection to (address, port) is refused: nothing listens there (the
+    host answered). A host that does not answer in time, or any other error, is no answer:
+    False, for the heartbeat's timeout to decide."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout_seconds):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False

@@ -271,8 +271,8 @@ class ObjectStoreTransport:
                                     dict(enumerate(self.actors.shards)), work.deadline_seconds)
         if waited.raylet_gone:
             raise _ShardGone(ShardLost(min(waited.raylet_gone),
-                                       f"with its raylet in step {work.step} (its heartbeat "
-                                       f"said so)"))
+                                       f"with its raylet in step {work.step} (found by its "
+                                       f"heartbeat)"))
         if waited.unanswered:
             raise _ShardGone(ShardLost(min(waited.unanswered),
                                        f"without answering its heartbeat in step {work.step}"))

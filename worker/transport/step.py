@@ -110,7 +110,8 @@ class WorkersLost:
     unfinished_blocks: tuple[int, ...]
     silent: tuple[int, ...] = ()  # those of `workers` lost to the deadline
     unanswered: tuple[int, ...] = ()  # those that missed a heartbeat; the rest died
-    # Those of `unanswered` whose heartbeat said their raylet died (raylet_watch.py).
+    # Those of `unanswered` whose raylet is gone (their heartbeat said so, or its port refused
+    # a connection: worker/transport/liveness.py).
     raylet_gone: tuple[int, ...] = ()
 
 

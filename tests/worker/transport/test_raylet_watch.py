@@ -4,12 +4,15 @@ declares the node dead), so the heartbeat asks the process table (worker/transpo
 raylet_watch.py, asked by the heartbeats of liveness.py).
 
 Here with real processes and no Ray: a parent that names itself "raylet", as Ray's does, and a
-child that watches it, killed with a real SIGKILL."""
+child that watches it, killed with a real SIGKILL. And when the raylet's workers died with it,
+nobody answers: the runner then probes the raylet's port, which a dead raylet leaves refusing
+connections (liveness.refuses_connections), with real sockets."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -85,3 +88,17 @@ def test_a_process_not_started_by_a_raylet_is_never_reported(watched):
     os.kill(other.pid, signal.SIGKILL)
     other.wait()
     assert ask() == "alive"
+
+
+# --- a raylet that died with its workers: its port refuses connections ------------------------
+
+
+def test_a_port_nobody_listens_on_refuses_connections_and_a_listening_one_does_not():
+    from worker.transport.liveness import refuses_connections
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        assert not refuses_connections("127.0.0.1", port)
+    # Closed now: the kernel answers with a reset, as for a raylet that has died.
+    assert refuses_connections("127.0.0.1", port)
+
