@@ -68,6 +68,7 @@ class FailurePolicy:
     worker_replacements: int = 0  # replicas started in place of lost ones
     shard_restarts: int = 0  # restarts from a checkpoint after a lost shard
     standby_shard_after_seconds: float | None = STANDBY_SHARD_AFTER_SECONDS
+    standby_shards_started: int = 0
 
     def decide(self, failure: StepFailure, survivors: int) -> Decision:
         """What to do about `failure`; `survivors` is how many workers would be left."""
@@ -90,9 +91,16 @@ class FailurePolicy:
         return chosen
 
     def wants_standby_shard(self, seconds_running: float) -> bool:
-        """Whether a job whose steps have run `seconds_running` keeps a standby shard now."""
+        """Whether a job whose steps have run `seconds_running` starts a standby shard now (it
+        has none). Counted: at most one more than the shard restarts allowed, over the whole
+        job (each lost shard uses one, and so does one that fails to start: a node that cannot
+        take one costs a few attempts, not a process a step)."""
         after = self.standby_shard_after_seconds
-        return after is not None and seconds_running >= after
+        if (after is None or seconds_running < after
+                or self.standby_shards_started > self.max_shard_restarts):
+            return False
+        self.standby_shards_started += 1
+        return True
 
     def why_failed(self, failure: StepFailure) -> str:
         if isinstance(failure, WorkersLost):

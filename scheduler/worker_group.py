@@ -225,8 +225,8 @@ class WorkerGroup:
         self.standby_started = standby.location.remote()
 
     def standby_shard_ready(self) -> bool:
-        """Whether a standby shard has started and can take over now. One that died starting
-        (or since) is dropped, so that another can be started."""
+        """Whether a standby shard has started and can take over now. One that failed to start
+        (died, or could not be placed: its node gone) is dropped, so that another can be."""
         started = self.standby_started
         if self.standby is None or started is None:
             return False
@@ -235,7 +235,7 @@ class WorkerGroup:
         try:
             _, self.actor_nodes[self.standby] = ray.get(started)
             return True
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.RayError:
             self.standby = None
             return False
 
@@ -247,7 +247,7 @@ class WorkerGroup:
         try:
             ray.get(standby.take_over.remote(self.shard_setups[lost]),
                     timeout=self.timeout_seconds)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+        except ray.exceptions.RayError as error:  # died, silent past the timeout
             raise ActorFailure(ShardLost(lost, "while the standby shard took over")) from error
 
     def kill_shard(self, index: int) -> None:

@@ -53,3 +53,9 @@ def test_a_standby_shard_is_kept_once_the_job_has_run_its_delay_and_never_when_d
     assert policy.wants_standby_shard(10.0)
     assert FailurePolicy(standby_shard_after_seconds=0).wants_standby_shard(0.0)
     assert not FailurePolicy(standby_shard_after_seconds=None).wants_standby_shard(1e9)
+
+
+def test_standby_shards_stop_at_one_more_than_the_shard_restarts_allowed():
+    # Each lost shard uses one, and so does one that never starts (its node gone).
+    policy = FailurePolicy(max_shard_restarts=2, standby_shard_after_seconds=0)
+    assert [policy.wants_standby_shard(60.0) for _ in range(5)] == [True] * 3 + [False] * 2
