@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
 from tests.scheduler.test_job_runner import digits, spec_with, train
 from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
+from worker.transport.raylet_watch import RayletGone
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -226,3 +228,67 @@ def test_a_watched_peer_sigstopped_ends_the_wait_in_seconds(peers):
     assert waited.unanswered == frozenset({("shard", 0)}) and waited.ready == []
     # 0.5 s to the first heartbeat, 2 s unanswered; far from the call's 60 s either way.
     assert 2.0 <= took < 30.0
+
+
+# --- a host's raylet gone: said by the heartbeat, or found by a probe of its port ------------
+
+
+@ray.remote(concurrency_groups=CONCURRENCY_GROUPS)  # type: ignore[call-overload]
+class OrphanedPeer:
+    """A worker that outlived its raylet: it answers its heartbeat, saying so."""
+
+    def heartbeat(self) -> None:
+        raise RayletGone("its raylet (process 4242 on host-b) has died")
+
+    def work(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_a_heartbeat_saying_its_raylet_died_ends_the_wait_at_the_first_heartbeat(local_ray):
+    peer = OrphanedPeer.remote()
+    try:
+        call = peer.work.remote(60)
+        began = time.monotonic()
+        waited = Liveness().wait({0: [call]}, {0: peer}, 120.0)
+        took = time.monotonic() - began
+    finally:
+        ray.kill(peer)
+    assert waited.unanswered == waited.raylet_gone == frozenset({0}) and waited.ready == []
+    assert took < 30.0  # the first heartbeat, 0.5 s in; far from the call's 60 s
+
+
+def test_a_late_heartbeat_whose_raylet_port_refuses_connections_ends_the_wait(peers):
+    # The peer is stopped (it cannot answer), and the port given as its raylet's has nothing
+    # listening on it: a raylet that died with its workers (`ray start --block`).
+    _, worker = peers  # the one the tests above leave idle
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        closed_port = listening.getsockname()[1]
+    pid = _pid(worker)
+    call = worker.work.remote(1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        waited = Liveness(raylet_of=lambda actor: ("127.0.0.1", closed_port)).wait(
+            {0: [call]}, {0: worker}, 120.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # raylet_gone: the probe's finding; the heartbeat's timeout alone would leave it empty.
+    assert waited.unanswered == waited.raylet_gone == frozenset({0}) and waited.ready == []
+
+
+def test_a_late_heartbeat_whose_raylet_still_listens_is_left_to_the_timeout(peers):
+    _, worker = peers
+    pid = _pid(worker)
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # a live raylet's port
+        call = worker.work.remote(1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            # A heartbeat timeout of 1 s, past the probe's 0.25 s: short, for the test's time.
+            waited = Liveness(timeout_seconds=1.0,
+                              raylet_of=lambda actor: listening.getsockname()).wait(
+                {0: [call]}, {0: worker}, 120.0)
+            took = time.monotonic() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert waited.unanswered == frozenset({0}) and waited.raylet_gone == frozenset()
+    assert took >= 1.0  # the heartbeat's timeout decided, not the probe
