@@ -8,7 +8,9 @@ after the last step: worker/shard_state_replica.py).
 Each ends with bitwise the weights of the undisturbed run, and reports its recovery time and
 the steps trained again. Last, the heartbeats alone: a peer the awaited calls depend on (the
 direct transport's shards while the workers compute) is watched too, and a SIGSTOPped one ends
-the runner's wait in seconds."""
+the runner's wait in seconds; and a raylet gone, said by the heartbeat of a worker that outlived
+it, or found by a probe of its port when the heartbeat is late (a port still listening leaves
+the decision to the heartbeat's timeout: no false loss)."""
 
 from __future__ import annotations
 
