@@ -383,18 +383,15 @@ class SharedMemoryTransport:
 
     def settle_after_lost_shards(self) -> bool:
         """After ShardLost in a step, with every shard killed (or the lost one killed and the
-        others told to stop: stop_shard_loops): wait until the shards' step
-        loops have ended (no process writes the parameters any more) and every block of the
-        step is reported (the workers wait for commands). False when the loops do not end
-        within the transport's timeout, the blocks are not all in within the step's deadline,
-        or a worker is lost or fails meanwhile."""
+        others told to stop: stop_shard_loops): wait until every block of the step is
+        reported (the workers wait for commands; a stopping shard has the blocks it sums)
+        and the shards' step loops have ended (no process writes the parameters any more).
+        False when the blocks are not all in within the step's deadline, a worker is lost or
+        fails meanwhile (checked first: a stopping shard waits for every block), or the loops
+        do not end within the transport's timeout (killed actors' end once Ray has reaped
+        them; a generous bound)."""
         step = self.current
         if step is None:
-            return False
-        # Killed actors' loops end as soon as Ray has reaped them: a generous bound.
-        ended, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops),
-                            timeout=self.timeout_seconds)
-        if len(ended) < len(self.shard_loops):
             return False
         deadline = time.monotonic() + step.work.deadline_seconds
         block_count = len(step.work.block_ranges)
@@ -412,7 +409,9 @@ class SharedMemoryTransport:
                 step.blocks[report.block] = BlockStats(
                     report.loss_sum, report.samples, report.correct, report.compute_seconds,
                     report.write_seconds, report.bytes_written)
-        return True
+        ended, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops),
+                            timeout=self.timeout_seconds)
+        return len(ended) == len(self.shard_loops)
 
     def _find_lost_workers(self) -> bool:
         serving = [loop for loop in self.worker_loops.values() if loop is not None]
