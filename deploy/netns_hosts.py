@@ -35,6 +35,7 @@ SUBNET = "10.231.0"
 INTERFACE = "eth0"  # every host's one link has this name (in its own namespace), as on a real
 # cluster's machines: PyTorch's gloo picks its interface by name (GLOO_SOCKET_IFNAME)
 RAY_PORT = 6379
+NODES_LINE = "chainrule-nodes: "  # marks the node probe's answer among what Ray prints
 
 
 def _ip(*arguments: str) -> None:
@@ -180,13 +181,16 @@ class RayOnHosts:
     def alive_nodes(self, timeout: float = 60.0) -> list[dict]:
         """The cluster's live nodes, as a driver on host 0 sees them."""
         probe = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                 "print(json.dumps([{'host': n['NodeManagerHostname'], 'ip': "
+                 f"print({NODES_LINE!r} + json.dumps([{{'host': n['NodeManagerHostname'], 'ip': "
                  "n['NodeManagerAddress']} for n in ray.nodes() if n['Alive']]))")
         done = self.hosts.run(0, [sys.executable, "-c", probe], self.env, timeout=timeout,
                               capture_output=True, text=True)
-        if done.returncode != 0:
+        # Ray may print after the probe's line (seen at load 38), so the line is found by its
+        # mark, not by being last.
+        lines = [line for line in done.stdout.splitlines() if line.startswith(NODES_LINE)]
+        if done.returncode != 0 or not lines:
             return []
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(lines[-1][len(NODES_LINE):])
 
     def _wait_until_started(self, hosts: Iterable[int], timeout: float) -> None:
         """Until each host's `ray start` says its node runs (cheaper than a driver's probe,
