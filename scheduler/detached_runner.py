@@ -375,7 +375,9 @@ def find(job_id: str, namespace: str):
 
 def placement_of(job_id: str, namespace: str) -> RunPlacement | None:
     """Where the live runner of `job_id` reserved its run's actors; None when it has no live
-    runner (none, or one that died as it was asked)."""
+    runner (none, or one that died as it was asked). A live runner that cannot answer raises
+    (one of an older version has no placement(): AttributeError; its placement() failing:
+    RayTaskError): it may still train, so it is not taken for gone."""
     actor = find(job_id, namespace)
     if actor is None:
         return None

@@ -90,6 +90,7 @@ from scheduler.scheduling_policy import (
     WaitingJobs,
     decide,
     fits_ever,
+    place,
 )
 from worker.resolved_job import ResolvedJob
 
@@ -273,31 +274,50 @@ class JobQueue:
         for job in jobs:
             self.submit(job)
 
-    def adopt(self, job: QueuedJob, lease: Lease, placement: RunPlacement) -> None:
+    def adopt(self, job: QueuedJob, lease: Lease, placement: RunPlacement | None) -> None:
         """Take over a run that is going on outside this process (its job RUNNING under
         `lease`, its actors where `placement` says, as its runner reported): it counts as
-        running there, and is followed until it ends."""
+        running there, and is followed until it ends. A runner that could not say where
+        (`placement` None: one of an older version, say) or whose report does not match its
+        spec is counted on its spec's demand, where the policy would place that now."""
         if self.runner_attacher is None:
             raise ValueError("this queue has no runner_attacher: it cannot adopt runs")
         resources = job_pb2.ResourceSpec()
         resources.CopyFrom(job.spec.resources)
-        # The worker share the starting server gave it (a default share depends on the
-        # cluster's size, which may have changed since).
-        resources.cpus_per_worker = placement.cpus_per_worker
+        if placement is not None:
+            # The worker share the starting server gave it (a default share depends on the
+            # cluster's size, which may have changed since).
+            resources.cpus_per_worker = placement.cpus_per_worker
         with self._lock:
             demand = self._demand(job, self._next_arrival(), resources)
-            if len(placement.nodes) != len(demand.bundles):
-                raise ValueError(f"job {job.job_id}: its runner reports {len(placement.nodes)} "
-                                 f"placed bundles for the {len(demand.bundles)} of its spec")
-            adopted = _RunningJob(job, RunningJob(demand, placement.nodes, time.monotonic()),
+            if placement is not None and len(placement.nodes) != len(demand.bundles):
+                log.warning("job %s: its runner reports %d placed bundles for the %d of its "
+                            "spec: counted on its spec's demand instead", job.job_id,
+                            len(placement.nodes), len(demand.bundles))
+                placement = None
+            if placement is None:
+                demand = self._demand(job, demand.arrival)
+                nodes = self._guessed_placement(demand)
+            else:
+                nodes = placement.nodes
+            adopted = _RunningJob(job, RunningJob(demand, nodes, time.monotonic()),
                                   time.monotonic() + self.max_run_seconds)
             adopted.lease, adopted.adopted = lease, True
             self._running[job.job_id] = adopted
-        log.info("job %s: attached to its run, with actors on node(s) %s", job.job_id,
-                 ", ".join(sorted(set(placement.nodes))))
+        log.info("job %s: attached to its run, counted with actors on node(s) %s", job.job_id,
+                 ", ".join(sorted(set(nodes))))
         adopted.thread = threading.Thread(target=self._run, args=(adopted,),
                                           name=f"job-{job.job_id}", daemon=True)
         adopted.thread.start()
+
+    def _guessed_placement(self, demand: JobDemand) -> tuple[str, ...]:
+        """Where a run whose placement is not known is counted (under the lock): where the
+        policy would place it now, else on the nodes as if nothing else ran, else on none
+        (it then holds no room: its runner is followed all the same)."""
+        running = [job.record for job in self._running.values()]
+        return (place(demand.bundles, free_nodes(self._capacity, running), demand.spread)
+                or place(demand.bundles, self._capacity, demand.spread)
+                or ("",) * len(demand.bundles))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job now, or ask a running one to stop at its next step boundary.

@@ -78,14 +78,25 @@ class JobLifecycle:
         detached runner that outlived the last server placed the run; None when it has none)
         is adopted by the queue as it runs, there; jobs left QUEUED, or RUNNING with no runner
         (the last process was killed with it), run again, in queue order, each from its last
-        checkpoint. (Jobs requeued, jobs adopted.)"""
+        checkpoint. A runner that cannot be read (`live_runner` raises: one of an older
+        version, say) may still train: its job is adopted all the same, counted on its spec's
+        demand, and goes back to the queue only if the runner turns out to be gone.
+        (Jobs requeued, jobs adopted.)"""
         jobs = self.store.jobs_in_states([QUEUED, RUNNING])
         requeued, adopted = [], 0
         for job in jobs:
             lease = self.store.lease_of(job.id) if job.state == RUNNING else None
-            placement = (live_runner(job.id) if lease is not None and live_runner is not None
-                         else None)
-            if placement is not None:
+            placement: RunPlacement | None = None
+            unreadable = False
+            if lease is not None and live_runner is not None:
+                try:
+                    placement = live_runner(job.id)
+                except Exception as error:  # any failure: it may still train
+                    log.warning("job %s: its runner's placement could not be read (%s: %s); "
+                                "attached to it, counted on its spec's demand", job.id,
+                                type(error).__name__, error)
+                    unreadable = True
+            if placement is not None or unreadable:
                 assert lease is not None
                 with self._lock:  # progress says "epoch e of E", as the last server's did
                     self._live[job.id] = _LiveJob(

@@ -16,6 +16,7 @@ from scheduler.checkpoint import Checkpoint
 from scheduler.cluster_view import FixedNodes
 from scheduler.job_lease import Lease, LeaseTerms
 from scheduler.job_queue import JobQueue, QueuedJob
+from scheduler.records import RunPlacement
 from scheduler.scheduling_policy import Node
 from scheduler.step_history import TrainingHistory
 from scheduler.storage import JobStorage
@@ -150,3 +151,43 @@ def test_an_old_database_opens_and_gets_the_lease_columns(tmp_path):
     # next start requeues it (JobLifecycle.requeue_unfinished).
     assert store.expired_leases(time.time() + 1e6) == []
     store.close()
+
+
+class FollowedRun:
+    """A run adopted from an earlier server that goes on until told to stop."""
+
+    def __init__(self, job_id, *, should_stop, **callbacks):
+        self.should_stop = should_stop
+
+    def run(self):
+        while not self.should_stop():
+            time.sleep(0.01)
+        return result(0, TrainingHistory())
+
+
+def test_a_runner_that_cannot_say_where_it_runs_is_adopted_on_its_spec_and_never_requeued(
+        tmp_path):
+    store = Store(tmp_path / "chainrule.db")
+    lifecycle = JobLifecycle(store, JobStorage(tmp_path), EventHub())
+    old_version, mismatched = "job-0000000000old", "job-00000mismatch"
+    for job_id in (old_version, mismatched):  # RUNNING under the last server's leases
+        store.create_job(JobRecord(job_id, "default", iris_spec(), "QUEUED", time.time()),
+                         job_id)
+        lifecycle.job_started(job_id, Lease(f"earlier-server/{job_id}", time.time() + 60))
+
+    def live_runner(job_id):
+        if job_id == old_version:  # what Ray raises for a method the actor's class lacks
+            raise AttributeError("'ActorHandle' object has no attribute 'placement'")
+        return RunPlacement(1.0, ("node",))  # one bundle, where its spec asks for two
+
+    queue = JobQueue(lifecycle, cluster=FixedNodes([Node("node", 4.0)]),
+                     runner_factory=WedgingRunner, observers=[lifecycle],
+                     runner_attacher=FollowedRun)
+    try:
+        assert lifecycle.requeue_unfinished(queue, live_runner) == (0, 2)
+        for job_id in (old_version, mismatched):
+            assert store.get_job(job_id).state == "RUNNING"
+            assert queue.actor_nodes(job_id) == {"node"}  # counted where its spec would go
+    finally:
+        queue.shutdown(timeout=5)
+        store.close()
