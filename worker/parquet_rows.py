@@ -12,9 +12,11 @@ count):
   of each row group in a seeded order. Every batch is cut into one contiguous part per lane
   along its micro-batches (`lane_parts`), and each part takes the next rows of its lane. A
   batch then draws from ROW_GROUP_LANES row groups, a quarter from each; and since a worker
-  computes a contiguous run of every batch's micro-batches, it reads only its own lanes' row
-  groups: each row group is decoded by one worker, not by all. A lane that runs dry near the
-  end of an epoch takes the rows of the lane with the most left.
+  computes a contiguous run of every batch's micro-batches, it reads only the row groups of
+  the lanes its run overlaps. A row group is decoded by one worker when the workers' runs end
+  where lanes end (1, 2 or 4 workers on a multiple of 4 micro-batches, say); a lane that two
+  workers' runs share (3 workers, or more than 4) has its row groups decoded by each. A lane
+  that runs dry near the end of an epoch takes the rows of the lane with the most left.
 - Training index i: the i-th training row of the file, counting row groups in file order.
 
 `ParquetRows` is what a replica holds: where the file is and how to turn a row group into
@@ -328,14 +330,18 @@ class ParquetRows:
 
     def _group(self, group: int) -> Future:
         with self._lock:
-            if group in self._cache:
+            held = self._cache.get(group)
+            # A failed read (S3 unreachable for a moment, say) is not served again: the step
+            # that retries, or recomputes a lost worker's micro-batches, reads it anew.
+            if held is not None and not (held.done() and held.exception() is not None):
                 self._cache.move_to_end(group)
-                return self._cache[group]
+                return held
             if self._reads is None:
                 self._reads = ThreadPoolExecutor(max_workers=1,
                                                  thread_name_prefix="parquet-read")
             future = self._reads.submit(self._read, group)
             self._cache[group] = future
+            self._cache.move_to_end(group)  # in place of a failed read, if there was one
             while len(self._cache) > ROW_GROUPS_HELD:  # a bound, whatever the lanes do
                 self._cache.popitem(last=False)
             return future
@@ -344,7 +350,11 @@ class ParquetRows:
         if self._file is None:
             self._file = open_parquet(self.source.path)
         self.groups_read += 1
-        return self.source.read_group(self._file, group)
+        try:
+            return self.source.read_group(self._file, group)
+        except Exception:
+            self._file = None  # its connection may be what failed: the next read opens anew
+            raise
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Reading a Parquet training split a row group at a time: the split, the order, the reader."""
 
 import pickle
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -141,3 +142,27 @@ def test_the_reader_travels_as_its_source_without_rows_or_open_files(parquet_fil
     copy = pickle.loads(pickle.dumps(rows))
     assert len(pickle.dumps(rows)) < 4096
     assert copy.groups_read == 0 and copy.source == rows.source
+
+
+@dataclass(frozen=True)
+class FlakySource(ParquetSource):
+    """Its first read of each row group fails, as a read from S3 can for a moment."""
+
+    failed: set = field(default_factory=set)
+
+    def read_group(self, parquet_file, group):
+        if group not in self.failed:
+            self.failed.add(group)
+            raise OSError(f"row group {group}: connection reset")
+        return super().read_group(parquet_file, group)
+
+
+def test_a_failed_row_group_read_is_not_kept_and_the_retry_reads_it_again(parquet_file):
+    path, _, _ = parquet_file
+    plain = source_of(path)
+    rows = ParquetRows(FlakySource(**{f.name: getattr(plain, f.name) for f in fields(plain)}))
+    with pytest.raises(OSError, match="connection reset"):
+        rows.take(np.arange(5), epoch=0)
+    features, _ = rows.take(np.arange(5), epoch=0)  # the step retried: row group 0 read anew
+    expected, _ = ParquetRows(plain).take(np.arange(5), epoch=0)
+    np.testing.assert_array_equal(features, expected)
