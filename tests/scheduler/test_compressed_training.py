@@ -113,21 +113,38 @@ def test_a_top_k_job_gives_the_same_bits_on_a_rerun_and_sends_index_value_pairs(
                for r in first.history.steps)
 
 
-def test_a_lost_worker_of_a_compressed_job_restarts_it_from_the_checkpoint_with_the_same_bits(
+def test_a_compressed_job_losing_a_worker_in_a_step_or_a_checkpoint_restarts_with_the_same_bits(
         powersgd_run):
+    # Worker 1 dies between steps 6 and 7 (found by step 7), then worker 0 while the runner
+    # takes step 12's checkpoint, after the step's update was applied, as it asks for the
+    # optimizer state: each restarts the job from its last checkpoint, none fails it.
     spec = compressed_spec("powersgd")
     spec.checkpoint.interval_steps = 4
     job = runner(spec, step_timeout_seconds=30)
 
-    def kill_worker_one(record):
-        if record.step == 6 and not job.history.recoveries:
-            ray.kill(job.worker_group.replicas[1])
+    def kill_in_the_checkpoint(transport, worker: int) -> None:
+        fetch = transport.optimizer_state
 
-    job.on_step = kill_worker_one
+        def killed_first():
+            ray.kill(job.worker_group.replicas[worker])
+            return fetch()
+
+        transport.optimizer_state = killed_first
+
+    def kill_workers(record):
+        recoveries = len(job.history.recoveries)
+        if record.step == 6 and recoveries == 0:
+            ray.kill(job.worker_group.replicas[1])
+        if record.step == 12 and recoveries == 1:
+            kill_in_the_checkpoint(job.transport, 0)
+
+    job.on_step = kill_workers
     result = job.run()
-    kinds = [recovery.kind for recovery in result.history.recoveries]
-    assert kinds == ["error_feedback_lost"], result.history.recoveries
-    assert "error feedback" in result.history.recoveries[0].message
+    recoveries = result.history.recoveries
+    assert [r.kind for r in recoveries] == ["error_feedback_lost"] * 2, recoveries
+    assert "error feedback" in recoveries[0].message
+    assert "workers [0]" in recoveries[1].message
+    assert "from the checkpoint of step 8" in recoveries[1].message
     for key, value in powersgd_run.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
 

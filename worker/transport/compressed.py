@@ -35,8 +35,10 @@ every worker receives from the shards: P^ and the replies (bytes_received).
 
 A worker lost during a compressed step takes its blocks' error feedback with it: the step
 returns ErrorFeedbackLost, and the job restarts from its last checkpoint (which holds them)
-rather than recompute those blocks elsewhere with an empty memory. A lost shard is a
-ShardLost, as on the uncompressed path.
+rather than recompute those blocks elsewhere with an empty memory. One lost between steps
+(while the runner takes a checkpoint, the parameters or the optimizer state, or loads them)
+is the same failure, raised as ActorFailure(ErrorFeedbackLost) for the failure policy. A
+lost shard is a ShardLost, as on the uncompressed path.
 """
 
 from __future__ import annotations
@@ -127,15 +129,13 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
             if len(set(digests)) != 1:
                 raise RuntimeError(f"the workers' parameters differ after step {update.step} "
                                    f"(digests {digests}): a replicated update went wrong")
-        self.parameters[:] = ray.get(replicas[0].parameter_vector.remote(),
-                                     timeout=self.timeout_seconds)
+        self.parameters[:] = self._answers({0: replicas[0].parameter_vector.remote()})[0]
 
     def optimizer_state(self) -> tuple[int, dict[str, np.ndarray]]:
         """(optimizer steps, state) of the whole vector, from one worker (all hold the same),
         in the shards' format: a checkpoint does not depend on where the optimizer ran."""
         self._require_synced("optimizer_state")
-        return ray.get(self.actors.replicas[0].optimizer_state.remote(),
-                       timeout=self.timeout_seconds)
+        return self._answers({0: self.actors.replicas[0].optimizer_state.remote()})[0]
 
     def load_optimizer_state(self, optimizer_steps: int, state: dict[str, np.ndarray]) -> None:
         saved = ray.put(state)
@@ -149,12 +149,18 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
                                f"{self.update[0].step}'s update is not applied yet")
 
     def _on_every_worker(self, call, when: str) -> list:
-        """One call to every worker, in parallel; a dead or silent one has taken its blocks'
-        error feedback with it (ActorFailure(ErrorFeedbackLost))."""
-        refs = [call(replica) for replica in self.actors.replicas]
+        """One call to every worker, in parallel (`when`: what it is for, to the reader)."""
+        return self._answers({worker: call(replica)
+                              for worker, replica in enumerate(self.actors.replicas)})
+
+    def _answers(self, calls: Mapping[int, ray.ObjectRef]) -> list:
+        """The answers of calls made between steps (worker -> its call), in that order, under
+        one deadline. A dead or silent worker has taken its blocks' error feedback with it:
+        ActorFailure(ErrorFeedbackLost) for the runner's failure policy, never a raw Ray
+        error (which would end the job as failed rather than restart it)."""
         deadline = time.monotonic() + self.timeout_seconds
         values, lost = [], []
-        for worker, ref in enumerate(refs):
+        for worker, ref in calls.items():
             try:
                 values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -299,9 +305,8 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         count."""
         self._require_synced("compression_state")
         workers = sorted(set(owners.values()))
-        states = dict(zip(workers, ray.get(
-            [self.actors.replicas[w].compression_state.remote() for w in workers],
-            timeout=self.timeout_seconds)))
+        states = dict(zip(workers, self._answers(
+            {w: self.actors.replicas[w].compression_state.remote() for w in workers})))
         state = {f"error_feedback/{b}": states[w][0][b] for b, w in owners.items()
                  if b in states[w][0]}
         state.update({f"powersgd_q/{index}": q for index, q in states[workers[0]][1].items()})
@@ -322,9 +327,8 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
             errors.setdefault(owners[block], {})[block] = value
         warm = {int(key.removeprefix("powersgd_q/")): value for key, value in state.items()
                 if key.startswith("powersgd_q/")}
-        ray.get([replica.load_compression_state.remote(errors.get(w, {}), warm)
-                 for w, replica in enumerate(self.actors.replicas)],
-                timeout=self.timeout_seconds)
+        self._answers({w: replica.load_compression_state.remote(errors.get(w, {}), warm)
+                       for w, replica in enumerate(self.actors.replicas)})
 
 
 class _WorkersGone(Exception):
