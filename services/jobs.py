@@ -127,7 +127,14 @@ class JobService:
     def submit(self, tenant: str, spec: job_pb2.JobSpec, request_id: str = "") -> JobRecord:
         if len(request_id) > 128:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request_id)}")
-        self._take_submit_token(tenant)  # before the spec is read: a refusal costs ~nothing
+        digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+        if request_id:
+            # A retry of a submit that went through gets its job, and is not charged to the
+            # submit rate: it queues nothing.
+            earlier = self.store.job_of_request(tenant, request_id, digest)
+            if earlier is not None:
+                return earlier
+        self._take_submit_token(tenant)  # before the spec is validated: a refusal is cheap
         validate_spec(spec, data_shape(self.store, tenant, spec), self.limits,
                       weights_shape(self.store, tenant, spec))
         self._check_priority(tenant, spec.priority)
@@ -135,7 +142,6 @@ class JobService:
         self._check_stored_bytes(tenant)
         record = JobRecord(id=f"job-{uuid.uuid4().hex[:12]}", tenant=tenant, spec=spec,
                            state=QUEUED, created_at=time.time(), request_id=request_id)
-        digest = hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
         job, created = self.store.create_job(record, digest)
         if created:
             assert self.queue is not None

@@ -302,16 +302,8 @@ class Store:
         the same request_id created: (job, created)."""
         with self._transaction() as db:
             if job.request_id:
-                row = db.execute("SELECT job_id, spec_digest FROM idempotency_keys WHERE "
-                                 "tenant = ? AND request_id = ?",
-                                 (job.tenant, job.request_id)).fetchone()
-                if row is not None:
-                    if row["spec_digest"] != spec_digest:
-                        raise AlreadyExists(
-                            f"request_id {job.request_id!r} was already used for job "
-                            f"{row['job_id']} with a different spec")
-                    existing = self._job_row(db, row["job_id"], job.tenant)
-                    assert existing is not None
+                existing = self._job_of_request(db, job.tenant, job.request_id, spec_digest)
+                if existing is not None:
                     return existing, False
             db.execute(
                 "INSERT INTO jobs (id, tenant, name, state, priority, dataset, spec, request_id, "
@@ -324,6 +316,25 @@ class Store:
                 db.execute("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?)",
                            (job.tenant, job.request_id, job.id, spec_digest))
         return job, True
+
+    def job_of_request(self, tenant: str, request_id: str, spec_digest: str
+                       ) -> JobRecord | None:
+        """The job an earlier submit with this request_id created, or None (AlreadyExists when
+        that submit had another spec)."""
+        return self._job_of_request(self._connection(), tenant, request_id, spec_digest)
+
+    def _job_of_request(self, db: sqlite3.Connection, tenant: str, request_id: str,
+                        spec_digest: str) -> JobRecord | None:
+        row = db.execute("SELECT job_id, spec_digest FROM idempotency_keys WHERE "
+                         "tenant = ? AND request_id = ?", (tenant, request_id)).fetchone()
+        if row is None:
+            return None
+        if row["spec_digest"] != spec_digest:
+            raise AlreadyExists(f"request_id {request_id!r} was already used for job "
+                                f"{row['job_id']} with a different spec")
+        existing = self._job_row(db, row["job_id"], tenant)
+        assert existing is not None
+        return existing
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The job, or None when it does not exist or belongs to another tenant."""

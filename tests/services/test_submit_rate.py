@@ -1,6 +1,7 @@
 """A tenant's submit rate as a token bucket, on a clock the test moves: a burst goes through at
-once, then one submit per 1/rate seconds; each tenant has its own bucket. What a real server
-answers over gRPC is in test_isolation.py."""
+once, then one submit per 1/rate seconds; each tenant has its own bucket; a retried submit
+(same request_id) is not charged. What a real server answers over gRPC is in
+test_isolation.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import math
 
 import pytest
 
+from scheduler.cluster_view import FixedNodes
+from scheduler.job_queue import JobQueue
+from scheduler.scheduling_policy import Node
+from scheduler.storage import JobStorage
 from services.auth import TenantSettings
-from services.errors import ResourceExhausted
+from services.errors import AlreadyExists, ResourceExhausted
+from services.events import EventHub
+from services.job_lifecycle import JobLifecycle
+from services.jobs import JobService
+from services.store import Store
 from services.submit_rate import SubmitRate, SubmitRateLimiter, tenant_rates
+from tests.services.helpers import iris_spec
 
 
 class Clock:
@@ -74,3 +84,24 @@ def test_each_tenant_has_its_own_bucket_and_its_own_rate():
 def test_a_rate_that_could_never_submit_is_refused(per_second, burst):
     with pytest.raises(ValueError, match="per_second > 0 and burst >= 1"):
         SubmitRate(per_second, burst)
+
+
+def test_a_retried_submit_gets_its_job_without_spending_a_token(tmp_path):
+    store, storage, events = Store(tmp_path / "chainrule.db"), JobStorage(tmp_path), EventHub()
+    limiter = SubmitRateLimiter(SubmitRate(per_second=1, burst=1), clock=Clock())
+    service = JobService(store, tmp_path, storage, events, submit_rate=limiter)
+    queue = JobQueue(JobLifecycle(store, storage, events),
+                     cluster=FixedNodes([Node("node", 2.0)]))
+    queue.pause()  # nothing runs: only the submits are under test
+    service.attach_queue(queue)
+    try:
+        job = service.submit("alice", iris_spec(), request_id="sweep-1")
+        for _ in range(3):  # the client did not hear the answer, and asks again
+            assert service.submit("alice", iris_spec(), request_id="sweep-1").id == job.id
+        with pytest.raises(AlreadyExists, match="request_id 'sweep-1' was already used"):
+            service.submit("alice", iris_spec(seed=1), request_id="sweep-1")
+        with pytest.raises(ResourceExhausted):  # a new submit still pays for its token
+            service.submit("alice", iris_spec(), request_id="sweep-2")
+    finally:
+        queue.shutdown(timeout=5)
+        store.close()
