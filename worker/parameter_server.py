@@ -96,7 +96,10 @@ class ParameterServerShard:
     def take_over(self, setup: ShardSetup) -> None:
         """A standby shard (started with another shard's setup, its process and imports ready:
         scheduler/worker_group.py) becomes shard `setup.index`, in the state of a new one;
-        its optimizer state is loaded next."""
+        its optimizer state is loaded next. Connections of the direct transport it had are
+        closed: they were for the shard it stood in for."""
+        if self.worker_links is not None:
+            self.worker_links.close()
         self._set_up(setup, None)
 
     def _set_up(self, setup: ShardSetup, parameters: np.ndarray | None) -> None:
@@ -246,8 +249,8 @@ class ParameterServerShard:
                             lr: float) -> tuple:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
 
-    def listen_for_workers(self, token: bytes) -> tuple[str, int]:
-        return direct.listen_for_workers(self, token)
+    def listen_for_workers(self, token: bytes, worker_count: int) -> tuple[str, int]:
+        return direct.listen_for_workers(self, token, worker_count)
 
     def load_and_send_parameters(self, values: np.ndarray, version: int) -> None:
         direct.load_and_send_parameters(self, values, version)

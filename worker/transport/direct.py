@@ -49,6 +49,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum, unique
 from typing import TYPE_CHECKING, ClassVar
@@ -78,10 +79,13 @@ if TYPE_CHECKING:
     from worker.replica import BlockResult, ModelReplica
 
 TOKEN_BYTES = 32
-HELLO_SECONDS = 10.0  # a connection that has not said HELLO by then is dropped
-# Connections a shard lets wait for their HELLO at once (a job has one per worker): more are
-# dropped at once, so that strangers cannot pile up threads.
+HELLO_SECONDS = 10.0  # a connection that has not said all its HELLO by then is dropped
+# Connections a shard lets wait for their HELLO at once (a job has one per worker, each saying
+# it at once), from one address and in all: past either, the oldest waiting is dropped, so that
+# strangers can neither pile up threads nor hold the slots a real worker needs.
+PENDING_HELLOS_PER_PEER = 16
 PENDING_HELLOS = 64
+ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (e.g. no file descriptor left)
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -136,7 +140,8 @@ class DirectTransport(ObjectStoreTransport):
 
     def start(self) -> None:
         self.addresses = [tuple(address) for address in self._shard_values(
-            [shard.listen_for_workers.remote(self.token) for shard in self.actors.shards],
+            [shard.listen_for_workers.remote(self.token, len(self.actors.replicas))
+             for shard in self.actors.shards],
             "while opening its port")]
         self._connect(range(len(self.actors.replicas)))
         self.push_parameters()
@@ -247,8 +252,8 @@ class ShardEnd:
     """Shard k's connections: it accepts the workers', files their chunks in its inbox and
     sends them its slice whenever it changes (and to a worker as soon as it connects)."""
 
-    def __init__(self, shard: ParameterServerShard, token: bytes, host: str):
-        self.shard, self.token = shard, token
+    def __init__(self, shard: ParameterServerShard, token: bytes, host: str, worker_count: int):
+        self.shard, self.token, self.worker_count = shard, token, worker_count
         setup = shard.setup
         self.chunk_bytes = (shard.hi - shard.lo) * np.dtype(setup.layout.dtype).itemsize
         self.statistics_size = 0  # float64 values of a K-FAC chunk's statistics section
@@ -257,10 +262,12 @@ class ShardEnd:
             self.statistics_size = hi - lo
         self.server = listen(host)
         self.address: tuple[str, int] = self.server.getsockname()[:2]
-        self.lock = threading.Lock()  # the links and the version
+        self.lock = threading.Lock()  # the links, the version, the waiting hellos, closed
         self.links: dict[int, Link] = {}  # worker slot -> its connection
         self.version = 0  # of the slice last loaded or applied; 0: none yet
-        self.pending_hellos = threading.BoundedSemaphore(PENDING_HELLOS)
+        # Connections still to say HELLO, oldest first, with their peer's address.
+        self.waiting: dict[Link, str] = {}
+        self.closed = False
         threading.Thread(target=self._accept, name="accept workers", daemon=True).start()
 
     def send_slice(self, version: int) -> None:
@@ -282,26 +289,75 @@ class ShardEnd:
         except LinkClosed:
             pass  # that worker is gone; its reader forgets it
 
+    def close(self) -> None:
+        """Stop accepting and close every connection (a standby shard taking over another's
+        place drops the old job's ends: ParameterServerShard.take_over)."""
+        with self.lock:
+            self.closed = True
+            links = list(self.links.values()) + list(self.waiting)
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+        except OSError:
+            pass  # not connected: a listening socket on some systems
+        self.server.close()
+        for link in links:
+            link.close()
+
     def _accept(self) -> None:
+        """Accept connections until the end is closed. A failed accept (a connection reset
+        before it was taken, no file descriptor left) is that connection's, not the port's:
+        the loop goes on, after a pause in case the cause persists."""
         while True:
-            connection, _ = self.server.accept()
-            if not self.pending_hellos.acquire(blocking=False):
+            try:
+                connection, peer = self.server.accept()
+            except OSError:
+                with self.lock:
+                    if self.closed:
+                        return
+                time.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            try:
+                link = Link(connection, f"a worker at {peer[0]}")
+            except OSError:
                 connection.close()
                 continue
-            threading.Thread(target=self._serve, args=(connection,), name="worker link",
+            self._make_room_for(link, peer[0])
+            threading.Thread(target=self._serve, args=(link,), name="worker link",
                              daemon=True).start()
 
-    def _serve(self, connection: socket.socket) -> None:
-        link = Link(connection, "a worker")
+    def _make_room_for(self, link: Link, peer: str) -> None:
+        """File `link` as waiting for its HELLO. Past PENDING_HELLOS_PER_PEER from its peer's
+        address, or PENDING_HELLOS in all, the OLDEST waiting connection (of that peer, else of
+        all) is dropped: a real worker says HELLO the moment it connects, so it is never the
+        oldest for long, and strangers holding slots cannot keep it out."""
+        with self.lock:
+            if self.closed:
+                oldest = [link]
+            else:
+                from_peer = [w for w, address in self.waiting.items() if address == peer]
+                oldest = (from_peer[:1] if len(from_peer) >= PENDING_HELLOS_PER_PEER
+                          else list(self.waiting)[:1] if len(self.waiting) >= PENDING_HELLOS
+                          else [])
+                for dropped in oldest:
+                    del self.waiting[dropped]
+                self.waiting[link] = peer
+        for dropped in oldest:
+            dropped.close()  # its thread's read fails, and the thread ends
+
+    def _serve(self, link: Link) -> None:
         try:
-            worker = self._hello(link, connection)
+            worker = self._hello(link)
         finally:
-            self.pending_hellos.release()
+            with self.lock:
+                self.waiting.pop(link, None)
         if worker is None:
             link.close()
             return
         link.name = f"worker {worker}"
         with self.lock:
+            if self.closed:
+                link.close()
+                return
             replaced = self.links.get(worker)
             self.links[worker] = link
             if self.version:
@@ -317,22 +373,21 @@ class ShardEnd:
                 if self.links.get(worker) is link:
                     del self.links[worker]
 
-    def _hello(self, link: Link, connection: socket.socket) -> int | None:
-        """The worker slot a new connection says HELLO for, or None if it does not do so
-        within HELLO_SECONDS with the job's token."""
-        connection.settimeout(HELLO_SECONDS)
+    def _hello(self, link: Link) -> int | None:
+        """The worker slot a new connection says HELLO for, or None if it does not say all of
+        it within HELLO_SECONDS of connecting, with the job's token."""
+        deadline = time.monotonic() + HELLO_SECONDS
         try:
-            hello = link.receive_header(Message)
+            hello = link.receive_header(Message, deadline)
             if hello.op != Op.HELLO or hello.first_bytes != len(self.token):
                 return None
             token = bytearray(len(self.token))
-            link.receive_into(memoryview(token))
+            link.receive_into(memoryview(token), deadline)
         except (LinkClosed, ValueError):
             return None
-        connection.settimeout(None)
         if not hmac.compare_digest(bytes(token), self.token):
             return None
-        if not 0 <= hello.index < self.shard.setup.block_count:
+        if not 0 <= hello.index < self.worker_count:
             return None
         return hello.index
 
@@ -353,11 +408,15 @@ class ShardEnd:
         self.shard.inbox.accept(header.number, header.index, gradient, statistics)
 
 
-def listen_for_workers(shard: ParameterServerShard, token: bytes) -> tuple[str, int]:
-    """Open the shard's end on its node's address; returns (address, port) for the workers."""
+def listen_for_workers(shard: ParameterServerShard, token: bytes,
+                       worker_count: int) -> tuple[str, int]:
+    """Open the shard's end on its node's address, for worker slots [0, worker_count);
+    returns (address, port) for the workers."""
     if len(token) != TOKEN_BYTES:
         raise ValueError(f"the token must be {TOKEN_BYTES} bytes, got {len(token)}")
-    shard.worker_links = ShardEnd(shard, token, ray.util.get_node_ip_address())
+    if shard.worker_links is not None:
+        shard.worker_links.close()
+    shard.worker_links = ShardEnd(shard, token, ray.util.get_node_ip_address(), worker_count)
     return shard.worker_links.address
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 from typing import TypeVar
 
 import numpy as np
@@ -101,27 +102,40 @@ class Link:
 
     # --- receiving (one reader thread per link) --------------------------------------------
 
-    def receive_header(self, kind: type[Header]) -> Header:
+    def receive_header(self, kind: type[Header], deadline: float | None = None) -> Header:
         data = bytearray(kind.layout.size)
-        self.receive_into(memoryview(data))
+        self.receive_into(memoryview(data), deadline)
         return kind.unpack(bytes(data))
 
-    def receive_into(self, destination: np.ndarray | memoryview) -> None:
+    def receive_into(self, destination: np.ndarray | memoryview,
+                     deadline: float | None = None) -> None:
         """Fill `destination` (contiguous) with the next bytes of the stream; LinkClosed if
-        the peer closed the connection or it broke."""
+        the peer closed the connection or it broke, or if `deadline` (time.monotonic()) passes
+        first: a deadline bounds the whole message, not each read, so a peer sending a byte
+        at a time cannot stretch it."""
         view = (destination.data.cast("B") if isinstance(destination, np.ndarray)
                 else destination)
         received = 0
         while received < len(view):
             try:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("the deadline passed")
+                    self.connection.settimeout(left)
                 count = self.connection.recv_into(view[received:])
-            except OSError as error:
+            except OSError as error:  # socket.timeout and TimeoutError are OSErrors
                 self.close()
                 raise LinkClosed(f"the connection to {self.name} broke: {error}") from error
             if count == 0:
                 self.close()
                 raise LinkClosed(f"{self.name} closed the connection")
             received += count
+        if deadline is not None:
+            try:
+                self.connection.settimeout(None)  # blocking again, for the writer's sends
+            except OSError as error:  # closed meanwhile
+                raise LinkClosed(f"the connection to {self.name} closed: {error}") from error
 
     def close(self) -> None:
         """Idempotent; wakes a flush waiting on this link and ends the writer thread."""

@@ -1,12 +1,14 @@
 """The direct transport's two ends (worker/transport/direct.py) over real sockets on loopback:
 a step leaves the shards with the bits of the same step done in one process, the all-gather
 lands in the replica's own parameter vector, and a shard that goes away, a stranger without the
-job's token or a malformed chunk are found at once. No Ray: the replica and the shards are
-plain objects here, as inside their actors."""
+job's token or a malformed chunk are found at once; strangers cannot hold a shard's port. No
+Ray: the replica and the shards are plain objects here, as inside their actors."""
 
 from __future__ import annotations
 
+import errno
 import socket
+import threading
 import time
 
 import numpy as np
@@ -27,7 +29,7 @@ def _shards_and_worker(shard_count: int = 2, block_count: int = 1):
     bounds = replica.layout.shard_bounds(shard_count, align_to_parameters=False)
     shards = [_shard(replica, k, bounds[k], block_count) for k in range(shard_count)]
     for shard in shards:
-        shard.worker_links = ShardEnd(shard, TOKEN, "127.0.0.1")
+        shard.worker_links = ShardEnd(shard, TOKEN, "127.0.0.1", worker_count=block_count)
     direct.connect_to_shards(replica, 0, [_end(s).address for s in shards], bounds, TOKEN,
                              TIMEOUT)
     _wait_until(lambda: all(0 in _end(shard).links for shard in shards),
@@ -135,3 +137,92 @@ def test_a_message_a_worker_may_not_send_closes_its_connection(header):
     intruder = _raw_hello(shards[0], TOKEN, 1)
     intruder.sendall(header.pack())
     assert intruder.recv(1 << 16) == b""
+
+
+def test_a_hello_for_a_slot_past_the_jobs_workers_is_dropped():
+    _, shards, _ = _shards_and_worker(1, block_count=2)
+    _end(shards[0]).worker_count = 1  # two blocks, one worker: slot 1 is nobody's
+    stranger = _raw_hello(shards[0], TOKEN, 1)
+    assert stranger.recv(1 << 16) == b""
+    assert set(_end(shards[0]).links) == {0}
+
+
+def test_a_stranger_trickling_its_hello_is_dropped_at_the_deadline_for_the_whole_hello(
+        monkeypatch):
+    monkeypatch.setattr(direct, "HELLO_SECONDS", 1.0)
+    _, shards, _ = _shards_and_worker(1)
+    hello = Message(Op.HELLO, 0, 0, len(TOKEN)).pack() + TOKEN
+    interval = 0.2  # well inside HELLO_SECONDS: a deadline per read would never pass
+    stranger = socket.create_connection(_end(shards[0]).address, timeout=TIMEOUT)
+    dropped = threading.Event()
+
+    def trickle() -> None:
+        for byte in hello[:-1]:  # never the whole hello
+            if dropped.wait(interval):
+                return
+            try:
+                stranger.send(bytes([byte]))
+            except OSError:
+                return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    began = time.monotonic()
+    try:
+        assert stranger.recv(1 << 16) == b""
+    except ConnectionResetError:
+        pass  # dropped while bytes were in flight: as closed
+    finally:
+        dropped.set()
+    assert time.monotonic() - began < len(hello) * interval / 2
+
+
+def test_waiting_strangers_do_not_keep_a_real_worker_out():
+    replica, shards, bounds = _shards_and_worker(1)
+    end = _end(shards[0])
+    # More silent strangers than a shard lets wait, from the worker's own address.
+    strangers = [socket.create_connection(end.address, timeout=TIMEOUT)
+                 for _ in range(direct.PENDING_HELLOS + 1)]
+    _wait_until(lambda: len(end.waiting) == direct.PENDING_HELLOS_PER_PEER,
+                "the strangers were not all accepted")
+    first = end.links[0]
+    direct.connect_to_shards(replica, 0, [end.address], bounds, TOKEN, TIMEOUT)
+    _wait_until(lambda: end.links.get(0) not in (None, first), "the real worker was kept out")
+    for stranger in strangers:
+        stranger.close()
+
+
+class _ServerFailingItsFirstAccept(socket.socket):
+    """A real listening socket whose first accept fails as the kernel's does when a connection
+    is reset before it is taken."""
+
+    failed = False
+
+    def accept(self) -> tuple[socket.socket, tuple]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ECONNABORTED, "Software caused connection abort")
+        return super().accept()
+
+
+def test_a_failed_accept_does_not_close_the_shards_port(monkeypatch):
+    def listen(host: str) -> socket.socket:
+        server = _ServerFailingItsFirstAccept(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind((host, 0))
+        server.listen()
+        return server
+
+    monkeypatch.setattr(direct, "listen", listen)
+    replica, shards, _ = _shards_and_worker(1)  # waits until the worker's hello is taken
+    server = _end(shards[0]).server
+    assert isinstance(server, _ServerFailingItsFirstAccept) and server.failed
+
+
+def test_a_standby_taking_over_closes_the_direct_end_it_had():
+    _, shards, bounds = _shards_and_worker(1)
+    end = _end(shards[0])
+    shards[0].take_over(shards[0].setup)
+    assert shards[0].worker_links is None
+    with pytest.raises(OSError):
+        socket.create_connection(end.address, timeout=TIMEOUT)
+    _wait_until(lambda: all(link.closed for link in end.links.values()),
+                "the old job's connections stayed open")
