@@ -137,6 +137,8 @@ class ModelReplica:
         # ... and the optimizer over the whole vector, which each worker of a compressed job
         # steps itself with the same step gradient (a ParameterServerShard over [0, size)).
         self.replicated_optimizer: ParameterServerShard | None = None
+        # The step whose update it applied last (None: none since its parameters were loaded).
+        self.applied_update_step: int | None = None
         # The direct transport's connections to the shards (worker/transport/direct.py).
         self.shard_links: direct.WorkerEnd | None = None
 
@@ -195,6 +197,7 @@ class ModelReplica:
     def load_parameter_vector(self, values: np.ndarray) -> None:
         with self._compute_lock:
             self.flat[:] = values
+            self.applied_update_step = None
 
     def compression_state(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
         return compressed.compression_state(self)

@@ -388,15 +388,19 @@ def apply_step_update(replica: ModelReplica, bounds: list[tuple[int, int]], upda
 def _apply(replica: ModelReplica, bounds: Sequence[tuple[int, int]], update: StepUpdate,
            replies: Sequence) -> float:
     """The step gradient rebuilt from the shards' replies, then the optimizer step on the
-    whole vector; returns its seconds."""
+    whole vector; returns its seconds. Once per step and worker: every block's call carries
+    the update, and a worker computing two blocks must not step its optimizer twice."""
     start = time.perf_counter()
     optimizer = replicated_optimizer(replica)
-    with replica._compute_lock:
+    with replica._compute_lock:  # two blocks' calls may run at once (two actor threads)
+        if replica.applied_update_step == update.step:
+            return 0.0
         if isinstance(replica.job.compression, TopK):
             topk_decompress(optimizer.gradient, replies, bounds)
         else:
             _powersgd(replica).decompress(optimizer.gradient, replies, bounds)
         optimizer.apply(update.lr, update.clip_coefficient)
+        replica.applied_update_step = update.step
     return time.perf_counter() - start
 
 
