@@ -33,6 +33,7 @@ class FakeRunner:
     started: list = []
 
     cpus: dict = {}  # job name -> the cpus_per_worker it was given
+    released = threading.Event()  # a job named "holds" runs until it is set
     nodes: dict = {}  # job name -> the node of each of its actors it was given
 
     def __init__(self, spec, dataset, *, should_stop, on_step, on_checkpoint, **options):
@@ -43,6 +44,8 @@ class FakeRunner:
         FakeRunner.started.append(self.spec.name)
         FakeRunner.cpus[self.spec.name] = self.options["cpus_per_worker"]
         FakeRunner.nodes[self.spec.name] = self.options["nodes"]
+        if self.spec.name == "holds":
+            FakeRunner.released.wait(60)
         if self.spec.name == "broken":
             raise ValueError("no such thing")
         if self.spec.name == "unplaced" and FakeRunner.started.count("unplaced") == 1:
@@ -107,6 +110,7 @@ def _resolved(spec):
 
 def _queue(host, max_concurrent_jobs=1, observers=(), nodes=(("node", 2.0),), **options):
     FakeRunner.started, FakeRunner.cpus, FakeRunner.nodes = [], {}, {}
+    FakeRunner.released = threading.Event()
     return JobQueue(host, cluster=FixedNodes([Node(*node) for node in nodes]),
                     max_concurrent_jobs=max_concurrent_jobs, observers=observers,
                     runner_factory=FakeRunner, **options)
@@ -141,11 +145,13 @@ def test_higher_priority_first_then_first_in_first_out():
     host = FakeHost()
     queue = _queue(host)
     FakeRunner.step_seconds = 0.01
-    queue.submit(_job("first"))  # starts at once: the only slot is free
+    queue.submit(_job("holds"))  # starts at once: the only slot is free
     for name, priority in [("low-a", 0), ("high", 5), ("low-b", 0), ("mid", 1)]:
         queue.submit(_job(name, priority))
+    FakeRunner.released.set()  # all four wait for the slot (at load 10 the first job ended
+    # before the others were submitted, and low-a took the slot before high was queued)
     wait_for(lambda: len(host.states) == 5 and set(host.states.values()) == {"SUCCEEDED"}, 10)
-    assert FakeRunner.started == ["first", "high", "mid", "low-a", "low-b"]
+    assert FakeRunner.started == ["holds", "high", "mid", "low-a", "low-b"]
 
 
 def test_jobs_start_while_their_actors_fit_on_the_nodes_as_sized():
