@@ -132,7 +132,12 @@ class ParameterServerShard:
         # Non-elementwise rules (Adafactor) see whole parameters, one state per parameter;
         # the shard's bounds are then aligned to parameter boundaries by the runner.
         self.pieces = self._pieces()
-        if self.rule.elementwise:
+        self.slice_state: dict[str, np.ndarray] = {}
+        if setup.compression is not None:
+            # A compressed job's workers step the optimizer, each over the whole vector
+            # (worker/transport/compressed.py): its shards only sum, and keep no state.
+            self.pieces, self.states = [], []
+        elif self.rule.elementwise:
             # One state for the whole slice (what a checkpoint holds, however the slice is
             # cut), each trainable run stepping on its views of it: rules update state in place.
             self.slice_state = self._init_state(self.parameters, None)

@@ -28,7 +28,7 @@ the same inputs in the same order, so the replicas stay bitwise equal; sync_para
 that on every checkpoint and evaluation, and a checkpoint takes one worker's state. A step's
 update is applied at the start of the next step's call (no round trip of its own), or by
 sync_parameters when the runner needs the parameters before that. The shards need nothing
-from one step to the next (their optimizer state, allocated as for any shard, stays unused).
+from one step to the next, and hold no optimizer state.
 
 Bytes are counted where they are sent: a worker's messages (BlockStats.bytes_sent), and what
 every worker receives from the shards: P^ and the replies (bytes_received).

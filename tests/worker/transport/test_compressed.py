@@ -9,6 +9,7 @@ import numpy as np
 from chainrule.spec_file import load_job_spec
 from scheduler.datasets import from_arrays, split_and_standardize
 from worker.compression import topk_reply
+from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import resolve
 from worker.transport.compressed import StepUpdate, compress_block
@@ -54,3 +55,21 @@ def test_a_worker_computing_two_blocks_applies_the_step_s_update_once():
     np.testing.assert_array_equal(twice.flat, once.flat)
     assert twice.replicated_optimizer is not None and once.replicated_optimizer is not None
     assert twice.replicated_optimizer.steps_taken == once.replicated_optimizer.steps_taken == 1
+
+
+def test_a_compressed_job_s_shards_keep_no_optimizer_state():
+    # The workers step the optimizer over the whole vector; a shard's Adam moments would be
+    # two more copies of its slice, never read.
+    replica = _top_k_replica()
+    job, layout = replica.job, replica.layout
+    bounds = (0, layout.size // 2)
+
+    def shard(compression) -> ParameterServerShard:
+        return ParameterServerShard(
+            ShardSetup(0, bounds, layout, None, 2, job.optimizer, job.hyperparameters,
+                       compression=compression), owns_process=False)
+
+    assert shard(job.compression).state() == (0, {})
+    _, state = shard(None).state()
+    assert {key: value.size for key, value in state.items()} == {
+        "exp_avg": bounds[1], "exp_avg_sq": bounds[1]}
