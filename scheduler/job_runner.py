@@ -880,6 +880,8 @@ def _why_lost(worker: int, failure: WorkersLost, deadline_seconds: float) -> str
         return "its raylet is gone, found by its heartbeat: the host's Ray is down"
     if worker in failure.unanswered:
         return "no answer to its heartbeat: its node or process is gone or stopped"
+    if worker in failure.unconnected:
+        return "it could not connect to the parameter-server shards in time"
     return "its process died"
 
 

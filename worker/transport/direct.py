@@ -33,7 +33,9 @@ it extends: a worker that dies or falls silent is WorkersLost (the shards go on 
 blocks, so `recompute` on a survivor completes the step with the same bits); a shard that dies
 closes its connections, so the workers waiting for its slice or sending it a chunk fail at once
 with ShardUnreachable, which is ShardLost (and the shard's silence on its heartbeat is too);
-a worker's closed connection frees the shard's thread reading it. A lost shard's state is not
+a worker's closed connection frees the shard's thread reading it. A worker that could not
+connect in time (its connect is not awaited past a deadline) raises WorkerNotConnected when
+given a block: WorkersLost too. A lost shard's state is not
 kept on other hosts: the job restarts from its checkpoint.
 
 This module owns both ends of the protocol: the messages, the runner's side (DirectTransport)
@@ -71,6 +73,7 @@ from worker.transport.step import (
     StepFailure,
     StepOutcome,
     StepWork,
+    WorkersLost,
     apply_coefficients,
 )
 
@@ -111,6 +114,11 @@ class Message(Record):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", Op(self.op))  # an unknown code fails here, loudly
+
+
+class WorkerNotConnected(RuntimeError):
+    """A worker was given a block before its connections to the shards were made (it could
+    not make them in time): for the runner, a lost worker, whose blocks others compute."""
 
 
 class ShardUnreachable(ConnectionError):
@@ -165,16 +173,22 @@ class DirectTransport(ObjectStoreTransport):
         self._connect([worker])
 
     def _connect(self, workers: Iterable[int]) -> None:
-        """Connect these slots' replicas to every shard, which sends each its slice. A replica
-        that died or hangs meanwhile is found by the next step; a shard that cannot be reached
-        is lost (ActorFailure)."""
+        """Connect these slots' replicas to every shard, which sends each its slice, all at
+        once and under one deadline: each replica has half of it to connect, so that its
+        answer normally comes within the runner's. A shard a replica cannot reach is lost
+        (ActorFailure). A replica that died, hangs or is still connecting at the deadline is
+        found by the next step: its block raises WorkerNotConnected, a lost worker."""
         calls = {worker: self.actors.replicas[worker].connect_to_shards.remote(
-            worker, self.addresses, self.bounds, self.token, self.timeout_seconds)
+            worker, self.addresses, self.bounds, self.token, self.timeout_seconds / 2)
             for worker in workers}
-        for call in calls.values():
+        if not calls:
+            return
+        answered, _ = ray.wait(list(calls.values()), num_returns=len(calls),
+                               timeout=self.timeout_seconds)
+        for call in answered:
             try:
-                ray.get(call, timeout=self.timeout_seconds)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.get(call)
+            except ray.exceptions.RayActorError:
                 pass
             except ray.exceptions.RayTaskError as error:
                 if isinstance(error.cause, ShardUnreachable):
@@ -227,6 +241,13 @@ class DirectTransport(ObjectStoreTransport):
     def _block_error(self, work: StepWork, block: int, cause: BaseException) -> StepFailure:
         if isinstance(cause, ShardUnreachable):
             return ShardLost(cause.shard, f"during step {work.step}: {cause}")
+        if isinstance(cause, WorkerNotConnected):
+            # Its other blocks' calls raise the same; the survivors compute them all.
+            worker = self.owners[block]
+            return WorkersLost(work.step, (worker,),
+                               tuple(b for b in range(len(work.block_ranges))
+                                     if b not in self.delivered and self.owners[b] == worker),
+                               unconnected=(worker,))
         return super()._block_error(work, block, cause)
 
     def _reduce_and_apply_on_shards(self, work: StepWork
@@ -460,13 +481,17 @@ class WorkerEnd:
         self.changed = threading.Condition()
         self.versions = [0] * len(addresses)  # of each shard's slice in the vector
         self.links: list[Link] = []
+        # One deadline for them all: a shard's host dropping connections costs the rest of
+        # it, not a timeout per shard.
+        deadline = time.monotonic() + timeout_seconds
         for k, address in enumerate(addresses):
             try:
-                connection = connect(address, timeout_seconds)
+                connection = connect(address, max(deadline - time.monotonic(), 1e-3))
             except OSError as error:
                 self.close()
                 raise ShardUnreachable(k, f"parameter-server shard {k} at {address[0]}:"
-                                          f"{address[1]} refused the connection: {error}"
+                                          f"{address[1]} refused the connection or did not "
+                                          f"take it within {timeout_seconds:g} s: {error}"
                                        ) from error
             link = Link(connection, f"parameter-server shard {k}")
             link.send(Message(Op.HELLO, 0, worker, len(token)), np.frombuffer(token, np.uint8))
@@ -542,8 +567,11 @@ class WorkerEnd:
 def connect_to_shards(replica: ModelReplica, worker: int, addresses: Sequence[tuple[str, int]],
                       bounds: Sequence[tuple[int, int]], token: bytes,
                       timeout_seconds: float) -> None:
-    if replica.shard_links is not None:
-        replica.shard_links.close()
+    """(Re)connect the replica to every shard within `timeout_seconds`; until it is done, a
+    block given to it raises WorkerNotConnected (replicas take two calls at once)."""
+    links, replica.shard_links = replica.shard_links, None
+    if links is not None:
+        links.close()
     replica.shard_links = WorkerEnd(replica, worker, addresses, bounds, token, timeout_seconds)
 
 
@@ -555,7 +583,8 @@ def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndar
     returns once every chunk is in the kernel's hands."""
     links = replica.shard_links
     if links is None:
-        raise RuntimeError("the replica is not connected to the shards (connect_to_shards)")
+        raise WorkerNotConnected(f"the worker given block {block} of step {step} is not "
+                                 f"connected to the shards (connect_to_shards did not finish)")
     links.wait_for_parameters(version, timeout_seconds)
 
     def send(k: int, chunk: np.ndarray, statistics: np.ndarray | None) -> None:

@@ -113,6 +113,8 @@ class WorkersLost:
     # Those of `unanswered` whose raylet is gone (their heartbeat said so, or its port refused
     # a connection: worker/transport/liveness.py).
     raylet_gone: tuple[int, ...] = ()
+    # Those that never connected to the shards (the direct transport: worker/transport/direct.py).
+    unconnected: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

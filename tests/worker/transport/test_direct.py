@@ -10,6 +10,7 @@ import errno
 import socket
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -17,7 +18,15 @@ import pytest
 from tests.worker.transport.test_object_store_overlap import _replica
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.transport import direct
-from worker.transport.direct import Message, Op, ShardEnd, ShardUnreachable
+from worker.transport.direct import (
+    DirectTransport,
+    Message,
+    Op,
+    ShardEnd,
+    ShardUnreachable,
+    WorkerNotConnected,
+)
+from worker.transport.step import StepWork, WorkersLost
 
 TOKEN = bytes(range(direct.TOKEN_BYTES))
 TIMEOUT = 30.0  # far above what any wait below should take, even on a loaded machine
@@ -226,3 +235,23 @@ def test_a_standby_taking_over_closes_the_direct_end_it_had():
         socket.create_connection(end.address, timeout=TIMEOUT)
     _wait_until(lambda: all(link.closed for link in end.links.values()),
                 "the old job's connections stayed open")
+
+
+def test_a_block_given_to_a_worker_not_yet_connected_is_a_lost_worker_for_the_policy():
+    """Replicas take two calls at once, so a step's block can reach a replica whose connect
+    did not finish by the runner's deadline: that is a lost worker (its blocks recomputed by
+    survivors), never the job's own computation failing."""
+    replica = _replica()
+    with pytest.raises(WorkerNotConnected) as raised:
+        direct.compute_direct(replica, [(0, np.arange(4))], 3, 4, None, 1, 1, TIMEOUT)
+
+    actors = types.SimpleNamespace(replicas=[], shards=[])
+    transport = DirectTransport(actors, replica.flat, [(0, replica.flat.size)], [],
+                                lambda buffers: np.zeros(0), timeout_seconds=TIMEOUT)
+    work = StepWork(step=3, micro_batches=[], block_ranges=[(0, 1), (1, 2), (2, 3)],
+                    block_owners=[0, 1, 1], samples=4, lr=0.1, max_norm=None,
+                    master_buffers=None,
+                    deadline_seconds=TIMEOUT)
+    transport.owners = {0: 0, 1: 1, 2: 1}
+    failure = transport._block_error(work, 1, raised.value)
+    assert failure == WorkersLost(3, (1,), (1, 2), unconnected=(1,))
