@@ -9,9 +9,12 @@ state change, and never slows the job.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from scheduler.records import RecoveryRecord
 from services.store import ProgressSummary, ValidationSummary
@@ -35,12 +38,16 @@ class JobEvent:
 
 class Subscription:
     """One watcher's events. State changes and recoveries are kept, in order; of progress and
-    validation only the newest not yet sent is kept, and it is ready once its time is
-    `min_interval` (or its tenant's share of events, when longer: EventHub) past the last one
-    of its kind sent. A publish wakes the watcher only when it has something ready: a job's
-    every step costs a watcher a few operations under a lock, not a thread switch (200
-    watchers of a job of 40 steps a second were 8,000 wake-ups a second of threads that
-    mostly went back to sleep, with the GIL, in bench/hostile.py)."""
+    validation only the newest not yet sent is kept, and it is ready once its time, or the
+    hub's clock when later, is `min_interval` (or its tenant's share of events, when longer:
+    EventHub) past the last one of its kind sent: the newest progress held back goes out
+    within an interval even when no event follows (a long checkpoint's pause), then with the
+    clock's time, so the times a watcher is sent are always an interval apart. A publish
+    wakes the watcher only when it has something ready, and a waiting watcher wakes itself
+    only when what it holds falls due: a job's every step costs a watcher a few operations
+    under a lock, not a thread switch (200 watchers of a job of 40 steps a second were 8,000
+    wake-ups a second of threads that mostly went back to sleep, with the GIL, in
+    bench/hostile.py)."""
 
     def __init__(self, hub: EventHub, job_id: str, min_interval: float = 0.0,
                  tenant: str = ""):
@@ -53,17 +60,25 @@ class Subscription:
 
     def get(self, timeout: float) -> JobEvent | None:
         """The next event to send, or None after `timeout` seconds or when the hub closes."""
+        deadline = time.monotonic() + timeout
         with self._ready:
-            if not self._ready.wait_for(lambda: self._ordered or self._next_coalesced(),
-                                        timeout):
-                return None
-            if self._ordered:
-                return self._ordered.popleft()
-            event = self._next_coalesced()
-            assert event is not None
-            del self._newest[event.kind]
-            self._last_sent[event.kind] = event.time
-            return event
+            while True:
+                if self._ordered:
+                    return self._ordered.popleft()
+                event = self._next_coalesced()
+                if event is not None:
+                    del self._newest[event.kind]
+                    if not self._due_by_its_time(event):
+                        # Due by the clock alone: nothing newer came (a long checkpoint's
+                        # pause), so its numbers are still the job's now, and it says so.
+                        event = replace(event, time=self.hub.clock())
+                    self._last_sent[event.kind] = event.time
+                    return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                # Woken by a publish, or when the event held back falls due.
+                self._ready.wait(min(remaining, self._seconds_until_due()))
 
     def put(self, event: JobEvent | None) -> None:
         with self._ready:
@@ -83,8 +98,20 @@ class Subscription:
 
     def _is_due(self, event: JobEvent) -> bool:
         last = self._last_sent.get(event.kind)
-        interval = max(self.min_interval, self.hub.share_interval(self.tenant))
-        return last is None or event.time - last >= interval
+        return last is None or max(event.time, self.hub.clock()) - last >= self._interval()
+
+    def _due_by_its_time(self, event: JobEvent) -> bool:
+        last = self._last_sent.get(event.kind)
+        return last is None or event.time - last >= self._interval()
+
+    def _interval(self) -> float:
+        return max(self.min_interval, self.hub.share_interval(self.tenant))
+
+    def _seconds_until_due(self) -> float:
+        """How long until the first event held back may be sent (inf: none held)."""
+        now = self.hub.clock()
+        waits = [self._last_sent.get(kind, now) + self._interval() - now for kind in self._newest]
+        return max(min(waits, default=math.inf), 0.0)
 
     def _next_coalesced(self) -> JobEvent | None:
         due = [event for event in self._newest.values() if self._is_due(event)]
@@ -108,8 +135,11 @@ TENANT_WATCH_EVENTS_PER_SECOND = 32.0
 
 
 class EventHub:
-    def __init__(self, tenant_events_per_second: float = TENANT_WATCH_EVENTS_PER_SECOND) -> None:
+    def __init__(self, tenant_events_per_second: float = TENANT_WATCH_EVENTS_PER_SECOND,
+                 clock: Callable[[], float] = time.time) -> None:
+        """`clock`: the clock of the events' times (a test's may stand still)."""
         self.tenant_events_per_second = tenant_events_per_second
+        self.clock = clock
         self._lock = threading.Lock()
         self._subscribers: dict[str, list[Subscription]] = defaultdict(list)
         self._watches: Counter[str] = Counter()  # tenant -> its subscriptions open
@@ -120,7 +150,8 @@ class EventHub:
                   tenant: str = "") -> Subscription:
         """A watcher of the job's events from now on; of its progress and validation events,
         at most one of each per `min_interval` seconds, or per the tenant's share of
-        `tenant_events_per_second` when that is longer (by the events' times), the newest."""
+        `tenant_events_per_second` when that is longer (by the events' times, or the clock when
+        later), the newest."""
         subscription = Subscription(self, job_id, min_interval, tenant)
         with self._lock:
             self._subscribers[job_id].append(subscription)

@@ -1,12 +1,15 @@
 """What a watcher is sent of a job's events (services/events.py): state changes and recoveries
 every one, in order; of progress and validation the newest only, at most one of each per the
 watcher's interval by the events' own times, and whatever is held goes out before the state
-change it ended on. Events here are published with made-up times, so nothing waits on a clock.
+change it ended on; what is held goes out once the clock has passed its interval, even when no
+event follows. Events here are published with made-up times on a clock the test moves (it
+stands still unless a test moves it), so nothing waits on the real one but where said.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from scheduler.records import RecoveryRecord
 from services.events import EventHub, JobEvent
@@ -28,6 +31,16 @@ def state(name: str, at: float) -> JobEvent:
     return JobEvent(JOB, at, "state", state=name)
 
 
+class Clock:
+    """The hub's clock, standing before every made-up time until a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def sent(watcher) -> list[tuple[str, float]]:
     """What the watcher has ready now, without waiting: (kind, time) in order."""
     events = []
@@ -37,7 +50,7 @@ def sent(watcher) -> list[tuple[str, float]]:
 
 
 def test_progress_faster_than_the_interval_is_sent_at_most_once_per_interval_newest_only():
-    hub = EventHub()
+    hub = EventHub(clock=Clock())
     with hub.subscribe(JOB, min_interval=0.25) as watcher:
         hub.publish(progress(1, at=10.0))
         assert sent(watcher) == [("progress", 10.0)]
@@ -49,7 +62,7 @@ def test_progress_faster_than_the_interval_is_sent_at_most_once_per_interval_new
 
 
 def test_validation_is_coalesced_on_its_own_clock_and_recoveries_are_all_sent_in_order():
-    hub = EventHub()
+    hub = EventHub(clock=Clock())
     recovery = RecoveryRecord(step=3, kind="worker_lost", message="worker 0 lost at step 3")
     with hub.subscribe(JOB, min_interval=0.25) as watcher:
         hub.publish(validation(1, at=10.0))
@@ -67,7 +80,7 @@ def test_validation_is_coalesced_on_its_own_clock_and_recoveries_are_all_sent_in
 
 
 def test_a_state_change_comes_after_the_held_progress_and_validation_it_ended_on():
-    hub = EventHub()
+    hub = EventHub(clock=Clock())
     with hub.subscribe(JOB, min_interval=0.25) as watcher:
         hub.publish(progress(1, at=10.0))
         hub.publish(validation(1, at=10.01))
@@ -80,7 +93,7 @@ def test_a_state_change_comes_after_the_held_progress_and_validation_it_ended_on
 
 
 def test_a_waiting_watcher_gets_the_next_event_it_may_send_then_none_when_the_hub_closes():
-    hub = EventHub()
+    hub = EventHub(clock=Clock())
     got: list = []
 
     def wait_twice() -> None:
@@ -102,7 +115,7 @@ def test_a_waiting_watcher_gets_the_next_event_it_may_send_then_none_when_the_hu
 
 
 def test_a_watcher_that_never_reads_holds_one_progress_and_one_validation_whatever_the_job_does():
-    hub = EventHub()
+    hub = EventHub(clock=Clock())
     with hub.subscribe(JOB) as watcher:
         for step in range(1, 10_001):
             hub.publish(progress(step, at=float(step)))
@@ -111,7 +124,7 @@ def test_a_watcher_that_never_reads_holds_one_progress_and_one_validation_whatev
 
 
 def test_a_tenants_watches_share_its_events_a_second_so_more_watches_do_not_mean_more_sends():
-    hub = EventHub(tenant_events_per_second=8)
+    hub = EventHub(tenant_events_per_second=8, clock=Clock())
     crowd = [hub.subscribe(JOB, min_interval=0.25, tenant="a") for _ in range(16)]  # 2 s each
     alone = hub.subscribe(JOB, min_interval=0.25, tenant="b")  # its own 0.25 s
     hub.publish(progress(1, at=10.0))
@@ -125,3 +138,34 @@ def test_a_tenants_watches_share_its_events_a_second_so_more_watches_do_not_mean
         watcher.close()
     hub.publish(progress(4, at=13.0))  # 8 watches left: 1 s each
     assert [sent(watcher) for watcher in crowd[:8]] == [[("progress", 13.0)]] * 8
+
+
+def test_held_progress_goes_out_once_the_clock_passes_its_interval_though_no_event_follows():
+    clock = Clock()
+    hub = EventHub(clock=clock)
+    with hub.subscribe(JOB, min_interval=0.25) as watcher:
+        clock.now = 10.0
+        hub.publish(progress(1, at=10.0))
+        assert sent(watcher) == [("progress", 10.0)]
+        hub.publish(progress(2, at=10.1))  # then a long checkpoint: no event for a while
+        assert sent(watcher) == []
+        clock.now = 10.2
+        assert sent(watcher) == []
+        clock.now = 10.3  # an interval after the last one sent: still the job's progress now
+        assert sent(watcher) == [("progress", 10.3)]
+        hub.publish(progress(3, at=10.35))  # counted from when step 2's went out: too soon
+        assert sent(watcher) == []
+
+
+def test_a_waiting_watcher_wakes_when_the_progress_it_holds_falls_due():
+    hub = EventHub()  # the real clock: the watcher waits about 0.2 s
+    with hub.subscribe(JOB, min_interval=0.2) as watcher:
+        now = time.time()
+        hub.publish(progress(1, at=now))
+        assert watcher.get(timeout=0) is not None
+        hub.publish(progress(2, at=now))  # held: due 0.2 s after step 1's went out
+        started = time.monotonic()
+        event = watcher.get(timeout=60)
+    assert event is not None and event.progress is not None and event.progress.step == 2
+    assert event.time >= now + 0.2  # an interval after step 1's, as every send is
+    assert time.monotonic() - started < 30  # woken when due, not at the timeout
