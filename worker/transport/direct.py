@@ -175,9 +175,10 @@ class DirectTransport(ObjectStoreTransport):
     def _connect(self, workers: Iterable[int]) -> None:
         """Connect these slots' replicas to every shard, which sends each its slice, all at
         once and under one deadline: each replica has half of it to connect, so that its
-        answer normally comes within the runner's. A shard a replica cannot reach is lost
-        (ActorFailure). A replica that died, hangs or is still connecting at the deadline is
-        found by the next step: its block raises WorkerNotConnected, a lost worker."""
+        answer normally comes within the runner's. A shard that refuses a replica's connection
+        is lost (ActorFailure). A replica that died, hangs, is still connecting at the deadline
+        or whose connection went unanswered is found by the next step: its block raises
+        WorkerNotConnected, a lost worker."""
         calls = {worker: self.actors.replicas[worker].connect_to_shards.remote(
             worker, self.addresses, self.bounds, self.token, self.timeout_seconds / 2)
             for worker in workers}
@@ -191,6 +192,8 @@ class DirectTransport(ObjectStoreTransport):
             except ray.exceptions.RayActorError:
                 pass
             except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, WorkerNotConnected):
+                    continue  # its first block says so: a lost worker
                 if isinstance(error.cause, ShardUnreachable):
                     raise ActorFailure(ShardLost(error.cause.shard, "while a worker connected: "
                                                                     f"{error.cause}")) from error
@@ -487,11 +490,18 @@ class WorkerEnd:
         for k, address in enumerate(addresses):
             try:
                 connection = connect(address, max(deadline - time.monotonic(), 1e-3))
+            except TimeoutError as error:
+                # Unanswered, not refused: the shard's other workers may reach it, and only
+                # this worker's path may be broken, so the worker counts as lost (not the
+                # shard, which would restart every actor).
+                self.close()
+                raise WorkerNotConnected(f"parameter-server shard {k} at {address[0]}:"
+                                         f"{address[1]} did not answer the connection within "
+                                         f"{timeout_seconds:g} s") from error
             except OSError as error:
                 self.close()
                 raise ShardUnreachable(k, f"parameter-server shard {k} at {address[0]}:"
-                                          f"{address[1]} refused the connection or did not "
-                                          f"take it within {timeout_seconds:g} s: {error}"
+                                          f"{address[1]} refused the connection: {error}"
                                        ) from error
             link = Link(connection, f"parameter-server shard {k}")
             link.send(Message(Op.HELLO, 0, worker, len(token)), np.frombuffer(token, np.uint8))

@@ -255,3 +255,20 @@ def test_a_block_given_to_a_worker_not_yet_connected_is_a_lost_worker_for_the_po
     transport.owners = {0: 0, 1: 1, 2: 1}
     failure = transport._block_error(work, 1, raised.value)
     assert failure == WorkersLost(3, (1,), (1, 2), unconnected=(1,))
+
+
+def test_a_shard_that_does_not_answer_the_connection_makes_the_worker_unconnected():
+    """A host dropping the worker's SYNs (here: a port whose accept queue is full, where Linux
+    drops them) leaves the worker unconnected, a lost worker, rather than the shard lost."""
+    replica, shards, bounds = _shards_and_worker(1)
+    bounds = replica.layout.shard_bounds(2, align_to_parameters=False)
+    silent = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filling = socket.create_connection(silent.getsockname(), timeout=TIMEOUT)
+    try:
+        with pytest.raises(WorkerNotConnected):
+            direct.connect_to_shards(replica, 0, [_end(shards[0]).address, silent.getsockname()],
+                                     bounds, TOKEN, 0.5)
+        assert replica.shard_links is None
+    finally:
+        filling.close()
+        silent.close()
