@@ -34,6 +34,7 @@ from enum import Enum
 
 from worker.transport.step import (
     ErrorFeedbackLost,
+    LostBlockApplied,
     ShardLost,
     StepFailure,
     WorkersLost,
@@ -75,7 +76,7 @@ class FailurePolicy:
         if isinstance(failure, WorkersLost):
             self.worker_failures += len(failure.workers)
             return Decision.RECOMPUTE if survivors > 0 else Decision.FAIL
-        if isinstance(failure, ShardLost | ErrorFeedbackLost):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied):
             if self.shard_restarts >= self.max_shard_restarts:
                 return Decision.FAIL
             self.shard_restarts += 1
@@ -105,7 +106,7 @@ class FailurePolicy:
     def why_failed(self, failure: StepFailure) -> str:
         if isinstance(failure, WorkersLost):
             return f"every worker of the job failed ({describe(failure)})"
-        if isinstance(failure, ShardLost | ErrorFeedbackLost):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied):
             return (f"{describe(failure)}, after {self.shard_restarts} restarts from a "
                     f"checkpoint (at most {self.max_shard_restarts})")
         return describe(failure)

@@ -76,6 +76,7 @@ from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
 from worker.transport.step import (
     ActorFailure,
     ErrorFeedbackLost,
+    LostBlockApplied,
     ShardLost,
     StepFailure,
     StepOutcome,
@@ -605,7 +606,9 @@ class JobRunner:
             else:
                 restart = self.last_checkpoint.step if self.last_checkpoint is not None else 0
                 where = f"from the checkpoint of step {restart} and replays from there"
-            kind = "error_feedback_lost" if isinstance(failure, ErrorFeedbackLost) else "shard_lost"
+            kind = ("error_feedback_lost" if isinstance(failure, ErrorFeedbackLost)
+                    else "lost_block_applied" if isinstance(failure, LostBlockApplied)
+                    else "shard_lost")
             self._recovered(kind, self.current_step,
                             f"{describe(failure)}: every actor restarts {where} (restart "
                             f"{self.policy.shard_restarts} of at most "

@@ -68,6 +68,8 @@ RECOVERY_KIND_DESCRIPTIONS = {
     "shard_lost": "a parameter-server shard died: the shards restarted from their kept state",
     "error_feedback_lost": "a compressed job's worker died with its error feedback: restarted "
                            "from a checkpoint",
+    "lost_block_applied": "a lost worker's gradient reached the shards, which applied the step "
+                          "before its block was computed again: restarted from a checkpoint",
     "shared_memory_full": "no room in /dev/shm for the job's arrays: the object store instead",
     "ray_lost": "the service's Ray died: the run given up, the job requeued from a checkpoint",
     "lease_expired": "the runner stopped renewing its lease: the job requeued from a checkpoint",

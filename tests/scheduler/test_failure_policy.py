@@ -1,7 +1,7 @@
 """The failure policy on its own: what it decides for each failure, and what it counts."""
 
 from scheduler.failure_policy import Decision, FailurePolicy
-from worker.transport.step import BlockFailed, ShardLost, WorkersLost
+from worker.transport.step import BlockFailed, LostBlockApplied, ShardLost, WorkersLost
 
 
 def lost(*workers):
@@ -28,6 +28,14 @@ def test_a_lost_shard_restarts_from_the_checkpoint_until_the_limit_then_fails():
     assert decisions == [Decision.RESTART, Decision.RESTART, Decision.FAIL]
     assert policy.shard_restarts == 2
     assert "parameter-server shard 1 died during step 9" in policy.why_failed(shard)
+
+
+def test_a_step_applied_before_its_lost_block_was_recomputed_restarts_within_the_same_limit():
+    policy = FailurePolicy(max_shard_restarts=1)
+    applied = LostBlockApplied(step=6, worker=0, shard=1)
+    assert policy.decide(applied, survivors=1) is Decision.RESTART
+    assert policy.decide(applied, survivors=1) is Decision.FAIL
+    assert "reached parameter-server shard 1, which applied step 6" in policy.why_failed(applied)
 
 
 def test_an_error_in_the_jobs_own_computation_fails_without_retrying():

@@ -125,9 +125,12 @@ def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_wei
     runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=2,
                                 step_timeout_seconds=30, transport=transport)
 
+    killed = []
+
     def kill_worker_one(record):
-        if record.step == 5:
+        if record.step == 5 and not killed:  # once: a restart replays step 5
             ray.kill(runner.worker_group.replicas[1])
+            killed.append(record.step)
         if record.step > 5:
             time.sleep(0.1)  # a slower job, so the replacement (~1 s to start) can join
 
@@ -135,9 +138,17 @@ def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_wei
     result = runner.run()
     assert result.history.worker_failures == 1
     workers = [record.workers for record in result.history.steps]
-    # ray.kill is asynchronous: the loss shows at one of the next steps, which then run on the
-    # survivor until a replacement replica joins (elasticity).
-    assert workers[:5] == [2] * 5 and min(workers) == 1 and workers[-1] == 2
+    assert workers[:5] == [2] * 5
+    kinds = [recovery.kind for recovery in result.history.recoveries]
+    if "lost_block_applied" in kinds:
+        # Direct connections only: ray.kill is asynchronous, and the worker can die after its
+        # chunks of step 6 left, so the shards apply step 6 before a survivor could compute
+        # its block again; the job restarts from its checkpoint instead.
+        assert transport == "direct" and kinds[-1] == "lost_block_applied"
+    else:
+        # The loss shows at one of the next steps, which then run on the survivor until a
+        # replacement replica joins (elasticity).
+        assert kinds[0] == "worker_lost" and min(workers) == 1 and workers[-1] == 2
     for key, value in one_worker_float32.state_dict.items():
         assert np.array_equal(result.state_dict[key], value), key
 

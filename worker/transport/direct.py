@@ -35,7 +35,11 @@ closes its connections, so the workers waiting for its slice or sending it a chu
 with ShardUnreachable, which is ShardLost (and the shard's silence on its heartbeat is too);
 a worker's closed connection frees the shard's thread reading it. A worker that could not
 connect in time (its connect is not awaited past a deadline) raises WorkerNotConnected when
-given a block: WorkersLost too. A lost shard's state is not
+given a block: WorkersLost too. A worker that dies after its chunks left lets the shards
+apply the step without waiting for the recompute, and their new slices land in the
+survivor's vector: the survivor then raises ParametersMovedOn (waiting for the step's
+parameters, or about to send a shard its chunk after that shard's new slice arrived), which
+is LostBlockApplied, a restart from the checkpoint. A lost shard's state is not
 kept on other hosts: the job restarts from its checkpoint.
 
 This module owns both ends of the protocol: the messages, the runner's side (DirectTransport)
@@ -69,6 +73,7 @@ from worker.transport.object_store import (
 from worker.transport.socket_link import Link, LinkClosed, connect, listen
 from worker.transport.step import (
     ActorFailure,
+    LostBlockApplied,
     ShardLost,
     StepFailure,
     StepOutcome,
@@ -119,6 +124,20 @@ class Message(Record):
 class WorkerNotConnected(RuntimeError):
     """A worker was given a block before its connections to the shards were made (it could
     not make them in time): for the runner, a lost worker, whose blocks others compute."""
+
+
+class ParametersMovedOn(RuntimeError):
+    """A shard's parameters of the next version reached a worker before the worker sent that
+    shard its chunk of the step: the shard applied the step without this block (a lost
+    worker's copy of it had arrived first), and the block's computation may have read the new
+    parameters. For the runner, LostBlockApplied."""
+
+    def __init__(self, shard: int, message: str):
+        super().__init__(shard, message)
+        self.shard, self.message = shard, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ShardUnreachable(ConnectionError):
@@ -244,6 +263,8 @@ class DirectTransport(ObjectStoreTransport):
     def _block_error(self, work: StepWork, block: int, cause: BaseException) -> StepFailure:
         if isinstance(cause, ShardUnreachable):
             return ShardLost(cause.shard, f"during step {work.step}: {cause}")
+        if isinstance(cause, ParametersMovedOn):
+            return LostBlockApplied(work.step, self.owners[block], cause.shard)
         if isinstance(cause, WorkerNotConnected):
             # Its other blocks' calls raise the same; the survivors compute them all.
             worker = self.owners[block]
@@ -483,6 +504,9 @@ class WorkerEnd:
         self.bounds = list(bounds)
         self.changed = threading.Condition()
         self.versions = [0] * len(addresses)  # of each shard's slice in the vector
+        # Shards whose slice is being written into the vector now (a half-written slice is
+        # parameters moved on as much as a whole one).
+        self.receiving = [False] * len(addresses)
         self.links: list[Link] = []
         # One deadline for them all: a shard's host dropping connections costs the rest of
         # it, not a timeout per shard.
@@ -520,8 +544,11 @@ class WorkerEnd:
                 if header.op != Op.SLICE or header.first_bytes != destination.nbytes:
                     raise ValueError(f"shard {k} sent {header}, not its slice of "
                                      f"{destination.nbytes} bytes")
+                with self.changed:
+                    self.receiving[k] = True
                 link.receive_into(destination)
                 with self.changed:
+                    self.receiving[k] = False
                     self.versions[k] = header.number
                     self.changed.notify_all()
         except (LinkClosed, ValueError):
@@ -539,9 +566,9 @@ class WorkerEnd:
                 timeout=timeout_seconds)
             versions = list(self.versions)
         if newer := [k for k, have in enumerate(versions) if have > version]:
-            # The runner's count and the shards' disagree: a bug.
-            raise RuntimeError(f"shard {newer[0]} sent parameters of version "
-                               f"{versions[newer[0]]} for a step asking for version {version}")
+            raise ParametersMovedOn(newer[0], f"parameter-server shard {newer[0]} sent "
+                                              f"parameters of version {versions[newer[0]]} "
+                                              f"before a block of version {version} began")
         behind = [k for k, have in enumerate(versions) if have < version]
         for k in behind:
             if self.links[k].closed:
@@ -552,7 +579,17 @@ class WorkerEnd:
                                               f"parameters for {timeout_seconds:g} s")
 
     def send_chunk(self, k: int, step: int, block: int, chunk: np.ndarray,
-                   statistics: np.ndarray | None) -> None:
+                   statistics: np.ndarray | None, version: int) -> None:
+        """Shard k's chunk of a block computed at parameters `version`. Shard k's slice of
+        the next version may arrive once the shard has every block's chunk, so after this
+        one in a step that goes well (by then backward no longer reads that slice); arrived
+        or arriving before it, the shard applied the step without this block, whose figures
+        may have been computed from moved parameters: ParametersMovedOn."""
+        with self.changed:
+            if self.receiving[k] or self.versions[k] > version:
+                raise ParametersMovedOn(k, f"parameter-server shard {k} moved its parameters "
+                                           f"past version {version} before block {block} of "
+                                           f"step {step} sent it its chunk")
         arrays = (chunk,) if statistics is None else (chunk, statistics)
         try:
             self.links[k].send(Message(Op.CHUNK, step, block, chunk.nbytes,
@@ -598,7 +635,7 @@ def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndar
     links.wait_for_parameters(version, timeout_seconds)
 
     def send(k: int, chunk: np.ndarray, statistics: np.ndarray | None) -> None:
-        links.send_chunk(k, step, block, chunk, statistics)
+        links.send_chunk(k, step, block, chunk, statistics, version)
 
     result = compute_and_stream(replica, micro_batches, step, batch_size, master_buffers,
                                 links.bounds, (), send)

@@ -103,7 +103,8 @@ class WorkersLost:
     """Workers that died, stayed silent past the step's deadline, or missed a heartbeat
     (worker/transport/liveness.py). The step is not over: the shards still wait for
     `unfinished_blocks` (blocks the lost workers owned and had not delivered), which
-    `recompute` can hand to survivors; the parameters have not moved."""
+    `recompute` can hand to survivors; the parameters have not moved (over direct connections
+    they may yet, if a lost worker's chunks were already on their way: LostBlockApplied)."""
 
     step: int
     workers: tuple[int, ...]
@@ -146,7 +147,21 @@ class ErrorFeedbackLost:
     workers: tuple[int, ...]
 
 
-StepFailure = WorkersLost | ShardLost | BlockFailed | ErrorFeedbackLost
+@dataclass(frozen=True)
+class LostBlockApplied:
+    """A lost worker's gradient chunk had reached a shard before the worker died (direct
+    connections deliver chunks while the worker still computes), so the shard applied the
+    step without waiting for the block to be computed again, and its new parameters reached
+    the survivor computing that block: the lost block's figures and BatchNorm statistics can
+    no longer be computed at the step's parameters. Only a checkpoint can run the step again
+    (the weights stay the same bits)."""
+
+    step: int
+    worker: int  # the survivor whose recomputation found it
+    shard: int
+
+
+StepFailure = WorkersLost | ShardLost | BlockFailed | ErrorFeedbackLost | LostBlockApplied
 
 
 class ActorFailure(RuntimeError):
@@ -168,6 +183,10 @@ def describe(failure: StepFailure) -> str:
     if isinstance(failure, ErrorFeedbackLost):
         return (f"workers {list(failure.workers)} lost during step {failure.step}, with their "
                 f"blocks' gradient-compression error feedback")
+    if isinstance(failure, LostBlockApplied):
+        return (f"a lost worker's gradient reached parameter-server shard {failure.shard}, "
+                f"which applied step {failure.step} before worker {failure.worker} could "
+                f"compute the lost block again")
     return f"worker {failure.worker} failed on step {failure.step}: {failure.message}"
 
 

@@ -22,11 +22,12 @@ from worker.transport.direct import (
     DirectTransport,
     Message,
     Op,
+    ParametersMovedOn,
     ShardEnd,
     ShardUnreachable,
     WorkerNotConnected,
 )
-from worker.transport.step import StepWork, WorkersLost
+from worker.transport.step import LostBlockApplied, StepWork, WorkersLost
 
 TOKEN = bytes(range(direct.TOKEN_BYTES))
 TIMEOUT = 30.0  # far above what any wait below should take, even on a loaded machine
@@ -107,8 +108,43 @@ def test_a_worker_waiting_for_a_shard_that_goes_away_learns_it_at_once():
     assert lost.value.shard == 1 and "closed" in str(lost.value)
     assert time.monotonic() - began < TIMEOUT / 3  # the closing, not the timeout, ended it
     with pytest.raises(ShardUnreachable):
-        links.send_chunk(1, 1, 0, np.zeros(3, np.float32), None)
+        links.send_chunk(1, 1, 0, np.zeros(3, np.float32), None, 1)
         links.flush(TIMEOUT)
+
+
+def test_a_recomputed_block_whose_step_the_shards_applied_first_is_reported_not_computed():
+    """A worker that died after its chunks left (they are in the kernel's hands when its
+    process dies) lets the shards apply the step, which moves the survivor's parameters on in
+    place: the survivor must not recompute the lost block from them (its figures and BatchNorm
+    statistics would be of other parameters), and the runner must learn why."""
+    replica, shards, bounds = _shards_and_worker(block_count=2)
+    start = np.zeros(replica.flat.size, replica.flat.dtype)
+    for shard, (lo, hi) in zip(shards, bounds):
+        direct.load_and_send_parameters(shard, start[lo:hi], 1)
+    direct.compute_direct(replica, [(0, np.arange(8))], 1, 16, None, 0, 1, TIMEOUT)
+    for shard, (lo, hi) in zip(shards, bounds):  # the lost worker's block 1, delivered
+        shard.inbox.accept(1, 1, np.zeros(hi - lo, replica.flat.dtype), None)
+        direct.reduce_apply_direct(shard, 1, 2, TIMEOUT, 0.1, 2)
+    links = replica.shard_links
+    assert links is not None
+    links.wait_for_parameters(2, TIMEOUT)
+
+    with pytest.raises(ParametersMovedOn) as moved:  # the recomputation of block 1
+        direct.compute_direct(replica, [(1, np.arange(8, 16))], 1, 16, None, 1, 1, TIMEOUT)
+    # A slice that came before the block's chunk was sent is found at the sending too (a
+    # slice after it is the step going well).
+    with pytest.raises(ParametersMovedOn):
+        links.send_chunk(0, 1, 1, np.zeros(bounds[0][1], np.float32), None, 1)
+    links.send_chunk(0, 2, 0, np.zeros(bounds[0][1], np.float32), None, 2)
+
+    actors = types.SimpleNamespace(replicas=[], shards=[])
+    transport = DirectTransport(actors, replica.flat, bounds, [],
+                                lambda buffers: np.zeros(0), timeout_seconds=TIMEOUT)
+    work = StepWork(step=1, micro_batches=[], block_ranges=[(0, 1), (1, 2)],
+                    block_owners=[0, 0], samples=16, lr=0.1, max_norm=None,
+                    master_buffers=None, deadline_seconds=TIMEOUT)
+    transport.owners = {0: 0, 1: 0}
+    assert transport._block_error(work, 1, moved.value) == LostBlockApplied(1, 0, moved.value.shard)
 
 
 def _raw_hello(shard: ParameterServerShard, token: bytes, worker: int) -> socket.socket:
