@@ -298,14 +298,16 @@ class JobQueue:
             if placement is None:
                 demand = self._demand(job, demand.arrival)
                 nodes = self._guessed_placement(demand)
+                counted = "guessed from its spec (its runner could not say where it runs)"
             else:
                 nodes = placement.nodes
+                counted = "where its runner reports them"
             adopted = _RunningJob(job, RunningJob(demand, nodes, time.monotonic()),
                                   time.monotonic() + self.max_run_seconds)
             adopted.lease, adopted.adopted = lease, True
             self._running[job.job_id] = adopted
-        log.info("job %s: attached to its run, counted with actors on node(s) %s", job.job_id,
-                 ", ".join(sorted(set(nodes))))
+        log.info("job %s: attached to its run, its actors counted on node(s) %s, %s",
+                 job.job_id, ", ".join(sorted(set(nodes))), counted)
         adopted.thread = threading.Thread(target=self._run, args=(adopted,),
                                           name=f"job-{job.job_id}", daemon=True)
         adopted.thread.start()

@@ -130,7 +130,8 @@ def two_node_cluster():
 
 
 ATTACH_BOUND_SECONDS = 5.0  # target 2 s (bench/chaos.py); room here for a loaded machine
-ATTACHED = re.compile(r"job (\S+): attached to its run, with actors on node\(s\) (.+)")
+ATTACHED = re.compile(r"job (\S+): attached to its run, its actors counted on node\(s\) "
+                      r"(.+), where its runner reports them")
 
 
 def test_a_server_on_the_cluster_sigkilled_mid_job_leaves_it_training_and_the_next_attaches(
