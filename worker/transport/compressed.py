@@ -111,8 +111,7 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
     def push_parameters(self) -> None:
         """The runner's vector to every worker (each steps its own copy)."""
         values = ray.put(np.array(self.parameters))
-        self._on_every_worker(lambda replica: replica.load_parameter_vector.remote(values),
-                              "while loading the parameters")
+        self._on_every_worker(lambda replica: replica.load_parameter_vector.remote(values))
         self.update = None
 
     def sync_parameters(self) -> None:
@@ -123,8 +122,7 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         if self.update is not None:
             update, replies = self.update
             digests = self._on_every_worker(
-                lambda replica: replica.apply_step_update.remote(self.bounds, update, *replies),
-                f"applying step {update.step}")
+                lambda replica: replica.apply_step_update.remote(self.bounds, update, *replies))
             self.update = None
             if len(set(digests)) != 1:
                 raise RuntimeError(f"the workers' parameters differ after step {update.step} "
@@ -140,16 +138,15 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
     def load_optimizer_state(self, optimizer_steps: int, state: dict[str, np.ndarray]) -> None:
         saved = ray.put(state)
         self._on_every_worker(
-            lambda replica: replica.load_optimizer_state.remote(optimizer_steps, saved),
-            "while loading a checkpoint")
+            lambda replica: replica.load_optimizer_state.remote(optimizer_steps, saved))
 
     def _require_synced(self, what: str) -> None:
         if self.update is not None:
             raise RuntimeError(f"{what}() before sync_parameters(): step "
                                f"{self.update[0].step}'s update is not applied yet")
 
-    def _on_every_worker(self, call, when: str) -> list:
-        """One call to every worker, in parallel (`when`: what it is for, to the reader)."""
+    def _on_every_worker(self, call) -> list:
+        """One call to every worker, in parallel."""
         return self._answers({worker: call(replica)
                               for worker, replica in enumerate(self.actors.replicas)})
 
