@@ -126,29 +126,27 @@ class WorkerNotConnected(RuntimeError):
     not make them in time): for the runner, a lost worker, whose blocks others compute."""
 
 
-class ParametersMovedOn(RuntimeError):
+class _AboutShard(Exception):
+    """A worker's error about shard `shard`, carried to the runner (which maps it to a
+    failure naming that shard) with its message as its text."""
+
+    def __init__(self, shard: int, message: str):
+        super().__init__(shard, message)
+        self.shard, self.message = shard, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ParametersMovedOn(_AboutShard, RuntimeError):
     """A shard's parameters of the next version reached a worker before the worker sent that
     shard its chunk of the step: the shard applied the step without this block (a lost
     worker's copy of it had arrived first), and the block's computation may have read the new
     parameters. For the runner, LostBlockApplied."""
 
-    def __init__(self, shard: int, message: str):
-        super().__init__(shard, message)
-        self.shard, self.message = shard, message
 
-    def __str__(self) -> str:
-        return self.message
-
-
-class ShardUnreachable(ConnectionError):
+class ShardUnreachable(_AboutShard, ConnectionError):
     """A worker's connection to shard `shard` closed or stayed silent: the shard is gone."""
-
-    def __init__(self, shard: int, message: str):
-        super().__init__(shard, message)
-        self.shard, self.message = shard, message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # --- the runner's side -------------------------------------------------------------------------
