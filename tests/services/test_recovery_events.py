@@ -84,7 +84,12 @@ def test_a_worker_killed_mid_job_is_an_event_in_the_stream_log_watch_and_metrics
         lost, replaced = recoveries
         assert 50 <= lost.step < replaced.step < 4800
         assert lost.message.startswith("worker ") and f"lost at step {lost.step}" in lost.message
-        assert "(its process died)" in lost.message and "recomputed in-step" in lost.message
+        # The kill lands mid-step (its blocks recomputed by the other worker) or, less often,
+        # between steps, e.g. during an evaluation, whose heartbeats find it (nothing to
+        # recompute then); both are the same loss, handled.
+        assert "(its process died)" in lost.message
+        assert ("recomputed in-step" in lost.message
+                or "found between steps, no block of it to recompute" in lost.message)
         assert f"joined at step {replaced.step}" in replaced.message
 
         stored = [e.payload for e in server.service.store.events(job.id) if e.kind == "recovery"]
