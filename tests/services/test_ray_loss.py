@@ -145,7 +145,8 @@ def _finishes_with_the_undisturbed_weights(serving: Serving, process_name: str,
 
     entries = list(client.logs(job_id))
     recovery = [e.message for e in entries if e.kind == "recovery"]
-    assert len(recovery) == 1 and f"its {process_name} (pid" in recovery[0], recovery
+    # Its session's other processes may have followed it by the time the server looked.
+    assert len(recovery) == 1 and f"{process_name} (pid" in recovery[0], recovery
     states = [e.message for e in entries if e.kind == "state"]
     assert states[:2] == ["QUEUED", "RUNNING"] and states[3:] == ["RUNNING", "SUCCEEDED"]
     assert states[2].startswith("QUEUED: the embedded Ray was lost (its"), states  # with why
