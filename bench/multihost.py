@@ -1,7 +1,11 @@
 """Two hosts on a capped network, chainrule against Ray Train with PyTorch DDP (gloo), in one run.
 
     sudo python bench/multihost.py [--steps 40] [--rates 10gbit,1gbit] [--models mlp,lenet]
-                                   [--accuracy-epochs 20]
+                                   [--accuracy-epochs 20] [--only CASE,...]
+
+`--only` runs some of the cases (default: all of them): direct, object_store, powersgd, peer,
+latency, accuracy, data; e.g. `--rates 1gbit --models mlp --only powersgd,peer` measures the
+compressed step against DDP in about a minute.
 
 Needs root (the hosts are network namespaces: deploy/netns_hosts.py) and Ray Train with torch
 (`make bench` installs them). For each link rate: two hosts with one CPU each, a Ray node on
@@ -49,6 +53,12 @@ BATCHES = {"mlp": 256, "lenet": 64}
 NAMES = {"mlp": f"MLP {'-'.join(map(str, DIMS))}", "lenet": "LeNet-5 (CNN)"}
 POWERSGD = {"powersgd": {"rank": 4}}
 DATA_ROWS = 60_000  # bench/parquet.py's: 30 row groups of 2,000 rows
+# What --only chooses from: chainrule's training runs by the driver role that runs them (the
+# printed label), then the measures made once per rate.
+TRAINING_CASES = {"direct": ("ours", "chainrule"), "object_store": ("object_store",
+                                                                     "  object store"),
+                  "powersgd": ("powersgd", "  with PowerSGD"), "peer": ("peer", "")}
+CASES = (*TRAINING_CASES, "latency", "accuracy", "data")
 
 
 def job_and_data(model: str, steps: int, compression: dict | None = None):
@@ -256,6 +266,8 @@ def main() -> int:
     parser.add_argument("--models", default="mlp,lenet", help="of: mlp, lenet")
     parser.add_argument("--accuracy-epochs", type=int, default=20,
                         help="epochs of digits for the accuracy comparison (0: none)")
+    parser.add_argument("--only", default=",".join(CASES),
+                        help=f"the cases to run, of: {', '.join(CASES)} (default: all)")
     parser.add_argument("--driver", choices=["ours", "object_store", "powersgd", "peer",
                                              "accuracy", "latency", "data"],
                         help=argparse.SUPPRESS)
@@ -264,6 +276,9 @@ def main() -> int:
     models = args.models.split(",")
     if unknown := set(models) - set(BATCHES):
         parser.error(f"--models: unknown {sorted(unknown)}; known: {sorted(BATCHES)}")
+    only = args.only.split(",")
+    if unknown := set(only) - set(CASES):
+        parser.error(f"--only: unknown {sorted(unknown)}; known: {', '.join(CASES)}")
     if args.driver:
         sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
         if args.driver == "accuracy":
@@ -290,8 +305,7 @@ def main() -> int:
     print(f"load average before the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print("2 hosts x 1 CPU, one worker per host; " + "; ".join(
         f"{NAMES[m]} at global batch {BATCHES[m]}" for m in models))
-    results = {}
-    through_store = {}  # (rate, model) -> the uncompressed run through the object store
+    results: dict[tuple[str, str], dict[str, dict]] = {}  # (rate, model) -> case -> figures
     accuracy = data = None
     rates = args.rates.split(",")
     for rate in rates:
@@ -303,17 +317,18 @@ def main() -> int:
                 cluster.up()
                 for model in models:
                     began = time.perf_counter()
-                    ours = run_on_host0(cluster, "ours", args.steps, model)
-                    stored = through_store[rate, model] = run_on_host0(
-                        cluster, "object_store", args.steps, model)
-                    compressed = run_on_host0(cluster, "powersgd", args.steps, model)
-                    peer = run_on_host0(cluster, "peer", args.steps, model)
-                    results[rate, model] = (ours, compressed, peer)
-                    print(f"{rate:>7} {model:>5} ({time.perf_counter() - began:.0f} s): Ray "
-                          f"Train DDP {peer['step_ms']:7.2f} ms "
-                          f"({BATCHES[model] / peer['step_ms'] * 1e3:,.0f} samples/s)")
-                    for label, figures in (("chainrule", ours), ("  object store", stored),
-                                           ("  with PowerSGD", compressed)):
+                    runs = results[rate, model] = {
+                        case: run_on_host0(cluster, role, args.steps, model)
+                        for case, (role, _) in TRAINING_CASES.items() if case in only}
+                    peer = runs.get("peer")
+                    print(f"{rate:>7} {model:>5} ({time.perf_counter() - began:.0f} s)" + (
+                        f": Ray Train DDP {peer['step_ms']:7.2f} ms "
+                        f"({BATCHES[model] / peer['step_ms'] * 1e3:,.0f} samples/s)"
+                        if peer else ""))
+                    for case, (_, label) in TRAINING_CASES.items():
+                        if case == "peer" or case not in runs:
+                            continue
+                        figures = runs[case]
                         print(f"    {label:<16} {figures['step_ms']:7.2f} ms "
                               f"({BATCHES[model] / figures['step_ms'] * 1e3:,.0f} samples/s; "
                               f"compute {figures['compute_ms']:.1f}, reduce-scatter "
@@ -325,15 +340,18 @@ def main() -> int:
                               f"{figures['received_bytes']:,} B, parameters "
                               f"{figures['parameter_bytes']:,} B; "
                               f"{figures['hidden_share']:.0%} of gradient communication "
-                              f"hidden behind backward)  ->  "
-                              f"{peer['step_ms'] / figures['step_ms']:.2f}x", flush=True)
-                latency = run_on_host0(cluster, "latency", 0, models[0])
-                print(f"    one actor call and its reply, 32 KB each way, from the runner: "
-                      f"{latency['other_host_ms']:.2f} ms to the other host, "
-                      f"{latency['same_host_ms']:.2f} ms on the runner's", flush=True)
-                if rate == rates[-1] and args.accuracy_epochs and "mlp" in models:
+                              f"hidden behind backward)" + (
+                                  f"  ->  {peer['step_ms'] / figures['step_ms']:.2f}x"
+                                  if peer else ""), flush=True)
+                if "latency" in only:
+                    latency = run_on_host0(cluster, "latency", 0, models[0])
+                    print(f"    one actor call and its reply, 32 KB each way, from the runner: "
+                          f"{latency['other_host_ms']:.2f} ms to the other host, "
+                          f"{latency['same_host_ms']:.2f} ms on the runner's", flush=True)
+                if (rate == rates[-1] and args.accuracy_epochs and "mlp" in models
+                        and "accuracy" in only):
                     accuracy = run_on_host0(cluster, "accuracy", 0, "mlp", args.accuracy_epochs)
-                if rate == rates[-1]:
+                if rate == rates[-1] and "data" in only:
                     data = run_on_host0(cluster, "data", args.steps, "mlp")
             finally:
                 cluster.down()
@@ -348,21 +366,27 @@ def main() -> int:
 
     for model in models:
         for rate, target in (("10gbit", 1.5), ("1gbit", 3.0)):
-            if (rate, model) in results:
-                ours, compressed, peer = results[rate, model]
+            runs = results.get((rate, model), {})
+            peer, ours, compressed = runs.get("peer"), runs.get("direct"), runs.get("powersgd")
+            stored = runs.get("object_store")
+            if peer and ours:
                 row(f"{model} samples/s vs Ray Train DDP at {rate}",
                     peer["step_ms"] / ours["step_ms"], f">= {target}" if rate == "10gbit" else "")
+            if stored and ours:
                 row(f"{model} samples/s, direct connections vs object store at {rate}",
-                    through_store[rate, model]["step_ms"] / ours["step_ms"], "")
+                    stored["step_ms"] / ours["step_ms"], "")
+            if peer and compressed:
                 row(f"{model} samples/s vs Ray Train DDP at {rate}, PowerSGD",
                     peer["step_ms"] / compressed["step_ms"],
                     f">= {target}" if rate == "1gbit" else "")
-        ours, compressed, _ = results[rates[-1], model]
-        row(f"{model} gradient bytes sent, whole / PowerSGD", ours["sent_bytes"]
-            / compressed["sent_bytes"], ">= 8")
-        row(f"{model} bytes sent + received, whole / PowerSGD",
-            (ours["sent_bytes"] + ours["received_bytes"])
-            / (compressed["sent_bytes"] + compressed["received_bytes"]), ">= 8")
+        runs = results.get((rates[-1], model), {})
+        ours, compressed = runs.get("direct"), runs.get("powersgd")
+        if ours and compressed:
+            row(f"{model} gradient bytes sent, whole / PowerSGD", ours["sent_bytes"]
+                / compressed["sent_bytes"], ">= 8")
+            row(f"{model} bytes sent + received, whole / PowerSGD",
+                (ours["sent_bytes"] + ours["received_bytes"])
+                / (compressed["sent_bytes"] + compressed["received_bytes"]), ">= 8")
     if data is not None:
         sys.path.insert(0, str(ROOT / "bench"))
         from parquet import report
