@@ -70,6 +70,7 @@ from worker.resolved_job import EarlyStoppingRule, ResolvedJob, resolve
 from worker.shard_state_replica import state_keys_of
 from worker.shared_memory import SharedArrayGroup, SharedMemoryFull, host_identity
 from worker.transport.compressed import CompressedObjectStoreTransport
+from worker.transport.compressed_direct import CompressedDirectTransport
 from worker.transport.direct import DirectTransport
 from worker.transport.object_store import ObjectStoreTransport
 from worker.transport.shared_memory import SharedMemoryTransport, StepArraySizes
@@ -178,12 +179,14 @@ class JobRunner:
                              f"got {transport!r}")
         _check_prepared_for(job, dataset)
         if job.compression is not None:
-            # Compression works on the object-store path only; taking it on one host too keeps
-            # a compressed job's result independent of where its actors land.
+            # Compression works on the paths between hosts only (direct connections, or the
+            # object store by name; the same bits); taking them on one host too keeps a
+            # compressed job's result independent of where its actors land.
             if transport == "shared_memory":
-                raise ValueError("a job with communication.compression runs on the "
-                                 "object-store transport, not shared_memory")
-            transport = "object_store"
+                raise ValueError("a job with communication.compression runs on the direct "
+                                 "or object-store transport, not shared_memory")
+            if transport == "auto":
+                transport = "direct"
         self.transport_name = transport
         self.job_id = job_id
         self.cpus_per_worker = (cpus_per_worker if cpus_per_worker is not None
@@ -351,7 +354,11 @@ class JobRunner:
                 self.shared, group, self._step_array_sizes(),
                 timeout_seconds=settings.step_timeout_seconds)
         elif self.job.compression is not None:
-            self.transport = CompressedObjectStoreTransport(
+            # Its messages go over direct connections unless the object store was asked for
+            # by name (both give the same bits).
+            compressed = (CompressedObjectStoreTransport if self.transport_name == "object_store"
+                          else CompressedDirectTransport)
+            self.transport = compressed(
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,
                 compression=self.job.compression, liveness=group.liveness)

@@ -2,8 +2,8 @@
 how a parameter-server shard sums what the workers sent, and how every worker rebuilds the step
 gradient from the shards' compressed answers.
 
-Pure NumPy (no Ray): the compressed object-store step (worker/transport/compressed.py) calls
-both ends. Every worker keeps, per gradient block it computes, an error-feedback memory e_b:
+Pure NumPy (no Ray): the compressed steps call both ends, over the direct connections
+(worker/transport/compressed_direct.py) or through the object store (compressed.py there). Every worker keeps, per gradient block it computes, an error-feedback memory e_b:
 it compresses M_b = G_b + e_b and keeps what its message left out, e_b = M_b - C(M_b), so
 nothing is lost, only delayed (Karimireddy et al. 2019).
 

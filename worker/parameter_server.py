@@ -37,7 +37,13 @@ from worker.flat_parameters import ParameterLayout
 from worker.kfac_layout import KFAC, KFACLayout
 from worker.kfac_shard import KFACShard
 from worker.shared_memory import SharedArraySpec, host_identity
-from worker.transport import compressed, direct, object_store, shared_memory
+from worker.transport import (
+    compressed,
+    compressed_direct,
+    direct,
+    object_store,
+    shared_memory,
+)
 from worker.transport.raylet_watch import RayletWatch
 from worker.tree_sum import TreeSum
 
@@ -255,7 +261,8 @@ class ParameterServerShard:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
 
     def listen_for_workers(self, token: bytes, worker_count: int) -> tuple[str, int]:
-        return direct.listen_for_workers(self, token, worker_count)
+        end = compressed_direct.CompressedShardEnd if self.compressed is not None else None
+        return direct.listen_for_workers(self, token, worker_count, end)
 
     def load_and_send_parameters(self, values: np.ndarray, version: int) -> None:
         direct.load_and_send_parameters(self, values, version)
@@ -270,6 +277,10 @@ class ParameterServerShard:
 
     def parameter_slice(self) -> np.ndarray:
         return self.parameters
+
+    def reduce_compressed_direct(self, step: int, blocks: int,
+                                 timeout_seconds: float) -> tuple[ReduceResult, int]:
+        return compressed_direct.reduce_compressed_direct(self, step, blocks, timeout_seconds)
 
     def reduce_topk(self, *messages) -> tuple:
         return compressed.reduce_topk(self, *messages)

@@ -43,7 +43,13 @@ from worker.model_builder import Loss, build_planned_model
 from worker.resolved_job import ResolvedJob
 from worker.shared_memory import SharedArraySpec, host_identity
 from worker.training_rows import TrainingRows
-from worker.transport import compressed, direct, object_store, shared_memory
+from worker.transport import (
+    compressed,
+    compressed_direct,
+    direct,
+    object_store,
+    shared_memory,
+)
 from worker.transport.raylet_watch import RayletWatch
 from worker.tree_sum import TreeAccumulator
 
@@ -169,7 +175,9 @@ class ModelReplica:
     def connect_to_shards(self, worker: int, addresses: list[tuple[str, int]],
                           bounds: list[tuple[int, int]], token: bytes,
                           timeout_seconds: float) -> None:
-        direct.connect_to_shards(self, worker, addresses, bounds, token, timeout_seconds)
+        end = (compressed_direct.CompressedWorkerEnd if self.job.compression is not None
+               else None)
+        direct.connect_to_shards(self, worker, addresses, bounds, token, timeout_seconds, end)
 
     def compute_direct(self, micro_batches: list[tuple[int, np.ndarray]], global_step: int,
                        batch_size: int, master_buffers: np.ndarray | None, block: int,
@@ -190,6 +198,17 @@ class ModelReplica:
     def apply_step_update(self, bounds: list[tuple[int, int]],
                           update: compressed.StepUpdate, *replies) -> str:
         return compressed.apply_step_update(self, bounds, update, *replies)
+
+    def compress_direct(self, block: int, micro_batches: list[tuple[int, np.ndarray]],
+                        global_step: int, batch_size: int, master_buffers: np.ndarray | None,
+                        update: compressed.StepUpdate | None, timeout_seconds: float) -> tuple:
+        return compressed_direct.compress_direct(self, block, micro_batches, global_step,
+                                                 batch_size, master_buffers, update,
+                                                 timeout_seconds)
+
+    def apply_received_update(self, update: compressed.StepUpdate,
+                              timeout_seconds: float) -> str:
+        return compressed_direct.apply_received_update(self, update, timeout_seconds)
 
     def parameter_vector(self) -> np.ndarray:
         return self.flat

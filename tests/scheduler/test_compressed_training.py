@@ -13,6 +13,7 @@ from worker.compression import PowerSGDPlan, topk_count
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_planned_model
 from worker.resolved_job import resolve
+from worker.transport.compressed import CompressedObjectStoreTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -95,6 +96,22 @@ def test_a_powersgd_worker_sends_and_receives_factors_and_vectors_not_parameters
     steps = powersgd_run.history.steps
     assert steps[0].timings.apply == 0 and max(r.timings.apply for r in steps[1:]) > 0
     assert powersgd_run.final_evaluation.accuracy > 0.5
+
+
+def test_a_powersgd_job_gives_the_same_bits_over_direct_connections_as_through_the_object_store(
+        powersgd_run):
+    # The module's other runs take the direct connections (the default, on one host too);
+    # the object store carries the same messages through the runner's calls.
+    spec = compressed_spec("powersgd")
+    assert runner(spec).transport_name == "direct"
+    through_store = runner(spec, transport="object_store")
+    result = through_store.run()
+    assert type(through_store.transport) is CompressedObjectStoreTransport
+    for key, value in powersgd_run.state_dict.items():
+        assert np.array_equal(result.state_dict[key], value), key
+    for by_store, by_link in zip(result.history.steps, powersgd_run.history.steps, strict=True):
+        assert by_store.bytes_sent_per_worker == by_link.bytes_sent_per_worker
+        assert by_store.bytes_received_per_worker == by_link.bytes_received_per_worker
 
 
 def test_a_top_k_job_gives_the_same_bits_on_a_rerun_and_sends_index_value_pairs(local_ray):

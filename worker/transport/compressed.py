@@ -1,6 +1,8 @@
 """A step through the Ray object store with compressed gradients (the spec's
 communication.compression): what travels in place of the gradient chunks of object_store.py
-and of the updated slices. Both halves of the all-reduce are compressed: the shards sum the
+and of the updated slices. compressed_direct.py sends the same messages over direct.py's
+connections instead (the default; the same bits), and reuses this module's runner side and
+workers' functions. Both halves of the all-reduce are compressed: the shards sum the
 workers' messages and answer every worker with the step gradient in compressed form, and every
 worker applies the optimizer step itself (Vogels et al.'s PowerSGD all-reduces P and Q and
 each worker steps with the same decompressed gradient; here the shards do the summing).
@@ -122,12 +124,17 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         if self.update is not None:
             update, replies = self.update
             digests = self._on_every_worker(
-                lambda replica: replica.apply_step_update.remote(self.bounds, update, *replies))
+                lambda replica: self._apply_update_on(replica, update, replies))
             self.update = None
             if len(set(digests)) != 1:
                 raise RuntimeError(f"the workers' parameters differ after step {update.step} "
                                    f"(digests {digests}): a replicated update went wrong")
         self.parameters[:] = self._answers({0: replicas[0].parameter_vector.remote()})[0]
+
+    def _apply_update_on(self, replica, update: StepUpdate,
+                         replies: list[ray.ObjectRef]) -> ray.ObjectRef:
+        """The call that has `replica` apply `update` now (its digest is the answer)."""
+        return replica.apply_step_update.remote(self.bounds, update, *replies)
 
     def optimizer_state(self) -> tuple[int, dict[str, np.ndarray]]:
         """(optimizer steps, state) of the whole vector, from one worker (all hold the same),
@@ -346,23 +353,27 @@ def compress_block(replica: ModelReplica, block: int,
     messages', None), the shape of compute_and_send's answer."""
     apply_seconds = 0.0
     if update is not None:
-        apply_seconds = _apply(replica, bounds, update, replies)
+        apply_seconds = apply_update(replica, bounds, update, replies)
     gradient = np.empty_like(replica.flat)
     result = replica.compute(replica.layout.views(gradient), micro_batches, step, batch_size,
                              master_buffers)
     start = time.perf_counter()
-    compression = replica.job.compression
-    memory = _memory(replica)
-    messages: list
-    if isinstance(compression, TopK):
-        messages = topk_messages(memory, block, gradient, bounds, compression.ratio)
-    else:
-        worker = _powersgd(replica)
-        messages = worker.first(block, gradient, worker.warm_q, bounds)
+    messages = first_messages(replica, block, gradient, bounds)
     result = dataclasses.replace(result, bytes_written=message_bytes(messages),
                                  write_seconds=result.write_seconds + time.perf_counter() - start,
                                  apply_seconds=apply_seconds)
     return (*messages, (result, None))  # no chunk sends to time: the runner passes the messages
+
+
+def first_messages(replica: ModelReplica, block: int, gradient: np.ndarray,
+                   bounds: Sequence[tuple[int, int]]) -> list:
+    """Block `block`'s first (top-k: only) message to each shard: top-k's (indices, values)
+    pairs, or PowerSGD's dense runs and P_b."""
+    compression = replica.job.compression
+    if isinstance(compression, TopK):
+        return topk_messages(_memory(replica), block, gradient, bounds, compression.ratio)
+    worker = powersgd_worker(replica)
+    return worker.first(block, gradient, worker.warm_q, bounds)
 
 
 def powersgd_second(replica: ModelReplica, block: int, bounds: list[tuple[int, int]],
@@ -370,7 +381,7 @@ def powersgd_second(replica: ModelReplica, block: int, bounds: list[tuple[int, i
     """Round 2: Q_b per shard, then (the messages' bytes, the seconds they took)."""
     start = time.perf_counter()
     p_hat = {index: p for part in p_hats for index, p in part.items()}
-    messages = _powersgd(replica).second(block, p_hat, bounds)
+    messages = powersgd_worker(replica).second(block, p_hat, bounds)
     return (*messages, (message_bytes(messages), time.perf_counter() - start))
 
 
@@ -378,11 +389,11 @@ def apply_step_update(replica: ModelReplica, bounds: list[tuple[int, int]], upda
                       *replies) -> str:
     """Apply `update` now (the runner needs the parameters before the next step); returns a
     digest of the parameter vector, which every worker's must match."""
-    _apply(replica, bounds, update, replies)
+    apply_update(replica, bounds, update, replies)
     return hashlib.blake2b(replica.flat.data, digest_size=16).hexdigest()
 
 
-def _apply(replica: ModelReplica, bounds: Sequence[tuple[int, int]], update: StepUpdate,
+def apply_update(replica: ModelReplica, bounds: Sequence[tuple[int, int]], update: StepUpdate,
            replies: Sequence) -> float:
     """The step gradient rebuilt from the shards' replies, then the optimizer step on the
     whole vector; returns its seconds. Once per step and worker: every block's call carries
@@ -395,7 +406,7 @@ def _apply(replica: ModelReplica, bounds: Sequence[tuple[int, int]], update: Ste
         if isinstance(replica.job.compression, TopK):
             topk_decompress(optimizer.gradient, replies, bounds)
         else:
-            _powersgd(replica).decompress(optimizer.gradient, replies, bounds)
+            powersgd_worker(replica).decompress(optimizer.gradient, replies, bounds)
         optimizer.apply(update.lr, update.clip_coefficient)
         replica.applied_update_step = update.step
     return time.perf_counter() - start
@@ -421,7 +432,7 @@ def _memory(replica: ModelReplica) -> ErrorFeedback:
     return replica.error_feedback_memory
 
 
-def _powersgd(replica: ModelReplica) -> PowerSGDWorker:
+def powersgd_worker(replica: ModelReplica) -> PowerSGDWorker:
     if replica.powersgd is None:
         compression = replica.job.compression
         assert isinstance(compression, PowerSGD)
@@ -436,7 +447,7 @@ def compression_state(replica: ModelReplica) -> tuple[dict[int, np.ndarray],
     """(each block's error feedback, PowerSGD's warm start or {})."""
     warm_q = {}
     if isinstance(replica.job.compression, PowerSGD):
-        warm_q = {index: np.array(q) for index, q in _powersgd(replica).warm_q.items()}
+        warm_q = {index: np.array(q) for index, q in powersgd_worker(replica).warm_q.items()}
     return _memory(replica).state(), warm_q
 
 
@@ -444,7 +455,7 @@ def load_compression_state(replica: ModelReplica, errors: Mapping[int, np.ndarra
                            warm_q: Mapping[int, np.ndarray]) -> None:
     _memory(replica).load(errors)
     if warm_q:
-        _powersgd(replica).warm_q = dict(warm_q)
+        powersgd_worker(replica).warm_q = dict(warm_q)
 
 
 # --- the shards' side --------------------------------------------------------------------------

@@ -104,6 +104,14 @@ class Op(IntEnum):
     HELLO = 1  # worker -> shard, first on a connection: the worker's slot; the token follows
     CHUNK = 2  # worker -> shard: a block's gradient chunk of a step (and statistics section)
     SLICE = 3  # shard -> worker: the shard's parameters at a version
+    # A compressed step's messages, on the same connections (compressed_direct.py has both
+    # ends): number is the step, index the block (worker -> shard) or the shard.
+    ROUND_ONE = 4  # worker -> shard: a block's first message (PowerSGD: dense runs and P_b;
+    #                top-k: its indices, then its values)
+    P_HAT = 5  # shard -> worker: PowerSGD's orthogonalised P of the matrices it answers for
+    ROUND_TWO = 6  # worker -> shard: PowerSGD's Q_b of a block
+    REPLY = 7  # shard -> worker: the step gradient compressed (PowerSGD: the dense runs' sums,
+    #            then Q; top-k: the sum's nonzero indices, then their values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,15 +459,16 @@ class ShardEnd:
         self.shard.inbox.accept(header.number, header.index, gradient, statistics)
 
 
-def listen_for_workers(shard: ParameterServerShard, token: bytes,
-                       worker_count: int) -> tuple[str, int]:
-    """Open the shard's end on its node's address, for worker slots [0, worker_count);
-    returns (address, port) for the workers."""
+def listen_for_workers(shard: ParameterServerShard, token: bytes, worker_count: int,
+                       end: type[ShardEnd] | None = None) -> tuple[str, int]:
+    """Open the shard's end (`end`: a ShardEnd or one of its kind) on its node's address,
+    for worker slots [0, worker_count); returns (address, port) for the workers."""
     if len(token) != TOKEN_BYTES:
         raise ValueError(f"the token must be {TOKEN_BYTES} bytes, got {len(token)}")
     if shard.worker_links is not None:
         shard.worker_links.close()
-    shard.worker_links = ShardEnd(shard, token, ray.util.get_node_ip_address(), worker_count)
+    shard.worker_links = (end or ShardEnd)(shard, token, ray.util.get_node_ip_address(),
+                                           worker_count)
     return shard.worker_links.address
 
 
@@ -611,13 +620,15 @@ class WorkerEnd:
 
 def connect_to_shards(replica: ModelReplica, worker: int, addresses: Sequence[tuple[str, int]],
                       bounds: Sequence[tuple[int, int]], token: bytes,
-                      timeout_seconds: float) -> None:
-    """(Re)connect the replica to every shard within `timeout_seconds`; until it is done, a
-    block given to it raises WorkerNotConnected (replicas take two calls at once)."""
+                      timeout_seconds: float, end: type[WorkerEnd] | None = None) -> None:
+    """(Re)connect the replica to every shard within `timeout_seconds` (`end`: a WorkerEnd or
+    one of its kind); until it is done, a block given to it raises WorkerNotConnected
+    (replicas take two calls at once)."""
     links, replica.shard_links = replica.shard_links, None
     if links is not None:
         links.close()
-    replica.shard_links = WorkerEnd(replica, worker, addresses, bounds, token, timeout_seconds)
+    replica.shard_links = (end or WorkerEnd)(replica, worker, addresses, bounds, token,
+                                             timeout_seconds)
 
 
 def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndarray]],
