@@ -3,9 +3,10 @@ how a parameter-server shard sums what the workers sent, and how every worker re
 gradient from the shards' compressed answers.
 
 Pure NumPy (no Ray): the compressed steps call both ends, over the direct connections
-(worker/transport/compressed_direct.py) or through the object store (compressed.py there). Every worker keeps, per gradient block it computes, an error-feedback memory e_b:
-it compresses M_b = G_b + e_b and keeps what its message left out, e_b = M_b - C(M_b), so
-nothing is lost, only delayed (Karimireddy et al. 2019).
+(worker/transport/compressed_direct.py) or through the object store (compressed.py there).
+Every worker keeps, per gradient block it computes, an error-feedback memory e_b: it
+compresses M_b = G_b + e_b and keeps what its message left out, e_b = M_b - C(M_b), so nothing
+is lost, only delayed (Karimireddy et al. 2019).
 
 Top-k: for each shard's slice, the ratio x size largest |M_b| entries, as sorted (index,
 value) pairs; the shard scatters each block's pairs into a dense part and sums the parts in
