@@ -26,6 +26,7 @@ import ray
 from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
+from tests.ray_faults import wait_for_replacements
 from tests.scheduler.test_job_runner import digits, spec_with, train
 from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
 from worker.transport.raylet_watch import RayletGone
@@ -115,14 +116,14 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     fault = Fault(runner, FAULT_AFTER_STEP, stop_worker_one)
     seen = runner.on_step
 
-    def slower_after_the_fault(record):
+    def waiting_for_the_replacement(record):
         seen(record)
-        if record.step > FAULT_AFTER_STEP:
-            # A slower job, so that a replacement can join: Ray takes ~5 s to kill a stopped
-            # process (its graceful exit times out first), and only then frees its bundle.
-            time.sleep(0.3)
+        # The replacement joins at the next step boundary, however long it takes to start:
+        # Ray takes ~5 s to kill a stopped process (its graceful exit times out first) and
+        # only then frees its bundle; a loaded machine takes longer.
+        wait_for_replacements(runner.worker_group)
 
-    runner.on_step = slower_after_the_fault
+    runner.on_step = waiting_for_the_replacement
     try:
         result = runner.run()
     finally:

@@ -8,6 +8,7 @@ import ray
 
 from scheduler.job_runner import JobRunner
 from scheduler.storage import load_checkpoint, save_checkpoint
+from tests.ray_faults import kill_and_wait_until_dead
 from tests.scheduler.test_job_runner import digits, spec_with
 from worker.compression import PowerSGDPlan, topk_count
 from worker.flat_parameters import ParameterLayout
@@ -143,7 +144,7 @@ def test_a_compressed_job_losing_a_worker_in_a_step_or_a_checkpoint_restarts_wit
         fetch = transport.optimizer_state
 
         def killed_first():
-            ray.kill(job.worker_group.replicas[worker])
+            kill_and_wait_until_dead(job.worker_group.replicas[worker])
             return fetch()
 
         transport.optimizer_state = killed_first
@@ -151,7 +152,7 @@ def test_a_compressed_job_losing_a_worker_in_a_step_or_a_checkpoint_restarts_wit
     def kill_workers(record):
         recoveries = len(job.history.recoveries)
         if record.step == 6 and recoveries == 0:
-            ray.kill(job.worker_group.replicas[1])
+            kill_and_wait_until_dead(job.worker_group.replicas[1])
         if record.step == 12 and recoveries == 1:
             kill_in_the_checkpoint(job.transport, 0)
 

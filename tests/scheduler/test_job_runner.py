@@ -13,6 +13,7 @@ from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.failure_policy import FailurePolicy, JobFailed
 from scheduler.job_runner import JobRunner
 from scheduler.sampler import EpochSampler
+from tests.ray_faults import wait_for_replacements
 from tests.tmpfs import mounted_tmpfs
 from worker.backprop import Tensor, optim
 from worker.backprop.nn import functional as F
@@ -131,8 +132,9 @@ def test_a_worker_killed_mid_run_is_replaced_by_recomputation_with_identical_wei
         if record.step == 5 and not killed:  # once: a restart replays step 5
             ray.kill(runner.worker_group.replicas[1])
             killed.append(record.step)
-        if record.step > 5:
-            time.sleep(0.1)  # a slower job, so the replacement (~1 s to start) can join
+        # The replacement (~1 s to start, many more on a loaded machine) joins at the next
+        # step boundary, however long it takes: the job waits for it here.
+        wait_for_replacements(runner.worker_group)
 
     runner.on_step = kill_worker_one
     result = runner.run()
@@ -370,7 +372,7 @@ def test_the_worker_replacement_cap_holds_across_restarts_from_a_checkpoint(
         elif injected == ["worker", "shard"] and record.shard_failures == 1:
             injected.append("worker again")  # no replacement left
             ray.kill(group.replicas[1])
-        time.sleep(0.1)  # a slower job, so that a replacement (~1 s to start) could join
+        wait_for_replacements(group)  # one starting joins at the next step boundary
 
     runner.on_step = inject
     result = runner.run()

@@ -2,7 +2,6 @@
 same-bits-for-any-worker-count guarantee, on both transports, through failures and resumes;
 and through `train_job` K-FAC reaches a target training loss in fewer steps than a tuned Adam."""
 
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from chainrule.spec_file import load_job_spec
 from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.job_runner import JobRunner
 from scheduler.training import train_job
+from tests.ray_faults import wait_for_replacements
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -118,8 +118,7 @@ def test_a_worker_killed_mid_kfac_job_is_recomputed_with_identical_weights(
     def kill_worker_one(record):
         if record.step == 5:  # on a factor-update step's eve: step 5 carries statistics
             ray.kill(job.worker_group.replicas[1])
-        if record.step > 5:
-            time.sleep(0.1)  # a slower job, so the replacement (~1 s to start) can join
+        wait_for_replacements(job.worker_group)  # it joins at the next step boundary
 
     job.on_step = kill_worker_one
     result = job.run()
