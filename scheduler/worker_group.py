@@ -23,15 +23,20 @@ from scheduler.placement import Placement
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.training_rows import TrainingRows
-from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
+from worker.transport.liveness import CONCURRENCY_GROUPS, ActorsLost, Liveness
 from worker.transport.step import ActorFailure, ShardLost, WorkersLost
 
-# Heartbeats have a thread of their own (worker/transport/liveness.py). Ray's type stubs omit
-# ray.remote's concurrency_groups argument, which Ray 2.60 takes.
-RemoteReplica = ray.remote(  # type: ignore[call-overload]
-    concurrency_groups=CONCURRENCY_GROUPS)(ModelReplica)
-RemoteShard = ray.remote(  # type: ignore[call-overload]
-    concurrency_groups=CONCURRENCY_GROUPS)(ParameterServerShard)
+
+def actor_class(cls: type) -> Any:
+    """`cls` (a replica or shard class) as a Ray actor class whose heartbeats have a thread of
+    their own (worker/transport/liveness.py). Without that concurrency group, Ray 2.60 ends the
+    actor's process at its first heartbeat. Ray's type stubs omit ray.remote's
+    concurrency_groups argument, which Ray 2.60 takes."""
+    return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(cls)  # type: ignore[call-overload]
+
+
+RemoteReplica = actor_class(ModelReplica)
+RemoteShard = actor_class(ParameterServerShard)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class WorkerGroup:
         self.shards = [self._new_shard(k) for k in range(len(shard_setups))]
         workers = ray.get([replica.location.remote() for replica in self.replicas],
                           timeout=self.timeout_seconds)
-        shards = self._shard_calls(lambda shard: shard.location.remote(), "while starting")
+        shards = self._shard_locations("while starting")
         for actor, (_, node) in zip(self.replicas + self.shards, workers + shards):
             self.actor_nodes[actor] = node
         self.alive = list(range(len(self.replicas)))
@@ -245,10 +250,11 @@ class WorkerGroup:
         standby, self.standby = self.standby, None
         self.shards[lost] = standby
         try:
-            ray.get(standby.take_over.remote(self.shard_setups[lost]),
-                    timeout=self.timeout_seconds)
-        except ray.exceptions.RayError as error:  # died, silent past the timeout
-            raise ActorFailure(ShardLost(lost, "while the standby shard took over")) from error
+            self.liveness.answers({lost: standby.take_over.remote(self.shard_setups[lost])},
+                                  {lost: standby}, self.timeout_seconds)
+        except ActorsLost as gone:
+            raise ActorFailure(ShardLost(lost, f"while the standby shard took over "
+                                               f"({gone.why(lost)})")) from gone
 
     def kill_shard(self, index: int) -> None:
         ray.kill(self.shards[index])
@@ -257,8 +263,7 @@ class WorkerGroup:
         """New shards in the killed ones' bundles (free again once Ray has reaped them), once
         each can say where it runs; ActorFailure(ShardLost) if one cannot."""
         self.shards = [self._new_shard(k) for k in range(len(self.shard_setups))]
-        locations = self._shard_calls(lambda shard: shard.location.remote(),
-                                      "while replacing the shards")
+        locations = self._shard_locations("while replacing the shards")
         for shard, (_, node) in zip(self.shards, locations):
             self.actor_nodes[shard] = node
 
@@ -271,18 +276,33 @@ class WorkerGroup:
                           "while loading a checkpoint")
 
     def _shard_calls(self, call, when: str) -> list:
-        """One call to every shard, in parallel; a dead or silent shard is a lost one."""
-        refs = [call(shard) for shard in self.shards]
+        """One call to every (running) shard, in parallel, waited on with heartbeats (worker/
+        transport/liveness.py): a shard that died, misses its heartbeat (stopped, its node
+        gone: found in seconds) or stays silent past the timeout is a lost one,
+        ActorFailure(ShardLost)."""
+        shards = dict(enumerate(self.shards))
+        try:
+            return self.liveness.answers({k: call(shard) for k, shard in shards.items()},
+                                         shards, self.timeout_seconds)
+        except ActorsLost as gone:
+            lost = min(gone.actors)
+            raise ActorFailure(ShardLost(lost, f"{when} ({gone.why(lost)})")) from gone
+
+    def _shard_locations(self, when: str) -> list[tuple[str, str]]:
+        """Every new shard's (host identity, node id), once it has started. No heartbeats: a
+        shard still starting (its process, its imports: seconds) could not answer one yet.
+        Ray reports one that cannot start; the timeout bounds the rest."""
+        refs = [shard.location.remote() for shard in self.shards]
         deadline = time.monotonic() + self.timeout_seconds
-        results = []
+        locations = []
         for k, ref in enumerate(refs):
             try:
-                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+                locations.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except ray.exceptions.RayActorError as error:
                 raise ActorFailure(ShardLost(k, when)) from error
             except ray.exceptions.GetTimeoutError as error:
                 raise ActorFailure(ShardLost(k, f"{when} (silent past the deadline)")) from error
-        return results
+        return locations
 
     def stop(self) -> None:
         """Kill every actor and release the placement group."""

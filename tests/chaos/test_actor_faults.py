@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 import ray
 
+from scheduler import worker_group
 from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
 from tests.ray_faults import wait_for_replacements
 from tests.scheduler.test_job_runner import digits, spec_with, train
+from worker.parameter_server import ParameterServerShard
 from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
 from worker.transport.raylet_watch import RayletGone
 
@@ -184,6 +186,58 @@ def test_a_sigkilled_shard_is_replaced_by_the_standby_from_the_kept_state_losing
     assert runner.worker_group.standby is not None  # a new standby after the promotion
     assert_same_weights(result, undisturbed)
     report_recovery("shard SIGKILL", fault.recovery_seconds, 0, lost.message)
+
+
+def shard_stopping_at_the_checkpoint_of(step: int, marker):
+    """Shard 1 SIGSTOPs its own process when the runner asks for its state at the checkpoint
+    of `step`, once: the fault lands in that wait, whatever the machine's load. The marker
+    says the process id and when it stopped."""
+
+    class ShardStoppingAtACheckpoint(ParameterServerShard):
+        def state(self):
+            if self.setup.index == 1 and self.steps_taken == step and not marker.exists():
+                marker.write_text(f"{os.getpid()} {time.time()}")
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return super().state()
+
+    return ShardStoppingAtACheckpoint
+
+
+def test_a_shard_stopped_in_a_checkpoint_is_found_by_its_heartbeat_losing_no_step(
+        undisturbed, tmp_path, monkeypatch):
+    # Before, the checkpoint's wait had no heartbeats: it lasted the step timeout (60 s here).
+    marker = tmp_path / "shard-stopped"
+    monkeypatch.setattr(worker_group, "RemoteShard", worker_group.actor_class(
+        shard_stopping_at_the_checkpoint_of(CHECKPOINT_STEP, marker)))
+    found: list[float] = []  # when the runner reported the loss
+    going_on: list[float] = []  # when the step after the checkpoint ended
+    spec = spec_with()
+    runner = JobRunner.for_spec(
+        spec, digits(spec), workers=2, parameter_servers=2, transport="shared_memory",
+        step_timeout_seconds=60, on_recovery=lambda record: found.append(time.time()),
+        on_step=lambda record: going_on.append(time.time())
+        if record.step == CHECKPOINT_STEP + 1 else None)
+    try:
+        result = runner.run()
+    finally:
+        if marker.exists():
+            try:
+                os.kill(int(marker.read_text().split()[0]), signal.SIGCONT)  # for Ray to reap
+            except ProcessLookupError:
+                pass
+    stopped_at = float(marker.read_text().split()[1])
+    [lost] = result.history.recoveries
+    assert lost.kind == "shard_lost"
+    assert lost.message == (
+        f"parameter-server shard 1 died at the checkpoint of step {CHECKPOINT_STEP} (no answer "
+        f"to its heartbeat: its node or process is gone or stopped): every actor restarts from "
+        f"step {CHECKPOINT_STEP}, the state its shards kept in shared memory (no step is "
+        f"trained again) (restart 1 of at most 3)"), lost.message
+    assert found[0] - stopped_at < 10.0  # 0.5 s to the first heartbeat, 2 s unanswered
+    assert [record.step for record in result.history.steps] == list(range(1, 46))
+    assert_same_weights(result, undisturbed)
+    report_recovery("shard SIGSTOP at a checkpoint", going_on[0] - stopped_at, 0,
+                    f"found in {found[0] - stopped_at:.2f} s. {lost.message}")
 
 
 # --- the heartbeats alone ---------------------------------------------------------------------

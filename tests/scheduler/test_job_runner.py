@@ -315,7 +315,7 @@ def test_a_shard_lost_before_the_first_checkpoint_restarts_the_job_from_its_star
         one_worker_float32, tmp_path, monkeypatch):
     marker = tmp_path / "shard-died"
     monkeypatch.setattr(worker_group, "RemoteShard",
-                        ray.remote(shard_dying_at_its_first_checkpoint(marker)))
+                        worker_group.actor_class(shard_dying_at_its_first_checkpoint(marker)))
     result = train(spec_with(), 2, 2, step_timeout_seconds=30)
     assert marker.exists()
     assert result.history.shard_failures == 1
@@ -343,7 +343,7 @@ def test_a_shard_silent_past_the_deadline_is_lost_and_recovered_with_the_same_we
     # No hang: a peer that stops answering is a failed peer, shards included.
     marker = tmp_path / "shard-fell-silent"
     monkeypatch.setattr(worker_group, "RemoteShard",
-                        ray.remote(shard_falling_silent_at_step(20, marker)))
+                        worker_group.actor_class(shard_falling_silent_at_step(20, marker)))
     start = time.monotonic()
     result = train(spec_with(), 2, 2, step_timeout_seconds=10, transport=transport)
     assert marker.exists() and time.monotonic() - start < 120
@@ -393,7 +393,8 @@ class ReplicaFailingAtStepThree(ModelReplica):
 @pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
 def test_an_error_in_the_jobs_own_computation_fails_the_job_naming_worker_step_and_error(
         local_ray, monkeypatch, transport):
-    monkeypatch.setattr(worker_group, "RemoteReplica", ray.remote(ReplicaFailingAtStepThree))
+    monkeypatch.setattr(worker_group, "RemoteReplica",
+                        worker_group.actor_class(ReplicaFailingAtStepThree))
     with pytest.raises(JobFailed, match=r"worker \d failed on step 3: FloatingPointError: "
                                         r"the loss is NaN"):
         train(spec_with(), 2, 1, step_timeout_seconds=30, transport=transport)

@@ -68,6 +68,7 @@ from worker.compression import (
     topk_messages,
     topk_reply,
 )
+from worker.transport.liveness import ActorsLost
 from worker.transport.object_store import ObjectStoreTransport, _ShardGone
 from worker.transport.step import (
     ActorFailure,
@@ -159,20 +160,17 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
 
     def _answers(self, calls: Mapping[int, ray.ObjectRef]) -> list:
         """The answers of calls made between steps (worker -> its call), in that order, under
-        one deadline. A dead or silent worker has taken its blocks' error feedback with it:
-        ActorFailure(ErrorFeedbackLost) for the runner's failure policy, never a raw Ray
-        error (which would end the job as failed rather than restart it)."""
-        deadline = time.monotonic() + self.timeout_seconds
-        values, lost = [], []
-        for worker, ref in calls.items():
-            try:
-                values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                lost.append(worker)
-        if lost:
+        one deadline, waited on with heartbeats (liveness.py). A dead, stopped or silent worker
+        has taken its blocks' error feedback with it: ActorFailure(ErrorFeedbackLost) for the
+        runner's failure policy, never a raw Ray error (which would end the job as failed
+        rather than restart it)."""
+        replicas = self.actors.replicas
+        try:
+            return self.liveness.answers(calls, {w: replicas[w] for w in calls},
+                                         self.timeout_seconds)
+        except ActorsLost as gone:
             step = self.work.step if self.work is not None else 0
-            raise ActorFailure(ErrorFeedbackLost(step, tuple(lost)))
-        return values
+            raise ActorFailure(ErrorFeedbackLost(step, tuple(sorted(gone.actors)))) from gone
 
     # --- one step ----------------------------------------------------------------------------
 

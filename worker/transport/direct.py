@@ -224,19 +224,6 @@ class DirectTransport(ObjectStoreTransport):
                                                                     f"{error.cause}")) from error
                 raise
 
-    def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
-        """One call's value from every shard (shard k's ref at k); a dead or silent shard is
-        a lost one (ActorFailure)."""
-        values = []
-        for k, ref in enumerate(refs):
-            try:
-                values.append(ray.get(ref, timeout=self.timeout_seconds))
-            except ray.exceptions.RayActorError as error:
-                raise ActorFailure(ShardLost(k, when)) from error
-            except ray.exceptions.GetTimeoutError as error:
-                raise ActorFailure(ShardLost(k, f"{when} (silent past the deadline)")) from error
-        return values
-
     # --- one step ----------------------------------------------------------------------------
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:

@@ -21,6 +21,10 @@ actor at once, found by this check and named as such. A raylet that died with it
 PROBE_AFTER_SECONDS has the actor's raylet port probed (Liveness.raylet_of), and a refused
 connection (nothing listens there: the host answered) is a lost actor at once too.
 
+Calls made between steps (a checkpoint's optimizer state, the parameters synced before an
+evaluation or pushed after a restore) are waited on the same way (Liveness.answers): a shard
+stopped or cut off during a checkpoint is found in seconds, not at the calls' deadline.
+
 This is mechanism only: the caller reports the unanswered actors as lost to the failure policy
 (scheduler/failure_policy.py), which decides what that costs.
 """
@@ -62,6 +66,30 @@ class WaitResult:
     # Those of `unanswered` whose raylet is gone: their heartbeat said so (raylet_watch.py), or
     # their raylet's port refused a connection.
     raylet_gone: frozenset = frozenset()
+
+
+class ActorsLost(Exception):
+    """Liveness.answers: actors (by key) whose calls will not answer. `died`: the call says its
+    actor is dead (or its returned object is lost); `unanswered`: the actor missed a heartbeat,
+    `raylet_gone` those of them whose raylet is gone; `silent`: the call was still running
+    when the deadline passed."""
+
+    def __init__(self, died: frozenset, unanswered: frozenset, raylet_gone: frozenset,
+                 silent: frozenset):
+        self.died, self.unanswered = died, unanswered
+        self.raylet_gone, self.silent = raylet_gone, silent
+        self.actors = died | unanswered | silent
+        super().__init__("; ".join(f"{key!r}: {self.why(key)}" for key in self.actors))
+
+    def why(self, key) -> str:
+        """How actor `key` was found lost, for a message."""
+        if key in self.raylet_gone:
+            return "its raylet is gone, found by its heartbeat"
+        if key in self.unanswered:
+            return "no answer to its heartbeat: its node or process is gone or stopped"
+        if key in self.silent:
+            return "silent past the deadline"
+        return "its process died"
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,37 @@ class Liveness:
                 return WaitResult([ref for ref in refs if ref in done], frozenset(failed),
                                   frozenset(raylet_gone))
         return WaitResult([ref for ref in refs if ref in done], frozenset())
+
+    def answers(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
+                deadline_seconds: float) -> list:
+        """The value of each of `calls` (actor key -> one call's ref, or an object that call
+        returned), in the mapping's order, waited on together with heartbeats to `actors`
+        (same keys). ActorsLost names the actors whose calls will not answer: dead, missing a
+        heartbeat (found in seconds), or silent past `deadline_seconds`. An error the call
+        itself raised (RayTaskError: the job's own code) is raised as it is."""
+        pending = dict(calls)
+        values: dict[Any, Any] = {}
+        died: set = set()
+        end = time.monotonic() + deadline_seconds
+        while pending:
+            waited = self.wait({key: [ref] for key, ref in pending.items()},
+                               {key: actors[key] for key in pending},
+                               max(0.0, end - time.monotonic()))
+            for key, ref in list(pending.items()):
+                if ref not in waited.ready:
+                    continue
+                del pending[key]
+                try:
+                    values[key] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                    died.add(key)
+            # A heartbeat late after its actor's call answered loses nobody: wait on.
+            unanswered = waited.unanswered & pending.keys()
+            silent = pending.keys() if not waited.unanswered else set()
+            if died or unanswered or silent:
+                raise ActorsLost(frozenset(died), frozenset(unanswered),
+                                 waited.raylet_gone & unanswered, frozenset(silent))
+        return [values[key] for key in calls]
 
     def _raylets_refusing(self, pings: Mapping[Any, tuple[ray.ObjectRef, float]],
                           actors: Mapping[Any, object], probed: set[ray.ObjectRef],

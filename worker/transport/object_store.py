@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from worker.transport.liveness import Liveness
+from worker.transport.liveness import ActorsLost, Liveness
 from worker.transport.step import (
+    ActorFailure,
     BlockFailed,
     BlockStats,
     JobActors,
@@ -98,15 +99,29 @@ class ObjectStoreTransport:
 
     def push_parameters(self) -> None:
         """The runner's vector to every shard, and as the slices the workers start from."""
-        ray.get([shard.load_parameters.remote(self.parameters[lo:hi])
-                 for shard, (lo, hi) in zip(self.actors.shards, self.bounds)],
-                timeout=self.timeout_seconds)
+        self._shard_values([shard.load_parameters.remote(self.parameters[lo:hi])
+                            for shard, (lo, hi) in zip(self.actors.shards, self.bounds)],
+                           "while loading parameters")
         self.slices = [ray.put(np.array(self.parameters[lo:hi])) for lo, hi in self.bounds]
 
     def sync_parameters(self) -> None:
-        for (lo, hi), values in zip(self.bounds,
-                                    ray.get(self.slices, timeout=self.timeout_seconds)):
+        """The shards' slices (in their object stores since the last step) into the runner's
+        vector; the shard holding a slice is watched while it comes."""
+        for (lo, hi), values in zip(self.bounds, self._shard_values(
+                self.slices, "while its parameters were read")):
             self.parameters[lo:hi] = values
+
+    def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
+        """The values of one call per shard (shard k's ref at k: a call's, or an object it
+        returned), between steps, waited on with heartbeats (liveness.py): a shard that died,
+        misses its heartbeat or stays silent past the timeout is a lost one, ActorFailure
+        for the runner's failure policy."""
+        shards = dict(enumerate(self.actors.shards))
+        try:
+            return self.liveness.answers(dict(enumerate(refs)), shards, self.timeout_seconds)
+        except ActorsLost as gone:
+            lost = min(gone.actors)
+            raise ActorFailure(ShardLost(lost, f"{when} ({gone.why(lost)})")) from gone
 
     def worker_replaced(self, worker: int) -> None:
         pass  # a replica is stateless here: each call brings the parameters it needs
