@@ -591,8 +591,17 @@ class JobRunner:
             by = ", ".join(str(w) for w in sorted(set(owners.values()))) or "none"
             for worker in failure.workers:
                 why = _why_lost(worker, failure, self.deadline.seconds)
-                cost = (f"its micro-batches recomputed in-step by worker(s) {by}" if in_step
-                        else "found between steps, no block of it to recompute")
+                # Blocks of it that had reached every shard (direct connections) are done.
+                delivered = [b for b, owner in failure.delivered_blocks if owner == worker]
+                if not in_step:
+                    cost = "found between steps, no block of it to recompute"
+                elif not delivered:
+                    cost = f"its micro-batches recomputed in-step by worker(s) {by}"
+                elif not failure.unfinished_blocks:
+                    cost = f"its block(s) {delivered} had reached the shards: none recomputed"
+                else:
+                    cost = (f"its block(s) {delivered} had reached the shards; the step's other "
+                            f"lost blocks recomputed in-step by worker(s) {by}")
                 self._recovered("worker_lost", failure.step,
                                 f"worker {worker} lost at step {failure.step} ({why}): {cost}")
             return owners

@@ -267,6 +267,13 @@ class ParameterServerShard:
     def load_and_send_parameters(self, values: np.ndarray, version: int) -> None:
         direct.load_and_send_parameters(self, values, version)
 
+    def settle_lost_blocks(self, step: int, owners: dict[int, int], died: list[int],
+                           drain_seconds: float) -> dict[int, np.ndarray]:
+        return direct.settle_lost_blocks(self, step, owners, died, drain_seconds)
+
+    def count_delivered_blocks(self, step: int, owners: dict[int, int]) -> None:
+        direct.count_delivered_blocks(self, step, owners)
+
     def reduce_apply_direct(self, step: int, blocks: int, timeout_seconds: float, lr: float,
                             version: int) -> tuple:
         return direct.reduce_apply_direct(self, step, blocks, timeout_seconds, lr, version)

@@ -103,6 +103,86 @@ def test_a_sigkilled_worker_is_recomputed_in_step_with_the_undisturbed_weights(u
     report_recovery("worker SIGKILL", fault.recovery_seconds, 0, lost.message)
 
 
+def _die_once_block_delivered(step: int):
+    """Run in a worker's process (`__ray_call__`): at `step` it SIGKILLs itself once its
+    block's DELIVERED has been acknowledged by every shard's host (worker/transport/direct.py),
+    before the runner has its answer."""
+
+    def install(replica) -> None:
+        from worker.transport import direct
+
+        compute = direct.compute_direct
+
+        def compute_then_die(replica, micro_batches, global_step, *rest):
+            answer = compute(replica, micro_batches, global_step, *rest)
+            if global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return answer
+
+        direct.compute_direct = compute_then_die
+
+    return install
+
+
+def _die_once_chunks_acknowledged(step: int):
+    """As above, but when its chunks have all been acknowledged and its DELIVERED is about to
+    be sent: the chunks reached the shards, which must not count them."""
+
+    def install(replica) -> None:
+        from worker.transport import direct
+
+        send_delivered = direct.WorkerEnd.send_delivered
+
+        def die_instead(links, global_step, *rest):
+            if global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            send_delivered(links, global_step, *rest)
+
+        direct.WorkerEnd.send_delivered = die_instead
+
+    return install
+
+
+def test_workers_sigkilled_after_their_chunks_left_cost_no_step_over_direct_connections(
+        undisturbed):
+    """Direct connections (across hosts; forced here on one): worker 1 dies once its block is
+    delivered, so its figures come from the shards and nothing is recomputed; worker 2 dies
+    in the same step once its chunks reached the shards but before it said DELIVERED, so the
+    shards do not count them and a survivor recomputes the block. No restart, no step lost."""
+    spec = spec_with()
+    runner = JobRunner.for_spec(spec, digits(spec), workers=4, parameter_servers=2,
+                                transport="direct")
+    dying = FAULT_AFTER_STEP + 1
+
+    def arm(runner: JobRunner) -> int:
+        replicas = runner.worker_group.replicas
+        ray.get([replicas[1].__ray_call__.remote(_die_once_block_delivered(dying)),
+                 replicas[2].__ray_call__.remote(_die_once_chunks_acknowledged(dying))],
+                timeout=60)
+        return 0
+
+    fault = Fault(runner, FAULT_AFTER_STEP, arm)
+    result = runner.run()
+    lost = {r.message.split(" lost at step ")[0]: r.message
+            for r in result.history.recoveries if r.kind == "worker_lost"}
+    assert [r.kind for r in result.history.recoveries if r.kind != "worker_replaced"] == [
+        "worker_lost", "worker_lost"], result.history.recoveries
+    # Both found in the same round of waiting or one after the other, by Ray or a heartbeat.
+    assert lost["worker 1"].startswith(f"worker 1 lost at step {dying} (")
+    assert "its block(s) [1] had reached the shards" in lost["worker 1"], lost
+    assert lost["worker 2"].startswith(f"worker 2 lost at step {dying} (")
+    assert lost["worker 2"].endswith("its micro-batches recomputed in-step by worker(s) 0"), lost
+    assert result.history.worker_failures == 2
+    # Every step once (none trained again), and the lost step's figures are the whole batch's.
+    assert [record.step for record in result.history.steps] == list(range(1, 46))
+    step = result.history.steps[dying - 1]
+    assert step.samples == undisturbed.history.steps[dying - 1].samples
+    assert step.train_correct == undisturbed.history.steps[dying - 1].train_correct
+    assert step.loss == pytest.approx(undisturbed.history.steps[dying - 1].loss, rel=1e-6)
+    assert_same_weights(result, undisturbed)
+    report_recovery("worker SIGKILL (direct)", fault.recovery_seconds, 0, lost["worker 1"])
+
+
 @pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
 def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
         undisturbed, transport):

@@ -92,6 +92,10 @@ class CompressedDirectTransport(CompressedObjectStoreTransport, DirectTransport)
     the heartbeats and the failures of a block are DirectTransport's; the parameters, the
     optimizer state, the checkpoints and the figures are CompressedObjectStoreTransport's."""
 
+    # A lost worker's error feedback is gone with it whatever its messages reached: nothing
+    # of its blocks to settle with the shards (ErrorFeedbackLost restarts the job).
+    settles_lost_blocks = False
+
     def recompute(self, owners: Mapping[int, int]) -> StepOutcome | StepFailure:
         """The step's blocks (block -> worker); called once by run_step (a lost worker ends
         the step: ErrorFeedbackLost)."""
@@ -204,7 +208,7 @@ class CompressedShardEnd(ShardEnd):
             raise ValueError("a compressed shard end needs a job with communication.compression")
         super().__init__(shard, token, host, worker_count)
 
-    def _receive_chunk(self, link: Link) -> None:
+    def _receive(self, link: Link, worker: int) -> None:
         """One block's message of a round (ShardEnd._serve reads them one after another)."""
         header = link.receive_header(Message)
         expected = self._expected_bytes(header.op)

@@ -19,10 +19,13 @@ one per step, one per push of the runner's vector):
   runner --Ray: reduce_apply_direct(step, v+1)--> every shard, which waits for the chunks
   worker: waits until every shard's SLICE of version v is in its parameter vector (received
       in place), computes the block, and sends shard k its CHUNK as soon as it is known:
-      during the last micro-batch's backward pass, as object_store.py does (ChunkSender)
-  shard:  once every block's CHUNK is in (ChunkInbox), sums them in the fixed tree order,
-      applies the optimizer, sends every worker its SLICE of version v+1 (the all-gather),
-      and answers the runner with the figures
+      during the last micro-batch's backward pass, as object_store.py does (ChunkSender);
+      once every shard's host has acknowledged its chunk, it sends every shard DELIVERED with
+      the block's figures (what the runner takes from a block: loss, samples, right
+      predictions, timings, each micro-batch's BatchNorm statistics)
+  shard:  once every block's DELIVERED is in (a chunk counts from then on: ChunkInbox), sums
+      the chunks in the fixed tree order, applies the optimizer, sends every worker its SLICE
+      of version v+1 (the all-gather), and answers the runner with the figures
 With global-norm clipping or K-FAC's KL clip the shards first answer with their norms, and
 the runner sends the coefficients with apply_and_send. The shard's call is made with the
 blocks' (not after them) so that a shard starts summing the moment the last chunk is in, and
@@ -35,12 +38,31 @@ closes its connections, so the workers waiting for its slice or sending it a chu
 with ShardUnreachable, which is ShardLost (and the shard's silence on its heartbeat is too);
 a worker's closed connection frees the shard's thread reading it. A worker that could not
 connect in time (its connect is not awaited past a deadline) raises WorkerNotConnected when
-given a block: WorkersLost too. A worker that dies after its chunks left lets the shards
-apply the step without waiting for the recompute, and their new slices land in the
-survivor's vector: the survivor then raises ParametersMovedOn (waiting for the step's
-parameters, or about to send a shard its chunk after that shard's new slice arrived), which
-is LostBlockApplied, a restart from the checkpoint. A lost shard's state is not
-kept on other hosts: the job restarts from its checkpoint.
+given a block: WorkersLost too.
+
+A worker lost after its chunks left: why DELIVERED. Its chunks may have reached some shards
+and not others (one connection per shard), and a shard that counted a lost block would apply
+the step while a survivor recomputes it for the others, moving the survivor's parameters
+under it. So a shard counts a chunk only once its sender says DELIVERED, which it says only
+after every shard's host acknowledged every chunk of the block (socket_link.py): one shard
+holding a DELIVERED proves that every shard has or will read the block's chunks. (A dying
+worker's kernel resets a connection, which can discard what the shard has not read yet, only
+when unread bytes came in on it: a slice, which its shard sends after reading all of the
+step.) The cost: the worker's DELIVERED leaves one acknowledgement (a round trip) after its
+last chunk, and the shards start summing when it arrives.
+
+When the runner finds workers lost it settles their blocks with the shards
+(`settle_lost_blocks`): each shard, once a dead worker's connection has closed (all it sent
+has been read), stops taking DELIVERED from the lost workers for the step and answers with
+the figures of their blocks it holds as delivered. A block any shard holds is delivered: every
+shard is told to count it (`count_delivered_blocks`), its figures come from the shards and
+nothing is recomputed (WorkersLost's `delivered_blocks`). No shard counts the others, so
+survivors recompute them at the step's parameters (`unfinished_blocks`). Either way the step
+costs no step. ParametersMovedOn (a survivor's parameters moved on before its block was sent:
+LostBlockApplied, a restart from the checkpoint) is kept as the check of that rule; with it,
+no shard applies a step while a block it lacks is being recomputed, so it cannot happen short
+of a bug. A lost shard's state is not kept on other hosts: the job restarts from its
+checkpoint.
 
 This module owns both ends of the protocol: the messages, the runner's side (DirectTransport)
 and the actors' (ShardEnd, WorkerEnd and the functions ModelReplica and ParameterServerShard
@@ -51,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import math
 import secrets
 import socket
 import struct
@@ -94,6 +117,13 @@ HELLO_SECONDS = 10.0  # a connection that has not said all its HELLO by then is 
 PENDING_HELLOS_PER_PEER = 16
 PENDING_HELLOS = 64
 ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (e.g. no file descriptor left)
+# How long a shard settling a step's lost blocks waits for a dead worker's connection to close
+# (its kernel closes it as the process dies; the shard then has read all it sent). Past it the
+# worker's blocks not yet delivered are recomputed: slower, never wrong.
+DEAD_LINK_DRAIN_SECONDS = 5.0
+# A DELIVERED message's figures, at most (float64 values): the fixed ones, a time per shard,
+# BatchNorm statistics per micro-batch. A bound against garbage, far above any real block.
+MAX_FIGURES_BYTES = 256 * 1024 * 1024
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -112,6 +142,9 @@ class Op(IntEnum):
     ROUND_TWO = 6  # worker -> shard: PowerSGD's Q_b of a block
     REPLY = 7  # shard -> worker: the step gradient compressed (PowerSGD: the dense runs' sums,
     #            then Q; top-k: the sum's nonzero indices, then their values)
+    # worker -> shard, after every shard's host acknowledged the block's chunks: the block's
+    # figures (block_figures); the shard counts the chunk from then on.
+    DELIVERED = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +153,64 @@ class Message(Record):
 
     layout: ClassVar = struct.Struct("<iqqqq")
     op: Op
-    number: int  # CHUNK: the step; SLICE: the parameters' version; HELLO: 0
-    index: int  # CHUNK: the block; HELLO: the worker's slot; SLICE: the shard
-    first_bytes: int  # the chunk, the slice or the token
+    number: int  # CHUNK, DELIVERED: the step; SLICE: the parameters' version; HELLO: 0
+    index: int  # CHUNK, DELIVERED: the block; HELLO: the worker's slot; SLICE: the shard
+    first_bytes: int  # the chunk, the slice, the token or the figures
     second_bytes: int = 0  # CHUNK of a K-FAC factor-update step: its statistics (float64)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", Op(self.op))  # an unknown code fails here, loudly
+
+
+# --- a block's figures, as DELIVERED carries them ---------------------------------------------
+
+# BlockResult's numbers and when the block was complete, in this order (float64, which holds
+# each exactly: a Python float, or counts far below 2^53); then when its chunk left for each
+# shard (ChunkSends); then each micro-batch's flat buffers (BatchNorm running statistics).
+_FIXED_FIGURES = 7
+
+
+def block_figures(result: BlockResult, sends: ChunkSends, shards: int,
+                  flat_buffers: Sequence[np.ndarray]) -> np.ndarray:
+    """What the runner takes from a block's call, as one float64 vector for DELIVERED."""
+    fixed = [result.loss_sum, result.samples, result.correct, result.seconds,
+             result.bytes_written, result.write_seconds, sends.computed_at]
+    sent = [sends.sent_at.get(k, math.nan) for k in range(shards)]
+    return np.concatenate([np.array(fixed + sent, np.float64),
+                           *(np.asarray(row, np.float64) for row in flat_buffers)])
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveredBlock:
+    """A lost worker's delivered block, read back from the figures a shard held."""
+
+    result: BlockResult  # its `buffers` are None: they are `buffers`, flat
+    sends: ChunkSends
+    buffers: list[np.ndarray]  # one flat vector per micro-batch, in the runner's dtype
+
+
+def read_block_figures(figures: np.ndarray, shards: int, micro_batches: int,
+                       buffers_dtype: np.dtype | None) -> DeliveredBlock:
+    """block_figures' vector for a block of `micro_batches`; `buffers_dtype`: the runner's
+    flat buffers' (None: the model has none). ValueError when the sizes do not fit."""
+    head = _FIXED_FIGURES + shards
+    rows = figures[head:]
+    if (figures.ndim != 1 or figures.size < head
+            or (rows.size and (buffers_dtype is None or micro_batches == 0
+                               or rows.size % micro_batches))):
+        raise ValueError(f"{figures.size} figures do not fit a block of {micro_batches} "
+                         f"micro-batches and {shards} shards")
+    loss_sum, samples, correct, seconds, written, write_seconds, computed_at = (
+        figures[:_FIXED_FIGURES].tolist())
+    sent_at = {k: at for k, at in enumerate(figures[_FIXED_FIGURES:head].tolist())
+               if not math.isnan(at)}
+    from worker.replica import BlockResult  # here: worker.replica imports this module
+
+    buffers = ([] if buffers_dtype is None or micro_batches == 0
+               else [row.astype(buffers_dtype) for row in np.split(rows, micro_batches)])
+    result = BlockResult(loss_sum, int(samples), int(correct), seconds, int(written),
+                         write_seconds, None)
+    return DeliveredBlock(result, ChunkSends(sent_at, computed_at), buffers)
 
 
 class WorkerNotConnected(RuntimeError):
@@ -164,12 +248,19 @@ class DirectTransport(ObjectStoreTransport):
     """The object-store transport's step, with the chunks and slices on direct connections
     (the failure handling and the figures are object_store.py's)."""
 
+    # Whether lost workers' blocks are settled with the shards (delivered or recomputed: see
+    # the module's docstring).
+    settles_lost_blocks = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.version = 0  # of the parameters on the shards
         self.addresses: list[tuple[str, int]] = []
         self.shard_calls: list[list[ray.ObjectRef]] = []  # the step's, by shard
+        # The step's blocks of lost workers whose figures came from the shards: their
+        # micro-batches' flat buffers (the rest of their figures are in self.delivered).
+        self.buffers_from_shards: dict[int, list[np.ndarray]] = {}
 
     def start(self) -> None:
         self.addresses = [tuple(address) for address in self._shard_values(
@@ -227,7 +318,7 @@ class DirectTransport(ObjectStoreTransport):
     # --- one step ----------------------------------------------------------------------------
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
-        self.shard_calls = []
+        self.shard_calls, self.buffers_from_shards = [], {}
         return super().run_step(work)
 
     def _submit_blocks(self, work: StepWork, owners: Mapping[int, int]) -> None:
@@ -252,6 +343,59 @@ class DirectTransport(ObjectStoreTransport):
 
     def _shards_watched_with_blocks(self) -> dict[int, object]:
         return dict(enumerate(self.actors.shards))
+
+    def _collect_blocks(self, work: StepWork) -> StepFailure | None:
+        failure = super()._collect_blocks(work)
+        if (self.settles_lost_blocks and isinstance(failure, WorkersLost)
+                and failure.unfinished_blocks):
+            return self._settle_lost_blocks(work, failure)
+        return failure
+
+    def _settle_lost_blocks(self, work: StepWork, lost: WorkersLost) -> StepFailure:
+        """Which of the lost workers' blocks reached the shards (see the module's docstring):
+        those become delivered, with the figures a shard held, and every shard counts them;
+        the rest are left unfinished for survivors, and no shard will count the lost workers'
+        copies of them. A shard lost meanwhile is ShardLost."""
+        owners = {block: self.owners[block] for block in lost.unfinished_blocks}
+        # Workers whose process died: their connections close, so the shards can wait for
+        # what they sent. Silent ones may still be sending; what arrives late is not counted.
+        died = [w for w in lost.workers if w not in lost.silent and w not in lost.unanswered]
+        shards = self.actors.shards
+        try:
+            held = self._shard_values(
+                [shard.settle_lost_blocks.remote(work.step, owners, died,
+                                                 DEAD_LINK_DRAIN_SECONDS)
+                 for shard in shards], f"while settling the lost blocks of step {work.step}")
+            figures = {block: values for answer in held for block, values in answer.items()}
+            if figures:
+                self._shard_values(
+                    [shard.count_delivered_blocks.remote(
+                        work.step, {block: owners[block] for block in figures})
+                     for shard in shards],
+                    f"while counting the delivered blocks of step {work.step}")
+        except ActorFailure as failed:
+            return failed.failure
+        dtype = None if work.master_buffers is None else work.master_buffers.dtype
+        for block, values in figures.items():
+            lo, hi = work.block_ranges[block]
+            delivered = read_block_figures(values, len(shards), hi - lo, dtype)
+            self.delivered[block], self.sends[block] = delivered.result, delivered.sends
+            self.buffers_from_shards[block] = delivered.buffers
+        return dataclasses.replace(
+            lost, unfinished_blocks=tuple(b for b in lost.unfinished_blocks if b not in figures),
+            delivered_blocks=tuple((block, owners[block]) for block in sorted(figures)))
+
+    def _micro_batch_buffers(self, work: StepWork) -> list[np.ndarray] | None:
+        if work.master_buffers is None:  # the model has no buffers
+            return None
+        rows: list[np.ndarray] = []
+        for block in range(len(work.block_ranges)):
+            if block in self.buffers_from_shards:
+                rows += self.buffers_from_shards[block]
+            else:
+                rows += [self.flatten_buffers(values)
+                         for values in self.delivered[block].buffers or ()]
+        return rows
 
     def _block_error(self, work: StepWork, block: int, cause: BaseException) -> StepFailure:
         if isinstance(cause, ShardUnreachable):
@@ -287,8 +431,9 @@ class DirectTransport(ObjectStoreTransport):
 
 
 class ShardEnd:
-    """Shard k's connections: it accepts the workers', files their chunks in its inbox and
-    sends them its slice whenever it changes (and to a worker as soon as it connects)."""
+    """Shard k's connections: it accepts the workers', files their chunks in its inbox once
+    they are delivered (DELIVERED, or the runner's word for a lost worker's block) and sends
+    them its slice whenever it changes (and to a worker as soon as it connects)."""
 
     def __init__(self, shard: ParameterServerShard, token: bytes, host: str, worker_count: int):
         self.shard, self.token, self.worker_count = shard, token, worker_count
@@ -300,8 +445,17 @@ class ShardEnd:
             self.statistics_size = hi - lo
         self.server = listen(host)
         self.address: tuple[str, int] = self.server.getsockname()[:2]
-        self.lock = threading.Lock()  # the links, the version, the waiting hellos, closed
+        # The links, the version, the waiting hellos, closed, the step's chunks; notified
+        # when a link closes.
+        self.lock = threading.Condition()
         self.links: dict[int, Link] = {}  # worker slot -> its connection
+        # The step in progress (the newest a chunk came for; older ones are done) and its
+        # chunks, by (step, block, sender), until they are delivered and filed in the inbox.
+        self.step = 0
+        self.chunks: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        self.delivered: set[tuple[int, int, int]] = set()
+        self.figures: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # -> (sender, figures)
+        self.settled: set[tuple[int, int]] = set()  # (step, worker): its DELIVERED not counted
         self.version = 0  # of the slice last loaded or applied; 0: none yet
         # Connections still to say HELLO, oldest first, with their peer's address.
         self.waiting: dict[Link, str] = {}
@@ -404,12 +558,13 @@ class ShardEnd:
             replaced.close()
         try:
             while True:
-                self._receive_chunk(link)
+                self._receive(link, worker)
         except (LinkClosed, ValueError):
             link.close()
             with self.lock:
                 if self.links.get(worker) is link:
                     del self.links[worker]
+                self.lock.notify_all()
 
     def _hello(self, link: Link) -> int | None:
         """The worker slot a new connection says HELLO for, or None if it does not say all of
@@ -429,10 +584,29 @@ class ShardEnd:
             return None
         return hello.index
 
-    def _receive_chunk(self, link: Link) -> None:
+    def _receive(self, link: Link, worker: int) -> None:
+        """The next message from `worker`: a chunk, or a block's DELIVERED with its figures.
+        ValueError for anything else (the connection is then closed)."""
         header = link.receive_header(Message)
+        if header.op == Op.CHUNK:
+            self._receive_chunk(link, worker, header)
+        elif (header.op == Op.DELIVERED and 0 <= header.index < self.shard.setup.block_count
+              and 0 < header.first_bytes <= MAX_FIGURES_BYTES and header.first_bytes % 8 == 0
+              and header.second_bytes == 0):
+            figures = np.empty(header.first_bytes // 8)
+            link.receive_into(figures)
+            with self.lock:  # a worker found lost in the step: the runner settled its blocks
+                if (self._still_wanted(header.number)
+                        and (header.number, worker) not in self.settled):
+                    self.figures[header.number, header.index] = (worker, figures)
+                    self._count(header.number, header.index, worker)
+        else:
+            raise ValueError(f"{link.name} sent {header}, not a chunk of {self.chunk_bytes} "
+                             f"bytes nor a block's figures")
+
+    def _receive_chunk(self, link: Link, worker: int, header: Message) -> None:
         statistics_bytes = self.statistics_size * 8
-        if (header.op != Op.CHUNK or not 0 <= header.index < self.shard.setup.block_count
+        if (not 0 <= header.index < self.shard.setup.block_count
                 or header.first_bytes != self.chunk_bytes
                 or header.second_bytes not in (0, statistics_bytes)):
             raise ValueError(f"{link.name} sent {header}, not a chunk of {self.chunk_bytes} "
@@ -443,7 +617,61 @@ class ShardEnd:
         if header.second_bytes:
             statistics = np.empty(self.statistics_size)
             link.receive_into(statistics)
-        self.shard.inbox.accept(header.number, header.index, gradient, statistics)
+        with self.lock:
+            if self._still_wanted(header.number):
+                self.chunks[header.number, header.index, worker] = (gradient, statistics)
+                self._file_if_delivered(header.number, header.index, worker)
+
+    def _still_wanted(self, step: int) -> bool:
+        """(With self.lock.) Whether a message of `step` is still of use: not of a step done.
+        The first of a newer step drops what was kept of older ones."""
+        if step < self.step:
+            return False
+        if step > self.step:
+            self.step = step
+            self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] >= step}
+            self.delivered = {key for key in self.delivered if key[0] >= step}
+            self.figures = {key: held for key, held in self.figures.items() if key[0] >= step}
+            self.settled = {key for key in self.settled if key[0] >= step}
+        return True
+
+    def _count(self, step: int, block: int, worker: int) -> None:
+        """(With self.lock.) `worker`'s chunk of `block` is delivered: it counts."""
+        self.delivered.add((step, block, worker))
+        self._file_if_delivered(step, block, worker)
+
+    def _file_if_delivered(self, step: int, block: int, worker: int) -> None:
+        """(With self.lock.) Into the inbox (which sums it), once both in and delivered."""
+        key = (step, block, worker)
+        if key in self.delivered and key in self.chunks:
+            gradient, statistics = self.chunks.pop(key)
+            self.shard.inbox.accept(step, block, gradient, statistics)
+
+    def settle_lost_blocks(self, step: int, owners: Mapping[int, int], died: Iterable[int],
+                           drain_seconds: float) -> dict[int, np.ndarray]:
+        """The runner found the workers of `owners` (block -> worker) lost in `step`. Once the
+        connections of those that `died` have closed (all they sent has been read) or
+        `drain_seconds` have passed, no later DELIVERED of theirs counts in this step, and
+        the answer is the figures of those blocks that this shard holds as delivered by
+        their owner."""
+        died = list(died)
+        with self.lock:
+            self.lock.wait_for(lambda: all(self.links.get(w) is None or self.links[w].closed
+                                           for w in died), timeout=drain_seconds)
+            self._still_wanted(step)
+            self.settled.update((step, worker) for worker in owners.values())
+            return {block: held[1] for block, worker in owners.items()
+                    if (held := self.figures.get((step, block))) is not None
+                    and held[0] == worker}
+
+    def count_delivered_blocks(self, step: int, owners: Mapping[int, int]) -> None:
+        """These blocks (block -> the lost worker that sent them) reached every shard (one
+        holds their DELIVERED): each counts once its chunk is in, which its host has
+        acknowledged already."""
+        with self.lock:
+            if self._still_wanted(step):
+                for block, worker in owners.items():
+                    self._count(step, block, worker)
 
 
 def listen_for_workers(shard: ParameterServerShard, token: bytes, worker_count: int,
@@ -463,6 +691,16 @@ def _shard_end(shard: ParameterServerShard) -> ShardEnd:
     if shard.worker_links is None:
         raise RuntimeError("the shard was not asked to listen for workers (listen_for_workers)")
     return shard.worker_links
+
+
+def settle_lost_blocks(shard: ParameterServerShard, step: int, owners: Mapping[int, int],
+                       died: Sequence[int], drain_seconds: float) -> dict[int, np.ndarray]:
+    return _shard_end(shard).settle_lost_blocks(step, owners, died, drain_seconds)
+
+
+def count_delivered_blocks(shard: ParameterServerShard, step: int,
+                           owners: Mapping[int, int]) -> None:
+    _shard_end(shard).count_delivered_blocks(step, owners)
 
 
 def load_and_send_parameters(shard: ParameterServerShard, values: np.ndarray,
@@ -591,12 +829,31 @@ class WorkerEnd:
         except LinkClosed as closed:
             raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
 
+    def send_delivered(self, step: int, block: int, figures: np.ndarray) -> None:
+        """Every shard's DELIVERED of a block whose chunks they all acknowledged
+        (`wait_acknowledged`): from then on they count the block's chunks."""
+        for k, link in enumerate(self.links):
+            try:
+                link.send(Message(Op.DELIVERED, step, block, figures.nbytes), figures)
+            except LinkClosed as closed:
+                raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
+
     def flush(self, timeout_seconds: float) -> None:
-        """Until every chunk sent is in the kernel's hands (which delivers it even if this
+        """Until every message sent is in the kernel's hands (which delivers it even if this
         process dies next)."""
         for k, link in enumerate(self.links):
             try:
                 link.flush(timeout_seconds)
+            except (LinkClosed, TimeoutError) as failed:
+                raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
+
+    def wait_acknowledged(self, timeout_seconds: float) -> None:
+        """Until every shard's host has acknowledged all that was sent to it: it is then
+        the shard's to read even if this process or its host dies next."""
+        deadline = time.monotonic() + timeout_seconds
+        for k, link in enumerate(self.links):
+            try:
+                link.wait_acknowledged(max(deadline - time.monotonic(), 1e-3))
             except (LinkClosed, TimeoutError) as failed:
                 raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
 
@@ -623,7 +880,9 @@ def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndar
                    version: int, timeout_seconds: float) -> tuple[BlockResult, ChunkSends]:
     """A worker's step: wait for the parameters of `version` from every shard (the
     all-gather), compute the block and stream each shard its chunk (the reduce-scatter);
-    returns once every chunk is in the kernel's hands."""
+    once every shard's host has them, send every shard the block's DELIVERED with its
+    figures, and return once those are acknowledged too (so that a block the runner has is
+    one the shards count)."""
     links = replica.shard_links
     if links is None:
         raise WorkerNotConnected(f"the worker given block {block} of step {step} is not "
@@ -633,7 +892,11 @@ def compute_direct(replica: ModelReplica, micro_batches: list[tuple[int, np.ndar
     def send(k: int, chunk: np.ndarray, statistics: np.ndarray | None) -> None:
         links.send_chunk(k, step, block, chunk, statistics, version)
 
-    result = compute_and_stream(replica, micro_batches, step, batch_size, master_buffers,
-                                links.bounds, (), send)
-    links.flush(timeout_seconds)
-    return result
+    result, sends = compute_and_stream(replica, micro_batches, step, batch_size, master_buffers,
+                                       links.bounds, (), send)
+    links.wait_acknowledged(timeout_seconds)
+    flat_buffers = [replica.flatten_buffers(values) for values in result.buffers or ()]
+    links.send_delivered(step, block, block_figures(result, sends, len(links.links),
+                                                    flat_buffers))
+    links.wait_acknowledged(timeout_seconds)
+    return result, sends

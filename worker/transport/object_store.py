@@ -176,6 +176,8 @@ class ObjectStoreTransport:
         in progress stay theirs."""
         pending = {block: call for block, call in self.calls.items()
                    if block not in self.delivered}
+        if not pending:  # the lost blocks had all been delivered (direct.py): nothing to wait on
+            return None
         awaited: dict[int, list[ray.ObjectRef]] = {}
         for block, ref in pending.items():
             awaited.setdefault(self.owners[block], []).append(ref)
@@ -269,14 +271,19 @@ class ObjectStoreTransport:
                        for r in results]
         shard_stats = [ShardStats(r.squared_norm, r.seconds, a.seconds, a.bytes_updated)
                        for r, a in zip(reduced, applied)]
-        micro = None
-        if results[0].buffers is not None:  # then every block's are: one model
-            micro = [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
         communication, hidden = overlap_seconds(
             [self.sends[b] for b in blocks], [r.chunk_arrivals for r in reduced])
-        return StepOutcome(block_stats, shard_stats, norms, micro,
+        return StepOutcome(block_stats, shard_stats, norms, self._micro_batch_buffers(work),
                            communication_seconds=communication,
                            hidden_communication_seconds=hidden)
+
+    def _micro_batch_buffers(self, work: StepWork) -> list[np.ndarray] | None:
+        """Each micro-batch's flat buffers after it, in micro-batch order (None: the model has
+        none), from the delivered blocks' figures."""
+        results = [self.delivered[b] for b in range(len(work.block_ranges))]
+        if results[0].buffers is None:  # then every block's are: one model
+            return None
+        return [self.flatten_buffers(values) for r in results for values in r.buffers or ()]
 
 
     def _from_shards(self, refs: list[ray.ObjectRef], work: StepWork) -> list:

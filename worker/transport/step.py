@@ -103,8 +103,10 @@ class WorkersLost:
     """Workers that died, stayed silent past the step's deadline, or missed a heartbeat
     (worker/transport/liveness.py). The step is not over: the shards still wait for
     `unfinished_blocks` (blocks the lost workers owned and had not delivered), which
-    `recompute` can hand to survivors; the parameters have not moved (over direct connections
-    they may yet, if a lost worker's chunks were already on their way: LostBlockApplied)."""
+    `recompute` can hand to survivors; the parameters have not moved. `delivered_blocks`:
+    (block, lost worker) of blocks that had reached every shard before their worker was lost
+    (direct connections: worker/transport/direct.py), whose figures came from the shards;
+    nothing to recompute."""
 
     step: int
     workers: tuple[int, ...]
@@ -116,6 +118,7 @@ class WorkersLost:
     raylet_gone: tuple[int, ...] = ()
     # Those that never connected to the shards (the direct transport: worker/transport/direct.py).
     unconnected: tuple[int, ...] = ()
+    delivered_blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,13 @@ class ErrorFeedbackLost:
 
 @dataclass(frozen=True)
 class LostBlockApplied:
-    """A lost worker's gradient chunk had reached a shard before the worker died (direct
-    connections deliver chunks while the worker still computes), so the shard applied the
-    step without waiting for the block to be computed again, and its new parameters reached
-    the survivor computing that block: the lost block's figures and BatchNorm statistics can
-    no longer be computed at the step's parameters. Only a checkpoint can run the step again
-    (the weights stay the same bits)."""
+    """A shard applied a step while a survivor was computing one of its blocks again, and its
+    new parameters reached the survivor: the block's figures and BatchNorm statistics can no
+    longer be computed at the step's parameters. Only a checkpoint can run the step again
+    (the weights stay the same bits). Over direct connections (worker/transport/direct.py) a
+    shard counts a lost worker's block only when the runner finds it delivered, and then no
+    survivor recomputes it, so this reports a broken rule, not a timing: it is kept as the
+    check on that rule, with its restart."""
 
     step: int
     worker: int  # the survivor whose recomputation found it

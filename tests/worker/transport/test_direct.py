@@ -1,8 +1,11 @@
 """The direct transport's two ends (worker/transport/direct.py) over real sockets on loopback:
 a step leaves the shards with the bits of the same step done in one process, the all-gather
 lands in the replica's own parameter vector, and a shard that goes away, a stranger without the
-job's token or a malformed chunk are found at once; strangers cannot hold a shard's port. No
-Ray: the replica and the shards are plain objects here, as inside their actors."""
+job's token or a malformed chunk are found at once; strangers cannot hold a shard's port. A
+chunk counts only once its block is delivered everywhere, so a lost worker's block is either
+delivered (its figures come from the shards) or recomputed, never half of each. No Ray: the
+replica and the shards are plain objects here, as inside their actors (tests/chaos/ kills real
+workers)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import pytest
 
 from tests.worker.transport.test_object_store_overlap import _replica
 from worker.parameter_server import ParameterServerShard, ShardSetup
+from worker.replica import BlockResult
 from worker.transport import direct
 from worker.transport.direct import (
     DirectTransport,
@@ -26,7 +30,10 @@ from worker.transport.direct import (
     ShardEnd,
     ShardUnreachable,
     WorkerNotConnected,
+    block_figures,
+    read_block_figures,
 )
+from worker.transport.object_store import ChunkSends
 from worker.transport.step import LostBlockApplied, StepWork, WorkersLost
 
 TOKEN = bytes(range(direct.TOKEN_BYTES))
@@ -113,10 +120,11 @@ def test_a_worker_waiting_for_a_shard_that_goes_away_learns_it_at_once():
 
 
 def test_a_recomputed_block_whose_step_the_shards_applied_first_is_reported_not_computed():
-    """A worker that died after its chunks left (they are in the kernel's hands when its
-    process dies) lets the shards apply the step, which moves the survivor's parameters on in
-    place: the survivor must not recompute the lost block from them (its figures and BatchNorm
-    statistics would be of other parameters), and the runner must learn why."""
+    """The check behind the delivery rule: were a shard to apply a step while a survivor
+    recomputes one of its blocks (here the lost block is filed by hand, as no shard does
+    since DELIVERED), the new parameters would move on under the survivor: it must not
+    recompute the block from them (its figures and BatchNorm statistics would be of other
+    parameters), and the runner must learn why."""
     replica, shards, bounds = _shards_and_worker(block_count=2)
     start = np.zeros(replica.flat.size, replica.flat.dtype)
     for shard, (lo, hi) in zip(shards, bounds):
@@ -145,6 +153,102 @@ def test_a_recomputed_block_whose_step_the_shards_applied_first_is_reported_not_
                     master_buffers=None, deadline_seconds=TIMEOUT)
     transport.owners = {0: 0, 1: 0}
     assert transport._block_error(work, 1, moved.value) == LostBlockApplied(1, 0, moved.value.shard)
+
+
+def _lost_worker(shards, bounds, dtype):
+    """Worker slot 1 on raw connections to every shard, and its block 1 of step 1: a chunk
+    per shard and the block's figures (two micro-batches of four buffer values each)."""
+    connections = [_raw_hello(shard, TOKEN, 1) for shard in shards]
+    _wait_until(lambda: all(1 in _end(shard).links for shard in shards), "hello not taken")
+    chunks = [np.full(hi - lo, k + 1.0, dtype) for k, (lo, hi) in enumerate(bounds)]
+    result = BlockResult(3.25, 8, 5, 0.5, 64, 0.01, None)
+    figures = block_figures(result, ChunkSends({0: 10.0, 1: 11.0}, 12.0), len(shards),
+                            [np.arange(4, dtype=np.float32), np.arange(4, 8, dtype=np.float32)])
+    return connections, chunks, figures
+
+
+def _wait_until_read(shards, worker: int) -> None:
+    """Until every shard has read all `worker` sent before closing its connections."""
+    _wait_until(lambda: all(worker not in _end(shard).links for shard in shards),
+                "a closed connection stayed registered")
+
+
+def _send_chunk(connection: socket.socket, chunk: np.ndarray) -> None:
+    connection.sendall(Message(Op.CHUNK, 1, 1, chunk.nbytes).pack() + chunk.tobytes())
+
+
+def _send_delivered(connection: socket.socket, figures: np.ndarray) -> None:
+    connection.sendall(Message(Op.DELIVERED, 1, 1, figures.nbytes).pack() + figures.tobytes())
+
+
+def test_a_blocks_figures_come_back_from_the_shards_with_the_bits_the_worker_had():
+    result = BlockResult(0.1 + 0.2, 48, 17, 0.031, 4096, 0.002, None)
+    sends = ChunkSends({1: 100.5, 0: 100.75}, 101.0)
+    rows = [np.array([0.1, 3.0, 2.0], np.float32), np.array([1e-8, 2.5, 7.0], np.float32)]
+    figures = block_figures(result, sends, 2, rows)
+
+    back = read_block_figures(figures, 2, 2, np.dtype(np.float32))
+    assert back.result == result and back.sends == sends
+    assert [row.dtype for row in back.buffers] == [np.float32] * 2
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(back.buffers, rows))
+    assert read_block_figures(block_figures(result, sends, 2, []), 2, 2, None).buffers == []
+    with pytest.raises(ValueError, match="do not fit a block of 4 micro-batches"):
+        read_block_figures(figures, 2, 4, np.dtype(np.float32))  # 6 values in 4 rows
+
+
+def test_a_chunk_counts_only_once_its_block_is_delivered_even_if_one_shard_heard_it():
+    """A worker that died between its DELIVERED to shard 0 and to shard 1: its chunks are on
+    both shards (DELIVERED follows their acknowledgement), so the block is delivered. Shard 1
+    does not count it on its own (it cannot know), and counts it once the runner, having
+    shard 0's figures, says so: no shard sums a block another is still waiting for."""
+    replica, shards, bounds = _shards_and_worker(block_count=2)
+    connections, chunks, figures = _lost_worker(shards, bounds, replica.flat.dtype)
+    for connection, chunk in zip(connections, chunks):
+        _send_chunk(connection, chunk)
+    _send_delivered(connections[0], figures)
+    for connection in connections:
+        connection.shutdown(socket.SHUT_WR)  # the worker's process dies: its kernel says FIN
+    _wait_until_read(shards, 1)
+    assert (1, 1) in shards[0].inbox.gradients and (1, 1) not in shards[1].inbox.gradients
+
+    held = [direct.settle_lost_blocks(shard, 1, {1: 1}, [1], TIMEOUT) for shard in shards]
+    assert held[1] == {} and held[0][1].tobytes() == figures.tobytes()
+    for shard in shards:
+        direct.count_delivered_blocks(shard, 1, {1: 1})
+    for shard, chunk in zip(shards, chunks):
+        assert shard.inbox.gradients[1, 1].tobytes() == chunk.tobytes()
+
+
+def test_a_lost_workers_block_no_shard_holds_as_delivered_goes_to_a_survivor_alone():
+    """A worker lost after its chunks reached the shards but before it said DELIVERED (or
+    silent: its DELIVERED comes late): the settled shards hold nothing of it, do not count
+    its late DELIVERED, and sum the survivor's recomputation, which counts as usual."""
+    replica, shards, bounds = _shards_and_worker(block_count=2)
+    start = np.zeros(replica.flat.size, replica.flat.dtype)
+    for shard, (lo, hi) in zip(shards, bounds):
+        direct.load_and_send_parameters(shard, start[lo:hi], 1)
+    connections, chunks, figures = _lost_worker(shards, bounds, replica.flat.dtype)
+    for connection, chunk in zip(connections, chunks):
+        _send_chunk(connection, chunk)
+    _wait_until(lambda: all((1, 1, 1) in _end(s).chunks for s in shards), "chunks not read")
+
+    assert [direct.settle_lost_blocks(s, 1, {1: 1}, [], 0.0) for s in shards] == [{}, {}]
+    for connection in connections:
+        _send_delivered(connection, figures)  # the silent worker wakes up: too late
+        # Then is killed. FIN, not RST, although it never read its slice: a reset could
+        # discard the DELIVERED on the shard before it is read, and prove nothing.
+        connection.shutdown(socket.SHUT_WR)
+    _wait_until_read(shards, 1)
+    assert all((1, 1) not in shard.inbox.gradients for shard in shards)
+    direct.compute_direct(replica, [(0, np.arange(8))], 1, 16, None, 0, 1, TIMEOUT)
+    direct.compute_direct(replica, [(1, np.arange(8, 16))], 1, 16, None, 1, 1, TIMEOUT)
+    _wait_until(lambda: all((1, 1) in s.inbox.gradients for s in shards), "not counted")
+    for shard, chunk in zip(shards, chunks):
+        assert shard.inbox.gradients[1, 1].tobytes() != chunk.tobytes()  # the survivor's
+        direct.reduce_apply_direct(shard, 1, 2, TIMEOUT, 0.1, 2)
+    links = replica.shard_links
+    assert links is not None
+    links.wait_for_parameters(2, TIMEOUT)
 
 
 def _raw_hello(shard: ParameterServerShard, token: bytes, worker: int) -> socket.socket:
@@ -176,6 +280,9 @@ def test_a_chunk_of_the_wrong_size_closes_the_connection_and_is_not_filed():
 @pytest.mark.parametrize("header", [
     Message(Op.SLICE, 1, 0, 4),  # an op a worker never sends
     Message(Op.CHUNK, 1, 7, 4),  # a block the job does not have
+    Message(Op.DELIVERED, 1, 7, 8),  # figures of a block the job does not have
+    Message(Op.DELIVERED, 1, 0, 12),  # figures that are not float64 values
+    Message(Op.DELIVERED, 1, 0, 0),  # no figures
 ])
 def test_a_message_a_worker_may_not_send_closes_its_connection(header):
     _, shards, _ = _shards_and_worker(1, block_count=2)
