@@ -602,6 +602,8 @@ class JobRunner:
                 else:
                     cost = (f"its block(s) {delivered} had reached the shards; the step's other "
                             f"lost blocks recomputed in-step by worker(s) {by}")
+                if (not_replaced := self.policy.why_not_replaced(worker)) is not None:
+                    cost += f"; {not_replaced}"
                 self._recovered("worker_lost", failure.step,
                                 f"worker {worker} lost at step {failure.step} ({why}): {cost}")
             return owners

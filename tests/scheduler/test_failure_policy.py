@@ -67,3 +67,26 @@ def test_standby_shards_stop_at_one_more_than_the_shard_restarts_allowed():
     # Each lost shard uses one, and so does one that never starts (its node gone).
     policy = FailurePolicy(max_shard_restarts=2, standby_shard_after_seconds=0)
     assert [policy.wants_standby_shard(60.0) for _ in range(5)] == [True] * 3 + [False] * 2
+
+
+def test_a_slot_whose_workers_twice_in_a_row_could_not_connect_gets_no_more_replacements():
+    policy = FailurePolicy()
+    unconnected = WorkersLost(step=4, workers=(1,), unfinished_blocks=(1,), unconnected=(1,))
+    assert policy.decide(unconnected, survivors=1) is Decision.RECOMPUTE
+    assert policy.why_not_replaced(1) is None
+    assert policy.workers_to_replace([1]) == [1]  # once may be a passing fault
+    assert policy.decide(unconnected, survivors=1) is Decision.RECOMPUTE
+    assert policy.workers_to_replace([0, 1]) == [0]
+    assert policy.why_not_replaced(1) == (
+        "worker slot 1 gets no more replacements: its last 2 workers could not connect to the "
+        "parameter-server shards (at most 2 in a row)")
+    assert policy.worker_replacements == 2  # the slot left vacant used none
+
+
+def test_a_loss_of_another_kind_ends_a_slots_run_of_workers_that_could_not_connect():
+    policy = FailurePolicy(max_unconnected_in_a_row=2)
+    unconnected = WorkersLost(step=4, workers=(1,), unfinished_blocks=(1,), unconnected=(1,))
+    policy.decide(unconnected, survivors=1)
+    policy.decide(lost(1), survivors=1)  # that worker had connected: it died computing
+    policy.decide(unconnected, survivors=1)
+    assert policy.workers_to_replace([1]) == [1]
