@@ -359,7 +359,10 @@ class DirectTransport(ObjectStoreTransport):
         owners = {block: self.owners[block] for block in lost.unfinished_blocks}
         # Workers whose process died: their connections close, so the shards can wait for
         # what they sent. Silent ones may still be sending; what arrives late is not counted.
-        died = [w for w in lost.workers if w not in lost.silent and w not in lost.unanswered]
+        # An unconnected one sent nothing (its blocks raised before computing), and its
+        # connect may still finish: nothing to wait for.
+        died = [w for w in lost.workers
+                if w not in lost.silent + lost.unanswered + lost.unconnected]
         shards = self.actors.shards
         try:
             held = self._shard_values(
