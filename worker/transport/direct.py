@@ -121,8 +121,9 @@ ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (e.g. no file descriptor lef
 # (its kernel closes it as the process dies; the shard then has read all it sent). Past it the
 # worker's blocks not yet delivered are recomputed: slower, never wrong.
 DEAD_LINK_DRAIN_SECONDS = 5.0
-# A DELIVERED message's figures, at most (float64 values): the fixed ones, a time per shard,
-# BatchNorm statistics per micro-batch. A bound against garbage, far above any real block.
+# A DELIVERED message's figures, at most (float64 values: the fixed ones, a time per shard,
+# BatchNorm statistics per micro-batch): a bound against garbage from a connection past its
+# HELLO, room for 32 micro-batches of a model with a million BatchNorm statistics.
 MAX_FIGURES_BYTES = 256 * 1024 * 1024
 
 
@@ -598,7 +599,7 @@ class ShardEnd:
               and header.second_bytes == 0):
             figures = np.empty(header.first_bytes // 8)
             link.receive_into(figures)
-            with self.lock:  # a worker found lost in the step: the runner settled its blocks
+            with self.lock:  # not from a worker the runner settled as lost in the step
                 if (self._still_wanted(header.number)
                         and (header.number, worker) not in self.settled):
                     self.figures[header.number, header.index] = (worker, figures)
