@@ -174,36 +174,21 @@ class WorkerGroup:
         pending = {w: self.replicas[w].evaluate_batches.remote(
             [batches[b] for b in assigned[w]], shared, master_buffers) for w in workers}
         results: list[tuple[float, int, int] | None] = [None] * len(batches)
+        settled = self.liveness.settle(pending, {w: self.replicas[w] for w in pending},
+                                       timeout_seconds)
         died: set[int] = set()
-        unanswered: set[int] = set()
-        raylet_gone: set[int] = set()
-        deadline = time.monotonic() + timeout_seconds
-        while pending:
-            waited = self.liveness.wait({w: [call] for w, call in pending.items()},
-                                        {w: self.replicas[w] for w in pending},
-                                        max(0.0, deadline - time.monotonic()))
-            for worker, call in list(pending.items()):
-                if call not in waited.ready:
-                    continue
-                del pending[worker]
-                try:
-                    values = ray.get(call)
-                except ray.exceptions.RayActorError:
-                    died.add(worker)
-                    continue
-                for b, value in zip(assigned[worker], values):
-                    results[b] = value
-            for worker in waited.unanswered & pending.keys():
-                del pending[worker]
-                unanswered.add(worker)
-            raylet_gone |= waited.raylet_gone & unanswered
-            if pending and not waited.unanswered:  # the deadline passed
-                break
-        silent = set(pending)
-        lost = died | unanswered | silent
+        for worker, call in settled.ready.items():
+            try:
+                values = ray.get(call)
+            except ray.exceptions.RayActorError:
+                died.add(worker)
+                continue
+            for b, value in zip(assigned[worker], values):
+                results[b] = value
+        lost = died | settled.unanswered | settled.silent
         return Evaluation(results, None if not lost else WorkersLost(
-            step, tuple(sorted(lost)), (), tuple(sorted(silent)), tuple(sorted(unanswered)),
-            tuple(sorted(raylet_gone))))
+            step, tuple(sorted(lost)), (), tuple(sorted(settled.silent)),
+            tuple(sorted(settled.unanswered)), tuple(sorted(settled.raylet_gone))))
 
     # --- shards: replaced, their state -------------------------------------------------------
 

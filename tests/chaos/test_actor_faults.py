@@ -336,7 +336,8 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def peers(local_ray):
-    made = [Peer.remote() for _ in range(2)]
+    # Threads for calls beside a long one that an earlier test left running.
+    made = [Peer.options(max_concurrency=4).remote() for _ in range(2)]
     ray.get([peer.heartbeat.remote() for peer in made], timeout=120)
     yield made
     for peer in made:
@@ -365,6 +366,21 @@ def test_a_watched_peer_sigstopped_ends_the_wait_in_seconds(peers):
     assert waited.unanswered == frozenset({("shard", 0)}) and waited.ready == []
     # 0.5 s to the first heartbeat, 2 s unanswered; far from the call's 60 s either way.
     assert 2.0 <= took < 30.0
+
+
+def test_settling_gives_up_on_a_stopped_peer_and_waits_on_for_the_others(peers):
+    # The waits between steps and the evaluation's: one lost actor does not end them early.
+    worker, stopped = peers
+    pid = _pid(stopped)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        slow = worker.work.remote(3.0)  # outlasts the stopped peer's heartbeat (0.5 s + 2 s)
+        settled = Liveness().settle({0: slow, 1: stopped.work.remote(0)},
+                                    {0: worker, 1: stopped}, 120.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert settled.ready == {0: slow}
+    assert settled.unanswered == frozenset({1}) and settled.silent == frozenset()
 
 
 # --- a host's raylet gone: said by the heartbeat, or found by a probe of its port ------------

@@ -295,15 +295,15 @@ class DirectTransport(ObjectStoreTransport):
         answer normally comes within the runner's. A shard that refuses a replica's connection
         is lost (ActorFailure). A replica that died, hangs, is still connecting at the deadline
         or whose connection went unanswered is found by the next step: its block raises
-        WorkerNotConnected, a lost worker."""
-        calls = {worker: self.actors.replicas[worker].connect_to_shards.remote(
+        WorkerNotConnected, a lost worker. One that misses its heartbeat (stopped, its node
+        gone) is not waited for (liveness.py): the next step's heartbeats find it."""
+        replicas = self.actors.replicas
+        calls = {worker: replicas[worker].connect_to_shards.remote(
             worker, self.addresses, self.bounds, self.token, self.timeout_seconds / 2)
             for worker in workers}
-        if not calls:
-            return
-        answered, _ = ray.wait(list(calls.values()), num_returns=len(calls),
-                               timeout=self.timeout_seconds)
-        for call in answered:
+        settled = self.liveness.settle(calls, {w: replicas[w] for w in calls},
+                                       self.timeout_seconds)
+        for call in settled.ready.values():
             try:
                 ray.get(call)
             except ray.exceptions.RayActorError:

@@ -68,6 +68,16 @@ class WaitResult:
     raylet_gone: frozenset = frozenset()
 
 
+@dataclass(frozen=True)
+class Settled:
+    """Liveness.settle: how each call came out, by its actor's key."""
+
+    ready: dict  # key -> the call's ref, ready (a value or an error)
+    unanswered: frozenset  # missed a heartbeat: given up on
+    raylet_gone: frozenset  # those of `unanswered` whose raylet is gone
+    silent: frozenset  # still out at the deadline
+
+
 class ActorsLost(Exception):
     """Liveness.answers: actors (by key) whose calls will not answer. `died`: the call says its
     actor is dead (or its returned object is lost); `unanswered`: the actor missed a heartbeat,
@@ -162,35 +172,52 @@ class Liveness:
                                   frozenset(raylet_gone))
         return WaitResult([ref for ref in refs if ref in done], frozenset())
 
-    def answers(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
-                deadline_seconds: float) -> list:
-        """The value of each of `calls` (actor key -> one call's ref, or an object that call
-        returned), in the mapping's order, waited on together with heartbeats to `actors`
-        (same keys). ActorsLost names the actors whose calls will not answer: dead, missing a
-        heartbeat (found in seconds), or silent past `deadline_seconds`. An error the call
-        itself raised (RayTaskError: the job's own code) is raised as it is."""
+    def settle(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
+               deadline_seconds: float) -> Settled:
+        """Wait until every one of `calls` (actor key -> one call's ref, or an object that call
+        returned) is ready, with heartbeats to `actors` (same keys): an actor that misses one
+        is given up on while the wait goes on for the others, and the calls still out when
+        `deadline_seconds` pass are given up on too. The result says which is which."""
         pending = dict(calls)
-        values: dict[Any, Any] = {}
-        died: set = set()
+        ready: dict[Any, ray.ObjectRef] = {}
+        unanswered: set = set()
+        raylet_gone: set = set()
         end = time.monotonic() + deadline_seconds
         while pending:
             waited = self.wait({key: [ref] for key, ref in pending.items()},
                                {key: actors[key] for key in pending},
                                max(0.0, end - time.monotonic()))
             for key, ref in list(pending.items()):
-                if ref not in waited.ready:
-                    continue
+                if ref in waited.ready:
+                    ready[key] = pending.pop(key)
+            # A heartbeat late after its actor's call answered loses nobody.
+            lost = waited.unanswered & pending.keys()
+            for key in lost:
                 del pending[key]
-                try:
-                    values[key] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-                    died.add(key)
-            # A heartbeat late after its actor's call answered loses nobody: wait on.
-            unanswered = waited.unanswered & pending.keys()
-            silent = pending.keys() if not waited.unanswered else set()
-            if died or unanswered or silent:
-                raise ActorsLost(frozenset(died), frozenset(unanswered),
-                                 waited.raylet_gone & unanswered, frozenset(silent))
+            unanswered |= lost
+            raylet_gone |= waited.raylet_gone & lost
+            if pending and not waited.unanswered:  # the deadline passed
+                break
+        return Settled(ready, frozenset(unanswered), frozenset(raylet_gone),
+                       frozenset(pending))
+
+    def answers(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
+                deadline_seconds: float) -> list:
+        """The value of each of `calls` (as for settle), in the mapping's order. ActorsLost
+        names the actors whose calls will not answer: dead, missing a heartbeat (found in
+        seconds), or silent past `deadline_seconds`. An error the call itself raised
+        (RayTaskError: the job's own code) is raised as it is."""
+        settled = self.settle(calls, actors, deadline_seconds)
+        values: dict[Any, Any] = {}
+        died = set()
+        for key, ref in settled.ready.items():
+            try:
+                values[key] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                died.add(key)
+        if died or settled.unanswered or settled.silent:
+            raise ActorsLost(frozenset(died), settled.unanswered, settled.raylet_gone,
+                             settled.silent)
         return [values[key] for key in calls]
 
     def _raylets_refusing(self, pings: Mapping[Any, tuple[ray.ObjectRef, float]],
