@@ -3,32 +3,33 @@
     sudo python bench/multihost.py [--steps 40] [--rates 10gbit,1gbit] [--models mlp,lenet]
                                    [--accuracy-epochs 20] [--only CASE,...]
 
-`--only` runs some of the cases (default: all of them): direct, object_store, powersgd, peer,
-latency, accuracy, data; e.g. `--rates 1gbit --models mlp --only powersgd,peer` measures the
-compressed step against DDP in about a minute.
+`--only` runs some of the cases (default: all of them): direct, object_store, powersgd,
+powersgd_object_store, peer, latency, accuracy, data; e.g. `--rates 1gbit --models mlp
+--only powersgd,peer` measures the compressed step against DDP in about a minute.
 
 Needs root (the hosts are network namespaces: deploy/netns_hosts.py) and Ray Train with torch
 (`make bench` installs them). For each link rate: two hosts with one CPU each, a Ray node on
 each; each model trained with one worker per host, by chainrule (2 workers, 2 shards, gradients
 and updated parameters over direct TCP connections between the workers and the shards: the
 default across hosts), by chainrule through Ray's object store instead
-(transport="object_store"), by chainrule with PowerSGD at rank 4 (communication.compression)
-and by Ray Train's TorchTrainer (2 workers, DDP over gloo between the hosts). The models: the
-reference MLP 784-1024-1024-10 at global batch 256 (4 micro-batches), and the CNN of the models
-issue, LeNet-5 on 1x28x28 images at global batch 64 (bench/models.py; its peer is
+(transport="object_store"), by chainrule with PowerSGD at rank 4 (communication.compression; its
+rounds over the same direct connections, and, as the case powersgd_object_store, through the
+object store) and by Ray Train's TorchTrainer (2 workers, DDP over gloo between the hosts). The
+models: the reference MLP 784-1024-1024-10 at global batch 256 (4 micro-batches), and the CNN of
+the models issue, LeNet-5 on 1x28x28 images at global batch 64 (bench/models.py; its peer is
 bench/peer_ray_train_cnn.py). Prints each one's step time and samples/s, where chainrule's step
 goes (compute, reduce-scatter, optimizer, and the rest: waiting on calls), the bytes a worker
-sends (gradients, or PowerSGD's factors) and receives (updated parameters, or the summed
-factors from which every worker applies the step itself) per step against the parameter bytes,
-the share of its gradient communication hidden behind backward (the time chunks spend between a
-worker and a shard while the worker still computes, over all their time in flight), and the
-ratios against the peer (and the direct connections' against the object store's); then the
-round trip of one actor call from the runner to each host, the unit the waits are made of.
-Then, on the last rate's cluster, the MLP's hidden layers trained on digits (64 inputs) for
---accuracy-epochs epochs with and without PowerSGD: validation accuracy after the same steps;
-and bench/parquet.py's comparison on the two hosts: samples/s of 2 workers reading a Parquet
-file (at one path both hosts see) against the same rows in memory, and the peak RSS of a worker
-on the other host from each source.
+sends (gradients, or PowerSGD's factors) and receives (updated parameters, or the summed factors
+from which every worker applies the step itself) per step against the parameter bytes, the share
+of its gradient communication hidden behind backward (the time chunks spend between a worker and
+a shard while the worker still computes, over all their time in flight), and the ratios against
+the peer (and the direct connections' against the object store's); then the round trip of one
+actor call from the runner to each host, the unit the waits are made of. Then, on the last
+rate's cluster, the MLP's hidden layers trained on digits (64 inputs) for --accuracy-epochs
+epochs with and without PowerSGD: validation accuracy after the same steps; and
+bench/parquet.py's comparison on the two hosts: samples/s of 2 workers reading a Parquet file
+(at one path both hosts see) against the same rows in memory, and the peak RSS of a worker on
+the other host from each source.
 
 Targets (issue 10): >= 1.5x Ray Train's samples/s at 10 Gbit/s; >= 3x at 1 Gbit/s with
 gradient compression on; compression moves >= 8x fewer bytes (sent and received), and its
@@ -57,7 +58,9 @@ DATA_ROWS = 60_000  # bench/parquet.py's: 30 row groups of 2,000 rows
 # printed label), then the measures made once per rate.
 TRAINING_CASES = {"direct": ("ours", "chainrule"), "object_store": ("object_store",
                                                                      "  object store"),
-                  "powersgd": ("powersgd", "  with PowerSGD"), "peer": ("peer", "")}
+                  "powersgd": ("powersgd", "  with PowerSGD"),
+                  "powersgd_object_store": ("powersgd_object_store", "  PowerSGD, store"),
+                  "peer": ("peer", "")}
 CASES = (*TRAINING_CASES, "latency", "accuracy", "data")
 
 
@@ -268,8 +271,9 @@ def main() -> int:
                         help="epochs of digits for the accuracy comparison (0: none)")
     parser.add_argument("--only", default=",".join(CASES),
                         help=f"the cases to run, of: {', '.join(CASES)} (default: all)")
-    parser.add_argument("--driver", choices=["ours", "object_store", "powersgd", "peer",
-                                             "accuracy", "latency", "data"],
+    parser.add_argument("--driver", choices=["ours", "object_store", "powersgd",
+                                             "powersgd_object_store", "peer", "accuracy",
+                                             "latency", "data"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,6 +293,9 @@ def main() -> int:
             figures = drive_data(args.address)
         elif args.driver == "object_store":
             figures = drive_ours(args.address, args.steps, models[0], transport="object_store")
+        elif args.driver == "powersgd_object_store":
+            figures = drive_ours(args.address, args.steps, models[0], POWERSGD,
+                                 transport="object_store")
         elif args.driver == "peer":
             figures = drive_peer(args.address, args.steps, models[0])
         else:
@@ -379,6 +386,9 @@ def main() -> int:
                 row(f"{model} samples/s vs Ray Train DDP at {rate}, PowerSGD",
                     peer["step_ms"] / compressed["step_ms"],
                     f">= {target}" if rate == "1gbit" else "")
+            if compressed and (compressed_stored := runs.get("powersgd_object_store")):
+                row(f"{model} PowerSGD samples/s, direct vs object store at {rate}",
+                    compressed_stored["step_ms"] / compressed["step_ms"], "")
         runs = results.get((rates[-1], model), {})
         ours, compressed = runs.get("direct"), runs.get("powersgd")
         if ours and compressed:
