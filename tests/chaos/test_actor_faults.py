@@ -215,20 +215,23 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
             except ProcessLookupError:
                 pass  # killed: dropped workers are
     stalled = result.history.steps[FAULT_AFTER_STEP]  # the first step without worker 1
+    # What happened, for a failure's message: (step, workers, wall seconds) and recoveries.
+    seen_steps = [(r.step, r.workers, round(r.timings.wall, 3)) for r in result.history.steps]
+    happened = f"steps {seen_steps}, recoveries {result.history.recoveries}"
     assert deadline == [3.0]  # the floor: 10 median steps are milliseconds
     if transport == "shared_memory":
-        assert 3.0 <= stalled.timings.wall < 3.0 + 1.5
+        assert 3.0 <= stalled.timings.wall < 3.0 + 1.5, happened
         why = "silent past the step's 3 s deadline"
     else:  # the heartbeats (worker/transport/liveness.py) find it first: 0.5 s + 2 s
-        assert 2.0 <= stalled.timings.wall < 3.0
+        assert 2.0 <= stalled.timings.wall < 3.0, happened
         why = "no answer to its heartbeat: its node or process is gone or stopped"
-    assert result.history.worker_failures == 1
+    assert result.history.worker_failures == 1 and len(result.history.recoveries) == 2, happened
     lost, replaced = result.history.recoveries
     assert lost.message == (f"worker 1 lost at step 11 ({why}): its micro-batches recomputed "
                             f"in-step by worker(s) 0")
     assert replaced.kind == "worker_replaced" and replaced.step > 11
     workers = [record.workers for record in result.history.steps]
-    assert workers[:10] == [2] * 10 and workers[10] == 1 and workers[-1] == 2
+    assert workers[:10] == [2] * 10 and workers[10] == 1 and workers[-1] == 2, happened
     assert_same_weights(result, undisturbed)
     report_recovery(f"worker SIGSTOP ({transport})", stalled.timings.wall, 0, lost.message)
 
@@ -400,6 +403,9 @@ class OrphanedPeer:
 def test_a_heartbeat_saying_its_raylet_died_ends_the_wait_at_the_first_heartbeat(local_ray):
     peer = OrphanedPeer.remote()
     try:
+        # Started first: a heartbeat of a process still starting (seconds on a loaded machine)
+        # goes unanswered, which is not what this test is about.
+        ray.get(peer.work.remote(0), timeout=120)
         call = peer.work.remote(60)
         began = time.monotonic()
         waited = Liveness().wait({0: [call]}, {0: peer}, 120.0)

@@ -34,6 +34,9 @@ class FakeRunner:
 
     cpus: dict = {}  # job name -> the cpus_per_worker it was given
     released = threading.Event()  # a job named "holds" runs until it is set
+    # The first run of these lasts until it is told to stop, however late that comes: a run
+    # of a few steps of 0.05 s could end, at a load of 20, before the test stopped it.
+    until_stopped = ("long", "interrupted", "preempted")
     nodes: dict = {}  # job name -> the node of each of its actors it was given
 
     def __init__(self, spec, dataset, *, should_stop, on_step, on_checkpoint, **options):
@@ -50,6 +53,11 @@ class FakeRunner:
             raise ValueError("no such thing")
         if self.spec.name == "unplaced" and FakeRunner.started.count("unplaced") == 1:
             raise NodeGone("node(s) gone left before the job's actors were placed there")
+        if (self.spec.name in FakeRunner.until_stopped
+                and FakeRunner.started.count(self.spec.name) == 1):
+            deadline = time.monotonic() + 60
+            while not self.should_stop() and time.monotonic() < deadline:
+                time.sleep(0.01)
         for _ in range(self.steps):
             if self.should_stop():
                 self.on_checkpoint("checkpoint")
@@ -313,14 +321,14 @@ def test_a_preempted_job_stops_with_a_checkpoint_queues_again_and_ends_after_the
     host, recorder = FakeHost(), Recorder()
     queue = _queue(host, max_concurrent_jobs=0, observers=[recorder], nodes=[("node", 2.0)])
     FakeRunner.step_seconds = 0.1
-    queue.submit(_job("low", priority=0, cpus_per_worker=1.5))
-    wait_for(lambda: host.states.get("low") == "RUNNING", 5)
-    queue.submit(_job("urgent", priority=1, cpus_per_worker=1.5))  # fits only without "low"
-    wait_for(lambda: host.states.get("low") == "SUCCEEDED", 10, what="low's second run")
+    queue.submit(_job("preempted", priority=0, cpus_per_worker=1.5))
+    wait_for(lambda: host.states.get("preempted") == "RUNNING", 5)
+    queue.submit(_job("urgent", priority=1, cpus_per_worker=1.5))  # fits only without it
+    wait_for(lambda: host.states.get("preempted") == "SUCCEEDED", 10, what="its second run")
     assert host.states["urgent"] == "SUCCEEDED"
-    assert host.checkpoints["low"] == "checkpoint"  # handed over when it stopped
-    assert FakeRunner.started == ["low", "urgent", "low"]
-    assert [state for job, state in recorder.calls if job == "low"] == [
+    assert host.checkpoints["preempted"] == "checkpoint"  # handed over when it stopped
+    assert FakeRunner.started == ["preempted", "urgent", "preempted"]
+    assert [state for job, state in recorder.calls if job == "preempted"] == [
         "QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"]
 
 
