@@ -7,8 +7,8 @@ loaded machine). A test waits for both instead of guessing how long they take.""
 from __future__ import annotations
 
 import os
+import time
 
-import psutil
 import ray
 
 from scheduler.worker_group import WorkerGroup
@@ -19,12 +19,21 @@ def kill_and_wait_until_dead(actor, timeout: float = 120.0) -> None:
     next finds it gone. (Ray's actor table says DEAD before the process has gone: a worker
     was seen to compute two more 2 ms steps after that.)"""
     pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=timeout)
-    process = psutil.Process(pid)
     ray.kill(actor)
+    deadline = time.monotonic() + timeout
+    while not _exited(pid):
+        assert time.monotonic() < deadline, f"actor process {pid} still running {timeout} s on"
+        time.sleep(0.01)
+
+
+def _exited(pid: int) -> bool:
+    """Gone from the process table, or a zombie its parent (the raylet) has not reaped yet."""
     try:
-        process.wait(timeout)  # not our child: psutil polls until the pid has gone
-    except psutil.TimeoutExpired:
-        raise AssertionError(f"actor process {pid} still running {timeout} s on") from None
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def wait_for_replacements(group: WorkerGroup, timeout: float = 300.0) -> None:

@@ -24,8 +24,10 @@ LIMITS = Limits(max_layers=1000, max_spec_bytes=64 * 1024, max_total_steps=50_00
                 max_activation_bytes=1024 * 1024, max_wall_seconds=2.0)
 SUBMIT_METHOD = "/chainrule.v1.TrainingService/SubmitJob"
 # The audit's specs took 5.3 s (1.9 million layers) and 2 s (a GRU of 4 million stacked
-# layers) of an RPC thread to judge; parsing the 7 MiB request alone takes ~0.2 s.
-REFUSAL_SECONDS = 1.0
+# layers) of an RPC thread to judge; parsing the 7 MiB request alone takes ~0.2 s. Counted in
+# CPU seconds of this process (the server runs in it): what judging costs, which a loaded
+# machine does not stretch as it stretches the wall clock.
+REFUSAL_CPU_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,11 @@ def server(local_ray, tmp_path_factory):
 
 
 def _refused(client: Client, spec: job_pb2.JobSpec) -> tuple[grpc.RpcError, float]:
-    """The submit's error and how long the server took; nothing may have been stored."""
+    """The submit's error and the CPU seconds it took; nothing may have been stored."""
     before = [job.id for job in client.jobs()]
-    start = time.perf_counter()
+    start = time.process_time()
     error = rpc_error(lambda: client.submit(spec))
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert [job.id for job in client.jobs()] == before
     return error, seconds
@@ -62,12 +64,12 @@ def test_a_spec_of_millions_of_layers_is_refused_by_its_layer_count_in_milliseco
     submit = client.channel.unary_unary(SUBMIT_METHOD, request_serializer=None,
                                         response_deserializer=pb.Job.FromString)
     before = list(client.jobs())
-    start = time.perf_counter()
+    start = time.process_time()
     error = rpc_error(lambda: submit(request, timeout=30))
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("model.layers: has more than 1,000 layers")
-    assert seconds < REFUSAL_SECONDS, f"took {seconds:.2f} s"
+    assert seconds < REFUSAL_CPU_SECONDS, f"took {seconds:.2f} s of CPU"
     assert list(client.jobs()) == before
 
 
@@ -76,7 +78,7 @@ def test_stacked_recurrent_layers_count_towards_the_layer_limit(client):
                                        {"last_step": {}}, {"linear": {"out_features": 3}}]})
     error, seconds = _refused(client, spec)
     assert error.details().startswith("model.layers: has more than 1,000 layers")
-    assert seconds < REFUSAL_SECONDS, f"took {seconds:.2f} s"
+    assert seconds < REFUSAL_CPU_SECONDS, f"took {seconds:.2f} s of CPU"
 
 
 def test_layers_nested_in_residual_blocks_count_towards_the_layer_limit(client):
