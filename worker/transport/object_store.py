@@ -108,7 +108,7 @@ class ObjectStoreTransport:
         """The shards' slices (in their object stores since the last step) into the runner's
         vector; the shard holding a slice is watched while it comes."""
         for (lo, hi), values in zip(self.bounds, self._shard_values(
-                self.slices, "while its parameters were read")):
+                self.slices, "while reading its parameters")):
             self.parameters[lo:hi] = values
 
     def _shard_values(self, refs: list[ray.ObjectRef], when: str) -> list:
