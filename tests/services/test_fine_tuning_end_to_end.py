@@ -128,10 +128,11 @@ def test_a_pretrained_transformer_fine_tunes_to_beat_the_same_model_from_scratch
     # --- pretraining: next-byte prediction on both texts -------------------------------------
     language_model = _train(client, _spec(
         "pretrain", BODY + [{"linear": {"out_features": 256}}], "next_token_cross_entropy",
-        "upload:corpus", epochs=7), timeout=900)
+        "upload:corpus", epochs=4), timeout=900)
     print(f"pretraining: validation loss {language_model.final_validation.loss:.3f} nats per "
           f"byte after {language_model.progress.step} steps")
-    # Measured: 1.989 after 595 steps; a uniform guess is log(256) = 5.55.
+    # Measured: 2.237 after 340 steps (4 epochs; 1.989 after 7, which fine-tune no better);
+    # a uniform guess is log(256) = 5.55.
     assert language_model.final_validation.loss < 2.6
     weights = tmp_path / "language-model.safetensors"
     client.download(language_model.id, weights)
@@ -150,6 +151,6 @@ def test_a_pretrained_transformer_fine_tunes_to_beat_the_same_model_from_scratch
     scratch_accuracy = scratch.final_validation.accuracy
     print(f"validation accuracy on {2 * HELD_OUT} held-out windows: fine-tuned "
           f"{fine_tuned_accuracy:.3f}, from scratch {scratch_accuracy:.3f}")
-    # Measured (seed 3; the runtime gives the same bits on any worker count): fine-tuned 0.893,
-    # from scratch 0.738.
+    # Measured (seed 3; the runtime gives the same bits on any worker count): fine-tuned 0.898,
+    # from scratch 0.738 (0.893 after 7 epochs of pretraining: 4 are as good and 40% cheaper).
     assert fine_tuned_accuracy >= scratch_accuracy + 0.1
