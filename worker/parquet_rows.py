@@ -21,9 +21,12 @@ count):
 
 `ParquetRows` is what a replica holds: where the file is and how to turn a row group into
 standardised features. It reads a row group when a step first needs it and, by one thread,
-the next row group of that lane ahead of time; it drops a row group when its lane moves on. It
-keeps at most ROW_GROUPS_HELD row groups (each lane's current and next), so a worker's memory
-is bounded by the batch and a few row groups, not the file.
+the next row group of that lane ahead of time: after a step's compute (so the decode overlaps
+the worker's wait for the shards, not its compute), one at a time, and lane l's once it has
+taken l / ROW_GROUP_LANES of its current row group (so lanes that move on together do not
+decode together). It drops a row group when its lane moves on. It keeps at most
+ROW_GROUPS_HELD row groups (each lane's current and next), so a worker's memory is bounded by
+the batch and a few row groups, not the file.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ ROW_GROUPS_HELD = 2 * ROW_GROUP_LANES  # by one reader: each lane's current and 
 _SPLIT_STREAM = 0x5B17  # the same stream as the in-memory split's (scheduler/datasets.py)
 _ORDER_STREAM = 0x0DE5  # keeps the row-group order apart from every other use of the seed
 _MASK64 = (1 << 64) - 1
+CONVERTED_COLUMNS_BYTES = 256 * 1024  # float64 columns standardised at a time (read_group)
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -157,30 +161,41 @@ class ParquetSource:
 
     def read_group(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Row group `group`'s training rows as (features, targets), standardised (in float64,
-        as in-memory data sets are) and in the job's dtype. The features are column-major, as
-        Parquet stores them: each column goes straight from Arrow's buffer into its row of the
-        result, through one reused float64 row, with no matrix-sized temporary (those cost
-        more than Arrow's decoding, in page faults); a batch's gather of a few rows from it
-        costs the same either way."""
+        as in-memory data sets are) and in the job's dtype. The features are row-major, as in
+        memory, so a micro-batch's gather copies whole rows (a third of the time of gathering
+        them from Parquet's columns, at every micro-batch, for one transposed write here).
+        The columns are converted CONVERTED_COLUMNS_BYTES of float64 at a time, a few NumPy
+        calls per block rather than per column: Python's share of the work is what holds the
+        GIL, so a read ahead in its thread delays the step computing beside it less; and the
+        blocks are small, so there is no matrix-sized temporary (those cost more than Arrow's
+        decoding, in page faults)."""
         table = self._read_table(parquet_file, group)
         validation = held_out(int(sum(self.group_rows[:group])), table.num_rows, self.seed,
                               self.validation_fraction)
         kept = np.flatnonzero(~validation) if validation.any() else None
         rows = table.num_rows if kept is None else len(kept)
-        features = np.empty((len(self.feature_columns), rows), dtype=self.dtype)
-        scratch = np.empty(rows)
+        columns = len(self.feature_columns)
+        features = np.empty((rows, columns), dtype=self.dtype)
+        per_block = max(1, min(columns, CONVERTED_COLUMNS_BYTES // (8 * max(1, table.num_rows))))
+        stored = np.empty((per_block, table.num_rows))
+        training = stored if kept is None else np.empty((per_block, rows))
         mean, std = self.feature_mean, self.feature_std
-        for j, name in enumerate(self.feature_columns):
-            # Checked for missing values only: load_parquet's pass, which reads every value of
-            # the file before any worker starts, refused NaN and infinities.
-            values = _column(table, name, group, finite=False)
-            np.copyto(scratch, values if kept is None else values[kept])
+        for lo in range(0, columns, per_block):
+            hi = min(columns, lo + per_block)
+            for j in range(lo, hi):
+                # Checked for missing values only: load_parquet's pass, which reads every
+                # value of the file before any worker starts, refused NaN and infinities.
+                np.copyto(stored[j - lo], _column(table, self.feature_columns[j], group,
+                                                  finite=False))
+            block = training[:hi - lo]
+            if kept is not None:
+                np.take(stored[:hi - lo], kept, axis=1, out=block)
             if mean is not None and std is not None:
-                scratch -= mean[j]
-                scratch /= std[j]
-            features[j] = scratch
+                block -= mean[lo:hi, None]
+                block /= std[lo:hi, None]
+            features[:, lo:hi] = block.T
         labels = _column(table, self.label_column, group, finite=False)
-        return features.T, self.targets(labels if kept is None else labels[kept])
+        return features, self.targets(labels if kept is None else labels[kept])
 
     def read_raw(self, parquet_file, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every row of row group `group`: (float64 features as stored, labels as stored,
@@ -244,6 +259,7 @@ class ParquetRows:
         self._lock = threading.Lock()
         self.groups_read = 0  # row groups read from the file (a test counts them)
         self._lanes: dict[int, _Lanes] = {}  # of the last few epochs
+        self._due: list[int] = []  # row groups to read ahead, oldest first (read_ahead)
 
     def __reduce__(self):  # travels as its source; threads and the open file stay home
         return ParquetRows, (self.source,)
@@ -257,6 +273,11 @@ class ParquetRows:
         """Row groups held now, read or being read (at most ROW_GROUPS_HELD)."""
         return len(self._cache)
 
+    @property
+    def reads_due(self) -> tuple[int, ...]:
+        """The row groups that `read_ahead` will read, oldest first."""
+        return tuple(self._due)
+
     def take(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self._training_starts, indices, side="right") - 1
@@ -267,8 +288,10 @@ class ParquetRows:
         if len(needed) == 1:  # a micro-batch within one row group: one gather
             x, y = reads[needed[0]].result()
             x, y = x[rows], y[rows]
+            taken = {needed[0]: len(indices)}
         else:
             x = y = None
+            taken = {}
             for group, future in reads.items():
                 gx, gy = future.result()
                 if x is None or y is None:
@@ -276,26 +299,51 @@ class ParquetRows:
                     y = np.empty((len(indices), *gy.shape[1:]), dtype=gy.dtype)
                 mine = groups == group
                 x[mine], y[mine] = gx[rows[mine]], gy[rows[mine]]
+                taken[group] = int(np.count_nonzero(mine))
             assert x is not None and y is not None  # a micro-batch has rows
-        self._follow_lanes(needed, epoch)
+        self._follow_lanes(taken, epoch)
         return x, y
 
-    def _follow_lanes(self, groups: list[int], epoch: int) -> None:
-        """For each of `groups` taken from for the first time this epoch, its lane has moved on
-        to it: the row group before it in its lane is dropped (a lane reads its rows in order,
-        so they are all used: only a recomputed micro-batch would read it again), the one
-        after it is read ahead."""
-        entered = self._lanes_of(epoch).entered
-        for group in groups:
-            if group in entered:
+    def read_ahead(self) -> None:
+        """Start the oldest read ahead that is due, unless a read is under way: called once a
+        step's block is computed (worker/replica.py), so that a row group decodes while the
+        worker waits for the shards and the next command, not beside its compute on a machine
+        whose cores the step keeps busy. One at a time: the lanes that move on at the same
+        step have their next row groups read over the steps after, not all at once."""
+        with self._lock:
+            if not self._due or any(not read.done() for read in self._cache.values()):
+                return
+            group = self._due.pop(0)
+        self._group(group)
+
+    def _follow_lanes(self, taken: dict[int, int], epoch: int) -> None:
+        """`taken`: the rows just taken from each row group. When a lane first takes from a
+        row group this epoch, it has moved on: the row group before it in its lane is dropped
+        (a lane reads its rows in order, so they are all used: only a recomputed micro-batch
+        would read it again). Once lane l has taken l / ROW_GROUP_LANES of a row group's
+        rows, the row group after it is due to be read ahead (`read_ahead`): lanes that move
+        on at the same step, as lanes of equal row groups do, have their next row groups
+        read at different steps, on every worker (each computes a run of the lanes)."""
+        lanes = self._lanes_of(epoch)
+        for group, count in taken.items():
+            entering = group not in lanes.taken
+            lanes.taken[group] = lanes.taken.get(group, 0) + count
+            if group in lanes.followed:  # the lane's next row group is due or read already
                 continue
-            entered.add(group)
+            lane, _ = lanes.place[group]
             previous, following = self._neighbours(group, epoch)
-            if previous is not None:
+            if entering and previous is not None:
                 with self._lock:
                     self._cache.pop(previous, None)
-            if following is not None:
-                self._group(following)
+            stagger = self.source.training_per_group[group] * lane // len(lanes.groups)
+            if lanes.taken[group] < stagger:
+                continue
+            lanes.followed.add(group)
+            with self._lock:
+                if (following is not None and following not in self._cache
+                        and following not in self._due):
+                    self._due.append(following)
+                    del self._due[:-ROW_GROUP_LANES]  # a bound, whatever the caller does
 
     def _neighbours(self, group: int, epoch: int) -> tuple[int | None, int | None]:
         """The row groups before and after `group` in its lane of epoch `epoch`; across an
@@ -323,13 +371,15 @@ class ParquetRows:
                                 if count),)
             place = {g: (lane, at) for lane, members in enumerate(groups)
                      for at, g in enumerate(members)}
-            self._lanes[epoch] = _Lanes(groups, place, set())
+            self._lanes[epoch] = _Lanes(groups, place, {}, set())
             for old in [e for e in self._lanes if e < epoch - 1]:
                 del self._lanes[old]
         return self._lanes[epoch]
 
     def _group(self, group: int) -> Future:
         with self._lock:
+            if group in self._due:  # wanted now: read on demand
+                self._due.remove(group)
             held = self._cache.get(group)
             # A failed read (S3 unreachable for a moment, say) is not served again: the step
             # that retries, or recomputes a lost worker's micro-batches, reads it anew.
@@ -359,9 +409,11 @@ class ParquetRows:
 
 @dataclass(frozen=True)
 class _Lanes:
-    """One epoch's lanes (lane_groups), each row group's (lane, place in it), and which row
-    groups a replica has taken from."""
+    """One epoch's lanes (lane_groups), each row group's (lane, place in it), the rows a
+    replica has taken from each row group, and the row groups whose next one it has asked
+    to read ahead."""
 
     groups: tuple[tuple[int, ...], ...]
     place: dict[int, tuple[int, int]]
-    entered: set[int]  # the row groups taken from so far (_follow_lanes)
+    taken: dict[int, int]  # rows taken from each row group so far (_follow_lanes)
+    followed: set[int]  # the row groups whose next in their lane is due or read

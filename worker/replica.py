@@ -268,10 +268,16 @@ class ModelReplica:
                 self.flat[lo:hi] = values
             buffers = None if master_buffers is None else self.unflatten_buffers(master_buffers)
             try:
-                return self._compute(destination, micro_batches, global_step, batch_size,
-                                     buffers, statistics, chunk_sender)
+                result = self._compute(destination, micro_batches, global_step, batch_size,
+                                       buffers, statistics, chunk_sender)
             finally:
                 self._chunk_sender = self._block_sums = None
+        # A source that reads ahead (Parquet) starts now, while this worker waits for the
+        # shards: beside the compute, its decoding would slow the step on a busy machine.
+        read_ahead = getattr(self.rows, "read_ahead", None)
+        if read_ahead is not None:
+            read_ahead()
+        return result
 
     def _gradient_ready(self, index: int, parameter: Tensor) -> None:
         """A parameter's gradient of the block's last micro-batch is final: its block sum,

@@ -1,6 +1,7 @@
 """Reading a Parquet training split a row group at a time: the split, the order, the reader."""
 
 import pickle
+import threading
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -8,6 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from chainrule.spec_file import load_job_spec
+from scheduler.parquet_dataset import load_parquet, parquet_shape
+from scheduler.sampler import EpochSampler
 from worker.parquet_rows import (
     ROW_GROUP_LANES,
     ROW_GROUPS_HELD,
@@ -18,6 +22,8 @@ from worker.parquet_rows import (
     lane_order,
     lane_parts,
 )
+from worker.replica import ModelReplica, ReplicaSetup
+from worker.resolved_job import resolve
 
 ROWS, GROUP = 1000, 50
 
@@ -166,3 +172,103 @@ def test_a_failed_row_group_read_is_not_kept_and_the_retry_reads_it_again(parque
     features, _ = rows.take(np.arange(5), epoch=0)  # the step retried: row group 0 read anew
     expected, _ = ParquetRows(plain).take(np.arange(5), epoch=0)
     np.testing.assert_array_equal(features, expected)
+
+
+# --- when the next row group of a lane is read ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldSource(ParquetSource):
+    """Its reads wait while `release` is clear: a read stays under way as long as a test
+    needs it to."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def read_group(self, parquet_file, group):
+        assert self.release.wait(timeout=60), "the test never released the read"
+        return super().read_group(parquet_file, group)
+
+
+def lane_starts(source, epoch=0):
+    """Each lane's row groups of `epoch`, and where each row group's training indices
+    start."""
+    lanes = lane_groups(source.training_per_group, source.seed, epoch)
+    starts = np.concatenate([[0], np.cumsum(source.training_per_group)])
+    return lanes, starts
+
+
+def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_l_quarters_of_its_current(
+        parquet_file):
+    """Lanes of equal row groups move on at the same step: asking for their next row groups
+    at different points of the current ones spreads the decoding over the steps."""
+    path, _, _ = parquet_file
+    source = source_of(path)
+    rows = ParquetRows(source)
+    lanes, starts = lane_starts(source)
+    for lane, (current, following, *_) in enumerate(lanes):
+        size = source.training_per_group[current]
+        wanted = size * lane // ROW_GROUP_LANES  # rows taken before the next is asked for
+        if wanted > 1:
+            rows.take(np.arange(starts[current], starts[current] + wanted - 1), epoch=0)
+            assert following not in rows.reads_due, (lane, wanted)
+        rows.take(np.arange(starts[current] + max(0, wanted - 1), starts[current] + wanted + 1),
+                  epoch=0)
+        assert rows.reads_due[-1] == following, lane
+    assert rows.reads_due == tuple(lane[1] for lane in lanes)
+    assert rows.groups_read == ROW_GROUP_LANES  # the current ones: nothing read ahead yet
+
+
+def test_a_read_ahead_starts_after_a_steps_compute_one_at_a_time_and_serves_the_lane(
+        parquet_file):
+    path, _, _ = parquet_file
+    plain = source_of(path)
+    source = HeldSource(**{f.name: getattr(plain, f.name) for f in fields(plain)})
+    rows = ParquetRows(source)
+    lanes, starts = lane_starts(source)
+    (first, first_next, first_third, *_), (second, second_next, *_) = lanes[:2]
+    source.release.set()
+    rows.take(np.arange(starts[first], starts[first] + 2), epoch=0)
+    rows.take(np.arange(starts[second], starts[second + 1]), epoch=0)  # all of it
+    assert rows.reads_due == (first_next, second_next) and rows.groups_read == 2
+    source.release.clear()
+    rows.read_ahead()  # a step's block is computed: the oldest due starts
+    rows.read_ahead()  # ... and the other waits while that read is under way
+    assert rows.reads_due == (second_next,) and rows.groups_held == 3  # 2 read, 1 under way
+    source.release.set()
+    features, _ = rows.take(np.array([starts[first_next]]), epoch=0)  # waits for the read
+    assert rows.groups_read == 3  # read ahead, not again
+    assert rows.reads_due == (second_next, first_third)  # lane 0 moved on: its next is due
+    expected, _ = ParquetRows(plain).take(np.array([starts[first_next]]), epoch=0)
+    np.testing.assert_array_equal(features, expected)
+    rows.read_ahead()
+    # Lane 0's first row group was dropped when it moved on.
+    assert rows.reads_due == (first_third,) and rows.groups_held == 3
+    rows.take(np.array([starts[second_next]]), epoch=0)
+    assert rows.groups_read == 4
+
+
+def test_a_replica_starts_the_read_ahead_once_its_block_is_computed(parquet_file):
+    path, _, _ = parquet_file
+    spec = load_job_spec(f"""
+model: {{layers: [{{linear: {{out_features: 4}}}}]}}
+loss: cross_entropy
+optimizer: {{sgd: {{lr: 0.1}}}}
+data: {{dataset: "parquet:{path}", label_column: label, batch_size: 32, epochs: 1,
+       validation_fraction: 0.2, micro_batches: 4}}
+seed: 3
+""")
+    job = resolve(spec, parquet_shape(spec.data, spec.seed))
+    dataset = load_parquet(job)
+    rows = dataset.training_rows()
+    replica = ModelReplica(ReplicaSetup(job, None), rows, owns_process=False)
+    destination = {slot.name: np.zeros(slot.shape, dtype=job.dtype)
+                   for slot in replica.layout.slots}
+    sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches, job.seed,
+                           row_groups=dataset.training_row_groups)
+    first_step = sampler.epoch(0)[0]
+    lanes = lane_groups(dataset.training_row_groups, job.seed, 0)
+    # Lane 0's micro-batch: its row group's next is due as soon as it is taken from.
+    replica.compute(destination, [(0, first_step.micro_batches[0])], 1, job.batch_size)
+    assert rows.reads_due == () and rows.groups_held == 2  # lane 0's first, and its next
+    rows.take(np.array([sum(dataset.training_row_groups[:lanes[0][1]])]), epoch=0)
+    assert rows.groups_read == 2  # the next was read ahead
