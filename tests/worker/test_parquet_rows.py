@@ -197,17 +197,18 @@ def lane_starts(source, epoch=0):
     return lanes, starts
 
 
-def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_l_quarters_of_its_current(
+def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_l_eighths_of_its_current(
         parquet_file):
     """Lanes of equal row groups move on at the same step: asking for their next row groups
-    at different points of the current ones spreads the decoding over the steps."""
+    at different points of the first half of the current ones spreads the decoding over the
+    steps, and leaves every read half a row group's steps."""
     path, _, _ = parquet_file
     source = source_of(path)
     rows = ParquetRows(source)
     lanes, starts = lane_starts(source)
     for lane, (current, following, *_) in enumerate(lanes):
         size = source.training_per_group[current]
-        wanted = size * lane // ROW_GROUP_LANES  # rows taken before the next is asked for
+        wanted = size * lane // (2 * ROW_GROUP_LANES)  # taken before the next is asked for
         if wanted > 1:
             rows.take(np.arange(starts[current], starts[current] + wanted - 1), epoch=0)
             assert following not in rows.reads_due, (lane, wanted)
