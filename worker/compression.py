@@ -246,6 +246,8 @@ class PowerSGDWorker:
                  warm_q: dict[int, np.ndarray]):
         self.plan, self.memory = plan, memory
         self.pending: dict[int, np.ndarray] = {}  # block -> M over the flat vector
+        # Block -> (M, its Q_b) from `second_messages` until `keep_error`.
+        self.owed: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         # Q of the last step (by matrix), the next step's warm start; and the step's P^,
         # from round 2 until `decompress`.
         self.warm_q = warm_q
@@ -269,20 +271,33 @@ class PowerSGDWorker:
                bounds: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """For each shard: Q_b = M_b^T P^ of each matrix its slice touches. The error becomes
         M_b - P^ Q_b^T on the matrices (the dense entries were sent whole: no error)."""
+        messages = self.second_messages(block, p_hat, bounds)
+        self.keep_error(block)
+        return messages
+
+    def second_messages(self, block: int, p_hat: Mapping[int, np.ndarray],
+                        bounds: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """`second`'s messages alone: keep_error(block) must follow, which a sender can do
+        while they travel."""
         m = self.pending.pop(block)
         self.p_hat = dict(p_hat)
-        error = self.memory.error(block)
-        q = {}
-        for matrix in self.plan.matrices:
-            mine = _matrix(m, matrix)
-            q[matrix.index] = mine.T @ p_hat[matrix.index]
-            kept = _matrix(error, matrix)
-            np.matmul(p_hat[matrix.index], q[matrix.index].T, out=kept)
-            np.subtract(mine, kept, out=kept)
+        q = {matrix.index: _matrix(m, matrix).T @ p_hat[matrix.index]
+             for matrix in self.plan.matrices}
+        self.owed[block] = (m, q)
         return [np.concatenate([q[matrix.index].ravel()
                                 for matrix in self.plan.matrices_within(lo, hi)]
                                or [np.empty(0, m.dtype)])
                 for lo, hi in bounds]
+
+    def keep_error(self, block: int) -> None:
+        """Block `block`'s error becomes M_b - P^ Q_b^T on the matrices, for its next step's
+        first message."""
+        m, q = self.owed.pop(block)
+        error = self.memory.error(block)
+        for matrix in self.plan.matrices:
+            kept = _matrix(error, matrix)
+            np.matmul(self.p_hat[matrix.index], q[matrix.index].T, out=kept)
+            np.subtract(_matrix(m, matrix), kept, out=kept)
 
     def decompress(self, out: np.ndarray, replies: Sequence[tuple[np.ndarray,
                                                                   Mapping[int, np.ndarray]]],

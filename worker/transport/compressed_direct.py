@@ -472,9 +472,11 @@ def compress_direct(replica: ModelReplica, block: int,
         p_hat = {index: p for part in links.wait(Op.P_HAT, step, timeout_seconds)
                  for index, p in part.items()}
         start = time.perf_counter()
-        seconds = powersgd_worker(replica).second(block, p_hat, links.bounds)
+        worker = powersgd_worker(replica)
+        seconds = worker.second_messages(block, p_hat, links.bounds)
         for k, message in enumerate(seconds):
             links.send(k, Op.ROUND_TWO, step, block, message)
+        worker.keep_error(block)  # while the messages travel and the shards sum them
         sent += message_bytes(seconds)
         message_seconds += time.perf_counter() - start
     links.flush(timeout_seconds)
