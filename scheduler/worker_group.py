@@ -23,7 +23,7 @@ from scheduler.placement import Placement
 from worker.parameter_server import ParameterServerShard, ShardSetup
 from worker.replica import ModelReplica, ReplicaSetup
 from worker.training_rows import TrainingRows
-from worker.transport.liveness import CONCURRENCY_GROUPS, ActorsLost, Liveness
+from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness, shard_lost
 from worker.transport.step import ActorFailure, ShardLost, WorkersLost
 
 
@@ -234,12 +234,9 @@ class WorkerGroup:
         state is loaded next (load_shard_states). ActorFailure(ShardLost) if it cannot."""
         standby, self.standby = self.standby, None
         self.shards[lost] = standby
-        try:
-            self.liveness.answers({lost: standby.take_over.remote(self.shard_setups[lost])},
-                                  {lost: standby}, self.timeout_seconds)
-        except ActorsLost as gone:
-            raise ActorFailure(ShardLost(lost, f"while the standby shard took over "
-                                               f"({gone.why(lost)})")) from gone
+        self.liveness.answers_or_failure(
+            {lost: standby.take_over.remote(self.shard_setups[lost])}, {lost: standby},
+            self.timeout_seconds, shard_lost("while the standby shard took over"))
 
     def kill_shard(self, index: int) -> None:
         ray.kill(self.shards[index])
@@ -266,12 +263,8 @@ class WorkerGroup:
         gone: found in seconds) or stays silent past the timeout is a lost one,
         ActorFailure(ShardLost)."""
         shards = dict(enumerate(self.shards))
-        try:
-            return self.liveness.answers({k: call(shard) for k, shard in shards.items()},
-                                         shards, self.timeout_seconds)
-        except ActorsLost as gone:
-            lost = min(gone.actors)
-            raise ActorFailure(ShardLost(lost, f"{when} ({gone.why(lost)})")) from gone
+        return self.liveness.answers_or_failure({k: call(shard) for k, shard in shards.items()},
+                                                shards, self.timeout_seconds, shard_lost(when))
 
     def _shard_locations(self, when: str) -> list[tuple[str, str]]:
         """Every new shard's (host identity, node id), once it has started. No heartbeats: a

@@ -68,10 +68,8 @@ from worker.compression import (
     topk_messages,
     topk_reply,
 )
-from worker.transport.liveness import ActorsLost
 from worker.transport.object_store import ObjectStoreTransport, _ShardGone
 from worker.transport.step import (
-    ActorFailure,
     BlockStats,
     ErrorFeedbackLost,
     ShardLost,
@@ -165,12 +163,10 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         runner's failure policy, never a raw Ray error (which would end the job as failed
         rather than restart it)."""
         replicas = self.actors.replicas
-        try:
-            return self.liveness.answers(calls, {w: replicas[w] for w in calls},
-                                         self.timeout_seconds)
-        except ActorsLost as gone:
-            step = self.work.step if self.work is not None else 0
-            raise ActorFailure(ErrorFeedbackLost(step, tuple(sorted(gone.actors)))) from gone
+        step = self.work.step if self.work is not None else 0
+        return self.liveness.answers_or_failure(
+            calls, {w: replicas[w] for w in calls}, self.timeout_seconds,
+            lambda gone: ErrorFeedbackLost(step, tuple(sorted(gone.actors))))
 
     # --- one step ----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import ray
 
 from worker.transport.raylet_watch import RayletGone
+from worker.transport.step import ActorFailure, ShardLost, StepFailure
 
 LIVENESS_GROUP = "liveness"
 # Ray's concurrency groups of an actor class that answers heartbeats (ray.remote's argument).
@@ -220,6 +221,18 @@ class Liveness:
                              settled.silent)
         return [values[key] for key in calls]
 
+    def answers_or_failure(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
+                           deadline_seconds: float,
+                           failure: Callable[[ActorsLost], StepFailure]) -> list:
+        """`answers`, for calls made between steps: lost actors are raised as
+        ActorFailure(failure(lost)), what the runner hands its failure policy (a raw
+        ActorsLost or Ray error would end the job as failed rather than restart it). The
+        caller's `failure` says what the loss costs (shard_lost, ErrorFeedbackLost, ...)."""
+        try:
+            return self.answers(calls, actors, deadline_seconds)
+        except ActorsLost as gone:
+            raise ActorFailure(failure(gone)) from gone
+
     def _raylets_refusing(self, pings: Mapping[Any, tuple[ray.ObjectRef, float]],
                           actors: Mapping[Any, object], probed: set[ray.ObjectRef],
                           now: float) -> list:
@@ -236,6 +249,16 @@ class Liveness:
             if endpoint is not None and refuses_connections(*endpoint):
                 refusing.append(key)
         return refusing
+
+
+def shard_lost(when: str) -> Callable[[ActorsLost], ShardLost]:
+    """`answers_or_failure`'s `failure` for calls to shards (keyed by index): the lowest lost
+    shard, with how it was found, e.g. ShardLost(1, "while loading parameters (its process
+    died)")."""
+    def lost(gone: ActorsLost) -> ShardLost:
+        shard = min(gone.actors)
+        return ShardLost(shard, f"{when} ({gone.why(shard)})")
+    return lost
 
 
 def refuses_connections(address: str, port: int, timeout_seconds: float = 0.2) -> bool:

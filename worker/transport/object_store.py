@@ -46,9 +46,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from worker.transport.liveness import ActorsLost, Liveness
+from worker.transport.liveness import Liveness, shard_lost
 from worker.transport.step import (
-    ActorFailure,
     BlockFailed,
     BlockStats,
     JobActors,
@@ -116,12 +115,9 @@ class ObjectStoreTransport:
         returned), between steps, waited on with heartbeats (liveness.py): a shard that died,
         misses its heartbeat or stays silent past the timeout is a lost one, ActorFailure
         for the runner's failure policy."""
-        shards = dict(enumerate(self.actors.shards))
-        try:
-            return self.liveness.answers(dict(enumerate(refs)), shards, self.timeout_seconds)
-        except ActorsLost as gone:
-            lost = min(gone.actors)
-            raise ActorFailure(ShardLost(lost, f"{when} ({gone.why(lost)})")) from gone
+        return self.liveness.answers_or_failure(dict(enumerate(refs)),
+                                                dict(enumerate(self.actors.shards)),
+                                                self.timeout_seconds, shard_lost(when))
 
     def worker_replaced(self, worker: int) -> None:
         pass  # a replica is stateless here: each call brings the parameters it needs
