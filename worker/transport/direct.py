@@ -10,7 +10,7 @@ Connections, made when the transport starts: each shard listens on its node's ad
 port the kernel picks; the runner hands every worker the shards' addresses and the job's
 random token through Ray calls (Ray's own channel is authenticated); each worker connects to
 every shard and says HELLO with its slot and the token. A shard drops a connection whose token
-is wrong, or whose message has an op, a block or a size other than the job's.
+is wrong, or whose message has an op, a block, a size or a step other than the job's.
 
 One step, version v being the parameters the step starts from (the runner counts versions:
 one per step, one per push of the runner's vector):
@@ -53,8 +53,8 @@ last chunk, and the shards start summing when it arrives.
 
 When the runner finds workers lost it settles their blocks with the shards
 (`settle_lost_blocks`): each shard, once a dead worker's connection has closed (all it sent
-has been read), stops taking DELIVERED from the lost workers for the step and answers with
-the figures of their blocks it holds as delivered. A block any shard holds is delivered: every
+has been read), stops taking DELIVERED of those blocks from the lost workers in the step and
+answers with the figures of those it holds as delivered. A block any shard holds is delivered: every
 shard is told to count it (`count_delivered_blocks`), its figures come from the shards and
 nothing is recomputed (WorkersLost's `delivered_blocks`). No shard counts the others, so
 survivors recompute them at the step's parameters (`unfinished_blocks`). Either way the step
@@ -459,7 +459,10 @@ class ShardEnd:
         self.chunks: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self.delivered: set[tuple[int, int, int]] = set()
         self.figures: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # -> (sender, figures)
-        self.settled: set[tuple[int, int]] = set()  # (step, worker): its DELIVERED not counted
+        # (step, block, worker): the runner settled that worker's block as lost in the step,
+        # so its DELIVERED no longer counts (per block: the worker's other blocks of the step
+        # may be delivered, their DELIVERED still unread here).
+        self.settled: set[tuple[int, int, int]] = set()
         self.version = 0  # of the slice last loaded or applied; 0: none yet
         # Connections still to say HELLO, oldest first, with their peer's address.
         self.waiting: dict[Link, str] = {}
@@ -592,6 +595,8 @@ class ShardEnd:
         """The next message from `worker`: a chunk, or a block's DELIVERED with its figures.
         ValueError for anything else (the connection is then closed)."""
         header = link.receive_header(Message)
+        if header.op in (Op.CHUNK, Op.DELIVERED):
+            self._check_step(link, header)
         if header.op == Op.CHUNK:
             self._receive_chunk(link, worker, header)
         elif (header.op == Op.DELIVERED and 0 <= header.index < self.shard.setup.block_count
@@ -601,7 +606,7 @@ class ShardEnd:
             link.receive_into(figures)
             with self.lock:  # not from a worker the runner settled as lost in the step
                 if (self._still_wanted(header.number)
-                        and (header.number, worker) not in self.settled):
+                        and (header.number, header.index, worker) not in self.settled):
                     self.figures[header.number, header.index] = (worker, figures)
                     self._count(header.number, header.index, worker)
         else:
@@ -625,6 +630,18 @@ class ShardEnd:
             if self._still_wanted(header.number):
                 self.chunks[header.number, header.index, worker] = (gradient, statistics)
                 self._file_if_delivered(header.number, header.index, worker)
+
+    def _check_step(self, link: Link, header: Message) -> None:
+        """ValueError for a message of a step no worker can be at: steps run one after the
+        other, and a worker computes step s only from the parameters the shards applied step
+        s - 1 to, so a message is of the step in progress, of the next one or late. Anything
+        further ahead would drop the step in progress (`_still_wanted`). A new end (the job's
+        first step, or the first after a restart) has no step yet and takes the first."""
+        with self.lock:
+            newest = self.step
+        if header.number < 1 or (newest and header.number > newest + 1):
+            raise ValueError(f"{link.name} sent {header} while the shard is at step {newest}: "
+                             f"not a step in progress")
 
     def _still_wanted(self, step: int) -> bool:
         """(With self.lock.) Whether a message of `step` is still of use: not of a step done.
@@ -657,13 +674,14 @@ class ShardEnd:
         connections of those that `died` have closed (all they sent has been read) or
         `drain_seconds` have passed, no later DELIVERED of theirs counts in this step, and
         the answer is the figures of those blocks that this shard holds as delivered by
-        their owner."""
+        their owner. Only these blocks are settled: the workers' other blocks of the step
+        (answered, so delivered everywhere) still count when their DELIVERED is read."""
         died = list(died)
         with self.lock:
             self.lock.wait_for(lambda: all(self.links.get(w) is None or self.links[w].closed
                                            for w in died), timeout=drain_seconds)
             self._still_wanted(step)
-            self.settled.update((step, worker) for worker in owners.values())
+            self.settled.update((step, block, worker) for block, worker in owners.items())
             return {block: held[1] for block, worker in owners.items()
                     if (held := self.figures.get((step, block))) is not None
                     and held[0] == worker}

@@ -251,6 +251,29 @@ def test_a_lost_workers_block_no_shard_holds_as_delivered_goes_to_a_survivor_alo
     links.wait_for_parameters(2, TIMEOUT)
 
 
+def test_settling_a_workers_lost_block_leaves_its_delivered_block_counting_everywhere():
+    """Worker 1 computed blocks 1 and 2 (a replica takes two calls at once). Block 1 was
+    delivered (every shard's host acknowledged its chunks and DELIVERED) and answered; the
+    worker is then lost computing block 2, so the runner settles block 2 only. A shard whose
+    reader had not got to block 1's DELIVERED yet must still count block 1 when it does, as
+    the shard that read it first does: settling is per block, not per worker."""
+    replica, shards, bounds = _shards_and_worker(block_count=3)
+    connections, chunks, figures = _lost_worker(shards, bounds, replica.flat.dtype)
+    for connection, chunk in zip(connections, chunks):
+        _send_chunk(connection, chunk)
+    _send_delivered(connections[0], figures)
+    _wait_until(lambda: (1, 1) in shards[0].inbox.gradients
+                and (1, 1, 1) in _end(shards[1]).chunks, "block 1 not read")
+
+    assert [direct.settle_lost_blocks(s, 1, {2: 1}, [], 0.0) for s in shards] == [{}, {}]
+    _send_delivered(connections[1], figures)  # shard 1's reader gets to it only now
+    for connection in connections:
+        connection.shutdown(socket.SHUT_WR)
+    _wait_until_read(shards, 1)
+    for shard, chunk in zip(shards, chunks):
+        assert shard.inbox.gradients[1, 1].tobytes() == chunk.tobytes()
+
+
 def _raw_hello(shard: ParameterServerShard, token: bytes, worker: int) -> socket.socket:
     connection = socket.create_connection(_end(shard).address, timeout=TIMEOUT)
     connection.sendall(Message(Op.HELLO, 0, worker, len(token)).pack() + token)
@@ -283,12 +306,28 @@ def test_a_chunk_of_the_wrong_size_closes_the_connection_and_is_not_filed():
     Message(Op.DELIVERED, 1, 7, 8),  # figures of a block the job does not have
     Message(Op.DELIVERED, 1, 0, 12),  # figures that are not float64 values
     Message(Op.DELIVERED, 1, 0, 0),  # no figures
+    Message(Op.CHUNK, 0, 0, 4),  # step 0: steps count from 1
 ])
 def test_a_message_a_worker_may_not_send_closes_its_connection(header):
     _, shards, _ = _shards_and_worker(1, block_count=2)
     intruder = _raw_hello(shards[0], TOKEN, 1)
     intruder.sendall(header.pack())
     assert intruder.recv(1 << 16) == b""
+
+
+def test_a_message_of_a_step_past_the_next_closes_its_connection_and_keeps_the_step():
+    """A shard takes the next step's messages (step 2's at step 1: a worker that got the
+    new parameters first) but none further ahead (step 4's at step 2): those would drop the
+    step in progress's chunks, and the shard would wait out its deadline for them."""
+    replica, shards, bounds = _shards_and_worker(1, block_count=2)
+    connections, chunks, _ = _lost_worker(shards, bounds, replica.flat.dtype)
+    _send_chunk(connections[0], chunks[0])
+    next_step = Message(Op.CHUNK, 2, 1, chunks[0].nbytes).pack() + chunks[0].tobytes()
+    connections[0].sendall(next_step)
+    _wait_until(lambda: (2, 1, 1) in _end(shards[0]).chunks, "step 2's chunk not read")
+    connections[0].sendall(Message(Op.CHUNK, 4, 1, chunks[0].nbytes).pack())
+    assert connections[0].recv(1 << 16) == b""
+    assert _end(shards[0]).step == 2 and (2, 1, 1) in _end(shards[0]).chunks
 
 
 def test_a_hello_for_a_slot_past_the_jobs_workers_is_dropped():
