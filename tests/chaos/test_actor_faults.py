@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -30,8 +32,10 @@ from tests.chaos.recovery_report import report_recovery
 from tests.ray_faults import wait_for_replacements
 from tests.scheduler.test_job_runner import digits, spec_with, train
 from worker.parameter_server import ParameterServerShard
+from worker.transport.direct import DirectTransport, ShardNotReached
 from worker.transport.liveness import CONCURRENCY_GROUPS, Liveness
 from worker.transport.raylet_watch import RayletGone
+from worker.transport.step import ActorFailure, ShardLost
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -330,11 +334,22 @@ def test_a_shard_stopped_in_a_checkpoint_is_found_by_its_heartbeat_losing_no_ste
 class Peer:
     """A stand-in for a worker or a shard: it answers heartbeats in their own thread."""
 
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
     def heartbeat(self) -> None:
         pass
 
     def work(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    def work_until_released(self) -> None:
+        """A call that lasts until `release` (bounded, in case a failing test never says)."""
+        self.released.wait(timeout=600)
+        self.released.clear()
+
+    def release(self) -> None:
+        self.released.set()
 
 
 @pytest.fixture(scope="module")
@@ -373,17 +388,74 @@ def test_a_watched_peer_sigstopped_ends_the_wait_in_seconds(peers):
 
 def test_settling_gives_up_on_a_stopped_peer_and_waits_on_for_the_others(peers):
     # The waits between steps and the evaluation's: one lost actor does not end them early.
+    # The other call lasts until the stopped peer has been given up on, whatever the load.
     worker, stopped = peers
+    gave_up = threading.Event()
+
+    class Watched(Liveness):
+        def wait(self, *args, **kwargs):
+            waited = super().wait(*args, **kwargs)
+            if waited.unanswered:
+                gave_up.set()
+            return waited
+
+    def release_once_given_up() -> None:
+        gave_up.wait(timeout=600)
+        worker.release.remote()
+
     pid = _pid(stopped)
     os.kill(pid, signal.SIGSTOP)
     try:
-        slow = worker.work.remote(3.0)  # outlasts the stopped peer's heartbeat (0.5 s + 2 s)
-        settled = Liveness().settle({0: slow, 1: stopped.work.remote(0)},
-                                    {0: worker, 1: stopped}, 120.0)
+        slow = worker.work_until_released.remote()
+        threading.Thread(target=release_once_given_up, daemon=True).start()
+        settled = Watched().settle({0: slow, 1: stopped.work.remote(0)},
+                                   {0: worker, 1: stopped}, 120.0)
     finally:
         os.kill(pid, signal.SIGCONT)
+        gave_up.set()  # a settle that failed early still ends the slow call
     assert settled.ready == {0: slow}
     assert settled.unanswered == frozenset({1}) and settled.silent == frozenset()
+
+
+# --- a worker that cannot reach a shard: the shard's heartbeat says whose fault it is ---------
+
+
+@ray.remote(concurrency_groups=CONCURRENCY_GROUPS)  # type: ignore[call-overload]
+class WorkerNotReachingShardOne:
+    """A worker whose connection to shard 1 fails as a firewall's reject or a broken route
+    makes it fail (neither can be made on loopback)."""
+
+    def heartbeat(self) -> None:
+        pass
+
+    def connect_to_shards(self, *_) -> None:
+        raise ShardNotReached(1, "parameter-server shard 1 at 10.0.0.2:4000 could not be "
+                                 "reached: [Errno 113] No route to host")
+
+
+def _connecting_transport(shards) -> DirectTransport:
+    worker = WorkerNotReachingShardOne.remote()
+    actors = types.SimpleNamespace(replicas=[worker], shards=shards)
+    parameters = np.zeros(4, np.float32)
+    return DirectTransport(actors, parameters, [(0, 2), (2, 4)], [],
+                           lambda buffers: np.zeros(0), timeout_seconds=60.0)
+
+
+def test_a_worker_not_reaching_a_live_shard_is_left_unconnected_not_the_shard_lost(peers):
+    transport = _connecting_transport(peers)
+    transport._connect([0])  # no ActorFailure: its first block is a lost worker
+
+
+def test_a_worker_not_reaching_a_dead_shard_reports_the_shard_lost(peers):
+    dead = Peer.remote()
+    ray.get(dead.heartbeat.remote(), timeout=120)
+    ray.kill(dead)
+    transport = _connecting_transport([peers[0], dead])
+    with pytest.raises(ActorFailure) as raised:
+        transport._connect([0])
+    assert raised.value.failure == ShardLost(
+        1, "while a worker connected: parameter-server shard 1 at 10.0.0.2:4000 could not be "
+           "reached: [Errno 113] No route to host (its process died)")
 
 
 # --- a host's raylet gone: said by the heartbeat, or found by a probe of its port ------------

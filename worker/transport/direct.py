@@ -37,8 +37,8 @@ blocks, so `recompute` on a survivor completes the step with the same bits); a s
 closes its connections, so the workers waiting for its slice or sending it a chunk fail at once
 with ShardUnreachable, which is ShardLost (and the shard's silence on its heartbeat is too);
 a worker's closed connection frees the shard's thread reading it. A worker that could not
-connect in time (its connect is not awaited past a deadline) raises WorkerNotConnected when
-given a block: WorkersLost too.
+connect (in time, or at all to a shard that still answers its heartbeat: the path between is
+broken) raises WorkerNotConnected when given a block: WorkersLost too.
 
 A worker lost after its chunks left: why DELIVERED. Its chunks may have reached some shards
 and not others (one connection per shard), and a shard that counted a lost block would apply
@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import ray
 
+from worker.transport.liveness import ActorsLost, ask_heartbeat
 from worker.transport.named_pipe import Record
 from worker.transport.object_store import (
     ChunkSends,
@@ -238,6 +239,12 @@ class ParametersMovedOn(_AboutShard, RuntimeError):
     parameters. For the runner, LostBlockApplied."""
 
 
+class ShardNotReached(_AboutShard, ConnectionError):
+    """A worker's connection to shard `shard` failed as it was made (refused, no route to
+    the host, not permitted): the shard is gone, or this worker's path to it is broken. The
+    runner tells which by the shard's heartbeat (DirectTransport._connect)."""
+
+
 class ShardUnreachable(_AboutShard, ConnectionError):
     """A worker's connection to shard `shard` closed or stayed silent: the shard is gone."""
 
@@ -292,10 +299,14 @@ class DirectTransport(ObjectStoreTransport):
     def _connect(self, workers: Iterable[int]) -> None:
         """Connect these slots' replicas to every shard, which sends each its slice, all at
         once and under one deadline: each replica has half of it to connect, so that its
-        answer normally comes within the runner's. A shard that refuses a replica's connection
-        is lost (ActorFailure). A replica that died, hangs, is still connecting at the deadline
-        or whose connection went unanswered is found by the next step: its block raises
-        WorkerNotConnected, a lost worker. One that misses its heartbeat (stopped, its node
+        answer normally comes within the runner's. A replica whose connection to a shard
+        failed (ShardNotReached) has that shard's heartbeat asked: one that does not answer
+        is lost (ActorFailure(ShardLost)); one that does is alive and listening, so what
+        refused the connection or had no route to it lies on the worker's path, and the
+        worker is left unconnected. A replica left unconnected, dead, hanging, still connecting
+        at the deadline or whose connection went unanswered is found by the next step: its
+        block raises WorkerNotConnected, a lost worker (the failure policy stops replacing a
+        slot whose workers cannot connect). One that misses its heartbeat (stopped, its node
         gone) is not waited for (liveness.py): the next step's heartbeats find it."""
         replicas = self.actors.replicas
         calls = {worker: replicas[worker].connect_to_shards.remote(
@@ -303,6 +314,7 @@ class DirectTransport(ObjectStoreTransport):
             for worker in workers}
         settled = self.liveness.settle(calls, {w: replicas[w] for w in calls},
                                        self.timeout_seconds)
+        not_reached: dict[int, ShardNotReached] = {}  # shard -> a worker's failed connect
         for call in settled.ready.values():
             try:
                 ray.get(call)
@@ -311,10 +323,21 @@ class DirectTransport(ObjectStoreTransport):
             except ray.exceptions.RayTaskError as error:
                 if isinstance(error.cause, WorkerNotConnected):
                     continue  # its first block says so: a lost worker
-                if isinstance(error.cause, ShardUnreachable):
-                    raise ActorFailure(ShardLost(error.cause.shard, "while a worker connected: "
-                                                                    f"{error.cause}")) from error
+                if isinstance(error.cause, ShardNotReached):
+                    not_reached.setdefault(error.cause.shard, error.cause)
+                    continue
                 raise
+        if not_reached:
+            shards = {k: self.actors.shards[k] for k in sorted(not_reached)}
+
+            def lost(gone: ActorsLost) -> ShardLost:
+                shard = min(gone.actors)
+                return ShardLost(shard, f"while a worker connected: {not_reached[shard]} "
+                                        f"({gone.why(shard)})")
+
+            self.liveness.answers_or_failure(
+                {k: ask_heartbeat(shard) for k, shard in shards.items()}, shards,
+                self.timeout_seconds, lost)
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -777,10 +800,13 @@ class WorkerEnd:
                                          f"{address[1]} did not answer the connection within "
                                          f"{timeout_seconds:g} s") from error
             except OSError as error:
+                # Refused, no route, not permitted: this end cannot tell a shard gone from
+                # a path broken in between (a firewall's reject looks like a closed port),
+                # so it says which shard and what happened, and the runner asks the shard.
                 self.close()
-                raise ShardUnreachable(k, f"parameter-server shard {k} at {address[0]}:"
-                                          f"{address[1]} refused the connection: {error}"
-                                       ) from error
+                raise ShardNotReached(k, f"parameter-server shard {k} at {address[0]}:"
+                                         f"{address[1]} could not be reached: {error}"
+                                      ) from error
             link = Link(connection, f"parameter-server shard {k}")
             link.send(Message(Op.HELLO, 0, worker, len(token)), np.frombuffer(token, np.uint8))
             self.links.append(link)

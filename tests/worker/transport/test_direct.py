@@ -28,6 +28,7 @@ from worker.transport.direct import (
     Op,
     ParametersMovedOn,
     ShardEnd,
+    ShardNotReached,
     ShardUnreachable,
     WorkerNotConnected,
     block_figures,
@@ -458,3 +459,18 @@ def test_a_shard_that_does_not_answer_the_connection_makes_the_worker_unconnecte
     finally:
         filling.close()
         silent.close()
+
+
+def test_a_refused_connection_names_the_shard_for_the_runner_to_ask_whether_it_lives():
+    """A worker cannot tell a shard gone from a path that rejects it (a firewall's reject is
+    a refusal too): it reports which shard and what happened, and connects to none."""
+    replica, shards, bounds = _shards_and_worker(1)
+    bounds = replica.layout.shard_bounds(2, align_to_parameters=False)
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()  # nothing listens there now: the kernel refuses
+    with pytest.raises(ShardNotReached) as failed:
+        direct.connect_to_shards(replica, 0, [_end(shards[0]).address, address], bounds,
+                                 TOKEN, TIMEOUT)
+    assert failed.value.shard == 1 and "could not be reached" in str(failed.value)
+    assert replica.shard_links is None
