@@ -18,8 +18,9 @@ One optimizer step:
   3. the replicas see the updated parameters in shared memory (the all-gather).
 The signals travel through named pipes (worker/transport/shared_memory.py), not Ray calls: a
 Ray call costs milliseconds per hop, a pipe microseconds. Actors on other hosts exchange the
-same sums over direct TCP connections between workers and shards (worker/transport/direct.py),
-or through the Ray object store (worker/transport/object_store.py; compressed jobs too).
+same sums over direct TCP connections between workers and shards (worker/transport/direct.py;
+compressed jobs: compressed_direct.py), or through the Ray object store when it is asked for by
+name (worker/transport/object_store.py, compressed.py); both give the same bits.
 
 Mechanism and policy are apart: the worker group (worker_group.py) starts, kills and replaces
 actors; a transport runs a step and returns its outcome or what went wrong; the failure policy
@@ -930,7 +931,8 @@ def _is_elementwise(rule_name: str) -> bool:
 
 def _use_shared_memory(transport: str) -> bool:
     """Shared memory needs every node on the runner's host (one machine, or several raylets
-    on it as in ray.cluster_utils.Cluster); otherwise the object store carries the step."""
+    on it as in ray.cluster_utils.Cluster); otherwise the step goes over direct connections
+    ("auto", "direct") or the object store ("object_store")."""
     if transport != "auto":
         return transport == "shared_memory"
     hostname = os.uname().nodename

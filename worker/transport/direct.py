@@ -48,17 +48,24 @@ after every shard's host acknowledged every chunk of the block (socket_link.py):
 holding a DELIVERED proves that every shard has or will read the block's chunks. (A dying
 worker's kernel resets a connection, which can discard what the shard has not read yet, only
 when unread bytes came in on it: a slice, which its shard sends after reading all of the
-step.) The cost: the worker's DELIVERED leaves one acknowledgement (a round trip) after its
-last chunk, and the shards start summing when it arrives.
+step.) The cost, per block and step: two round trips and the figures. DELIVERED leaves one
+acknowledgement (a round trip) after the block's last chunk, and the shards start summing when
+it arrives; the worker answers the runner one acknowledgement later (so that a block the runner
+has is one every shard counts). DELIVERED goes to each of the K shards with the whole figures:
+7 + K float64 values and, for a model with BatchNorm, each micro-batch's running statistics,
+which a shard keeps until the next step and reads only when the worker is lost. For an MLP
+that is a few hundred bytes; for a BatchNorm-heavy CNN, K x micro-batches x its statistics.
+(Off Linux a link knows only that its bytes are in its own kernel's hands, socket_link.py:
+that still survives the worker's process dying, not its host going down.)
 
 When the runner finds workers lost it settles their blocks with the shards
 (`settle_lost_blocks`): each shard, once a dead worker's connection has closed (all it sent
 has been read), stops taking DELIVERED of those blocks from the lost workers in the step and
-answers with the figures of those it holds as delivered. A block any shard holds is delivered: every
-shard is told to count it (`count_delivered_blocks`), its figures come from the shards and
+answers with the figures of those it holds as delivered. A block any shard holds is delivered:
+every shard is told to count it (`count_delivered_blocks`), its figures come from the shards and
 nothing is recomputed (WorkersLost's `delivered_blocks`). No shard counts the others, so
-survivors recompute them at the step's parameters (`unfinished_blocks`). Either way the step
-costs no step. ParametersMovedOn (a survivor's parameters moved on before its block was sent:
+survivors recompute them at the step's parameters (`unfinished_blocks`). Either way the job
+loses no step. ParametersMovedOn (a survivor's parameters moved on before its block was sent:
 LostBlockApplied, a restart from the checkpoint) is kept as the check of that rule; with it,
 no shard applies a step while a block it lacks is being recomputed, so it cannot happen short
 of a bug. A lost shard's state is not kept on other hosts: the job restarts from its
@@ -253,8 +260,10 @@ class ShardUnreachable(_AboutShard, ConnectionError):
 
 
 class DirectTransport(ObjectStoreTransport):
-    """The object-store transport's step, with the chunks and slices on direct connections
-    (the failure handling and the figures are object_store.py's)."""
+    """The object-store transport's step, with the chunks and slices on direct connections.
+    From object_store.py it keeps the runner's calls, the heartbeats and how lost actors are
+    reported; the connections, the settling of a lost worker's blocks with the shards and
+    the figures of delivered blocks are its own (see the module's docstring)."""
 
     # Whether lost workers' blocks are settled with the shards (delivered or recomputed: see
     # the module's docstring).

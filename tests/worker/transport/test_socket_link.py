@@ -1,9 +1,13 @@
 """A link (worker/transport/socket_link.py) over a real loopback connection: arrays larger than
 the kernel's buffers arrive whole, with their bits, in order, in the receiver's own arrays; a
-peer that closes is reported at once on both the receiving and the sending side."""
+peer that closes is reported at once on both the receiving and the sending side; and
+wait_acknowledged, the direct transport's proof of delivery, waits for the peer's kernel, not
+for the local one (Linux: SIOCOUTQ)."""
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
 
 import numpy as np
@@ -56,3 +60,35 @@ def test_a_closed_peer_is_reported_to_a_reader_and_to_a_sender_at_once():
     assert got and "closed" in str(got[0])
     with pytest.raises(LinkClosed):
         right.send(Message(Op.SLICE, 1, 0, 0))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ: elsewhere a flush is all")
+def test_what_the_peer_has_not_acknowledged_is_waited_for_past_the_local_kernel():
+    """A peer whose receive window is full acknowledges nothing more: the bytes are in this
+    kernel's hands (flush returns) but not acknowledged, and wait_acknowledged times out;
+    once the peer reads them, it returns."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small, fixed window
+    left = connect(server.getsockname()[:2], 30.0)
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # room for all it sends
+    right, _ = server.accept()
+    server.close()
+    sender = Link(left, "the peer")
+    payload = np.zeros(256 * 1024, np.uint8)  # far past the window, within the send buffer
+    sender.send(Message(Op.SLICE, 1, 0, payload.nbytes), payload)
+    sender.flush(30.0)
+    with pytest.raises(TimeoutError, match="did not acknowledge"):
+        sender.wait_acknowledged(0.2)
+
+    def read_all() -> None:
+        received = np.empty(Message.layout.size + payload.nbytes, np.uint8)
+        view, got = memoryview(received), 0
+        while got < received.nbytes:
+            got += right.recv_into(view[got:])
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    sender.wait_acknowledged(30.0)
+    reader.join(30.0)
+    sender.close()
+    right.close()
