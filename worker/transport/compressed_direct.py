@@ -78,6 +78,7 @@ from worker.transport.direct import (
     ShardUnreachable,
     WorkerEnd,
     WorkerNotConnected,
+    unreachable_if_link_fails,
 )
 from worker.transport.object_store import _ShardGone
 from worker.transport.socket_link import Link, LinkClosed
@@ -422,11 +423,9 @@ class CompressedWorkerEnd(WorkerEnd):
         """Block `block`'s message to shard k: an array, or top-k's (indices, values)."""
         first, second = message if isinstance(message, tuple) else (message, None)
         arrays = (first,) if second is None else (first, second)
-        try:
+        with unreachable_if_link_fails(k):
             self.links[k].send(Message(op, step, block, first.nbytes,
                                        0 if second is None else second.nbytes), *arrays)
-        except LinkClosed as closed:
-            raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
 
 
 def _check(k: int, header: Message, expected: tuple[int, int]) -> None:

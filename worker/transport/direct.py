@@ -78,6 +78,7 @@ expose as remote methods).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import math
@@ -86,7 +87,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import IntEnum, unique
 from typing import TYPE_CHECKING, ClassVar
 
@@ -254,6 +255,16 @@ class ShardNotReached(_AboutShard, ConnectionError):
 
 class ShardUnreachable(_AboutShard, ConnectionError):
     """A worker's connection to shard `shard` closed or stayed silent: the shard is gone."""
+
+
+@contextlib.contextmanager
+def unreachable_if_link_fails(k: int) -> Iterator[None]:
+    """A worker's use of its link to shard k: the link closed (LinkClosed), or the shard
+    took or acknowledged nothing in time (TimeoutError), is ShardUnreachable naming shard k."""
+    try:
+        yield
+    except (LinkClosed, TimeoutError) as failed:
+        raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
 
 
 # --- the runner's side -------------------------------------------------------------------------
@@ -880,39 +891,31 @@ class WorkerEnd:
                                            f"past version {version} before block {block} of "
                                            f"step {step} sent it its chunk")
         arrays = (chunk,) if statistics is None else (chunk, statistics)
-        try:
+        with unreachable_if_link_fails(k):
             self.links[k].send(Message(Op.CHUNK, step, block, chunk.nbytes,
                                        0 if statistics is None else statistics.nbytes), *arrays)
-        except LinkClosed as closed:
-            raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
 
     def send_delivered(self, step: int, block: int, figures: np.ndarray) -> None:
         """Every shard's DELIVERED of a block whose chunks they all acknowledged
         (`wait_acknowledged`): from then on they count the block's chunks."""
         for k, link in enumerate(self.links):
-            try:
+            with unreachable_if_link_fails(k):
                 link.send(Message(Op.DELIVERED, step, block, figures.nbytes), figures)
-            except LinkClosed as closed:
-                raise ShardUnreachable(k, f"parameter-server shard {k}: {closed}") from closed
 
     def flush(self, timeout_seconds: float) -> None:
         """Until every message sent is in the kernel's hands (which delivers it even if this
         process dies next)."""
         for k, link in enumerate(self.links):
-            try:
+            with unreachable_if_link_fails(k):
                 link.flush(timeout_seconds)
-            except (LinkClosed, TimeoutError) as failed:
-                raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
 
     def wait_acknowledged(self, timeout_seconds: float) -> None:
         """Until every shard's host has acknowledged all that was sent to it: it is then
         the shard's to read even if this process or its host dies next."""
         deadline = time.monotonic() + timeout_seconds
         for k, link in enumerate(self.links):
-            try:
+            with unreachable_if_link_fails(k):
                 link.wait_acknowledged(max(deadline - time.monotonic(), 1e-3))
-            except (LinkClosed, TimeoutError) as failed:
-                raise ShardUnreachable(k, f"parameter-server shard {k}: {failed}") from failed
 
     def close(self) -> None:
         for link in self.links:
