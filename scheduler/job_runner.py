@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -366,8 +367,12 @@ class JobRunner:
         else:
             # Across hosts the chunks and slices go over direct connections unless the object
             # store was asked for by name (both give the same bits).
-            chosen = (ObjectStoreTransport if self.transport_name == "object_store"
-                      else DirectTransport)
+            chosen: Callable[..., ObjectStoreTransport] = ObjectStoreTransport
+            if self.transport_name != "object_store":  # its shards check a block's figures
+                chosen = functools.partial(
+                    DirectTransport,
+                    buffer_size=self.evaluator.buffer_size() if self.evaluator.buffer_names else 0,
+                    max_micro_batches=settings.micro_batches * settings.accumulation)
             self.transport = chosen(
                 group, self.parameters, bounds, list(self.layout.slots),
                 self.evaluator.flatten_buffers, timeout_seconds=settings.step_timeout_seconds,

@@ -260,9 +260,10 @@ class ParameterServerShard:
                             lr: float) -> tuple:
         return object_store.reduce_apply_pushed(self, step, blocks, timeout_seconds, lr)
 
-    def listen_for_workers(self, token: bytes, worker_count: int) -> tuple[str, int]:
+    def listen_for_workers(self, token: bytes, worker_count: int,
+                           figures_size: direct.FiguresSize | None = None) -> tuple[str, int]:
         end = compressed_direct.CompressedShardEnd if self.compressed is not None else None
-        return direct.listen_for_workers(self, token, worker_count, end)
+        return direct.listen_for_workers(self, token, worker_count, end, figures_size)
 
     def load_and_send_parameters(self, values: np.ndarray, version: int) -> None:
         direct.load_and_send_parameters(self, values, version)

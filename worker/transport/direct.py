@@ -130,10 +130,6 @@ ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (e.g. no file descriptor lef
 # (its kernel closes it as the process dies; the shard then has read all it sent). Past it the
 # worker's blocks not yet delivered are recomputed: slower, never wrong.
 DEAD_LINK_DRAIN_SECONDS = 5.0
-# A DELIVERED message's figures, at most (float64 values: the fixed ones, a time per shard,
-# BatchNorm statistics per micro-batch): a bound against garbage from a connection past its
-# HELLO, room for 32 micro-batches of a model with a million BatchNorm statistics.
-MAX_FIGURES_BYTES = 256 * 1024 * 1024
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -188,6 +184,26 @@ def block_figures(result: BlockResult, sends: ChunkSends, shards: int,
     sent = [sends.sent_at.get(k, math.nan) for k in range(shards)]
     return np.concatenate([np.array(fixed + sent, np.float64),
                            *(np.asarray(row, np.float64) for row in flat_buffers)])
+
+
+@dataclasses.dataclass(frozen=True)
+class FiguresSize:
+    """The sizes of block_figures a shard takes in a DELIVERED: the fixed figures, a time
+    per shard, then `buffer_size` values per micro-batch of the block, a step having at most
+    `max_micro_batches` (the block's own count varies with the step, and its DELIVERED may
+    come before the shard's call for the step says it). Anything else is a bug or garbage,
+    refused before a byte of it is allocated."""
+
+    shards: int
+    buffer_size: int  # float64 values of one micro-batch's flat buffers; 0: the model has none
+    max_micro_batches: int
+
+    def fits(self, values: int) -> bool:
+        rows = values - _FIXED_FIGURES - self.shards
+        if rows == 0 or self.buffer_size == 0:
+            return rows == 0
+        return (0 < rows <= self.max_micro_batches * self.buffer_size
+                and rows % self.buffer_size == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +296,11 @@ class DirectTransport(ObjectStoreTransport):
     # the module's docstring).
     settles_lost_blocks = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, buffer_size: int = 0, max_micro_batches: int = 0, **kwargs):
+        """`buffer_size`: float64 values of one micro-batch's flat buffers (0: the model has
+        none); `max_micro_batches`: of a step. The shards take DELIVERED of those sizes only."""
         super().__init__(*args, **kwargs)
+        self.figures_size = FiguresSize(len(self.actors.shards), buffer_size, max_micro_batches)
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.version = 0  # of the parameters on the shards
         self.addresses: list[tuple[str, int]] = []
@@ -292,7 +311,8 @@ class DirectTransport(ObjectStoreTransport):
 
     def start(self) -> None:
         self.addresses = [tuple(address) for address in self._shard_values(
-            [shard.listen_for_workers.remote(self.token, len(self.actors.replicas))
+            [shard.listen_for_workers.remote(self.token, len(self.actors.replicas),
+                                             self.figures_size)
              for shard in self.actors.shards],
             "while opening its port")]
         self._connect(range(len(self.actors.replicas)))
@@ -506,6 +526,9 @@ class ShardEnd:
         # so its DELIVERED no longer counts (per block: the worker's other blocks of the step
         # may be delivered, their DELIVERED still unread here).
         self.settled: set[tuple[int, int, int]] = set()
+        # What a DELIVERED may carry (listen_for_workers sets it before any worker has the
+        # address); None: no DELIVERED is taken (a compressed job's end).
+        self.figures_size: FiguresSize | None = None
         self.version = 0  # of the slice last loaded or applied; 0: none yet
         # Connections still to say HELLO, oldest first, with their peer's address.
         self.waiting: dict[Link, str] = {}
@@ -643,8 +666,8 @@ class ShardEnd:
         if header.op == Op.CHUNK:
             self._receive_chunk(link, worker, header)
         elif (header.op == Op.DELIVERED and 0 <= header.index < self.shard.setup.block_count
-              and 0 < header.first_bytes <= MAX_FIGURES_BYTES and header.first_bytes % 8 == 0
-              and header.second_bytes == 0):
+              and self.figures_size is not None and header.first_bytes % 8 == 0
+              and self.figures_size.fits(header.first_bytes // 8) and header.second_bytes == 0):
             figures = np.empty(header.first_bytes // 8)
             link.receive_into(figures)
             with self.lock:  # not from a worker the runner settled as lost in the step
@@ -740,15 +763,18 @@ class ShardEnd:
 
 
 def listen_for_workers(shard: ParameterServerShard, token: bytes, worker_count: int,
-                       end: type[ShardEnd] | None = None) -> tuple[str, int]:
+                       end: type[ShardEnd] | None = None,
+                       figures_size: FiguresSize | None = None) -> tuple[str, int]:
     """Open the shard's end (`end`: a ShardEnd or one of its kind) on its node's address,
-    for worker slots [0, worker_count); returns (address, port) for the workers."""
+    for worker slots [0, worker_count), taking DELIVERED of `figures_size`; returns
+    (address, port) for the workers."""
     if len(token) != TOKEN_BYTES:
         raise ValueError(f"the token must be {TOKEN_BYTES} bytes, got {len(token)}")
     if shard.worker_links is not None:
         shard.worker_links.close()
     shard.worker_links = (end or ShardEnd)(shard, token, ray.util.get_node_ip_address(),
                                            worker_count)
+    shard.worker_links.figures_size = figures_size
     return shard.worker_links.address
 
 

@@ -24,6 +24,7 @@ from worker.replica import BlockResult
 from worker.transport import direct
 from worker.transport.direct import (
     DirectTransport,
+    FiguresSize,
     Message,
     Op,
     ParametersMovedOn,
@@ -39,6 +40,13 @@ from worker.transport.step import LostBlockApplied, StepWork, WorkersLost
 
 TOKEN = bytes(range(direct.TOKEN_BYTES))
 TIMEOUT = 30.0  # far above what any wait below should take, even on a loaded machine
+# The replica here has no buffers, but the lost workers below send the figures of a model with
+# 4 buffer values (BatchNorm statistics) per micro-batch, of up to 2 micro-batches.
+BUFFER_VALUES, MICRO_BATCHES = 4, 2
+
+
+def _figures_size(shards: int) -> FiguresSize:
+    return FiguresSize(shards, BUFFER_VALUES, MICRO_BATCHES)
 
 
 def _shards_and_worker(shard_count: int = 2, block_count: int = 1):
@@ -48,6 +56,7 @@ def _shards_and_worker(shard_count: int = 2, block_count: int = 1):
     shards = [_shard(replica, k, bounds[k], block_count) for k in range(shard_count)]
     for shard in shards:
         shard.worker_links = ShardEnd(shard, TOKEN, "127.0.0.1", worker_count=block_count)
+        shard.worker_links.figures_size = _figures_size(shard_count)
     direct.connect_to_shards(replica, 0, [_end(s).address for s in shards], bounds, TOKEN,
                              TIMEOUT)
     _wait_until(lambda: all(0 in _end(shard).links for shard in shards),
@@ -307,6 +316,9 @@ def test_a_chunk_of_the_wrong_size_closes_the_connection_and_is_not_filed():
     Message(Op.DELIVERED, 1, 7, 8),  # figures of a block the job does not have
     Message(Op.DELIVERED, 1, 0, 12),  # figures that are not float64 values
     Message(Op.DELIVERED, 1, 0, 0),  # no figures
+    Message(Op.DELIVERED, 1, 0, 8 * (7 + 1 + 4 + 1)),  # part of a micro-batch's buffers
+    Message(Op.DELIVERED, 1, 0, 8 * (7 + 1 + 4 * 3)),  # more micro-batches than a step has
+    Message(Op.DELIVERED, 1, 0, 1 << 40),  # a terabyte: refused, never allocated
     Message(Op.CHUNK, 0, 0, 4),  # step 0: steps count from 1
 ])
 def test_a_message_a_worker_may_not_send_closes_its_connection(header):
