@@ -9,7 +9,9 @@ from a Parquet file of 2,000-row row groups that each worker reads a row group a
 5 (start-up excluded), timed as the runner reports each step, the two paths alternated in the
 same run. A busy machine slows whichever path runs while it is busy, so the ratio reported is
 the median over rounds of each Parquet run against the in-memory run right after it (and the
-best of each path against the other's best beside it).
+best of each path against the other's best beside it). Where the Parquet path loses: the mean
+of its steps at and just after a lane's row-group change (when the next row group's decode
+begins) against the median of its other steps, and that excess as a share of its time.
 
 Per worker: a fresh Ray worker process computes one epoch's gradients as worker 0 of
 `--workers` would (the first contiguous block of every batch's micro-batches, as the runner
@@ -59,13 +61,47 @@ SKIPPED_STEPS = 5
 GROUP_ROWS = 2000
 
 
-def samples_per_second(runner: JobRunner) -> float:
-    """Samples over wall time between the step records after the first SKIPPED_STEPS."""
-    times: list[tuple[float, int]] = []
-    runner.on_step = lambda record: times.append((time.perf_counter(), record.samples))
+def samples_per_second(runner: JobRunner) -> tuple[float, dict[int, float]]:
+    """Samples over wall time between the step records after the first SKIPPED_STEPS, and
+    those steps' durations (seconds, by step number: record to record)."""
+    times: list[tuple[float, int, int]] = []
+    runner.on_step = lambda record: times.append((time.perf_counter(), record.samples,
+                                                  record.step))
     runner.run()
     measured = times[SKIPPED_STEPS:]
-    return sum(samples for _, samples in measured[1:]) / (measured[-1][0] - measured[0][0])
+    durations = {step: now - before
+                 for (before, _, _), (now, _, step) in zip(measured, measured[1:])}
+    rate = sum(samples for _, samples, _ in measured[1:]) / (measured[-1][0] - measured[0][0])
+    return rate, durations
+
+
+def group_change_steps(sampler: EpochSampler, epochs: int) -> list[int]:
+    """The steps (1-based, counted over the epochs) whose micro-batches draw from a row group
+    that the step before did not: where a lane moves on, and its next row group's decode
+    begins (worker/parquet_rows.py)."""
+    starts = np.concatenate([[0], np.cumsum(sampler.row_groups)])
+    changes, before = [], None
+    for epoch in range(epochs):
+        for samples in sampler.epoch(epoch):
+            groups = set(np.searchsorted(starts, np.concatenate(samples.micro_batches),
+                                         side="right") - 1)
+            if before is not None and groups - before:
+                changes.append(epoch * sampler.steps_per_epoch + samples.step_in_epoch + 1)
+            before = groups
+    return changes
+
+
+def steps_after_changes(durations: list[dict[int, float]], changes: list[int],
+                        following: int = 4) -> tuple[float, float, float]:
+    """Over the Parquet runs: the mean duration of the steps within `following` steps of a
+    row-group change, the median of the others, and the share of the runs' time that the
+    first ones spent above that median."""
+    near = {step + lag for step in changes for lag in range(following)}
+    close = [d for run in durations for step, d in run.items() if step in near]
+    others = [d for run in durations for step, d in run.items() if step not in near]
+    typical = statistics.median(others)
+    excess = sum(d - typical for d in close) / sum(close + others)
+    return statistics.mean(close), typical, excess
 
 
 @ray.remote(max_calls=1)  # a fresh worker process: its peak is this replica's alone
@@ -121,11 +157,16 @@ def measure(rows: int, workers: int, epochs: int, rounds: int,
         dataset = split_and_standardize(from_arrays(x, y), 0.0, True, 1)
         memory_job = resolve(memory_spec, dataset.shape, workers=workers,
                              parameter_servers=parameter_servers)
-        parquet_runs, memory_runs = [], []
+        parquet_runs, memory_runs, parquet_steps = [], [], []
         for _ in range(rounds):
-            parquet_runs.append(samples_per_second(JobRunner(job, load_parquet(job))))
-            memory_runs.append(samples_per_second(JobRunner(memory_job, dataset)))
+            rate, durations = samples_per_second(JobRunner(job, load_parquet(job)))
+            parquet_runs.append(rate)
+            parquet_steps.append(durations)
+            memory_runs.append(samples_per_second(JobRunner(memory_job, dataset))[0])
         parquet_data = load_parquet(job)
+        sampler = EpochSampler(job.training_samples, job.batch_size, job.micro_batches,
+                               job.seed, row_groups=parquet_data.training_row_groups)
+        after_changes = steps_after_changes(parquet_steps, group_change_steps(sampler, epochs))
         parquet_rss, parquet_cpu, groups_read = ray.get(worker_epoch.remote(
             job, parquet_data.training_rows(), parquet_data.training_row_groups, workers))
         memory_rss, memory_cpu, _ = ray.get(worker_epoch.remote(
@@ -135,6 +176,7 @@ def measure(rows: int, workers: int, epochs: int, rounds: int,
             "parquet_rss": parquet_rss, "memory_rss": memory_rss,
             "parquet_cpu": parquet_cpu, "memory_cpu": memory_cpu, "groups_read": groups_read,
             "groups": -(-rows // GROUP_ROWS), "file_bytes": file_bytes,
+            "after_changes": after_changes,
             "array_bytes": dataset.x.nbytes}
 
 
@@ -148,6 +190,10 @@ def report(figures: dict, workers: int) -> list[str]:
         f"samples/s ({max(parquet) / max(memory):.2f})",
         f"Parquet / in memory, round by round: {', '.join(f'{r:.2f}' for r in ratios)}; "
         f"median {statistics.median(ratios):.2f} (target >= 0.9)",
+        "Parquet steps within 4 of a lane's row-group change: {:.2f} ms on average, the others' "
+        "median {:.2f} ms; the excess is {:.0%} of the Parquet runs' time".format(
+            figures["after_changes"][0] * 1e3, figures["after_changes"][1] * 1e3,
+            figures["after_changes"][2]),
         f"worker 0 of {workers} over an epoch: peak RSS Parquet "
         f"{figures['parquet_rss'] / mib:.0f} MiB (file {figures['file_bytes'] / mib:.1f} MiB, "
         f"{figures['groups']} row groups of {GROUP_ROWS:,} rows, {figures['groups_read']} "

@@ -23,10 +23,10 @@ count):
 standardised features. It reads a row group when a step first needs it and, by one thread,
 the next row group of that lane ahead of time: after a step's compute (so the decode overlaps
 the worker's wait for the shards, not its compute), one at a time, and lane l's once it has
-taken l / (2 ROW_GROUP_LANES) of its current row group (so lanes that move on together do
-not decode together). It drops a row group when its lane moves on. It keeps at most
-ROW_GROUPS_HELD row groups (each lane's current and next), so a worker's memory is bounded by
-the batch and a few row groups, not the file.
+taken (2l + 1) / (4 ROW_GROUP_LANES) of its current row group (so lanes that move on
+together do not decode together). It drops a row group when its lane moves on. It keeps at
+most ROW_GROUPS_HELD row groups (each lane's current and next), so a worker's memory is
+bounded by the batch and a few row groups, not the file.
 """
 
 from __future__ import annotations
@@ -319,12 +319,13 @@ class ParquetRows:
         """`taken`: the rows just taken from each row group. When a lane first takes from a
         row group this epoch, it has moved on: the row group before it in its lane is dropped
         (a lane reads its rows in order, so they are all used: only a recomputed micro-batch
-        would read it again). Once lane l has taken l / (2 ROW_GROUP_LANES) of a row group's
-        rows, the row group after it is due to be read ahead (`read_ahead`): lanes that move
-        on at the same step, as lanes of equal row groups do, have their next row groups
-        read at different steps, on every worker (each computes a run of the lanes), and
-        every read has at least half of a row group's steps to finish in, on a busy machine
-        too."""
+        would read it again). Once lane l has taken (2l + 1) / (4 ROW_GROUP_LANES) of a row
+        group's rows (1/16, 3/16, 5/16, 7/16), the row group after it is due to be read ahead
+        (`read_ahead`): lanes that move on at the same step, as lanes of equal row groups do,
+        have their next row groups read at different steps, on every worker (each computes a
+        run of the lanes), none at the step that moves on (which already takes from two row
+        groups and drops one), and every read has at least half of a row group's steps to
+        finish in, on a busy machine too."""
         lanes = self._lanes_of(epoch)
         for group, count in taken.items():
             entering = group not in lanes.taken
@@ -336,7 +337,8 @@ class ParquetRows:
             if entering and previous is not None:
                 with self._lock:
                     self._cache.pop(previous, None)
-            stagger = self.source.training_per_group[group] * lane // (2 * len(lanes.groups))
+            stagger = (self.source.training_per_group[group] * (2 * lane + 1)
+                       // (4 * len(lanes.groups)))
             if lanes.taken[group] < stagger:
                 continue
             lanes.followed.add(group)

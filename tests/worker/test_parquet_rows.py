@@ -197,7 +197,7 @@ def lane_starts(source, epoch=0):
     return lanes, starts
 
 
-def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_l_eighths_of_its_current(
+def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_2l_plus_1_sixteenths_of_it(
         parquet_file):
     """Lanes of equal row groups move on at the same step: asking for their next row groups
     at different points of the first half of the current ones spreads the decoding over the
@@ -208,11 +208,11 @@ def test_lane_l_asks_for_its_next_row_group_once_it_has_taken_l_eighths_of_its_c
     lanes, starts = lane_starts(source)
     for lane, (current, following, *_) in enumerate(lanes):
         size = source.training_per_group[current]
-        wanted = size * lane // (2 * ROW_GROUP_LANES)  # taken before the next is asked for
-        if wanted > 1:
-            rows.take(np.arange(starts[current], starts[current] + wanted - 1), epoch=0)
-            assert following not in rows.reads_due, (lane, wanted)
-        rows.take(np.arange(starts[current] + max(0, wanted - 1), starts[current] + wanted + 1),
+        wanted = size * (2 * lane + 1) // (4 * ROW_GROUP_LANES)  # before the next is asked
+        assert wanted >= 2  # else this source's row groups are too small to tell
+        rows.take(np.arange(starts[current], starts[current] + wanted - 1), epoch=0)
+        assert following not in rows.reads_due, (lane, wanted)
+        rows.take(np.arange(starts[current] + wanted - 1, starts[current] + wanted + 1),
                   epoch=0)
         assert rows.reads_due[-1] == following, lane
     assert rows.reads_due == tuple(lane[1] for lane in lanes)
@@ -236,10 +236,12 @@ def test_a_read_ahead_starts_after_a_steps_compute_one_at_a_time_and_serves_the_
     rows.read_ahead()  # ... and the other waits while that read is under way
     assert rows.reads_due == (second_next,) and rows.groups_held == 3  # 2 read, 1 under way
     source.release.set()
-    features, _ = rows.take(np.array([starts[first_next]]), epoch=0)  # waits for the read
+    # Lane 0 moves on to its read-ahead row group, and takes a sixteenth of it.
+    taken = np.arange(starts[first_next], starts[first_next] + 3)
+    features, _ = rows.take(taken, epoch=0)  # waits for the read
     assert rows.groups_read == 3  # read ahead, not again
-    assert rows.reads_due == (second_next, first_third)  # lane 0 moved on: its next is due
-    expected, _ = ParquetRows(plain).take(np.array([starts[first_next]]), epoch=0)
+    assert rows.reads_due == (second_next, first_third)
+    expected, _ = ParquetRows(plain).take(taken, epoch=0)
     np.testing.assert_array_equal(features, expected)
     rows.read_ahead()
     # Lane 0's first row group was dropped when it moved on.
