@@ -11,7 +11,7 @@ from chainrule.spec_file import load_job_spec
 from scheduler.datasets import load_builtin, split_and_standardize
 from scheduler.job_runner import JobRunner
 from scheduler.training import train_job
-from tests.ray_faults import wait_for_replacements
+from tests.ray_faults import kill_and_wait_until_dead, wait_for_replacements
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -117,7 +117,9 @@ def test_a_worker_killed_mid_kfac_job_is_recomputed_with_identical_weights(
 
     def kill_worker_one(record):
         if record.step == 5:  # on a factor-update step's eve: step 5 carries statistics
-            ray.kill(job.worker_group.replicas[1])
+            # Dead before step 6, found there: a kill landing mid-step can give other weights
+            # (a race of the step protocol, seen with test_job_runner's shared memory).
+            kill_and_wait_until_dead(job.worker_group.replicas[1])
         wait_for_replacements(job.worker_group)  # it joins at the next step boundary
 
     job.on_step = kill_worker_one
