@@ -393,30 +393,17 @@ def apply_update(replica: ModelReplica, bounds: Sequence[tuple[int, int]], updat
     whole vector; returns its seconds. Once per step and worker: every block's call carries
     the update, and a worker computing two blocks must not step its optimizer twice."""
     start = time.perf_counter()
+    optimizer = replicated_optimizer(replica)
     with replica._compute_lock:  # two blocks' calls may run at once (two actor threads)
         if replica.applied_update_step == update.step:
             return 0.0
-        decompress_update(replica, bounds, replies)
-        step_optimizer(replica, update)
+        if isinstance(replica.job.compression, TopK):
+            topk_decompress(optimizer.gradient, replies, bounds)
+        else:
+            powersgd_worker(replica).decompress(optimizer.gradient, replies, bounds)
+        optimizer.apply(update.lr, update.clip_coefficient)
+        replica.applied_update_step = update.step
     return time.perf_counter() - start
-
-
-def decompress_update(replica: ModelReplica, bounds: Sequence[tuple[int, int]],
-                      replies: Sequence) -> None:
-    """(With the replica's compute lock.) The step gradient rebuilt from the shards' replies,
-    into the replicated optimizer's gradient, for step_optimizer."""
-    optimizer = replicated_optimizer(replica)
-    if isinstance(replica.job.compression, TopK):
-        topk_decompress(optimizer.gradient, replies, bounds)
-    else:
-        powersgd_worker(replica).decompress(optimizer.gradient, replies, bounds)
-
-
-def step_optimizer(replica: ModelReplica, update: StepUpdate) -> None:
-    """(With the replica's compute lock.) The optimizer step on the whole vector with the
-    gradient decompress_update left."""
-    replicated_optimizer(replica).apply(update.lr, update.clip_coefficient)
-    replica.applied_update_step = update.step
 
 
 def replicated_optimizer(replica: ModelReplica) -> ParameterServerShard:

@@ -11,15 +11,13 @@ reply the sum's nonzero pairs, and there is no round two):
 
   runner --Ray: compress_direct(block, s, update of step s-1)--> each block's worker, and at
   runner --Ray: reduce_compressed_direct(s)--> every shard          the same time
-  worker: applies step s-1's update: the optimizer step (the clipping coefficient and
-          learning rate ride in the call) on the gradient it rebuilt from the shards' replies
-          meanwhile; computes the block and sends each shard its ROUND_ONE: its dense runs and
-          P_b = M_b Q
+  worker: waits for every shard's REPLY of step s-1 and applies that step's update (the
+          clipping coefficient and learning rate ride in the call), computes the block and
+          sends each shard its ROUND_ONE: its dense runs and P_b = M_b Q
   shard:  once every block's ROUND_ONE is in: sums, orthogonalises, sends every worker P_HAT
-  worker: once every shard's P_HAT is in: sends each shard its ROUND_TWO, Q_b = M_b^T P^;
-          answers the runner with the block's figures, and rebuilds the step gradient from the
-          shards' REPLYs as they come, in the background: while its answer travels to the
-          runner and the next call comes back (Ray calls between hosts: several ms each)
+  worker: once every shard's P_HAT is in: sends each shard its ROUND_TWO, Q_b = M_b^T P^,
+          then updates the block's error feedback while they travel; answers the runner with
+          the block's figures
   shard:  once every block's ROUND_TWO is in: sums Q, sends every worker its REPLY (the dense
           runs' sums and Q), answers the runner with its norms
   runner: the clipping coefficient from the norms, for the next step's calls (or for
@@ -65,10 +63,9 @@ from worker.compression import (
 from worker.transport.compressed import (
     CompressedObjectStoreTransport,
     StepUpdate,
-    decompress_update,
+    apply_update,
     first_messages,
     powersgd_worker,
-    step_optimizer,
 )
 from worker.transport.direct import (
     DirectTransport,
@@ -314,13 +311,6 @@ class CompressedWorkerEnd(WorkerEnd):
         compression = replica.job.compression
         self.compression = compression
         self.applying = threading.Lock()  # one block's call applies a step's update
-        # The step whose gradient is being (or was) rebuilt in the background, its thread,
-        # whether it is done, and what left it undone (a shard's closed connection), which
-        # the next call that applies the step raises.
-        self.rebuilding_step: int | None = None
-        self.rebuilding: threading.Thread | None = None
-        self.rebuilt = False
-        self.rebuild_failure: Exception | None = None
         if isinstance(compression, PowerSGD):
             plan = PowerSGDPlan.of(replica.layout, compression.rank)
             self.rank = compression.rank
@@ -396,29 +386,6 @@ class CompressedWorkerEnd(WorkerEnd):
         raise ShardUnreachable(first, f"parameter-server shard {first} sent no {op.name} of "
                                       f"step {step} for {timeout_seconds:g} s")
 
-    def rebuild_when_replied(self, replica: ModelReplica, step: int,
-                             timeout_seconds: float) -> None:
-        """Rebuild step `step`'s gradient in the background once every shard's reply is in
-        (once per step: a worker's every block starts it)."""
-        with self.applying:
-            if self.rebuilding_step == step:
-                return
-            self.rebuilding_step, self.rebuilt, self.rebuild_failure = step, False, None
-            self.rebuilding = threading.Thread(target=self._rebuild,
-                                               args=(replica, step, timeout_seconds),
-                                               name=f"rebuild step {step}", daemon=True)
-            self.rebuilding.start()
-
-    def _rebuild(self, replica: ModelReplica, step: int, timeout_seconds: float) -> None:
-        try:
-            replies = self.wait(Op.REPLY, step, timeout_seconds)
-            with replica._compute_lock:
-                decompress_update(replica, self.bounds, replies)
-        except Exception as failure:  # noqa: BLE001 - raised by the call that needs the step
-            self.rebuild_failure = failure
-            return
-        self.rebuilt = True
-
     def send(self, k: int, op: Op, step: int, block: int, message) -> None:
         """Block `block`'s message to shard k: an array, or top-k's (indices, values)."""
         first, second = message if isinstance(message, tuple) else (message, None)
@@ -479,7 +446,6 @@ def compress_direct(replica: ModelReplica, block: int,
         sent += message_bytes(seconds)
         message_seconds += time.perf_counter() - start
     links.flush(timeout_seconds)
-    links.rebuild_when_replied(replica, step, timeout_seconds)
     return dataclasses.replace(result, bytes_written=sent,
                                write_seconds=result.write_seconds + message_seconds,
                                apply_seconds=apply_seconds), None
@@ -496,23 +462,10 @@ def apply_received_update(replica: ModelReplica, update: StepUpdate,
 
 def _apply_received(replica: ModelReplica, links: CompressedWorkerEnd, update: StepUpdate,
                     timeout_seconds: float) -> float:
-    """Apply `update` once per step and worker (two blocks' calls on one worker carry the
-    same update): the optimizer step on the gradient rebuilt in the background (waiting for
-    it if it is not done; rebuilt here if it was never started). Returns the seconds this
-    took on the caller's path."""
-    start = time.perf_counter()
+    """Wait for every shard's reply of `update`'s step and apply it, once per step and worker
+    (two blocks' calls on one worker carry the same update); returns its seconds."""
     with links.applying:
         if replica.applied_update_step == update.step:
             return 0.0
-        rebuilding = links.rebuilding if links.rebuilding_step == update.step else None
-        if rebuilding is not None:
-            rebuilding.join()  # its wait for the replies has the step's deadline
-            if links.rebuild_failure is not None:
-                raise links.rebuild_failure
-        if rebuilding is None:
-            replies = links.wait(Op.REPLY, update.step, timeout_seconds)
-            with replica._compute_lock:
-                decompress_update(replica, links.bounds, replies)
-        with replica._compute_lock:
-            step_optimizer(replica, update)
-    return time.perf_counter() - start
+        replies = links.wait(Op.REPLY, update.step, timeout_seconds)
+        return apply_update(replica, links.bounds, update, replies)

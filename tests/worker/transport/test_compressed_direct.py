@@ -201,16 +201,3 @@ def test_a_message_a_compressed_job_s_worker_may_not_send_closes_its_connection(
     assert intruder.recv(1 << 16) == b""
     assert end.inbox.messages == {}
 
-
-def test_a_shard_gone_before_its_reply_fails_the_call_that_applies_the_step_naming_it():
-    # The step gradient is rebuilt in the background as the replies come; the call that then
-    # needs it (the next block's, or the runner's sync) learns what stopped it.
-    replicas, shards, _ = _connected()
-    links = replicas[0].shard_links
-    assert isinstance(links, CompressedWorkerEnd)
-    links.rebuild_when_replied(replicas[0], 1, TIMEOUT)
-    _end(shards[1]).links[0].close()
-    with pytest.raises(ShardUnreachable) as lost:
-        compressed_direct.apply_received_update(replicas[0], StepUpdate(1, 0.01, 1.0), TIMEOUT)
-    assert lost.value.shard == 1 and "REPLY of step 1" in str(lost.value)
-    assert replicas[0].applied_update_step is None
