@@ -2,6 +2,9 @@
 bits on every rerun with the same worker count, the error feedback carried by checkpoints, and
 the bytes the workers send counted from their messages."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import ray
@@ -14,7 +17,8 @@ from worker.compression import PowerSGDPlan, topk_count
 from worker.flat_parameters import ParameterLayout
 from worker.model_builder import build_planned_model
 from worker.resolved_job import resolve
-from worker.transport.compressed import CompressedObjectStoreTransport
+from worker.transport.compressed import CompressedObjectStoreTransport, StepUpdate
+from worker.transport.step import ActorFailure, ShardLost
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -208,3 +212,47 @@ def test_workers_whose_replicated_parameters_differ_fail_the_job_at_the_next_che
     job.on_step = change_worker_one
     with pytest.raises(RuntimeError, match="parameters differ after step 2"):
         job.run()
+
+
+class _Done(Exception):
+    """Ends a job from its on_step hook once the test has seen what it looks at."""
+
+
+def test_a_shard_lost_while_the_workers_wait_for_its_reply_between_steps_is_a_shard_lost(
+        local_ray):
+    # Between steps (sync_parameters: a checkpoint, an evaluation) every worker applies the
+    # last step with the shards' REPLYs. Here step 2's never come, as if the shards' host were
+    # cut off once they had answered: a stopped shard is found by its heartbeat, one whose
+    # connections closed by the workers, and both go to the failure policy as ShardLost
+    # instead of a raw Ray error at the step timeout.
+    spec = compressed_spec("powersgd")
+    job = JobRunner.for_spec(spec, digits(spec), workers=1, parameter_servers=SHARDS,
+                             step_timeout_seconds=60)
+    found: list[ShardLost] = []
+    never_replied = (StepUpdate(2, 0.01, 1.0), [])
+
+    def lose_shards_between_steps(record):
+        transport, shards = job.transport, job.worker_group.shards
+        pid = ray.get(shards[1].__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+        transport.update = never_replied
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ActorFailure) as stopped:
+                transport.sync_parameters()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        ray.get(shards[0].__ray_call__.remote(lambda shard: shard.worker_links.close()))
+        transport.update = never_replied
+        with pytest.raises(ActorFailure) as closed:
+            transport.sync_parameters()
+        found.extend([stopped.value.failure, closed.value.failure])
+        raise _Done
+
+    job.on_step = lose_shards_between_steps
+    with pytest.raises(_Done):
+        job.run()
+    assert found == [
+        ShardLost(1, "while the workers applied step 2 (no answer to its heartbeat: its node "
+                     "or process is gone or stopped)"),
+        ShardLost(0, "while the workers applied step 2: parameter-server shard 0's connection "
+                     "closed before it sent its REPLY of step 2")], found

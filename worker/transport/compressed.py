@@ -119,21 +119,21 @@ class CompressedObjectStoreTransport(ObjectStoreTransport):
         """Every worker applies the pending update; the runner takes one's vector, after
         checking that all of them hold the same bits (they apply the same update: a
         difference is a bug, found here rather than as a slowly drifting model)."""
-        replicas = self.actors.replicas
         if self.update is not None:
             update, replies = self.update
-            digests = self._on_every_worker(
-                lambda replica: self._apply_update_on(replica, update, replies))
+            digests = self._apply_update_on_every_worker(update, replies)
             self.update = None
             if len(set(digests)) != 1:
                 raise RuntimeError(f"the workers' parameters differ after step {update.step} "
                                    f"(digests {digests}): a replicated update went wrong")
-        self.parameters[:] = self._answers({0: replicas[0].parameter_vector.remote()})[0]
+        first = self.actors.replicas[0]
+        self.parameters[:] = self._answers({0: first.parameter_vector.remote()})[0]
 
-    def _apply_update_on(self, replica, update: StepUpdate,
-                         replies: list[ray.ObjectRef]) -> ray.ObjectRef:
-        """The call that has `replica` apply `update` now (its digest is the answer)."""
-        return replica.apply_step_update.remote(self.bounds, update, *replies)
+    def _apply_update_on_every_worker(self, update: StepUpdate,
+                                      replies: list[ray.ObjectRef]) -> list[str]:
+        """Every worker applies `update` now; their digests (sync_parameters)."""
+        return self._on_every_worker(
+            lambda replica: replica.apply_step_update.remote(self.bounds, update, *replies))
 
     def optimizer_state(self) -> tuple[int, dict[str, np.ndarray]]:
         """(optimizer steps, state) of the whole vector, from one worker (all hold the same),

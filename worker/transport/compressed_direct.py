@@ -19,7 +19,8 @@ reply the sum's nonzero pairs, and there is no round two):
           then updates the block's error feedback while they travel; answers the runner with
           the block's figures
   shard:  once every block's ROUND_TWO is in: sums Q, sends every worker its REPLY (the dense
-          runs' sums and Q), answers the runner with its norms
+          runs' sums and Q), and answers the runner with its norms once the REPLY is in its
+          kernel's hands (delivered even if the shard's process dies next)
   runner: the clipping coefficient from the norms, for the next step's calls (or for
           sync_parameters, which has every worker apply the update now)
 
@@ -30,7 +31,9 @@ with recv_into into arrays allocated for it (a matrix's factor into an array of 
 Failures, as direct.py's: a worker waiting for a shard whose connection closed fails at once
 with ShardUnreachable (ShardLost); a worker lost takes its error feedback with it
 (ErrorFeedbackLost, a restart from the checkpoint: compressed.py); a shard waits for the
-blocks' messages no longer than the step's deadline plus the transport's timeout.
+blocks' messages no longer than the step's deadline plus the transport's timeout. Between
+steps (sync_parameters) the workers wait for the last step's REPLYs: that wait has heartbeats
+to the shards too, and a shard lost there, or found gone by a worker, is ShardLost as well.
 
 This module owns both ends of these messages: the runner's side (CompressedDirectTransport),
 the shard's end (CompressedShardEnd, reduce_compressed_direct) and the worker's
@@ -77,9 +80,17 @@ from worker.transport.direct import (
     WorkerNotConnected,
     unreachable_if_link_fails,
 )
+from worker.transport.liveness import ActorsLost
 from worker.transport.object_store import _ShardGone
 from worker.transport.socket_link import Link, LinkClosed
-from worker.transport.step import ShardLost, StepFailure, StepOutcome, apply_coefficients
+from worker.transport.step import (
+    ActorFailure,
+    ErrorFeedbackLost,
+    ShardLost,
+    StepFailure,
+    StepOutcome,
+    apply_coefficients,
+)
 
 if TYPE_CHECKING:
     from worker.parameter_server import ParameterServerShard, ReduceResult
@@ -137,9 +148,34 @@ class CompressedDirectTransport(CompressedObjectStoreTransport, DirectTransport)
         no_second_round = [(0, 0.0)] * len(work.block_ranges)
         return self._outcome(work, reduced, no_second_round, received)
 
-    def _apply_update_on(self, replica, update: StepUpdate,
-                         replies: list[ray.ObjectRef]) -> ray.ObjectRef:
-        return replica.apply_received_update.remote(update, self.timeout_seconds)
+    def _apply_update_on_every_worker(self, update: StepUpdate,
+                                      replies: list[ray.ObjectRef]) -> list[str]:
+        """Every worker applies `update` with the shards' REPLYs it received. The workers wait
+        on the shards, so the wait sends the shards heartbeats too; a shard lost (missing one,
+        or gone before a worker had its REPLY) is ShardLost, a worker lost ErrorFeedbackLost,
+        both as ActorFailure for the failure policy."""
+        when = f"while the workers applied step {update.step}"
+        replicas = self.actors.replicas
+
+        def failure(gone: ActorsLost) -> StepFailure:
+            shards = sorted(k for kind, k in gone.actors if kind == "shard")
+            if shards:
+                return ShardLost(shards[0], f"{when} ({gone.why(('shard', shards[0]))})")
+            return ErrorFeedbackLost(update.step, tuple(sorted(w for _, w in gone.actors)))
+
+        try:
+            return self.liveness.answers_or_failure(
+                {("worker", w): replica.apply_received_update.remote(update,
+                                                                     self.timeout_seconds)
+                 for w, replica in enumerate(replicas)},
+                {("worker", w): replica for w, replica in enumerate(replicas)},
+                self.timeout_seconds, failure,
+                watching={("shard", k): shard for k, shard in enumerate(self.actors.shards)})
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, ShardUnreachable):
+                raise ActorFailure(ShardLost(error.cause.shard,
+                                             f"{when}: {error.cause}")) from error
+            raise
 
 
 # --- where messages wait for their reader -----------------------------------------------------
@@ -263,6 +299,21 @@ class CompressedShardEnd(ShardEnd):
                     pass  # that worker is gone; its reader forgets it
         return first_bytes + second_bytes
 
+    def flush(self, deadline: float) -> None:
+        """Until every message sent is in the kernel's hands, which delivers it even if this
+        process dies next (the runner takes the shard's answer to mean that). A worker's
+        connection that took nothing until `deadline` (time.monotonic()) is closed: that
+        worker is stopped or cut off, and the runner's heartbeats find it."""
+        with self.lock:
+            links = list(self.links.values())
+        for link in links:
+            try:
+                link.flush(max(deadline - time.monotonic(), 1e-3))
+            except LinkClosed:
+                pass  # that worker is gone
+            except TimeoutError:
+                link.close()
+
 
 def reduce_compressed_direct(shard: ParameterServerShard, step: int, blocks: int,
                              timeout_seconds: float) -> tuple[ReduceResult, int]:
@@ -279,7 +330,9 @@ def reduce_compressed_direct(shard: ParameterServerShard, step: int, blocks: int
         reduced = shard.reduce(compressed.dense_parts(end.take(Op.ROUND_ONE, step, blocks,
                                                                deadline)))
         indices, values = topk_reply(shard.gradient)
-        return reduced, end.send_to_workers(Op.REPLY, step, [indices], [values])
+        sent = end.send_to_workers(Op.REPLY, step, [indices], [values])
+        end.flush(deadline)
+        return reduced, sent
     assert isinstance(compressed, PowerSGDShard)
     firsts = end.take(Op.ROUND_ONE, step, blocks, deadline)
     start = time.perf_counter()
@@ -293,7 +346,9 @@ def reduce_compressed_direct(shard: ParameterServerShard, step: int, blocks: int
                            first_seconds + time.perf_counter() - start)
     # A copy: the dense sums live in a buffer the next step's round one writes.
     dense = compressed.dense_total.copy()
-    return reduced, sent + end.send_to_workers(Op.REPLY, step, [dense], list(owned_q.values()))
+    sent += end.send_to_workers(Op.REPLY, step, [dense], list(owned_q.values()))
+    end.flush(deadline)
+    return reduced, sent
 
 
 # --- the workers' side -------------------------------------------------------------------------

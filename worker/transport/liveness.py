@@ -174,11 +174,16 @@ class Liveness:
         return WaitResult([ref for ref in refs if ref in done], frozenset())
 
     def settle(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
-               deadline_seconds: float) -> Settled:
+               deadline_seconds: float, watching: Mapping[Any, object] | None = None
+               ) -> Settled:
         """Wait until every one of `calls` (actor key -> one call's ref, or an object that call
         returned) is ready, with heartbeats to `actors` (same keys): an actor that misses one
         is given up on while the wait goes on for the others, and the calls still out when
-        `deadline_seconds` pass are given up on too. The result says which is which."""
+        `deadline_seconds` pass are given up on too. The result says which is which.
+        `watching` (as for `wait`): actors the calls depend on; one that misses a heartbeat
+        (then in `unanswered`) ends the wait, and the calls still out are in none of the
+        result's sets."""
+        watching = watching or {}
         pending = dict(calls)
         ready: dict[Any, ray.ObjectRef] = {}
         unanswered: set = set()
@@ -187,28 +192,33 @@ class Liveness:
         while pending:
             waited = self.wait({key: [ref] for key, ref in pending.items()},
                                {key: actors[key] for key in pending},
-                               max(0.0, end - time.monotonic()))
+                               max(0.0, end - time.monotonic()), watching)
             for key, ref in list(pending.items()):
                 if ref in waited.ready:
                     ready[key] = pending.pop(key)
             # A heartbeat late after its actor's call answered loses nobody.
-            lost = waited.unanswered & pending.keys()
-            for key in lost:
+            lost = waited.unanswered & (pending.keys() | watching.keys())
+            for key in lost & pending.keys():
                 del pending[key]
             unanswered |= lost
             raylet_gone |= waited.raylet_gone & lost
+            if lost & watching.keys():
+                return Settled(ready, frozenset(unanswered), frozenset(raylet_gone),
+                               frozenset())
             if pending and not waited.unanswered:  # the deadline passed
                 break
         return Settled(ready, frozenset(unanswered), frozenset(raylet_gone),
                        frozenset(pending))
 
     def answers(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
-                deadline_seconds: float) -> list:
+                deadline_seconds: float, watching: Mapping[Any, object] | None = None
+                ) -> list:
         """The value of each of `calls` (as for settle), in the mapping's order. ActorsLost
         names the actors whose calls will not answer: dead, missing a heartbeat (found in
         seconds), or silent past `deadline_seconds`. An error the call itself raised
-        (RayTaskError: the job's own code) is raised as it is."""
-        settled = self.settle(calls, actors, deadline_seconds)
+        (RayTaskError: the job's own code) is raised as it is. `watching`: as for `settle` (a
+        watched actor lost is in ActorsLost)."""
+        settled = self.settle(calls, actors, deadline_seconds, watching)
         values: dict[Any, Any] = {}
         died = set()
         for key, ref in settled.ready.items():
@@ -223,13 +233,14 @@ class Liveness:
 
     def answers_or_failure(self, calls: Mapping[Key, ray.ObjectRef], actors: Mapping[Key, object],
                            deadline_seconds: float,
-                           failure: Callable[[ActorsLost], StepFailure]) -> list:
+                           failure: Callable[[ActorsLost], StepFailure],
+                           watching: Mapping[Any, object] | None = None) -> list:
         """`answers`, for calls made between steps: lost actors are raised as
         ActorFailure(failure(lost)), what the runner hands its failure policy (a raw
         ActorsLost or Ray error would end the job as failed rather than restart it). The
         caller's `failure` says what the loss costs (shard_lost, ErrorFeedbackLost, ...)."""
         try:
-            return self.answers(calls, actors, deadline_seconds)
+            return self.answers(calls, actors, deadline_seconds, watching)
         except ActorsLost as gone:
             raise ActorFailure(failure(gone)) from gone
 

@@ -201,3 +201,31 @@ def test_a_message_a_compressed_job_s_worker_may_not_send_closes_its_connection(
     assert intruder.recv(1 << 16) == b""
     assert end.inbox.messages == {}
 
+
+def test_a_shard_answers_its_step_only_once_its_reply_is_in_the_kernel_s_hands():
+    # The runner takes a shard's answer to mean the workers will have its REPLY: a shard
+    # process that dies right after answering must not take a queued REPLY with it.
+    replicas, shards, _ = _connected()
+    unsent_at_answer: dict[int, list[int]] = {}
+
+    def reduce_then_look(k: int):
+        answer = compressed_direct.reduce_compressed_direct(shards[k], 1, WORKERS, TIMEOUT)
+        unsent_at_answer[k] = []
+        for worker, link in _end(shards[k]).links.items():
+            try:
+                link.flush(0)  # returns at once only if nothing is left to hand the kernel
+            except TimeoutError:
+                unsent_at_answer[k].append(worker)
+        return answer
+
+    calls: dict = {("worker", w): (lambda w=w: compressed_direct.compress_direct(
+        replicas[w], w, MICRO_BATCHES[w], 1, 16, None, None, TIMEOUT)) for w in range(WORKERS)}
+    calls.update({("shard", k): (lambda k=k: reduce_then_look(k)) for k in range(SHARDS)})
+    _in_threads(calls)
+    assert unsent_at_answer == {0: [], 1: []}
+    for shard in shards:  # as the kernel does when the shards' processes die
+        _end(shard).close()
+    update = StepUpdate(1, 0.01, 1.0)
+    digests = {compressed_direct.apply_received_update(r, update, TIMEOUT) for r in replicas}
+    assert len(digests) == 1 and all(r.applied_update_step == 1 for r in replicas)
+
