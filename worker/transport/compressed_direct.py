@@ -182,14 +182,27 @@ class CompressedDirectTransport(CompressedObjectStoreTransport, DirectTransport)
 
 
 class Inbox:
-    """Messages of one kind (an op) of a step, by sender (a block, or a shard), until taken."""
+    """The messages of the step in progress and the next one, by (op, step) and sender (a
+    block, or a shard), until a newer step's first message drops the older steps'. A
+    message of a step past the next one cannot be of this job's (steps run one after the
+    other): a ValueError, which closes the connection that sent it."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.messages: dict[tuple[Op, int], dict[int, object]] = {}
+        self.step = 0  # the newest step a message came for; 0: none yet (a new end)
 
     def accept(self, op: Op, step: int, sender: int, message: object) -> None:
         with self.changed:
+            if step < 1 or (self.step and step > self.step + 1):
+                raise ValueError(f"a {op.name} of step {step} while at step {self.step}: "
+                                 f"not a step in progress")
+            if step < self.step:
+                return  # late: its step is over
+            if step > self.step:
+                self.step = step
+                self.messages = {key: got for key, got in self.messages.items()
+                                 if key[1] >= step}
             self.messages.setdefault((op, step), {})[sender] = message
             self.changed.notify_all()
 
@@ -203,12 +216,12 @@ class Inbox:
         with self.changed:
             return set(range(senders)) - self.messages.get((op, step), {}).keys()
 
-    def take(self, op: Op, step: int, senders: int, deadline: float,
+    def read(self, op: Op, step: int, senders: int, deadline: float,
              given_up: Callable[[set[int]], bool] = lambda missing: False) -> list | None:
         """The messages of senders 0..senders-1, in that order, once all are in; None if the
-        deadline (time.monotonic()) passes or `given_up(the senders missing)` first. Forgets
-        this op's messages of this step and earlier ones."""
-
+        deadline (time.monotonic()) passes or `given_up(the senders missing)` first. They
+        stay for other readers (a worker's two blocks of a step both read its P^) until a
+        newer step's messages come."""
         with self.changed:
             while absent := self.missing(op, step, senders):
                 left = deadline - time.monotonic()
@@ -216,9 +229,7 @@ class Inbox:
                     return None
                 self.changed.wait(left)
             got = self.messages[op, step]
-            for key in [key for key in self.messages if key[0] == op and key[1] <= step]:
-                del self.messages[key]
-        return [got[sender] for sender in range(senders)]
+            return [got[sender] for sender in range(senders)]
 
 
 # --- the shards' side --------------------------------------------------------------------------
@@ -278,7 +289,7 @@ class CompressedShardEnd(ShardEnd):
         return None
 
     def take(self, op: Op, step: int, blocks: int, deadline: float) -> list:
-        messages = self.inbox.take(op, step, blocks, deadline)
+        messages = self.inbox.read(op, step, blocks, deadline)
         if messages is None:
             raise TimeoutError(f"step {step}: not every block's {op.name} message came in time")
         return messages
@@ -427,7 +438,7 @@ class CompressedWorkerEnd(WorkerEnd):
     def wait(self, op: Op, step: int, timeout_seconds: float) -> list:
         """Every shard's message of `op` of step `step`, by shard; ShardUnreachable for the
         first shard whose connection closed without it, or that did not send it in time."""
-        messages = self.inbox.take(op, step, len(self.links),
+        messages = self.inbox.read(op, step, len(self.links),
                                    time.monotonic() + timeout_seconds,
                                    lambda missing: any(self.links[k].closed for k in missing))
         if messages is not None:

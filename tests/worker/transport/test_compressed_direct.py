@@ -20,7 +20,7 @@ from worker.replica import ModelReplica, ReplicaSetup
 from worker.resolved_job import resolve
 from worker.transport import compressed, compressed_direct, direct
 from worker.transport.compressed import StepUpdate
-from worker.transport.compressed_direct import CompressedShardEnd, CompressedWorkerEnd
+from worker.transport.compressed_direct import CompressedShardEnd, CompressedWorkerEnd, Inbox
 from worker.transport.direct import Message, Op, ShardUnreachable
 
 TOKEN = bytes(range(direct.TOKEN_BYTES))
@@ -229,3 +229,25 @@ def test_a_shard_answers_its_step_only_once_its_reply_is_in_the_kernel_s_hands()
     digests = {compressed_direct.apply_received_update(r, update, TIMEOUT) for r in replicas}
     assert len(digests) == 1 and all(r.applied_update_step == 1 for r in replicas)
 
+
+def test_every_block_a_worker_computes_in_a_step_reads_the_step_s_p_hat():
+    inbox = Inbox()
+    for k in range(SHARDS):
+        inbox.accept(Op.P_HAT, 3, k, f"P^ of shard {k}")
+    deadline = time.monotonic() + TIMEOUT
+    first_block = inbox.read(Op.P_HAT, 3, SHARDS, deadline)
+    second_block = inbox.read(Op.P_HAT, 3, SHARDS, deadline)
+    assert first_block == second_block == ["P^ of shard 0", "P^ of shard 1"]
+
+
+def test_an_inbox_keeps_only_the_step_in_progress_and_the_next():
+    inbox = Inbox()
+    inbox.accept(Op.P_HAT, 3, 0, "P^ of step 3")
+    inbox.accept(Op.REPLY, 3, 0, "reply of step 3")
+    inbox.accept(Op.P_HAT, 4, 0, "P^ of step 4")  # the first of step 4 drops step 3's
+    assert inbox.messages == {(Op.P_HAT, 4): {0: "P^ of step 4"}}
+    inbox.accept(Op.REPLY, 3, 1, "a late reply of step 3")  # not kept: its step is over
+    assert inbox.messages == {(Op.P_HAT, 4): {0: "P^ of step 4"}}
+    with pytest.raises(ValueError, match="of step 6 while at step 4"):
+        inbox.accept(Op.P_HAT, 6, 0, "a step no worker can be at yet")
+    assert inbox.read(Op.REPLY, 3, 1, time.monotonic()) is None
