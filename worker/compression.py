@@ -76,12 +76,17 @@ def topk_count(size: int, ratio: float) -> int:
     return min(size, max(1, math.ceil(ratio * size)))
 
 
+def topk_index_dtype(size: int) -> np.dtype:
+    """The dtype of the indices into a slice of `size` entries: 32 bits when they fit (they
+    travel with the values), else 64. Both ends of a message derive it from the slice."""
+    return np.dtype(np.int32 if size < 2**31 else np.int64)
+
+
 def topk_select(values: np.ndarray, count: int) -> np.ndarray:
     """The indices of the `count` largest |values|, ascending. Ties go to the lower index
-    (a stable sort), so the choice is a function of the values alone. 32-bit indices when
-    they fit: they travel with the values."""
+    (a stable sort), so the choice is a function of the values alone."""
     order = np.argsort(-np.abs(values), kind="stable")[:count]
-    return np.sort(order).astype(np.int32 if len(values) < 2**31 else np.int64)
+    return np.sort(order).astype(topk_index_dtype(len(values)))
 
 
 def topk_scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -94,7 +99,7 @@ def topk_reply(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A top-k shard's answer to the workers: its summed slice's nonzero entries, (indices
     within the slice, values); at most the blocks' pairs together."""
     indices = np.flatnonzero(total)
-    return indices.astype(np.int32 if len(total) < 2**31 else np.int64), total[indices]
+    return indices.astype(topk_index_dtype(len(total))), total[indices]
 
 
 def topk_decompress(out: np.ndarray, replies: Sequence[tuple[np.ndarray, np.ndarray]],

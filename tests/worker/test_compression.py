@@ -20,6 +20,7 @@ from worker.compression import (
     orthogonalise,
     topk_count,
     topk_decompress,
+    topk_index_dtype,
     topk_messages,
     topk_reply,
     topk_select,
@@ -239,3 +240,8 @@ def test_top_k_count_is_the_ratio_rounded_up_and_at_least_one():
     assert topk_count(1000, 0.01) == 10 and topk_count(1001, 0.01) == 11
     assert topk_count(5, 0.01) == 1 and topk_count(5, 1.0) == 5
     assert list(topk_select(np.array([1.0, -1.0, 1.0]), 2)) == [0, 1]
+
+
+def test_top_k_indices_are_32_bit_while_a_slice_s_indices_fit_and_64_bit_beyond():
+    # Both ends of a message derive the dtype from the slice's size: it is not sent.
+    assert topk_index_dtype(2**31 - 1) == np.int32 and topk_index_dtype(2**31) == np.int64

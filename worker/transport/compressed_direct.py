@@ -61,6 +61,7 @@ from worker.compression import (
     TopKShard,
     message_bytes,
     topk_count,
+    topk_index_dtype,
     topk_reply,
 )
 from worker.transport.compressed import (
@@ -252,7 +253,7 @@ class CompressedShardEnd(ShardEnd):
             compression = shard.setup.compression
             assert isinstance(compression, TopK)
             self.topk_pairs = topk_count(shard.hi - shard.lo, compression.ratio)
-            self.index_dtype = np.dtype(np.int32 if shard.hi - shard.lo < 2**31 else np.int64)
+            self.index_dtype = topk_index_dtype(shard.hi - shard.lo)
         else:
             raise ValueError("a compressed shard end needs a job with communication.compression")
         super().__init__(shard, token, host, worker_count)
@@ -419,7 +420,7 @@ class CompressedWorkerEnd(WorkerEnd):
             link.receive_into(dense)
             return dense, self._receive_matrices(link, shapes)
         lo, hi = self.bounds[k]
-        index_dtype = np.dtype(np.int32 if hi - lo < 2**31 else np.int64)
+        index_dtype = topk_index_dtype(hi - lo)
         pairs = min(header.first_bytes // index_dtype.itemsize, hi - lo)  # the sum's nonzeros
         _check(k, header, (pairs * index_dtype.itemsize, pairs * self.dtype.itemsize))
         indices, values = np.empty(pairs, index_dtype), np.empty(pairs, self.dtype)
