@@ -112,8 +112,10 @@ class WorkerGroup:
     # --- workers: removed, replaced ----------------------------------------------------------
 
     def remove(self, workers: tuple[int, ...]) -> None:
-        """Kill these workers (a late one must not write its block after a survivor has taken
-        it over) and stop handing them blocks."""
+        """Kill these workers and stop handing them blocks. ray.kill ends a process some
+        milliseconds later (seconds for a stopped one): where a survivor writes the buffers
+        the lost worker wrote, the transport has ended its process before handing its blocks
+        over (worker/transport/worker_processes.py)."""
         for worker in workers:
             ray.kill(self.replicas[worker])
             if worker in self.alive:

@@ -21,12 +21,12 @@ def kill_and_wait_until_dead(actor, timeout: float = 120.0) -> None:
     pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=timeout)
     ray.kill(actor)
     deadline = time.monotonic() + timeout
-    while not _exited(pid):
+    while not process_exited(pid):
         assert time.monotonic() < deadline, f"actor process {pid} still running {timeout} s on"
         time.sleep(0.01)
 
 
-def _exited(pid: int) -> bool:
+def process_exited(pid: int) -> bool:
     """Gone from the process table, or a zombie its parent (the raylet) has not reaped yet."""
     try:
         with open(f"/proc/{pid}/stat") as stat:

@@ -29,7 +29,7 @@ from scheduler import worker_group
 from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
-from tests.ray_faults import wait_for_replacements
+from tests.ray_faults import process_exited, wait_for_replacements
 from tests.scheduler.test_job_runner import digits, spec_with, train
 from worker.parameter_server import ParameterServerShard
 from worker.transport.direct import DirectTransport, ShardNotReached
@@ -187,6 +187,68 @@ def test_workers_sigkilled_after_their_chunks_left_cost_no_step_over_direct_conn
     report_recovery("worker SIGKILL (direct)", fault.recovery_seconds, 0, lost["worker 1"])
 
 
+def _die_instead_of_message(step: int, message: int):
+    """Run in a worker's process (`__ray_call__`): at `step` it SIGKILLs itself instead of
+    sending its `message`-th message of the step over shared memory (worker/transport/
+    shared_memory.py: "block written" to shard 0, to shard 1, ..., then its report to the
+    runner). Message 2 of a job with two shards: shard 0 was told, shard 1 was not."""
+
+    def install(replica) -> None:
+        from worker.transport import named_pipe
+
+        send = named_pipe.Channel.send
+        sent: list[object] = []
+
+        def send_or_die(channel, record):
+            if getattr(record, "step", None) == step:
+                sent.append(record)
+                if len(sent) == message:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            send(channel, record)
+
+        named_pipe.Channel.send = send_or_die  # type: ignore[method-assign]
+
+    return install
+
+
+def test_workers_sigkilled_between_telling_the_shards_cost_no_step_over_shared_memory(
+        undisturbed):
+    """Shared memory: worker 1 dies once shard 0 knows its block is written but shard 1 does
+    not (shard 0 can apply the step at once), worker 2 once both shards know but the runner
+    does not. Both blocks are whole in shared memory with their figures, so every shard counts
+    them and nothing is recomputed on parameters a shard may have moved: the step's figures
+    and the weights are the undisturbed run's, and no step is lost."""
+    spec = spec_with()
+    # Four workers: a power of two, so bitwise the one-worker run (invariant 1).
+    runner = JobRunner.for_spec(spec, digits(spec), workers=4, parameter_servers=2,
+                                transport="shared_memory")
+    dying = FAULT_AFTER_STEP + 1
+
+    def arm(runner: JobRunner) -> int:
+        replicas = runner.worker_group.replicas
+        ray.get([replicas[1].__ray_call__.remote(_die_instead_of_message(dying, 2)),
+                 replicas[2].__ray_call__.remote(_die_instead_of_message(dying, 3))],
+                timeout=60)
+        return 0
+
+    Fault(runner, FAULT_AFTER_STEP, arm)
+    result = runner.run()
+    lost = {r.message.split(" lost at step ")[0]: r.message
+            for r in result.history.recoveries if r.kind == "worker_lost"}
+    assert sorted(lost) == ["worker 1", "worker 2"], result.history.recoveries
+    for worker in (1, 2):  # found together or one after the other
+        assert lost[f"worker {worker}"].startswith(
+            f"worker {worker} lost at step {dying} (its process died)"), lost
+        assert lost[f"worker {worker}"].endswith(
+            f"its block(s) [{worker}] had reached the shards: none recomputed"), lost
+    assert [record.step for record in result.history.steps] == list(range(1, 46))
+    step = result.history.steps[dying - 1]
+    assert step.samples == undisturbed.history.steps[dying - 1].samples
+    assert step.train_correct == undisturbed.history.steps[dying - 1].train_correct
+    assert step.loss == pytest.approx(undisturbed.history.steps[dying - 1].loss, rel=1e-6)
+    assert_same_weights(result, undisturbed)
+
+
 @pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
 def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
         undisturbed, transport):
@@ -207,7 +269,14 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     fault = Fault(runner, FAULT_AFTER_STEP, stop_worker_one)
     seen = runner.on_step
 
+    # Whether the stopped process had exited when the first step without it ended: a survivor
+    # writes the block it owned, so over shared memory it must be gone before (Ray's kill
+    # takes seconds to end a stopped process).
+    exited_by_then: list[bool] = []
+
     def waiting_for_the_replacement(record):
+        if record.step == FAULT_AFTER_STEP + 1:
+            exited_by_then.append(process_exited(fault.pid))
         seen(record)
         # The replacement joins at the next step boundary, however long it takes to start:
         # Ray takes ~5 s to kill a stopped process (its graceful exit times out first) and
@@ -230,6 +299,7 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     assert deadline == [floor]  # 10 median steps are milliseconds
     if transport == "shared_memory":
         assert 3.0 <= stalled.timings.wall < 3.0 + 1.5, happened
+        assert exited_by_then == [True]
         why = "silent past the step's 3 s deadline"
     else:  # the heartbeats (worker/transport/liveness.py) find it first: 0.5 s + 2 s
         assert 2.0 <= stalled.timings.wall < floor, happened

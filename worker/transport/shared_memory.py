@@ -5,7 +5,8 @@ in shared memory (worker/shared_memory.py); the replicas and shards run step loo
 fixed-size messages through named pipes (named_pipe.py). A Ray call costs milliseconds per hop;
 a pipe, microseconds. One step:
 
-  runner --WorkerCommand(COMPUTE)--> worker w: compute block b into gradient block b
+  runner --WorkerCommand(COMPUTE)--> worker w: compute block b into gradient block b, then
+      its report into report row b and the step's number into written_at[b] (last)
   worker --BlockWritten--> every shard;  worker --BlockReport--> runner
   runner --ShardCommand(REDUCE_AND_APPLY)--> shard k: once every block is written, sum the
       blocks' slices into its own accumulator in the fixed tree order, apply the optimizer to
@@ -26,8 +27,20 @@ run it and must not import the scheduler (services -> scheduler -> worker); the 
 imports nothing from the scheduler either.
 
 The runner's side reports what went wrong and decides nothing: a dead or silent worker comes
-back as WorkersLost (the shards keep waiting for its blocks, so `recompute` on a survivor
-completes the step with the same bits), a dead shard as ShardLost, a job error as BlockFailed.
+back as WorkersLost, a dead shard as ShardLost, a job error as BlockFailed.
+
+A worker lost mid-step may have told some shards that its block is written and not others
+(it dies between two BlockWritten), and a shard told of every block applies the step at once:
+a survivor recomputing the block would then compute on parameters that shard has moved. So
+the runner first ends the lost worker's process (worker_processes.py: it can write nothing
+more, and everything it wrote is visible), then reads written_at: a block stamped with the
+step is whole in shared memory with its gradient, BatchNorm rows, K-FAC statistics and
+report, written before any shard was told. The runner counts it (its figures from the report
+row) and tells every shard it is written (a shard told twice counts it once): WorkersLost's
+`delivered_blocks`, nothing recomputed. An unstamped block no shard was told of, so no shard
+has applied the step: `recompute` on a survivor completes it at the step's parameters, with
+the same bits. The direct transport settles lost blocks by the same rule (direct.py), with
+the shards holding the figures since nothing is shared there.
 """
 
 from __future__ import annotations
@@ -35,12 +48,13 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, unique
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import ray
 
 from worker.shard_state_replica import (
@@ -63,6 +77,11 @@ from worker.transport.step import (
     StepWork,
     WorkersLost,
     apply_coefficients,
+)
+from worker.transport.worker_processes import (
+    PROCESS_FIELDS,
+    end_worker_process,
+    record_own_process,
 )
 
 if TYPE_CHECKING:
@@ -245,6 +264,11 @@ class SharedStep:
     plan: StepPlanSpec
     gradient_blocks: tuple[SharedArraySpec, ...]  # block b: written by its worker, read only
     norms: SharedArraySpec  # row k: shard k's squared norm per parameter slot
+    # Row b: block b's BlockReport, written before any shard is told the block is written;
+    # entry b: the step whose block b is whole in shared memory (-1: none of this step yet).
+    block_reports: SharedArraySpec
+    written_at: SharedArraySpec
+    worker_processes: SharedArraySpec  # row w: slot w's process (worker_processes.py)
     # K-FAC: block b's factor statistics (float64, worker/kfac_layout.py), and row k: shard
     # k's v.g per K-FAC layer (zero for the layers it does not own).
     statistics_blocks: tuple[SharedArraySpec, ...] = ()
@@ -284,6 +308,9 @@ class StepArraySizes:
             ("plan-offsets", (self.max_micro_batches + 1,), "int64"),
             ("parameter-norms", (shards, self.slots), "float64"),
             *[(f"gradient-block-{b}", (self.parameter_count,), dtype) for b in range(workers)],
+            ("block-reports", (workers, REPORT_BYTES), "uint8"),
+            ("blocks-written-at", (workers,), "int64"),
+            ("worker-processes", (workers, PROCESS_FIELDS), "int64"),
         ]
         if self.buffer_size:
             wanted += [("master-buffers", (self.buffer_size,), dtype),
@@ -325,6 +352,9 @@ class SharedMemoryTransport:
                          arrays.get("master-buffers"), arrays.get("micro-batch-buffers")),
             tuple(arrays[f"gradient-block-{b}"] for b in range(workers)),
             arrays["parameter-norms"],
+            arrays["block-reports"],
+            arrays["blocks-written-at"],
+            arrays["worker-processes"],
             tuple(arrays[f"statistics-block-{b}"] for b in range(workers))
             if statistics_size else (),
             arrays.get("direction-dots"),
@@ -345,12 +375,17 @@ class SharedMemoryTransport:
                               if plan.micro_batch_buffers else None)
         self.norm_table = spec.norms.attach()
         self.dots_table = spec.direction_dots.attach() if spec.direction_dots else None
+        self.block_reports, self.written_at = spec.block_reports.attach(), spec.written_at.attach()
+        self.worker_processes = spec.worker_processes.attach()
         spec.channels.create_all()
         self.inbox = Channel(spec.channels.runner())
         self.worker_inboxes = [Channel(spec.channels.worker(w))
                                for w in range(spec.channels.workers)]
         self.shard_inboxes = [Channel(spec.channels.shard_commands(k))
                               for k in range(spec.channels.shards)]
+        # Where the runner tells the shards that a lost worker's block is written.
+        self.shard_blocks = [Channel(spec.channels.shard_blocks(k))
+                             for k in range(spec.channels.shards)]
         self.worker_loops = {w: replica.serve.remote(spec, w)
                              for w, replica in enumerate(self.actors.replicas)}
         if spec.shard_state is not None:  # nothing kept yet (not step 0's zeros)
@@ -406,9 +441,7 @@ class SharedMemoryTransport:
             if isinstance(report, BlockReport) and report.step == step.work.step:
                 if report.kind == ReportKind.BLOCK_FAILED:
                     return False
-                step.blocks[report.block] = BlockStats(
-                    report.loss_sum, report.samples, report.correct, report.compute_seconds,
-                    report.write_seconds, report.bytes_written)
+                step.blocks[report.block] = _block_stats(report)
         ended, _ = ray.wait(self.shard_loops, num_returns=len(self.shard_loops),
                             timeout=self.timeout_seconds)
         return len(ended) == len(self.shard_loops)
@@ -423,10 +456,8 @@ class SharedMemoryTransport:
         drop what the old ones were sent or sent back, and start the new ones' step loops."""
         for inbox in self.shard_inboxes:
             inbox.discard_pending(ShardCommand)
-        for k in range(len(self.shard_inboxes)):
-            blocks_written = Channel(self.step_spec.channels.shard_blocks(k))
+        for blocks_written in self.shard_blocks:
             blocks_written.discard_pending(BlockWritten)
-            blocks_written.close()
         while True:  # the runner's inbox: reports of the step as it first ran
             try:
                 self.inbox.receive_bytes(REPORT_BYTES, 0)
@@ -443,9 +474,11 @@ class SharedMemoryTransport:
 
     def workers_removed(self, workers: tuple[int, ...]) -> None:
         """These workers were found lost outside a step (and removed): their step loops are no
-        longer watched, so that no step reports them again."""
+        longer watched, so that no step reports them again, and their processes are ended,
+        so that none reads a command meant for its slot's replacement."""
         for worker in workers:
             self.worker_loops[worker] = None
+        self._end_processes(workers)
 
     def stop(self) -> None:
         for inbox in getattr(self, "worker_inboxes", []):
@@ -455,15 +488,16 @@ class SharedMemoryTransport:
         # The runner's ends of the pipes: a server runs job after job in one process (it leaked
         # three descriptors a job).
         for channel in [getattr(self, "inbox", None), *getattr(self, "worker_inboxes", []),
-                        *getattr(self, "shard_inboxes", [])]:
+                        *getattr(self, "shard_inboxes", []), *getattr(self, "shard_blocks", [])]:
             if channel is not None:
                 channel.close()
-        self.worker_inboxes, self.shard_inboxes = [], []
+        self.worker_inboxes, self.shard_inboxes, self.shard_blocks = [], [], []
 
     # --- one step ----------------------------------------------------------------------------
 
     def run_step(self, work: StepWork) -> StepOutcome | StepFailure:
         self._write_plan(work)
+        self.written_at[:] = -1  # before any command: a stamp then is this step's
         step = self.current = _StepInProgress(work, {}, time.monotonic() + work.deadline_seconds)
         for block, worker in enumerate(work.block_owners):
             self._send_block(step, block, worker)
@@ -513,9 +547,7 @@ class SharedMemoryTransport:
             if isinstance(report, BlockReport):
                 if report.kind == ReportKind.BLOCK_FAILED:
                     return self._block_failed(step, report.block)
-                step.blocks[report.block] = BlockStats(
-                    report.loss_sum, report.samples, report.correct, report.compute_seconds,
-                    report.write_seconds, report.bytes_written)
+                step.blocks[report.block] = _block_stats(report)
             elif report.kind == ReportKind.SHARD_REDUCED:
                 step.reduced[report.shard] = report
                 if len(step.reduced) == shard_count:
@@ -567,9 +599,36 @@ class SharedMemoryTransport:
             return None
         for worker in lost:
             self.worker_loops[worker] = None  # reported once; a replacement brings a new loop
+        self._end_processes(lost)
+        theirs = [b for b in unfinished if step.owners[b] in lost]
+        delivered = [b for b in theirs if self._count_if_written(step, b)]
         return WorkersLost(work.step, tuple(sorted(lost)),
-                           tuple(b for b in unfinished if step.owners[b] in lost),
-                           tuple(sorted(silent)))
+                           tuple(b for b in theirs if b not in delivered), tuple(sorted(silent)),
+                           delivered_blocks=tuple((b, step.owners[b]) for b in delivered))
+
+    def _end_processes(self, workers: Iterable[int]) -> None:
+        """End lost workers' processes (worker_processes.py): before their blocks are judged
+        or handed to others, each can write nothing more."""
+        for worker in sorted(workers):
+            if not end_worker_process(self.worker_processes, worker, self.timeout_seconds):
+                raise RuntimeError(f"worker {worker}'s process still runs "
+                                   f"{self.timeout_seconds} s after SIGKILL")
+
+    def _count_if_written(self, step: _StepInProgress, block: int) -> bool:
+        """Whether `block`, unreported, is whole in shared memory (its owner, lost, stamped it
+        before telling any shard): then it counts, with its report row's figures, and every
+        shard is told it is written."""
+        if self.written_at[block] != step.work.step:
+            return False
+        step.blocks[block] = _block_stats(BlockReport.unpack(self.block_reports[block].tobytes()))
+        for blocks_written in self.shard_blocks:
+            blocks_written.send(BlockWritten(step.work.step, block))
+        return True
+
+
+def _block_stats(report: BlockReport) -> BlockStats:
+    return BlockStats(report.loss_sum, report.samples, report.correct, report.compute_seconds,
+                      report.write_seconds, report.bytes_written)
 
 
 # --- the actors' side ----------------------------------------------------------------------------
@@ -588,6 +647,8 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
                        if spec.plan.micro_batch_buffers else None)
     blocks = [replica.layout.views(block.attach()) for block in spec.gradient_blocks]
     statistics = [block.attach() for block in spec.statistics_blocks]
+    reports, written_at = spec.block_reports.attach(), spec.written_at.attach()
+    record_own_process(spec.worker_processes.attach(), worker)
     while True:
         command = inbox.receive(WorkerCommand)
         if command.op == Op.STOP:
@@ -605,11 +666,15 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
         if per_micro_batch is not None and result.buffers is not None:  # both, or neither
             for (m, _), values in zip(micro_batches, result.buffers):
                 per_micro_batch[m] = replica.flatten_buffers(values)
+        report = BlockReport(ReportKind.BLOCK_DONE, command.step, command.block,
+                             result.loss_sum, result.samples, result.correct, result.seconds,
+                             result.bytes_written, result.write_seconds)
+        reports[command.block] = np.frombuffer(report.pack(), np.uint8)
+        # Last: with the stamp the block is whole, for the runner if this process dies now.
+        written_at[command.block] = command.step
         for shard in shards:
             shard.send(BlockWritten(command.step, command.block))
-        runner.send(BlockReport(ReportKind.BLOCK_DONE, command.step, command.block,
-                                result.loss_sum, result.samples, result.correct,
-                                result.seconds, result.bytes_written, result.write_seconds))
+        runner.send(report)
 
 
 def serve_shard(shard: ParameterServerShard, spec: SharedStep) -> None:

@@ -104,8 +104,9 @@ class WorkersLost:
     (worker/transport/liveness.py). The step is not over: the shards still wait for
     `unfinished_blocks` (blocks the lost workers owned and had not delivered), which
     `recompute` can hand to survivors; the parameters have not moved. `delivered_blocks`:
-    (block, lost worker) of blocks that had reached every shard before their worker was lost
-    (direct connections: worker/transport/direct.py), whose figures came from the shards;
+    (block, lost worker) of blocks whole before their worker was lost, which every shard
+    counts, with figures the transport kept (from the shards over direct connections:
+    worker/transport/direct.py; from shared memory: worker/transport/shared_memory.py);
     nothing to recompute."""
 
     step: int
