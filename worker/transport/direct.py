@@ -448,9 +448,7 @@ class DirectTransport(ObjectStoreTransport):
             delivered = read_block_figures(values, len(shards), hi - lo, dtype)
             self.delivered[block], self.sends[block] = delivered.result, delivered.sends
             self.buffers_from_shards[block] = delivered.buffers
-        return dataclasses.replace(
-            lost, unfinished_blocks=tuple(b for b in lost.unfinished_blocks if b not in figures),
-            delivered_blocks=tuple((block, owners[block]) for block in sorted(figures)))
+        return lost.with_delivered({block: owners[block] for block in figures})
 
     def _micro_batch_buffers(self, work: StepWork) -> list[np.ndarray] | None:
         if work.master_buffers is None:  # the model has no buffers

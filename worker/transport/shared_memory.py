@@ -600,11 +600,10 @@ class SharedMemoryTransport:
         for worker in lost:
             self.worker_loops[worker] = None  # reported once; a replacement brings a new loop
         self._end_processes(lost)
-        theirs = [b for b in unfinished if step.owners[b] in lost]
-        delivered = [b for b in theirs if self._count_if_written(step, b)]
-        return WorkersLost(work.step, tuple(sorted(lost)),
-                           tuple(b for b in theirs if b not in delivered), tuple(sorted(silent)),
-                           delivered_blocks=tuple((b, step.owners[b]) for b in delivered))
+        theirs = tuple(b for b in unfinished if step.owners[b] in lost)
+        written = {b: step.owners[b] for b in theirs if self._count_if_written(step, b)}
+        return WorkersLost(work.step, tuple(sorted(lost)), theirs,
+                           tuple(sorted(silent))).with_delivered(written)
 
     def _end_processes(self, workers: Iterable[int]) -> None:
         """End lost workers' processes (worker_processes.py): before their blocks are judged

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -120,6 +120,13 @@ class WorkersLost:
     # Those that never connected to the shards (the direct transport: worker/transport/direct.py).
     unconnected: tuple[int, ...] = ()
     delivered_blocks: tuple[tuple[int, int], ...] = ()
+
+    def with_delivered(self, owners: Mapping[int, int]) -> WorkersLost:
+        """These of the unfinished blocks (block -> its lost owner) turned out whole: every
+        shard counts them, none is recomputed (both transports' rule for a lost block)."""
+        return replace(
+            self, unfinished_blocks=tuple(b for b in self.unfinished_blocks if b not in owners),
+            delivered_blocks=self.delivered_blocks + tuple(sorted(owners.items())))
 
 
 @dataclass(frozen=True)
