@@ -315,6 +315,60 @@ def test_a_stopped_worker_is_dropped_within_the_deadline_with_identical_weights(
     report_recovery(f"worker SIGSTOP ({transport})", stalled.timings.wall, 0, lost.message)
 
 
+def _stop_when_the_step_loop_starts(replica) -> None:
+    """Run in a worker's process (`__ray_call__`): its shared-memory step loop SIGSTOPs the
+    process before doing anything, so the COMPUTE sent to it stays in its inbox."""
+    from worker.transport import shared_memory
+
+    serve_worker = shared_memory.serve_worker
+
+    def stop_then_serve(*args) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        serve_worker(*args)
+
+    shared_memory.serve_worker = stop_then_serve  # type: ignore[assignment]
+
+
+def test_a_worker_stopped_before_its_step_loop_starts_is_ended_before_its_block_moves(
+        local_ray):
+    """Shared memory: worker 1 stops as its step loop starts, with step 1's COMPUTE in its
+    inbox. Once the deadline drops it, its block goes to worker 0, so its process must have
+    exited by then: continued, it would compute the block into memory worker 0 now owns.
+    (Its row in the process table was written by the loop itself, so a loop that had not
+    started yet was taken for a process gone, and only Ray's kill, seconds later, ended it.)"""
+    spec = spec_with(**{"data.epochs": 1})
+    exited_at_step_one: list[bool] = []
+    # The first steps' deadline is the step timeout (scheduler/step_deadline.py). The job
+    # stops after step 1, the one under test.
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=1,
+                                transport="shared_memory", step_timeout_seconds=5.0,
+                                should_stop=lambda: bool(exited_at_step_one))
+    start_actors = runner._start_actors
+    stopped: list[int] = []
+
+    def start_then_arm(*args) -> None:
+        start_actors(*args)
+        replica = runner.worker_group.replicas[1]
+        stopped.append(_pid(replica))
+        ray.get(replica.__ray_call__.remote(_stop_when_the_step_loop_starts), timeout=60)
+
+    runner._start_actors = start_then_arm  # type: ignore[method-assign, assignment]
+    runner.on_step = lambda record: (exited_at_step_one.append(process_exited(stopped[0]))
+                                     if record.step == 1 else None)
+    try:
+        result = runner.run()
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped[0], signal.SIGCONT)  # so that Ray can clean it up
+            except ProcessLookupError:
+                pass
+    lost = result.history.recoveries[0]
+    assert lost.message.startswith("worker 1 lost at step 1 (silent past"), lost.message
+    assert exited_at_step_one == [True]
+    assert [record.step for record in result.history.steps] == [1] and result.stopped_early
+
+
 def _when_the_standby_shard_is_ready(inject):
     """`inject`, once the job's standby shard has started (waited for without a bound on the
     time it takes: a loaded machine starts processes slowly, which is what a standby hides)."""

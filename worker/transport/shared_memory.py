@@ -80,8 +80,8 @@ from worker.transport.step import (
 )
 from worker.transport.worker_processes import (
     PROCESS_FIELDS,
+    actor_process_identity,
     end_worker_process,
-    record_own_process,
 )
 
 if TYPE_CHECKING:
@@ -386,6 +386,7 @@ class SharedMemoryTransport:
         # Where the runner tells the shards that a lost worker's block is written.
         self.shard_blocks = [Channel(spec.channels.shard_blocks(k))
                              for k in range(spec.channels.shards)]
+        self._record_processes(range(len(self.actors.replicas)))
         self.worker_loops = {w: replica.serve.remote(spec, w)
                              for w, replica in enumerate(self.actors.replicas)}
         if spec.shard_state is not None:  # nothing kept yet (not step 0's zeros)
@@ -469,6 +470,7 @@ class SharedMemoryTransport:
         """Start the new replica's step loop on the slot's inbox, emptied first: commands sent
         to the lost replica must not reach its successor."""
         self.worker_inboxes[worker].discard_pending(WorkerCommand)
+        self._record_processes([worker])
         self.worker_loops[worker] = self.actors.replicas[worker].serve.remote(self.step_spec,
                                                                               worker)
 
@@ -605,13 +607,26 @@ class SharedMemoryTransport:
         return WorkersLost(work.step, tuple(sorted(lost)), theirs,
                            tuple(sorted(silent))).with_delivered(written)
 
+    def _record_processes(self, workers: Iterable[int]) -> None:
+        """Record these slots' actor processes in the process table before their step loops
+        start (worker_processes.py): then a worker lost at any time, even before its loop
+        runs, is a recorded process that _end_processes ends."""
+        workers = list(workers)
+        replicas = self.actors.replicas
+        rows = ray.get([replicas[w].__ray_call__.remote(actor_process_identity)
+                        for w in workers], timeout=self.timeout_seconds)
+        for worker, row in zip(workers, rows):
+            self.worker_processes[worker] = row
+
     def _end_processes(self, workers: Iterable[int]) -> None:
         """End lost workers' processes (worker_processes.py): before their blocks are judged
-        or handed to others, each can write nothing more."""
+        or handed to others, each can write nothing more. Their rows are cleared: the slot
+        has no process until a replacement's is recorded."""
         for worker in sorted(workers):
             if not end_worker_process(self.worker_processes, worker, self.timeout_seconds):
                 raise RuntimeError(f"worker {worker}'s process still runs "
                                    f"{self.timeout_seconds} s after SIGKILL")
+            self.worker_processes[worker] = 0
 
     def _count_if_written(self, step: _StepInProgress, block: int) -> bool:
         """Whether `block`, unreported, is whole in shared memory (its owner, lost, stamped it
@@ -647,7 +662,6 @@ def serve_worker(replica: ModelReplica, spec: SharedStep, worker: int) -> None:
     blocks = [replica.layout.views(block.attach()) for block in spec.gradient_blocks]
     statistics = [block.attach() for block in spec.statistics_blocks]
     reports, written_at = spec.block_reports.attach(), spec.written_at.attach()
-    record_own_process(spec.worker_processes.attach(), worker)
     while True:
         command = inbox.receive(WorkerCommand)
         if command.op == Op.STOP:

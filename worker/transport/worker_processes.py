@@ -8,9 +8,14 @@ such a job runs on the runner's host, so the runner ends the process itself: SIG
 also ends a stopped process at once, where Ray's kill waits seconds for a graceful exit) and a
 wait until it has exited.
 
-Each worker's step loop records its process id and start time in a shared table when it
-starts. The start time tells a reused process id (this machine's pid_max is 32768) from the
-worker: a process at that id that started at another time is not ours, and ours is gone.
+The runner records each worker's process id and start time in a shared table, asking the actor
+(actor_process_identity) before it starts the worker's step loop, so the row is there before
+the loop can take any command. (A loop that recorded its own row left a window: a worker lost
+before its loop had recorded it, at the job's start or after replacing a dead worker, counted
+as "gone" while it could still take the COMPUTE left in its inbox and write into a block a
+survivor owns.) A slot's row is cleared once its process is ended. The start time tells a
+reused process id (this machine's pid_max is 32768) from the worker: a process at that id
+that started at another time is not ours, and ours is gone.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import signal
 
 import numpy as np
 
-# Columns of the table: process id (0: no step loop has started in the slot), start time.
+# Columns of the table: process id (0: no process in the slot), start time.
 PROCESS_FIELDS = 2
 
 
@@ -31,15 +36,18 @@ def process_identity(pid: int) -> tuple[int, int] | None:
     return None if start is None else (pid, start)
 
 
-def record_own_process(table: np.ndarray, worker: int) -> None:
-    """Row `worker` of `table`: this process, for the runner's end_worker_process."""
-    table[worker] = process_identity(os.getpid())
+def actor_process_identity(_actor: object) -> tuple[int, int]:
+    """The row of the actor process this runs in; the runner calls it through
+    `actor.__ray_call__`, which passes the actor instance first."""
+    identity = process_identity(os.getpid())
+    assert identity is not None  # this process runs
+    return identity
 
 
 def end_worker_process(table: np.ndarray, worker: int, timeout_seconds: float) -> bool:
     """SIGKILL the process that worker slot `worker` recorded and wait until it has exited
     (an unreaped zombie has: it runs no more). True once it has, or when it was gone already
-    (no loop recorded, no process at that id, or another process that took the id); False if
+    (no process recorded, no process at that id, or another process that took the id); False if
     it is still running after `timeout_seconds`."""
     pid, start = (int(value) for value in table[worker])
     if pid <= 0:
