@@ -41,6 +41,7 @@ from worker.transport.step import (
     LostBlockApplied,
     ShardLost,
     StepFailure,
+    WorkerNotFenced,
     WorkersLost,
     describe,
 )
@@ -93,7 +94,8 @@ class FailurePolicy:
                 else:
                     self.unconnected_in_a_row.pop(worker, None)
             return Decision.RECOMPUTE if survivors > 0 else Decision.FAIL
-        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied
+                                   | WorkerNotFenced):
             if self.shard_restarts >= self.max_shard_restarts:
                 return Decision.FAIL
             self.shard_restarts += 1
@@ -133,7 +135,8 @@ class FailurePolicy:
     def why_failed(self, failure: StepFailure) -> str:
         if isinstance(failure, WorkersLost):
             return f"every worker of the job failed ({describe(failure)})"
-        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied):
+        if isinstance(failure, ShardLost | ErrorFeedbackLost | LostBlockApplied
+                                   | WorkerNotFenced):
             return (f"{describe(failure)}, after {self.shard_restarts} restarts from a "
                     f"checkpoint (at most {self.max_shard_restarts})")
         return describe(failure)

@@ -85,9 +85,11 @@ from worker.transport.step import (
     StepOutcome,
     StepTransport,
     StepWork,
+    WorkerNotFenced,
     WorkersLost,
     describe,
 )
+from worker.transport.worker_processes import CannotFence, why_not_fenceable
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,16 @@ class JobRunner:
             try:
                 return self._run_once()
             except _RestartFromCheckpoint:
+                self._rewind_to(self.last_checkpoint)
+            except CannotFence as unfenced:  # found by the transport's start()
+                if self.transport_name != "auto":  # shared memory was asked for by name
+                    raise
+                # Over shared memory a lost worker's process must be ended before its blocks
+                # move; where the runner cannot, the steps go over direct connections.
+                self.transport_name = "direct"
+                self._recovered("fence_unavailable", self.current_step,
+                                f"{unfenced}; the job's steps go over direct connections "
+                                f"instead (same results)")
                 self._rewind_to(self.last_checkpoint)
             except SharedMemoryFull as full:
                 if self.transport_name != "auto":  # shared memory was asked for by name
@@ -632,6 +644,7 @@ class JobRunner:
                 where = f"from the checkpoint of step {restart} and replays from there"
             kind = ("error_feedback_lost" if isinstance(failure, ErrorFeedbackLost)
                     else "lost_block_applied" if isinstance(failure, LostBlockApplied)
+                    else "worker_not_fenced" if isinstance(failure, WorkerNotFenced)
                     else "shard_lost")
             self._recovered(kind, self.current_step,
                             f"{describe(failure)}: every actor restarts {where} (restart "
@@ -936,9 +949,13 @@ def _is_elementwise(rule_name: str) -> bool:
 
 def _use_shared_memory(transport: str) -> bool:
     """Shared memory needs every node on the runner's host (one machine, or several raylets
-    on it as in ray.cluster_utils.Cluster); otherwise the step goes over direct connections
-    ("auto", "direct") or the object store ("object_store")."""
+    on it as in ray.cluster_utils.Cluster) and a runner that can end a lost worker's process
+    (pidfds: worker/transport/worker_processes.py); otherwise the step goes over direct
+    connections ("auto", "direct") or the object store ("object_store"). A job that asks for
+    "shared_memory" by name where pidfds do not work fails at its start, saying why."""
     if transport != "auto":
         return transport == "shared_memory"
+    if why_not_fenceable() is not None:
+        return False
     hostname = os.uname().nodename
     return all(node.get("NodeManagerHostname") == hostname for node in alive_nodes())

@@ -70,6 +70,10 @@ RECOVERY_KIND_DESCRIPTIONS = {
                            "from a checkpoint",
     "lost_block_applied": "a lost worker's gradient reached the shards, which applied the step "
                           "before its block was computed again: restarted from a checkpoint",
+    "worker_not_fenced": "a lost worker's process could not be ended before its blocks moved: "
+                         "every actor restarted from the kept state or a checkpoint",
+    "fence_unavailable": "shared memory was not used: the runner cannot end its workers' "
+                         "processes here (no pidfds, another PID namespace)",
     "shared_memory_full": "no room in /dev/shm for the job's arrays: the object store instead",
     "ray_lost": "the service's Ray died: the run given up, the job requeued from a checkpoint",
     "lease_expired": "the runner stopped renewing its lease: the job requeued from a checkpoint",

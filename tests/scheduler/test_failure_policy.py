@@ -1,7 +1,13 @@
 """The failure policy on its own: what it decides for each failure, and what it counts."""
 
 from scheduler.failure_policy import Decision, FailurePolicy
-from worker.transport.step import BlockFailed, LostBlockApplied, ShardLost, WorkersLost
+from worker.transport.step import (
+    BlockFailed,
+    LostBlockApplied,
+    ShardLost,
+    WorkerNotFenced,
+    WorkersLost,
+)
 
 
 def lost(*workers):
@@ -90,3 +96,15 @@ def test_a_loss_of_another_kind_ends_a_slots_run_of_workers_that_could_not_conne
     policy.decide(lost(1), survivors=1)  # that worker had connected: it died computing
     policy.decide(unconnected, survivors=1)
     assert policy.workers_to_replace([1]) == [1]
+
+
+def test_a_lost_worker_that_cannot_be_fenced_restarts_every_actor_within_the_restart_budget():
+    policy = FailurePolicy(max_shard_restarts=1)
+    unfenced = WorkerNotFenced(step=9, workers=(1,),
+                               why="worker 1's process 4242 still runs 120 s after SIGKILL")
+    assert policy.decide(unfenced, survivors=3) is Decision.RESTART  # survivors or not
+    assert policy.decide(unfenced, survivors=3) is Decision.FAIL
+    assert policy.why_failed(unfenced) == (
+        "workers [1] lost at step 9 could not be stopped from writing into shared memory "
+        "(worker 1's process 4242 still runs 120 s after SIGKILL), after 1 restarts from a "
+        "checkpoint (at most 1)")

@@ -27,7 +27,9 @@ run it and must not import the scheduler (services -> scheduler -> worker); the 
 imports nothing from the scheduler either.
 
 The runner's side reports what went wrong and decides nothing: a dead or silent worker comes
-back as WorkersLost, a dead shard as ShardLost, a job error as BlockFailed.
+back as WorkersLost, a dead shard as ShardLost, a job error as BlockFailed, a lost worker whose
+process it cannot end as WorkerNotFenced (ActorFailure between steps); start() raises
+CannotFence when it could not end the job's worker processes at all.
 
 A worker lost mid-step may have told some shards that its block is written and not others
 (it dies between two BlockWritten), and a shard told of every block applies the step at once:
@@ -67,6 +69,7 @@ from worker.shard_state_replica import (
 from worker.shared_memory import SharedArrayGroup, SharedArraySpec
 from worker.transport.named_pipe import Channel, ChannelTimeout, Record
 from worker.transport.step import (
+    ActorFailure,
     BlockFailed,
     BlockStats,
     JobActors,
@@ -75,13 +78,16 @@ from worker.transport.step import (
     StepFailure,
     StepOutcome,
     StepWork,
+    WorkerNotFenced,
     WorkersLost,
     apply_coefficients,
 )
 from worker.transport.worker_processes import (
     PROCESS_FIELDS,
+    CannotFence,
     actor_process_identity,
     end_worker_process,
+    why_not_fenceable,
 )
 
 if TYPE_CHECKING:
@@ -468,19 +474,29 @@ class SharedMemoryTransport:
 
     def worker_replaced(self, worker: int) -> None:
         """Start the new replica's step loop on the slot's inbox, emptied first: commands sent
-        to the lost replica must not reach its successor."""
+        to the lost replica must not reach its successor. ActorFailure (WorkerNotFenced) when
+        the new replica's process could not be ended if it were lost."""
         self.worker_inboxes[worker].discard_pending(WorkerCommand)
-        self._record_processes([worker])
+        try:
+            self._record_processes([worker])
+        except CannotFence as error:
+            step = self.current.work.step if self.current is not None else 0
+            raise ActorFailure(WorkerNotFenced(step, (worker,), str(error))) from error
         self.worker_loops[worker] = self.actors.replicas[worker].serve.remote(self.step_spec,
                                                                               worker)
 
     def workers_removed(self, workers: tuple[int, ...]) -> None:
         """These workers were found lost outside a step (and removed): their step loops are no
         longer watched, so that no step reports them again, and their processes are ended,
-        so that none reads a command meant for its slot's replacement."""
+        so that none reads a command meant for its slot's replacement. ActorFailure
+        (WorkerNotFenced) when that cannot be made sure of."""
         for worker in workers:
             self.worker_loops[worker] = None
-        self._end_processes(workers)
+        try:
+            self._end_processes(workers)
+        except CannotFence as error:
+            step = self.current.work.step if self.current is not None else 0
+            raise ActorFailure(WorkerNotFenced(step, tuple(sorted(workers)), str(error))) from error
 
     def stop(self) -> None:
         for inbox in getattr(self, "worker_inboxes", []):
@@ -601,7 +617,10 @@ class SharedMemoryTransport:
             return None
         for worker in lost:
             self.worker_loops[worker] = None  # reported once; a replacement brings a new loop
-        self._end_processes(lost)
+        try:
+            self._end_processes(lost)
+        except CannotFence as error:
+            return WorkerNotFenced(work.step, tuple(sorted(lost)), str(error))
         theirs = tuple(b for b in unfinished if step.owners[b] in lost)
         written = {b: step.owners[b] for b in theirs if self._count_if_written(step, b)}
         return WorkersLost(work.step, tuple(sorted(lost)), theirs,
@@ -610,22 +629,26 @@ class SharedMemoryTransport:
     def _record_processes(self, workers: Iterable[int]) -> None:
         """Record these slots' actor processes in the process table before their step loops
         start (worker_processes.py): then a worker lost at any time, even before its loop
-        runs, is a recorded process that _end_processes ends."""
+        runs, is a recorded process that _end_processes ends. CannotFence when this process
+        could not end one of them (no pidfds, another PID namespace)."""
         workers = list(workers)
         replicas = self.actors.replicas
         rows = ray.get([replicas[w].__ray_call__.remote(actor_process_identity)
                         for w in workers], timeout=self.timeout_seconds)
         for worker, row in zip(workers, rows):
+            why_not = why_not_fenceable(row)
+            if why_not is not None:
+                raise CannotFence(f"cannot end worker {worker}'s process if it is lost: "
+                                  f"{why_not}")
             self.worker_processes[worker] = row
 
     def _end_processes(self, workers: Iterable[int]) -> None:
         """End lost workers' processes (worker_processes.py): before their blocks are judged
         or handed to others, each can write nothing more. Their rows are cleared: the slot
-        has no process until a replacement's is recorded."""
+        has no process until a replacement's is recorded. CannotFence when one cannot be
+        made sure of."""
         for worker in sorted(workers):
-            if not end_worker_process(self.worker_processes, worker, self.timeout_seconds):
-                raise RuntimeError(f"worker {worker}'s process still runs "
-                                   f"{self.timeout_seconds} s after SIGKILL")
+            end_worker_process(self.worker_processes, worker, self.timeout_seconds)
             self.worker_processes[worker] = 0
 
     def _count_if_written(self, step: _StepInProgress, block: int) -> bool:

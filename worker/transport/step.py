@@ -173,7 +173,20 @@ class LostBlockApplied:
     shard: int
 
 
-StepFailure = WorkersLost | ShardLost | BlockFailed | ErrorFeedbackLost | LostBlockApplied
+@dataclass(frozen=True)
+class WorkerNotFenced:
+    """Shared memory: the runner could not make sure that lost workers' processes have ended
+    (worker/transport/worker_processes.py says why), so their blocks cannot go to a survivor
+    writing the same buffers. Only every actor restarting on new arrays (from the kept state
+    or a checkpoint: the same bits) leaves nothing a stray process could write into."""
+
+    step: int
+    workers: tuple[int, ...]
+    why: str
+
+
+StepFailure = (WorkersLost | ShardLost | BlockFailed | ErrorFeedbackLost | LostBlockApplied
+               | WorkerNotFenced)
 
 
 class ActorFailure(RuntimeError):
@@ -199,6 +212,9 @@ def describe(failure: StepFailure) -> str:
         return (f"a lost worker's gradient reached parameter-server shard {failure.shard}, "
                 f"which applied step {failure.step} before worker {failure.worker} could "
                 f"compute the lost block again")
+    if isinstance(failure, WorkerNotFenced):
+        return (f"workers {list(failure.workers)} lost at step {failure.step} could not be "
+                f"stopped from writing into shared memory ({failure.why})")
     return f"worker {failure.worker} failed on step {failure.step}: {failure.message}"
 
 
