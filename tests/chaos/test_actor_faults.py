@@ -29,7 +29,7 @@ from scheduler import worker_group
 from scheduler.failure_policy import FailurePolicy
 from scheduler.job_runner import JobRunner, TrainingResult
 from tests.chaos.recovery_report import report_recovery
-from tests.ray_faults import process_exited, wait_for_replacements
+from tests.ray_faults import kill_and_wait_until_dead, process_exited, wait_for_replacements
 from tests.scheduler.test_job_runner import digits, spec_with, train
 from worker.parameter_server import ParameterServerShard
 from worker.transport.direct import DirectTransport, ShardNotReached
@@ -367,6 +367,36 @@ def test_a_worker_stopped_before_its_step_loop_starts_is_ended_before_its_block_
     assert lost.message.startswith("worker 1 lost at step 1 (silent past"), lost.message
     assert exited_at_step_one == [True]
     assert [record.step for record in result.history.steps] == [1] and result.stopped_early
+
+
+def test_a_lost_worker_whose_process_cannot_be_ended_restarts_every_actor(local_ray):
+    """Shared memory: worker 1's row in the process table says another PID namespace (as
+    from a container sharing the host's /dev/shm, not its PIDs), so when it dies the runner
+    cannot make sure of its process. Its block must not go to a survivor: the failure policy
+    restarts every actor (here from the state the shards kept after step 2), saying why."""
+    spec = spec_with(**{"data.epochs": 1})
+    recoveries: list[str] = []
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=1,
+                                transport="shared_memory",
+                                should_stop=lambda: len(recoveries) > 0)
+
+    def kill_worker_one_of_another_namespace(runner: JobRunner) -> int:
+        rows = runner.transport.worker_processes  # type: ignore[attr-defined]
+        rows[1, 2] += 1  # the namespace column (worker_processes.py)
+        kill_and_wait_until_dead(runner.worker_group.replicas[1])
+        return 0
+
+    Fault(runner, 2, kill_worker_one_of_another_namespace)
+    runner.on_recovery = lambda record: recoveries.append(f"{record.kind}: {record.message}")
+    result = runner.run()
+    assert len(recoveries) == 1 and recoveries[0].startswith(
+        "worker_not_fenced: workers [1] lost at step 3 could not be stopped from writing into "
+        "shared memory (cannot end worker 1's process: worker process "), recoveries
+    assert "is in another PID namespace than the runner" in recoveries[0]
+    assert recoveries[0].endswith("every actor restarts from step 2, the state its shards kept "
+                                  "in shared memory (no step is trained again) (restart 1 of "
+                                  "at most 3)"), recoveries
+    assert result.history.shard_failures == 1
 
 
 def _when_the_standby_shard_is_ready(inject):
