@@ -15,6 +15,7 @@ the decision to the heartbeat's timeout: no false loss)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -397,6 +398,48 @@ def test_a_lost_worker_whose_process_cannot_be_ended_restarts_every_actor(local_
                                   "in shared memory (no step is trained again) (restart 1 of "
                                   "at most 3)"), recoveries
     assert result.history.shard_failures == 1
+
+
+def _report_another_pid_namespace(replica) -> None:
+    """Run in a worker's process (`__ray_call__`): the row it gives the runner for the process
+    table says another PID namespace than this one."""
+    from worker.transport import worker_processes
+
+    identity = worker_processes.actor_process_identity
+
+    def of_another_namespace(actor) -> tuple[int, int, int]:
+        pid, start, namespace = identity(actor)
+        return pid, start, namespace + 1
+
+    worker_processes.actor_process_identity = of_another_namespace  # type: ignore[assignment]
+
+
+def test_workers_of_another_pid_namespace_keep_an_auto_job_off_shared_memory(local_ray):
+    """Worker 1 says it is in another PID namespace: the runner could not end its process, so
+    "auto" goes over direct connections, saying why (the reason is what a job asking for
+    "shared_memory" by name fails with at its start: JobRunner.run)."""
+    spec = spec_with(**{"data.epochs": 1})
+    steps: list[int] = []
+    runner = JobRunner.for_spec(spec, digits(spec), workers=2, parameter_servers=1,
+                                transport="auto", should_stop=lambda: bool(steps))
+    runner.on_step = lambda record: steps.append(record.step)
+    start_actors = runner._start_actors
+
+    def start_then_arm(*args) -> None:
+        start_actors(*args)
+        if runner.parameters_shared:
+            replica = runner.worker_group.replicas[1]
+            ray.get(replica.__ray_call__.remote(_report_another_pid_namespace), timeout=60)
+
+    runner._start_actors = start_then_arm  # type: ignore[method-assign, assignment]
+    result = runner.run()
+    (fallback,) = result.history.recoveries
+    assert fallback.kind == "fence_unavailable", fallback
+    assert re.fullmatch(r"cannot end worker 1's process if it is lost: worker process [0-9]+ "
+                        r"is in another PID namespace than the runner \(pid:\[[0-9]+\], the "
+                        r"runner's pid:\[[0-9]+\]\); the job's steps go over direct "
+                        r"connections instead \(same results\)", fallback.message), fallback
+    assert isinstance(runner.transport, DirectTransport) and steps == [1]
 
 
 def _when_the_standby_shard_is_ready(inject):
